@@ -1,0 +1,97 @@
+"""The fedstream ClientApp: one round of test-then-train on a client's stream.
+
+The whole client pipeline is `train_round`: load the learner, apply the global model, take
+the samples that arrived since the last commit, predict-then-learn on them, and reply with
+the local model and a report. The learner (and with it the stream offset) is committed to
+`Context.state` in the same step that builds the reply, so a round either happens whole
+or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from fedstream.client.learner import Learner, Spec
+from fedstream.client.stream import ClientStream
+from fedstream.protocol import messages as m
+from fedstream.protocol.config import Config, from_run_config
+
+StreamFactory = Callable[[Config, Context], ClientStream]
+STATE_KEY = "fedstream-learner"
+
+
+def make_client_app(
+    stream_for: StreamFactory, config: Config | None = None, mods: Sequence[Mod] = ()
+) -> ClientApp:
+    """A ClientApp whose clients read their streams from `stream_for`.
+
+    `config` binds the federation config (Python API); without it the app reads it from the
+    Flower run config, which is how `flwr run` and deployments hand it over.
+    """
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def _train(msg: Message, ctx: Context) -> Message:
+        cfg = config or from_run_config(dict(ctx.run_config))
+        return train_round(msg, ctx, cfg, stream_for(cfg, ctx))
+
+    @app.query()
+    def _query(msg: Message, ctx: Context) -> Message:
+        cfg = config or from_run_config(dict(ctx.run_config))
+        return Message(m.roster_reply(stream_for(cfg, ctx).client), reply_to=msg)
+
+    return app
+
+
+def train_round(msg: Message, ctx: Context, cfg: Config, stream: ClientStream) -> Message:
+    started = time.perf_counter()
+    learner = load_learner(ctx, cfg, stream)
+    learner.set_weights(msg.content[m.ARRAYS].to_torch_state_dict())
+    server_round = int(msg.content[m.CONFIG][m.ROUND])
+    start, stop = stream.pending(learner.offset, until=server_round, budget=cfg.stream.budget)
+    batch = stream.take(start, stop)
+    outcome = learner.learn(batch.x, batch.y)
+    report = m.TrainReport(
+        client=stream.client,
+        examples=outcome.seen,
+        correct=outcome.correct,
+        loss_sum=outcome.loss_sum,
+        drifts=outcome.drifts,
+        total_seen=learner.metric.seen,
+        total_correct=learner.metric.correct,
+        fading_accuracy=learner.metric.fading_accuracy if learner.metric.seen else 0.0,
+        offset=learner.offset,
+        train_seconds=time.perf_counter() - started,
+    )
+    content = RecordDict(
+        {
+            m.ARRAYS: ArrayRecord(learner.get_weights()),
+            m.METRICS: report.to_record(),
+        }
+    )
+    save_learner(ctx, learner)
+    return Message(content, reply_to=msg)
+
+
+def load_learner(ctx: Context, cfg: Config, stream: ClientStream) -> Learner:
+    spec = Spec(
+        feature_shape=tuple(stream.source.feature_shape),
+        n_classes=stream.source.n_classes,
+        learner=cfg.learner,
+        detector=cfg.detector,
+        fading=cfg.evaluation.fading,
+        seed=cfg.seed,
+    )
+    learner = Learner(spec)
+    if STATE_KEY in ctx.state:
+        learner.load_state_bytes(ctx.state[STATE_KEY]["blob"])  # type: ignore[arg-type]
+    return learner
+
+
+def save_learner(ctx: Context, learner: Learner) -> None:
+    ctx.state[STATE_KEY] = ConfigRecord({"blob": learner.state_bytes()})

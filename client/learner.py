@@ -1,0 +1,195 @@
+"""The on-device learner: model, optimizer, LR schedule and drift detector of one client.
+
+It walks a client's stream test-then-train: each mini-batch is first predicted and scored,
+then learned. Its whole state, stream offset included, serialises to bytes, because in
+deployment every round runs in a fresh process and only what is committed survives.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedstream.client.detectors import DriftDetector, make_detector
+from fedstream.client.device import pick_device
+from fedstream.client.metrics import Prequential, RoundOutcome
+from fedstream.client.optim import make_optimizer, make_schedule
+from fedstream.protocol.config import DetectorConfig, LearnerConfig
+from fedstream.protocol.models import build_model
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the learner must know about its stream and run to build itself."""
+
+    feature_shape: tuple[int, ...]
+    n_classes: int
+    learner: LearnerConfig
+    detector: DetectorConfig
+    fading: float = 0.99
+    seed: int = 0
+
+
+class Learner:
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        cfg = spec.learner
+        self.device = pick_device(cfg.device)
+        self.model = build_model(
+            cfg.model, spec.feature_shape, spec.n_classes, hidden=cfg.hidden, seed=spec.seed
+        ).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.schedule = make_schedule(self.optimizer, cfg)
+        self.detector = _detector(spec.detector)
+        self.metric = Prequential(fading=spec.fading)
+        self.offset = 0  # stream position of the first sample not yet learned
+        self.boost_left = 0  # mini-batches still trained at a raised LR after a drift
+        self.window_x: torch.Tensor | None = None  # batch mode: recent samples
+        self.window_y: torch.Tensor | None = None
+        self._rng = torch.Generator().manual_seed(spec.seed)
+
+    # ------------------------------------------------------------------ weights
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights, strict=True)
+
+    # ----------------------------------------------------------------- learning
+    def learn(self, x: np.ndarray, y: np.ndarray) -> RoundOutcome:
+        """Test-then-train over newly arrived samples, in arrival order."""
+        outcome = RoundOutcome()
+        if len(y) == 0:
+            return outcome
+        xt = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        yt = torch.as_tensor(y, dtype=torch.long, device=self.device)
+        if self.spec.learner.mode == "online":
+            self._online(xt, yt, outcome)
+        else:
+            self._batch(xt, yt, outcome)
+        self.offset += len(y)
+        return outcome
+
+    def _online(self, x: torch.Tensor, y: torch.Tensor, outcome: RoundOutcome) -> None:
+        bs = self.spec.learner.batch_size
+        self.model.train()
+        for start in range(0, len(y), bs):
+            xb, yb = x[start : start + bs], y[start : start + bs]
+            # One forward serves both: the prediction is taken before this batch's update.
+            logits = self.model(xb)
+            losses = F.cross_entropy(logits, yb, reduction="none")
+            correct = logits.argmax(1) == yb
+            self._record(correct, losses, outcome, self.offset + start)
+            self._step(losses.mean())
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor, outcome: RoundOutcome) -> None:
+        cfg = self.spec.learner
+        self.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(y), cfg.batch_size):
+                xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
+                logits = self.model(xb)
+                losses = F.cross_entropy(logits, yb, reduction="none")
+                correct = logits.argmax(1) == yb
+                self._record(correct, losses, outcome, self.offset + start)
+        self._extend_window(x, y)
+        assert self.window_x is not None and self.window_y is not None
+        self.model.train()
+        n = len(self.window_y)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=self._rng).to(self.device)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                logits = self.model(self.window_x[idx])
+                self._step(F.cross_entropy(logits, self.window_y[idx]))
+
+    def _extend_window(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        keep = self.spec.learner.window
+        if self.window_x is None or self.window_y is None:
+            self.window_x, self.window_y = x[-keep:], y[-keep:]
+        else:
+            self.window_x = torch.cat([self.window_x, x])[-keep:]
+            self.window_y = torch.cat([self.window_y, y])[-keep:]
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        if self.boost_left:
+            self.boost_left -= 1
+            if not self.boost_left:
+                self._scale_lr(1.0 / self.spec.detector.boost)
+
+    def _record(
+        self, correct: torch.Tensor, losses: torch.Tensor, outcome: RoundOutcome, position: int
+    ) -> None:
+        c = correct.detach().cpu().numpy()
+        loss = losses.detach().cpu().numpy()
+        outcome.add(c, loss)
+        self.metric.update(c, loss)
+        self.detector.update(float(1.0 - c.mean()))
+        if self.detector.drift_detected:
+            outcome.drifts.append(position + len(c) - 1)
+            self._react()
+
+    def _react(self) -> None:
+        """Respond to detected drift: forget stale momentum, or learn faster for a while."""
+        reaction = self.spec.detector.reaction
+        if reaction == "reset_optimizer":
+            self.optimizer.state.clear()
+        elif reaction == "boost_lr":
+            if not self.boost_left:
+                self._scale_lr(self.spec.detector.boost)
+            self.boost_left = self.spec.detector.boost_batches
+
+    def _scale_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        # Keep the schedule's notion of the base LR in step, so boosts compose with it.
+        self.schedule.base_lrs = [lr * factor for lr in self.schedule.base_lrs]
+
+    # -------------------------------------------------------------------- state
+    def state_bytes(self) -> bytes:
+        """Everything needed to continue exactly where this learner stopped."""
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "detector": self.detector.state_dict(),
+                "metric": self.metric.state_dict(),
+                "offset": self.offset,
+                "boost_left": self.boost_left,
+                "window": (self.window_x, self.window_y),
+                "rng": self._rng.get_state(),
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+    def load_state_bytes(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.detector.load_state_dict(state["detector"])
+        self.metric = Prequential.from_state(state["metric"])
+        self.offset = int(state["offset"])
+        self.boost_left = int(state["boost_left"])
+        self.window_x, self.window_y = state["window"]
+        self._rng.set_state(state["rng"])
+
+
+def _detector(cfg: DetectorConfig) -> DriftDetector:
+    if cfg.kind == "adwin":
+        return make_detector("adwin", delta=cfg.delta)
+    if cfg.kind == "page_hinkley":
+        return make_detector("page_hinkley", threshold=cfg.threshold)
+    return make_detector("none")
+

@@ -1,0 +1,299 @@
+"""The federation config: one validated document that server, clients and simulator share.
+
+Everything a run does is decided here, so a run is reproducible from its `config.toml`
+alone. Unknown keys, wrong types and impossible values are refused up front, with the
+dotted key path, before any process or Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every offending key."""
+
+
+class _Section(BaseModel):
+    # strict: a string "10" is not a count; extra="forbid": a typo is an error, not a default.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class FederationConfig(_Section):
+    """Who takes part and how the server aggregates."""
+
+    clients: PositiveInt = 20
+    rounds: PositiveInt = 30
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    min_clients: PositiveInt = 1
+    strategy: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
+    server_lr: Annotated[float, Field(gt=0.0)] = 1.0
+    beta1: Probability = 0.9
+    beta2: Probability = 0.99
+    tau: Annotated[float, Field(gt=0.0)] = 1e-3
+    round_timeout: Annotated[float, Field(gt=0.0)] = 600.0
+
+
+class StreamConfig(_Section):
+    """What each client's stream carries and how fast it arrives."""
+
+    source: Literal["gaussian_mixture", "hyperplane", "digits", "csv", "jsonl"] = (
+        "gaussian_mixture"
+    )
+    path: str = ""
+    label: str = "label"
+    features: list[str] = []
+    time: str = ""
+    n_features: PositiveInt = 20
+    n_classes: Annotated[int, Field(ge=2)] = 10
+    centers_per_class: PositiveInt = 2
+    spread: Annotated[float, Field(gt=0.0)] = 1.0
+    noise: Probability = 0.05
+    image: bool = False
+    arrival: Literal["fixed", "poisson"] = "poisson"
+    rate: Annotated[float, Field(gt=0.0)] = 30.0
+    rate_spread: Annotated[float, Field(ge=0.0)] = 0.5
+    budget: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _file_sources_need_a_readable_path(self) -> StreamConfig:
+        if self.source in ("csv", "jsonl"):
+            if not self.path:
+                raise ValueError(f"stream.path is required for source '{self.source}'")
+            if not Path(self.path).is_file():
+                raise ValueError(f"stream.path: file not found: {self.path}")
+        return self
+
+
+class PartitionConfig(_Section):
+    """How labels (or rows of a dataset) are split across clients: the non-IID knob."""
+
+    scheme: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: Annotated[float, Field(gt=0.0)] = 0.5
+    shards_per_client: PositiveInt = 2
+
+
+class DriftConfig(_Section):
+    """When the concept changes. Times are in rounds, and each client's are staggered."""
+
+    kind: Literal["none", "abrupt", "gradual"] = "abrupt"
+    at: list[Annotated[float, Field(ge=0.0)]] = [15.0]
+    width: Annotated[float, Field(ge=0.0)] = 3.0
+    stagger: Annotated[float, Field(ge=0.0)] = 1.0
+
+
+class LearnerConfig(_Section):
+    """The on-device learner: model, how it walks the stream, and its optimizer."""
+
+    model: str = "mlp"
+    hidden: list[PositiveInt] = [64]
+    mode: Literal["online", "batch"] = "online"
+    batch_size: PositiveInt = 8
+    epochs: PositiveInt = 1
+    window: PositiveInt = 512
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: Annotated[float, Field(gt=0.0)] = 0.05
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    schedule: Literal["constant", "step", "exponential", "cosine"] = "constant"
+    step_size: PositiveInt = 100
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    t_max: PositiveInt = 1000
+    device: str = "auto"
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value in ("logreg", "mlp", "cnn") or ":" in value:
+            return value
+        raise ValueError(f"unknown model '{value}': use logreg, mlp, cnn or 'module:factory'")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "mps") or value.startswith("cuda"):
+            return value
+        raise ValueError(f"unknown device '{value}': use auto, cpu, cuda[:N] or mps")
+
+
+class DetectorConfig(_Section):
+    """Drift detection on the prequential error, and what the learner does about it."""
+
+    kind: Literal["none", "page_hinkley", "adwin"] = "adwin"
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.002
+    threshold: Annotated[float, Field(gt=0.0)] = 50.0
+    reaction: Literal["none", "reset_optimizer", "boost_lr"] = "boost_lr"
+    boost: Annotated[float, Field(ge=1.0)] = 3.0
+    boost_batches: PositiveInt = 20
+
+
+class EvaluationConfig(_Section):
+    """Prequential metrics, and optional global evaluation on a held-back slice."""
+
+    fading: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
+    every: Annotated[int, Field(ge=0)] = 0
+    holdout: PositiveInt = 500
+
+
+class SimulationConfig(_Section):
+    """How the simulation engine runs the virtual clients."""
+
+    backend: Literal["ray"] = "ray"
+    client_cpus: Annotated[float, Field(gt=0.0)] = 1.0
+    client_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    ray_address: str = ""
+    dropout: Probability = 0.0
+    baselines: list[Literal["local", "centralized"]] = []
+
+
+class OutputConfig(_Section):
+    """Where results land."""
+
+    dir: str = "results/latest"
+    plots: bool = True
+    progress: bool = True
+
+
+class Config(_Section):
+    """A whole federation. `fedstream config show` prints it with every default."""
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    federation: FederationConfig = FederationConfig()
+    stream: StreamConfig = StreamConfig()
+    partition: PartitionConfig = PartitionConfig()
+    drift: DriftConfig = DriftConfig()
+    learner: LearnerConfig = LearnerConfig()
+    detector: DetectorConfig = DetectorConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.federation.min_clients > self.federation.clients:
+            raise ValueError(
+                f"federation.min_clients ({self.federation.min_clients}) exceeds "
+                f"federation.clients ({self.federation.clients})"
+            )
+        if self.learner.model == "cnn" and self.stream.source != "digits":
+            raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in item and item["type"] not in ("missing",):
+            msg = f"{msg} (got {item['input']!r})"
+        lines.append(f"  {path}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Build a Config from plain data, or raise ConfigError naming each bad key."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, turning I/O and syntax errors into ConfigError with the file name."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def parse_value(text: str) -> Any:
+    """Read a --set value as TOML (numbers, booleans, lists), falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts; refuses to descend into a scalar so typos surface."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for i, key in enumerate(parents):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parents[: i + 1])}: is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (as given to --set) on top of raw config data."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        set_dotted(raw, key.strip(), parse_value(text.strip()))
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The effective config: defaults, then the file, then --set overrides."""
+    raw = read_toml(path) if path else {}
+    return validate(apply_overrides(raw, list(overrides or [])))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def to_json(cfg: Config) -> str:
+    """Compact form carried inside Flower run configs (whose values must be scalars)."""
+    return json.dumps(to_dict(cfg), separators=(",", ":"))
+
+
+def from_json(text: str) -> Config:
+    return validate(json.loads(text))
+
+
+def from_run_config(run_config: dict[str, Any]) -> Config:
+    """Config from a Flower run config: `fedstream-config` JSON, a `config` file, dotted keys.
+
+    This is how `flwr run .` (whose run-config values can only be scalars) reaches the same
+    federation as `fedstream sim`.
+    """
+    if "fedstream-config" in run_config:
+        return from_json(str(run_config["fedstream-config"]))
+    raw = read_toml(str(run_config["config"])) if run_config.get("config") else {}
+    for key, value in run_config.items():
+        if key != "config":
+            set_dotted(raw, key, value)
+    return validate(raw)
+
+
+def drift_times(cfg: Config) -> list[float]:
+    """Base drift times (before per-client stagger); empty when the stream does not drift."""
+    return [] if cfg.drift.kind == "none" else list(cfg.drift.at)

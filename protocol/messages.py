@@ -1,0 +1,74 @@
+"""The message contract between the fedstream ServerApp and ClientApp.
+
+Flower carries records; this module fixes which records and keys a fedstream message holds,
+so both sides read and write them through one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+ARRAYS = "arrays"  # global model down, local model up
+CONFIG = "config"  # round instructions down
+METRICS = "metrics"  # client report up
+ROUND = "server-round"
+NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this key
+QUERY_KIND = "query"
+ROSTER = "roster"  # query asking a node which client it is
+
+
+@dataclass
+class TrainReport:
+    """What one client says about its round, besides its model."""
+
+    client: int
+    examples: int
+    correct: int
+    loss_sum: float
+    drifts: list[int] = field(default_factory=list)
+    total_seen: int = 0
+    total_correct: int = 0
+    fading_accuracy: float = 0.0
+    offset: int = 0
+    train_seconds: float = 0.0
+
+    def to_record(self) -> MetricRecord:
+        return MetricRecord(
+            {
+                "client-id": self.client,
+                NUM_EXAMPLES: self.examples,
+                "correct": self.correct,
+                "loss-sum": self.loss_sum,
+                "drifts": list(self.drifts),
+                "total-seen": self.total_seen,
+                "total-correct": self.total_correct,
+                "fading-accuracy": self.fading_accuracy,
+                "offset": self.offset,
+                "train-seconds": self.train_seconds,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, rec: MetricRecord) -> TrainReport:
+        return cls(
+            client=int(rec["client-id"]),
+            examples=int(rec[NUM_EXAMPLES]),
+            correct=int(rec["correct"]),
+            loss_sum=float(rec["loss-sum"]),
+            drifts=[int(d) for d in rec.get("drifts", [])],
+            total_seen=int(rec.get("total-seen", 0)),
+            total_correct=int(rec.get("total-correct", 0)),
+            fading_accuracy=float(rec.get("fading-accuracy", 0.0)),
+            offset=int(rec.get("offset", 0)),
+            train_seconds=float(rec.get("train-seconds", 0.0)),
+        )
+
+
+def roster_query() -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({QUERY_KIND: ROSTER})})
+
+
+def roster_reply(client: int) -> RecordDict:
+    return RecordDict({METRICS: MetricRecord({"client-id": client})})

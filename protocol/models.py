@@ -1,0 +1,86 @@
+"""Model architectures: the one thing besides the config that server and clients must agree on.
+
+The server needs the initial global weights and clients need the same state-dict layout, so
+the architecture lives here rather than on either side.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def logistic_regression(feature_shape: Sequence[int], n_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat(feature_shape), n_classes))
+
+
+def mlp(feature_shape: Sequence[int], n_classes: int, hidden: Sequence[int] = (64,)) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = _flat(feature_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(feature_shape: Sequence[int], n_classes: int, channels: int = 16) -> nn.Module:
+    """Two conv blocks and a linear head: enough for 8x8 to 32x32 images on a CPU."""
+    if len(feature_shape) != 3:
+        raise ValueError(f"cnn needs (channels, height, width) input, got shape {tuple(feature_shape)}")
+    c, h, w = feature_shape
+    return nn.Sequential(
+        nn.Conv2d(c, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((max(1, h // 4), max(1, w // 4))),
+        nn.Flatten(),
+        nn.Linear(2 * channels * max(1, h // 4) * max(1, w // 4), n_classes),
+    )
+
+
+def build_model(
+    name: str,
+    feature_shape: Sequence[int],
+    n_classes: int,
+    *,
+    hidden: Sequence[int] = (64,),
+    seed: int = 0,
+) -> nn.Module:
+    """Build a model with seeded initial weights, so every party starts from the same point.
+
+    `name` is logreg, mlp, cnn, or `package.module:factory` for a user model; a factory is
+    called as `factory(feature_shape, n_classes)` and must return an `nn.Module`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "logreg":
+            return logistic_regression(feature_shape, n_classes)
+        if name == "mlp":
+            return mlp(feature_shape, n_classes, hidden)
+        if name == "cnn":
+            return small_cnn(feature_shape, n_classes)
+        return _user_model(name, feature_shape, n_classes)
+
+
+def _user_model(spec: str, feature_shape: Sequence[int], n_classes: int) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"learner.model '{spec}': cannot load factory ({err})") from None
+    model = factory(tuple(feature_shape), n_classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"learner.model '{spec}' returned {type(model).__name__}, not nn.Module")
+    return model
+
+
+def _flat(shape: Sequence[int]) -> int:
+    size = 1
+    for s in shape:
+        size *= int(s)
+    return size

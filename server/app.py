@@ -1,0 +1,39 @@
+"""The server pipeline in one function: strategy, rounds, records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from fedstream.protocol.config import Config
+from fedstream.server.records import History, MetricsLog
+from fedstream.server.rounds import EvaluateFn, RoundHook, RoundSettings, run_rounds
+from fedstream.server.strategy import make_strategy
+
+
+def run_federation(
+    grid: Grid,
+    cfg: Config,
+    initial: ArrayRecord,
+    out_dir: Path,
+    evaluate: EvaluateFn | None = None,
+    on_round: RoundHook | None = None,
+) -> tuple[ArrayRecord, History]:
+    """Run every round of `cfg` on `grid`, appending each round's record to metrics.jsonl."""
+    log = MetricsLog(out_dir / "metrics.jsonl")
+
+    def record(rec: dict, history: History) -> None:
+        log.write(rec)
+        if on_round:
+            on_round(rec, history)
+
+    settings = RoundSettings(
+        rounds=cfg.federation.rounds,
+        seed=cfg.seed,
+        timeout=cfg.federation.round_timeout,
+        evaluate_every=cfg.evaluation.every,
+        progress=cfg.output.progress,
+    )
+    return run_rounds(grid, make_strategy(cfg), initial, settings, record, evaluate)

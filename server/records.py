@@ -1,0 +1,148 @@
+"""Round records: what happened in each round, as one JSON object per line of metrics.jsonl.
+
+The records are the contract that plots, summaries and other tools read, so everything
+is derived from the replies here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+
+from fedstream.protocol import messages as m
+
+
+def _bytes_of(msg: Message) -> int:
+    """Payload bytes of a message: its arrays plus its metric and config records."""
+    content = msg.content
+    total = sum(rec.count_bytes() for rec in content.array_records.values())
+    total += sum(rec.count_bytes() for rec in content.metric_records.values())
+    total += sum(rec.count_bytes() for rec in content.config_records.values())
+    return total
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+@dataclass
+class History:
+    """Running totals over rounds, for the summary and the live progress bar."""
+
+    rounds: int = 0
+    seen: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    client_updates: int = 0
+    failures: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    per_client: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float | None:
+        return _ratio(self.correct, self.seen)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.rounds += 1
+        self.seen += record["examples"]
+        self.correct += record["correct"]
+        self.loss_sum += record["loss_sum"]
+        self.client_updates += record["clients_ok"]
+        self.failures += len(record["failures"])
+        self.bytes_up += record["bytes_up"]
+        self.bytes_down += record["bytes_down"]
+        for cid, rep in record["clients"].items():
+            acc = self.per_client.setdefault(int(cid), {"seen": 0, "correct": 0})
+            acc["seen"] += rep["examples"]
+            acc["correct"] += rep["correct"]
+
+
+def round_record(
+    server_round: int,
+    sent: list[Message],
+    replies: Iterable[Message],
+    client_of: dict[int, int],
+    seconds: float,
+) -> dict[str, Any]:
+    """Summarise one round from the messages that went out and the replies that came back."""
+    replies = list(replies)
+    reports: list[m.TrainReport] = []
+    failures: list[dict[str, Any]] = []
+    answered = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        if reply.has_error():
+            failures.append({"client": client_of.get(node), "reason": reply.error.reason})
+        else:
+            reports.append(m.TrainReport.from_record(reply.content[m.METRICS]))
+    for msg in sent:
+        if msg.metadata.dst_node_id not in answered:
+            node = msg.metadata.dst_node_id
+            failures.append({"client": client_of.get(node), "reason": "no reply before timeout"})
+    examples = sum(r.examples for r in reports)
+    correct = sum(r.correct for r in reports)
+    loss_sum = sum(r.loss_sum for r in reports)
+    return {
+        "round": server_round,
+        "clients_sampled": len(sent),
+        "clients_ok": len(reports),
+        "failures": failures,
+        "examples": examples,
+        "correct": correct,
+        "loss_sum": loss_sum,
+        "accuracy": _ratio(correct, examples),
+        "loss": _ratio(loss_sum, examples),
+        "bytes_down": sum(_bytes_of(msg) for msg in sent),
+        "bytes_up": sum(_bytes_of(r) for r in replies if not r.has_error()),
+        "seconds": seconds,
+        "drifts": [{"client": r.client, "position": p} for r in reports for p in r.drifts],
+        "clients": {
+            str(r.client): {
+                "examples": r.examples,
+                "correct": r.correct,
+                "accuracy": _ratio(r.correct, r.examples),
+                "loss": _ratio(r.loss_sum, r.examples),
+                "fading_accuracy": r.fading_accuracy,
+                "total_seen": r.total_seen,
+                "total_accuracy": _ratio(r.total_correct, r.total_seen),
+                "train_seconds": r.train_seconds,
+            }
+            for r in sorted(reports, key=lambda r: r.client)
+        },
+    }
+
+
+class MetricsLog:
+    """Appends round records to metrics.jsonl as they happen, so a crash keeps past rounds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(_finite(record)) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: write null instead, so any reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

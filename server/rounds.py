@@ -1,0 +1,96 @@
+"""The server's round loop: sample, send, aggregate, record; and carry on whatever fails.
+
+Flower's `Strategy.start` runs rounds too, but it stops at the first aggregation error and
+records nothing per client; a long-running federation must survive a bad round, keep the
+previous global model, and write down why.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from tqdm import tqdm
+
+from fedstream.server.records import History, round_record
+from fedstream.server.roster import Roster, RosterGrid
+
+EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
+RoundHook = Callable[[dict[str, Any], History], None]
+
+
+@dataclass
+class RoundSettings:
+    rounds: int
+    seed: int
+    timeout: float
+    evaluate_every: int = 0
+    progress: bool = True
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    settings: RoundSettings,
+    on_round: RoundHook,
+    evaluate: EvaluateFn | None = None,
+) -> tuple[ArrayRecord, History]:
+    roster = Roster()
+    ordered = RosterGrid(grid, roster)
+    history = History()
+    bar = tqdm(total=settings.rounds, disable=not settings.progress, unit="round", leave=True)
+    for server_round in range(1, settings.rounds + 1):
+        started = time.perf_counter()
+        roster.refresh(grid, timeout=settings.timeout)
+        random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
+        replies = list(grid.send_and_receive(sent, timeout=settings.timeout))
+        arrays, error = _aggregate(strategy, server_round, replies, arrays)
+        record = round_record(
+            server_round, sent, replies, roster.client_of, time.perf_counter() - started
+        )
+        record["aggregated"] = error is None
+        if error:
+            record["aggregation_error"] = error
+        if evaluate and settings.evaluate_every and server_round % settings.evaluate_every == 0:
+            record["global_eval"] = evaluate(server_round, arrays)
+        history.add(record)
+        on_round(record, history)
+        bar.set_postfix(_postfix(record, history), refresh=False)
+        bar.update(1)
+    bar.close()
+    return arrays, history
+
+
+def _aggregate(
+    strategy: Strategy, server_round: int, replies: list, arrays: ArrayRecord
+) -> tuple[ArrayRecord, str | None]:
+    """Aggregate, or keep the previous model and say why not."""
+    try:
+        new, _ = strategy.aggregate_train(server_round, replies)
+    except Exception as err:  # noqa: BLE001 - a bad round must not end the federation
+        return arrays, f"{type(err).__name__}: {err}"
+    if new is None:
+        return arrays, "no client update to aggregate"
+    return new, None
+
+
+def _postfix(record: dict[str, Any], history: History) -> dict[str, str]:
+    post = {"acc": _pct(history.accuracy), "round_acc": _pct(record["accuracy"])}
+    if record["failures"]:
+        post["failed"] = str(len(record["failures"]))
+    return post
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+

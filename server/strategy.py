@@ -1,0 +1,66 @@
+"""Server strategies: Flower's own FedAvg, FedAdam and FedYogi, configured from fedstream config.
+
+Aggregation stays Flower's (weighted by `num-examples`); fedstream only replaces the metric
+aggregation, since its per-client reports are summed into round records instead of
+averaged, and drops replies that carry no examples (a client with an empty stream that
+round), which would otherwise divide by zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi, Strategy
+
+from fedstream.protocol import messages as m
+from fedstream.protocol.config import Config
+
+
+def _no_metric_average(_records: list[RecordDict], _key: str) -> MetricRecord:
+    return MetricRecord()
+
+
+class _SkipEmpty:
+    """Mixin: aggregate only the replies that trained on something."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        useful = [r for r in replies if r.has_error() or _examples(r) > 0]
+        if not any(not r.has_error() for r in useful):
+            return None, None
+        return super().aggregate_train(server_round, useful)  # type: ignore[misc]
+
+
+def _examples(reply: Message) -> int:
+    return int(reply.content[m.METRICS][m.NUM_EXAMPLES])
+
+
+class StreamFedAvg(_SkipEmpty, FedAvg):
+    pass
+
+
+class StreamFedAdam(_SkipEmpty, FedAdam):
+    pass
+
+
+class StreamFedYogi(_SkipEmpty, FedYogi):
+    pass
+
+
+def make_strategy(cfg: Config) -> Strategy:
+    fed = cfg.federation
+    common = {
+        "fraction_train": fed.fraction,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": fed.min_clients,
+        "min_available_nodes": fed.min_clients,
+        "train_metrics_aggr_fn": _no_metric_average,
+    }
+    if fed.strategy == "fedavg":
+        return StreamFedAvg(**common)
+    opt = {"eta": fed.server_lr, "eta_l": cfg.learner.lr, "beta_1": fed.beta1, "tau": fed.tau}
+    if fed.strategy == "fedadam":
+        return StreamFedAdam(**common, **opt, beta_2=fed.beta2)
+    return StreamFedYogi(**common, **opt, beta_2=fed.beta2)

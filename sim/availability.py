@@ -1,0 +1,38 @@
+"""Flaky availability: a Flower client mod that makes a virtual client miss some rounds.
+
+A client that drops out raises, exactly as a crashed or unreachable device would look to
+the server: its reply is an error, its samples stay in its stream for a later round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from fedstream.protocol import messages as m
+from fedstream.protocol.config import Config, from_run_config
+
+
+class ClientUnavailable(RuntimeError):
+    """The virtual client is offline this round."""
+
+
+def availability_mod(config: Config | None = None) -> Mod:
+    """Drop a train message with probability `simulation.dropout`, fixed per node and round.
+
+    Without a bound config the mod reads it from the Flower run config (`flwr run`).
+    """
+
+    def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        cfg = config or from_run_config(dict(ctx.run_config))
+        dropout, seed = cfg.simulation.dropout, cfg.seed
+        if dropout > 0 and msg.metadata.message_type == MessageType.TRAIN:
+            server_round = int(msg.content[m.CONFIG][m.ROUND])
+            partition = int(ctx.node_config.get("partition-id", 0))
+            u = np.random.default_rng([seed, 0xD0, partition, server_round]).random()
+            if u < dropout:
+                raise ClientUnavailable(f"client {partition} is offline in round {server_round}")
+        return call_next(msg, ctx)
+
+    return mod

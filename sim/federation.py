@@ -1,0 +1,161 @@
+"""A virtual federation: every client's stream, derived from the config and the seed alone.
+
+Any process (the server, a Ray worker, a baseline) that builds the federation from the same
+config gets the very same streams, so federated training and its baselines are compared
+sample for sample. Building is cached per process: it is derived data, not client state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fedstream.client.arrival import client_rates, make_arrival
+from fedstream.client.sources import (
+    ArraySource,
+    DriftSchedule,
+    GaussianMixture,
+    RotatingHyperplane,
+    Source,
+    load_digits_arrays,
+    load_table,
+    staggered,
+)
+from fedstream.client.sources.relabel import Relabel
+from fedstream.client.stream import ClientStream
+from fedstream.protocol.config import Config, drift_times, from_json, to_json
+from fedstream.protocol.models import build_model
+from fedstream.sim.partition import class_priors, partition
+
+HOLDOUT_CLIENT = -1  # stream id of the held-back evaluation slice
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A finite dataset replayed as streams: rows split across clients, a slice held back."""
+
+    x: np.ndarray
+    y: np.ndarray
+    n_classes: int
+    parts: tuple[np.ndarray, ...]
+    holdout: np.ndarray
+
+
+class Federation:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        n = cfg.federation.clients
+        self.rates = client_rates(cfg.stream.rate, cfg.stream.rate_spread, n, cfg.seed)
+
+    # ----------------------------------------------------------------- shape
+    @cached_property
+    def dataset(self) -> Dataset | None:
+        cfg = self.cfg
+        if cfg.stream.source == "digits":
+            x, y, n_classes = load_digits_arrays(image=cfg.stream.image or cfg.learner.model == "cnn")
+        elif cfg.stream.source in ("csv", "jsonl"):
+            table = load_table(
+                cfg.stream.path,
+                label=cfg.stream.label,
+                features=cfg.stream.features or None,
+                time=cfg.stream.time or None,
+                fmt=cfg.stream.source,
+            )
+            x, y, n_classes = table.x, table.y, len(table.classes)
+        else:
+            return None
+        return _split(x, y, n_classes, cfg)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        if self.dataset is not None:
+            return tuple(self.dataset.x.shape[1:])
+        return (self.cfg.stream.n_features,)
+
+    @property
+    def n_classes(self) -> int:
+        return self.dataset.n_classes if self.dataset is not None else self.cfg.stream.n_classes
+
+    # --------------------------------------------------------------- streams
+    def source(self, client: int) -> Source:
+        cfg = self.cfg
+        n = cfg.federation.clients
+        if client == HOLDOUT_CLIENT:
+            drift = DriftSchedule(cfg.drift.kind, tuple(drift_times(cfg)), cfg.drift.width)
+        else:
+            at = staggered(drift_times(cfg), cfg.drift.stagger, client, n, cfg.seed)
+            drift = DriftSchedule(cfg.drift.kind, at, cfg.drift.width)
+        if self.dataset is not None:
+            rows = self.dataset.holdout if client == HOLDOUT_CLIENT else self.dataset.parts[client]
+            base = ArraySource(self.dataset.x, self.dataset.y, rows, self.dataset.n_classes)
+            return Relabel(base, drift, seed=cfg.seed, client=client)
+        prior = None if client == HOLDOUT_CLIENT else self.priors[client]
+        common = {"n_features": cfg.stream.n_features, "n_classes": cfg.stream.n_classes}
+        if cfg.stream.source == "hyperplane":
+            return RotatingHyperplane(
+                **common, class_prior=prior, drift=drift, noise=cfg.stream.noise,
+                seed=cfg.seed, client=client,
+            )
+        return GaussianMixture(
+            **common,
+            centers_per_class=cfg.stream.centers_per_class,
+            spread=cfg.stream.spread,
+            class_prior=prior,
+            drift=drift,
+            seed=cfg.seed,
+            client=client,
+        )
+
+    @cached_property
+    def priors(self) -> np.ndarray:
+        p = self.cfg.partition
+        return class_priors(
+            self.cfg.federation.clients, self.cfg.stream.n_classes, p.scheme,
+            alpha=p.alpha, shards_per_client=p.shards_per_client, seed=self.cfg.seed,
+        )
+
+    def stream(self, client: int) -> ClientStream:
+        arrival = make_arrival(
+            self.cfg.stream.arrival, float(self.rates[client]), self.cfg.seed, client
+        )
+        return ClientStream(client=client, source=self.source(client), arrival=arrival)
+
+    def holdout(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """The held-back slice as it looks at time `t` (the concept in force then)."""
+        src = self.source(HOLDOUT_CLIENT)
+        size = self.cfg.evaluation.holdout if src.length is None else src.length
+        index = np.arange(size, dtype=np.int64)
+        return src.draw(index, np.full(size, float(t)))
+
+    def initial_arrays(self) -> ArrayRecord:
+        model = build_model(
+            self.cfg.learner.model, self.feature_shape, self.n_classes,
+            hidden=self.cfg.learner.hidden, seed=self.cfg.seed,
+        )
+        return ArrayRecord(model.state_dict())
+
+
+def _split(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: Config) -> Dataset:
+    rng = np.random.default_rng([cfg.seed, 0x40])
+    n_hold = min(cfg.evaluation.holdout, len(y) // 5) if cfg.evaluation.every else 0
+    hold = np.sort(rng.choice(len(y), size=n_hold, replace=False)) if n_hold else np.array([], int)
+    rest = np.setdiff1d(np.arange(len(y)), hold)
+    p = cfg.partition
+    parts = partition(
+        y[rest], cfg.federation.clients, p.scheme,
+        alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
+    )
+    return Dataset(x, y, n_classes, tuple(rest[idx] for idx in parts), hold)
+
+
+@lru_cache(maxsize=4)
+def _cached(cfg_json: str) -> Federation:
+    return Federation(from_json(cfg_json))
+
+
+def federation(cfg: Config) -> Federation:
+    """The (per-process cached) federation of `cfg`."""
+    return _cached(to_json(cfg))

@@ -1,0 +1,91 @@
+"""Plots of a results folder: accuracy over rounds against the baselines, and per client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    return [accuracy_plot(plots, summary, records), clients_plot(plots, summary, records)]
+
+
+def _cumulative(records: list[dict[str, Any]]) -> list[float | None]:
+    seen = correct = 0
+    series: list[float | None] = []
+    for rec in records:
+        seen, correct = seen + rec["examples"], correct + rec["correct"]
+        series.append(correct / seen if seen else None)
+    return series
+
+
+def _mark_drifts(ax: plt.Axes, drift_times: list[float]) -> None:
+    for i, t in enumerate(drift_times):
+        ax.axvline(t, color="crimson", linestyle=":", label="drift" if i == 0 else None)
+
+
+def _series(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else 100 * v for v in values], dtype=float)
+
+
+def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    rounds = np.array([rec["round"] for rec in records])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(rounds, _series([r["accuracy"] for r in records]), color="C0", alpha=0.35,
+            label="federated (round)")
+    ax.plot(rounds, _series(_cumulative(records)), color="C0", lw=2, label="federated")
+    for i, (name, base) in enumerate(summary.get("baselines", {}).items()):
+        x = np.arange(1, len(base["cumulative_accuracy"]) + 1)
+        ax.plot(x, _series(base["accuracy_per_round"]), color=f"C{i + 1}", alpha=0.35)
+        ax.plot(x, _series(base["cumulative_accuracy"]), color=f"C{i + 1}", lw=2, label=name)
+    evals = [(r["round"], r["global_eval"]["accuracy"]) for r in records if r.get("global_eval")]
+    if evals:
+        ex, ey = zip(*evals, strict=True)
+        ax.plot(ex, 100 * np.array(ey), "k.--", label="global model, held-back slice")
+    _mark_drifts(ax, summary.get("drift_times", []))
+    ax.set(xlabel="round", ylabel="prequential accuracy (%)", ylim=(0, 100),
+           title="Prequential accuracy (thin: per round, thick: cumulative)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    path = plots / "accuracy.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    clients = sorted({int(c) for rec in records for c in rec["clients"]})
+    n_rounds = len(records)
+    grid = np.full((max(len(clients), 1), max(n_rounds, 1)), np.nan)
+    row = {c: i for i, c in enumerate(clients)}
+    for j, rec in enumerate(records):
+        for c, rep in rec["clients"].items():
+            if rep["accuracy"] is not None:
+                grid[row[int(c)], j] = 100 * rep["accuracy"]
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(clients) + 2))
+    img = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100, interpolation="nearest",
+                    extent=(0.5, n_rounds + 0.5, len(clients) - 0.5, -0.5))
+    fig.colorbar(img, ax=ax, label="prequential accuracy in round (%)")
+    detections = [(rec["round"], row[d["client"]]) for rec in records for d in rec["drifts"]
+                  if d["client"] in row]
+    if detections:
+        dx, dy = zip(*detections, strict=True)
+        ax.scatter(dx, dy, marker="x", color="red", s=18, label="drift detected")
+        ax.legend(loc="upper right", fontsize=8)
+    _mark_drifts(ax, summary.get("drift_times", []))
+    ax.set(xlabel="round", ylabel="client", title="Per-client accuracy (blank: not sampled)")
+    ax.set_yticks(range(len(clients)), [str(c) for c in clients], fontsize=6)
+    path = plots / "clients.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,106 @@
+"""Config validation: bad input stops before anything runs, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedstream.protocol.config import (
+    ConfigError,
+    apply_overrides,
+    from_json,
+    from_run_config,
+    load,
+    to_json,
+    to_toml,
+    validate,
+)
+
+
+def test_defaults_are_the_embedded_federation() -> None:
+    cfg = load()
+    assert cfg.federation.clients == 20
+    assert cfg.drift.kind != "none"
+    assert cfg.partition.scheme != "iid"
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"federation": {"clientz": 3}}, "federation.clientz: unknown key"),
+        ({"federation": {"clients": "ten"}}, "federation.clients"),
+        ({"federation": {"fraction": 1.5}}, "federation.fraction"),
+        ({"federation": {"clients": 0}}, "federation.clients"),
+        ({"learner": {"lr": -1.0}}, "learner.lr"),
+        ({"learner": {"model": "resnet"}}, "unknown model 'resnet'"),
+        ({"stream": {"source": "csv", "path": "/no/such.csv"}}, "file not found: /no/such.csv"),
+        ({"federation": {"clients": 2, "min_clients": 3}}, "min_clients"),
+        ({"bogus": 1}, "bogus: unknown key"),
+    ],
+)
+def test_bad_values_name_the_key(raw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        validate(raw)
+    assert needle in str(exc.value)
+
+
+def test_overrides_parse_toml_values() -> None:
+    raw = apply_overrides({}, ["federation.rounds=7", "learner.hidden=[8, 8]", "stream.source=digits"])
+    cfg = validate(raw)
+    assert cfg.federation.rounds == 7
+    assert cfg.learner.hidden == [8, 8]
+    assert cfg.stream.source == "digits"
+
+
+def test_override_without_equals_is_refused() -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["federation.rounds"])
+
+
+def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nclients = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load(bad)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.toml")
+
+
+def test_round_trips() -> None:
+    cfg = load(overrides=["federation.rounds=3", "learner.hidden=[4]"])
+    assert from_json(to_json(cfg)) == cfg
+    import tomllib
+
+    assert validate(tomllib.loads(to_toml(cfg))) == cfg
+
+
+def test_run_config_dotted_keys() -> None:
+    cfg = from_run_config({"federation.rounds": 4, "stream.source": "digits"})
+    assert cfg.federation.rounds == 4 and cfg.stream.source == "digits"
+
+
+def test_cli_rejects_bad_config_before_running(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedstream.cli.main", "sim", "--set", "federation.fraction=2",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "federation.fraction" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_config_show_prints_effective_config() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedstream.cli.main", "config", "show", "--set", "seed=5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "seed = 5" in proc.stdout and "[learner]" in proc.stdout

@@ -1,0 +1,240 @@
+"""Tests for the client-side concept-drift detectors."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from fedstream.client.detectors import (
+    ADWIN,
+    DETECTOR_KINDS,
+    DriftDetector,
+    NoDetector,
+    PageHinkley,
+    make_detector,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+CHANGE_AT = 1000
+MAX_DELAY = 300
+
+
+def bernoulli(rng: np.random.Generator, p: float, n: int) -> np.ndarray:
+    return (rng.random(n) < p).astype(float)
+
+
+def piecewise(seed: int, *segments: tuple[float, int]) -> np.ndarray:
+    """0/1 error stream made of (error rate, length) segments."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([bernoulli(rng, p, n) for p, n in segments])
+
+
+def detections(detector: DriftDetector, stream: np.ndarray) -> list[int]:
+    found = []
+    for i, x in enumerate(stream):
+        detector.update(x)
+        if detector.drift_detected:
+            found.append(i)
+    return found
+
+
+@pytest.fixture(params=["page_hinkley", "adwin"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+# --- stationary streams ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_page_hinkley_no_false_alarm_on_stationary_stream(seed: int) -> None:
+    assert detections(PageHinkley(), piecewise(seed, (0.1, 5000))) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adwin_at_most_one_false_alarm_on_stationary_stream(seed: int) -> None:
+    adwin = ADWIN()
+    assert len(detections(adwin, piecewise(seed, (0.1, 5000)))) <= 1
+    assert abs(adwin.estimation - 0.1) < 0.03
+
+
+def test_no_detector_never_detects() -> None:
+    stream = piecewise(0, (0.1, CHANGE_AT), (0.9, CHANGE_AT))
+    assert detections(NoDetector(), stream) == []
+
+
+# --- abrupt changes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_abrupt_increase_detected_with_bounded_delay(kind: str, seed: int) -> None:
+    stream = piecewise(seed, (0.1, CHANGE_AT), (0.6, CHANGE_AT))
+    found = detections(make_detector(kind), stream)
+    assert found, "increase not detected"
+    assert CHANGE_AT <= found[0] < CHANGE_AT + MAX_DELAY
+
+
+def test_drift_flag_clears_on_next_update(kind: str) -> None:
+    detector = make_detector(kind)
+    stream = piecewise(0, (0.1, CHANGE_AT), (0.6, CHANGE_AT))
+    first = detections(detector, stream[: CHANGE_AT + MAX_DELAY])[0]
+    detector = make_detector(kind)
+    for x in stream[: first + 1]:
+        detector.update(x)
+    assert detector.drift_detected
+    detector.update(stream[first + 1])
+    assert not detector.drift_detected
+
+
+def test_adwin_shrinks_window_and_tracks_new_mean() -> None:
+    """After the change ADWIN should have dropped (nearly) all pre-change history."""
+    adwin = ADWIN()
+    detections(adwin, piecewise(0, (0.1, CHANGE_AT), (0.6, CHANGE_AT)))
+    stale = adwin.width - CHANGE_AT
+    assert stale < 0.1 * CHANGE_AT
+    assert abs(adwin.estimation - 0.6) < 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adwin_detects_decrease(seed: int) -> None:
+    found = detections(ADWIN(), piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT)))
+    assert found
+    assert CHANGE_AT <= found[0] < CHANGE_AT + MAX_DELAY
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_page_hinkley_ignores_decrease(seed: int) -> None:
+    """A falling error means the model improved: by design no alarm."""
+    assert detections(PageHinkley(), piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT))) == []
+
+
+def test_detects_each_of_successive_increases(kind: str) -> None:
+    """Post-detection reset/shrink must leave the detector able to catch the next drift."""
+    stream = piecewise(3, (0.1, 1000), (0.5, 1000), (0.1, 1000), (0.9, 1000))
+    found = detections(make_detector(kind), stream)
+    for start in (1000, 3000):
+        assert any(start <= i < start + MAX_DELAY for i in found), (start, found)
+    assert not [i for i in found if i < 1000]
+
+
+# --- persistence -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [500, 1030, 1500])
+def test_state_dict_round_trip_behaves_identically(kind: str, split: int) -> None:
+    stream = piecewise(5, (0.1, 1000), (0.6, 1000), (0.2, 1000))
+    original = make_detector(kind, **({"clock": 8} if kind == "adwin" else {}))
+    for x in stream[:split]:
+        original.update(x)
+
+    restored = make_detector(kind)  # default params: the state must carry the real ones
+    restored.load_state_dict(pickle.loads(pickle.dumps(original.state_dict())))
+    assert restored.drift_detected == original.drift_detected
+
+    rest = stream[split:]
+    assert detections(restored, rest) == detections(original, rest)
+    assert restored.state_dict() == original.state_dict()
+
+
+def test_state_dict_is_a_snapshot_not_a_view() -> None:
+    adwin = ADWIN()
+    for x in piecewise(0, (0.3, 100)):
+        adwin.update(x)
+    state = adwin.state_dict()
+    frozen = pickle.dumps(state)
+    adwin.update(1.0)
+    assert pickle.dumps(state) == frozen
+
+
+def test_load_state_dict_rejects_other_kind() -> None:
+    with pytest.raises(ValueError, match="page_hinkley"):
+        ADWIN().load_state_dict(PageHinkley().state_dict())
+
+
+def test_reset_restores_fresh_state(kind: str) -> None:
+    detector = make_detector(kind)
+    detections(detector, piecewise(0, (0.1, 500), (0.8, 500)))
+    detector.reset()
+    assert detector.state_dict() == make_detector(kind).state_dict()
+
+
+# --- factory and interface ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("none", NoDetector), ("page_hinkley", PageHinkley), ("adwin", ADWIN)]
+)
+def test_make_detector_builds_each_kind(name: str, cls: type) -> None:
+    detector = make_detector(name)
+    assert isinstance(detector, cls)
+    assert isinstance(detector, DriftDetector)
+
+
+def test_make_detector_forwards_params() -> None:
+    assert make_detector("adwin", delta=0.01, clock=4).clock == 4
+    assert make_detector("page_hinkley", threshold=10.0).threshold == 10.0
+
+
+def test_make_detector_unknown_kind_names_it_and_the_choices() -> None:
+    with pytest.raises(ValueError, match="kswin") as excinfo:
+        make_detector("kswin")
+    for choice in DETECTOR_KINDS:
+        assert choice in str(excinfo.value)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_input_rejected(kind: str, bad: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        make_detector(kind).update(bad)
+
+
+@pytest.mark.parametrize(
+    ("cls", "params"),
+    [
+        (ADWIN, {"delta": 0.0}),
+        (ADWIN, {"clock": 0}),
+        (ADWIN, {"min_window": 0}),
+        (PageHinkley, {"threshold": 0.0}),
+        (PageHinkley, {"alpha": 1.5}),
+    ],
+)
+def test_invalid_params_rejected(cls: type, params: dict) -> None:
+    with pytest.raises(ValueError):
+        cls(**params)
+
+
+def test_adwin_memory_is_logarithmic_in_width() -> None:
+    adwin = ADWIN()
+    for x in piecewise(0, (0.2, 20_000)):
+        adwin.update(x)
+    assert adwin.width > 10_000
+    rows = math.floor(math.log2(adwin.width)) + 1
+    assert adwin.n_buckets <= adwin.max_buckets * rows
+
+
+# --- properties --------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=st.lists(st.floats(min_value=0.0, max_value=1.0), max_size=400),
+    clock=st.sampled_from([1, 4, 32]),
+    min_window=st.integers(min_value=1, max_value=8),
+)
+def test_any_unit_interval_stream_keeps_invariants(
+    values: list[float], clock: int, min_window: int
+) -> None:
+    adwin = ADWIN(clock=clock, min_window=min_window)
+    others = [PageHinkley(min_instances=5, threshold=1.0), NoDetector()]
+    for n, x in enumerate(values, start=1):
+        adwin.update(x)
+        for detector in others:
+            detector.update(x)
+            assert isinstance(detector.drift_detected, bool)
+        assert isinstance(adwin.drift_detected, bool)
+        assert 0 < adwin.width <= n
+        assert 0.0 <= adwin.estimation <= 1.0
+        assert adwin.variance >= 0.0

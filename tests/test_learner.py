@@ -1,0 +1,121 @@
+"""The learner: test-then-train order, modes, optimizers, schedules, state round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedstream.client.learner import Learner, Spec
+from fedstream.protocol.config import DetectorConfig, LearnerConfig
+
+
+def _data(n: int = 64, d: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    return x, y
+
+
+def _learner(**kw: object) -> Learner:
+    det = kw.pop("detector", DetectorConfig(kind="none"))
+    cfg = LearnerConfig(device="cpu", **kw)  # type: ignore[arg-type]
+    return Learner(Spec(feature_shape=(5,), n_classes=2, learner=cfg, detector=det))
+
+
+def test_predictions_are_scored_before_learning() -> None:
+    x, y = _data()
+    learner = _learner(batch_size=64, lr=0.5)
+    with torch.no_grad():
+        before = (learner.model(torch.from_numpy(x)).argmax(1).numpy() == y).sum()
+    outcome = learner.learn(x, y)
+    assert outcome.correct == before
+    assert outcome.seen == 64 and learner.offset == 64
+
+
+def test_online_learning_improves_on_a_stream() -> None:
+    learner = _learner(batch_size=4, lr=0.1)
+    for i in range(10):
+        outcome = learner.learn(*_data(seed=i))
+    assert outcome.correct / outcome.seen > 0.85
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "cosine"])
+def test_optimizers_and_schedules_learn(optimizer: str, schedule: str) -> None:
+    learner = _learner(optimizer=optimizer, schedule=schedule, lr=0.05, step_size=5, gamma=0.9)
+    for i in range(5):
+        learner.learn(*_data(seed=i))
+    assert learner.metric.accuracy > 0.6
+    if schedule != "constant":
+        assert learner.optimizer.param_groups[0]["lr"] < 0.05
+
+
+def test_batch_mode_trains_over_a_bounded_window() -> None:
+    learner = _learner(mode="batch", epochs=3, window=40, batch_size=8)
+    learner.learn(*_data(seed=1))
+    assert learner.window_y is not None and len(learner.window_y) == 40
+    for i in range(2, 6):
+        learner.learn(*_data(seed=i))
+    assert learner.metric.accuracy > 0.7
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_state_round_trip_continues_exactly(mode: str) -> None:
+    a = _learner(mode=mode, optimizer="adam", schedule="cosine")
+    b = _learner(mode=mode, optimizer="adam", schedule="cosine")
+    a.learn(*_data(seed=1))
+    b.learn(*_data(seed=1))
+    c = _learner(mode=mode, optimizer="adam", schedule="cosine")
+    c.load_state_bytes(b.state_bytes())
+    a.learn(*_data(seed=2))
+    c.learn(*_data(seed=2))
+    for k, v in a.get_weights().items():
+        torch.testing.assert_close(v, c.get_weights()[k])
+    assert c.offset == a.offset == 128
+    assert c.metric == a.metric
+
+
+def test_drift_is_detected_and_lr_boosted() -> None:
+    det = DetectorConfig(kind="adwin", reaction="boost_lr", boost=4.0, boost_batches=1000)
+    learner = _learner(batch_size=4, lr=0.01, momentum=0.0, detector=det)
+    for i in range(8):
+        learner.learn(*_data(seed=i))
+    x, y = _data(n=400, seed=99)
+    outcome = learner.learn(x, 1 - y)  # the concept flips
+    assert outcome.drifts, "a label flip must be detected"
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.04)
+
+
+def test_reset_optimizer_reaction_clears_momentum() -> None:
+    det = DetectorConfig(kind="adwin", reaction="reset_optimizer")
+    learner = _learner(batch_size=4, detector=det)
+    for i in range(8):
+        learner.learn(*_data(seed=i))
+    learner._react()
+    assert not learner.optimizer.state
+
+
+def test_empty_batch_is_a_no_op() -> None:
+    learner = _learner()
+    out = learner.learn(np.zeros((0, 5), np.float32), np.zeros(0, np.int64))
+    assert out.seen == 0 and learner.offset == 0
+
+
+def test_user_model_factory(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def wide(shape, n_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(shape[0], 32), nn.Tanh(),"
+        " nn.Linear(32, n_classes))\n"
+        "def broken(shape, n_classes):\n"
+        "    return 'not a module'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    learner = _learner(model="my_models:wide")
+    assert learner.model[1].out_features == 32
+    learner.learn(*_data())
+    with pytest.raises(ValueError, match="returned str"):
+        _learner(model="my_models:broken")
+    with pytest.raises(ValueError, match="cannot load factory"):
+        _learner(model="my_models:missing")
