@@ -67,7 +67,7 @@ def sim(
 
     try:
         summary = simulate(cfg)
-    except Exception as e:  # noqa: BLE001 - report, do not dump a Ray traceback on users
+    except Exception as e:
         err.print(f"[red]error:[/red] {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
     print_summary(summary, Path(cfg.output.dir))

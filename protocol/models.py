@@ -30,7 +30,8 @@ def mlp(feature_shape: Sequence[int], n_classes: int, hidden: Sequence[int] = (6
 def small_cnn(feature_shape: Sequence[int], n_classes: int, channels: int = 16) -> nn.Module:
     """Two conv blocks and a linear head: enough for 8x8 to 32x32 images on a CPU."""
     if len(feature_shape) != 3:
-        raise ValueError(f"cnn needs (channels, height, width) input, got shape {tuple(feature_shape)}")
+        shape = tuple(feature_shape)
+        raise ValueError(f"cnn needs (channels, height, width) input, got shape {shape}")
     c, h, w = feature_shape
     return nn.Sequential(
         nn.Conv2d(c, channels, 3, padding=1),

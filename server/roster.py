@@ -8,12 +8,11 @@ in client order, so Flower's own samplers pick the same clients for the same see
 from __future__ import annotations
 
 from collections.abc import Iterable
-
 from typing import Any
 
 from flwr.app import Message, MessageType
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedstream.protocol import messages as m
 

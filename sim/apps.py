@@ -17,7 +17,7 @@ from fedstream.client.stream import ClientStream
 from fedstream.protocol.config import Config, from_run_config
 from fedstream.server.app import run_federation
 from fedstream.sim import results
-from fedstream.sim.availability import availability_mod
+from fedstream.sim.availability import availability_mod, threads_mod
 from fedstream.sim.baselines import run_baselines
 from fedstream.sim.evaluation import make_evaluate
 from fedstream.sim.federation import federation
@@ -30,7 +30,7 @@ def virtual_stream(cfg: Config, ctx: Context) -> ClientStream:
 
 
 def sim_client_app(cfg: Config | None = None) -> ClientApp:
-    return make_client_app(virtual_stream, cfg, mods=[availability_mod(cfg)])
+    return make_client_app(virtual_stream, cfg, mods=[threads_mod(cfg), availability_mod(cfg)])
 
 
 def run_server(grid: Grid, cfg: Config) -> dict:

@@ -1,4 +1,6 @@
-"""Flaky availability: a Flower client mod that makes a virtual client miss some rounds.
+"""Client mods of the simulation.
+
+Flaky availability: a mod that makes a virtual client miss some rounds.
 
 A client that drops out raises, exactly as a crashed or unreachable device would look to
 the server: its reply is an error, its samples stay in its stream for a later round.
@@ -7,6 +9,7 @@ the server: its reply is an error, its samples stay in its stream for a later ro
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
@@ -33,6 +36,23 @@ def availability_mod(config: Config | None = None) -> Mod:
             u = np.random.default_rng([seed, 0xD0, partition, server_round]).random()
             if u < dropout:
                 raise ClientUnavailable(f"client {partition} is offline in round {server_round}")
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def threads_mod(config: Config | None = None) -> Mod:
+    """Give torch in a Ray worker only the CPUs the worker reserved.
+
+    torch defaults to one thread per core; with several workers per machine that
+    oversubscribes the cores and makes every client slower.
+    """
+
+    def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        cfg = config or from_run_config(dict(ctx.run_config))
+        threads = max(1, int(cfg.simulation.client_cpus))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         return call_next(msg, ctx)
 
     return mod

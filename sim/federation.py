@@ -55,7 +55,8 @@ class Federation:
     def dataset(self) -> Dataset | None:
         cfg = self.cfg
         if cfg.stream.source == "digits":
-            x, y, n_classes = load_digits_arrays(image=cfg.stream.image or cfg.learner.model == "cnn")
+            image = cfg.stream.image or cfg.learner.model == "cnn"
+            x, y, n_classes = load_digits_arrays(image=image)
         elif cfg.stream.source in ("csv", "jsonl"):
             table = load_table(
                 cfg.stream.path,

@@ -15,16 +15,9 @@ from fedstream.sim.apps import sim_client_app, sim_server_app
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray settings: one actor per `client_cpus`, and an existing cluster when given one.
-
-    Each actor's torch gets as many threads as the CPUs it reserved; more would only
-    oversubscribe the cores the other actors run on.
-    """
+    """Ray settings: one actor per `client_cpus`, and an existing cluster when given one."""
     sim = cfg.simulation
-    threads = str(max(1, int(sim.client_cpus)))
-    init_args: dict[str, Any] = {
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
-    }
+    init_args: dict[str, Any] = {}
     address = sim.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         init_args["address"] = address

@@ -48,7 +48,8 @@ def test_bad_values_name_the_key(raw: dict, needle: str) -> None:
 
 
 def test_overrides_parse_toml_values() -> None:
-    raw = apply_overrides({}, ["federation.rounds=7", "learner.hidden=[8, 8]", "stream.source=digits"])
+    overrides = ["federation.rounds=7", "learner.hidden=[8, 8]", "stream.source=digits"]
+    raw = apply_overrides({}, overrides)
     cfg = validate(raw)
     assert cfg.federation.rounds == 7
     assert cfg.learner.hidden == [8, 8]
@@ -56,14 +57,14 @@ def test_overrides_parse_toml_values() -> None:
 
 
 def test_override_without_equals_is_refused() -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         apply_overrides({}, ["federation.rounds"])
 
 
 def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[federation\nclients = 3\n")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load(bad)
 
 

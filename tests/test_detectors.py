@@ -7,6 +7,9 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedstream.client.detectors import (
     ADWIN,
     DETECTOR_KINDS,
@@ -15,8 +18,6 @@ from fedstream.client.detectors import (
     PageHinkley,
     make_detector,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 CHANGE_AT = 1000
 MAX_DELAY = 300

@@ -102,7 +102,7 @@ def test_empty_batch_is_a_no_op() -> None:
     assert out.seen == 0 and learner.offset == 0
 
 
-def test_user_model_factory(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_user_model_factory(tmp_path, monkeypatch) -> None:
     (tmp_path / "my_models.py").write_text(
         "from torch import nn\n"
         "def wide(shape, n_classes):\n"

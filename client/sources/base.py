@@ -12,6 +12,8 @@ Seed keys in use (``np.random.default_rng(key)``), kept distinct so streams neve
 * ``[seed, CONCEPT_TAG, k]``             concept ``k`` parameters, shared by all clients
 * ``[seed, client, STAGGER_TAG]``        a client's drift-time offset (``drift.staggered``)
 * ``[seed, client, 0xA7, r]``            arrivals of round ``r >= 1`` (``client.arrival``)
+
+``client`` in these keys is ``client_key(client)``, so negative ids work too.
 """
 
 from __future__ import annotations
@@ -60,9 +62,16 @@ def concept_rng(seed: int, k: int) -> np.random.Generator:
     return np.random.default_rng([seed, CONCEPT_TAG, k])
 
 
+def client_key(client: int) -> int:
+    """Client id as a seed word. Seed words must be non-negative, but negative ids are
+    useful for special streams (e.g. -1 for a held-out evaluation stream); they map to
+    2**32 + id, far from any real client."""
+    return client % (1 << 32)
+
+
 def block_rng(seed: int, client: int, block: int) -> np.random.Generator:
     """Generator for one block of positions of one client's stream."""
-    return np.random.default_rng([seed, client, SAMPLE_TAG, block])
+    return np.random.default_rng([seed, client_key(client), SAMPLE_TAG, block])
 
 
 def check_positions(

@@ -91,5 +91,6 @@ def staggered(
         raise ValueError(f"stagger must be finite and >= 0, got {stagger}")
     offset = 0.0
     if stagger > 0:
-        offset = float(np.random.default_rng([seed, client, STAGGER_TAG]).uniform(-stagger, stagger))
+        rng = np.random.default_rng([seed, client, STAGGER_TAG])
+        offset = float(rng.uniform(-stagger, stagger))
     return tuple(float(a) + offset for a in at)

@@ -24,11 +24,14 @@ from .base import (
 )
 from .drift import DriftSchedule
 
-# Geometry of the mixture in its informative subspace: class means are close together
-# while each class's own centres are spread widely around its mean. A linear model only
-# sees the (small) mean differences; a nonlinear one can carve out the clusters.
-_MEAN_SCALE = 1.0
-_CLUSTER_SCALE = 2.5
+# Geometry of the mixture, in units of the noise scale. Each class is ``centers_per_class``
+# clusters placed symmetrically about a class mean, along directions orthogonal to every
+# other class's (while the feature space has room). Class means sit close together, so a
+# linear model, which effectively compares means, does poorly; a nonlinear model that
+# carves out the clusters does well. With a single cluster per class the classes are
+# plain, linearly separable blobs.
+_MEAN_NORM = 1.5
+_CLUSTER_NORM = 3.5
 
 _CANDIDATES_BINARY = 16
 _CANDIDATES_MULTI = 32
@@ -36,18 +39,26 @@ _MIN_ANGLE = math.pi / 3
 _MAX_ANGLE = 2 * math.pi / 3
 
 
-def _check_common(n_features: int, n_classes: int, seed: int, client: int) -> None:
+def _check_common(n_features: int, n_classes: int, seed: int) -> None:
     if n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-    if seed < 0 or client < 0:
-        raise ValueError(f"seed and client must be >= 0, got seed={seed}, client={client}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
 
 
-def _informative_dims(n_features: int, n_clusters: int) -> int:
-    """Enough dimensions to place all clusters apart, few enough that classes interleave."""
-    return min(n_features, max(2, math.ceil(math.log2(n_clusters)) + 1))
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def _simplex(m: int) -> np.ndarray:
+    """(m, m-1) coordinates of a regular simplex centred at 0 with unit-norm vertices:
+    the most spread-out way to put m clusters around a mean."""
+    centred = np.eye(m) - 1.0 / m
+    frame, _ = np.linalg.qr(centred[:, : m - 1])
+    vertices = centred @ frame
+    return vertices / np.linalg.norm(vertices, axis=1, keepdims=True)
 
 
 def _mixture_centres(
@@ -55,19 +66,23 @@ def _mixture_centres(
 ) -> np.ndarray:
     """(n_classes, per_class, n_features) centres of concept ``k``.
 
-    Each class gets a mean plus ``per_class`` zero-sum offsets, all in a random
-    low-dimensional subspace, then rotated into feature space."""
+    Work in an informative subspace of ``dims`` coordinates (a random orthonormal basis of
+    feature space); the remaining directions carry pure noise."""
     rng = concept_rng(seed, k)
-    dims = _informative_dims(n_features, n_classes * per_class)
-    means = rng.standard_normal((n_classes, 1, dims)) * _MEAN_SCALE
-    offsets = rng.standard_normal((n_classes, per_class, dims))
-    if per_class > 1:
-        offsets -= offsets.mean(axis=1, keepdims=True)
-        offsets *= _CLUSTER_SCALE * math.sqrt(per_class / (per_class - 1))
-    else:
-        offsets *= _CLUSTER_SCALE  # a single cluster per class: spread the classes instead
+    n_dirs = n_classes * (per_class - 1)
+    dims = min(n_features, max(2, n_dirs if per_class > 1 else n_classes))
     basis, _ = np.linalg.qr(rng.standard_normal((n_features, dims)))
-    return (means + offsets) @ basis.T
+    if per_class == 1:
+        means = _unit_rows(rng.standard_normal((n_classes, dims))) * _CLUSTER_NORM
+        return (means @ basis.T)[:, None, :]
+    means = _unit_rows(rng.standard_normal((n_classes, dims))) * _MEAN_NORM
+    if n_dirs <= dims:  # room for mutually orthogonal cluster axes
+        axes = np.eye(dims)[:n_dirs]
+    else:
+        axes = _unit_rows(rng.standard_normal((n_dirs, dims)))
+    axes = axes.reshape(n_classes, per_class - 1, dims)
+    offsets = np.einsum("mj,cjd->cmd", _simplex(per_class), axes) * _CLUSTER_NORM
+    return (means[:, None, :] + offsets) @ basis.T
 
 
 class GaussianMixture(Source):
@@ -88,7 +103,7 @@ class GaussianMixture(Source):
         seed: int,
         client: int,
     ) -> None:
-        _check_common(n_features, n_classes, seed, client)
+        _check_common(n_features, n_classes, seed)
         if centers_per_class < 1:
             raise ValueError(f"centers_per_class must be >= 1, got {centers_per_class}")
         if not np.isfinite(spread) or spread < 0:
@@ -139,8 +154,9 @@ class GaussianMixture(Source):
         return x.astype(np.float32), y
 
 
-def _unit_rows(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+def _other_class(y: np.ndarray, u: np.ndarray, n_classes: int) -> np.ndarray:
+    """A class other than ``y``, uniformly, from uniforms ``u``: how a label is corrupted."""
+    return (y + 1 + (u * (n_classes - 1)).astype(np.int64)) % n_classes
 
 
 def _rotate_rows(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -174,7 +190,7 @@ class RotatingHyperplane(Source):
         seed: int,
         client: int,
     ) -> None:
-        _check_common(n_features, n_classes, seed, client)
+        _check_common(n_features, n_classes, seed)
         if n_features < 2:
             raise ValueError(f"n_features must be >= 2 to rotate a hyperplane, got {n_features}")
         if not 0.0 <= noise < 1.0:
@@ -191,6 +207,7 @@ class RotatingHyperplane(Source):
         if self.prior is not None:
             self.n_candidates = _CANDIDATES_BINARY if n_classes == 2 else _CANDIDATES_MULTI
         self.weights = self._concept_weights()
+        self._weights32 = self.weights.astype(np.float32)  # candidates are float32 too
 
     def _concept_weights(self) -> np.ndarray:
         """(concept, class, feature) unit weight vectors; concept k rotates concept k-1."""
@@ -221,10 +238,19 @@ class RotatingHyperplane(Source):
         """Concept id in force at times ``t``."""
         return self.drift.concept(t)
 
-    def _labels(self, x: np.ndarray, k: np.ndarray) -> np.ndarray:
-        """Noise-free labels of candidates ``x`` (n, R, d) under per-sample concepts ``k``."""
-        scores = np.einsum("nrd,ncd->nrc", x - 0.5, self.weights[k])
-        return scores.argmax(axis=2)
+    def _labels(self, cand: np.ndarray, k: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Noise-free labels (n, R) of the candidates of the selected block rows, each under
+        its own concept. Scoring the whole block per concept (one matrix product) is cheaper
+        than first copying out the selected rows."""
+        flat = cand.reshape(-1, cand.shape[-1]) - np.float32(0.5)
+        labels = np.empty((offsets.size, cand.shape[1]), dtype=np.int64)
+        for concept in np.unique(k).tolist():  # usually one or two concepts per block
+            rows = k == concept
+            block_labels = (
+                (flat @ self._weights32[concept].T).argmax(axis=1).reshape(cand.shape[:2])
+            )
+            labels[rows] = block_labels[offsets[rows]]
+        return labels
 
     def _draw_block(
         self, rng: np.random.Generator, offsets: np.ndarray, t: np.ndarray
@@ -234,20 +260,16 @@ class RotatingHyperplane(Source):
         u_label = rng.random(BLOCK)[offsets]
         u_noise = rng.random(BLOCK)[offsets]
         u_other = rng.random(BLOCK)[offsets]
-        cand = rng.random((BLOCK, self.n_candidates, d))[offsets]
-        clean = self._labels(cand, self.drift.assign(t, u_concept))
+        cand = rng.random((BLOCK, self.n_candidates, d), dtype=np.float32)
+        clean = self._labels(cand, self.drift.assign(t, u_concept), offsets)
         flip = u_noise < self.noise
-        rows = np.arange(offsets.size)
         if self.prior is None:
-            y = clean[:, 0]
-            other = (y + 1 + (u_other * (c - 1)).astype(np.int64)) % c
-            return cand[:, 0].astype(np.float32), np.where(flip, other, y).astype(np.int64)
+            y = np.where(flip, _other_class(clean[:, 0], u_other, c), clean[:, 0])
+            return cand[offsets, 0], y
         target = sample_labels(self.prior, u_label)
         wanted = (clean == target[:, None]) != flip[:, None]  # noisy samples: any other class
         found = wanted.any(axis=1)
         pick = np.where(found, wanted.argmax(axis=1), 0)
         # No candidate fits: keep the first candidate with its own (clean or flipped) label.
-        fallback = np.where(flip, (clean[:, 0] + 1 + (u_other * (c - 1)).astype(np.int64)) % c,
-                            clean[:, 0])
-        y = np.where(found, target, fallback)
-        return cand[rows, pick].astype(np.float32), y.astype(np.int64)
+        fallback = np.where(flip, _other_class(clean[:, 0], u_other, c), clean[:, 0])
+        return cand[offsets, pick], np.where(found, target, fallback)

@@ -18,18 +18,19 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from itertools import islice
+from datetime import UTC, datetime
+from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from .base import DataError
 
 Format = Literal["auto", "csv", "jsonl"]
+_T = TypeVar("_T")
 
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 _DELIMITERS = (",", ";", "\t", "|")
@@ -63,7 +64,7 @@ class _Raw:
 
     lines: np.ndarray  # line number of each row, for error messages
     labels: list[str]
-    cells: list[list[str]] | list[list[float]]
+    cells: list[list[str]] | list[list[Any]]  # CSV text or JSON values
     times: list[str] | None
     features: list[str]
     what: str  # "column" (CSV) or "key" (JSONL)
@@ -162,41 +163,79 @@ def _is_blank(record: list[str]) -> bool:
 
 
 def _sniff_delimiter(text: str) -> str:
-    """Pick the delimiter that splits the header into the most fields while splitting the
-    next records into the same number; ties go to the more common delimiter."""
+    """Pick the delimiter that splits the header at all, then the one whose next records
+    most often have the header's width, then the widest; ties go to the commoner one.
+
+    Agreement is a fraction, not all-or-nothing, so one ragged row near the top still gets
+    reported as ragged instead of silently switching to a delimiter that never occurs."""
     sample = text[:_SNIFF_CHARS]
     if len(text) > _SNIFF_CHARS and "\n" in sample:
         sample = sample[: sample.rindex("\n") + 1]  # drop the partial last line
-    best, best_score = ",", (False, False, 0)
+    best, best_score = ",", (False, 0.0, 0)
     for delim in _DELIMITERS:
         reader = csv.reader(io.StringIO(sample, newline=""), delimiter=delim, skipinitialspace=True)
         try:
-            widths = [len(r) for r in islice((r for r in reader if not _is_blank(r)), _SNIFF_RECORDS)]
+            records = (r for r in reader if not _is_blank(r))
+            widths = [len(r) for r in islice(records, _SNIFF_RECORDS)]
         except csv.Error:
             continue
         if not widths:
             continue
-        score = (all(w == widths[0] for w in widths), widths[0] > 1, widths[0])
+        agree = sum(w == widths[0] for w in widths) / len(widths)
+        score = (widths[0] > 1, agree, widths[0])
         if score > best_score:
             best, best_score = delim, score
     return best
 
 
-def _csv_records(text: str, name: str, delimiter: str):  # noqa: ANN202 - generator
-    """Yield (first line number, stripped fields) of each non-blank record."""
+def _csv_records(text: str, name: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (first line number, fields) of each non-blank record. Fields are not stripped
+    here: numpy's number parser ignores surrounding blanks, so only the few text cells
+    (header, labels, times) pay for stripping."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
     previous = 0
+    last: tuple[int, list[str]] | None = None
     try:
         for record in reader:
             start, previous = previous + 1, reader.line_num
             if not _is_blank(record):
-                yield start, [field.strip() for field in record]
+                last = (start, record)
+                yield start, record
     except csv.Error as exc:
         raise DataError(f"{name}:{reader.line_num}: malformed CSV: {exc}") from exc
+    if last is not None and _unterminated(text, last[0], last[1], delimiter):
+        raise DataError(
+            f"{name}:{last[0]}: unterminated quoted field: a '\"' opened on this line "
+            "is never closed, so the rest of the file would be read as one value"
+        )
+
+
+def _unterminated(text: str, start: int, record: list[str], delimiter: str) -> bool:
+    """Did the final record swallow the end of the file through an unclosed quote?
+
+    The lenient reader (needed for quirks like ``"a" ,``) silently reads to the end of the
+    file in that case; only a record holding a line break can be affected, and re-reading
+    just that record strictly tells the two apart."""
+    if not any("\n" in field or "\r" in field for field in record):
+        return False
+    tail = "\n".join(text.split("\n")[start - 1 :])
+    strict = csv.reader(
+        io.StringIO(tail, newline=""), delimiter=delimiter, skipinitialspace=True, strict=True
+    )
+    try:
+        for _ in strict:
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def _csv_header(
-    header: list[str], line: int, name: str, label: str, features: Sequence[str] | None,
+    header: list[str],
+    line: int,
+    name: str,
+    label: str,
+    features: Sequence[str] | None,
     time: str | None,
 ) -> tuple[list[str], list[int]]:
     """Resolve the selected columns to (feature names, [label, time?, *feature] positions)."""
@@ -230,12 +269,19 @@ def _read_csv(
     first = next(records, None)
     if first is None:
         raise DataError(f"{name}: empty file, expected a header row")
-    header_line, header = first
+    header_line, header = first[0], [field.strip() for field in first[1]]
+    # A delimiter at the end of every line (some exporters do this) makes an unnamed,
+    # empty last column: tolerate it, while a non-empty value there is still an error.
+    trailing = len(header) > 1 and header[-1] == ""
+    if trailing:
+        header = header[:-1]
     names, positions = _csv_header(header, header_line, name, label, features, time)
     n_fields = len(header)
     lines: list[int] = []
     rows: list[list[str]] = []
     for line, fields in records:
+        if trailing and len(fields) == n_fields + 1 and not fields[-1].strip():
+            fields.pop()
         if len(fields) != n_fields:
             raise DataError(
                 f"{name}:{line}: expected {n_fields} fields as in the header, found {len(fields)}"
@@ -247,9 +293,9 @@ def _read_csv(
     offset = 2 if time is not None else 1
     return _Raw(
         lines=np.asarray(lines, dtype=np.int64),
-        labels=[row[0] for row in rows],
+        labels=[row[0].strip() for row in rows],
         cells=[row[offset:] for row in rows],
-        times=[row[1] for row in rows] if time is not None else None,
+        times=[row[1].strip() for row in rows] if time is not None else None,
         features=names,
         what="column",
     )
@@ -262,26 +308,11 @@ def _json_object(raw: str, line: int, name: str) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{name}:{line}: invalid JSON: {exc.msg} (at character {exc.colno})") from exc
+        detail = f"{exc.msg} (at character {exc.colno})"
+        raise DataError(f"{name}:{line}: invalid JSON: {detail}") from exc
     if not isinstance(obj, dict):
         raise DataError(f"{name}:{line}: expected a JSON object, got {type(obj).__name__}")
     return obj
-
-
-def _json_number(value: Any, name: str, line: int, key: str) -> float:
-    """A JSON value that must be a number: bool and numeric strings are rejected."""
-    where = f"{name}:{line}: key {key!r}"
-    if value is None:
-        raise DataError(f"{where}: missing value (null); values are not imputed")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DataError(f"{where}: {value!r} is not a number")
-    try:
-        number = float(value)
-    except OverflowError as exc:
-        raise DataError(f"{where}: {value!r} is too large") from exc
-    if math.isnan(number):
-        raise DataError(f"{where}: missing value (NaN); values are not imputed")
-    return number
 
 
 def _json_text(value: Any, name: str, line: int, key: str) -> str:
@@ -295,7 +326,7 @@ def _json_text(value: Any, name: str, line: int, key: str) -> str:
     if isinstance(value, str):
         return value.strip()
     if value is None:
-        return ""  # reported as a missing value by the shared checks
+        raise DataError(f"{name}:{line}: key {key!r}: missing value (null)")
     raise DataError(f"{name}:{line}: key {key!r}: {value!r} is not a valid value")
 
 
@@ -304,7 +335,7 @@ def _read_jsonl(
 ) -> _Raw:
     lines: list[int] = []
     labels: list[str] = []
-    cells: list[list[float]] = []
+    cells: list[list[Any]] = []
     times: list[str] = []
     names: list[str] | None = list(features) if features is not None else None
     exact: set[str] | None = None  # with features=None every record must have these keys
@@ -327,7 +358,7 @@ def _read_jsonl(
             raise DataError(f"{name}:{line}: unexpected key {extra!r} (not in the first record)")
         lines.append(line)
         labels.append(_json_text(obj[label], name, line, label))
-        cells.append([_json_number(obj[k], name, line, k) for k in names])
+        cells.append([obj[k] for k in names])
         if time is not None:
             times.append(_time_text(obj[time], name, line, time))
     if names is None:
@@ -344,70 +375,122 @@ def _read_jsonl(
 
 def _time_text(value: Any, name: str, line: int, key: str) -> str:
     if isinstance(value, bool):
-        raise DataError(f"{name}:{line}: key {key!r}: {value!r} is not a number")
+        raise DataError(f"{name}:{line}: key {key!r}: {json.dumps(value)} is not a time")
     return _json_text(value, name, line, key)
 
 
 # ------------------------------------------------------------------------- shared building
 
 
-def _build(raw: _Raw, name: str, label: str, time: str | None, classes: Sequence[str] | None) -> Table:
-    x = _features(raw, name)
-    y, class_names = _encode_labels(raw, name, label, classes)
+def _build(
+    raw: _Raw, name: str, label: str, time: str | None, classes: Sequence[str] | None
+) -> Table:
+    """Convert the raw cells; if several checks fail, report the problem nearest the top
+    of the file, which is where someone fixing the file by hand will start."""
+    failures: list[_RowError] = []
+
+    def attempt(check: Callable[[], _T]) -> _T | None:
+        try:
+            return check()
+        except _RowError as exc:
+            failures.append(exc)
+            return None
+
+    x = attempt(lambda: _features(raw, name))
+    labels = attempt(lambda: _encode_labels(raw, name, label, classes))
     stamps = None
     if time is not None and raw.times is not None:
-        stamps = _parse_times(raw.times, raw.lines, name, f"{raw.what} {time!r}")
+        times = raw.times
+        stamps = attempt(lambda: _parse_times(times, raw.lines, name, f"{raw.what} {time!r}"))
+    if failures:
+        raise DataError(str(min(failures, key=lambda exc: exc.line))) from None
+    assert x is not None and labels is not None
+    y, class_names = labels
+    if stamps is not None:
         order = np.argsort(stamps, kind="stable")
         x, y, stamps = x[order], y[order], stamps[order]
     return Table(x=x, y=y, classes=class_names, features=raw.features, time=stamps)
 
 
+class _RowError(DataError):
+    """A DataError that remembers its line, so the earliest of several can be reported."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _row_error(name: str, line: int | np.integer, text: str) -> _RowError:
+    return _RowError(f"{name}:{int(line)}: {text}", int(line))
+
+
 def _features(raw: _Raw, name: str) -> np.ndarray:
-    """Convert all feature cells at once; on failure, find the first bad cell to report."""
+    """Convert all feature cells in one go; only if that fails (or yields NaN/inf) are the
+    rows scanned one by one, to name the first offending cell."""
     n, d = len(raw.cells), len(raw.features)
     if raw.what == "key":
-        values = np.asarray(raw.cells, dtype=np.float64).reshape(n, d)
+        values = _json_to_float(raw.cells)
     else:
-        cells = np.asarray(raw.cells, dtype=np.str_).reshape(n, d)
-        _reject_missing(cells, raw, name)
-        values = _cells_to_float(cells, raw, name)
-    x = values.astype(np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        shown = raw.cells[i][j]
-        raise DataError(
-            f"{name}:{raw.lines[i]}: {raw.what} {raw.features[j]!r}: "
-            f"{shown!r} is not a finite float32 number"
-        )
-    return x
+        values = _text_to_float(np.asarray(raw.cells, dtype=np.str_).reshape(n, d))
+    if values is not None:
+        with np.errstate(over="ignore"):
+            x = values.reshape(n, d).astype(np.float32)
+        if np.isfinite(x).all():
+            return x
+    for i, row in enumerate(raw.cells):
+        for j, cell in enumerate(row):
+            problem = _cell_problem(cell, raw.what)
+            if problem:
+                where = f"{raw.what} {raw.features[j]!r}"
+                raise _row_error(name, raw.lines[i], f"{where}: {problem}")
+    raise AssertionError("unreachable: conversion failed but every cell is fine")
 
 
-def _reject_missing(cells: np.ndarray, raw: _Raw, name: str) -> None:
-    missing = np.isin(np.char.lower(cells), list(MISSING))
-    if missing.any():
-        i, j = np.argwhere(missing)[0]
-        raise DataError(
-            f"{name}:{raw.lines[i]}: {raw.what} {raw.features[j]!r}: "
-            f"missing value {str(cells[i, j])!r}; values are not imputed"
-        )
-
-
-def _cells_to_float(cells: np.ndarray, raw: _Raw, name: str) -> np.ndarray:
+def _text_to_float(cells: np.ndarray) -> np.ndarray | None:
     try:
         return cells.astype(np.float64)
     except ValueError:
-        pass
-    for i in range(cells.shape[0]):  # error path only: locate the culprit
-        for j in range(cells.shape[1]):
-            try:
-                cells[i, j : j + 1].astype(np.float64)
-            except ValueError:
-                raise DataError(
-                    f"{name}:{raw.lines[i]}: {raw.what} {raw.features[j]!r}: "
-                    f"{str(cells[i, j])!r} is not a number"
-                ) from None
-    raise AssertionError("unreachable: conversion failed but every cell converts")
+        return None
+
+
+def _json_to_float(cells: list[list[Any]]) -> np.ndarray | None:
+    """Fast path: plain ints and floats only (bools, strings and nulls take the slow path)."""
+    if not set(map(type, chain.from_iterable(cells))) <= {int, float}:
+        return None
+    try:
+        return np.asarray(cells, dtype=np.float64)
+    except OverflowError:
+        return None
+
+
+def _cell_problem(cell: Any, what: str) -> str | None:
+    """Why one cell cannot be a feature value, or None if it can."""
+    if what == "key":
+        if cell is None:
+            return "missing value (null); values are not imputed"
+        if isinstance(cell, bool):
+            return f"{json.dumps(cell)} is a boolean, not a number"
+        if isinstance(cell, str):
+            return f"{cell!r} is not a number (it is a JSON string)"
+        if not isinstance(cell, int | float):
+            return f"{json.dumps(cell)} is not a number"
+        try:
+            number = float(cell)
+        except OverflowError:
+            number = math.inf
+    else:
+        cell = cell.strip()
+        if cell.lower() in MISSING:
+            return f"missing value {cell!r}; values are not imputed"
+        try:
+            number = float(np.asarray(cell).astype(np.float64))  # numpy's parser, as in bulk
+        except ValueError:
+            return f"{cell!r} is not a number"
+    if math.isnan(number):
+        return f"missing value ({cell!r}); values are not imputed"
+    if not abs(number) <= np.finfo(np.float32).max:
+        return f"{cell!r} is not a finite float32 number"
+    return None
 
 
 def _canonical_label(text: str) -> str:
@@ -433,8 +516,8 @@ def _encode_labels(
     missing = np.isin(np.char.lower(canon), list(MISSING - allowed))
     if missing.any():
         i = int(np.argmax(missing))
-        raise DataError(
-            f"{name}:{raw.lines[i]}: {raw.what} {label!r}: missing label {raw.labels[i]!r}"
+        raise _row_error(
+            name, raw.lines[i], f"{raw.what} {label!r}: missing label {raw.labels[i]!r}"
         )
     found, inverse = np.unique(canon, return_inverse=True)
     if given is None:
@@ -448,9 +531,11 @@ def _encode_labels(
         for k, value in enumerate(found.tolist()):
             if value not in lookup:
                 i = int(np.argmax(inverse == k))
-                raise DataError(
-                    f"{name}:{raw.lines[i]}: {raw.what} {label!r}: unknown label "
-                    f"{raw.labels[i]!r}; expected one of {given}"
+                raise _row_error(
+                    name,
+                    raw.lines[i],
+                    f"{raw.what} {label!r}: unknown label "
+                    f"{raw.labels[i]!r}; expected one of {given}",
                 )
     remap = np.asarray([lookup[c] for c in found.tolist()], dtype=np.int64)
     return remap[inverse.reshape(-1)], names
@@ -459,7 +544,7 @@ def _encode_labels(
 def _iso_seconds(text: str) -> float:
     stamp = datetime.fromisoformat(text)
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
+        stamp = stamp.replace(tzinfo=UTC)
     return stamp.timestamp()
 
 
@@ -467,7 +552,7 @@ def _parse_times(values: list[str], lines: np.ndarray, name: str, where: str) ->
     """Numbers if the first value is one, else ISO-8601 date-times; never a mix."""
     for i, value in enumerate(values):
         if value.lower() in MISSING:
-            raise DataError(f"{name}:{lines[i]}: {where}: missing time {value!r}")
+            raise _row_error(name, lines[i], f"{where}: missing time {value!r}")
     try:
         float(values[0])
     except ValueError:
@@ -479,8 +564,8 @@ def _parse_times(values: list[str], lines: np.ndarray, name: str, where: str) ->
         try:
             stamps[i] = parse(value)
         except ValueError:
-            raise DataError(f"{name}:{lines[i]}: {where}: {value!r} is not {kind}") from None
+            raise _row_error(name, lines[i], f"{where}: {value!r} is not {kind}") from None
     if not np.all(np.isfinite(stamps)):
         i = int(np.argmax(~np.isfinite(stamps)))
-        raise DataError(f"{name}:{lines[i]}: {where}: {values[i]!r} is not a finite time")
+        raise _row_error(name, lines[i], f"{where}: {values[i]!r} is not a finite time")
     return stamps

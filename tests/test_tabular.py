@@ -1,0 +1,243 @@
+"""Tabular loading: real files with real quirks, and errors that point at file:line:column."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedstream.client.sources import DataError, load_table
+
+
+def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def expect_error(path: Path, line: int, *fragments: str, **kw: object) -> str:
+    """Load must fail with a message naming the file, the line and every fragment."""
+    with pytest.raises(DataError) as info:
+        load_table(path, **kw)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert f"{path}:{line}:" in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# -------------------------------------------------------------------------------- csv
+
+
+def test_quirky_csv_is_parsed(tmp_path: Path) -> None:
+    text = (
+        '\ufeff id ; "feat; one" ; f2 ; label ; ts \r\n'
+        "\r\n"
+        '1; "1.5" ; 2 ; cat ; 3\r\n'
+        "2;2.5;-3e1;dog;1\r\n"
+        "   \r\n"
+        '3; 3.5 ;4; "cat" ;2\r\n'
+    )
+    table = load_table(write(tmp_path, "quirks.csv", text), label="label", time="ts")
+    assert table.features == ["id", "feat; one", "f2"]
+    assert table.classes == ["cat", "dog"]
+    np.testing.assert_array_equal(table.time, [1.0, 2.0, 3.0])  # sorted by time
+    np.testing.assert_array_equal(table.y, [1, 0, 0])
+    np.testing.assert_array_equal(table.x, [[2, 2.5, -30], [3, 3.5, 4], [1, 1.5, 2]])
+    assert table.x.dtype == np.float32 and table.y.dtype == np.int64
+    assert len(table) == 3
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_delimiter_is_sniffed(tmp_path: Path, delimiter: str) -> None:
+    rows = [["x1", "x2", "y"], ["1", "2", "a"], ["3", "4", "b"]]
+    text = "\n".join(delimiter.join(r) for r in rows) + "\n"
+    table = load_table(write(tmp_path, "d.csv", text), label="y")
+    np.testing.assert_array_equal(table.x, [[1, 2], [3, 4]])
+
+
+def test_selected_features_and_quoted_newline(tmp_path: Path) -> None:
+    text = 'note,x1,x2,y\n"two\nlines",1,2,0\nplain,3,4,1\n'
+    table = load_table(write(tmp_path, "n.csv", text), label="y", features=["x2", "x1"])
+    assert table.features == ["x2", "x1"]
+    np.testing.assert_array_equal(table.x, [[2, 1], [4, 3]])
+    assert table.time is None
+
+
+def test_time_sort_is_stable(tmp_path: Path) -> None:
+    text = "t,x,y\n2,0,a\n1,1,a\n2,2,a\n1,3,a\n"
+    table = load_table(write(tmp_path, "s.csv", text), label="y", time="t")
+    np.testing.assert_array_equal(table.x[:, 0], [1, 3, 0, 2])
+
+
+def test_iso_time_column(tmp_path: Path) -> None:
+    text = "when,x,y\n2024-01-02T00:00:00Z,1,a\n2024-01-01 12:00:00,2,b\n"
+    table = load_table(write(tmp_path, "iso.csv", text), label="y", time="when")
+    np.testing.assert_array_equal(table.x[:, 0], [2, 1])
+    assert table.time is not None and table.time[1] - table.time[0] == 12 * 3600
+
+
+def test_integer_labels_sorted_numerically(tmp_path: Path) -> None:
+    text = "x,y\n0,10\n1,2\n2,1\n3,02\n"
+    table = load_table(write(tmp_path, "i.csv", text), label="y")
+    assert table.classes == ["1", "2", "10"]
+    np.testing.assert_array_equal(table.y, [2, 1, 0, 1])
+
+
+def test_given_classes_fix_order_and_reject_unknown(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.csv", "x,y\n0,no\n1,yes\n\n2,maybe\n")
+    table = load_table(path, label="y", classes=["yes", "no", "maybe"])
+    assert table.classes == ["yes", "no", "maybe"]
+    np.testing.assert_array_equal(table.y, [1, 0, 2])
+    expect_error(path, 5, "column 'y'", "unknown label 'maybe'", label="y", classes=["yes", "no"])
+
+
+def test_gzip_csv(tmp_path: Path) -> None:
+    path = write(tmp_path, "z.csv.gz", gzip.compress(b"x,y\n1,a\n2,b\n"))
+    np.testing.assert_array_equal(load_table(path, label="y").x[:, 0], [1, 2])
+
+
+def test_csv_missing_column_lists_available(tmp_path: Path) -> None:
+    path = write(tmp_path, "m.csv", "\n\nx1,x2,y\n1,2,a\n")
+    expect_error(path, 3, "'target'", "'x1', 'x2', 'y'", label="target")
+    expect_error(path, 3, "feature column 'x9'", "'x1'", label="y", features=["x1", "x9"])
+    expect_error(path, 3, "time column 'ts'", label="y", time="ts")
+
+
+def test_csv_non_numeric_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "bad.csv", "x1,x2,x3,y\n1,2,3,a\n\n4,5,abc,b\n")
+    message = expect_error(path, 4, label="y")
+    assert message.endswith("bad.csv:4: column 'x3': 'abc' is not a number")
+
+
+@pytest.mark.parametrize("cell", ["", "NA", "nan", "  ", "NULL"])
+def test_csv_missing_value(tmp_path: Path, cell: str) -> None:
+    path = write(tmp_path, "gap.csv", f"x1,x2,y\r\n1,2,a\r\n3,{cell},b\r\n")
+    expect_error(path, 3, "column 'x2'", "missing value", label="y")
+
+
+def test_csv_missing_label_and_time(tmp_path: Path) -> None:
+    path = write(tmp_path, "gap.csv", "x,y,t\n1,a,1\n2,b,NA\n3,,2\n")
+    expect_error(path, 4, "column 'y'", "missing label", label="y", features=["x"])
+    expect_error(path, 3, "column 't'", "missing", label="y", time="t")  # earliest line wins
+    bad_time = write(tmp_path, "bt.csv", "x,y,t\n1,a,1\n2,b,soon\n")
+    expect_error(bad_time, 3, "column 't'", "'soon' is not a number", label="y", time="t")
+
+
+def test_csv_ragged_row(tmp_path: Path) -> None:
+    path = write(tmp_path, "rag.csv", 'x1,x2,y\n1,2,a\n"multi\nline",2,b\n3,4,c,extra\n')
+    expect_error(path, 5, "expected 3 fields", "found 4", label="y", features=["x2"])
+
+
+def test_csv_trailing_delimiter_tolerated(tmp_path: Path) -> None:
+    path = write(tmp_path, "trail.csv", "x,y,\n1,a,\n2,b\n")
+    table = load_table(path, label="y")
+    assert table.features == ["x"]
+    np.testing.assert_array_equal(table.x[:, 0], [1, 2])
+    spill = write(tmp_path, "spill.csv", "x,y,\n1,a,\n2,b,7\n")
+    expect_error(spill, 3, "expected 2 fields", label="y")
+
+
+def test_csv_unterminated_quote(tmp_path: Path) -> None:
+    path = write(tmp_path, "open.csv", 'x,y\n1,a\n2,"b\n3,c\n4,d\n')
+    expect_error(path, 3, "unterminated quoted field", label="y")
+
+
+def test_csv_line_numbers_count_quoted_newlines(tmp_path: Path) -> None:
+    path = write(tmp_path, "q.csv", 'note,x,y\n"a\nb\nc",1,a\n\nok,oops,b\n')
+    expect_error(path, 6, "column 'x'", "'oops' is not a number", label="y", features=["x"])
+
+
+def test_empty_and_header_only(tmp_path: Path) -> None:
+    empty = write(tmp_path, "empty.csv", "\ufeff\r\n\r\n")
+    with pytest.raises(DataError, match=r"empty\.csv.*empty"):
+        load_table(empty, label="y")
+    header = write(tmp_path, "header.csv", "\n\nx,y\n\n")
+    expect_error(header, 3, "no data rows", label="y")
+    blank = write(tmp_path, "blank.jsonl", "\n \n")
+    with pytest.raises(DataError, match=r"blank\.jsonl.*no records"):
+        load_table(blank, label="y")
+
+
+def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "latin.csv", b"x,y\n1,a\n2,caf\xe9\n")
+    expect_error(path, 3, "UTF-8", label="y")
+
+
+# ------------------------------------------------------------------------------ jsonl
+
+
+def test_jsonl_is_parsed(tmp_path: Path) -> None:
+    text = (
+        '{"b": 1, "a": 2.5, "label": 1, "t": 5}\r\n'
+        "\n"
+        '{"a": -1, "b": 1e3, "label": 0, "t": 4}\n'
+        '{"a": 0, "b": 2, "label": 10, "t": 6}\n'
+    )
+    table = load_table(write(tmp_path, "ok.jsonl", text), label="label", time="t")
+    assert table.features == ["b", "a"]  # order of the first object
+    assert table.classes == ["0", "1", "10"]
+    np.testing.assert_array_equal(table.x, [[1000, -1], [1, 2.5], [2, 0]])
+    np.testing.assert_array_equal(table.y, [0, 1, 2])
+    np.testing.assert_array_equal(table.time, [4, 5, 6])
+
+
+def test_format_detected_from_content(tmp_path: Path) -> None:
+    path = write(tmp_path, "records.data", '{"x": 1, "y": "a"}\n')
+    assert load_table(path, label="y").features == ["x"]
+    forced = write(tmp_path, "records.jsonl", "x,y\n1,a\n")
+    assert load_table(forced, label="y", fmt="csv").features == ["x"]
+
+
+def test_jsonl_invalid_json(tmp_path: Path) -> None:
+    path = write(tmp_path, "bad.jsonl", '{"x": 1, "y": "a"}\n\n{"x": 2, "y": }\n')
+    expect_error(path, 3, "invalid JSON", label="y")
+    not_object = write(tmp_path, "arr.jsonl", '{"x": 1, "y": "a"}\n[1, 2]\n')
+    expect_error(not_object, 2, "expected a JSON object", label="y")
+
+
+def test_jsonl_missing_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "mk.jsonl", '{"x": 1, "z": 0, "y": "a"}\n{"x": 2, "y": "b"}\n')
+    expect_error(path, 2, "missing key 'z'", "'x', 'y'", label="y")
+    expect_error(path, 1, "missing key 'w'", label="y", features=["x", "w"])
+    expect_error(path, 1, "missing key 'ts'", label="y", time="ts")
+
+
+def test_jsonl_extra_key_when_features_inferred(tmp_path: Path) -> None:
+    path = write(tmp_path, "ek.jsonl", '{"x": 1, "y": "a"}\n{"x": 2, "y": "b", "q": 3}\n')
+    expect_error(path, 2, "unexpected key 'q'", label="y")
+    assert load_table(path, label="y", features=["x"]).x.shape == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("true", "boolean, not a number"),
+        ('"1.5"', "'1.5' is not a number"),
+        ("null", "missing value"),
+        ("NaN", "missing value"),
+        ("[1]", "is not a number"),
+        ("Infinity", "not a finite"),
+    ],
+)
+def test_jsonl_bad_values(tmp_path: Path, value: str, fragment: str) -> None:
+    path = write(tmp_path, "v.jsonl", f'{{"x": 1, "y": "a"}}\n\n\n{{"x": {value}, "y": "b"}}\n')
+    expect_error(path, 4, "key 'x'", fragment, label="y")
+
+
+def test_jsonl_missing_label(tmp_path: Path) -> None:
+    path = write(tmp_path, "ml.jsonl", '{"x": 1, "y": "a"}\n{"x": 2, "y": null}\n')
+    expect_error(path, 2, "key 'y'", "missing value", label="y")
+    blank = write(tmp_path, "bl.jsonl", '{"x": 1, "y": "a"}\n{"x": 2, "y": " "}\n')
+    expect_error(blank, 2, "key 'y'", "missing label", label="y")
+
+
+def test_argument_errors() -> None:
+    with pytest.raises(ValueError, match="label"):
+        load_table("unused.csv", label="y", features=["x", "y"])
+    with pytest.raises(ValueError, match="fmt"):
+        load_table("unused.csv", label="y", fmt="xlsx")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"nowhere\.csv"):
+        load_table("nowhere.csv", label="y")
