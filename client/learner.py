@@ -132,9 +132,15 @@ class Learner:
         loss = losses.detach().cpu().numpy()
         outcome.add(c, loss)
         self.metric.update(c, loss)
-        self.detector.update(float(1.0 - c.mean()))
-        if self.detector.drift_detected:
-            outcome.drifts.append(position + len(c) - 1)
+        # Detectors are sequential by nature: one 0/1 error per prediction gives them the
+        # statistical power that a per-batch mean would throw away.
+        detected = False
+        for i, err in enumerate((~c).tolist()):
+            self.detector.update(float(err))
+            if self.detector.drift_detected:
+                outcome.drifts.append(position + i)
+                detected = True
+        if detected:
             self._react()
 
     def _react(self) -> None:

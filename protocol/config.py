@@ -37,7 +37,8 @@ class FederationConfig(_Section):
     fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     min_clients: PositiveInt = 1
     strategy: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
-    server_lr: Annotated[float, Field(gt=0.0)] = 1.0
+    server_lr: Annotated[float, Field(gt=0.0)] = 3.0
+    server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     beta1: Probability = 0.9
     beta2: Probability = 0.99
     tau: Annotated[float, Field(gt=0.0)] = 1e-3
@@ -98,12 +99,12 @@ class LearnerConfig(_Section):
     model: str = "mlp"
     hidden: list[PositiveInt] = [64]
     mode: Literal["online", "batch"] = "online"
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = 4
     epochs: PositiveInt = 1
     window: PositiveInt = 512
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: Annotated[float, Field(gt=0.0)] = 0.05
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    lr: Annotated[float, Field(gt=0.0)] = 0.2
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     schedule: Literal["constant", "step", "exponential", "cosine"] = "constant"
     step_size: PositiveInt = 100
@@ -132,9 +133,9 @@ class DetectorConfig(_Section):
     kind: Literal["none", "page_hinkley", "adwin"] = "adwin"
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.002
     threshold: Annotated[float, Field(gt=0.0)] = 50.0
-    reaction: Literal["none", "reset_optimizer", "boost_lr"] = "boost_lr"
-    boost: Annotated[float, Field(ge=1.0)] = 3.0
-    boost_batches: PositiveInt = 20
+    reaction: Literal["none", "reset_optimizer", "boost_lr"] = "reset_optimizer"
+    boost: Annotated[float, Field(ge=1.0)] = 2.0
+    boost_batches: PositiveInt = 10
 
 
 class EvaluationConfig(_Section):

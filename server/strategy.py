@@ -1,5 +1,7 @@
 """Server strategies: Flower's own FedAvg, FedAdam and FedYogi, configured from fedstream config.
 
+`fedavg` with a server learning rate other than 1 (or server momentum) is Flower's FedAvgM:
+on streams each round brings few local steps, and a larger server step makes up for it.
 Aggregation stays Flower's (weighted by `num-examples`); fedstream only replaces the metric
 aggregation, since its per-client reports are summed into round records instead of
 averaged, and drops replies that carry no examples (a client with an empty stream that
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import Config
@@ -41,6 +43,10 @@ class StreamFedAvg(_SkipEmpty, FedAvg):
     pass
 
 
+class StreamFedAvgM(_SkipEmpty, FedAvgM):
+    pass
+
+
 class StreamFedAdam(_SkipEmpty, FedAdam):
     pass
 
@@ -59,7 +65,12 @@ def make_strategy(cfg: Config) -> Strategy:
         "train_metrics_aggr_fn": _no_metric_average,
     }
     if fed.strategy == "fedavg":
-        return StreamFedAvg(**common)
+        if fed.server_lr == 1.0 and fed.server_momentum == 0.0:
+            return StreamFedAvg(**common)
+        # FedAvg with a server step size (and momentum): Flower's FedAvgM.
+        return StreamFedAvgM(
+            **common, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum
+        )
     opt = {"eta": fed.server_lr, "eta_l": cfg.learner.lr, "beta_1": fed.beta1, "tau": fed.tau}
     if fed.strategy == "fedadam":
         return StreamFedAdam(**common, **opt, beta_2=fed.beta2)

@@ -27,11 +27,29 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+class _KnownNoise(logging.Filter):
+    """Drop Flower warnings that say nothing to a fedstream user."""
+
+    NOISE = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.NOISE)
+
+
+def quiet_flower() -> None:
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _KnownNoise) for f in logger.filters):
+        logger.addFilter(_KnownNoise())
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
 def simulate(cfg: Config) -> dict[str, Any]:
     """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json)."""
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_flower()
     run_simulation(
         server_app=sim_server_app(cfg),
         client_app=sim_client_app(cfg),

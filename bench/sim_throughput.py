@@ -1,0 +1,314 @@
+"""Simulation throughput of fedstream against stock Flower, and against bare torch compute.
+
+    python bench/sim_throughput.py [--clients 20] [--rounds 30] [--repeat 1]
+
+Both federations run on Flower's simulation engine (Ray) with the same Ray resources, the
+same model and the very same samples: before the runs, every client's per-round batches are
+drawn from fedstream's streams and written to one .npz per client, which the stock app
+(bench/stock_app.py) loads as its partition. Each simulation runs in a subprocess of its own
+(`--only fedstream|stock|bare --json`), so Ray state and memory do not leak between them.
+
+Nothing here asserts on time: the machine is shared and noisy. It prints ratios against
+baselines measured in the same run; read them, do not gate on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+SYSTEMS = ("stock", "fedstream")
+LOG_DIR = Path(tempfile.gettempdir()) / "fedstream-bench-logs"  # child logs, kept for a look
+RAY_RESOURCES = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--clients", type=int, default=20, help="virtual clients (default 20)")
+    p.add_argument("--rounds", type=int, default=30, help="federated rounds (default 30)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per system; medians are shown")
+    p.add_argument("--only", choices=("fedstream", "stock", "bare"), help="child mode: one run")
+    p.add_argument("--json", action="store_true", help="child mode: print the result as JSON")
+    p.add_argument("--data", type=Path, help="child mode: the materialised batches")
+    return p.parse_args(argv)
+
+
+def bench_config(clients: int, rounds: int, out_dir: Path) -> Any:
+    """The default fedstream config, resized, quiet, writing into `out_dir`."""
+    from fedstream.protocol.config import load
+
+    return load(
+        overrides=[
+            f"federation.clients={clients}",
+            f"federation.rounds={rounds}",
+            f'output.dir="{out_dir}"',
+            "output.progress=false",
+            "output.plots=false",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------- the samples
+
+
+def materialise(cfg: Any, data: Path) -> int:
+    """Write each client's per-round batches (exactly what fedstream trains on) to .npz.
+
+    `bounds[r-1]:bounds[r]` is round r's slice, as a federated client whose offset advances
+    to `stop` each round would take it. Returns the number of samples written.
+    """
+    from fedstream.sim.federation import federation
+
+    fed = federation(cfg)
+    total = 0
+    for c in range(cfg.federation.clients):
+        stream = fed.stream(c)
+        bounds = [0]
+        for r in range(1, cfg.federation.rounds + 1):
+            bounds.append(stream.pending(bounds[-1], until=r, budget=cfg.stream.budget)[1])
+        batch = stream.take(0, bounds[-1])
+        np.savez(data / f"client_{c}.npz", x=batch.x, y=batch.y, bounds=np.array(bounds))
+        total += bounds[-1]
+    meta = {
+        "model": cfg.learner.model,
+        "feature_shape": list(fed.feature_shape),
+        "n_classes": fed.n_classes,
+        "hidden": list(cfg.learner.hidden),
+        "seed": cfg.seed,
+        "rounds": cfg.federation.rounds,
+        "clients": cfg.federation.clients,
+        "lr": cfg.learner.lr,
+        "momentum": cfg.learner.momentum,
+        "batch_size": cfg.learner.batch_size,
+    }
+    (data / "meta.json").write_text(json.dumps(meta))
+    return total
+
+
+# ------------------------------------------------------------------------ children
+
+
+def run_fedstream(args: argparse.Namespace) -> dict[str, Any]:
+    """fedstream's own `simulate`, as a user calls it; timings from its results folder."""
+    from fedstream.sim.runner import simulate
+
+    out = args.data / "fedstream-out"
+    cfg = bench_config(args.clients, args.rounds, out)
+    started = time.perf_counter()
+    summary = simulate(cfg)
+    total = time.perf_counter() - started
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "wall_seconds": summary["wall_seconds"],
+        "total_seconds": total,
+        "round_seconds": [r["seconds"] for r in records],
+        "round_updates": [r["clients_ok"] for r in records],
+        "client_updates": summary["client_updates"],
+        "samples_seen": summary["samples_seen"],
+        "train_seconds": sum(c["train_seconds"] for r in records for c in r["clients"].values()),
+        "accuracy": summary["prequential_accuracy"],
+    }
+
+
+def run_stock(args: argparse.Namespace) -> dict[str, Any]:
+    """The stock Flower app on the same Ray resources; the ServerApp times its own loop."""
+    import stock_app  # on PYTHONPATH (set by the parent) so Ray workers import it too
+    from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # fedstream quiets Flower the same way
+    meta = stock_app.meta()
+    started = time.perf_counter()
+    run_simulation(
+        server_app=stock_app.server,
+        client_app=stock_app.app,
+        num_supernodes=meta["clients"],
+        backend_config=RAY_RESOURCES,
+    )
+    total = time.perf_counter() - started
+    t = stock_app.TIMINGS
+    return {
+        "wall_seconds": t["wall_seconds"],
+        "total_seconds": total,
+        "round_seconds": t["round_seconds"],
+        "round_updates": [meta["clients"]] * len(t["round_seconds"]),
+        "client_updates": t["client_updates"],
+        "samples_seen": t["samples_seen"],
+        "train_seconds": t["train_seconds"],
+    }
+
+
+def run_bare(args: argparse.Namespace) -> dict[str, Any]:
+    """The same SGD steps in one process, one thread, timing only forward/backward/step."""
+    import torch
+    from torch.nn import functional as F
+
+    from fedstream.protocol.models import build_model
+
+    torch.set_num_threads(1)
+    meta = json.loads((args.data / "meta.json").read_text())
+    bs, compute, steps = meta["batch_size"], 0.0, 0
+    for c in range(meta["clients"]):
+        with np.load(args.data / f"client_{c}.npz") as npz:
+            x, y, bounds = torch.from_numpy(npz["x"]), torch.from_numpy(npz["y"]), npz["bounds"]
+        model = build_model(
+            meta["model"],
+            meta["feature_shape"],
+            meta["n_classes"],
+            hidden=meta["hidden"],
+            seed=meta["seed"],
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=meta["lr"], momentum=meta["momentum"])
+        for r in range(meta["rounds"]):
+            xr, yr = x[bounds[r] : bounds[r + 1]], y[bounds[r] : bounds[r + 1]]
+            started = time.perf_counter()
+            for s in range(0, len(yr), bs):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xr[s : s + bs]), yr[s : s + bs]).backward()
+                opt.step()
+                steps += 1
+            compute += time.perf_counter() - started
+    return {"compute_seconds": compute, "sgd_steps": steps}
+
+
+CHILDREN = {"fedstream": run_fedstream, "stock": run_stock, "bare": run_bare}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    result = CHILDREN[args.only](args)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(json.dumps(result, indent=2))
+
+
+# -------------------------------------------------------------------------- parent
+
+
+def spawn(system: str, args: argparse.Namespace, data: Path, log_dir: Path) -> dict[str, Any]:
+    """Run one child and collect its JSON (the last stdout line that is a JSON object)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+    env["FEDSTREAM_BENCH_DATA"] = str(data)
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as fedstream sets it
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", system, "--json"]
+    cmd += ["--clients", str(args.clients), "--rounds", str(args.rounds), "--data", str(data)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    log = log_dir / f"{system}-{int(time.time() * 1000)}.log"
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    objects = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not objects:
+        raise RuntimeError(f"{system} run failed (exit {proc.returncode}); log: {log}")
+    result = json.loads(objects[-1])
+    result["process_seconds"] = elapsed
+    return result
+
+
+def steady(result: dict[str, Any]) -> tuple[float, int]:
+    """Seconds and updates of rounds 2..N: round 1 pays actor start-up and first imports."""
+    return sum(result["round_seconds"][1:]), sum(result["round_updates"][1:])
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Median over repeats of every figure the table shows."""
+    rows = []
+    for r in runs:
+        st_sec, st_upd = steady(r)
+        rows.append(
+            {
+                "rounds_wall": r["wall_seconds"],
+                "round1": r["round_seconds"][0],
+                "steady_round": st_sec / max(1, len(r["round_seconds"]) - 1),
+                "total": r["total_seconds"],
+                "process": r["process_seconds"],
+                "updates": r["client_updates"],
+                "samples": r["samples_seen"],
+                "ups": r["client_updates"] / r["wall_seconds"],
+                "steady_ups": st_upd / st_sec if st_sec else float("nan"),
+                "client_train": r["train_seconds"],
+            }
+        )
+    return {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+
+
+ROWS = (
+    ("rounds wall (ServerApp loop) [s]", "rounds_wall", "{:.2f}"),
+    ("  round 1 (actor start-up) [s]", "round1", "{:.2f}"),
+    ("  rounds 2..N, mean per round [s]", "steady_round", "{:.3f}"),
+    ("total incl. Ray start-up [s]", "total", "{:.2f}"),
+    ("whole subprocess [s]", "process", "{:.2f}"),
+    ("client updates", "updates", "{:.0f}"),
+    ("samples trained", "samples", "{:.0f}"),
+    ("client updates/s (all rounds)", "ups", "{:.2f}"),
+    ("client updates/s (rounds 2..N)", "steady_ups", "{:.2f}"),
+    ("time inside ClientApp, summed [s]", "client_train", "{:.2f}"),
+)
+
+
+def print_report(med: dict[str, dict[str, float]], bare: dict[str, Any], expected: int) -> None:
+    fs, st = med["fedstream"], med["stock"]
+    print(f"\n{'':36} {'stock Flower':>14} {'fedstream':>14}")
+    for label, key, fmt in ROWS:
+        print(f"{label:36} {fmt.format(st[key]):>14} {fmt.format(fs[key]):>14}")
+    same = fs["samples"] == st["samples"] == expected
+    print(f"\nsame samples on both sides: {'yes' if same else 'NO'} ({expected} materialised)")
+    print("\nthroughput ratio fedstream/stock (>= 1.0: fedstream no slower)")
+    print(f"  all rounds        {fs['ups'] / st['ups']:.2f}")
+    print(f"  rounds 2..N       {fs['steady_ups'] / st['steady_ups']:.2f}")
+    print(f"  incl. start-up    {st['total'] / fs['total']:.2f}")
+    compute = bare["compute_seconds"]
+    print(f"\nbare torch compute: {compute:.2f} s for {bare['sgd_steps']} SGD steps (1 thread)")
+    print(f"  fedstream rounds wall / bare compute   {fs['rounds_wall'] / compute:.1f}x")
+    print(f"  stock rounds wall / bare compute       {st['rounds_wall'] / compute:.1f}x")
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    LOG_DIR.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fedstream-bench-") as tmp:
+        data = Path(tmp)
+        expected = materialise(bench_config(args.clients, args.rounds, data / "unused"), data)
+        print(
+            f"{args.clients} clients, {args.rounds} rounds, {expected} samples; Ray: "
+            f"{RAY_RESOURCES['client_resources']} per client, {os.cpu_count()} cores"
+        )
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+        for i in range(args.repeat):
+            order = SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]  # alternate against drift
+            for system in order:
+                res = spawn(system, args, data, LOG_DIR)
+                runs[system].append(res)
+                print(
+                    f"  run {i + 1} {system:9}: rounds {res['wall_seconds']:.2f} s, "
+                    f"total {res['total_seconds']:.2f} s",
+                    flush=True,
+                )
+        bare = spawn("bare", args, data, LOG_DIR)
+        print_report({s: summarise(runs[s]) for s in SYSTEMS}, bare, expected)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.only:
+        child_main(args)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()
