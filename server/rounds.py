@@ -51,7 +51,11 @@ def run_rounds(
         roster.refresh(grid, timeout=settings.timeout)
         random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
         sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
-        replies = list(grid.send_and_receive(sent, timeout=settings.timeout))
+        # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.
+        replies = sorted(
+            grid.send_and_receive(sent, timeout=settings.timeout),
+            key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1),
+        )
         arrays, error = _aggregate(strategy, server_round, replies, arrays)
         record = round_record(
             server_round, sent, replies, roster.client_of, time.perf_counter() - started

@@ -1,0 +1,146 @@
+"""End to end: `fedstream sim` on Flower's simulation engine (Ray), as a user runs it.
+
+These start Ray, so they are few and marked slow; CI runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "--set", "federation.clients=4",
+    "--set", "federation.rounds=3",
+    "--set", "stream.rate=12.0",
+    "--set", "learner.hidden=[16]",
+    "--set", "drift.at=[2.0]",
+]
+
+
+def fedstream(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedstream.cli.main", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "run"
+    proc = fedstream("sim", *SMALL, "--baselines", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "federated" in proc.stdout and "centralized" in proc.stdout
+    return out
+
+
+def test_results_folder_has_the_contract(small_run: Path) -> None:
+    summary = json.loads((small_run / "summary.json").read_text())
+    for key in ("rounds", "clients", "prequential_accuracy", "wall_seconds", "client_updates",
+                "samples_seen", "bytes_up", "bytes_down"):
+        assert key in summary, key
+    assert summary["rounds"] == 3 and summary["clients"] == 4
+    assert summary["client_updates"] == 12
+    assert 0.0 <= summary["prequential_accuracy"] <= 1.0
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    for name in ("local", "centralized"):
+        base = summary["baselines"][name]
+        assert 0.0 <= base["prequential_accuracy"] <= 1.0
+        assert base["samples_seen"] == summary["samples_seen"]  # the very same streams
+    lines = (small_run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert sum(r["examples"] for r in records) == summary["samples_seen"]
+    assert set(records[0]["clients"]) == {"0", "1", "2", "3"}
+    assert (small_run / "config.toml").read_text().count("clients = 4") == 1
+    for plot in ("accuracy.png", "clients.png"):
+        assert (small_run / "plots" / plot).stat().st_size > 10_000
+
+
+def test_same_seed_same_results(small_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    proc = fedstream("sim", *SMALL, "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = [json.loads(x) for x in (small_run / "metrics.jsonl").read_text().splitlines()]
+    second = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(first, second, strict=True):
+        for rec in (a, b):
+            rec.pop("seconds")
+            for c in rec["clients"].values():
+                c.pop("train_seconds")
+        assert a == b
+
+
+def test_failing_clients_do_not_stop_the_federation(tmp_path: Path) -> None:
+    out = tmp_path / "flaky"
+    proc = fedstream("sim", *SMALL, "--set", "simulation.dropout=0.4", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    failures = [f for r in records for f in r["failures"]]
+    assert failures, "a 40% dropout over 12 client rounds must fail someone"
+    assert all("offline" in f["reason"] and f["client"] in range(4) for f in failures)
+    assert summary["client_failures"] == len(failures)
+    assert summary["client_updates"] == 12 - len(failures)
+
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+@pytest.mark.skipif(not RAY.exists(), reason="ray CLI not installed beside this Python")
+def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="fsray")  # Unix socket paths must stay under 108 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    # --block keeps the head in the foreground, so this test owns (and stops) only its own
+    # cluster; `ray stop` would stop every Ray on the machine.
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_for_ray(address, env)
+        out = tmp_path / "cluster"
+        proc = fedstream("sim", *SMALL, "--quiet", "--ray-address", address,
+                         "--out", str(out), env={"RAY_TMPDIR": ray_tmp})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["client_updates"] == 12
+        # the cluster we joined is still up afterwards: the simulation did not own it
+        assert _ray_status(address, env) == 0
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _ray_status(address: str, env: dict[str, str]) -> int:
+    cmd = [str(RAY), "status", f"--address={address}"]
+    return subprocess.run(cmd, capture_output=True, timeout=60, env=env).returncode
+
+
+def _wait_for_ray(address: str, env: dict[str, str], limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while _ray_status(address, env) != 0:
+        assert time.monotonic() < deadline, f"Ray head at {address} did not come up"
+        time.sleep(1.0)
