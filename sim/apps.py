@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from flwr.app import Context
@@ -21,12 +22,20 @@ from fedstream.sim.availability import availability_mod, threads_mod
 from fedstream.sim.baselines import run_baselines
 from fedstream.sim.evaluation import make_evaluate
 from fedstream.sim.federation import federation
+from fedstream.sim.logs import quiet_flower
 from fedstream.sim.plots import plot_all
 
 
 def virtual_stream(cfg: Config, ctx: Context) -> ClientStream:
     """The stream of the virtual client behind this Flower node (its partition id)."""
-    return federation(cfg).stream(int(ctx.node_config["partition-id"]))
+    partition = int(ctx.node_config["partition-id"])
+    if partition >= cfg.federation.clients:
+        raise ValueError(
+            f"node with partition-id {partition}, but federation.clients is "
+            f"{cfg.federation.clients}: start as many SuperNodes as clients "
+            f"(flwr run . --federation-config num-supernodes={cfg.federation.clients})"
+        )
+    return federation(cfg).stream(partition)
 
 
 def sim_client_app(cfg: Config | None = None) -> ClientApp:
@@ -36,6 +45,13 @@ def sim_client_app(cfg: Config | None = None) -> ClientApp:
 def run_server(grid: Grid, cfg: Config) -> dict:
     """The whole server side of a simulation: federate, then baselines, summary and plots."""
     out = results.prepare(cfg)
+    nodes = len(list(grid.get_node_ids()))
+    if nodes < cfg.federation.clients:
+        print(
+            f"warning: {nodes} SuperNodes for federation.clients = {cfg.federation.clients}; "
+            f"clients {nodes}..{cfg.federation.clients - 1} will not take part",
+            file=sys.stderr,
+        )
     fed = federation(cfg)
     evaluate = make_evaluate(cfg) if cfg.evaluation.every else None
     started = time.perf_counter()
@@ -55,6 +71,7 @@ def sim_server_app(cfg: Config | None = None) -> ServerApp:
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
+        quiet_flower()
         run_server(grid, cfg or from_run_config(dict(context.run_config)))
 
     return app

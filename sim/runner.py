@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from flwr.simulation import run_simulation
 
 from fedstream.protocol.config import Config
 from fedstream.sim.apps import sim_client_app, sim_server_app
+from fedstream.sim.logs import quiet_flower
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
@@ -25,24 +25,6 @@ def backend_config(cfg: Config) -> dict[str, Any]:
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
         "init_args": init_args,
     }
-
-
-class _KnownNoise(logging.Filter):
-    """Drop Flower warnings that say nothing to a fedstream user."""
-
-    NOISE = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(n in message for n in self.NOISE)
-
-
-def quiet_flower() -> None:
-    logger = logging.getLogger("flwr")
-    logger.setLevel(logging.WARNING)
-    if not any(isinstance(f, _KnownNoise) for f in logger.filters):
-        logger.addFilter(_KnownNoise())
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def simulate(cfg: Config) -> dict[str, Any]:
