@@ -63,8 +63,15 @@ def sim(
     if quiet:
         extra.append("output.progress=false")
     cfg = _load(config, set_, extra)
-    from fedstream.sim.runner import simulate  # heavy imports only once the config is good
+    # heavy imports only once the config is good
+    from fedstream.client.sources import DataError
+    from fedstream.sim.runner import preflight, simulate
 
+    try:
+        preflight(cfg)
+    except (DataError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
     try:
         summary = simulate(cfg)
     except Exception as e:

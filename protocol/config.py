@@ -73,6 +73,8 @@ class StreamConfig(_Section):
                 raise ValueError(f"stream.path is required for source '{self.source}'")
             if not Path(self.path).is_file():
                 raise ValueError(f"stream.path: file not found: {self.path}")
+            # Absolute, so Ray workers with another working directory find the same file.
+            object.__setattr__(self, "path", str(Path(self.path).resolve()))
         return self
 
 

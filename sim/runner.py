@@ -11,6 +11,7 @@ from flwr.simulation import run_simulation
 
 from fedstream.protocol.config import Config
 from fedstream.sim.apps import sim_client_app, sim_server_app
+from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
 
 
@@ -27,11 +28,23 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+def preflight(cfg: Config) -> None:
+    """Fail before Ray starts: read the data files and build the model once, here.
+
+    A bad CSV row, a missing label column or a model factory that does not load would
+    otherwise surface later, in a worker, as failed rounds.
+    """
+    fed = federation(cfg)
+    _ = fed.dataset
+    fed.initial_arrays()
+
+
 def simulate(cfg: Config) -> dict[str, Any]:
     """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json)."""
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
     quiet_flower()
+    preflight(cfg)
     run_simulation(
         server_app=sim_server_app(cfg),
         client_app=sim_client_app(cfg),

@@ -1,0 +1,60 @@
+"""The `fedstream` command refuses bad input before anything runs, with file, line, key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def fedstream(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedstream.cli.main", *args],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+    )
+
+
+@pytest.fixture
+def csv_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sensors.csv"
+    path.write_text("temp,humidity,label\n21.5,40,ok\n22.0,41,ok\n35.1,oops,alarm\n")
+    return path
+
+
+def test_unparseable_csv_row_names_file_line_and_column(csv_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = fedstream("sim", "--set", "stream.source=csv", "--set", f'stream.path="{csv_file}"',
+                     "--out", str(out))
+    assert proc.returncode == 2
+    assert f"{csv_file}:4" in proc.stderr and "humidity" in proc.stderr and "oops" in proc.stderr
+    assert not out.exists(), "nothing may run (or be written) on bad input"
+
+
+def test_missing_label_column_lists_the_columns(csv_file: Path) -> None:
+    proc = fedstream("sim", "--set", "stream.source=csv", "--set", f'stream.path="{csv_file}"',
+                     "--set", "stream.label=status")
+    assert proc.returncode == 2
+    assert "'status'" in proc.stderr and "'humidity'" in proc.stderr
+
+
+def test_relative_csv_path_is_resolved(csv_file: Path) -> None:
+    proc = fedstream("config", "show", "--set", "stream.source=csv",
+                     "--set", f'stream.path="{csv_file.name}"', cwd=csv_file.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert f'path = "{csv_file}"' in proc.stdout
+
+
+def test_unknown_key_in_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text("[federation]\nclients = 5\n\n[learner]\nlearning_rate = 0.1\n")
+    proc = fedstream("sim", "--config", str(cfg))
+    assert proc.returncode == 2
+    assert "learner.learning_rate: unknown key" in proc.stderr
+
+
+def test_broken_model_factory_stops_before_ray(tmp_path: Path) -> None:
+    proc = fedstream("sim", "--set", "learner.model=no_such_module:factory")
+    assert proc.returncode == 2
+    assert "no_such_module:factory" in proc.stderr
