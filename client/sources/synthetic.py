@@ -85,7 +85,35 @@ def _mixture_centres(
     return (means[:, None, :] + offsets) @ basis.T
 
 
-class GaussianMixture(Source):
+class _Synthetic(Source):
+    """Shared by the generators: blockwise drawing and the drift schedule's concept."""
+
+    seed: int
+    client: int
+    drift: DriftSchedule
+
+    def draw(self, index: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Samples at stream positions ``index`` arriving at times ``t`` (see ``Source``)."""
+        return draw_blocks(
+            index,
+            t,
+            seed=self.seed,
+            client=self.client,
+            feature_shape=self.feature_shape,
+            draw_block=self._draw_block,
+        )
+
+    def concept(self, t: np.ndarray) -> np.ndarray:
+        """Concept id in force at times ``t``."""
+        return self.drift.concept(t)
+
+    def _draw_block(
+        self, rng: np.random.Generator, offsets: np.ndarray, t: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class GaussianMixture(_Synthetic):
     """Classes made of several Gaussian clusters; each concept redraws every centre.
 
     A new concept moves each class to a fresh region, so a model trained on the old concept
@@ -125,21 +153,6 @@ class GaussianMixture(Source):
             ]
         )
 
-    def draw(self, index: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Samples at stream positions ``index`` arriving at times ``t`` (see ``Source``)."""
-        return draw_blocks(
-            index,
-            t,
-            seed=self.seed,
-            client=self.client,
-            feature_shape=self.feature_shape,
-            draw_block=self._draw_block,
-        )
-
-    def concept(self, t: np.ndarray) -> np.ndarray:
-        """Concept id in force at times ``t``."""
-        return self.drift.concept(t)
-
     def _draw_block(
         self, rng: np.random.Generator, offsets: np.ndarray, t: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +182,7 @@ def _rotate_rows(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _unit_rows(np.cos(theta) * w + np.sin(theta) * v)
 
 
-class RotatingHyperplane(Source):
+class RotatingHyperplane(_Synthetic):
     """x uniform in the unit cube, label = argmax of linear scores about the cube centre
     (binary: the side of one hyperplane); each drift rotates the weight vectors.
 
@@ -222,21 +235,6 @@ class RotatingHyperplane(Source):
         if self.n_classes == 2:  # class 1 on the positive side of w, class 0 on the other
             stacked = np.concatenate([-stacked, stacked], axis=1)
         return stacked
-
-    def draw(self, index: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Samples at stream positions ``index`` arriving at times ``t`` (see ``Source``)."""
-        return draw_blocks(
-            index,
-            t,
-            seed=self.seed,
-            client=self.client,
-            feature_shape=self.feature_shape,
-            draw_block=self._draw_block,
-        )
-
-    def concept(self, t: np.ndarray) -> np.ndarray:
-        """Concept id in force at times ``t``."""
-        return self.drift.concept(t)
 
     def _labels(self, cand: np.ndarray, k: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Noise-free labels (n, R) of the candidates of the selected block rows, each under
