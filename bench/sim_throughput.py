@@ -31,6 +31,7 @@ import numpy as np
 BENCH_DIR = Path(__file__).resolve().parent
 SYSTEMS = ("stock", "fedstream")
 LOG_DIR = Path(tempfile.gettempdir()) / "fedstream-bench-logs"  # child logs, kept for a look
+CONFIG_FILE = "fedstream-config.json"
 RAY_RESOURCES = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 
@@ -49,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench_config(clients: int, rounds: int, out_dir: Path) -> Any:
-    """The default fedstream config, resized, quiet, writing into `out_dir`."""
+    """The default fedstream config, resized, quiet, writing into `out_dir`.
+
+    The parent resolves it once and hands it to every child as JSON, so all runs use the
+    same settings even if the defaults in the source change while the benchmark runs.
+    """
     from fedstream.protocol.config import load
 
     return load(
@@ -103,12 +108,52 @@ def materialise(cfg: Any, data: Path) -> int:
 # ------------------------------------------------------------------------ children
 
 
+def record_message_runtimes() -> list[float]:
+    """Collect the duration of every ClientApp message as Flower's runtime measures it.
+
+    Flower's simulation runtime times each message from submission to a Ray actor until
+    the reply is back (`VceMetrics.add_clientapp_runtime`), which includes pickling the
+    ClientApp, message and Context both ways. The list fills while the simulation runs.
+    """
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+
+    seen: list[float] = []
+    original = VceMetrics.add_clientapp_runtime
+
+    def add(self: Any, runtime: float) -> None:
+        seen.append(runtime)
+        original(self, runtime)
+
+    VceMetrics.add_clientapp_runtime = add  # type: ignore[method-assign]
+    return seen
+
+
+def timed_method(owner: type, name: str) -> list[float]:
+    """Time every call of `owner.name` (in this process) into the returned list."""
+    seen: list[float] = []
+    original = getattr(owner, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seen.append(time.perf_counter() - started)
+
+    setattr(owner, name, timed)
+    return seen
+
+
 def run_fedstream(args: argparse.Namespace) -> dict[str, Any]:
     """fedstream's own `simulate`, as a user calls it; timings from its results folder."""
+    from fedstream.protocol.config import from_json
+    from fedstream.server import roster
     from fedstream.sim.runner import simulate
 
-    out = args.data / "fedstream-out"
-    cfg = bench_config(args.clients, args.rounds, out)
+    cfg = from_json((args.data / CONFIG_FILE).read_text())
+    out = Path(cfg.output.dir)
+    per_message = record_message_runtimes()
+    refresh = timed_method(roster.Roster, "refresh")
     started = time.perf_counter()
     summary = simulate(cfg)
     total = time.perf_counter() - started
@@ -122,6 +167,8 @@ def run_fedstream(args: argparse.Namespace) -> dict[str, Any]:
         "samples_seen": summary["samples_seen"],
         "train_seconds": sum(c["train_seconds"] for r in records for c in r["clients"].values()),
         "accuracy": summary["prequential_accuracy"],
+        "message_seconds": per_message,
+        "roster_seconds": refresh[0] if refresh else None,
     }
 
 
@@ -132,6 +179,7 @@ def run_stock(args: argparse.Namespace) -> dict[str, Any]:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # fedstream quiets Flower the same way
     meta = stock_app.meta()
+    per_message = record_message_runtimes()
     started = time.perf_counter()
     run_simulation(
         server_app=stock_app.server,
@@ -149,6 +197,7 @@ def run_stock(args: argparse.Namespace) -> dict[str, Any]:
         "client_updates": t["client_updates"],
         "samples_seen": t["samples_seen"],
         "train_seconds": t["train_seconds"],
+        "message_seconds": per_message,
     }
 
 
@@ -161,7 +210,8 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     meta = json.loads((args.data / "meta.json").read_text())
-    bs, compute, steps = meta["batch_size"], 0.0, 0
+    bs, steps = meta["batch_size"], 0
+    per_round = [0.0] * meta["rounds"]
     for c in range(meta["clients"]):
         with np.load(args.data / f"client_{c}.npz") as npz:
             x, y, bounds = torch.from_numpy(npz["x"]), torch.from_numpy(npz["y"]), npz["bounds"]
@@ -181,8 +231,8 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
                 F.cross_entropy(model(xr[s : s + bs]), yr[s : s + bs]).backward()
                 opt.step()
                 steps += 1
-            compute += time.perf_counter() - started
-    return {"compute_seconds": compute, "sgd_steps": steps}
+            per_round[r] += time.perf_counter() - started
+    return {"compute_seconds": sum(per_round), "round_compute": per_round, "sgd_steps": steps}
 
 
 CHILDREN = {"fedstream": run_fedstream, "stock": run_stock, "bare": run_bare}
@@ -221,35 +271,51 @@ def spawn(system: str, args: argparse.Namespace, data: Path, log_dir: Path) -> d
 
 
 def steady(result: dict[str, Any]) -> tuple[float, int]:
-    """Seconds and updates of rounds 2..N: round 1 pays actor start-up and first imports."""
+    """Seconds and updates of rounds 2..N.
+
+    Round 1 is not a fair sample: Flower starts the ServerApp thread before it starts Ray,
+    so the first round waits for Ray itself, its actors and their first imports.
+    """
     return sum(result["round_seconds"][1:]), sum(result["round_updates"][1:])
 
 
+def steady_messages(result: dict[str, Any]) -> list[float]:
+    """Per-message runtimes of rounds 2..N (the last (N-1) x clients train messages)."""
+    return result["message_seconds"][-sum(result["round_updates"][1:]) :]
+
+
+def figures(r: dict[str, Any]) -> dict[str, float]:
+    """Every figure the table shows, for one run."""
+    st_sec, st_upd = steady(r)
+    messages = steady_messages(r)
+    row = {
+        "rounds_wall": r["wall_seconds"],
+        "round1": r["round_seconds"][0],
+        "steady_round": st_sec / max(1, len(r["round_seconds"]) - 1),
+        "total": r["total_seconds"],
+        "process": r["process_seconds"],
+        "updates": r["client_updates"],
+        "samples": r["samples_seen"],
+        "ups": r["client_updates"] / r["wall_seconds"],
+        "steady_ups": st_upd / st_sec if st_sec else float("nan"),
+        "client_train": r["train_seconds"],
+        "msg_median": 1e3 * statistics.median(messages),
+        "msg_busy": sum(messages) / max(1e-9, st_sec),
+    }
+    if r.get("roster_seconds") is not None:
+        row["roster"] = r["roster_seconds"]
+    return row
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Median over repeats of every figure the table shows."""
-    rows = []
-    for r in runs:
-        st_sec, st_upd = steady(r)
-        rows.append(
-            {
-                "rounds_wall": r["wall_seconds"],
-                "round1": r["round_seconds"][0],
-                "steady_round": st_sec / max(1, len(r["round_seconds"]) - 1),
-                "total": r["total_seconds"],
-                "process": r["process_seconds"],
-                "updates": r["client_updates"],
-                "samples": r["samples_seen"],
-                "ups": r["client_updates"] / r["wall_seconds"],
-                "steady_ups": st_upd / st_sec if st_sec else float("nan"),
-                "client_train": r["train_seconds"],
-            }
-        )
+    """Median over repeats of every figure."""
+    rows = [figures(r) for r in runs]
     return {k: statistics.median(row[k] for row in rows) for k in rows[0]}
 
 
 ROWS = (
     ("rounds wall (ServerApp loop) [s]", "rounds_wall", "{:.2f}"),
-    ("  round 1 (actor start-up) [s]", "round1", "{:.2f}"),
+    ("  round 1 (waits for Ray start-up) [s]", "round1", "{:.2f}"),
     ("  rounds 2..N, mean per round [s]", "steady_round", "{:.3f}"),
     ("total incl. Ray start-up [s]", "total", "{:.2f}"),
     ("whole subprocess [s]", "process", "{:.2f}"),
@@ -258,6 +324,8 @@ ROWS = (
     ("client updates/s (all rounds)", "ups", "{:.2f}"),
     ("client updates/s (rounds 2..N)", "steady_ups", "{:.2f}"),
     ("time inside ClientApp, summed [s]", "client_train", "{:.2f}"),
+    ("per message, Ray round trip [ms]", "msg_median", "{:.1f}"),
+    ("  messages in flight, avg (of 2)", "msg_busy", "{:.2f}"),
 )
 
 
@@ -266,6 +334,8 @@ def print_report(med: dict[str, dict[str, float]], bare: dict[str, Any], expecte
     print(f"\n{'':36} {'stock Flower':>14} {'fedstream':>14}")
     for label, key, fmt in ROWS:
         print(f"{label:36} {fmt.format(st[key]):>14} {fmt.format(fs[key]):>14}")
+    if fs.get("roster") is not None:
+        print(f"{'fedstream roster query (once) [s]':36} {'-':>14} {fs['roster']:>14.2f}")
     same = fs["samples"] == st["samples"] == expected
     print(f"\nsame samples on both sides: {'yes' if same else 'NO'} ({expected} materialised)")
     print("\nthroughput ratio fedstream/stock (>= 1.0: fedstream no slower)")
@@ -274,15 +344,25 @@ def print_report(med: dict[str, dict[str, float]], bare: dict[str, Any], expecte
     print(f"  incl. start-up    {st['total'] / fs['total']:.2f}")
     compute = bare["compute_seconds"]
     print(f"\nbare torch compute: {compute:.2f} s for {bare['sgd_steps']} SGD steps (1 thread)")
-    print(f"  fedstream rounds wall / bare compute   {fs['rounds_wall'] / compute:.1f}x")
-    print(f"  stock rounds wall / bare compute       {st['rounds_wall'] / compute:.1f}x")
+    later = sum(bare["round_compute"][1:])
+    print(f"  {'':36} {'all rounds':>12} {'rounds 2..N':>12}")
+    for name, m in (("fedstream", fs), ("stock", st)):
+        steady_wall = m["steady_round"] * (len(bare["round_compute"]) - 1)
+        print(
+            f"  {name + ' rounds wall / bare compute':36} {m['rounds_wall'] / compute:11.1f}x "
+            f"{steady_wall / later:11.1f}x"
+        )
 
 
 def parent_main(args: argparse.Namespace) -> None:
+    from fedstream.protocol.config import to_json
+
     LOG_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedstream-bench-") as tmp:
         data = Path(tmp)
-        expected = materialise(bench_config(args.clients, args.rounds, data / "unused"), data)
+        cfg = bench_config(args.clients, args.rounds, data / "fedstream-out")
+        (data / CONFIG_FILE).write_text(to_json(cfg))
+        expected = materialise(cfg, data)
         print(
             f"{args.clients} clients, {args.rounds} rounds, {expected} samples; Ray: "
             f"{RAY_RESOURCES['client_resources']} per client, {os.cpu_count()} cores"
@@ -291,11 +371,12 @@ def parent_main(args: argparse.Namespace) -> None:
         for i in range(args.repeat):
             order = SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]  # alternate against drift
             for system in order:
+                load = os.getloadavg()[0]
                 res = spawn(system, args, data, LOG_DIR)
                 runs[system].append(res)
                 print(
                     f"  run {i + 1} {system:9}: rounds {res['wall_seconds']:.2f} s, "
-                    f"total {res['total_seconds']:.2f} s",
+                    f"total {res['total_seconds']:.2f} s (1-min load before: {load:.2f})",
                     flush=True,
                 )
         bare = spawn("bare", args, data, LOG_DIR)

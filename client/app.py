@@ -26,14 +26,18 @@ STATE_KEY = "fedstream-learner"
 
 
 def make_client_app(
-    stream_for: StreamFactory, config: Config | None = None, mods: Sequence[Mod] = ()
+    stream_for: StreamFactory,
+    config: Config | None = None,
+    mods: Sequence[Mod] = (),
+    app_class: type[ClientApp] = ClientApp,
 ) -> ClientApp:
     """A ClientApp whose clients read their streams from `stream_for`.
 
     `config` binds the federation config (Python API); without it the app reads it from the
-    Flower run config, which is how `flwr run` and deployments hand it over.
+    Flower run config, which is how `flwr run` and deployments hand it over. `app_class`
+    lets a runtime choose how the app travels (see `fedstream.sim.client_app`).
     """
-    app = ClientApp(mods=list(mods))
+    app = app_class(mods=list(mods))
 
     @app.train()
     def _train(msg: Message, ctx: Context) -> Message:

@@ -35,5 +35,6 @@ def run_federation(
         timeout=cfg.federation.round_timeout,
         evaluate_every=cfg.evaluation.every,
         progress=cfg.output.progress,
+        sample_all=cfg.federation.fraction == 1.0,
     )
     return run_rounds(grid, make_strategy(cfg), initial, settings, record, evaluate)

@@ -18,9 +18,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
+from fedstream.server.grid import OrderedGrid
 from fedstream.server.records import History, round_record
-from fedstream.server.roster import Roster, RosterGrid
+from fedstream.server.roster import Roster
 
+ROSTER_TIMEOUT = 30.0  # a node that cannot say who it is within this is asked next round
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
 RoundHook = Callable[[dict[str, Any], History], None]
 
@@ -32,6 +34,7 @@ class RoundSettings:
     timeout: float
     evaluate_every: int = 0
     progress: bool = True
+    sample_all: bool = False  # every node trains every round: identities can wait
 
 
 def run_rounds(
@@ -43,19 +46,23 @@ def run_rounds(
     evaluate: EvaluateFn | None = None,
 ) -> tuple[ArrayRecord, History]:
     roster = Roster()
-    ordered = RosterGrid(grid, roster)
+    ordered = OrderedGrid(grid, roster.ordered)
     history = History()
     bar = tqdm(total=settings.rounds, disable=not settings.progress, unit="round", leave=True)
     for server_round in range(1, settings.rounds + 1):
         started = time.perf_counter()
-        roster.refresh(grid, timeout=settings.timeout)
+        roster_timeout = min(settings.timeout, ROSTER_TIMEOUT)
+        if not settings.sample_all:  # a seeded partial sample needs every identity first
+            roster.refresh(grid, timeout=roster_timeout)
         random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
         sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
+        replies = list(ordered.send_and_receive(sent, timeout=settings.timeout))
+        roster.learn(replies)
+        unnamed = [m.metadata.dst_node_id for m in sent]
+        if any(n not in roster.client_of for n in unnamed):  # to name a failed node
+            roster.refresh(grid, timeout=roster_timeout, nodes=unnamed)
         # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.
-        replies = sorted(
-            grid.send_and_receive(sent, timeout=settings.timeout),
-            key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1),
-        )
+        replies.sort(key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1))
         arrays, error = _aggregate(strategy, server_round, replies, arrays)
         record = round_record(
             server_round, sent, replies, roster.client_of, time.perf_counter() - started

@@ -1,81 +1,11 @@
-"""The simulation's Flower apps: fedstream's ServerApp and ClientApp wired to virtual streams.
+"""The repository as a Flower App: `flwr run .` loads `server_app` and `client_app` here.
 
-`server_app` and `client_app` at module level make the repository a Flower App
-(`flwr run .`); `fedstream sim` builds the same apps with the config bound in.
+Both read the fedstream config from Flower's run config; `fedstream sim` builds the same apps
+with the config bound in (`sim_server_app(cfg)`, `sim_client_app(cfg)`).
 """
 
-from __future__ import annotations
-
-import sys
-import time
-
-from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-
-from fedstream.client.app import make_client_app
-from fedstream.client.stream import ClientStream
-from fedstream.protocol.config import Config, from_run_config
-from fedstream.server.app import run_federation
-from fedstream.sim import results
-from fedstream.sim.availability import availability_mod, threads_mod
-from fedstream.sim.baselines import run_baselines
-from fedstream.sim.evaluation import make_evaluate
-from fedstream.sim.federation import federation
-from fedstream.sim.logs import quiet_flower
-from fedstream.sim.plots import plot_all
-
-
-def virtual_stream(cfg: Config, ctx: Context) -> ClientStream:
-    """The stream of the virtual client behind this Flower node (its partition id)."""
-    partition = int(ctx.node_config["partition-id"])
-    if partition >= cfg.federation.clients:
-        raise ValueError(
-            f"node with partition-id {partition}, but federation.clients is "
-            f"{cfg.federation.clients}: start as many SuperNodes as clients "
-            f"(flwr run . --federation-config num-supernodes={cfg.federation.clients})"
-        )
-    return federation(cfg).stream(partition)
-
-
-def sim_client_app(cfg: Config | None = None) -> ClientApp:
-    return make_client_app(virtual_stream, cfg, mods=[threads_mod(cfg), availability_mod(cfg)])
-
-
-def run_server(grid: Grid, cfg: Config) -> dict:
-    """The whole server side of a simulation: federate, then baselines, summary and plots."""
-    out = results.prepare(cfg)
-    nodes = len(list(grid.get_node_ids()))
-    if nodes < cfg.federation.clients:
-        print(
-            f"warning: {nodes} SuperNodes for federation.clients = {cfg.federation.clients}; "
-            f"clients {nodes}..{cfg.federation.clients - 1} will not take part",
-            file=sys.stderr,
-        )
-    fed = federation(cfg)
-    evaluate = make_evaluate(cfg) if cfg.evaluation.every else None
-    started = time.perf_counter()
-    arrays, history = run_federation(grid, cfg, fed.initial_arrays(), out, evaluate)
-    wall = time.perf_counter() - started
-    baselines = run_baselines(cfg)
-    final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
-    summary = results.summarize(cfg, history, wall, baselines, final_eval)
-    results.write_summary(out, summary)
-    if cfg.output.plots:
-        plot_all(out, summary, results.load(out)[1])
-    return summary
-
-
-def sim_server_app(cfg: Config | None = None) -> ServerApp:
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        quiet_flower()
-        run_server(grid, cfg or from_run_config(dict(context.run_config)))
-
-    return app
-
+from fedstream.sim.client_app import sim_client_app
+from fedstream.sim.server_app import sim_server_app
 
 server_app = sim_server_app()
 client_app = sim_client_app()

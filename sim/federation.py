@@ -49,6 +49,7 @@ class Federation:
         self.cfg = cfg
         n = cfg.federation.clients
         self.rates = client_rates(cfg.stream.rate, cfg.stream.rate_spread, n, cfg.seed)
+        self._streams: dict[int, ClientStream] = {}
 
     # ----------------------------------------------------------------- shape
     @cached_property
@@ -119,10 +120,13 @@ class Federation:
         )
 
     def stream(self, client: int) -> ClientStream:
-        arrival = make_arrival(
-            self.cfg.stream.arrival, float(self.rates[client]), self.cfg.seed, client
-        )
-        return ClientStream(client=client, source=self.source(client), arrival=arrival)
+        """Client `client`'s stream, built once per process (its arrival counts are cached)."""
+        if client not in self._streams:
+            arrival = make_arrival(
+                self.cfg.stream.arrival, float(self.rates[client]), self.cfg.seed, client
+            )
+            self._streams[client] = ClientStream(client, self.source(client), arrival)
+        return self._streams[client]
 
     def holdout(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """The held-back slice as it looks at time `t` (the concept in force then)."""
@@ -157,6 +161,20 @@ def _cached(cfg_json: str) -> Federation:
     return Federation(from_json(cfg_json))
 
 
+_by_identity: dict[int, tuple[Config, Federation]] = {}
+
+
 def federation(cfg: Config) -> Federation:
-    """The (per-process cached) federation of `cfg`."""
-    return _cached(to_json(cfg))
+    """The (per-process cached) federation of `cfg`.
+
+    Looked up first by the config object itself, which saves serialising the config on
+    every message; equal configs built apart still share one federation.
+    """
+    hit = _by_identity.get(id(cfg))
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    fed = _cached(to_json(cfg))
+    if len(_by_identity) > 16:
+        _by_identity.clear()
+    _by_identity[id(cfg)] = (cfg, fed)
+    return fed

@@ -10,9 +10,10 @@ from typing import Any
 from flwr.simulation import run_simulation
 
 from fedstream.protocol.config import Config
-from fedstream.sim.apps import sim_client_app, sim_server_app
+from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
+from fedstream.sim.server_app import sim_server_app
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""The simulation's ServerApp: federate, then baselines, summary and plots."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedstream.protocol.config import Config, from_run_config
+from fedstream.server.app import run_federation
+from fedstream.sim import results
+from fedstream.sim.baselines import run_baselines
+from fedstream.sim.evaluation import make_evaluate
+from fedstream.sim.federation import federation
+from fedstream.sim.logs import quiet_flower
+from fedstream.sim.plots import plot_all
+
+
+def run_server(grid: Grid, cfg: Config) -> dict:
+    """The whole server side of a simulation: federate, then baselines, summary and plots."""
+    out = results.prepare(cfg)
+    nodes = len(list(grid.get_node_ids()))
+    if nodes < cfg.federation.clients:
+        print(
+            f"warning: {nodes} SuperNodes for federation.clients = {cfg.federation.clients}; "
+            f"clients {nodes}..{cfg.federation.clients - 1} will not take part",
+            file=sys.stderr,
+        )
+    fed = federation(cfg)
+    evaluate = make_evaluate(cfg) if cfg.evaluation.every else None
+    started = time.perf_counter()
+    arrays, history = run_federation(grid, cfg, fed.initial_arrays(), out, evaluate)
+    wall = time.perf_counter() - started
+    baselines = run_baselines(cfg)
+    final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
+    summary = results.summarize(cfg, history, wall, baselines, final_eval)
+    results.write_summary(out, summary)
+    if cfg.output.plots:
+        plot_all(out, summary, results.load(out)[1])
+    return summary
+
+
+def sim_server_app(cfg: Config | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        quiet_flower()
+        run_server(grid, cfg or from_run_config(dict(context.run_config)))
+
+    return app
