@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
@@ -46,23 +46,11 @@ def run_rounds(
     evaluate: EvaluateFn | None = None,
 ) -> tuple[ArrayRecord, History]:
     roster = Roster()
-    ordered = OrderedGrid(grid, roster.ordered)
     history = History()
     bar = tqdm(total=settings.rounds, disable=not settings.progress, unit="round", leave=True)
     for server_round in range(1, settings.rounds + 1):
         started = time.perf_counter()
-        roster_timeout = min(settings.timeout, ROSTER_TIMEOUT)
-        if not settings.sample_all:  # a seeded partial sample needs every identity first
-            roster.refresh(grid, timeout=roster_timeout)
-        random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
-        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
-        replies = list(ordered.send_and_receive(sent, timeout=settings.timeout))
-        roster.learn(replies)
-        unnamed = [m.metadata.dst_node_id for m in sent]
-        if any(n not in roster.client_of for n in unnamed):  # to name a failed node
-            roster.refresh(grid, timeout=roster_timeout, nodes=unnamed)
-        # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.
-        replies.sort(key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1))
+        sent, replies = _exchange(grid, roster, strategy, server_round, arrays, settings)
         arrays, error = _aggregate(strategy, server_round, replies, arrays)
         record = round_record(
             server_round, sent, replies, roster.client_of, time.perf_counter() - started
@@ -80,8 +68,33 @@ def run_rounds(
     return arrays, history
 
 
+def _exchange(
+    grid: Grid,
+    roster: Roster,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    settings: RoundSettings,
+) -> tuple[list[Message], list[Message]]:
+    """Sample clients, send them the model, and collect their replies in client order."""
+    roster_timeout = min(settings.timeout, ROSTER_TIMEOUT)
+    if not settings.sample_all:  # a seeded partial sample needs every identity first
+        roster.refresh(grid, timeout=roster_timeout)
+    ordered = OrderedGrid(grid, roster.ordered)
+    random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
+    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
+    replies = list(ordered.send_and_receive(sent, timeout=settings.timeout))
+    roster.learn(replies)
+    targets = [msg.metadata.dst_node_id for msg in sent]
+    if any(n not in roster.client_of for n in targets):  # only to name a failed node
+        roster.refresh(grid, timeout=roster_timeout, nodes=targets)
+    # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.
+    replies.sort(key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1))
+    return sent, replies
+
+
 def _aggregate(
-    strategy: Strategy, server_round: int, replies: list, arrays: ArrayRecord
+    strategy: Strategy, server_round: int, replies: list[Message], arrays: ArrayRecord
 ) -> tuple[ArrayRecord, str | None]:
     """Aggregate, or keep the previous model and say why not."""
     try:

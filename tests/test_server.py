@@ -1,0 +1,101 @@
+"""Server pieces on real Flower messages and strategies, without a running federation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.serverapp.strategy import FedAvgM
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedstream.protocol import messages as m
+from fedstream.protocol.config import load
+from fedstream.server.records import round_record
+from fedstream.server.roster import Roster
+from fedstream.server.rounds import _aggregate
+from fedstream.server.strategy import StreamFedAvg, make_strategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _weights(value: float) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.full(3, value, np.float32))})
+
+
+def _sent(node: int) -> Message:
+    content = RecordDict({m.ARRAYS: _weights(0.0), m.CONFIG: ConfigRecord({m.ROUND: 1})})
+    msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = f"msg-{node}"  # the SuperLink assigns ids
+    return msg
+
+
+def _reply(sent: Message, value: float, examples: int, client: int) -> Message:
+    report = m.TrainReport(client=client, examples=examples, correct=examples // 2, loss_sum=1.0)
+    content = RecordDict({m.ARRAYS: _weights(value), m.METRICS: report.to_record()})
+    return Message(content, reply_to=sent)
+
+
+def _values(arrays: ArrayRecord) -> np.ndarray:
+    return arrays["w"].numpy()
+
+
+def test_weighted_mean_skips_clients_without_examples() -> None:
+    sent = [_sent(n) for n in (1, 2, 3)]
+    replies = [_reply(sent[0], 1.0, 1, 0), _reply(sent[1], 5.0, 3, 1), _reply(sent[2], 99.0, 0, 2)]
+    arrays, _ = StreamFedAvg().aggregate_train(1, replies)
+    np.testing.assert_allclose(_values(arrays), 4.0)  # (1*1 + 3*5) / 4; the 0-example one left out
+
+
+def test_nothing_to_aggregate_gives_none() -> None:
+    assert StreamFedAvg().aggregate_train(1, [_reply(_sent(1), 1.0, 0, 0)]) == (None, None)
+
+
+def test_default_strategy_is_fedavg_with_server_step() -> None:
+    strategy = make_strategy(load())
+    assert isinstance(strategy, FedAvgM) and strategy.server_learning_rate == 3.0
+    strategy.current_arrays = _weights(0.0)
+    arrays, _ = strategy.aggregate_train(1, [_reply(_sent(1), 1.0, 2, 0)])
+    np.testing.assert_allclose(_values(arrays), 3.0)  # 0 + 3 * (1 - 0)
+
+
+@pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
+def test_adaptive_strategies_move_towards_the_clients(kind: str) -> None:
+    strategy = make_strategy(load(overrides=[f"federation.strategy={kind}"]))
+    strategy.current_arrays = {"w": np.zeros(3, np.float32)}
+    arrays, _ = strategy.aggregate_train(1, [_reply(_sent(1), 1.0, 2, 0)])
+    assert (_values(arrays) > 0).all()
+
+
+def test_a_failed_aggregation_keeps_the_model_and_says_why() -> None:
+    sent = [_sent(1), _sent(2)]
+    odd = Message(
+        RecordDict({m.ARRAYS: ArrayRecord({"v": Array(np.ones(2, np.float32))}),
+                    m.METRICS: m.TrainReport(1, 4, 2, 1.0).to_record()}),
+        reply_to=sent[1],
+    )
+    previous = _weights(7.0)
+    arrays, error = _aggregate(StreamFedAvg(), 1, [_reply(sent[0], 1.0, 2, 0), odd], previous)
+    assert arrays is previous
+    assert error
+
+
+def test_round_record_names_failures_and_counts() -> None:
+    sent = [_sent(n) for n in (10, 11, 12)]
+    replies = [_reply(sent[0], 1.0, 8, 0), Message(Error(code=1, reason="boom"), reply_to=sent[1])]
+    rec = round_record(1, sent, replies, {10: 0, 11: 1, 12: 2}, seconds=0.5)
+    assert rec["clients_sampled"] == 3 and rec["clients_ok"] == 1
+    assert rec["examples"] == 8 and rec["correct"] == 4 and rec["accuracy"] == 0.5
+    assert {(f["client"], f["reason"]) for f in rec["failures"]} == {
+        (1, "boom"), (2, "no reply before timeout")
+    }
+    assert rec["bytes_down"] > rec["bytes_up"] > 0
+    assert rec["clients"]["0"]["examples"] == 8
+
+
+def test_roster_orders_by_client_and_learns_from_reports() -> None:
+    roster = Roster()
+    roster.learn([_reply(_sent(900), 1.0, 1, 2), _reply(_sent(5), 1.0, 1, 0)])
+    assert roster.ordered([5, 77, 900, 3]) == [5, 900, 3, 77]  # known by client, then unknown
