@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
+@lru_cache(maxsize=8)
 def pick_device(preference: str = "auto") -> torch.device:
     """CUDA, then Apple MPS, then CPU; an explicit preference that is absent is an error."""
     if preference == "auto":

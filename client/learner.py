@@ -127,7 +127,8 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.schedule.step()
+        if self.schedule is not None:
+            self.schedule.step()
         if self.boost_left:
             self.boost_left -= 1
             if not self.boost_left:
@@ -164,7 +165,8 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
         # Keep the schedule's notion of the base LR in step, so boosts compose with it.
-        self.schedule.base_lrs = [lr * factor for lr in self.schedule.base_lrs]
+        if self.schedule is not None:
+            self.schedule.base_lrs = [lr * factor for lr in self.schedule.base_lrs]
 
     # -------------------------------------------------------------------- state
     def state_bytes(self) -> bytes:
@@ -179,7 +181,7 @@ class Learner:
             _to_numpy(
                 {
                     "optimizer": self.optimizer.state_dict(),
-                    "schedule": self.schedule.state_dict(),
+                    "schedule": None if self.schedule is None else self.schedule.state_dict(),
                     "detector": self.detector.state_dict(),
                     "metric": self.metric.state_dict(),
                     "offset": self.offset,
@@ -193,7 +195,8 @@ class Learner:
     def load_state_bytes(self, blob: bytes) -> None:
         state = _to_torch(pickle.loads(blob), self.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
         self.detector.load_state_dict(state["detector"])
         self.metric = Prequential.from_state(state["metric"])
         self.offset = int(state["offset"])

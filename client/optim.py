@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LambdaLR, LRScheduler, StepLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LRScheduler, StepLR
 
 from fedstream.protocol.config import LearnerConfig
 
@@ -22,12 +22,15 @@ def make_optimizer(model: nn.Module, cfg: LearnerConfig) -> torch.optim.Optimize
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: LearnerConfig) -> LRScheduler:
-    """One scheduler step per mini-batch: on a stream, batches are the only clock."""
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: LearnerConfig) -> LRScheduler | None:
+    """One scheduler step per mini-batch: on a stream, batches are the only clock.
+
+    A constant LR needs no scheduler, and skipping it saves its bookkeeping on every step.
+    """
     if cfg.schedule == "step":
         return StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.schedule == "exponential":
         return ExponentialLR(optimizer, gamma=cfg.gamma)
     if cfg.schedule == "cosine":
         return CosineAnnealingLR(optimizer, T_max=cfg.t_max)
-    return LambdaLR(optimizer, lambda _: 1.0)
+    return None

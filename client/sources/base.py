@@ -19,7 +19,7 @@ Seed keys in use (``np.random.default_rng(key)``), kept distinct so streams neve
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -101,6 +101,7 @@ def draw_blocks(
     client: int,
     feature_shape: tuple[int, ...],
     draw_block: BlockDraw,
+    memo: dict[int, list[np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Evaluate ``draw_block(rng, offsets, t)`` once per touched block and reassemble.
 
@@ -108,6 +109,10 @@ def draw_blocks(
     (draw the whole block, then select); that is what makes results independent of how the
     caller chunks its requests. Work is vectorised within a block; the Python loop runs
     over blocks only, so its overhead is amortised over up to ``BLOCK`` samples.
+
+    ``memo`` (owned by the source) keeps what the last block's generator produced: a stream
+    read a few samples per round redraws the same block many times, and replaying the
+    recorded arrays gives identical samples without generating them again.
     """
     idx, times = check_positions(index, t, None)
     n = idx.size
@@ -122,9 +127,51 @@ def draw_blocks(
     stops = np.r_[starts[1:], n]
     for lo, hi in zip(starts.tolist(), stops.tolist(), strict=True):
         rows = order[lo:hi]
-        rng = block_rng(seed, client, int(blocks[lo]))
+        block = int(blocks[lo])
+        rng = _block_generator(seed, client, block, memo)
         x[rows], y[rows] = draw_block(rng, sorted_idx[lo:hi] % BLOCK, times[rows])
     return x, y
+
+
+def _block_generator(
+    seed: int, client: int, block: int, memo: dict[int, list[np.ndarray]] | None
+) -> Any:
+    if memo is None:
+        return block_rng(seed, client, block)
+    if block in memo:
+        return _Replay(memo[block])
+    memo.clear()  # one block per source: memory stays flat however many clients a worker serves
+    memo[block] = []
+    return _Record(block_rng(seed, client, block), memo[block])
+
+
+class _Record:
+    """A generator that keeps (read-only) every array it hands out."""
+
+    def __init__(self, rng: np.random.Generator, tape: list[np.ndarray]) -> None:
+        self._rng, self._tape = rng, tape
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._rng, name)
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            out = method(*args, **kwargs)
+            if isinstance(out, np.ndarray):
+                out.flags.writeable = False  # a replay must see exactly what was drawn
+            self._tape.append(out)
+            return out
+
+        return record
+
+
+class _Replay:
+    """Hands out a recorded block's arrays again, in the order they were drawn."""
+
+    def __init__(self, tape: list[np.ndarray]) -> None:
+        self._next = iter(tape).__next__
+
+    def __getattr__(self, _name: str) -> Any:
+        return lambda *_args, **_kwargs: self._next()
 
 
 def normalise_prior(prior: np.ndarray | None, n_classes: int) -> np.ndarray:

@@ -91,6 +91,7 @@ class _Synthetic(Source):
     seed: int
     client: int
     drift: DriftSchedule
+    _memo: dict[int, list[np.ndarray]]
 
     def draw(self, index: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples at stream positions ``index`` arriving at times ``t`` (see ``Source``)."""
@@ -101,6 +102,7 @@ class _Synthetic(Source):
             client=self.client,
             feature_shape=self.feature_shape,
             draw_block=self._draw_block,
+            memo=self._memo,
         )
 
     def concept(self, t: np.ndarray) -> np.ndarray:
@@ -145,6 +147,7 @@ class GaussianMixture(_Synthetic):
         self.drift = drift
         self.seed = seed
         self.client = client
+        self._memo = {}
         # (concept, class, cluster, feature): all concepts up front, they are few and small.
         self.centres = np.stack(
             [
@@ -216,6 +219,7 @@ class RotatingHyperplane(_Synthetic):
         self.drift = drift
         self.seed = seed
         self.client = client
+        self._memo = {}
         self.n_candidates = 1
         if self.prior is not None:
             self.n_candidates = _CANDIDATES_BINARY if n_classes == 2 else _CANDIDATES_MULTI
