@@ -46,10 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=("fedstream", "stock", "bare"), help="child mode: one run")
     p.add_argument("--json", action="store_true", help="child mode: print the result as JSON")
     p.add_argument("--data", type=Path, help="child mode: the materialised batches")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="fedstream config override (repeatable), e.g. detector.kind=none",
+    )
     return p.parse_args(argv)
 
 
-def bench_config(clients: int, rounds: int, out_dir: Path) -> Any:
+def bench_config(
+    clients: int, rounds: int, out_dir: Path, overrides: list[str] | None = None
+) -> Any:
     """The default fedstream config, resized, quiet, writing into `out_dir`.
 
     The parent resolves it once and hands it to every child as JSON, so all runs use the
@@ -64,6 +70,7 @@ def bench_config(clients: int, rounds: int, out_dir: Path) -> Any:
             f'output.dir="{out_dir}"',
             "output.progress=false",
             "output.plots=false",
+            *(overrides or []),
         ]
     )
 
@@ -360,7 +367,7 @@ def parent_main(args: argparse.Namespace) -> None:
     LOG_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedstream-bench-") as tmp:
         data = Path(tmp)
-        cfg = bench_config(args.clients, args.rounds, data / "fedstream-out")
+        cfg = bench_config(args.clients, args.rounds, data / "fedstream-out", args.overrides)
         (data / CONFIG_FILE).write_text(to_json(cfg))
         expected = materialise(cfg, data)
         print(

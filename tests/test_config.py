@@ -105,3 +105,11 @@ def test_cli_config_show_prints_effective_config() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "seed = 5" in proc.stdout and "[learner]" in proc.stdout
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_shipped_examples_are_valid(path: Path) -> None:
+    load(path)
