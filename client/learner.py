@@ -1,8 +1,10 @@
 """The on-device learner: model, optimizer, LR schedule and drift detector of one client.
 
 It walks a client's stream test-then-train: each mini-batch is first predicted and scored,
-then learned. Its whole state, stream offset included, serialises to bytes, because in
-deployment every round runs in a fresh process and only what is committed survives.
+then learned. Its state between rounds (optimizer, schedule, detector, metric, stream
+offset; not the weights, which every round takes from the global model) serialises to
+bytes, because in deployment every round runs in a fresh process and only what is
+committed survives.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Learner:
         self.boost_left = 0  # mini-batches still trained at a raised LR after a drift
         self.window_x: torch.Tensor | None = None  # batch mode: recent samples
         self.window_y: torch.Tensor | None = None
+        self._scored: list[tuple[torch.Tensor, torch.Tensor]] = []  # this round's outcomes
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -67,7 +70,7 @@ class Learner:
             return outcome
         xt = torch.as_tensor(x, dtype=torch.float32, device=self.device)
         yt = torch.as_tensor(y, dtype=torch.long, device=self.device)
-        self._scored: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._scored = []
         if self.spec.learner.mode == "online":
             self._online(xt, yt, outcome)
         else:

@@ -21,8 +21,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    # strict: a string "10" is not a count; extra="forbid": a typo is an error, not a default.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # strict: a string "10" is not a count; extra="forbid": a typo is an error, not a default;
+    # frozen: a run's config never changes under it (and caches keyed on it stay valid).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]

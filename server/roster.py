@@ -27,9 +27,12 @@ class Roster:
     def refresh(
         self, grid: Grid, timeout: float = 60.0, nodes: Iterable[int] | None = None
     ) -> None:
-        """Ask nodes not seen before which client they are; silent nodes are asked again later."""
+        """Ask nodes not seen before which client they are.
+
+        A silent node is asked again next time; one that refused (and said why) is not.
+        """
         candidates = grid.get_node_ids() if nodes is None else nodes
-        new = [n for n in candidates if n not in self.client_of]
+        new = [n for n in candidates if n not in self.client_of and n not in self.refused]
         if not new:
             return
         queries = [

@@ -85,9 +85,10 @@ def _exchange(
     sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
     replies = list(ordered.send_and_receive(sent, timeout=settings.timeout))
     roster.learn(replies)
-    targets = [msg.metadata.dst_node_id for msg in sent]
-    if any(n not in roster.client_of for n in targets):  # only to name a failed node
-        roster.refresh(grid, timeout=roster_timeout, nodes=targets)
+    # Name a node that answered with an error; a silent node would only make us wait.
+    failed = [r.metadata.src_node_id for r in replies if r.has_error()]
+    if any(n not in roster.client_of for n in failed):
+        roster.refresh(grid, timeout=roster_timeout, nodes=failed)
     # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.
     replies.sort(key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1))
     return sent, replies
