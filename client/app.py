@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedstream.client.learner import Learner, Spec
+from fedstream.client.secure import secure_aggregation_mod
 from fedstream.client.stream import ClientStream
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import Config, from_run_config
@@ -37,7 +38,8 @@ def make_client_app(
     Flower run config, which is how `flwr run` and deployments hand it over. `app_class`
     lets a runtime choose how the app travels (see `fedstream.sim.client_app`).
     """
-    app = app_class(mods=list(mods))
+    # Secure aggregation is innermost: it masks what the handler replies and nothing else.
+    app = app_class(mods=[*mods, secure_aggregation_mod])
 
     @app.train()
     def _train(msg: Message, ctx: Context) -> Message:

@@ -160,6 +160,19 @@ class SimulationConfig(_Section):
     baselines: list[Literal["local", "centralized"]] = []
 
 
+class SecureAggregationConfig(_Section):
+    """Encrypted updates: the server learns only the sum over the clients of a round."""
+
+    enabled: bool = False
+    # A count of shares (>= 2), or a fraction (> 0.5) of each client's share group
+    # (its neighbours and itself): that many holders must answer to unmask a client.
+    threshold: Annotated[int, Field(ge=2)] | Annotated[float, Field(gt=0.5, le=1.0)] = 0.6
+    degree: Annotated[int, Field(ge=0)] = 0  # neighbours per client; 0 = O(log n), Bell et al.
+    bits: Annotated[int, Field(ge=8, le=62)] = 32  # ring Z / 2^bits of each model coordinate
+    clip: Annotated[float, Field(gt=0.0)] = 1.0  # per-coordinate range of the model change
+    max_weight: PositiveInt = 1000  # examples that weigh in full; more are counted, not weighed
+
+
 class OutputConfig(_Section):
     """Where results land."""
 
@@ -180,6 +193,7 @@ class Config(_Section):
     detector: DetectorConfig = DetectorConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     simulation: SimulationConfig = SimulationConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -189,6 +203,9 @@ class Config(_Section):
                 f"federation.min_clients ({self.federation.min_clients}) exceeds "
                 f"federation.clients ({self.federation.clients})"
             )
+        if self.secure_aggregation.enabled and self.federation.clients < 2:
+            raise ValueError("secure_aggregation needs federation.clients >= 2: a sum of one "
+                             "client is that client's update")
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
         return self

@@ -72,3 +72,32 @@ def roster_query() -> RecordDict:
 
 def roster_reply(client: int) -> RecordDict:
     return RecordDict({METRICS: MetricRecord({"client-id": client})})
+
+
+# --- secure aggregation -----------------------------------------------------------------
+SECAGG = "secagg"  # ConfigRecord: round setup down, masked-input envelope and shares up
+MASKED = "masked"  # ArrayRecord up: the masked model vector and tail
+KEYS = "secagg-keys"  # query: advertise your encryption key and a fresh mask key
+UNMASK = "secagg-unmask"  # query: reveal the shares you hold for this round
+# The exact integers summed under the masks, besides the model: nothing here travels in the
+# clear. "contributors" (1 per client) lets the server check the unmasking worked.
+TAIL = (
+    "contributors",
+    "examples",
+    "weight",
+    "correct",
+    "loss-sum-fp",
+    "drift-count",
+    "clipped",
+    "train-us",
+)
+FIXED_POINT = 1 << 16  # loss sums travel as integers of 1/65536
+
+
+def client_id(reply: RecordDict) -> int | None:
+    """The client a train reply comes from: its report, or its secure envelope."""
+    if METRICS in reply.metric_records:
+        return int(reply[METRICS]["client-id"])  # type: ignore[arg-type]
+    if SECAGG in reply.config_records:
+        return int(reply[SECAGG]["client-id"])  # type: ignore[arg-type]
+    return None

@@ -10,6 +10,7 @@ from flwr.serverapp import Grid
 from fedstream.protocol.config import Config
 from fedstream.server.records import History, MetricsLog
 from fedstream.server.rounds import EvaluateFn, RoundHook, RoundSettings, run_rounds
+from fedstream.server.secure import SecureAggregator
 from fedstream.server.strategy import make_strategy
 
 
@@ -36,5 +37,6 @@ def run_federation(
         evaluate_every=cfg.evaluation.every,
         progress=cfg.output.progress,
         sample_all=cfg.federation.fraction == 1.0,
+        secure=SecureAggregator(cfg.secure_aggregation) if cfg.secure_aggregation.enabled else None,
     )
     return run_rounds(grid, make_strategy(cfg), initial, settings, record, evaluate)

@@ -23,17 +23,29 @@ MAX_PULL = 0.1
 
 
 def send_and_collect(
-    grid: Grid, messages: Iterable[Message], timeout: float | None = None
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None = None,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> list[Message]:
-    """Push messages, then pull replies with backoff until all are in or time is up."""
+    """Push messages, then pull replies with backoff until all are in or time is up.
+
+    With `on_reply`, each reply is handed over as it arrives and not kept, so a caller that
+    folds replies into a sum holds one reply at a time, not all of them.
+    """
     pending = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     pause = FIRST_PULL
     while pending:
         got = list(grid.pull_messages(pending))
-        replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if on_reply is None:
+            replies.extend(got)
+        else:
+            for reply in got:
+                on_reply(reply)
+            del got
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(pause)

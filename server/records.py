@@ -18,12 +18,21 @@ from flwr.app import Message
 from fedstream.protocol import messages as m
 
 
-def _bytes_of(msg: Message) -> int:
+def bytes_of(msg: Message) -> int:
     """Payload bytes of a message: its arrays plus its metric and config records."""
     content = msg.content
     total = sum(rec.count_bytes() for rec in content.array_records.values())
     total += sum(rec.count_bytes() for rec in content.metric_records.values())
-    total += sum(rec.count_bytes() for rec in content.config_records.values())
+    total += sum(_config_bytes(rec) for rec in content.config_records.values())
+    return total
+
+
+def _config_bytes(rec: Any) -> int:
+    """Flower's ConfigRecord.count_bytes, but an empty list counts 0 instead of raising."""
+    total = 0
+    for key, value in rec.items():
+        items = value if isinstance(value, list) else [value]
+        total += len(key) + sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)
     return total
 
 
@@ -43,6 +52,9 @@ class History:
     failures: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    round_trips: int = 0
+    drift_count: int = 0
+    secure: bool = False
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -58,6 +70,9 @@ class History:
         self.failures += len(record["failures"])
         self.bytes_up += record["bytes_up"]
         self.bytes_down += record["bytes_down"]
+        self.round_trips += record["round_trips"]
+        self.drift_count += record["drift_count"]
+        self.secure = self.secure or record.get("secure", False)
         for cid, rep in record["clients"].items():
             acc = self.per_client.setdefault(int(cid), {"seen": 0, "correct": 0})
             acc["seen"] += rep["examples"]
@@ -100,9 +115,11 @@ def round_record(
         "loss_sum": loss_sum,
         "accuracy": _ratio(correct, examples),
         "loss": _ratio(loss_sum, examples),
-        "bytes_down": sum(_bytes_of(msg) for msg in sent),
-        "bytes_up": sum(_bytes_of(r) for r in replies if not r.has_error()),
+        "bytes_down": sum(bytes_of(msg) for msg in sent),
+        "bytes_up": sum(bytes_of(r) for r in replies if not r.has_error()),
         "seconds": seconds,
+        "round_trips": 1,
+        "drift_count": sum(len(r.drifts) for r in reports),
         "drifts": [{"client": r.client, "position": p} for r in reports for p in r.drifts],
         "clients": {
             str(r.client): {
@@ -117,6 +134,37 @@ def round_record(
             }
             for r in sorted(reports, key=lambda r: r.client)
         },
+    }
+
+
+def secure_round_record(
+    server_round: int, sampled: int, outcome: Any, seconds: float
+) -> dict[str, Any]:
+    """A round record from a secure sum: totals only, since no single client's report exists.
+
+    `outcome` is a `fedstream.server.secure.SecureOutcome`.
+    """
+    t = outcome.totals
+    loss_sum = t["loss-sum-fp"] / m.FIXED_POINT
+    return {
+        "round": server_round,
+        "clients_sampled": sampled,
+        "clients_ok": outcome.clients_ok,
+        "failures": outcome.failures,
+        "examples": t["examples"],
+        "correct": t["correct"],
+        "loss_sum": loss_sum,
+        "accuracy": _ratio(t["correct"], t["examples"]),
+        "loss": _ratio(loss_sum, t["examples"]),
+        "bytes_down": outcome.bytes_down,
+        "bytes_up": outcome.bytes_up,
+        "seconds": seconds,
+        "secure": True,
+        "round_trips": outcome.round_trips,
+        "clipped_coordinates": t["clipped"],
+        "drift_count": t["drift-count"],
+        "drifts": [],  # who drifted is a client's own business under secure aggregation
+        "clients": {},
     }
 
 

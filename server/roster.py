@@ -49,8 +49,8 @@ class Roster:
     def learn(self, replies: Iterable[Message]) -> None:
         """Every train report names its client: learn identities without asking."""
         for reply in replies:
-            if not reply.has_error():
-                client = int(reply.content[m.METRICS]["client-id"])
+            client = None if reply.has_error() else m.client_id(reply.content)
+            if client is not None:
                 self.client_of[reply.metadata.src_node_id] = client
 
     def ordered(self, node_ids: Iterable[int]) -> list[int]:

@@ -18,9 +18,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
-from fedstream.server.grid import OrderedGrid
-from fedstream.server.records import History, round_record
+from fedstream.server.grid import OrderedGrid, send_and_collect
+from fedstream.server.records import History, round_record, secure_round_record
 from fedstream.server.roster import Roster
+from fedstream.server.secure import SecureAggregator
 
 ROSTER_TIMEOUT = 30.0  # a node that cannot say who it is within this is asked next round
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
@@ -35,6 +36,7 @@ class RoundSettings:
     evaluate_every: int = 0
     progress: bool = True
     sample_all: bool = False  # every node trains every round: identities can wait
+    secure: SecureAggregator | None = None  # sum encrypted updates instead of reading them
 
 
 def run_rounds(
@@ -50,11 +52,21 @@ def run_rounds(
     bar = tqdm(total=settings.rounds, disable=not settings.progress, unit="round", leave=True)
     for server_round in range(1, settings.rounds + 1):
         started = time.perf_counter()
-        sent, replies = _exchange(grid, roster, strategy, server_round, arrays, settings)
-        arrays, error = _aggregate(strategy, server_round, replies, arrays)
-        record = round_record(
-            server_round, sent, replies, roster.client_of, time.perf_counter() - started
-        )
+        if settings.secure is None:
+            sent, replies = _exchange(grid, roster, strategy, server_round, arrays, settings)
+            arrays, error = _aggregate(strategy, server_round, replies, arrays)
+            record = round_record(
+                server_round, sent, replies, roster.client_of, time.perf_counter() - started
+            )
+        else:
+            sent = _sample(grid, roster, strategy, server_round, arrays, settings)
+            outcome = settings.secure.round(
+                grid, strategy, server_round, arrays, sent, roster.client_of, settings.timeout
+            )
+            arrays, error = outcome.arrays, outcome.error
+            record = secure_round_record(
+                server_round, len(sent), outcome, time.perf_counter() - started
+            )
         record["aggregated"] = error is None
         if error:
             record["aggregation_error"] = error
@@ -77,21 +89,32 @@ def _exchange(
     settings: RoundSettings,
 ) -> tuple[list[Message], list[Message]]:
     """Sample clients, send them the model, and collect their replies in client order."""
-    roster_timeout = min(settings.timeout, ROSTER_TIMEOUT)
-    if not settings.sample_all:  # a seeded partial sample needs every identity first
-        roster.refresh(grid, timeout=roster_timeout)
-    ordered = OrderedGrid(grid, roster.ordered)
-    random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
-    sent = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
-    replies = list(ordered.send_and_receive(sent, timeout=settings.timeout))
+    sent = _sample(grid, roster, strategy, server_round, arrays, settings)
+    replies = send_and_collect(grid, sent, timeout=settings.timeout)
     roster.learn(replies)
     # Name a node that answered with an error; a silent node would only make us wait.
     failed = [r.metadata.src_node_id for r in replies if r.has_error()]
     if any(n not in roster.client_of for n in failed):
-        roster.refresh(grid, timeout=roster_timeout, nodes=failed)
+        roster.refresh(grid, timeout=min(settings.timeout, ROSTER_TIMEOUT), nodes=failed)
     # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.
     replies.sort(key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1))
     return sent, replies
+
+
+def _sample(
+    grid: Grid,
+    roster: Roster,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    settings: RoundSettings,
+) -> list[Message]:
+    """The strategy's train messages for this round, sampled reproducibly in client order."""
+    if not settings.sample_all:  # a seeded partial sample needs every identity first
+        roster.refresh(grid, timeout=min(settings.timeout, ROSTER_TIMEOUT))
+    random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
+    ordered = OrderedGrid(grid, roster.ordered)
+    return list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
 
 
 def _aggregate(

@@ -15,7 +15,10 @@ import numpy as np
 def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    return [accuracy_plot(plots, summary, records), clients_plot(plots, summary, records)]
+    made = [accuracy_plot(plots, summary, records)]
+    if any(rec["clients"] for rec in records):  # none under secure aggregation: only sums
+        made.append(clients_plot(plots, summary, records))
+    return made
 
 
 def _cumulative(records: list[dict[str, Any]]) -> list[float | None]:

@@ -45,6 +45,10 @@ def summarize(
         "bytes_up": history.bytes_up,
         "bytes_down": history.bytes_down,
         "drift_times": drift_times(cfg),
+        "drift_detections": history.drift_count,
+        "secure_aggregation": cfg.secure_aggregation.enabled,
+        "round_trips": history.round_trips,
+        "round_trips_per_round": history.round_trips / history.rounds if history.rounds else None,
         "per_client_accuracy": per_client,
     }
     if final_eval:

@@ -1,0 +1,107 @@
+"""The key schedule of fedstream's secure aggregation: every derivation, fixed byte for byte.
+
+All primitives come from `cryptography`; this module only fixes how they are chained, so a
+client written in another language can interoperate from the README and the known-answer
+tests alone. Integers are big-endian; `||` is concatenation.
+
+- `agree(sk, pk)`: X25519, 32 bytes.
+- `share_key`: HKDF-SHA256(ikm=agree(c_u, c_v), salt=session, info=b"fedstream/secagg/v1/share"
+  || u64(round) || u32(sender) || u32(receiver), 32 bytes); one key per direction and round.
+- `seal` / `open_`: ChaCha20-Poly1305 with that key, a random 12-byte nonce prepended to the
+  ciphertext, and the same info bytes as associated data, so a share can neither be replayed
+  into another round nor re-addressed.
+- `pair_seed`: HKDF-SHA256(ikm=agree(s_u, s_v), salt=session, info=b"fedstream/secagg/v1/pair"
+  || u64(round), 32 bytes); symmetric in u and v.
+- `keystream(seed, n)`: the first n bytes of ChaCha20(key=seed, 16-byte zero nonce/counter).
+- `commitment(b)`: SHA-256(b"fedstream/secagg/v1/commit" || b), published with a self-mask
+  seed so the server can check the seed it reconstructs.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+LABEL = b"fedstream/secagg/v1/"
+NONCE = 12
+RAW = serialization.Encoding.Raw
+
+
+class DecryptError(ValueError):
+    """A ciphertext that is not what its sender, receiver and round say it is."""
+
+
+def new_private_key() -> bytes:
+    return X25519PrivateKey.generate().private_bytes(
+        RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def public_key(private: bytes) -> bytes:
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(RAW, serialization.PublicFormat.Raw)
+    )
+
+
+def agree(private: bytes, peer_public: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(peer_public)
+    )
+
+
+def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def share_info(server_round: int, sender: int, receiver: int) -> bytes:
+    return LABEL + b"share" + struct.pack(">QII", server_round, sender, receiver)
+
+
+def share_key(
+    private: bytes,
+    peer_public: bytes,
+    session: bytes,
+    server_round: int,
+    sender: int,
+    receiver: int,
+) -> bytes:
+    info = share_info(server_round, sender, receiver)
+    return hkdf(agree(private, peer_public), session, info)
+
+
+def seal(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    nonce = os.urandom(NONCE)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, ad)
+
+
+def open_(key: bytes, ciphertext: bytes, ad: bytes) -> bytes:
+    try:
+        return ChaCha20Poly1305(key).decrypt(ciphertext[:NONCE], ciphertext[NONCE:], ad)
+    except (InvalidTag, ValueError) as err:
+        raise DecryptError("share does not authenticate") from err
+
+
+def pair_seed(private: bytes, peer_public: bytes, session: bytes, server_round: int) -> bytes:
+    return hkdf(
+        agree(private, peer_public), session, LABEL + b"pair" + struct.pack(">Q", server_round)
+    )
+
+
+def keystream(seed: bytes, nbytes: int) -> bytes:
+    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    return encryptor.update(bytes(nbytes))
+
+
+def commitment(seed: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(LABEL + b"commit" + seed)
+    return digest.finalize()

@@ -1,0 +1,408 @@
+"""Secure aggregation in two round trips: both sides of the protocol, without any transport.
+
+Parties are the clients of one round, numbered 1..n by the server. Each party u has a
+long-lived encryption key pair c_u (never revealed, so safe to reuse) and a fresh mask key
+pair s_u for every round it takes part in (advertised the round before). The server links
+each party to `degree` neighbours on a random ring (Bell et al. 2020; all others when the
+federation is small).
+
+Trip 1 (train). u trains, quantizes its update to ring elements x_u and sends
+    y_u = x_u + PRG(b_u) + sum_{w in N(u)} sign(u, w) PRG(seed_uw)
+where b_u is a fresh self-mask seed and seed_uw = HKDF(X25519(s_u, s_w), round) is shared
+with neighbour w (sign +1 if u < w, else -1, so each pair cancels in the sum). With y_u it
+sends, encrypted to each holder h in N(u) + {u}, Shamir shares (threshold t) of b_u and of
+every seed_uw, plus SHA-256 commitments to those secrets.
+
+Trip 2 (unmask). The server fixes the survivors S (parties whose y arrived and passed
+validation) and asks every survivor, as holder, for the shares it holds: of b_u for senders
+u in S, and of seed_uw for senders u in S and neighbours w that dropped. It reconstructs
+those secrets (checking each against its commitment), removes the self-masks of S and the
+pair masks between S and the dropped parties, and is left with sum_{u in S} x_u and
+nothing else. Because a pair seed is shared by the survivor who computed it, a survivor
+that vanishes after trip 1 costs nothing as long as t of the holders answer.
+
+A holder reveals a self-mask share only for a survivor and pair-seed shares only towards
+dropped parties, and answers once per round; with t > (degree + 1) / 2 the server can never
+hold both the self-mask and the pair masks of one party.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedstream.protocol import keyschedule as ks
+from fedstream.protocol import shamir
+from fedstream.protocol.fixedpoint import Quantizer
+
+TAIL_DTYPE = np.dtype("<u8")  # counts and metrics are summed exactly in Z / 2^64
+SELF = 0  # share tag of the self-mask seed; tag w > 0 is the pair seed with party w
+_ENTRY = struct.Struct(">I")
+MAX_RECOVERY_TRIES = 64
+
+
+class Rejected(ValueError):
+    """A message that must not enter the sum; its sender is treated as dropped."""
+
+
+class RoundFailed(RuntimeError):
+    """The sum cannot be recovered this round (too few survivors or shares)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    enc_pub: bytes
+    mask_pub: bytes
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """Everything one party needs from the server to mask its update."""
+
+    session: bytes
+    server_round: int
+    index: int
+    threshold: int
+    quantizer: Quantizer
+    tail_len: int
+    peers: Mapping[int, Peer]  # this party's neighbours
+    mask_pub: bytes  # which of its own mask keys the server expects it to use
+    max_weight: int = 1  # examples that weigh in full (the update is scaled by min(n, this))
+
+    @property
+    def holders(self) -> list[int]:
+        return sorted([*self.peers, self.index])
+
+
+@dataclass
+class MaskedInput:
+    """What a party uploads in trip 1 besides its identity."""
+
+    session: bytes
+    server_round: int
+    index: int
+    mask_pub: bytes
+    model: np.ndarray
+    tail: np.ndarray
+    commitments: dict[int, bytes]  # tag -> commitment (SELF, then one per neighbour)
+    shares: dict[int, bytes]  # holder -> ciphertext
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    session: bytes
+    server_round: int
+    survivors: frozenset[int]
+    threshold: int
+    ciphertexts: Mapping[int, bytes]  # sender -> ciphertext addressed to this holder
+    sender_enc_pubs: Mapping[int, bytes]
+
+
+@dataclass
+class UnmaskAnswer:
+    session: bytes
+    server_round: int
+    index: int
+    shares: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (sender, tag) -> share
+    rejected: dict[int, str] = field(default_factory=dict)  # sender -> why its share failed
+
+
+def effective_degree(parties: int, degree: int) -> int:
+    """Neighbours per party: all others when `degree` is 0 or covers them, else even."""
+    if degree <= 0 or degree >= parties - 1:
+        return parties - 1
+    return min(parties - 1, degree + degree % 2)
+
+
+def neighbour_graph(parties: int, degree: int) -> dict[int, list[int]]:
+    """Each party's neighbours: `degree / 2` either side on a secretly shuffled ring."""
+    k = effective_degree(parties, degree)
+    if k == parties - 1:
+        return {u: [w for w in range(1, parties + 1) if w != u] for u in range(1, parties + 1)}
+    ring = list(range(1, parties + 1))
+    secrets.SystemRandom().shuffle(ring)
+    graph: dict[int, set[int]] = {u: set() for u in ring}
+    for pos, u in enumerate(ring):
+        for step in range(1, k // 2 + 1):
+            w = ring[(pos + step) % parties]
+            graph[u].add(w)
+            graph[w].add(u)
+    return {u: sorted(ws) for u, ws in graph.items()}
+
+
+def check_threshold(threshold: int, group: int) -> None:
+    """t must exceed half a share group (so no server gets both masks) and fit in it."""
+    if not group // 2 < threshold <= group:
+        raise ValueError(
+            f"threshold {threshold} must be more than half of, and at most, the share group "
+            f"of {group} (degree + 1)"
+        )
+
+
+# --- party side -------------------------------------------------------------------------
+
+
+def expand(seed: bytes, quantizer: Quantizer, size: int, tail_len: int) -> tuple[np.ndarray, ...]:
+    """The mask a seed stands for: `size` ring elements, then `tail_len` 64-bit words."""
+    model_bytes = size * quantizer.dtype.itemsize
+    stream = ks.keystream(seed, model_bytes + tail_len * TAIL_DTYPE.itemsize)
+    model = np.frombuffer(stream, dtype=quantizer.dtype, count=size)
+    tail = np.frombuffer(stream, dtype=TAIL_DTYPE, count=tail_len, offset=model_bytes)
+    return model, tail
+
+
+def mask(
+    setup: RoundSetup, enc_sk: bytes, mask_sk: bytes, ring: np.ndarray, tail: Sequence[int]
+) -> MaskedInput:
+    """Trip 1, party side: mask quantized `ring` elements and a tail of exact integers."""
+    q = setup.quantizer
+    if len(tail) != setup.tail_len:
+        raise ValueError(f"tail has {len(tail)} values, the round expects {setup.tail_len}")
+    if ks.public_key(mask_sk) != setup.mask_pub:
+        raise ValueError("mask key does not match the one the server assigned")
+    y = np.array(ring, dtype=q.dtype, copy=True)
+    y_tail = np.array([v & (2**64 - 1) for v in tail], dtype=TAIL_DTYPE)
+    self_seed = secrets.token_bytes(32)
+    seeds = {SELF: self_seed}
+    for w, peer in setup.peers.items():
+        seeds[w] = ks.pair_seed(mask_sk, peer.mask_pub, setup.session, setup.server_round)
+    for tag, seed in seeds.items():
+        m_model, m_tail = expand(seed, q, y.size, setup.tail_len)
+        sign = 1 if tag == SELF or setup.index < tag else -1
+        q.add(y, m_model, sign)
+        y_tail = y_tail + m_tail if sign > 0 else y_tail - m_tail
+    holders = setup.holders
+    per_secret = {tag: shamir.split(seed, holders, setup.threshold) for tag, seed in seeds.items()}
+    own_pub = ks.public_key(enc_sk)
+    shares = {}
+    for h in holders:
+        pub = own_pub if h == setup.index else setup.peers[h].enc_pub
+        plain = b"".join(_ENTRY.pack(tag) + per_secret[tag][h] for tag in sorted(seeds))
+        key = ks.share_key(enc_sk, pub, setup.session, setup.server_round, setup.index, h)
+        shares[h] = ks.seal(key, plain, ks.share_info(setup.server_round, setup.index, h))
+    return MaskedInput(
+        session=setup.session,
+        server_round=setup.server_round,
+        index=setup.index,
+        mask_pub=setup.mask_pub,
+        model=y,
+        tail=y_tail,
+        commitments={tag: ks.commitment(seed) for tag, seed in seeds.items()},
+        shares=shares,
+    )
+
+
+def answer(request: UnmaskRequest, index: int, enc_sk: bytes) -> UnmaskAnswer:
+    """Trip 2, holder side: the shares this holder may reveal, and nothing more.
+
+    Self-mask shares only for survivors; pair-seed shares only towards parties that are not
+    survivors. A survivor set below the threshold, or without this holder, is refused.
+    """
+    survivors, threshold = request.survivors, max(2, request.threshold)
+    if index not in survivors:
+        raise Rejected(f"holder {index} is not among the survivors it is asked to unmask")
+    if len(survivors) < threshold:
+        raise Rejected(f"{len(survivors)} survivors, fewer than the threshold {threshold}")
+    out = UnmaskAnswer(request.session, request.server_round, index)
+    for sender, ciphertext in request.ciphertexts.items():
+        if sender not in survivors:
+            out.rejected[sender] = "sender is not a survivor"
+            continue
+        try:
+            key = ks.share_key(
+                enc_sk,
+                request.sender_enc_pubs[sender],
+                request.session,
+                request.server_round,
+                sender,
+                index,
+            )
+            plain = ks.open_(key, ciphertext, ks.share_info(request.server_round, sender, index))
+            entries = _parse_entries(plain)
+        except (KeyError, ValueError) as err:
+            out.rejected[sender] = str(err) or type(err).__name__
+            continue
+        for tag, share in entries.items():
+            if (tag == SELF) or (tag not in survivors):
+                out.shares[(sender, tag)] = share
+    return out
+
+
+def _parse_entries(plain: bytes) -> dict[int, bytes]:
+    size = _ENTRY.size + shamir.SHARE_BYTES
+    if len(plain) % size:
+        raise ValueError("share payload has a partial entry")
+    entries = {}
+    for off in range(0, len(plain), size):
+        (tag,) = _ENTRY.unpack_from(plain, off)
+        entries[tag] = plain[off + _ENTRY.size : off + size]
+    return entries
+
+
+# --- server side ------------------------------------------------------------------------
+
+
+class Aggregation:
+    """The server's view of one round: folds masked inputs as they arrive, then unmasks.
+
+    Memory is one accumulator the size of the model, whatever the number of parties.
+    """
+
+    def __init__(
+        self,
+        session: bytes,
+        server_round: int,
+        quantizer: Quantizer,
+        threshold: int,
+        graph: Mapping[int, Sequence[int]],
+        peers: Mapping[int, Peer],
+        size: int,
+        tail_len: int,
+        max_weight: int = 1,
+    ) -> None:
+        self.session, self.server_round = session, server_round
+        self.q, self.threshold = quantizer, threshold
+        self.graph, self.peers = graph, peers
+        self.size, self.tail_len, self.max_weight = size, tail_len, max_weight
+        self.acc = np.zeros(size, dtype=quantizer.dtype)
+        self.acc_tail = np.zeros(tail_len, dtype=TAIL_DTYPE)
+        self.survivors: set[int] = set()
+        self.commitments: dict[int, dict[int, bytes]] = {}
+        self.ciphertexts: dict[int, dict[int, bytes]] = {}  # holder -> sender -> ciphertext
+        self.shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (sender, tag) -> x -> y
+
+    def setup_for(self, index: int) -> RoundSetup:
+        return RoundSetup(
+            session=self.session,
+            server_round=self.server_round,
+            index=index,
+            threshold=self.threshold,
+            quantizer=self.q,
+            tail_len=self.tail_len,
+            peers={w: self.peers[w] for w in self.graph[index]},
+            mask_pub=self.peers[index].mask_pub,
+            max_weight=self.max_weight,
+        )
+
+    def accept(self, msg: MaskedInput) -> None:
+        """Fold one masked input into the sum, or reject it (nothing folded) with a reason."""
+        u = msg.index
+        if msg.session != self.session:
+            raise Rejected("masked input from another session")
+        if msg.server_round != self.server_round:
+            raise Rejected(
+                f"masked input for round {msg.server_round}, this is {self.server_round}"
+            )
+        if u not in self.graph or u in self.survivors:
+            raise Rejected(f"party {u} is not expected (unknown, or already counted)")
+        if msg.mask_pub != self.peers[u].mask_pub:
+            raise Rejected("masked with a key other than this round's (replayed?)")
+        if not isinstance(msg.model, np.ndarray) or msg.model.dtype != self.q.dtype:
+            got = getattr(msg.model, "dtype", type(msg.model).__name__)
+            raise Rejected(f"masked vector must be {self.q.dtype}, got {got}")
+        if msg.model.shape != (self.size,):
+            raise Rejected(f"masked vector has shape {msg.model.shape}, expected ({self.size},)")
+        if (
+            not isinstance(msg.tail, np.ndarray)
+            or msg.tail.dtype != TAIL_DTYPE
+            or msg.tail.shape != (self.tail_len,)
+        ):
+            raise Rejected("masked tail has the wrong type or length")
+        tags = {SELF, *self.graph[u]}
+        if set(msg.commitments) != tags or any(len(c) != 32 for c in msg.commitments.values()):
+            raise Rejected("commitments do not match the party's neighbours")
+        holders = {u, *self.graph[u]}
+        if set(msg.shares) != holders or any(not isinstance(c, bytes) for c in msg.shares.values()):
+            raise Rejected("shares are not addressed to exactly the party's holders")
+        self.q.add(self.acc, msg.model)
+        self.acc_tail += msg.tail
+        self.survivors.add(u)
+        self.commitments[u] = dict(msg.commitments)
+        for h, ciphertext in msg.shares.items():
+            self.ciphertexts.setdefault(h, {})[u] = ciphertext
+
+    def check_survivors(self) -> None:
+        """Refuse to unmask when the sum would say too much: too few, or split, survivors."""
+        s = self.survivors
+        if len(s) < self.threshold:
+            raise RoundFailed(
+                f"{len(s)} of {len(self.graph)} clients survived, threshold is {self.threshold}"
+            )
+        start = min(s)
+        seen, todo = {start}, [start]
+        while todo:
+            for w in self.graph[todo.pop()]:
+                if w in s and w not in seen:
+                    seen.add(w)
+                    todo.append(w)
+        if seen != s:
+            raise RoundFailed("survivors are split into groups whose sums could be told apart")
+
+    def request_for(self, holder: int) -> UnmaskRequest:
+        senders = {u: c for u, c in self.ciphertexts.get(holder, {}).items() if u in self.survivors}
+        return UnmaskRequest(
+            session=self.session,
+            server_round=self.server_round,
+            survivors=frozenset(self.survivors),
+            threshold=self.threshold,
+            ciphertexts=senders,
+            sender_enc_pubs={u: self.peers[u].enc_pub for u in senders},
+        )
+
+    def take(self, ans: UnmaskAnswer) -> None:
+        """Keep the shares of one holder's answer; a malformed answer is refused whole."""
+        h = ans.index
+        if ans.session != self.session or ans.server_round != self.server_round:
+            raise Rejected("unmask answer for another round or session")
+        if h not in self.survivors:
+            raise Rejected(f"holder {h} is not a survivor")
+        for (sender, tag), share in ans.shares.items():
+            wanted = sender in self.survivors and (
+                tag == SELF or (tag in self.graph[sender] and tag not in self.survivors)
+            )
+            if not wanted or h not in (sender, *self.graph[sender]):
+                raise Rejected(f"holder {h} sent a share it should not have ({sender}, {tag})")
+            if not isinstance(share, bytes) or len(share) != shamir.SHARE_BYTES:
+                raise Rejected(f"share ({sender}, {tag}) from holder {h} is malformed")
+        for key, share in ans.shares.items():
+            self.shares.setdefault(key, {})[h] = share
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The unmasked sum (ring elements, exact tail), or RoundFailed naming what is missing."""
+        acc, tail = self.acc.copy(), self.acc_tail.copy()
+        for u in sorted(self.survivors):
+            seed = self._recover(u, SELF)
+            m_model, m_tail = expand(seed, self.q, self.size, self.tail_len)
+            self.q.add(acc, m_model, -1)
+            tail -= m_tail
+            for w in self.graph[u]:
+                if w in self.survivors:
+                    continue
+                m_model, m_tail = expand(self._recover(u, w), self.q, self.size, self.tail_len)
+                sign = 1 if u < w else -1  # u added sign * PRG(seed_uw): take it back out
+                self.q.add(acc, m_model, -sign)
+                tail = tail - m_tail if sign > 0 else tail + m_tail
+        return acc, tail
+
+    def _recover(self, sender: int, tag: int) -> bytes:
+        shares = self.shares.get((sender, tag), {})
+        if len(shares) < self.threshold:
+            what = "self-mask" if tag == SELF else f"pair mask with {tag}"
+            raise RoundFailed(
+                f"only {len(shares)} of {self.threshold} shares of client {sender}'s {what}"
+            )
+        expected = self.commitments[sender][tag]
+        combos = itertools.combinations(sorted(shares), self.threshold)
+        for combo in itertools.islice(combos, MAX_RECOVERY_TRIES):
+            try:
+                secret = shamir.reconstruct({x: shares[x] for x in combo})
+            except ValueError:
+                continue
+            if ks.commitment(secret) == expected:
+                return secret
+        raise RoundFailed(f"shares of client {sender}'s masks do not match its commitment")

@@ -1,0 +1,56 @@
+"""Shamir t-of-n secret sharing of 32-byte secrets over the prime field GF(2^521 - 1).
+
+A Mersenne prime above 2^256 holds any 32-byte secret as one field element, so a share is one
+element (66 bytes) and there is no chunking to get wrong. Coefficients come from the OS
+CSPRNG (`secrets`). Any t shares give the secret; fewer give a value that is uniformly
+random over the field, which is what `reconstruct` returns (it cannot tell).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+
+PRIME = 2**521 - 1
+SHARE_BYTES = 66
+
+
+def split(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, bytes]:
+    """Shares of `secret` for each holder x (distinct, 1 <= x < PRIME); `threshold` recover it."""
+    if not 1 <= threshold <= len(holders):
+        raise ValueError(f"threshold {threshold} outside 1..{len(holders)} holders")
+    if len(set(holders)) != len(holders) or any(not 0 < x < PRIME for x in holders):
+        raise ValueError("share holders must be distinct positive integers")
+    coeffs = [int.from_bytes(secret, "big")] + [
+        secrets.randbelow(PRIME) for _ in range(threshold - 1)
+    ]
+    return {x: _evaluate(coeffs, x).to_bytes(SHARE_BYTES, "big") for x in holders}
+
+
+def reconstruct(shares: Mapping[int, bytes], length: int = 32) -> bytes:
+    """The secret behind `shares` (x -> share), by Lagrange interpolation at 0.
+
+    Raises ValueError when the result cannot be a `length`-byte secret, which is what fewer
+    than t shares (or a tampered one) give in all but a negligible fraction of cases.
+    """
+    if not shares:
+        raise ValueError("no shares")
+    points = [(x, int.from_bytes(y, "big")) for x, y in shares.items()]
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num = num * xj % PRIME
+                den = den * (xj - xi) % PRIME
+        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    if secret >= 1 << (8 * length):
+        raise ValueError("shares do not reconstruct a secret (too few, or inconsistent)")
+    return secret.to_bytes(length, "big")
+
+
+def _evaluate(coeffs: Sequence[int], x: int) -> int:
+    acc = 0
+    for c in reversed(coeffs):
+        acc = (acc * x + c) % PRIME
+    return acc

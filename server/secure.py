@@ -1,0 +1,293 @@
+"""The server side of secure aggregation: one round in two trips, then Flower's strategy.
+
+Trip 1 sends the model with each client's round setup (its index, neighbours and their
+keys) and folds each masked reply into one accumulator as it arrives. Trip 2 asks the
+survivors for the shares that unmask the sum. The unmasked sum becomes a single averaged
+update that Flower's strategy (FedAvg, FedAvgM, FedAdam, FedYogi) aggregates as usual, so
+server optimizers work unchanged on top of the secure sum.
+
+Mask keys are single-use: each reply offers the client's key for its next round, and the
+server forgets a key once a round used it. Only a client the server has no fresh key for
+(its first round, or after it dropped) costs an extra trip to fetch one.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedstream.protocol import messages as m
+from fedstream.protocol import secagg, updates
+from fedstream.protocol import secagg_wire as wire
+from fedstream.protocol.config import SecureAggregationConfig
+from fedstream.protocol.fixedpoint import Quantizer
+from fedstream.server.grid import send_and_collect
+from fedstream.server.records import bytes_of
+
+
+def auto_degree(parties: int) -> int:
+    """Neighbours per client when the config leaves it open: O(log n), as Bell et al."""
+    return min(parties - 1, 2 * math.ceil(1.5 * math.log2(max(parties, 2))))
+
+
+def threshold_for(cfg: SecureAggregationConfig, group: int) -> int:
+    if isinstance(cfg.threshold, int):
+        return cfg.threshold
+    return max(group // 2 + 1, math.ceil(cfg.threshold * group))
+
+
+@dataclass
+class SecureOutcome:
+    """What a secure round yields for the round record."""
+
+    arrays: ArrayRecord
+    error: str | None = None
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(m.TAIL, 0))
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    clients_ok: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_trips: int = 0
+
+
+class SecureAggregator:
+    """Runs the secure rounds of one federation; keeps the keys clients offered."""
+
+    def __init__(self, cfg: SecureAggregationConfig) -> None:
+        self.cfg = cfg
+        self.session = secrets.token_bytes(16)
+        self.enc_pub: dict[int, bytes] = {}  # node -> long-lived encryption key
+        self.mask_pub: dict[int, bytes] = {}  # node -> one unused mask key
+
+    def round(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        server_round: int,
+        arrays: ArrayRecord,
+        sent: list[Message],
+        client_of: dict[int, int],
+        timeout: float,
+    ) -> SecureOutcome:
+        out = SecureOutcome(arrays)
+        nodes = [msg.metadata.dst_node_id for msg in sent]
+        self._fetch_keys(
+            [n for n in nodes if n not in self.mask_pub], grid, timeout, out, client_of
+        )
+        parties = [n for n in nodes if n in self.mask_pub and n in self.enc_pub]
+        try:
+            agg = self._aggregation(server_round, parties, updates.size(arrays))
+        except (ValueError, secagg.RoundFailed) as err:
+            out.error = str(err)
+            return out
+        index = {node: i for i, node in enumerate(parties, start=1)}
+        for node in parties:
+            del self.mask_pub[node]  # single use, whatever happens next
+        messages = [
+            _with_setup(msg, agg.setup_for(index[msg.metadata.dst_node_id]))
+            for msg in sent
+            if msg.metadata.dst_node_id in index
+        ]
+        out.bytes_down += sum(bytes_of(msg) for msg in messages)
+
+        def fold(reply: Message) -> None:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                out.failures.append(_failure(client_of, node, "train", reply.error.reason))
+                return
+            out.bytes_up += bytes_of(reply)
+            try:
+                masked, next_pub = wire.read_masked(reply.content)
+                if masked.index != index.get(node):
+                    raise secagg.Rejected(
+                        f"claims index {masked.index}, was given {index.get(node)}"
+                    )
+                agg.accept(masked)
+            except secagg.Rejected as err:
+                out.failures.append(_failure(client_of, node, "masked input", f"rejected: {err}"))
+                return
+            client = m.client_id(reply.content)
+            if client is not None:
+                client_of[node] = client
+            self.mask_pub[node] = next_pub
+
+        answered = _collect(grid, messages, timeout, fold)
+        out.round_trips += 1
+        for node in parties:
+            if node not in answered:
+                out.failures.append(_failure(client_of, node, "train", "no reply before timeout"))
+        out.clients_ok = len(agg.survivors)
+        try:
+            agg.check_survivors()
+            self._unmask(agg, grid, {i: n for n, i in index.items()}, timeout, out, client_of)
+            ring, tail = agg.result()
+        except secagg.RoundFailed as err:
+            out.error = f"secure aggregation failed: {err}"
+            return out
+        return self._finish(strategy, server_round, arrays, agg, ring, tail, out)
+
+    def _aggregation(self, server_round: int, parties: list[int], size: int) -> secagg.Aggregation:
+        n = len(parties)
+        if n < 2:
+            raise secagg.RoundFailed(f"{n} client(s) ready: a secure sum needs at least 2")
+        degree = secagg.effective_degree(n, self.cfg.degree or auto_degree(n))
+        threshold = threshold_for(self.cfg, degree + 1)
+        secagg.check_threshold(threshold, degree + 1)
+        peers = {
+            i: secagg.Peer(self.enc_pub[node], self.mask_pub[node])
+            for i, node in enumerate(parties, start=1)
+        }
+        return secagg.Aggregation(
+            session=self.session,
+            server_round=server_round,
+            quantizer=Quantizer(self.cfg.bits, self.cfg.clip, n),
+            threshold=threshold,
+            graph=secagg.neighbour_graph(n, degree),
+            peers=peers,
+            size=size,
+            tail_len=len(m.TAIL),
+            max_weight=self.cfg.max_weight,
+        )
+
+    def _fetch_keys(
+        self,
+        nodes: list[int],
+        grid: Grid,
+        timeout: float,
+        out: SecureOutcome,
+        client_of: dict[int, int],
+    ) -> None:
+        if not nodes:
+            return
+        queries = [
+            Message(
+                RecordDict({m.CONFIG: ConfigRecord({m.QUERY_KIND: m.KEYS})}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in nodes
+        ]
+        out.round_trips += 1
+        for reply in send_and_collect(grid, queries, timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                out.failures.append(_failure(client_of, node, "keys", reply.error.reason))
+                continue
+            rec = reply.content.config_records.get(m.SECAGG)
+            enc, mask = (rec or {}).get("enc-pub"), (rec or {}).get("mask-pub")
+            if not (
+                isinstance(enc, bytes)
+                and isinstance(mask, bytes)
+                and len(enc) == 32
+                and len(mask) == 32
+            ):
+                out.failures.append(_failure(client_of, node, "keys", "malformed key offer"))
+                continue
+            if node in self.enc_pub and self.enc_pub[node] != enc:
+                out.failures.append(_failure(client_of, node, "keys", "encryption key changed"))
+                continue
+            self.enc_pub[node], self.mask_pub[node] = enc, mask
+
+    def _unmask(
+        self,
+        agg: secagg.Aggregation,
+        grid: Grid,
+        node_of: dict[int, int],
+        timeout: float,
+        out: SecureOutcome,
+        client_of: dict[int, int],
+    ) -> None:
+        queries = [
+            Message(
+                RecordDict({m.CONFIG: wire.request_record(agg.request_for(i), i)}),
+                dst_node_id=node_of[i],
+                message_type=MessageType.QUERY,
+            )
+            for i in sorted(agg.survivors)
+        ]
+        out.bytes_down += sum(bytes_of(q) for q in queries)
+
+        def take(reply: Message) -> None:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                out.failures.append(_failure(client_of, node, "unmask", reply.error.reason))
+                return
+            out.bytes_up += bytes_of(reply)
+            try:
+                answer = wire.read_answer(reply.content[m.SECAGG])
+                if node_of.get(answer.index) != node:
+                    raise secagg.Rejected(f"answers as holder {answer.index}")
+                agg.take(answer)
+            except (secagg.Rejected, KeyError) as err:
+                out.failures.append(_failure(client_of, node, "unmask", f"rejected: {err}"))
+
+        _collect(grid, queries, timeout, take)
+        out.round_trips += 1
+
+    def _finish(
+        self,
+        strategy: Strategy,
+        server_round: int,
+        arrays: ArrayRecord,
+        agg: secagg.Aggregation,
+        ring: np.ndarray,
+        tail: np.ndarray,
+        out: SecureOutcome,
+    ) -> SecureOutcome:
+        totals = {name: int(v) for name, v in zip(m.TAIL, tail.astype(np.int64), strict=True)}
+        if totals["contributors"] != len(agg.survivors):
+            out.error = "secure aggregation failed: the unmasked sum did not pass its check"
+            return out
+        out.totals = totals
+        if totals["weight"] <= 0:
+            out.error = "no client update to aggregate"
+            return out
+        mean_delta = agg.q.decode(ring) * (self.cfg.max_weight / totals["weight"])
+        averaged = Message(
+            RecordDict(
+                {
+                    m.ARRAYS: updates.shifted(arrays, mean_delta),
+                    m.METRICS: MetricRecord({m.NUM_EXAMPLES: totals["examples"]}),
+                }
+            ),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        try:
+            new, _ = strategy.aggregate_train(server_round, [averaged])
+        except Exception as err:
+            out.error = f"{type(err).__name__}: {err}"
+            return out
+        if new is None:
+            out.error = "no client update to aggregate"
+        else:
+            out.arrays = new
+        return out
+
+
+def _with_setup(msg: Message, setup: secagg.RoundSetup) -> Message:
+    content = RecordDict(dict(msg.content.items()))
+    content[m.SECAGG] = wire.setup_record(setup)
+    return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.TRAIN)
+
+
+def _collect(grid: Grid, messages: list[Message], timeout: float, fold) -> set[int]:
+    answered: set[int] = set()
+
+    def on_reply(reply: Message) -> None:
+        answered.add(reply.metadata.src_node_id)
+        fold(reply)
+
+    send_and_collect(grid, messages, timeout, on_reply=on_reply)
+    return answered
+
+
+def _failure(client_of: dict[int, int], node: int, stage: str, reason: str) -> dict[str, Any]:
+    return {"client": client_of.get(node), "stage": stage, "reason": reason}
