@@ -138,7 +138,7 @@ def round_record(
 
 
 def secure_round_record(
-    server_round: int, sampled: int, outcome: Any, seconds: float
+    server_round: int, sampled: int, outcome: Any, client_of: dict[int, int], seconds: float
 ) -> dict[str, Any]:
     """A round record from a secure sum: totals only, since no single client's report exists.
 
@@ -150,7 +150,10 @@ def secure_round_record(
         "round": server_round,
         "clients_sampled": sampled,
         "clients_ok": outcome.clients_ok,
-        "failures": outcome.failures,
+        "failures": [
+            {"client": client_of.get(f["node"]), "stage": f["stage"], "reason": f["reason"]}
+            for f in outcome.failures
+        ],
         "examples": t["examples"],
         "correct": t["correct"],
         "loss_sum": loss_sum,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fedstream.server.grid import OrderedGrid, send_and_collect
 from fedstream.server.records import History, round_record, secure_round_record
 from fedstream.server.roster import Roster
-from fedstream.server.secure import SecureAggregator
+from fedstream.server.secure import SILENT, SecureAggregator
 
 ROSTER_TIMEOUT = 30.0  # a node that cannot say who it is within this is asked next round
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
@@ -64,8 +64,10 @@ def run_rounds(
                 grid, strategy, server_round, arrays, sent, roster.client_of, settings.timeout
             )
             arrays, error = outcome.arrays, outcome.error
+            answered = [f["node"] for f in outcome.failures if f["reason"] != SILENT]
+            _name_failed(grid, roster, answered, settings)
             record = secure_round_record(
-                server_round, len(sent), outcome, time.perf_counter() - started
+                server_round, len(sent), outcome, roster.client_of, time.perf_counter() - started
             )
         record["aggregated"] = error is None
         if error:
@@ -92,13 +94,16 @@ def _exchange(
     sent = _sample(grid, roster, strategy, server_round, arrays, settings)
     replies = send_and_collect(grid, sent, timeout=settings.timeout)
     roster.learn(replies)
-    # Name a node that answered with an error; a silent node would only make us wait.
-    failed = [r.metadata.src_node_id for r in replies if r.has_error()]
-    if any(n not in roster.client_of for n in failed):
-        roster.refresh(grid, timeout=min(settings.timeout, ROSTER_TIMEOUT), nodes=failed)
+    _name_failed(grid, roster, [r.metadata.src_node_id for r in replies if r.has_error()], settings)
     # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.
     replies.sort(key=lambda r: roster.client_of.get(r.metadata.src_node_id, -1))
     return sent, replies
+
+
+def _name_failed(grid: Grid, roster: Roster, nodes: list[int], settings: RoundSettings) -> None:
+    """Learn which clients failed nodes are; a silent node would only make us wait."""
+    if any(n not in roster.client_of for n in nodes):
+        roster.refresh(grid, timeout=min(settings.timeout, ROSTER_TIMEOUT), nodes=nodes)
 
 
 def _sample(

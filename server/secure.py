@@ -31,6 +31,8 @@ from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server.grid import send_and_collect
 from fedstream.server.records import bytes_of
 
+SILENT = "no reply before timeout"
+
 
 def auto_degree(parties: int) -> int:
     """Neighbours per client when the config leaves it open: O(log n), as Bell et al."""
@@ -50,7 +52,7 @@ class SecureOutcome:
     arrays: ArrayRecord
     error: str | None = None
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(m.TAIL, 0))
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # node, stage, reason
     clients_ok: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -100,7 +102,7 @@ class SecureAggregator:
         def fold(reply: Message) -> None:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out.failures.append(_failure(client_of, node, "train", reply.error.reason))
+                out.failures.append(_failure(node, "train", reply.error.reason))
                 return
             out.bytes_up += bytes_of(reply)
             try:
@@ -111,7 +113,7 @@ class SecureAggregator:
                     )
                 agg.accept(masked)
             except secagg.Rejected as err:
-                out.failures.append(_failure(client_of, node, "masked input", f"rejected: {err}"))
+                out.failures.append(_failure(node, "masked input", f"rejected: {err}"))
                 return
             client = m.client_id(reply.content)
             if client is not None:
@@ -122,7 +124,7 @@ class SecureAggregator:
         out.round_trips += 1
         for node in parties:
             if node not in answered:
-                out.failures.append(_failure(client_of, node, "train", "no reply before timeout"))
+                out.failures.append(_failure(node, "train", SILENT))
         out.clients_ok = len(agg.survivors)
         try:
             agg.check_survivors()
@@ -178,7 +180,7 @@ class SecureAggregator:
         for reply in send_and_collect(grid, queries, timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out.failures.append(_failure(client_of, node, "keys", reply.error.reason))
+                out.failures.append(_failure(node, "keys", reply.error.reason))
                 continue
             rec = reply.content.config_records.get(m.SECAGG)
             enc, mask = (rec or {}).get("enc-pub"), (rec or {}).get("mask-pub")
@@ -188,10 +190,10 @@ class SecureAggregator:
                 and len(enc) == 32
                 and len(mask) == 32
             ):
-                out.failures.append(_failure(client_of, node, "keys", "malformed key offer"))
+                out.failures.append(_failure(node, "keys", "malformed key offer"))
                 continue
             if node in self.enc_pub and self.enc_pub[node] != enc:
-                out.failures.append(_failure(client_of, node, "keys", "encryption key changed"))
+                out.failures.append(_failure(node, "keys", "encryption key changed"))
                 continue
             self.enc_pub[node], self.mask_pub[node] = enc, mask
 
@@ -217,7 +219,7 @@ class SecureAggregator:
         def take(reply: Message) -> None:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out.failures.append(_failure(client_of, node, "unmask", reply.error.reason))
+                out.failures.append(_failure(node, "unmask", reply.error.reason))
                 return
             out.bytes_up += bytes_of(reply)
             try:
@@ -226,7 +228,7 @@ class SecureAggregator:
                     raise secagg.Rejected(f"answers as holder {answer.index}")
                 agg.take(answer)
             except (secagg.Rejected, KeyError) as err:
-                out.failures.append(_failure(client_of, node, "unmask", f"rejected: {err}"))
+                out.failures.append(_failure(node, "unmask", f"rejected: {err}"))
 
         _collect(grid, queries, timeout, take)
         out.round_trips += 1
@@ -289,5 +291,5 @@ def _collect(grid: Grid, messages: list[Message], timeout: float, fold) -> set[i
     return answered
 
 
-def _failure(client_of: dict[int, int], node: int, stage: str, reason: str) -> dict[str, Any]:
-    return {"client": client_of.get(node), "stage": stage, "reason": reason}
+def _failure(node: int, stage: str, reason: str) -> dict[str, Any]:
+    return {"node": node, "stage": stage, "reason": reason}

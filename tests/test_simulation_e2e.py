@@ -88,11 +88,28 @@ def test_same_seed_same_results(small_run: Path, tmp_path: Path) -> None:
         assert a == b
 
 
-def test_failing_clients_do_not_stop_the_federation(tmp_path: Path) -> None:
+def test_secure_aggregation_costs_no_accuracy(small_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "secure"
+    proc = fedstream("sim", *SMALL, "--set", "evaluation.every=1", "--set",
+                     "secure_aggregation.enabled=true", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads((small_run / "summary.json").read_text())
+    secure = json.loads((out / "summary.json").read_text())
+    assert secure["secure_aggregation"] is True and plain["secure_aggregation"] is False
+    assert secure["samples_seen"] == plain["samples_seen"]
+    assert abs(secure["prequential_accuracy"] - plain["prequential_accuracy"]) < 0.005
+    assert secure["round_trips"] == 3 + 2 + 2  # keys once, then two trips a round
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["secure"] and r["clients"] == {} for r in records)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
+def test_failing_clients_do_not_stop_the_federation(tmp_path: Path, secure: bool) -> None:
     out = tmp_path / "flaky"
     proc = fedstream(
         "sim", *SMALL, "--set", "simulation.dropout=0.4", "--set", 'federation.strategy="fedadam"',
-        "--set", "federation.server_lr=0.05", "--quiet", "--out", str(out),
+        "--set", "federation.server_lr=0.05",
+        "--set", f"secure_aggregation.enabled={str(secure).lower()}", "--quiet", "--out", str(out),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

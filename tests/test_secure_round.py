@@ -1,0 +1,163 @@
+"""Secure rounds end to end over real ClientApps: what the server sees, what it refuses.
+
+Every client runs fedstream's real ClientApp (learner, secure-aggregation mod) behind a
+loopback grid; the tamper hook plays the network or a misbehaving client.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from flwr.app import Message
+from loopback_grid import LoopbackGrid
+
+from fedstream.protocol import messages as m
+from fedstream.protocol.config import load
+from fedstream.server.app import run_federation
+from fedstream.sim.client_app import sim_client_app
+from fedstream.sim.federation import federation
+
+BASE = [
+    "federation.clients=6",
+    "federation.rounds=4",
+    "federation.round_timeout=0.3",
+    "output.progress=false",
+    "stream.rate=20.0",
+]
+
+
+def _run(tmp_path, overrides=(), tamper=None):
+    cfg = load(None, [*BASE, *overrides])
+    grid = LoopbackGrid(sim_client_app(cfg), cfg.federation.clients, tamper)
+    evaluated: list[np.ndarray] = []
+
+    def keep(_round, arrays):
+        evaluated.append(np.concatenate([a.numpy().ravel() for a in arrays.values()]))
+        return {}
+
+    records: list[dict] = []
+    run_federation(
+        grid, cfg, federation(cfg).initial_arrays(), tmp_path,
+        evaluate=keep if "evaluation.every=1" in overrides else None,
+        on_round=lambda rec, _h: records.append(rec),
+    )
+    return grid, records, evaluated
+
+
+def test_secure_rounds_match_plaintext_and_send_nothing_in_clear(tmp_path):
+    seen: list[Message] = []
+
+    def spy(_node, reply):
+        seen.append(reply)
+        return reply
+
+    _, plain, _ = _run(tmp_path / "p")
+    _, secure, _ = _run(tmp_path / "s", ["secure_aggregation.enabled=true"], spy)
+    assert [r["examples"] for r in secure] == [r["examples"] for r in plain]
+    for s, p in zip(secure, plain, strict=True):
+        assert abs(s["accuracy"] - p["accuracy"]) < 0.005
+        assert s["secure"] and s["aggregated"] and s["clients"] == {} and not s["failures"]
+    assert [r["round_trips"] for r in secure] == [3, 2, 2, 2]  # keys fetched once
+    train_replies = [r for r in seen if m.MASKED in r.content.array_records]
+    assert len(train_replies) == 6 * 4
+    for reply in train_replies:  # no model, no count, no metric leaves a device in the clear
+        assert not reply.content.metric_records and m.ARRAYS not in reply.content
+        assert reply.content[m.MASKED]["model"].numpy().dtype == np.uint32
+
+
+def _tamper_in_round(target_round: int, node_index: int, change):
+    """Apply `change` to one client's masked reply in one round; record earlier replies."""
+    history: dict[int, list[Message]] = {}
+
+    def tamper(node, reply):
+        if m.SECAGG not in reply.content.config_records or m.MASKED not in reply.content:
+            return reply
+        history.setdefault(node, []).append(copy.deepcopy(reply))
+        rnd = int(reply.content[m.SECAGG]["round"])
+        if rnd == target_round and node == 1000 + node_index:
+            change(reply, history[node])
+        return reply
+
+    return tamper
+
+
+def _replay(reply, earlier):
+    reply.content = copy.deepcopy(earlier[-2].content)  # its round-1 reply, again
+
+
+def _wrong_round(reply, _earlier):
+    reply.content[m.SECAGG]["round"] = 1
+
+
+def _truncate(reply, _earlier):
+    arr = reply.content[m.MASKED]["model"].numpy()
+    reply.content[m.MASKED]["model"] = type(reply.content[m.MASKED]["model"])(arr[:-1])
+
+
+def _bad_share(reply, _earlier):
+    reply.content[m.SECAGG]["shares"] = reply.content[m.SECAGG]["shares"][:-1]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (_replay, "round 1"),
+        (_wrong_round, "round 1"),
+        (_truncate, "shape"),
+        (_bad_share, "shares"),
+    ],
+)
+def test_a_bad_masked_input_is_rejected_and_the_round_goes_on(tmp_path, change, reason):
+    _, records, _ = _run(
+        tmp_path, ["secure_aggregation.enabled=true"], _tamper_in_round(2, 3, change)
+    )
+    second = records[1]
+    assert second["aggregated"], second.get("aggregation_error")
+    assert second["clients_ok"] == 5
+    [failure] = second["failures"]
+    assert failure["client"] == 3 and failure["stage"] == "masked input"
+    assert "rejected" in failure["reason"] and reason in failure["reason"]
+    # The client is back next round, with a fresh key fetched for it.
+    assert records[2]["clients_ok"] == 6 and records[2]["round_trips"] == 3
+
+
+def test_below_threshold_the_round_fails_and_the_model_is_kept(tmp_path):
+    def drop_most_in_round_2(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        if rec is not None and m.MASKED in reply.content and rec["round"] == 2 and node > 1001:
+            return None  # four of six never arrive
+        return reply
+
+    _, records, models = _run(
+        tmp_path, ["secure_aggregation.enabled=true", "evaluation.every=1"], drop_most_in_round_2
+    )
+    assert records[0]["aggregated"] and records[2]["aggregated"]
+    assert not records[1]["aggregated"]
+    assert "threshold" in records[1]["aggregation_error"]
+    assert records[1]["examples"] == 0  # the sum was never opened: no metrics either
+    np.testing.assert_array_equal(models[1], models[0])  # previous global model kept
+    assert not np.array_equal(models[2], models[1])
+
+
+def test_a_client_unmasks_a_round_only_once(tmp_path):
+    grid, _, _ = _run(tmp_path, ["secure_aggregation.enabled=true"])
+    unmask = [
+        msg for msg in grid.sent
+        if m.CONFIG in msg.content and msg.content[m.CONFIG].get(m.QUERY_KIND) == m.UNMASK
+    ][-1]
+    node = unmask.metadata.dst_node_id
+    with pytest.raises(Exception, match="already unmasked"):
+        grid.app(unmask, grid.contexts[node])
+
+
+def test_dropouts_before_training_are_survived(tmp_path):
+    _, records, _ = _run(
+        tmp_path, ["secure_aggregation.enabled=true", "simulation.dropout=0.3", "seed=3"]
+    )
+    assert all(r["aggregated"] for r in records if r["clients_ok"] >= 4)
+    assert sum(len(r["failures"]) for r in records) > 0
+    for r in records:
+        if r["aggregated"]:
+            assert r["clients_ok"] == r["clients_sampled"] - len(r["failures"])
