@@ -102,6 +102,12 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"{summary['wall_seconds']:.1f} s, {summary['bytes_up'] / 1e6:.1f} MB up, "
         f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/"
     )
+    if summary.get("secure_aggregation"):
+        Console().print(
+            f"Secure aggregation: the server saw only sums, "
+            f"{summary['round_trips_per_round']:.2f} round trips a round "
+            f"(Flower's SecAgg+ takes 4)."
+        )
 
 
 @config_app.command("show")

@@ -7,7 +7,7 @@ unmask queries itself. A message without a secure-aggregation record passes thro
 untouched, so one ClientApp serves both plaintext and secure federations.
 
 Secrets live in `Context.state` (the device), never in a reply: the long-lived encryption
-key, the mask keys offered for coming rounds (each used once, then deleted), and the rounds
+key, the last few mask keys it offered (a new one with every masked reply), and the rounds
 this client already unmasked (it answers once per round, so no server can ask twice with
 different survivor sets).
 """
@@ -24,7 +24,7 @@ from fedstream.protocol import secagg, updates
 from fedstream.protocol import secagg_wire as wire
 
 STATE_KEY = "fedstream-secagg"
-PENDING_KEYS = 4  # mask keys offered but not yet used; older ones are forgotten
+PENDING_KEYS = 4  # mask keys kept; the server only ever assigns one of the latest
 ANSWERED_KEPT = 16
 
 
@@ -52,7 +52,7 @@ def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
     except secagg.Rejected as err:
         raise SecureAggregationError(f"bad round setup: {err}") from err
     state = _state(ctx)
-    mask_sk = _take_mask_key(state, setup.mask_pub)  # before training: a failure trains nothing
+    mask_sk = _mask_key(state, setup.mask_pub)  # before training: a failure trains nothing
     reply = call_next(msg, ctx)
     if reply.has_error():
         return reply
@@ -150,9 +150,9 @@ def _new_mask_key(state: dict) -> bytes:
     return ks.public_key(sk)
 
 
-def _take_mask_key(state: dict, pub: bytes) -> bytes:
+def _mask_key(state: dict, pub: bytes) -> bytes:
+    """The secret of the mask key the server assigned (kept: a dropped round may reuse it)."""
     for sk in state["mask-sks"]:
         if ks.public_key(sk) == pub:
-            state["mask-sks"] = [k for k in state["mask-sks"] if k != sk]
             return sk
     raise SecureAggregationError("the server assigned a mask key this client does not hold")

@@ -1,8 +1,10 @@
 """Secure aggregation in two round trips: both sides of the protocol, without any transport.
 
 Parties are the clients of one round, numbered 1..n by the server. Each party u has a
-long-lived encryption key pair c_u (never revealed, so safe to reuse) and a fresh mask key
-pair s_u for every round it takes part in (advertised the round before). The server links
+long-lived encryption key pair c_u and a mask key pair s_u (advertised in advance, renewed
+with every masked reply). Neither key, nor any X25519 shared secret, is ever revealed: a
+dropout reveals only pair seeds bound to one round by HKDF, so reusing a key agreement
+across rounds leaks nothing about any other round. The server links
 each party to `degree` neighbours on a random ring (Bell et al. 2020; all others when the
 federation is small).
 

@@ -6,9 +6,10 @@ survivors for the shares that unmask the sum. The unmasked sum becomes a single 
 update that Flower's strategy (FedAvg, FedAvgM, FedAdam, FedYogi) aggregates as usual, so
 server optimizers work unchanged on top of the secure sum.
 
-Mask keys are single-use: each reply offers the client's key for its next round, and the
-server forgets a key once a round used it. Only a client the server has no fresh key for
-(its first round, or after it dropped) costs an extra trip to fetch one.
+Keys are fetched once per client (an extra trip in its first round). Every masked reply
+offers a fresh mask key for the client's next round; a client that dropped keeps the one
+it had. Reusing a mask key is safe here because only round-bound pair seeds derived from
+it are ever revealed (see `fedstream.protocol.secagg`), never the key.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class SecureAggregator:
         self.cfg = cfg
         self.session = secrets.token_bytes(16)
         self.enc_pub: dict[int, bytes] = {}  # node -> long-lived encryption key
-        self.mask_pub: dict[int, bytes] = {}  # node -> one unused mask key
+        self.mask_pub: dict[int, bytes] = {}  # node -> the mask key its next round uses
 
     def round(
         self,
@@ -90,8 +91,6 @@ class SecureAggregator:
             out.error = str(err)
             return out
         index = {node: i for i, node in enumerate(parties, start=1)}
-        for node in parties:
-            del self.mask_pub[node]  # single use, whatever happens next
         messages = [
             _with_setup(msg, agg.setup_for(index[msg.metadata.dst_node_id]))
             for msg in sent
