@@ -68,13 +68,10 @@ def encode(
     global_arrays, local_arrays, report: m.TrainReport, setup: secagg.RoundSetup
 ) -> tuple[np.ndarray, list[int]]:
     """Clip the model change, weigh it by examples, quantize it; metrics as exact integers."""
-    q = setup.quantizer
     delta = updates.flat(local_arrays) - updates.flat(global_arrays)
-    clipped = int(np.count_nonzero(np.abs(delta) > q.clip))
-    max_weight = setup.max_weight
-    weight = min(report.examples, max_weight)
+    weight = min(report.examples, setup.max_weight)
     rng = np.random.default_rng([setup.server_round, report.client, 0x5EC])
-    ring, _ = q.encode(np.clip(delta, -q.clip, q.clip) * (weight / max_weight), rng)
+    ring, clipped = setup.quantizer.encode(delta, rng, weight=weight / setup.max_weight)
     tail = {
         "contributors": 1,
         "examples": report.examples,
@@ -155,4 +152,4 @@ def _mask_key(state: dict, pub: bytes) -> bytes:
     for sk in state["mask-sks"]:
         if ks.public_key(sk) == pub:
             return sk
-    raise SecureAggregationError("the server assigned a mask key this client does not hold")
+    raise SecureAggregationError(f"{m.KEYS_LOST}: the server assigned an unknown mask key")

@@ -60,15 +60,24 @@ class Quantizer:
     def mask(self) -> int:
         return (1 << self.bits) - 1
 
-    def encode(self, values: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """Ring elements for `values`, and how many coordinates were clipped."""
+    def encode(
+        self, values: np.ndarray, rng: np.random.Generator, weight: float = 1.0
+    ) -> tuple[np.ndarray, int]:
+        """Ring elements for `weight` x `values` clipped to [-clip, clip] (weight in [0, 1]),
+        and how many coordinates were clipped."""
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1], got {weight}")
         values = np.asarray(values, dtype=np.float64)
         clipped = int(np.count_nonzero(np.abs(values) > self.clip))
-        scaled = np.clip(values, -self.clip, self.clip) * self.scale
-        floor = np.floor(scaled)
-        rounded = floor + (rng.random(scaled.shape) < (scaled - floor))
-        ints = rounded.astype(np.int64).astype(np.uint64) & np.uint64(self.mask)
-        return ints.astype(self.dtype), clipped
+        scaled = np.clip(values, -self.clip, self.clip)
+        scaled *= self.scale * weight
+        # floor(x + U), U ~ [0, 1): rounds up with probability frac(x), so E[q] = x.
+        scaled += rng.random(scaled.shape, dtype=np.float32)
+        np.floor(scaled, out=scaled)
+        ring = scaled.astype(np.int64).astype(self.dtype)  # two's complement, mod 2^width
+        if self.bits != 8 * self.dtype.itemsize:
+            np.bitwise_and(ring, self.dtype.type(self.mask), out=ring)
+        return ring, clipped
 
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """Real values of (sums of) encoded vectors: the upper half of the ring is negative."""

@@ -92,6 +92,7 @@ TAIL = (
     "train-us",
 )
 FIXED_POINT = 1 << 16  # loss sums travel as integers of 1/65536
+KEYS_LOST = "secure aggregation keys not held"  # in an error reason: fetch the keys again
 
 
 def client_id(reply: RecordDict) -> int | None:

@@ -102,6 +102,8 @@ class SecureAggregator:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 out.failures.append(_failure(node, "train", reply.error.reason))
+                if m.KEYS_LOST in (reply.error.reason or ""):  # e.g. a device that lost its state
+                    self.mask_pub.pop(node, None)
                 return
             out.bytes_up += bytes_of(reply)
             try:
@@ -190,9 +192,6 @@ class SecureAggregator:
                 and len(mask) == 32
             ):
                 out.failures.append(_failure(node, "keys", "malformed key offer"))
-                continue
-            if node in self.enc_pub and self.enc_pub[node] != enc:
-                out.failures.append(_failure(node, "keys", "encryption key changed"))
                 continue
             self.enc_pub[node], self.mask_pub[node] = enc, mask
 
