@@ -168,7 +168,7 @@ class SecureAggregationConfig(_Section):
     # (its neighbours and itself): that many holders must answer to unmask a client.
     threshold: Annotated[int, Field(ge=2)] | Annotated[float, Field(gt=0.5, le=1.0)] = 0.6
     degree: Annotated[int, Field(ge=0)] = 0  # neighbours per client; 0 = O(log n), Bell et al.
-    bits: Annotated[int, Field(ge=8, le=62)] = 32  # ring Z / 2^bits of each model coordinate
+    bits: Annotated[int, Field(ge=8, le=53)] = 32  # ring Z / 2^bits of each model coordinate
     clip: Annotated[float, Field(gt=0.0)] = 1.0  # per-coordinate range of the model change
     max_weight: PositiveInt = 1000  # examples that weigh in full; more are counted, not weighed
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MAX_BITS = 53  # float64 holds every integer up to 2^53: scaling stays exact
+
 
 def ring_dtype(bits: int) -> np.dtype:
     """The narrowest unsigned dtype holding `bits`: the wire size of one coordinate."""
@@ -34,6 +36,11 @@ class Quantizer:
 
     def __post_init__(self) -> None:
         ring_dtype(self.bits)
+        if self.bits > MAX_BITS:
+            raise ValueError(
+                f"ring bits must be at most {MAX_BITS}: wider rings cannot be scaled exactly "
+                "in float64"
+            )
         if self.clip <= 0:
             raise ValueError(f"clip must be positive, got {self.clip}")
         if self.parties < 1 or self.headroom < 1:

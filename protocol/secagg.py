@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,6 +149,11 @@ def check_threshold(threshold: int, group: int) -> None:
 # --- party side -------------------------------------------------------------------------
 
 
+def field_seed(seed: bytes) -> bytes:
+    """A 32-byte seed with its top bit cleared, so it is one element of the Shamir field."""
+    return bytes([seed[0] & 0x7F]) + seed[1:]
+
+
 def expand(seed: bytes, quantizer: Quantizer, size: int, tail_len: int) -> tuple[np.ndarray, ...]:
     """The mask a seed stands for: `size` ring elements, then `tail_len` 64-bit words."""
     model_bytes = size * quantizer.dtype.itemsize
@@ -167,12 +172,15 @@ def mask(
         raise ValueError(f"tail has {len(tail)} values, the round expects {setup.tail_len}")
     if ks.public_key(mask_sk) != setup.mask_pub:
         raise ValueError("mask key does not match the one the server assigned")
+    # A threshold of half the group or less would let a server collect both masks of a party.
+    check_threshold(setup.threshold, len(setup.holders))
     y = np.array(ring, dtype=q.dtype, copy=True)
     y_tail = np.array([v & (2**64 - 1) for v in tail], dtype=TAIL_DTYPE)
-    self_seed = secrets.token_bytes(32)
-    seeds = {SELF: self_seed}
+    seeds = {SELF: field_seed(secrets.token_bytes(32))}
     for w, peer in setup.peers.items():
-        seeds[w] = ks.pair_seed(mask_sk, peer.mask_pub, setup.session, setup.server_round)
+        seeds[w] = field_seed(
+            ks.pair_seed(mask_sk, peer.mask_pub, setup.session, setup.server_round)
+        )
     for tag, seed in seeds.items():
         m_model, m_tail = expand(seed, q, y.size, setup.tail_len)
         sign = 1 if tag == SELF or setup.index < tag else -1
@@ -399,8 +407,7 @@ class Aggregation:
                 f"only {len(shares)} of {self.threshold} shares of client {sender}'s {what}"
             )
         expected = self.commitments[sender][tag]
-        combos = itertools.combinations(sorted(shares), self.threshold)
-        for combo in itertools.islice(combos, MAX_RECOVERY_TRIES):
+        for combo in itertools.islice(_subsets(sorted(shares), self.threshold), MAX_RECOVERY_TRIES):
             try:
                 secret = shamir.reconstruct({x: shares[x] for x in combo})
             except ValueError:
@@ -408,3 +415,13 @@ class Aggregation:
             if ks.commitment(secret) == expected:
                 return secret
         raise RoundFailed(f"shares of client {sender}'s masks do not match its commitment")
+
+
+def _subsets(holders: list[int], t: int) -> Iterator[tuple[int, ...]]:
+    """t-subsets to try: every cyclic window first (one bad holder is always left out of
+    some window when more than t answered), then the rest in order."""
+    m = len(holders)
+    windows = [tuple(sorted(holders[(i + j) % m] for j in range(t))) for i in range(m)]
+    yield from dict.fromkeys(windows)
+    tried = set(windows)
+    yield from (c for c in itertools.combinations(holders, t) if c not in tried)

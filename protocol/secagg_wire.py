@@ -192,11 +192,13 @@ def read_answer(rec: ConfigRecord) -> UnmaskAnswer:
         raise Rejected("'senders' and 'tags' differ in length")
     shares = _blobs(rec, "shares", len(senders))
     rejected = _ints(rec, "rejected")
-    reasons = rec.get("reasons", [])
+    reasons = _get(rec, "reasons", list) if rejected else rec.get("reasons", [])
+    if len(reasons) != len(rejected):
+        raise Rejected("'rejected' and 'reasons' differ in length")
     return UnmaskAnswer(
         session=_get(rec, "session", bytes),
         server_round=_get(rec, "round", int),
         index=_get(rec, "index", int),
         shares=dict(zip(zip(senders, tags, strict=True), shares, strict=True)),
-        rejected={u: str(r) for u, r in zip(rejected, reasons, strict=False)},
+        rejected={u: str(r) for u, r in zip(rejected, reasons, strict=True)},
     )

@@ -1,9 +1,10 @@
-"""Shamir t-of-n secret sharing of 32-byte secrets over the prime field GF(2^521 - 1).
+"""Shamir t-of-n secret sharing of 255-bit secrets over the prime field GF(2^255 - 19).
 
-A Mersenne prime above 2^256 holds any 32-byte secret as one field element, so a share is one
-element (66 bytes) and there is no chunking to get wrong. Coefficients come from the OS
-CSPRNG (`secrets`). Any t shares give the secret; fewer give a value that is uniformly
-random over the field, which is what `reconstruct` returns (it cannot tell).
+A secret is one field element, so a share is 32 bytes and there is no chunking to get wrong;
+secure aggregation clears the top bit of its 32-byte seeds to fit (255 bits of entropy
+remain). Coefficients come from the OS CSPRNG (`secrets`). Any t shares give the secret;
+fewer give a value that is uniformly random over the field, which is what `reconstruct`
+returns (it cannot tell: callers check a commitment).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 
-PRIME = 2**521 - 1
-SHARE_BYTES = 66
+PRIME = 2**255 - 19
+SHARE_BYTES = 32
 
 
 def split(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, bytes]:
@@ -21,7 +22,10 @@ def split(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, by
         raise ValueError(f"threshold {threshold} outside 1..{len(holders)} holders")
     if len(set(holders)) != len(holders) or any(not 0 < x < PRIME for x in holders):
         raise ValueError("share holders must be distinct positive integers")
-    coeffs = [int.from_bytes(secret, "big")] + [
+    value = int.from_bytes(secret, "big")
+    if value >= PRIME:
+        raise ValueError("secret does not fit the field: clear its top bit")
+    coeffs = [value] + [
         secrets.randbelow(PRIME) for _ in range(threshold - 1)
     ]
     return {x: _evaluate(coeffs, x).to_bytes(SHARE_BYTES, "big") for x in holders}

@@ -1,0 +1,172 @@
+"""Known-answer tests for the secure-aggregation key schedule (protocol/keyschedule.py).
+
+Two layers, so that a client in another language can interoperate from these values alone:
+the primitives are the standard ones (RFC 7748 X25519, RFC 5869 HKDF-SHA256, RFC 8439
+ChaCha20 with an all-zero nonce and counter), and fedstream's own derivations are pinned to
+hex literals. Each pinned value is also rebuilt here from `cryptography`/`hashlib` calls with
+the salt, info and associated-data bytes written out by hand from the module docstring, so a
+failure means the wire spec changed, not just the code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedstream.protocol import keyschedule as ks
+from fedstream.protocol import secagg, shamir
+from fedstream.protocol.fixedpoint import Quantizer
+
+# RFC 7748, section 6.1.
+ALICE_SK = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+ALICE_PK = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+BOB_SK = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+BOB_PK = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+
+# RFC 8439, appendix A.1, test vectors #1 and #2: all-zero key and nonce, counters 0 and 1.
+CHACHA_ZERO_BLOCKS = bytes.fromhex(
+    "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
+    "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586"
+    "9f07e7be5551387a98ba977c732d080dcb0f29a048e3656912c6533e32ee7aed"
+    "29b721769ce64e43d57133b074d839d531ed1f28510afb45ace10a1f4b794d6f"
+)
+
+# fedstream's derivations for session 00..0f, round 7, sender 1 (Alice), receiver 2 (Bob).
+SESSION = bytes(range(16))
+ROUND, SENDER, RECEIVER = 7, 1, 2
+SHARE_INFO = bytes.fromhex(
+    "66656473747265616d2f7365636167672f76312f7368617265"  # b"fedstream/secagg/v1/share"
+    "0000000000000007"  # u64 round
+    "00000001"  # u32 sender
+    "00000002"  # u32 receiver
+)
+SHARE_KEY = bytes.fromhex("30f4515da7583f3c0009c1f059caa7d5dc1f2d6fec31b27bd5662de78bce27b7")
+SHARE_KEY_2_TO_1 = bytes.fromhex("e13c0fcd89abb48d4f2ab58b921193f988cfe05ea3494e37f775cb52af16c0aa")
+PAIR_SEED = bytes.fromhex("fdb2420d5b02c5a25cb2008ebc2110c6fabfea2fdcf88edd11b2d4c07e3aadf4")
+COMMIT_ZERO = bytes.fromhex("07ebac56c389222565c7330b15edae1b1d0d3a2d22b448c21f7a41e44593f7a8")
+# An arbitrary plaintext (a u32 tag, then 66 bytes holding 12345) sealed with SHARE_KEY.
+PLAINTEXT = (0).to_bytes(4, "big") + (12345).to_bytes(66, "big")
+SEALED = bytes.fromhex(
+    "b53e8868a6356bbb1f27d5a2"  # random 12-byte nonce, prepended
+    "c3a8e80f1be5359080c08af338256f2cc107ba74337a92e8aee99858eee41222dcfd1c4f6d7bab00edd0"
+    "7038d5e538200c45c9c09b5838c52e4bf3234320539b1a2fea442796204b5bb7dc22cb24a518c2308af5"
+    "dc3c"
+)
+
+
+def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+# --- the primitives are the standard ones ------------------------------------------------
+
+
+def test_x25519_is_rfc7748() -> None:
+    assert ks.public_key(ALICE_SK) == ALICE_PK
+    assert ks.public_key(BOB_SK) == BOB_PK
+    assert ks.agree(ALICE_SK, BOB_PK) == SHARED == ks.agree(BOB_SK, ALICE_PK)
+
+
+def test_hkdf_is_rfc5869_case_1() -> None:
+    okm = ks.hkdf(bytes([0x0B] * 22), bytes(range(13)), bytes(range(0xF0, 0xFA)), 42)
+    assert okm == bytes.fromhex(
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+    )
+
+
+def test_keystream_is_rfc8439_chacha20_with_zero_nonce_and_counter() -> None:
+    assert ks.keystream(bytes(32), 128) == CHACHA_ZERO_BLOCKS
+    assert ks.keystream(bytes(32), 32) == CHACHA_ZERO_BLOCKS[:32]  # a prefix, whatever n
+
+
+def test_keystream_pinned_for_a_nonzero_key() -> None:
+    key = bytes(range(32))
+    expected = bytes.fromhex("39fd2b7dd9c5196a8dbd0377b8dc4a498a35d86fbcde6accb2cc7d4cd8ea2492")
+    direct = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    assert ks.keystream(key, 32) == direct.update(bytes(32)) == expected
+
+
+# --- fedstream's derivations -------------------------------------------------------------
+
+
+def test_share_info_layout() -> None:
+    assert ks.share_info(ROUND, SENDER, RECEIVER) == SHARE_INFO
+    by_hand = (
+        b"fedstream/secagg/v1/share"
+        + ROUND.to_bytes(8, "big")
+        + SENDER.to_bytes(4, "big")
+        + RECEIVER.to_bytes(4, "big")
+    )
+    assert by_hand == SHARE_INFO
+
+
+def test_share_key_pinned_and_directional() -> None:
+    assert ks.share_key(ALICE_SK, BOB_PK, SESSION, ROUND, SENDER, RECEIVER) == SHARE_KEY
+    # Both ends derive it; the other direction is a different key.
+    assert ks.share_key(BOB_SK, ALICE_PK, SESSION, ROUND, SENDER, RECEIVER) == SHARE_KEY
+    assert ks.share_key(ALICE_SK, BOB_PK, SESSION, ROUND, RECEIVER, SENDER) == SHARE_KEY_2_TO_1
+    assert _hkdf(SHARED, salt=SESSION, info=SHARE_INFO) == SHARE_KEY
+    info_2_to_1 = b"fedstream/secagg/v1/share" + bytes.fromhex("0000000000000007 00000002 00000001")
+    assert _hkdf(SHARED, salt=SESSION, info=info_2_to_1) == SHARE_KEY_2_TO_1
+
+
+def test_pair_seed_pinned_and_symmetric() -> None:
+    assert ks.pair_seed(ALICE_SK, BOB_PK, SESSION, ROUND) == PAIR_SEED
+    assert ks.pair_seed(BOB_SK, ALICE_PK, SESSION, ROUND) == PAIR_SEED
+    info = b"fedstream/secagg/v1/pair" + ROUND.to_bytes(8, "big")
+    assert _hkdf(SHARED, salt=SESSION, info=info) == PAIR_SEED
+    assert ks.pair_seed(ALICE_SK, BOB_PK, SESSION, ROUND + 1) != PAIR_SEED
+
+
+def test_commitment_pinned() -> None:
+    assert ks.commitment(bytes(32)) == COMMIT_ZERO
+    assert hashlib.sha256(b"fedstream/secagg/v1/commit" + bytes(32)).digest() == COMMIT_ZERO
+
+
+def test_sealed_share_opens_and_is_chacha20_poly1305_with_nonce_prefix() -> None:
+    assert len(SEALED) == ks.NONCE + len(PLAINTEXT) + 16
+    assert ks.open_(SHARE_KEY, SEALED, SHARE_INFO) == PLAINTEXT
+    nonce, body = SEALED[:12], SEALED[12:]
+    assert ChaCha20Poly1305(SHARE_KEY).encrypt(nonce, PLAINTEXT, SHARE_INFO) == body
+    # The associated data binds round, sender and receiver.
+    for ad in (ks.share_info(ROUND + 1, 1, 2), ks.share_info(ROUND, 2, 1), b""):
+        with pytest.raises(ks.DecryptError):
+            ks.open_(SHARE_KEY, SEALED, ad)
+    with pytest.raises(ks.DecryptError):
+        ks.open_(SHARE_KEY_2_TO_1, SEALED, SHARE_INFO)
+    with pytest.raises(ks.DecryptError):
+        ks.open_(SHARE_KEY, SEALED[:5], SHARE_INFO)  # shorter than a nonce
+
+
+def test_seal_round_trips_with_a_fresh_nonce() -> None:
+    first = ks.seal(SHARE_KEY, PLAINTEXT, SHARE_INFO)
+    second = ks.seal(SHARE_KEY, PLAINTEXT, SHARE_INFO)
+    assert first[:12] != second[:12]
+    assert ks.open_(SHARE_KEY, first, SHARE_INFO) == ks.open_(SHARE_KEY, second, SHARE_INFO)
+
+
+def test_mask_expansion_layout() -> None:
+    # A seed's mask is its keystream read as little-endian ring words, then u64 tail words.
+    model, tail = secagg.expand(bytes(32), Quantizer(16, 1.0, 2), 4, 1)
+    assert model.tolist() == [47222, 44512, 61856, 36925]
+    assert tail.tolist() == [2935650227004792128]
+    assert model.tolist() == np.frombuffer(CHACHA_ZERO_BLOCKS[:8], "<u2").tolist()
+    assert tail.tolist() == np.frombuffer(CHACHA_ZERO_BLOCKS[8:16], "<u8").tolist()
+
+
+def test_shamir_share_format() -> None:
+    # f(x) = s + c x over GF(2^255 - 19); holder x gets f(x) as 32 big-endian bytes. The
+    # secret is a seed with its top bit cleared (secagg.field_seed).
+    seed = bytes([PAIR_SEED[0] & 0x7F]) + PAIR_SEED[1:]
+    assert shamir.PRIME == 2**255 - 19
+    s, c = int.from_bytes(seed, "big"), 2**200 + 12345
+    shares = {x: ((s + c * x) % shamir.PRIME).to_bytes(32, "big") for x in (3, 5, 9)}
+    assert shamir.reconstruct({3: shares[3], 9: shares[9]}) == seed
+    assert shamir.reconstruct(shares) == seed
