@@ -110,6 +110,119 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         )
 
 
+@app.command()
+def feed(
+    file: Annotated[str, typer.Argument(metavar="FILE|-", help="CSV or JSONL file, - for stdin.")],
+    to: Annotated[
+        str,
+        typer.Option("--to", help="Ingestion service: unix:///path.sock or 127.0.0.1:PORT."),
+    ],
+    label: Annotated[str, typer.Option("--label", help="Label column (or key).")] = "label",
+    features: Annotated[
+        list[str] | None,
+        typer.Option("--features", help="Feature columns, comma-separated or repeated "
+                     "(default: all but the label)."),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Class names in index order, comma-separated "
+                     "(default: labels are integer class indices)."),
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Rows per message.")] = 4096,
+    fmt: Annotated[str, typer.Option("--format", help="auto, csv or jsonl.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Push samples from a CSV or JSONL file (or stdin) into a device's ingestion service.
+
+    Malformed rows are reported with file:line and skipped; the good rows are stored.
+    Exit code 0: all stored; 2: malformed rows or bad input; 3: the spool was full
+    (back-pressure: rows from the line named on were not stored); 1: service unreachable."""
+    from array import array
+
+    from rich.markup import escape
+    from tqdm import tqdm
+
+    from fedstream.client.feed import Reader, open_input
+    from fedstream.client.ingest import IngestError, Producer
+    from fedstream.client.sources import DataError
+
+    if fmt not in ("auto", "csv", "jsonl"):
+        err.print(f"[red]error:[/red] --format must be auto, csv or jsonl, got {fmt!r}")
+        raise typer.Exit(2)
+    wanted = [f.strip() for group in features or [] for f in group.split(",") if f.strip()]
+    try:
+        stream, name = open_input(file)
+        reader = Reader(
+            stream, name, path=file, label=label, features=wanted or None, fmt=fmt,  # type: ignore[arg-type]
+            classes=[c.strip() for c in classes.split(",")] if classes else None, batch=batch,
+        )
+        chunks = reader.open()  # the header, before connecting
+    except (DataError, ValueError) as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    lines = array("q")  # file line of every row sent, by stream position
+    problems: list[str] = []
+    malformed = 0
+    fatal: list[Exception] = []
+    bar = tqdm(unit=" rows", disable=True if quiet else None, file=sys.stderr)
+
+    def batches() -> Any:
+        nonlocal malformed
+        try:
+            for chunk in chunks:
+                malformed += len(chunk.errors)
+                problems.extend(chunk.errors[: max(0, 1000 - len(problems))])
+                bar.update(len(chunk.y) + len(chunk.errors))
+                if len(chunk.y):
+                    lines.extend(chunk.lines.tolist())
+                    yield chunk.x, chunk.y, None, None
+        except (DataError, ValueError) as e:  # the input as a whole; rows before it are sent
+            fatal.append(e)
+
+    try:
+        with Producer(to) as producer:
+            result = producer.append_batches(batches())
+    except IngestError as e:
+        bar.close()
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    finally:
+        stream.close()
+    bar.close()
+    for error in result.errors:
+        room = max(0, 1000 - len(problems))
+        for index in range(error.index, error.index + min(error.count, room)):
+            problems.append(f"{name}:{lines[index]}: {error.reason}")
+    malformed += result.rejected
+    problems.sort(key=_line_of)
+    typer.echo(
+        f"{result.accepted} accepted, {result.dropped} dropped, {result.refused} refused "
+        f"(spool full), {malformed} malformed; {to}"
+    )
+    for problem in [*problems[:20], *map(str, fatal)]:
+        err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
+    if malformed > min(20, len(problems)):
+        err.print(f"... and {malformed - min(20, len(problems))} more malformed rows")
+    if result.first_refused is not None:
+        err.print(
+            f"[red]spool full:[/red] rows from {escape(name)}:{lines[result.first_refused]} "
+            "on were not stored (back-pressure), nor was the rest of the input read; "
+            "feed them again later",
+            highlight=False, soft_wrap=True,
+        )
+    if malformed or fatal:
+        raise typer.Exit(2)
+    if result.refused:
+        raise typer.Exit(3)
+
+
+def _line_of(problem: str) -> int:
+    """The line number in a "file:line: message" problem (for ordering)."""
+    head = problem.split(": ", 1)[0]
+    number = head.rsplit(":", 1)[-1]
+    return int(number) if number.isdigit() else 0
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the effective config, every default included."""

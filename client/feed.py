@@ -1,0 +1,323 @@
+"""Reading a CSV or JSONL stream for ``fedstream feed``, row by row, into sample batches.
+
+The file rules are those of ``load_table`` (``sources/tabular.py``, whose helpers this
+reuses): UTF-8 with or without a BOM, a sniffed delimiter among ``, ; tab |``, quoted
+fields, CRLF, ``.gz``, blank lines, a trailing delimiter on every line; an empty or NA cell,
+a non-number, a ragged row, a missing key or bad JSON is an error naming ``file:line`` and
+the column. Unlike ``load_table``, which refuses a whole file for one bad cell, a feed
+reports the bad row and goes on: the good rows are sent, so a live stream does not stop
+for one garbled record. Problems with the file as a whole (unreadable, bad header, label
+column missing, not UTF-8) still stop it with a ``DataError``.
+
+The input is read as a stream (stdin may be a live pipe): a batch is emitted when it holds
+``batch`` rows, or when a row arrives more than ``flush_seconds`` after the batch began.
+
+Labels are integer class indices, or names listed in ``classes`` (their index is the
+label).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+
+from fedstream.client.sources.base import DataError
+from fedstream.client.sources.tabular import (
+    _CSV_SUFFIXES,
+    _INT_RE,
+    _JSONL_SUFFIXES,
+    MISSING,
+    _canonical_label,
+    _cell_problem,
+    _csv_header,
+    _is_blank,
+    _json_object,
+    _json_text,
+    _json_to_float,
+    _sniff_delimiter,
+    _text_to_float,
+)
+
+Format = Literal["auto", "csv", "jsonl"]
+
+
+@dataclass
+class Chunk:
+    """Rows ready to send, and the rows of the same stretch refused here."""
+
+    x: np.ndarray  # float32 (k, n_features)
+    y: np.ndarray  # int64 (k,)
+    lines: np.ndarray  # int64 (k,): the line each row starts on
+    errors: list[str] = field(default_factory=list)  # "file:line: problem", in file order
+
+
+class _RowProblem(Exception):
+    pass
+
+
+def open_input(path: str) -> tuple[IO[str], str]:
+    """A text stream for ``path`` ("-": stdin) and the name used in messages."""
+    if path == "-":
+        import sys
+
+        raw: IO[bytes] = sys.stdin.buffer
+        name = "<stdin>"
+    else:
+        name = str(path)
+        try:
+            raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise DataError(f"{name}: cannot read file: {exc.strerror or exc}") from exc
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), name
+
+
+def detect_format(path: str, first_line: str, fmt: Format) -> Literal["csv", "jsonl"]:
+    """Explicit ``fmt``, else the extension (ignoring ``.gz``), else the content."""
+    if fmt != "auto":
+        return fmt
+    suffixes = [s.lower() for s in Path(path).suffixes] if path != "-" else []
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    suffix = suffixes[-1] if suffixes else ""
+    if suffix in _CSV_SUFFIXES:
+        return "csv"
+    if suffix in _JSONL_SUFFIXES:
+        return "jsonl"
+    return "jsonl" if first_line.lstrip().startswith("{") else "csv"
+
+
+class Reader:
+    """Iterate ``Chunk``s of a CSV/JSONL text stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        name: str,
+        *,
+        path: str = "-",
+        label: str = "label",
+        features: Sequence[str] | None = None,
+        fmt: Format = "auto",
+        classes: Sequence[str] | None = None,
+        batch: int = 4096,
+        flush_seconds: float = 1.0,
+    ) -> None:
+        if features is not None and label in features:
+            raise ValueError(f"label column {label!r} must not also be listed in features")
+        self.stream, self.name, self.path = stream, name, path
+        self.label, self.fmt = label, fmt
+        self.wanted = list(features) if features is not None else None
+        self.classes = None
+        if classes is not None:
+            self.classes = {_canonical_label(str(c)): i for i, c in enumerate(classes)}
+        self.batch, self.flush_seconds = max(1, batch), flush_seconds
+        self.features: list[str] = []  # resolved feature names
+        self.kind: Literal["csv", "jsonl"] = "csv"
+        self.line = 0  # last line read
+
+    # ------------------------------------------------------------------------ lines
+
+    def _lines(self) -> Iterator[str]:
+        """The stream's lines, counting them; a decoding error is a file error."""
+        while True:
+            try:
+                line = self.stream.readline()
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{self.name}:{self.line + 1}: not valid UTF-8: {exc.reason}"
+                ) from None
+            if not line:
+                return
+            self.line += 1
+            yield line
+
+    def open(self) -> Iterator[Chunk]:
+        """Read up to the header (CSV) or the first record (JSONL), raising ``DataError``
+        for a bad one now, and return the iterator of the chunks that follow."""
+        lines = self._lines()
+        first = ""
+        for first in lines:
+            if first.strip():
+                break
+        else:
+            raise DataError(f"{self.name}: empty input, expected a header row or a record")
+        start = self.line
+        self.kind = detect_format(self.path, first, self.fmt)
+        if self.kind == "csv":
+            rows = self._csv_rows(lines, *self._csv_header(first, start))
+        else:
+            rows = self._jsonl_rows(first, start, lines)
+        return self._chunks(rows)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self.open()
+
+    # -------------------------------------------------------------------------- csv
+
+    def _csv_header(self, text: str, line: int) -> tuple[str, list[int], int, bool]:
+        delimiter = _sniff_delimiter(text)
+        header = next(csv.reader([text], delimiter=delimiter, skipinitialspace=True))
+        header = [h.strip() for h in header]
+        trailing = len(header) > 1 and header[-1] == ""
+        if trailing:
+            header = header[:-1]
+        names, positions = _csv_header(header, line, self.name, self.label, self.wanted, None)
+        self.features = names
+        return delimiter, positions, len(header), trailing
+
+    def _csv_rows(
+        self, lines: Iterator[str], delimiter: str, positions: list[int], n_fields: int,
+        trailing: bool,
+    ) -> Iterator:
+        reader = csv.reader(lines, delimiter=delimiter, skipinitialspace=True)
+        while True:
+            start = self.line + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise DataError(f"{self.name}:{self.line}: malformed CSV: {exc}") from None
+            if _is_blank(record):
+                continue
+            if trailing and len(record) == n_fields + 1 and not record[-1].strip():
+                record.pop()
+            if len(record) != n_fields:
+                yield start, f"expected {n_fields} fields as in the header, found {len(record)}"
+                continue
+            yield start, (record[positions[0]].strip(), [record[i] for i in positions[1:]])
+
+    # ------------------------------------------------------------------------ jsonl
+
+    def _jsonl_rows(self, first: str, first_line: int, lines: Iterator[str]) -> Iterator:
+        exact: set[str] | None = None
+        names = self.wanted
+
+        def records() -> Iterator[tuple[int, str]]:
+            yield first_line, first
+            for text in lines:
+                if text.strip():
+                    yield self.line, text
+
+        for line, text in records():
+            try:
+                obj = _json_object(text, line, self.name)
+            except DataError as exc:
+                yield line, str(exc).removeprefix(f"{self.name}:{line}: ")
+                continue
+            if names is None:
+                names = [k for k in obj if k != self.label]
+                exact = set(obj)
+                if not names:
+                    raise DataError(f"{self.name}:{line}: no feature keys besides {self.label!r}")
+                self.features = names
+            elif not self.features:
+                self.features = list(names)
+            missing = next((k for k in [self.label, *names] if k not in obj), None)
+            if missing is not None:
+                shown = ", ".join(repr(k) for k in obj)
+                yield line, f"missing key {missing!r}; available: {shown}"
+                continue
+            if exact is not None and len(obj) != len(exact):
+                extra = next(k for k in obj if k not in exact)
+                yield line, f"unexpected key {extra!r} (not in the first record)"
+                continue
+            try:
+                label = _json_text(obj[self.label], self.name, line, self.label)
+            except DataError as exc:  # null, a list, an object
+                yield line, str(exc).removeprefix(f"{self.name}:{line}: ")
+                continue
+            yield line, (label, [obj[k] for k in names])
+
+    # ----------------------------------------------------------------------- chunks
+
+    def _chunks(self, rows: Iterator) -> Iterator[Chunk]:
+        pending: list[tuple[int, Any]] = []
+        began = time.monotonic()
+        for line, row in rows:
+            if not pending:
+                began = time.monotonic()
+            pending.append((line, row))
+            if len(pending) >= self.batch or time.monotonic() - began > self.flush_seconds:
+                yield self._convert(pending)
+                pending = []
+        if pending:
+            yield self._convert(pending)
+
+    def _convert(self, rows: list[tuple[int, Any]]) -> Chunk:
+        """Vectorised conversion of a batch of rows; on failure, rows one by one."""
+        what = "column" if self.kind == "csv" else "key"
+        errors: list[tuple[int, str]] = []
+        lines: list[int] = []
+        labels: list[int] = []
+        cells: list[list[Any]] = []
+        for line, row in rows:
+            if isinstance(row, str):  # a problem found while reading
+                errors.append((line, row))
+                continue
+            try:
+                labels.append(self._label(row[0], what))
+            except _RowProblem as exc:
+                errors.append((line, str(exc)))
+                continue
+            lines.append(line)
+            cells.append(row[1])
+        keep = np.ones(len(cells), dtype=bool)
+        x = self._floats(cells, what)
+        if x is None or not np.isfinite(x).all():
+            for i, row in enumerate(cells):
+                for j, cell in enumerate(row):
+                    with np.errstate(over="ignore"):
+                        problem = _cell_problem(cell, what)
+                    if problem is not None:
+                        errors.append((lines[i], f"{what} {self.features[j]!r}: {problem}"))
+                        keep[i] = False
+                        break
+            x = self._floats([row for row, k in zip(cells, keep, strict=True) if k], what)
+            assert x is not None
+        errors.sort(key=lambda e: e[0])
+        return Chunk(
+            x=x.reshape(-1, len(self.features)),
+            y=np.asarray(labels, dtype=np.int64)[keep],
+            lines=np.asarray(lines, dtype=np.int64)[keep],
+            errors=[f"{self.name}:{line}: {text}" for line, text in errors],
+        )
+
+    @staticmethod
+    def _floats(cells: list[list[Any]], what: str) -> np.ndarray | None:
+        if not cells:
+            return np.empty((0,), dtype=np.float32)
+        if what == "key":
+            values = _json_to_float(cells)
+        else:
+            values = _text_to_float(np.asarray(cells, dtype=np.str_))
+        if values is None:
+            return None
+        with np.errstate(over="ignore"):
+            return values.astype(np.float32)
+
+    def _label(self, text: str, what: str) -> int:
+        where = f"{what} {self.label!r}"
+        if text.lower() in MISSING:
+            raise _RowProblem(f"{where}: missing label {text!r}")
+        canon = _canonical_label(text)
+        if self.classes is not None:
+            if canon not in self.classes:
+                raise _RowProblem(
+                    f"{where}: unknown label {text!r}; expected one of {list(self.classes)}"
+                )
+            return self.classes[canon]
+        if not _INT_RE.fullmatch(text):
+            raise _RowProblem(
+                f"{where}: label {text!r} is not an integer class index "
+                "(name the classes with --classes)"
+            )
+        return int(canon)

@@ -1,0 +1,284 @@
+"""The ingestion service: real gRPC servers on a Unix socket and on loopback TCP, a real
+spool behind them, and `fedstream feed` end to end."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedstream.client.ingest import IngestError, Producer, serve
+from fedstream.client.spool import Spool
+from fedstream.protocol import ingest_pb2 as pb
+from fedstream.protocol import ingest_pb2_grpc as pb_grpc
+
+D = 4
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """Unix socket paths are limited to ~100 bytes: pytest's tmp_path can be longer."""
+    path = Path(tempfile.mkdtemp(prefix="fsi", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start(short_dir: Path) -> Iterator:
+    servers: list[grpc.Server] = []
+
+    def start(transport: str = "unix", **kw: object) -> grpc.Server:
+        address = f"unix://{short_dir}/ingest.sock" if transport == "unix" else "127.0.0.1:0"
+        kw.setdefault("n_features", D)
+        server = serve(short_dir / f"spool{len(servers)}.db", address=address, **kw)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(None)
+        server.spool.close()
+
+
+def rows(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.arange(start, start + n, dtype=np.float32)
+    return np.repeat(ids[:, None], D, axis=1), np.arange(start, start + n) % 3
+
+
+def stored(server: grpc.Server) -> list[int]:
+    return server.spool.pending().x[:, 0].astype(int).tolist()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_append_round_trip(start, transport: str) -> None:
+    server = start(transport)
+    assert server.address.startswith("unix://") or not server.address.endswith(":0")
+    x, y = rows(1000)
+    t = np.arange(1000, dtype=np.float64) + 1.7e9
+    with Producer(server.address, batch=128) as producer:
+        result = producer.append(x, y, t)
+        assert (result.accepted, result.refused, result.rejected, result.errors) == (1000, 0, 0, [])
+        stats = producer.stats()
+    assert stats["accepted"] == 1000 and stats["pending"] == 1000 and stats["n_features"] == D
+    assert stats["capacity"] == 1_000_000 and stats["policy"] == "reject"
+    pending = server.spool.pending()
+    np.testing.assert_array_equal(pending.x, x)
+    np.testing.assert_array_equal(pending.y, y)
+    np.testing.assert_array_equal(pending.t, t)
+
+
+def test_malformed_samples_are_named_and_the_good_ones_stored(start) -> None:
+    server = start(n_classes=3, max_message_bytes=2000)
+    x, y = rows(12)
+    x[2, 1] = np.nan
+    x[5, 3] = np.inf
+    labels: list[int | None] = y.tolist()
+    labels[7] = None  # missing label
+    labels[9] = 3  # out of range for 3 classes
+    labels[10] = -1
+    wide = np.ones((2, D + 1), dtype=np.float32)
+    has = np.asarray([v is not None for v in labels])
+    with Producer(server.address, batch=4) as producer:
+        result = producer.append_batches(
+            [
+                (x, np.asarray([v or 0 for v in labels]), has, None),  # stream positions 0..11
+                (wide, np.zeros(2, dtype=np.int64), None, None),  # 12, 13
+                (*rows(3, start=50), None, None),  # 14..16
+            ]
+        )
+    reasons = {e.index: e.reason for e in result.errors}
+    assert set(reasons) == {2, 5, 7, 9, 10, 12}, result.errors
+    assert "non-finite feature 1: nan" in reasons[2]
+    assert "non-finite feature 3: inf" in reasons[5]
+    assert reasons[7] == "missing label"
+    assert "label out of range: 3 is not in [0, 3)" in reasons[9]
+    assert "label out of range: -1" in reasons[10]
+    assert "wrong feature count" in reasons[12] and "n_features=5" in reasons[12]
+    assert result.errors[-1].count == 2 and result.rejected == 7
+    assert result.accepted == 10 and result.refused == 0
+    assert stored(server) == [0, 1, 3, 4, 6, 8, 11, 50, 51, 52]
+
+    # a producer that ignores the service's message limit (2000 bytes here)
+    with Producer(server.address, batch=1000, max_message_bytes=10_000) as greedy:
+        result = greedy.append_batches(
+            [(*rows(3, start=100), None, None), (*rows(200, start=200), None, None),
+             (*rows(2, start=900), None, None)]
+        )
+    assert (result.accepted, result.rejected) == (5, 200)
+    [error] = result.errors
+    assert (error.index, error.count) == (3, 200)
+    assert "oversized message" in error.reason and "the limit is 2000 bytes" in error.reason
+    assert stored(server)[-5:] == [100, 101, 102, 900, 901]
+
+
+def test_raw_producer_ragged_rows_and_batch_mismatches(start) -> None:
+    """What a producer in another language could send: ragged rows, inconsistent fields."""
+    server = start("tcp")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.IngestStub(channel)
+        batches = [
+            pb.SampleBatch(  # 3 samples, the middle one has 3 values: per-sample error
+                n_features=D, features=[1.0] * 4 + [2.0] * 3 + [3.0] * 4, labels=[0, 1, 2],
+                row_lengths=[4, 3, 4],
+            ),
+            pb.SampleBatch(n_features=D, features=[1.0] * 7, labels=[0, 1]),  # ragged
+            pb.SampleBatch(n_features=D, features=[1.0] * 8, labels=[0, 1], has_label=[True]),
+            pb.SampleBatch(n_features=D, features=[5.0] * 4),  # no labels at all
+            pb.SampleBatch(n_features=D, features=[6.0] * 4, labels=[1]),
+        ]
+        reply = stub.Append(iter(batches))
+    errors = [(e.index, e.count, e.reason) for e in reply.errors]
+    assert errors[0] == (1, 1, "wrong feature count: 3 values, expected 4")
+    assert errors[1][:2] == (3, 2)
+    assert "ragged batch, 7 feature values for 2 samples of 4 features" in errors[1][2]
+    assert errors[2][:2] == (5, 2) and "has_label has 1 entries for 2 labels" in errors[2][2]
+    assert errors[3][:2] == (7, 1) and "missing label" in errors[3][2]
+    assert (reply.accepted, reply.rejected, reply.received) == (3, 6, 9)
+    assert stored(server) == [1, 3, 6]
+
+    with grpc.insecure_channel(server.address) as channel:
+        append = channel.stream_unary(f"/{pb.DESCRIPTOR.services_by_name['Ingest'].full_name}"
+                                      "/Append")
+        good = pb.SampleBatch(n_features=D, features=[7.0] * 4, labels=[2]).SerializeToString()
+        with pytest.raises(grpc.RpcError) as info:
+            append(iter([good, b"\xff\xff not protobuf"]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed batch: message at stream position 1" in info.value.details()
+    assert stored(server) == [1, 3, 6, 7]
+
+
+def test_non_numeric_input_is_refused_before_sending(start) -> None:
+    server = start()
+    with Producer(server.address) as producer:
+        with pytest.raises(ValueError, match=r"x\[1, 2\]: 'n/a' is not a number"):
+            producer.append([[1, 2, 3, 4], [1, 2, "n/a", 4]], [0, 1])
+        with pytest.raises(ValueError, match=r"y\[0\]: 1.5 is not an integer"):
+            producer.append(np.ones((1, D)), [1.5])
+    assert server.spool.stats()["accepted"] == 0
+
+
+def test_back_pressure_when_full(start) -> None:
+    server = start(capacity=10, policy="reject")
+    with Producer(server.address, batch=4) as producer:
+        result = producer.append(*rows(25))
+        assert (result.accepted, result.refused, result.first_refused) == (10, 15, 10)
+        assert result.full
+        again = producer.append(*rows(3, start=10))
+        assert (again.accepted, again.refused, again.first_refused) == (0, 3, 0)
+        server.spool.commit(server.spool.pending(limit=5).stop)  # the learner frees room
+        resumed = producer.append(*rows(15, start=10))  # retry from first_refused
+        assert (resumed.accepted, resumed.first_refused) == (5, 5)
+        stats = producer.stats()
+    assert stored(server) == list(range(5, 15))
+    assert stats["refused"] >= 1 and stats["pending"] == 10 and stats["trained"] == 5
+
+
+def test_drop_oldest_via_the_service(start) -> None:
+    server = start("tcp", capacity=10, policy="drop_oldest")
+    with Producer(server.address, batch=4) as producer:
+        result = producer.append(*rows(25))
+    assert (result.accepted, result.dropped, result.refused) == (25, 15, 0)
+    assert stored(server) == list(range(15, 25))
+    stats = server.spool.stats()
+    assert stats["accepted"] == stats["dropped"] + stats["pending"] == 25
+
+
+def test_message_beyond_transport_limit_ends_the_call(start) -> None:
+    server = start(max_message_bytes=1000)  # hard limit: 4000 bytes
+    batches = [(*rows(2), None, None), (*rows(400, start=10), None, None)]
+    producer = Producer(server.address, batch=1000, max_message_bytes=100_000)
+    with producer, pytest.raises(IngestError, match="RESOURCE_EXHAUSTED"):
+        producer.append_batches(batches)
+    assert stored(server) == [0, 1], "batches before the huge one stay stored"
+
+
+def test_unix_socket_housekeeping(start, short_dir: Path) -> None:
+    (short_dir / "ingest.sock").touch()  # a plain file is not replaced
+    with pytest.raises(IngestError, match="not a socket"):
+        start()
+    (short_dir / "ingest.sock").unlink()
+    first = start()
+    with pytest.raises(IngestError, match="another process is serving"):
+        start()
+    first.stop(None).wait()
+    second = start()  # a stale socket left behind is replaced
+    with Producer(second.address) as producer:
+        assert producer.append(*rows(2)).accepted == 2
+    with pytest.raises(IngestError, match="cannot reach the ingestion service"):
+        Producer(f"unix://{short_dir}/nobody.sock", timeout=5).append(*rows(1))
+
+
+# ------------------------------------------------------------------------ fedstream feed
+
+
+def feed(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", *args, "--quiet"],
+        input=stdin, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_feed_csv_with_quirks_reports_bad_rows(start, tmp_path: Path) -> None:
+    server = start(n_features=2)
+    path = tmp_path / "sensors.csv"
+    path.write_bytes(
+        "\ufeff temp ; humidity ;status;\r\n"  # BOM, semicolons, padded names, trailing ;
+        '21.5;"40";ok;\r\n'
+        "\r\n"
+        "22.0;oops;ok;\r\n"  # line 4: not a number
+        "23;41;alarm;\r\n"
+        "24;42;;\r\n"  # line 6: missing label
+        "25;43;ok\r\n".encode()
+    )
+    proc = feed(str(path), "--to", server.address, "--label", "status", "--classes", "ok,alarm")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path}:4: column 'humidity': 'oops' is not a number" in proc.stderr
+    assert f"{path}:6: column 'status': missing label" in proc.stderr
+    assert proc.stdout.startswith("3 accepted, 0 dropped, 0 refused (spool full), 2 malformed")
+    pending = server.spool.pending()
+    np.testing.assert_array_equal(pending.x, [[21.5, 40], [23, 41], [25, 43]])
+    np.testing.assert_array_equal(pending.y, [0, 1, 0])
+
+
+def test_feed_jsonl_from_stdin(start) -> None:
+    server = start("tcp", n_features=2, n_classes=3)
+    lines = [
+        '{"a": 1, "b": 2, "label": 0}',
+        '{"a": 3, "b": 4.5, "label": 2}',
+        "",
+        '{"a": 5, "b": 6, "label": 7}',  # out of range: the service says so
+        '{"a": 7, "b": 8, "label": 1}',
+    ]
+    proc = feed("-", "--to", server.address, "--format", "jsonl", stdin="\n".join(lines))
+    assert proc.returncode == 2, proc.stderr
+    assert "<stdin>:4: label out of range: 7 is not in [0, 3)" in proc.stderr
+    assert "3 accepted" in proc.stdout
+    np.testing.assert_array_equal(server.spool.pending().y, [0, 2, 1])
+
+    clean = feed("-", "--to", server.address, "--features", "b,a", stdin=lines[0] + "\n")
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.startswith("1 accepted, 0 dropped, 0 refused (spool full), 0 malformed")
+    np.testing.assert_array_equal(server.spool.pending().x[-1], [2, 1])
+
+
+def test_feed_exit_codes(start, tmp_path: Path) -> None:
+    server = start(n_features=2, capacity=3)
+    path = tmp_path / "many.csv"
+    path.write_text("x,y,label\n" + "".join(f"{i},{i},0\n" for i in range(5)))
+    full = feed(str(path), "--to", server.address, "--batch", "2")
+    assert full.returncode == 3, full.stderr
+    assert f"rows from {path}:5 on were not stored" in full.stderr
+    assert full.stdout.startswith("3 accepted, 0 dropped, ")  # refused: read ahead, 1 or 2
+    assert "refused (spool full), 0 malformed" in full.stdout
+    missing = feed(str(path), "--to", server.address, "--label", "status")
+    assert missing.returncode == 2 and "label column 'status' not found" in missing.stderr
+    Spool(tmp_path / "other.db", 2).close()
+    nobody = feed(str(path), "--to", f"unix://{tmp_path}/x.sock")
+    assert nobody.returncode == 1 and "cannot reach" in nobody.stderr
