@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -57,13 +58,22 @@ def make_client_app(
 def train_round(msg: Message, ctx: Context, cfg: Config, stream: ClientStream) -> Message:
     started = time.perf_counter()
     learner = load_learner(ctx, cfg, stream)
-    learner.set_weights(msg.content[m.ARRAYS].to_torch_state_dict())
     server_round = int(msg.content[m.CONFIG][m.ROUND])
     start, stop = stream.pending(learner.offset, until=server_round, budget=cfg.stream.budget)
     batch = stream.take(start, stop)
-    outcome = learner.learn(batch.x, batch.y)
+    content = learn(msg, learner, batch.x, batch.y, stream.client, started)
+    save_learner(ctx, learner)
+    return Message(content, reply_to=msg)
+
+
+def learn(
+    msg: Message, learner: Learner, x: np.ndarray, y: np.ndarray, client: int, started: float
+) -> RecordDict:
+    """Apply the global model, test-then-train on (x, y): the reply's model and report."""
+    learner.set_weights(msg.content[m.ARRAYS].to_torch_state_dict())
+    outcome = learner.learn(x, y)
     report = m.TrainReport(
-        client=stream.client,
+        client=client,
         examples=outcome.seen,
         correct=outcome.correct,
         loss_sum=outcome.loss_sum,
@@ -74,28 +84,29 @@ def train_round(msg: Message, ctx: Context, cfg: Config, stream: ClientStream) -
         offset=learner.offset,
         train_seconds=time.perf_counter() - started,
     )
-    content = RecordDict(
-        {
-            m.ARRAYS: ArrayRecord(learner.get_weights()),
-            m.METRICS: report.to_record(),
-        }
-    )
-    save_learner(ctx, learner)
-    return Message(content, reply_to=msg)
+    return RecordDict({m.ARRAYS: ArrayRecord(learner.get_weights()), m.METRICS: report.to_record()})
 
 
 def load_learner(ctx: Context, cfg: Config, stream: ClientStream) -> Learner:
+    source = stream.source
+    blob = ctx.state[STATE_KEY]["blob"] if STATE_KEY in ctx.state else None
+    return new_learner(cfg, tuple(source.feature_shape), source.n_classes, blob)  # type: ignore[arg-type]
+
+
+def new_learner(
+    cfg: Config, feature_shape: tuple[int, ...], n_classes: int, state: bytes | None = None
+) -> Learner:
     spec = Spec(
-        feature_shape=tuple(stream.source.feature_shape),
-        n_classes=stream.source.n_classes,
+        feature_shape=feature_shape,
+        n_classes=n_classes,
         learner=cfg.learner,
         detector=cfg.detector,
         fading=cfg.evaluation.fading,
         seed=cfg.seed,
     )
     learner = Learner(spec)
-    if STATE_KEY in ctx.state:
-        learner.load_state_bytes(ctx.state[STATE_KEY]["blob"])  # type: ignore[arg-type]
+    if state is not None:
+        learner.load_state_bytes(state)
     return learner
 
 

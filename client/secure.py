@@ -81,6 +81,7 @@ def encode(
         "drift-count": len(report.drifts),
         "clipped": clipped,
         "train-us": int(report.train_seconds * 1e6),
+        "dropped": report.dropped,
     }
     return ring, [tail[name] for name in m.TAIL]
 

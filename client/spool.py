@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS samples (
     seq INTEGER PRIMARY KEY, label INTEGER NOT NULL, t REAL NOT NULL, features BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (
+    start INTEGER NOT NULL, stop INTEGER NOT NULL, trained INTEGER NOT NULL, tag TEXT NOT NULL
+);
 """
 
 
@@ -322,8 +325,14 @@ class Spool:
             t=np.asarray(when, dtype=np.float64),
         )
 
-    def commit(self, offset: int, state: dict[str, bytes] | None = None) -> None:
-        """Mark every sample before ``offset`` trained and store ``state``, atomically."""
+    def commit(
+        self, offset: int, state: dict[str, bytes] | None = None, tag: str = ""
+    ) -> None:
+        """Mark every sample before ``offset`` trained and store ``state``, atomically.
+
+        Each commit also appends ``(start, stop, trained, tag)`` to the ledger, the audit
+        trail that shows every accepted sample trained exactly once (``tag``: e.g. the
+        round that trained them)."""
         offset = int(offset)
         with self._write() as cur:
             meta = self._meta(cur)
@@ -345,7 +354,17 @@ class Spool:
                     "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, bytes(blob))
                 )
             cur.execute("UPDATE meta SET value = ? WHERE key = 'offset'", (offset,))
+            if offset > meta["offset"]:
+                cur.execute(
+                    "INSERT INTO ledger (start, stop, trained, tag) VALUES (?, ?, ?, ?)",
+                    (meta["offset"], offset, trained, tag),
+                )
             self._add(cur, trained=trained, pending=-trained)
+
+    def ledger(self) -> list[tuple[int, int, int, str]]:
+        """Every commit, in order: ``(start, stop, trained, tag)``; ranges are contiguous."""
+        with self._read() as cur:
+            return [tuple(r) for r in cur.execute("SELECT * FROM ledger ORDER BY rowid")]
 
     def state(self, key: str) -> bytes | None:
         with self._read() as cur:

@@ -33,6 +33,7 @@ class TrainReport:
     fading_accuracy: float = 0.0
     offset: int = 0
     train_seconds: float = 0.0
+    dropped: int = 0  # samples the device's spool dropped (full) since its last report
 
     def to_record(self) -> MetricRecord:
         return MetricRecord(
@@ -47,6 +48,7 @@ class TrainReport:
                 "fading-accuracy": self.fading_accuracy,
                 "offset": self.offset,
                 "train-seconds": self.train_seconds,
+                "dropped": self.dropped,
             }
         )
 
@@ -63,6 +65,7 @@ class TrainReport:
             fading_accuracy=float(rec.get("fading-accuracy", 0.0)),
             offset=int(rec.get("offset", 0)),
             train_seconds=float(rec.get("train-seconds", 0.0)),
+            dropped=int(rec.get("dropped", 0)),
         )
 
 
@@ -90,6 +93,7 @@ TAIL = (
     "drift-count",
     "clipped",
     "train-us",
+    "dropped",
 )
 FIXED_POINT = 1 << 16  # loss sums travel as integers of 1/65536
 KEYS_LOST = "secure aggregation keys not held"  # in an error reason: fetch the keys again

@@ -54,6 +54,7 @@ class History:
     bytes_down: int = 0
     round_trips: int = 0
     drift_count: int = 0
+    dropped: int = 0
     secure: bool = False
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -72,6 +73,7 @@ class History:
         self.bytes_down += record["bytes_down"]
         self.round_trips += record["round_trips"]
         self.drift_count += record["drift_count"]
+        self.dropped += record["dropped"]
         self.secure = self.secure or record.get("secure", False)
         for cid, rep in record["clients"].items():
             acc = self.per_client.setdefault(int(cid), {"seen": 0, "correct": 0})
@@ -119,6 +121,7 @@ def round_record(
         "bytes_up": sum(bytes_of(r) for r in replies if not r.has_error()),
         "seconds": seconds,
         "round_trips": 1,
+        "dropped": sum(r.dropped for r in reports),
         "drift_count": sum(len(r.drifts) for r in reports),
         "drifts": [{"client": r.client, "position": p} for r in reports for p in r.drifts],
         "clients": {
@@ -165,6 +168,7 @@ def secure_round_record(
         "secure": True,
         "round_trips": outcome.round_trips,
         "clipped_coordinates": t["clipped"],
+        "dropped": t["dropped"],
         "drift_count": t["drift-count"],
         "drifts": [],  # who drifted is a client's own business under secure aggregation
         "clients": {},

@@ -21,12 +21,18 @@ Tamper = Callable[[int, Message], Message | None]  # (node, reply) -> reply, or 
 
 
 class LoopbackGrid(Grid):
-    def __init__(self, app: ClientApp, clients: int, tamper: Tamper | None = None) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        clients: int,
+        tamper: Tamper | None = None,
+        node_config: Callable[[int], dict[str, Any]] = lambda p: {"partition-id": p},
+    ) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.app, self.tamper = app, tamper
         self.nodes = {1000 + i: i for i in range(clients)}  # node id -> partition
         self.contexts = {
-            node: Context(1, node, {"partition-id": p}, RecordDict(), {})
+            node: Context(1, node, node_config(p), RecordDict(), {})
             for node, p in self.nodes.items()
         }
         self.inbox: dict[str, Message] = {}

@@ -1,0 +1,78 @@
+"""The ClientApp on a device: its stream is the device's spool.
+
+Flower starts a fresh ClientApp process for every message, so nothing lives in memory
+between rounds: the learner's state sits in the spool file beside the samples, and one
+SQLite transaction moves the read offset and stores the new learner state. A process killed
+before that commit leaves the offset where it was, so the next round trains the same
+samples again; after it, they are never trained again (the spool's ledger shows it).
+
+The SuperNode tells the app where its spool is and which client it is through its node
+config: `--node-config "spool='/path/spool.db' client-id=3"`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedstream.client.app import learn, new_learner
+from fedstream.client.secure import secure_aggregation_mod
+from fedstream.client.spool import Spool
+from fedstream.protocol import messages as m
+from fedstream.protocol.config import Config, from_run_config
+
+SPOOL = "spool"  # node config: path of this device's spool file
+CLIENT_ID = "client-id"  # node config: this device's stable client id
+MAX_ROUND_SAMPLES = 100_000  # a round never loads more than this (stream.budget lowers it)
+LEARNER, REPORTED_DROPS = "learner", "dropped-reported"
+
+
+def device_client_app(config: Config | None = None) -> ClientApp:
+    app = ClientApp(mods=[secure_aggregation_mod])
+
+    @app.train()
+    def _train(msg: Message, ctx: Context) -> Message:
+        cfg = config or from_run_config(dict(ctx.run_config))
+        return train_from_spool(msg, ctx, cfg)
+
+    @app.query()
+    def _query(msg: Message, ctx: Context) -> Message:
+        return Message(m.roster_reply(client_of(ctx)), reply_to=msg)
+
+    return app
+
+
+def train_from_spool(msg: Message, ctx: Context, cfg: Config) -> Message:
+    """One round on a device: read what the spool holds, test-then-train, commit, reply."""
+    started = time.perf_counter()
+    spool = open_spool(ctx, cfg)
+    try:
+        learner = new_learner(
+            cfg, (cfg.stream.n_features,), cfg.stream.n_classes, spool.state(LEARNER)
+        )
+        batch = spool.pending(limit=min(cfg.stream.budget or MAX_ROUND_SAMPLES, MAX_ROUND_SAMPLES))
+        content = learn(msg, learner, batch.x, batch.y, client_of(ctx), started)
+        dropped = spool.stats()["dropped"]
+        reported = int.from_bytes(spool.state(REPORTED_DROPS) or b"", "big")
+        content[m.METRICS]["dropped"] = dropped - reported
+        state = {LEARNER: learner.state_bytes(), REPORTED_DROPS: dropped.to_bytes(8, "big")}
+        round_tag = f"round {int(msg.content[m.CONFIG][m.ROUND])}"
+        spool.commit(batch.stop, state, tag=round_tag)  # the last step before the reply
+    finally:
+        spool.close()
+    return Message(content, reply_to=msg)
+
+
+def open_spool(ctx: Context, cfg: Config) -> Spool:
+    path = ctx.node_config.get(SPOOL)
+    if not path:
+        raise ValueError(f"this SuperNode has no '{SPOOL}' in its node config")
+    return Spool(str(path), cfg.stream.n_features)
+
+
+def client_of(ctx: Context) -> int:
+    if CLIENT_ID not in ctx.node_config:
+        raise ValueError(f"this SuperNode has no '{CLIENT_ID}' in its node config")
+    return int(ctx.node_config[CLIENT_ID])

@@ -1,0 +1,109 @@
+"""The device ClientApp on real spool files: what a round trains, commits and reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from loopback_grid import LoopbackGrid
+
+from fedstream.client import device_app
+from fedstream.client.device_app import device_client_app
+from fedstream.client.spool import Spool
+from fedstream.protocol.config import load
+from fedstream.protocol.models import build_model
+from fedstream.server.app import run_federation
+
+CLIENTS, FEATURES, CLASSES = 3, 8, 3
+
+
+def _cfg(*extra: str):
+    return load(None, [
+        f"federation.clients={CLIENTS}", "federation.rounds=3", "federation.round_timeout=0.5",
+        f"stream.n_features={FEATURES}", f"stream.n_classes={CLASSES}", "output.progress=false",
+        "learner.model=\"logreg\"", *extra,
+    ])
+
+
+def _initial(cfg):
+    from flwr.app import ArrayRecord
+
+    model = build_model("logreg", (FEATURES,), CLASSES, seed=cfg.seed)
+    return ArrayRecord(model.state_dict())
+
+
+def _spools(tmp_path, per_client: int = 50, capacity: int = 1_000_000, policy: str = "reject"):
+    rng = np.random.default_rng(0)
+    paths = []
+    for c in range(CLIENTS):
+        path = tmp_path / f"spool-{c}.db"
+        spool = Spool(path, FEATURES, capacity=capacity, policy=policy)
+        x = rng.normal(size=(per_client, FEATURES)).astype(np.float32)
+        spool.append(x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0))
+        spool.close()
+        paths.append(path)
+    return paths
+
+
+def _grid(cfg, paths, tamper=None):
+    return LoopbackGrid(
+        device_client_app(cfg), CLIENTS, tamper,
+        node_config=lambda p: {"spool": str(paths[p]), "client-id": p},
+    )
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
+def test_rounds_train_each_spooled_sample_once(tmp_path, secure):
+    cfg = _cfg("stream.budget=20", f"secure_aggregation.enabled={str(secure).lower()}")
+    paths = _spools(tmp_path)
+    records: list[dict] = []
+    run_federation(_grid(cfg, paths), cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert [r["examples"] for r in records] == [60, 60, 30]  # budget 20 a round, 50 each
+    for path in paths:
+        spool = Spool(path, FEATURES)
+        stats, ledger = spool.stats(), spool.ledger()
+        assert stats["accepted"] == stats["trained"] + stats["dropped"] + stats["pending"]
+        assert stats["trained"] == 50 and stats["pending"] == 0
+        assert [(a, b, n) for a, b, n, _ in ledger] == [(0, 20, 20), (20, 40, 20), (40, 50, 10)]
+        assert [tag for *_, tag in ledger] == ["round 1", "round 2", "round 3"]
+
+
+def test_a_round_that_dies_before_its_commit_is_trained_again(tmp_path, monkeypatch):
+    cfg = _cfg("stream.budget=20")
+    paths = _spools(tmp_path)
+    real_commit = Spool.commit
+    died: list[str] = []
+
+    def dying_commit(self, offset, state=None, tag=""):
+        if str(self.path) == str(paths[1]) and not died:  # client 1, round 1: killed
+            died.append(tag)  # between training and commit
+            raise RuntimeError("killed")
+        return real_commit(self, offset, state, tag)
+
+    monkeypatch.setattr(Spool, "commit", dying_commit)
+    records: list[dict] = []
+    run_federation(_grid(cfg, paths), cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert records[0]["clients_ok"] == 2 and records[0]["failures"][0]["client"] == 1
+    spool = Spool(paths[1], FEATURES)
+    # Round 1's samples were trained but not committed: round 2 trains them again, once.
+    assert spool.ledger() == [(0, 20, 20, "round 2"), (20, 40, 20, "round 3")]
+    assert spool.stats()["pending"] == 10
+
+
+def test_samples_dropped_by_a_full_spool_are_reported(tmp_path):
+    cfg = _cfg("stream.budget=100", "federation.rounds=1")
+    paths = _spools(tmp_path, per_client=50, capacity=30, policy="drop_oldest")
+    records: list[dict] = []
+    run_federation(_grid(cfg, paths), cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert records[0]["dropped"] == 3 * 20 and records[0]["examples"] == 3 * 30
+
+
+def test_a_node_without_a_spool_says_so(tmp_path):
+    cfg = _cfg("federation.rounds=1")
+    grid = LoopbackGrid(device_client_app(cfg), CLIENTS, node_config=lambda p: {"client-id": p})
+    records: list[dict] = []
+    run_federation(grid, cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert all(device_app.SPOOL in f["reason"] for f in records[0]["failures"])
