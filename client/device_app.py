@@ -17,7 +17,6 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedstream.client.app import learn, new_learner
 from fedstream.client.secure import secure_aggregation_mod
 from fedstream.client.spool import Spool
 from fedstream.protocol import messages as m
@@ -46,6 +45,8 @@ def device_client_app(config: Config | None = None) -> ClientApp:
 
 def train_from_spool(msg: Message, ctx: Context, cfg: Config) -> Message:
     """One round on a device: read what the spool holds, test-then-train, commit, reply."""
+    from fedstream.client.app import learn, new_learner  # torch: only train messages pay for it
+
     started = time.perf_counter()
     spool = open_spool(ctx, cfg)
     try:
@@ -76,3 +77,6 @@ def client_of(ctx: Context) -> int:
     if CLIENT_ID not in ctx.node_config:
         raise ValueError(f"this SuperNode has no '{CLIENT_ID}' in its node config")
     return int(ctx.node_config[CLIENT_ID])
+
+
+app = device_client_app()

@@ -178,10 +178,11 @@ def secure_round_record(
 class MetricsLog:
     """Appends round records to metrics.jsonl as they happen, so a crash keeps past rounds."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        if not append or not path.exists():
+            path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:

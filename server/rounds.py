@@ -26,6 +26,7 @@ from fedstream.server.secure import SILENT, SecureAggregator
 ROSTER_TIMEOUT = 30.0  # a node that cannot say who it is within this is asked next round
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]
 RoundHook = Callable[[dict[str, Any], History], None]
+ModelHook = Callable[[int, ArrayRecord, History], None]  # after each round: e.g. checkpoint
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RoundSettings:
     progress: bool = True
     sample_all: bool = False  # every node trains every round: identities can wait
     secure: SecureAggregator | None = None  # sum encrypted updates instead of reading them
+    first_round: int = 1  # later when resuming from a checkpoint
 
 
 def run_rounds(
@@ -46,11 +48,16 @@ def run_rounds(
     settings: RoundSettings,
     on_round: RoundHook,
     evaluate: EvaluateFn | None = None,
+    history: History | None = None,
+    after_round: ModelHook | None = None,
 ) -> tuple[ArrayRecord, History]:
     roster = Roster()
-    history = History()
-    bar = tqdm(total=settings.rounds, disable=not settings.progress, unit="round", leave=True)
-    for server_round in range(1, settings.rounds + 1):
+    history = history or History()
+    bar = tqdm(
+        total=settings.rounds, initial=settings.first_round - 1,
+        disable=not settings.progress, unit="round", leave=True,
+    )
+    for server_round in range(settings.first_round, settings.rounds + 1):
         started = time.perf_counter()
         if settings.secure is None:
             sent, replies = _exchange(grid, roster, strategy, server_round, arrays, settings)
@@ -76,6 +83,8 @@ def run_rounds(
             record["global_eval"] = evaluate(server_round, arrays)
         history.add(record)
         on_round(record, history)
+        if after_round:
+            after_round(server_round, arrays, history)
         bar.set_postfix(_postfix(record, history), refresh=False)
         bar.update(1)
     bar.close()

@@ -1,0 +1,58 @@
+"""Checkpoints of the aggregator: everything a crashed server needs to carry on.
+
+After every round the server writes the global model, the strategy (with its optimizer
+state: FedAvgM's momentum, FedAdam's and FedYogi's moments), the round number and the
+running totals. The file is written beside its final name, fsynced and renamed over it,
+so a crash at any moment leaves either the previous checkpoint or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from fedstream.server.records import History
+
+CHECKPOINT = "checkpoint.pkl"
+
+
+@dataclass
+class Checkpoint:
+    server_round: int  # the last round completed
+    arrays: ArrayRecord
+    strategy: Strategy
+    history: History
+
+
+def save(directory: Path, ckpt: Checkpoint) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / CHECKPOINT
+    tmp = final.with_suffix(".tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump(ckpt, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+def load(directory: Path) -> Checkpoint | None:
+    """The last checkpoint in `directory`, or None when there is none yet."""
+    path = directory / CHECKPOINT
+    if not path.exists():
+        return None
+    with path.open("rb") as fh:
+        ckpt = pickle.load(fh)  # our own file, in the server's own state directory
+    if not isinstance(ckpt, Checkpoint):
+        raise ValueError(f"{path} is not a fedstream checkpoint")
+    return ckpt

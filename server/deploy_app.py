@@ -1,0 +1,109 @@
+"""The aggregator's ServerApp in deployment: rounds, live records, a checkpoint every round.
+
+`fedstream server` submits this app to its SuperLink with the federation config and its
+state directory. After every round the global model, the strategy with its optimizer state,
+the round number and the running totals are checkpointed; with `resume`, the app starts
+from the last checkpoint and carries on to the configured number of rounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedstream.protocol.config import Config, from_run_config
+from fedstream.protocol.models import build_model
+from fedstream.server import checkpoint
+from fedstream.server.records import History, MetricsLog
+from fedstream.server.rounds import RoundSettings, run_rounds
+from fedstream.server.secure import SecureAggregator
+from fedstream.server.strategy import make_strategy
+
+STATE_DIR, RESUME = "state-dir", "resume"  # run config keys set by `fedstream server`
+
+
+def deploy_server_app() -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_config = dict(context.run_config)
+        cfg = from_run_config({k: v for k, v in run_config.items() if k not in (STATE_DIR, RESUME)})
+        run_aggregator(grid, cfg, Path(str(run_config[STATE_DIR])), bool(run_config.get(RESUME)))
+
+    return app
+
+
+def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> dict[str, Any]:
+    out = Path(cfg.output.dir)
+    ckpt = checkpoint.load(state_dir) if resume else None
+    log = MetricsLog(out / "metrics.jsonl", append=ckpt is not None)
+    if ckpt is None:
+        strategy, arrays, history, first = make_strategy(cfg), initial_arrays(cfg), History(), 1
+    else:
+        strategy, arrays, history = ckpt.strategy, ckpt.arrays, ckpt.history
+        first = ckpt.server_round + 1
+        log.write({"resumed_after_round": ckpt.server_round, "model_sha256": fingerprint(arrays)})
+
+    def record(rec: dict[str, Any], _history: History) -> None:
+        log.write(rec)
+
+    def save(server_round: int, model: ArrayRecord, hist: History) -> None:
+        checkpoint.save(state_dir, checkpoint.Checkpoint(server_round, model, strategy, hist))
+        log.write({"checkpoint_round": server_round, "model_sha256": fingerprint(model)})
+
+    settings = RoundSettings(
+        rounds=cfg.federation.rounds,
+        seed=cfg.seed,
+        timeout=cfg.federation.round_timeout,
+        progress=False,
+        sample_all=cfg.federation.fraction == 1.0,
+        secure=SecureAggregator(cfg.secure_aggregation) if cfg.secure_aggregation.enabled else None,
+        first_round=first,
+    )
+    started = time.perf_counter()
+    arrays, history = run_rounds(
+        grid, strategy, arrays, settings, record, history=history, after_round=save
+    )
+    summary = {
+        "rounds": history.rounds,
+        "clients": cfg.federation.clients,
+        "prequential_accuracy": history.accuracy,
+        "client_updates": history.client_updates,
+        "client_failures": history.failures,
+        "samples_seen": history.seen,
+        "samples_dropped": history.dropped,
+        "bytes_up": history.bytes_up,
+        "bytes_down": history.bytes_down,
+        "secure_aggregation": cfg.secure_aggregation.enabled,
+        "round_trips": history.round_trips,
+        "wall_seconds_since_start": time.perf_counter() - started,
+        "model_sha256": fingerprint(arrays),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def initial_arrays(cfg: Config) -> ArrayRecord:
+    model = build_model(
+        cfg.learner.model, (cfg.stream.n_features,), cfg.stream.n_classes,
+        hidden=cfg.learner.hidden, seed=cfg.seed,
+    )
+    return ArrayRecord(model.state_dict())
+
+
+def fingerprint(arrays: ArrayRecord) -> str:
+    digest = hashlib.sha256()
+    for key, arr in arrays.items():
+        digest.update(key.encode())
+        digest.update(arr.numpy().tobytes())
+    return digest.hexdigest()
+
+
+app = deploy_server_app()
