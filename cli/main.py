@@ -230,7 +230,10 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 def main() -> None:
-    app(prog_name="fedstream")
+    import fedstream.cli.deploy  # noqa: F401  (registers certs, server and client)
+    from fedstream.cli import main as cli  # this module, also when run as __main__
+
+    cli.app(prog_name="fedstream")
 
 
 if __name__ == "__main__":

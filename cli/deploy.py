@@ -1,0 +1,113 @@
+"""`fedstream certs`, `fedstream server` and `fedstream client`: a real deployment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedstream.cli.main import ConfigOpt, SetOpt, _load, _toml_str, app, err
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Argument(help="Directory for the CA, server cert and keys.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Name or address clients dial (repeatable); "
+                     "localhost, 127.0.0.1 and ::1 by default."),
+    ] = None,
+    node: Annotated[
+        list[str] | None, typer.Option("--node", help="Make a SuperNode key pair NAME.key/.pub.")
+    ] = None,
+) -> None:
+    """Make a CA, a server certificate and SuperNode key pairs (existing ones are kept)."""
+    from fedstream.server.credentials import make_credentials
+
+    hosts = host or ["localhost", "127.0.0.1", "::1"]
+    make_credentials(out, hosts, node or [])
+    typer.echo(f"credentials in {out}/: ca.crt (give to clients), server.pem, server.key"
+               + "".join(f", {n}.key (give to that device), {n}.pub" for n in node or []))
+
+
+@app.command()
+def server(
+    state: Annotated[Path, typer.Option("--state", help="State directory (checkpoints, logs).")],
+    credentials: Annotated[
+        Path, typer.Option("--credentials", help="Directory made by `fedstream certs`.")
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    node_key: Annotated[
+        list[Path] | None,
+        typer.Option("--node-key", help="SuperNode public key to register (repeatable); "
+                     "default: every *.pub in the credentials directory."),
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port of the SuperLink.")] = 9092,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in --state.")
+    ] = False,
+) -> None:
+    """Run the aggregator: a TLS, authenticating SuperLink and the fedstream ServerApp."""
+    out = state / "results"
+    cfg = _load(config, set_, [f"output.dir={_toml_str(str(out.resolve()))}",
+                               "output.progress=false"])
+    keys = node_key if node_key is not None else sorted(credentials.glob("*.pub"))
+    from fedstream.server.aggregator import Aggregator, serve
+
+    try:
+        status = serve(Aggregator(state, credentials, host, port), cfg, keys, resume)
+    except (FileNotFoundError, TimeoutError, RuntimeError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2 if isinstance(e, FileNotFoundError | ValueError) else 1) from None
+    typer.echo(f"run {status}; results in {out}/, logs in {state / 'logs'}/")
+    if status != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def client(
+    server_address: Annotated[str, typer.Option("--server", help="SuperLink host:port.")],
+    state: Annotated[Path, typer.Option("--state", help="Device state directory (the spool).")],
+    client_id: Annotated[int, typer.Option("--client-id", help="This device's client id.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    ca: Annotated[Path | None, typer.Option("--ca", help="CA certificate to trust.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="SuperNode private key.")] = None,
+    ingest: Annotated[
+        str, typer.Option("--ingest", help="unix:///path.sock or 127.0.0.1:PORT "
+                          "(default: unix socket in --state).")
+    ] = "",
+    capacity: Annotated[int, typer.Option("--capacity", min=1, help="Spool capacity.")] = 1_000_000,
+    policy: Annotated[
+        str, typer.Option("--policy", help="When full: reject (back-pressure) or drop_oldest.")
+    ] = "reject",
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS (only for a SuperLink without it).")
+    ] = False,
+    max_wait: Annotated[
+        float, typer.Option("--max-wait", help="Give up connecting after this many seconds.")
+    ] = 0.0,
+) -> None:
+    """Run a device: spool, local ingestion service and a SuperNode connected to the server."""
+    cfg = _load(config, set_, [])
+    if policy not in ("reject", "drop_oldest"):
+        err.print(f"[red]error:[/red] --policy must be reject or drop_oldest, got {policy!r}")
+        raise typer.Exit(2)
+    for name, path in (("--ca", ca), ("--key", key)):
+        if path is not None and not path.is_file():
+            err.print(f"[red]error:[/red] {name}: file not found: {path}")
+            raise typer.Exit(2)
+    from fedstream.client.node import Device, run_device
+    from fedstream.client.spool import SpoolError
+
+    dev = Device(server_address, state, client_id, cfg.stream.n_features, ca, key, ingest,
+                 capacity, policy, insecure, max_wait)  # type: ignore[arg-type]
+    try:
+        code = run_device(dev)
+    except SpoolError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)

@@ -1,0 +1,188 @@
+"""`fedstream server`: Flower's SuperLink plus the fedstream ServerApp, as one command.
+
+The SuperLink runs with TLS, SuperNode authentication and its state in SQLite, all on by
+default. The command registers the SuperNode public keys it is given, submits the
+deployment app (`fedstream.server.deploy_app`) with the federation config, waits for the
+run to finish and keeps its logs. Everything lives in one state directory:
+
+    STATE/superlink.db     Flower's state (nodes, keys, runs)
+    STATE/checkpoint.pkl   the last completed round (model, strategy, totals)
+    STATE/app/             the Flower App that is submitted (a pyproject naming our apps)
+    STATE/logs/            superlink.log, run-<id>.log
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedstream.protocol import runtime
+from fedstream.protocol.config import Config, to_json
+from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedstream.server.deploy_app import RESUME, STATE_DIR
+
+APP_TOML = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedstream-deployment"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedstream"
+
+[tool.flwr.app.components]
+serverapp = "fedstream.server.deploy_app:app"
+clientapp = "fedstream.client.device_app:app"
+
+[tool.flwr.app.config]
+fedstream-config = ""
+state-dir = ""
+resume = false
+"""
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    state: Path
+    credentials: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return (self.credentials / CA_CERT).resolve()
+
+
+def start_superlink(agg: Aggregator) -> subprocess.Popen:
+    for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+        if not (agg.credentials / name).is_file():
+            raise FileNotFoundError(
+                f"{agg.credentials / name} is missing: make credentials with `fedstream certs`"
+            )
+    creds = agg.credentials.resolve()
+    cmd = [
+        "flower-superlink",
+        "--ssl-ca-certfile", str(creds / CA_CERT),
+        "--ssl-certfile", str(creds / SERVER_CERT),
+        "--ssl-keyfile", str(creds / SERVER_KEY),
+        "--database", str((agg.state / "superlink.db").resolve()),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host", agg.host,
+        "--port", str(agg.port),
+    ]
+    env = runtime.flower_env(agg.state / "flwr-home")
+    proc = runtime.spawn(cmd, env, agg.state / "logs" / "superlink.log", agg.state)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited; see {agg.state / 'logs' / 'superlink.log'}")
+        context = ssl.create_default_context(cafile=str(agg.ca))
+        url = f"https://127.0.0.1:{agg.port}/health"
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=1) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    runtime.wait_for(healthy, "SuperLink", timeout=60)
+    return proc
+
+
+def control(agg: Aggregator) -> Any:  # Flower's Control API client
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    return init_http_client_from_connection(
+        SuperLinkConnection(name="fedstream", address=f"127.0.0.1:{agg.port}",
+                            root_certificates=str(agg.ca))
+    )
+
+
+def register(ctl: Any, public_keys: list[Path]) -> list[int]:
+    """Register SuperNode public keys (OpenSSH lines); keys already known are left alone."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    known = {bytes(n.public_key): n.node_id for n in ctl.ListNodes(ListNodesRequest()).nodes_info}
+    ids = []
+    for path in public_keys:
+        key = public_key_to_bytes(serialization.load_ssh_public_key(path.read_bytes()))
+        if key in known:
+            ids.append(known[key])
+        else:
+            request = RegisterNodeRequest(public_key=key, name=path.stem)
+            ids.append(ctl.RegisterNode(request).node_id)
+    return ids
+
+
+def submit(ctl: Any, agg: Aggregator, cfg: Config, resume: bool) -> int:
+    """Start the deployment run on the SuperLink; returns its run id."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    app = agg.state / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_TOML)
+    fab = build_fab_from_disk(app)
+    overrides = {
+        "fedstream-config": to_json(cfg),
+        STATE_DIR: str(agg.state.resolve()),
+        RESUME: resume,
+    }
+    request = StartRunRequest(
+        fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+        override_config=user_config_to_proto(overrides),
+        federation="",
+    )
+    return int(ctl.StartRun(request).run_id)
+
+
+def wait_run(ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0) -> str:
+    """Wait for the run to finish; write its logs; return 'completed', 'failed' or 'stopped'."""
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, StreamLogsRequest
+
+    while True:
+        run = run_from_proto(ctl.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
+        if run.status.status == "finished":
+            break
+        time.sleep(poll)
+    logs = ctl.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0))
+    text = "".join(chunk.log_output for chunk in logs)
+    (agg.state / "logs" / f"run-{run_id}.log").write_text(text)
+    return str(run.status.sub_status)
+
+
+def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -> str:
+    """The whole aggregator: SuperLink up, keys registered, run submitted and awaited."""
+    agg.state.mkdir(parents=True, exist_ok=True)
+    link = start_superlink(agg)
+    try:
+        ctl = control(agg)
+        try:
+            register(ctl, public_keys)
+            run_id = submit(ctl, agg, cfg, resume)
+            (agg.state / "run-id").write_text(f"{run_id}\n")
+            return wait_run(ctl, agg, run_id)
+        finally:
+            ctl.close()
+    finally:
+        runtime.stop(link)
