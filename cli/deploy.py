@@ -58,7 +58,7 @@ def server(
     from fedstream.server.aggregator import Aggregator, serve
 
     try:
-        status = serve(Aggregator(state, credentials, host, port), cfg, keys, resume)
+        status = serve(Aggregator(state.resolve(), credentials, host, port), cfg, keys, resume)
     except (FileNotFoundError, TimeoutError, RuntimeError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2 if isinstance(e, FileNotFoundError | ValueError) else 1) from None
@@ -103,7 +103,7 @@ def client(
     from fedstream.client.node import Device, run_device
     from fedstream.client.spool import SpoolError
 
-    dev = Device(server_address, state, client_id, cfg.stream.n_features, ca, key, ingest,
+    dev = Device(server_address, state.resolve(), client_id, cfg.stream.n_features, ca, key, ingest,
                  capacity, policy, insecure, max_wait)  # type: ignore[arg-type]
     try:
         code = run_device(dev)

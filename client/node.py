@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedstream.client.ingest import serve as serve_ingestion
 from fedstream.client.spool import Policy, Spool
 from fedstream.protocol import runtime
+
+RETRY_FIRST, RETRY_MAX = 2.0, 30.0  # seconds between SuperNode restarts
 
 
 @dataclass(frozen=True)
@@ -73,20 +77,35 @@ def run_device(dev: Device) -> int:
         str(dev.spool), dev.n_features, dev.ingest_address, dev.capacity, dev.policy
     )
     env = runtime.flower_env(dev.state / "flwr-home")
-    node = runtime.spawn(supernode_command(dev), env, dev.state / "logs" / "supernode.log",
-                         dev.state)
+    log = dev.state / "logs" / "supernode.log"
     stopping = threading.Event()
+    node: subprocess.Popen | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
-        runtime.stop(node)
+        if node is not None:
+            runtime.stop(node)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    started, pause = time.monotonic(), RETRY_FIRST
     try:
-        return node.wait()
-    except subprocess.TimeoutExpired:  # pragma: no cover - wait() without timeout
-        return 1
+        while True:
+            node = runtime.spawn(supernode_command(dev), env, log, dev.state)
+            code = node.wait()
+            # Refused (not registered yet, server down, TLS failure): say so, and try again
+            # until --max-wait runs out; the server may register this key in a moment.
+            if stopping.is_set() or code == 0:
+                return code
+            if dev.max_wait and time.monotonic() - started > dev.max_wait:
+                print(f"the SuperNode gave up (exit {code}); see {log}", file=sys.stderr)
+                return code
+            print(f"the SuperNode exited ({code}), retrying in {pause:.0f} s; see {log}",
+                  file=sys.stderr)
+            if stopping.wait(pause):
+                return code
+            pause = min(RETRY_MAX, pause * 2)
     finally:
-        runtime.stop(node)
+        if node is not None:
+            runtime.stop(node)
         ingestion.stop(grace=2.0).wait()

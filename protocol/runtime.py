@@ -1,13 +1,18 @@
 """How fedstream starts Flower's runtime processes (SuperLink, SuperNode), on either side.
 
-Each process runs in its own session, so stopping it stops the SuperExec and app processes
-it started too, and in its own FLWR_HOME. Flower's runtime finds `flower-superexec` and
-`flwr-*app` on PATH: this Python's scripts come first, so the apps run with the fedstream
-that started them, and nothing is installed at run time.
+Each process stays in the group of the fedstream command that started it (so a signal to
+the command's group reaches it) and, on Linux, is killed the moment that command dies, even
+by SIGKILL: a crashed `fedstream server` never leaves a SuperLink running its old run.
+Flower's own SuperExec watches its parent in turn. Each runs in its own FLWR_HOME.
+Flower's runtime finds `flower-superexec` and `flwr-*app` on PATH: this Python's scripts
+come first, so the apps run with the fedstream that started them, and nothing is
+installed at run time.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -16,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1
 TASK_POLL = "0.05"  # seconds: how often a SuperExec looks for new app processes to start
 
 
@@ -33,21 +39,30 @@ def flower_env(home: Path) -> dict[str, str]:
     }
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when its parent dies."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's stop() is the only guard
+        pass
+
+
 def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
+    linux = sys.platform.startswith("linux")
     return subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-        start_new_session=True,
+        preexec_fn=_die_with_parent if linux else None,  # before any thread starts
     )
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process's whole session, then SIGKILL what is left after `grace`."""
+    """SIGTERM the process (it stops its own children), then SIGKILL it after `grace`."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        if proc.poll() is not None:
             return
+        proc.send_signal(sig)
         try:
             proc.wait(timeout=wait)
             return

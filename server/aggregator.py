@@ -13,6 +13,7 @@ run to finish and keeps its logs. Everything lives in one state directory:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ssl
 import subprocess
@@ -171,6 +172,17 @@ def wait_run(ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0) -> str:
     return str(run.status.sub_status)
 
 
+def stop_previous(ctl: Any, agg: Aggregator) -> None:
+    """Stop the run a crashed server left behind, so only the resumed one trains."""
+    from flwr.proto.control_pb2 import StopRunRequest
+
+    previous = agg.state / "run-id"
+    if previous.exists():
+        # Already finished, or unknown to this database: nothing to stop.
+        with contextlib.suppress(Exception):
+            ctl.StopRun(StopRunRequest(run_id=int(previous.read_text())))
+
+
 def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -> str:
     """The whole aggregator: SuperLink up, keys registered, run submitted and awaited."""
     agg.state.mkdir(parents=True, exist_ok=True)
@@ -179,6 +191,8 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
         ctl = control(agg)
         try:
             register(ctl, public_keys)
+            if resume:
+                stop_previous(ctl, agg)
             run_id = submit(ctl, agg, cfg, resume)
             (agg.state / "run-id").write_text(f"{run_id}\n")
             return wait_run(ctl, agg, run_id)
