@@ -33,8 +33,8 @@ CONFIG = """\
 [federation]
 clients = 3
 min_clients = 3
-rounds = 4
-round_timeout = 45.0
+rounds = 3
+round_timeout = 30.0
 [stream]
 n_features = 8
 n_classes = 3
@@ -120,12 +120,12 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
             with Producer(f"unix://{sock}") as producer:
                 assert producer.append(x, (x[:, 0] > 0) + (x[:, 1] > 0).astype(int)).accepted == 200
 
-        wait_until(lambda: checkpointed(work) >= 1, "round 1", 240)
+        wait_until(lambda: checkpointed(work) >= 1, "round 1", 600)
         kill9(clients[1])  # mid-round 2: the device and its ClientApp die
         clients[1] = client(1)
         procs.append(clients[1])
 
-        wait_until(lambda: checkpointed(work) >= 2, "round 2", 300)
+        wait_until(lambda: checkpointed(work) >= 2, "round 2", 600)
         kill9(server)  # the SuperLink and the ServerApp die
         last = checkpointed(work)
         sha = next(r["model_sha256"] for r in records(work) if r.get("checkpoint_round") == last)
@@ -139,9 +139,9 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     recs = records(work)
     resumed = next(r for r in recs if "resumed_after_round" in r)
     assert resumed["resumed_after_round"] == last and resumed["model_sha256"] == sha
-    assert sorted(r["round"] for r in recs if "round" in r) == [1, 2, 3, 4]
+    assert sorted(r["round"] for r in recs if "round" in r) == [1, 2, 3]
     summary = json.loads((work / "srv" / "results" / "summary.json").read_text())
-    assert summary["rounds"] == 4 and summary["secure_aggregation"] is True
+    assert summary["rounds"] == 3 and summary["secure_aggregation"] is True
     for i in range(3):
         spool = Spool(work / f"c{i}" / "spool.db", 8)
         stats, ledger = spool.stats(), spool.ledger()
