@@ -550,13 +550,13 @@ def with_pythonpath(env: dict[str, str], *dirs: Path | None) -> dict[str, str]:
 # ------------------------------------------------------------------------------ stock
 
 
-def run_stock(work: Path, rounds: int, evaluate: bool, tail: LogTail,
+def run_stock(work: Path, name: str, rounds: int, evaluate: bool, tail: LogTail,
               trace: Path | None) -> dict[str, Any]:
     from fedstream.protocol import runtime
     from fedstream.server import aggregator
     from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
 
-    state, creds = work / "stock", (work / "creds").resolve()
+    state, creds = work / name, (work / "creds").resolve()
     app = state / "app"
     app.mkdir(parents=True)
     (app / "pyproject.toml").write_text(STOCK_TOML)
@@ -590,7 +590,7 @@ def run_stock(work: Path, rounds: int, evaluate: bool, tail: LogTail,
             for i in range(NODES):  # the same flags as fedstream.client.node.supernode_command
                 log = state / f"n{i}" / "supernode.log"
                 log.parent.mkdir(parents=True)
-                tail.watch(f"stock/n{i}", log)
+                tail.watch(f"{name}/n{i}", log)
                 node_cmd = [
                     "flower-supernode", "--superlink", f"127.0.0.1:{port}",
                     "--node-config", f"partition-id={i} num-partitions={NODES}",
@@ -615,7 +615,7 @@ def run_stock(work: Path, rounds: int, evaluate: bool, tail: LogTail,
     per_round = [ends[r] - ends[r - 1] for r in range(1, rounds + 1) if r in ends and r - 1 in ends]
     trips = [r for r in recs if "trip" in r]
     return {
-        "status": status, "port": port, "seconds": per_round,
+        "system": "stock", "name": name, "status": status, "port": port, "seconds": per_round,
         "round_trips": [len(trips) // max(1, len(per_round))] * len(per_round),
         "trips": trips, "first_round_messages": 2 if evaluate else 1,
     }
@@ -667,10 +667,14 @@ def _submit(ctl: Any, app: Path, overrides: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------- ours
 
 
-def run_ours(work: Path, rounds: int, tail: LogTail, trace: Path | None) -> dict[str, Any]:
+def run_ours(top: Path, name: str, rounds: int, tail: LogTail,
+             trace: Path | None) -> dict[str, Any]:
     from fedstream.client.ingest import Producer
     from fedstream.protocol.runtime import free_port
 
+    work = top / name
+    work.mkdir()
+    (work / "creds").symlink_to(top / "creds")
     (work / "ours.toml").write_text(OURS_TOML.format(
         nodes=NODES, rounds=rounds, features=N_FEATURES, classes=N_CLASSES, samples=SAMPLES,
         hidden=HIDDEN, batch=BATCH, lr=LR))
@@ -688,7 +692,7 @@ def run_ours(work: Path, rounds: int, tail: LogTail, trace: Path | None) -> dict
         for i in range(NODES):
             log = work / f"c{i}" / "logs" / "supernode.log"
             log.parent.mkdir(parents=True)
-            tail.watch(f"ours/n{i}", log)
+            tail.watch(f"{name}/n{i}", log)
             procs.append(fedstream(
                 "client", "--server", f"127.0.0.1:{port}", "--state", f"c{i}", "--client-id",
                 str(i), "--config", "ours.toml", "--ca", "creds/ca.crt", "--key",
@@ -713,7 +717,8 @@ def run_ours(work: Path, rounds: int, tail: LogTail, trace: Path | None) -> dict
         if metrics.exists() else []
     recs = [r for r in recs if "round" in r]
     return {
-        "status": "completed" if code == 0 else f"exit {code}", "port": port, "records": recs,
+        "system": "ours", "name": name, "status": "completed" if code == 0 else f"exit {code}",
+        "port": port, "records": recs,
         "seconds": [r["seconds"] for r in recs],
         "round_trips": [r["round_trips"] for r in recs],
         "examples": [r["examples"] for r in recs],
@@ -789,15 +794,15 @@ def read_trace(trace: Path | None) -> dict[int, dict[str, Any]]:
     return out
 
 
-def messages(label: str, result: dict[str, Any], tail: LogTail, watch: ProcWatch,
+def messages(result: dict[str, Any], tail: LogTail, watch: ProcWatch,
              traces: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """Every message a SuperNode of this system handled, with all the times known about it."""
     supernodes = [p for p in watch.procs.values()
                   if p.kind == "supernode" and p.superlink == str(result["port"])]
     rows: list[dict[str, Any]] = []
     for i in range(NODES):
-        events = node_events(tail.lines.get(f"{label}/n{i}", []))
-        key = f"client-id={i}" if label == "ours" else f"partition-id={i}"
+        events = node_events(tail.lines.get(f"{result['name']}/n{i}", []))
+        key = f"client-id={i}" if result["system"] == "ours" else f"partition-id={i}"
         ports = {p.port for p in supernodes if key in p.node_config}
         procs = sorted((p for p in watch.procs.values()
                         if p.kind == "clientapp" and p.port in ports), key=lambda p: p.start)
@@ -812,7 +817,7 @@ def messages(label: str, result: dict[str, Any], tail: LogTail, watch: ProcWatch
     return rows
 
 
-def trips_of(label: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict]:
+def trips_of(result: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict]:
     """Messages grouped into trips (the n-th message of every node), with the trip's start.
 
     Stock: the ServerApp timed each send_and_receive. Ours: a trip starts when the last reply
@@ -826,9 +831,9 @@ def trips_of(label: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> 
         trip: dict[str, Any] = {"n": n, "kind": msgs[0]["kind"], "messages": msgs}
         sent = [r["sent"] for r in msgs if "sent" in r]
         trip["last_sent"] = max(sent) if len(sent) == NODES else float("nan")
-        if label == "stock" and n < len(result["trips"]):
+        if result["system"] == "stock" and n < len(result["trips"]):
             trip["start"], trip["end"] = result["trips"][n]["start"], result["trips"][n]["end"]
-        elif label == "ours" and trips:
+        elif result["system"] == "ours" and trips:
             trip["start"] = trips[-1]["last_sent"]
             trip["end"] = trip["last_sent"]
         trips.append(trip)
@@ -956,6 +961,8 @@ def fmt(x: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each system this many times, alternating which goes first")
     ap.add_argument("--quick", action="store_true", help="3 rounds, one import timing each")
     ap.add_argument("--stock-evaluate", action="store_true",
                     help="stock FedAvg with Flower's default fraction_evaluate=1.0 "
@@ -981,61 +988,78 @@ def main() -> int:
         (trace / "out").mkdir(parents=True)
         (trace / "sitecustomize.py").write_text(TRACER)
         os.environ["BENCH_TRACE_DIR"] = str(trace / "out")
+    systems = [args.only] if args.only else ["stock", "ours"]
+    plan = [(system, f"{system}{rep}") for rep in range(args.repeat)
+            for system in (systems if rep % 2 == 0 else systems[::-1])]
     watch, tail = ProcWatch(), LogTail()
     watch.start()
     tail.start()
-    results: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
     busy_before = cores_busy()
     print(f"work directory: {work}; before the runs {busy_before:.2f} of {os.cpu_count()} cores "
           f"were busy", flush=True)
     try:
-        if args.only in (None, "stock"):
-            print(f"stock Flower FedAvg, {rounds} rounds ...", flush=True)
-            results["stock"] = run_stock(work, rounds, args.stock_evaluate, tail, trace)
-        if args.only in (None, "ours"):
-            print(f"fedstream with secure aggregation, {rounds} rounds ...", flush=True)
-            results["ours"] = run_ours(work, rounds, tail, trace)
+        for system, name in plan:
+            started = time.monotonic()
+            if system == "stock":
+                print(f"{name}: stock Flower FedAvg, {rounds} rounds ...", end=" ", flush=True)
+                runs.append(run_stock(work, name, rounds, args.stock_evaluate, tail, trace))
+            else:
+                print(f"{name}: fedstream with secure aggregation, {rounds} rounds ...", end=" ",
+                      flush=True)
+                runs.append(run_ours(work, name, rounds, tail, trace))
+            print(f"{runs[-1]['status']} in {time.monotonic() - started:.0f} s", flush=True)
     finally:
         time.sleep(0.2)
         watch.stop()
         tail.stop()
         clean_up(str(work))
     busy_after = cores_busy()
-    report: dict[str, Any] = {"rounds": rounds, "stock_evaluate": args.stock_evaluate,
+    report: dict[str, Any] = {"rounds": rounds, "repeat": args.repeat,
+                              "stock_evaluate": args.stock_evaluate,
                               "cores_busy_before_after": [busy_before, busy_after]}
     print()
     print(f"Round latency on loopback: {NODES} SuperNodes, MLP {N_FEATURES}-{HIDDEN}-{N_CLASSES} "
           f"(102,538 parameters), {SAMPLES} samples per client per round, TLS + SuperNode auth")
-    print("(timed rounds: 2..N; for ours also without a keys trip)")
+    print("(timed: rounds 2..N of every run; for ours also only rounds without a keys trip)")
     print()
-    header = ("system", "status", "rounds", "timed", "median s", "mean s", "min s", "max s",
+    header = ("system", "runs", "rounds", "timed", "median s", "mean s", "min s", "max s",
               "round 1 s", "trips/round")
     table = []
-    for key, name in (("stock", "stock FedAvg" + (" +evaluate" if args.stock_evaluate else "")),
-                      ("ours", "fedstream, secure agg.")):
-        if key not in results:
+    for key, label in (("stock", "stock FedAvg" + (" +evaluate" if args.stock_evaluate else "")),
+                       ("ours", "fedstream, secure agg.")):
+        mine = [r for r in runs if r["system"] == key]
+        if not mine:
             continue
-        res = results[key]
-        keep = [i > 0 and (key == "stock" or t <= 2) for i, t in enumerate(res["round_trips"])]
-        s = summarise(res["seconds"], keep)
-        timed_trips = sorted({t for t, k in zip(res["round_trips"], keep, strict=True) if k})
+        seconds, keep, trips_all = [], [], []
+        for res in mine:
+            seconds += res["seconds"]
+            keep += [i > 0 and (key == "stock" or t <= 2) for i, t in enumerate(res["round_trips"])]
+            trips_all += res["round_trips"]
+        s = summarise(seconds, keep)
+        s["round1"] = statistics.median(r["seconds"][0] for r in mine if r["seconds"]) \
+            if any(r["seconds"] for r in mine) else float("nan")
+        timed_trips = sorted({t for t, k in zip(trips_all, keep, strict=True) if k})
         trips = "/".join(map(str, timed_trips)) or "-"
-        if res["round_trips"] and res["round_trips"][0] not in timed_trips:
-            trips += f" (round 1: {res['round_trips'][0]})"
-        report[key] = {**s, "status": res["status"], "seconds": res["seconds"],
-                       "round_trips": res["round_trips"]}
-        table.append((name, res["status"], s["rounds"], s["timed"], fmt(s["median"]),
-                      fmt(s["mean"]), fmt(s["min"]), fmt(s["max"]), fmt(s["round1"]), trips))
+        first = {r["round_trips"][0] for r in mine if r["round_trips"]}
+        if first - set(timed_trips):
+            trips += f" (round 1: {'/'.join(map(str, sorted(first)))})"
+        statuses = sorted({r["status"] for r in mine})
+        report[key] = {**s, "status": statuses, "seconds": [r["seconds"] for r in mine],
+                       "round_trips": [r["round_trips"] for r in mine]}
+        table.append((label, f"{len(mine)} {','.join(statuses)}", s["rounds"], s["timed"],
+                      fmt(s["median"]), fmt(s["mean"]), fmt(s["min"]), fmt(s["max"]),
+                      fmt(s["round1"]), trips))
     widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(len(header))]
     for r in [header, *table]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     print()
-    for key in ("stock", "ours"):
-        if key in report:
-            print(f"{key} seconds per round: " + ", ".join(fmt(x) for x in report[key]["seconds"]))
-    if "ours" in results:
-        ou = results["ours"]
-        print(f"ours: examples per round {ou['examples']}, client failures {ou['failures']}")
+    for res in runs:
+        extra = ""
+        if res["system"] == "ours":
+            extra = f" (examples {res['examples']}, client failures {res['failures']})"
+        print(f"{res['name']} seconds per round: " + ", ".join(fmt(x) for x in res["seconds"])
+              + extra)
     print(f"other load: {busy_before:.2f} cores busy before the runs, {busy_after:.2f} after")
     if max(busy_before, busy_after) > 0.3:
         print("warning: something else was using the CPU: every figure is inflated")
@@ -1050,14 +1074,16 @@ def main() -> int:
     # --- profile ------------------------------------------------------------------------
     traces = read_trace(trace)
     for key in ("stock", "ours"):
-        if key not in results:
+        all_trips: list[dict] = []
+        for res in (r for r in runs if r["system"] == key):
+            trips = trips_of(res, messages(res, tail, watch, traces))
+            all_trips += trips[res["first_round_messages"]:]  # rounds 2..N
+        if not all_trips:
             continue
-        rows = messages(key, results[key], tail, watch, traces)
-        trips = trips_of(key, results[key], rows)
-        first = results[key]["first_round_messages"]
-        stages, spans = stage_table(trips, first), trip_table(trips, first)
-        report.setdefault("profile", {})[key] = {"stages": stages, "trips": spans,
-                                                 "messages": rows}
+        stages, spans = stage_table(all_trips, 0), trip_table(all_trips, 0)
+        report.setdefault("profile", {})[key] = {
+            "stages": stages, "trips": spans,
+            "messages": [m for t in all_trips for m in t["messages"]]}
         print(f"\nprofile, {key}: trips of rounds 2..N (median seconds)")
         for kind, vals in spans.items():
             print(f"  {kind} trips ({vals['trips']}): " + "; ".join(

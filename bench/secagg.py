@@ -48,7 +48,12 @@ round times come in steps of about 0.1 s per trip.
   bytes over two rounds, above the level before the ServerApp started. Measured at two
   client counts and two model sizes. Ours is measured twice: with replies arriving one
   per pull (as when clients finish at different times), and with all of a trip's replies
-  ready at the first pull.
+  ready at the first pull ("burst": `send_and_collect` then holds them all at once).
+  Note that reading a reply through `RecordDict.array_records` / `config_records` (as
+  `bytes_of` and `secagg_wire.read_masked` do) makes a reference cycle in flwr 1.41
+  (`_SyncedDict` keeps a bound method of itself), so a folded reply stays in memory until
+  Python's cyclic GC runs: ours' peak includes a few such replies, a number set by the GC's
+  cadence, not by the client count.
 - *Profile*: an in-process run of ours (and plaintext, for reference) with timers around
   the client's and the server's secure-aggregation steps: where ours spends its time.
 

@@ -51,6 +51,8 @@ def work():
     # Unix socket paths must stay under 108 bytes: a short directory, not pytest's tmp_path.
     path = Path(tempfile.mkdtemp(prefix="fsd", dir="/tmp"))
     yield path
+    if os.environ.get("FEDSTREAM_KEEP_DEPLOYMENT"):  # for debugging a failed run
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 
