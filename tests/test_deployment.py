@@ -34,7 +34,7 @@ CONFIG = """\
 clients = 3
 min_clients = 3
 rounds = 3
-round_timeout = 30.0
+round_timeout = 120.0
 [stream]
 n_features = 8
 n_classes = 3
