@@ -40,11 +40,13 @@ class Roster:
         ]
         for reply in send_and_collect(grid, queries, timeout):
             node = reply.metadata.src_node_id
-            if not reply.has_error():
-                self.client_of[node] = int(reply.content[m.METRICS]["client-id"])
+            client = None if reply.has_error() else m.client_id(reply.content)
+            if client is not None:
+                self.client_of[node] = client
             elif node not in self.refused:
-                self.refused[node] = reply.error.reason
-                log.warning("node %s cannot take part: %s", node, reply.error.reason)
+                reason = reply.error.reason if reply.has_error() else "its reply names no client"
+                self.refused[node] = reason
+                log.warning("node %s cannot take part: %s", node, reason)
 
     def learn(self, replies: Iterable[Message]) -> None:
         """Every train report names its client: learn identities without asking."""
