@@ -479,9 +479,14 @@ class LogTail(threading.Thread):
 
 
 def spawn(cmd: list[str], env: dict[str, str] | None, log: Path, cwd: Path) -> subprocess.Popen:
+    """Start a command in a session of its own (so its whole group can be stopped), which
+    Linux kills if this script dies, as fedstream.protocol.runtime.spawn does."""
+    from fedstream.protocol.runtime import _die_with_parent
+
     log.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -988,6 +993,12 @@ def main() -> int:
         (trace / "out").mkdir(parents=True)
         (trace / "sitecustomize.py").write_text(TRACER)
         os.environ["BENCH_TRACE_DIR"] = str(trace / "out")
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every process group gets stopped.
+    def on_term(*_: object) -> None:
+        print("\nSIGTERM: stopping every process group", file=sys.stderr, flush=True)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
     systems = [args.only] if args.only else ["stock", "ours"]
     plan = [(system, f"{system}{rep}") for rep in range(args.repeat)
             for system in (systems if rep % 2 == 0 else systems[::-1])]
