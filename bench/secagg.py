@@ -27,7 +27,7 @@ the same `round(dropout x clients)` clients, drawn per round, raise in their tra
 
 **Transport.** All three run on Flower's simulation engine (`run_simulation`, Ray, one CPU
 per actor: 2 actors on 2 cores), each in a subprocess of its own. All three ServerApps pull
-replies through the same poller, fedstream's `send_and_collect` (2 ms backoff to 100 ms);
+replies through the same poller, fedstream's `send_and_collect` (2 ms, then 5 % of the wait);
 Flower's grid would poll every 100 ms, which would add up to 0.1 s per trip to the two
 baselines, most to SecAgg+ (4 trips). The engine hands messages to actors every 0.1 s, so
 round times come in steps of about 0.1 s per trip.
@@ -375,7 +375,10 @@ def serve_ours(grid: Any, context: Any, s: Settings, on_round: RoundHook) -> Any
         make_strategy(cfg),
         _record(initial_state(s)),
         settings_,
-        lambda rec, _h: on_round(rec["round"], rec["aggregated"]),
+        lambda rec, _h: (
+            STAGES.append(rec.get("stage_seconds", {})),
+            on_round(rec["round"], rec["aggregated"]),
+        ),
     )
     return arrays
 
@@ -463,6 +466,7 @@ class Recorder:
 
 RECORDER = Recorder()
 FINAL: dict[str, Any] = {}
+STAGES: list[dict[str, float]] = []  # ours: seconds per stage of each round (SecureOutcome)
 
 
 def install_counters() -> None:
@@ -559,7 +563,7 @@ def run_child(system: str, out: Path) -> dict[str, Any]:
                 "client_seconds": client_seconds,
             }
         )
-    return {"system": system, "total_seconds": total, "rounds": rounds}
+    return {"system": system, "total_seconds": total, "rounds": rounds, "stages": STAGES}
 
 
 # --------------------------------------------------- in-process: memory and profile
@@ -808,7 +812,7 @@ PROFILE_STEPS = [  # (target, label); a function both sides call is listed once,
     ("fedstream.client.secure._train", "client: train message through the secure mod"),
     (f"{MODULE}.local_train", "  local training (the same in all three systems)"),
     ("fedstream.client.secure.encode", "  encode: flatten the change, clip, quantize"),
-    ("fedstream.protocol.updates.flat", "    updates.flat (twice: global and local model)"),
+    ("fedstream.protocol.updates.delta", "    updates.delta (local - global, float64)"),
     ("fedstream.protocol.fixedpoint:Quantizer.encode", "    Quantizer.encode"),
     ("fedstream.protocol.secagg.mask", "  secagg.mask: self mask + one per neighbour"),
     ("fedstream.protocol.shamir.split", "    shamir.split"),
@@ -822,7 +826,7 @@ PROFILE_STEPS = [  # (target, label); a function both sides call is listed once,
     ("fedstream.server.secure:SecureAggregator._finish", "server: SecureAggregator._finish"),
     ("fedstream.protocol.fixedpoint:Quantizer.decode", "  Quantizer.decode"),
     ("fedstream.protocol.updates.shifted", "  updates.shifted"),
-    ("fedstream.protocol.keyschedule.keystream", "both: keystream (ChaCha20 mask expansion)"),
+    ("fedstream.protocol.keyschedule.keystream_into", "both: keystream (AES-256-CTR masks)"),
     ("fedstream.protocol.fixedpoint:Quantizer.add", "both: Quantizer.add (ring add/subtract)"),
     ("flwr.app:ArrayRecord.__init__", "both: ArrayRecord construction"),
 ]
@@ -1004,6 +1008,14 @@ def print_targets(
         target("SecAgg+ upload / float32 update", r["secaggplus"]["up"] / model_bytes)
 
 
+def stage_line(stages: list[dict[str, float]]) -> str:
+    """Median seconds per stage of ours' secure rounds (server/secure.py: SecureOutcome)."""
+    names = [k for k in ("keys", "train", "unmask", "recover", "finish") if k in stages[0]]
+    return "stages (median s): " + "  ".join(
+        f"{k} {statistics.median(st.get(k, 0.0) for st in stages):.3f}" for k in names
+    )
+
+
 def target(label: str, value: float, goal: str = "", ok: bool | None = None) -> None:
     check = f"  ({goal}: {'met' if ok else 'NOT met'})" if goal else ""
     print(f"    {label:42} {value:6.3f}x{check}")
@@ -1107,6 +1119,8 @@ def parent_main(args: argparse.Namespace) -> None:
                         f"{load:.2f}, after {os.getloadavg()[0]:.2f})",
                         flush=True,
                     )
+                    if res.get("stages"):
+                        print(f"{'':18}{stage_line(res['stages'][s.warmup:])}", flush=True)
             relative_errors(data, tag, s, runs)
             results[v] = {x: figures(runs[x], s) for x in SYSTEMS}
         if not args.skip_memory:

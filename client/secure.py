@@ -58,7 +58,7 @@ def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
         return reply
     report = m.TrainReport.from_record(reply.content[m.METRICS])
     ring, tail = encode(msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup)
-    masked = secagg.mask(setup, state["enc-sk"], mask_sk, ring, tail)
+    masked = secagg.mask(setup, state["enc-sk"], mask_sk, ring, tail, in_place=True)
     next_pub = _new_mask_key(state)
     _save(ctx, state)
     return Message(wire.masked_content(masked, report.client, next_pub), reply_to=msg)
@@ -68,10 +68,12 @@ def encode(
     global_arrays, local_arrays, report: m.TrainReport, setup: secagg.RoundSetup
 ) -> tuple[np.ndarray, list[int]]:
     """Clip the model change, weigh it by examples, quantize it; metrics as exact integers."""
-    delta = updates.flat(local_arrays) - updates.flat(global_arrays)
+    change = updates.delta(local_arrays, global_arrays)
     weight = min(report.examples, setup.max_weight)
     rng = np.random.default_rng([setup.server_round, report.client, 0x5EC])
-    ring, clipped = setup.quantizer.encode(delta, rng, weight=weight / setup.max_weight)
+    ring, clipped = setup.quantizer.encode(
+        change, rng, weight=weight / setup.max_weight, overwrite=True
+    )
     tail = {
         "contributors": 1,
         "examples": report.examples,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_BITS = 53  # float64 holds every integer up to 2^53: scaling stays exact
+_ROUND = 1.5 * 2.0**52  # x + _ROUND is a float whose last ulp is 1: the sum rounds x
 
 
 def ring_dtype(bits: int) -> np.dtype:
@@ -68,26 +69,60 @@ class Quantizer:
         return (1 << self.bits) - 1
 
     def encode(
-        self, values: np.ndarray, rng: np.random.Generator, weight: float = 1.0
+        self,
+        values: np.ndarray,
+        rng: np.random.Generator,
+        weight: float = 1.0,
+        *,
+        overwrite: bool = False,
     ) -> tuple[np.ndarray, int]:
         """Ring elements for `weight` x `values` clipped to [-clip, clip] (weight in [0, 1]),
-        and how many coordinates were clipped."""
+        and how many coordinates were clipped.
+
+        `overwrite=True` lets a float64 `values` serve as the scratch buffer (a client's
+        model change is not needed afterwards): every step then runs in place.
+        """
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
-        values = np.asarray(values, dtype=np.float64)
-        clipped = int(np.count_nonzero(np.abs(values) > self.clip))
-        scaled = np.clip(values, -self.clip, self.clip)
-        scaled *= self.scale * weight
-        # floor(x + U), U ~ [0, 1): rounds up with probability frac(x), so E[q] = x.
-        scaled += rng.random(scaled.shape, dtype=np.float32)
-        np.floor(scaled, out=scaled)
-        ring = scaled.astype(np.int64).astype(self.dtype)  # two's complement, mod 2^width
+        owned = overwrite and isinstance(values, np.ndarray) and values.dtype == np.float64
+        x = values if owned else np.array(values, dtype=np.float64)
+        clipped = int(np.count_nonzero(x > self.clip) + np.count_nonzero(x < -self.clip))
+        if clipped:
+            np.clip(x, -self.clip, self.clip, out=x)
+        x *= self.scale * weight
+        if self.dtype.itemsize == 8:
+            return self._encode_wide(x, rng), clipped
+        # Stochastic rounding: rint(x + U - 1/2), U ~ [0, 1), rounds up with probability
+        # frac(x) (as floor(x + U) does), so E[q] = x. Adding 1.5 * 2^52 does the rint and
+        # leaves the integer, mod 2^32, in the float's low 32 bits (|x| < 2^31 here): the
+        # ring element, taken with no integer temporaries. The noise is drawn into the
+        # output array's memory, which it leaves just before the result moves in.
+        ring = np.empty(x.shape, dtype=self.dtype)
+        noise = ring.view(np.float32) if self.dtype.itemsize == 4 else np.empty(x.shape, np.float32)
+        rng.random(dtype=np.float32, out=noise)
+        noise -= np.float32(0.5)  # exact: U has a 24-bit mantissa
+        x += noise
+        x += _ROUND
+        np.copyto(ring, x.view(np.uint64), casting="unsafe")  # keeps the low bits
         if self.bits != 8 * self.dtype.itemsize:
             np.bitwise_and(ring, self.dtype.type(self.mask), out=ring)
         return ring, clipped
 
+    def _encode_wide(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Rings above 32 bits: floor(x + U) through int64 (the float trick needs |x| < 2^51)."""
+        x += rng.random(x.shape, dtype=np.float32)
+        np.floor(x, out=x)
+        ring = x.astype(np.int64).view(np.uint64)
+        if self.bits != 64:
+            np.bitwise_and(ring, np.uint64(self.mask), out=ring)
+        return ring
+
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """Real values of (sums of) encoded vectors: the upper half of the ring is negative."""
+        if ring.dtype == self.dtype and self.bits == 8 * self.dtype.itemsize:
+            # A full-width ring is two's complement already: read it as signed, one pass.
+            signed_dtype = np.dtype(f"<i{self.dtype.itemsize}")
+            return np.multiply(ring.view(signed_dtype), 1.0 / self.scale, dtype=np.float64)
         ints = ring.astype(np.uint64) & np.uint64(self.mask)
         signed = ints.astype(np.int64)
         if self.bits < 64:

@@ -12,7 +12,10 @@ tests alone. Integers are big-endian; `||` is concatenation.
   into another round nor re-addressed.
 - `pair_seed`: HKDF-SHA256(ikm=agree(s_u, s_v), salt=session, info=b"fedstream/secagg/v1/pair"
   || u64(round), 32 bytes); symmetric in u and v.
-- `keystream(seed, n)`: the first n bytes of ChaCha20(key=seed, 16-byte zero nonce/counter).
+- `keystream(seed, n)`: the first n bytes of AES-256-CTR(key=seed), counter block starting at
+  16 zero bytes and incremented as one 128-bit big-endian integer (NIST SP 800-38A): block i
+  of the stream is AES-256(seed, i). AES rather than ChaCha20 because masks are the hot path
+  (one model-sized stream per neighbour) and AES-NI/ARMv8-AES run it about twice as fast.
 - `commitment(b)`: SHA-256(b"fedstream/secagg/v1/commit" || b), published with a self-mask
   seed so the server can check the seed it reconstructs.
 """
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import os
 import struct
+from functools import lru_cache
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -97,8 +102,24 @@ def pair_seed(private: bytes, peer_public: bytes, session: bytes, server_round: 
 
 
 def keystream(seed: bytes, nbytes: int) -> bytes:
-    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    return encryptor.update(bytes(nbytes))
+    out = np.empty(nbytes, dtype=np.uint8)
+    keystream_into(seed, out)
+    return out.tobytes()
+
+
+def keystream_into(seed: bytes, out: np.ndarray) -> None:
+    """Fill the contiguous uint8 array `out` with the keystream: no allocation per seed, so a
+    client expanding a mask per neighbour reuses one buffer."""
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    encryptor.update_into(_zeros(out.nbytes), out)
+
+
+@lru_cache(maxsize=4)
+def _zeros(nbytes: int) -> np.ndarray:
+    # calloc'd and only ever read: the pages stay the kernel's shared zero page.
+    zeros = np.zeros(nbytes, dtype=np.uint8)
+    zeros.flags.writeable = False
+    return zeros
 
 
 def commitment(seed: bytes) -> bytes:

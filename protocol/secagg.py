@@ -154,19 +154,39 @@ def field_seed(seed: bytes) -> bytes:
     return bytes([seed[0] & 0x7F]) + seed[1:]
 
 
-def expand(seed: bytes, quantizer: Quantizer, size: int, tail_len: int) -> tuple[np.ndarray, ...]:
-    """The mask a seed stands for: `size` ring elements, then `tail_len` 64-bit words."""
-    model_bytes = size * quantizer.dtype.itemsize
-    stream = ks.keystream(seed, model_bytes + tail_len * TAIL_DTYPE.itemsize)
-    model = np.frombuffer(stream, dtype=quantizer.dtype, count=size)
-    tail = np.frombuffer(stream, dtype=TAIL_DTYPE, count=tail_len, offset=model_bytes)
-    return model, tail
+class Expander:
+    """Expands seeds into masks: `size` ring elements, then `tail_len` 64-bit words.
+
+    One buffer serves every seed of a round (a client expands one per neighbour, the server
+    one per survivor), so a mask costs a keystream and an addition, never an allocation.
+    The arrays it returns are views of that buffer: add them before expanding the next seed.
+    """
+
+    def __init__(self, quantizer: Quantizer, size: int, tail_len: int) -> None:
+        model_bytes = size * quantizer.dtype.itemsize
+        self.buf = np.empty(model_bytes + tail_len * TAIL_DTYPE.itemsize, dtype=np.uint8)
+        self.model = self.buf[:model_bytes].view(quantizer.dtype)
+        self.tail = self.buf[model_bytes:].view(TAIL_DTYPE)
+
+    def __call__(self, seed: bytes) -> tuple[np.ndarray, np.ndarray]:
+        ks.keystream_into(seed, self.buf)
+        return self.model, self.tail
 
 
 def mask(
-    setup: RoundSetup, enc_sk: bytes, mask_sk: bytes, ring: np.ndarray, tail: Sequence[int]
+    setup: RoundSetup,
+    enc_sk: bytes,
+    mask_sk: bytes,
+    ring: np.ndarray,
+    tail: Sequence[int],
+    *,
+    in_place: bool = False,
 ) -> MaskedInput:
-    """Trip 1, party side: mask quantized `ring` elements and a tail of exact integers."""
+    """Trip 1, party side: mask quantized `ring` elements and a tail of exact integers.
+
+    `in_place=True` masks `ring` itself (a caller that is done with it saves a model-sized
+    copy); the masked input then holds that very array.
+    """
     q = setup.quantizer
     if len(tail) != setup.tail_len:
         raise ValueError(f"tail has {len(tail)} values, the round expects {setup.tail_len}")
@@ -174,15 +194,17 @@ def mask(
         raise ValueError("mask key does not match the one the server assigned")
     # A threshold of half the group or less would let a server collect both masks of a party.
     check_threshold(setup.threshold, len(setup.holders))
-    y = np.array(ring, dtype=q.dtype, copy=True)
+    reuse = in_place and ring.dtype == q.dtype and ring.flags.c_contiguous
+    y = ring if reuse else np.array(ring, dtype=q.dtype, copy=True)
     y_tail = np.array([v & (2**64 - 1) for v in tail], dtype=TAIL_DTYPE)
     seeds = {SELF: field_seed(secrets.token_bytes(32))}
     for w, peer in setup.peers.items():
         seeds[w] = field_seed(
             ks.pair_seed(mask_sk, peer.mask_pub, setup.session, setup.server_round)
         )
+    expand_seed = Expander(q, y.size, setup.tail_len)
     for tag, seed in seeds.items():
-        m_model, m_tail = expand(seed, q, y.size, setup.tail_len)
+        m_model, m_tail = expand_seed(seed)
         sign = 1 if tag == SELF or setup.index < tag else -1
         q.add(y, m_model, sign)
         y_tail = y_tail + m_tail if sign > 0 else y_tail - m_tail
@@ -385,15 +407,15 @@ class Aggregation:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """The unmasked sum (ring elements, exact tail), or RoundFailed naming what is missing."""
         acc, tail = self.acc.copy(), self.acc_tail.copy()
+        expand_seed = Expander(self.q, self.size, self.tail_len)
         for u in sorted(self.survivors):
-            seed = self._recover(u, SELF)
-            m_model, m_tail = expand(seed, self.q, self.size, self.tail_len)
+            m_model, m_tail = expand_seed(self._recover(u, SELF))
             self.q.add(acc, m_model, -1)
             tail -= m_tail
             for w in self.graph[u]:
                 if w in self.survivors:
                     continue
-                m_model, m_tail = expand(self._recover(u, w), self.q, self.size, self.tail_len)
+                m_model, m_tail = expand_seed(self._recover(u, w))
                 sign = 1 if u < w else -1  # u added sign * PRG(seed_uw): take it back out
                 self.q.add(acc, m_model, -sign)
                 tail = tail - m_tail if sign > 0 else tail + m_tail

@@ -10,27 +10,40 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 
-def flat(arrays: ArrayRecord) -> np.ndarray:
-    """All arrays of a record, in key order, as one float64 vector."""
-    parts = [arr.numpy().astype(np.float64, copy=False).ravel() for arr in arrays.values()]
-    return np.concatenate(parts) if parts else np.zeros(0)
+def delta(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
+    """`new - old` as one float64 vector, in key order: one pass, one allocation.
+
+    The difference is taken in float64, where the difference of two float32 is exact.
+    """
+    if list(new.keys()) != list(old.keys()):
+        raise ValueError(f"update has arrays {list(new.keys())}, the model {list(old.keys())}")
+    out = np.empty(size(new), dtype=np.float64)
+    start = 0
+    for key, arr in new.items():
+        a, b = arr.numpy(), old[key].numpy()
+        if a.shape != b.shape:
+            raise ValueError(f"array {key!r} has shape {a.shape}, the model's is {b.shape}")
+        stop = start + a.size
+        np.subtract(a.ravel(), b.ravel(), out=out[start:stop], dtype=np.float64)
+        start = stop
+    return out
 
 
 def size(arrays: ArrayRecord) -> int:
     return sum(int(np.prod(arr.shape)) for arr in arrays.values())
 
 
-def shifted(base: ArrayRecord, delta: np.ndarray) -> ArrayRecord:
-    """`base` plus a flat `delta`, each array back in its own shape and dtype."""
+def shifted(base: ArrayRecord, change: np.ndarray) -> ArrayRecord:
+    """`base` plus a flat `change`, each array back in its own shape and dtype."""
     out, start = {}, 0
     for key, arr in base.items():
         values = arr.numpy()
         stop = start + values.size
-        new = values.astype(np.float64) + delta[start:stop].reshape(values.shape)
+        new = values.astype(np.float64) + change[start:stop].reshape(values.shape)
         if np.issubdtype(values.dtype, np.integer):
             new = np.rint(new)
         out[key] = Array(new.astype(values.dtype))
         start = stop
-    if start != delta.size:
-        raise ValueError(f"update has {delta.size} values, the model {start}")
+    if start != change.size:
+        raise ValueError(f"update has {change.size} values, the model {start}")
     return ArrayRecord(out)

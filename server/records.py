@@ -167,6 +167,7 @@ def secure_round_record(
         "seconds": seconds,
         "secure": True,
         "round_trips": outcome.round_trips,
+        "stage_seconds": outcome.stage_seconds,
         "clipped_coordinates": t["clipped"],
         "dropped": t["dropped"],
         "drift_count": t["drift-count"],

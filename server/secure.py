@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,10 @@ class SecureOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     round_trips: int = 0
+    # Wall seconds per stage: "keys", "train" (trip 1, folding included), "unmask" (trip 2),
+    # "recover" (shares -> seeds -> masks removed), "finish" (decode, strategy): where the
+    # cost of privacy goes, round by round.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class SecureAggregator:
@@ -80,10 +85,12 @@ class SecureAggregator:
         timeout: float,
     ) -> SecureOutcome:
         out = SecureOutcome(arrays)
+        clock = _Stages(out.stage_seconds)
         nodes = [msg.metadata.dst_node_id for msg in sent]
         self._fetch_keys(
             [n for n in nodes if n not in self.mask_pub], grid, timeout, out, client_of
         )
+        clock.lap("keys")
         parties = [n for n in nodes if n in self.mask_pub and n in self.enc_pub]
         try:
             agg = self._aggregation(server_round, parties, updates.size(arrays))
@@ -123,6 +130,7 @@ class SecureAggregator:
 
         answered = _collect(grid, messages, timeout, fold)
         out.round_trips += 1
+        clock.lap("train")
         for node in parties:
             if node not in answered:
                 out.failures.append(_failure(node, "train", SILENT))
@@ -130,11 +138,15 @@ class SecureAggregator:
         try:
             agg.check_survivors()
             self._unmask(agg, grid, {i: n for n, i in index.items()}, timeout, out, client_of)
+            clock.lap("unmask")
             ring, tail = agg.result()
+            clock.lap("recover")
         except secagg.RoundFailed as err:
             out.error = f"secure aggregation failed: {err}"
             return out
-        return self._finish(strategy, server_round, arrays, agg, ring, tail, out)
+        self._finish(strategy, server_round, arrays, agg, ring, tail, out)
+        clock.lap("finish")
+        return out
 
     def _aggregation(self, server_round: int, parties: list[int], size: int) -> secagg.Aggregation:
         n = len(parties)
@@ -240,15 +252,15 @@ class SecureAggregator:
         ring: np.ndarray,
         tail: np.ndarray,
         out: SecureOutcome,
-    ) -> SecureOutcome:
+    ) -> None:
         totals = {name: int(v) for name, v in zip(m.TAIL, tail.astype(np.int64), strict=True)}
         if totals["contributors"] != len(agg.survivors):
             out.error = "secure aggregation failed: the unmasked sum did not pass its check"
-            return out
+            return
         out.totals = totals
         if totals["weight"] <= 0:
             out.error = "no client update to aggregate"
-            return out
+            return
         mean_delta = agg.q.decode(ring) * (self.cfg.max_weight / totals["weight"])
         averaged = Message(
             RecordDict(
@@ -264,12 +276,21 @@ class SecureAggregator:
             new, _ = strategy.aggregate_train(server_round, [averaged])
         except Exception as err:
             out.error = f"{type(err).__name__}: {err}"
-            return out
+            return
         if new is None:
             out.error = "no client update to aggregate"
         else:
             out.arrays = new
-        return out
+
+
+class _Stages:
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into, self.last = into, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.into[stage] = round(now - self.last, 6)
+        self.last = now
 
 
 def _with_setup(msg: Message, setup: secagg.RoundSetup) -> Message:

@@ -2,8 +2,9 @@
 
 Two layers, so that a client in another language can interoperate from these values alone:
 the primitives are the standard ones (RFC 7748 X25519, RFC 5869 HKDF-SHA256, RFC 8439
-ChaCha20 with an all-zero nonce and counter), and fedstream's own derivations are pinned to
-hex literals. Each pinned value is also rebuilt here from `cryptography`/`hashlib` calls with
+ChaCha20-Poly1305, AES-256 in counter mode from an all-zero counter block, anchored on a
+NIST AESAVS vector), and fedstream's own derivations are pinned to hex literals. Each
+pinned value is also rebuilt here from `cryptography`/`hashlib` calls with
 the salt, info and associated-data bytes written out by hand from the module docstring, so a
 failure means the wire spec changed, not just the code.
 """
@@ -15,7 +16,7 @@ import hashlib
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -30,12 +31,13 @@ BOB_SK = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27
 BOB_PK = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
 SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
 
-# RFC 8439, appendix A.1, test vectors #1 and #2: all-zero key and nonce, counters 0 and 1.
-CHACHA_ZERO_BLOCKS = bytes.fromhex(
-    "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
-    "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586"
-    "9f07e7be5551387a98ba977c732d080dcb0f29a048e3656912c6533e32ee7aed"
-    "29b721769ce64e43d57133b074d839d531ed1f28510afb45ace10a1f4b794d6f"
+# NIST AESAVS (ECBVarKey256 / GFSbox): AES-256 of the all-zero block under the all-zero key,
+# i.e. block 0 of the keystream of the all-zero seed.
+AES256_ZERO_KEY_ZERO_BLOCK = bytes.fromhex("dc95c078a2408989ad48a21492842087")
+# Blocks 0..2 of the keystream of the all-zero seed (block i = AES-256(seed, i as u128)).
+ZERO_SEED_STREAM = bytes.fromhex(
+    "dc95c078a2408989ad48a21492842087530f8afbc74536b9a963b4f1c4cb738b"
+    "cea7403d4d606b6e074ec5d3baf39d18"
 )
 
 # fedstream's derivations for session 00..0f, round 7, sender 1 (Alice), receiver 2 (Bob).
@@ -81,16 +83,27 @@ def test_hkdf_is_rfc5869_case_1() -> None:
     )
 
 
-def test_keystream_is_rfc8439_chacha20_with_zero_nonce_and_counter() -> None:
-    assert ks.keystream(bytes(32), 128) == CHACHA_ZERO_BLOCKS
-    assert ks.keystream(bytes(32), 32) == CHACHA_ZERO_BLOCKS[:32]  # a prefix, whatever n
+def test_keystream_is_aes256_ctr_from_a_zero_counter_block() -> None:
+    assert ks.keystream(bytes(32), 16) == AES256_ZERO_KEY_ZERO_BLOCK
+    assert ks.keystream(bytes(32), 48) == ZERO_SEED_STREAM
+    assert ks.keystream(bytes(32), 20) == ZERO_SEED_STREAM[:20]  # a prefix, whatever n
+    # Block i is AES-256-ECB of the counter i as a 128-bit big-endian integer.
+    ecb = Cipher(algorithms.AES(bytes(32)), modes.ECB()).encryptor()
+    counters = b"".join(i.to_bytes(16, "big") for i in range(3))
+    assert ecb.update(counters) == ZERO_SEED_STREAM
 
 
 def test_keystream_pinned_for_a_nonzero_key() -> None:
     key = bytes(range(32))
-    expected = bytes.fromhex("39fd2b7dd9c5196a8dbd0377b8dc4a498a35d86fbcde6accb2cc7d4cd8ea2492")
-    direct = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    expected = bytes.fromhex("f29000b62a499fd0a9f39a6add2e7780f05d76ae4ab99fe5a6f69b3148c2363d")
+    direct = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     assert ks.keystream(key, 32) == direct.update(bytes(32)) == expected
+
+
+def test_keystream_into_fills_a_buffer_with_the_same_stream() -> None:
+    out = np.full(40, 7, dtype=np.uint8)
+    ks.keystream_into(bytes(32), out)
+    assert out.tobytes() == ZERO_SEED_STREAM[:40]
 
 
 # --- fedstream's derivations -------------------------------------------------------------
@@ -154,11 +167,10 @@ def test_seal_round_trips_with_a_fresh_nonce() -> None:
 
 def test_mask_expansion_layout() -> None:
     # A seed's mask is its keystream read as little-endian ring words, then u64 tail words.
-    model, tail = secagg.expand(bytes(32), Quantizer(16, 1.0, 2), 4, 1)
-    assert model.tolist() == [47222, 44512, 61856, 36925]
-    assert tail.tolist() == [2935650227004792128]
-    assert model.tolist() == np.frombuffer(CHACHA_ZERO_BLOCKS[:8], "<u2").tolist()
-    assert tail.tolist() == np.frombuffer(CHACHA_ZERO_BLOCKS[8:16], "<u8").tolist()
+    model, tail = secagg.Expander(Quantizer(16, 1.0, 2), 4, 1)(bytes(32))
+    assert model.tolist() == np.frombuffer(ZERO_SEED_STREAM[:8], "<u2").tolist()
+    assert tail.tolist() == np.frombuffer(ZERO_SEED_STREAM[8:16], "<u8").tolist()
+    assert model.tolist() == [38364, 30912, 16546, 35209]
 
 
 def test_shamir_share_format() -> None:
