@@ -35,9 +35,9 @@ class SecureAggregationError(RuntimeError):
 def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
     content = msg.content
     kind = msg.metadata.message_type
-    if kind == MessageType.TRAIN and m.SECAGG in content.config_records:
+    if kind == MessageType.TRAIN and m.record(content, m.SECAGG, ConfigRecord) is not None:
         return _train(msg, ctx, call_next)
-    if kind == MessageType.QUERY and m.CONFIG in content.config_records:
+    if kind == MessageType.QUERY and m.record(content, m.CONFIG, ConfigRecord) is not None:
         query = content[m.CONFIG].get(m.QUERY_KIND)
         if query == m.KEYS:
             return Message(RecordDict({m.SECAGG: _offer_keys(ctx)}), reply_to=msg)

@@ -7,8 +7,11 @@ so both sides read and write them through one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+R = TypeVar("R", ArrayRecord, ConfigRecord, MetricRecord)
 
 ARRAYS = "arrays"  # global model down, local model up
 CONFIG = "config"  # round instructions down
@@ -99,10 +102,21 @@ FIXED_POINT = 1 << 16  # loss sums travel as integers of 1/65536
 KEYS_LOST = "secure aggregation keys not held"  # in an error reason: fetch the keys again
 
 
+def record(content: RecordDict, key: str, kind: type[R]) -> R | None:
+    """The record under `key` if it is of `kind`, else None.
+
+    Use this, not `content.array_records[...]` and friends: in flwr 1.41 those typed views
+    make a reference cycle, so every reply read through one stays in memory (model-sized)
+    until the garbage collector happens to run.
+    """
+    rec = content.get(key)
+    return rec if isinstance(rec, kind) else None
+
+
 def client_id(reply: RecordDict) -> int | None:
     """The client a train reply comes from: its report, or its secure envelope."""
-    if METRICS in reply.metric_records:
-        return int(reply[METRICS]["client-id"])  # type: ignore[arg-type]
-    if SECAGG in reply.config_records:
-        return int(reply[SECAGG]["client-id"])  # type: ignore[arg-type]
+    if (metrics := record(reply, METRICS, MetricRecord)) is not None:
+        return int(metrics["client-id"])  # type: ignore[arg-type]
+    if (envelope := record(reply, SECAGG, ConfigRecord)) is not None:
+        return int(envelope["client-id"])  # type: ignore[arg-type]
     return None

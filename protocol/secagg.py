@@ -34,6 +34,7 @@ import itertools
 import secrets
 import struct
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ TAIL_DTYPE = np.dtype("<u8")  # counts and metrics are summed exactly in Z / 2^6
 SELF = 0  # share tag of the self-mask seed; tag w > 0 is the pair seed with party w
 _ENTRY = struct.Struct(">I")
 MAX_RECOVERY_TRIES = 64
+UNMASK_THREADS = 2  # mask expansion threads on the server: 2 cores already halve it
 
 
 class Rejected(ValueError):
@@ -405,21 +407,38 @@ class Aggregation:
             self.shares.setdefault(key, {})[h] = share
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """The unmasked sum (ring elements, exact tail), or RoundFailed naming what is missing."""
-        acc, tail = self.acc.copy(), self.acc_tail.copy()
-        expand_seed = Expander(self.q, self.size, self.tail_len)
+        """The unmasked sum (ring elements, exact tail), or RoundFailed naming what is missing.
+
+        Every seed is recovered (and checked) first; then the masks are expanded and taken
+        out on a few threads, each into an accumulator of its own: the keystream and numpy
+        release the GIL, and the clients wait for this step.
+        """
+        masks: list[tuple[bytes, int]] = []  # (seed, sign the parties added it with)
         for u in sorted(self.survivors):
-            m_model, m_tail = expand_seed(self._recover(u, SELF))
-            self.q.add(acc, m_model, -1)
-            tail -= m_tail
+            masks.append((self._recover(u, SELF), 1))
             for w in self.graph[u]:
-                if w in self.survivors:
-                    continue
-                m_model, m_tail = expand_seed(self._recover(u, w))
-                sign = 1 if u < w else -1  # u added sign * PRG(seed_uw): take it back out
-                self.q.add(acc, m_model, -sign)
-                tail = tail - m_tail if sign > 0 else tail + m_tail
+                if w not in self.survivors:
+                    masks.append((self._recover(u, w), 1 if u < w else -1))
+        acc, tail = self.acc.copy(), self.acc_tail.copy()
+        jobs = [masks[i::UNMASK_THREADS] for i in range(min(UNMASK_THREADS, len(masks)))]
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            for part, part_tail in pool.map(self._mask_sum, jobs):
+                self.q.add(acc, part, -1)
+                tail -= part_tail
         return acc, tail
+
+    def _mask_sum(self, masks: list[tuple[bytes, int]]) -> tuple[np.ndarray, np.ndarray]:
+        expand_seed = Expander(self.q, self.size, self.tail_len)
+        total = np.zeros(self.size, dtype=self.q.dtype)
+        total_tail = np.zeros(self.tail_len, dtype=TAIL_DTYPE)
+        for seed, sign in masks:
+            m_model, m_tail = expand_seed(seed)
+            self.q.add(total, m_model, sign)
+            if sign > 0:
+                total_tail += m_tail
+            else:
+                total_tail -= m_tail
+        return total, total_tail
 
     def _recover(self, sender: int, tag: int) -> bytes:
         shares = self.shares.get((sender, tag), {})

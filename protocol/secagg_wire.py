@@ -116,9 +116,10 @@ def masked_content(mi: MaskedInput, client: int, next_mask_pub: bytes) -> Record
 
 def read_masked(content: RecordDict) -> tuple[MaskedInput, bytes]:
     """The masked input of a reply, and the mask key its sender offers for next time."""
-    if m.SECAGG not in content.config_records or m.MASKED not in content.array_records:
+    rec = m.record(content, m.SECAGG, ConfigRecord)
+    arrays = m.record(content, m.MASKED, ArrayRecord)
+    if rec is None or arrays is None:
         raise Rejected("reply carries no masked update")
-    rec, arrays = content[m.SECAGG], content[m.MASKED]
     if set(arrays.keys()) != {"model", "tail"}:
         raise Rejected("masked update must hold exactly 'model' and 'tail'")
     try:

@@ -39,10 +39,12 @@ def shifted(base: ArrayRecord, change: np.ndarray) -> ArrayRecord:
     for key, arr in base.items():
         values = arr.numpy()
         stop = start + values.size
-        new = values.astype(np.float64) + change[start:stop].reshape(values.shape)
+        part = change[start:stop].reshape(values.shape)
         if np.issubdtype(values.dtype, np.integer):
-            new = np.rint(new)
-        out[key] = Array(new.astype(values.dtype))
+            new = np.rint(values + part).astype(values.dtype)
+        else:  # summed in float64, stored in the model's dtype, in one pass
+            new = np.add(values, part, out=np.empty_like(values), casting="same_kind")
+        out[key] = Array(new)
         start = stop
     if start != change.size:
         raise ValueError(f"update has {change.size} values, the model {start}")

@@ -23,6 +23,7 @@ from flwr.supercore.run import Run
 FIRST_PULL = 0.002
 MAX_PULL = 0.1
 PULL_LATENESS = 0.05  # pause between pulls, as a fraction of the time waited so far
+PULL_GROUP = 4  # replies asked for per pull when they are folded as they come
 
 
 def send_and_collect(
@@ -33,27 +34,36 @@ def send_and_collect(
 ) -> list[Message]:
     """Push messages, then pull replies with backoff until all are in or time is up.
 
-    With `on_reply`, each reply is handed over as it arrives and not kept, so a caller that
-    folds replies into a sum holds one reply at a time, not all of them.
+    With `on_reply`, each reply is handed over as it arrives and not kept, and replies are
+    pulled a few at a time (a pull returns every ready reply it is asked for, whole): a
+    caller that folds replies into a sum holds `PULL_GROUP` replies at most, however many
+    clients answered at once.
     """
     pending = set(grid.push_messages(messages))
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     replies: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(pending))
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if on_reply is None:
+            got = list(grid.pull_messages(pending))
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
             replies.extend(got)
         else:
-            for reply in got:
-                on_reply(reply)
-            del got
+            _pull_each(grid, pending, on_reply)
         now = time.monotonic()
         if not pending or (deadline is not None and now >= deadline):
             break
         time.sleep(min(MAX_PULL, max(FIRST_PULL, PULL_LATENESS * (now - start))))
     return replies
+
+
+def _pull_each(grid: Grid, pending: set[str], on_reply: Callable[[Message], None]) -> None:
+    ids = list(pending)
+    for start in range(0, len(ids), PULL_GROUP):
+        for reply in grid.pull_messages(ids[start : start + PULL_GROUP]):
+            pending.discard(reply.metadata.reply_to_message_id)
+            on_reply(reply)
+            del reply
 
 
 class OrderedGrid(Grid):

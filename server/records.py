@@ -13,17 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 
 from fedstream.protocol import messages as m
 
 
 def bytes_of(msg: Message) -> int:
     """Payload bytes of a message: its arrays plus its metric and config records."""
-    content = msg.content
-    total = sum(rec.count_bytes() for rec in content.array_records.values())
-    total += sum(rec.count_bytes() for rec in content.metric_records.values())
-    total += sum(_config_bytes(rec) for rec in content.config_records.values())
+    total = 0
+    for rec in msg.content.values():  # not the typed views: see messages.record
+        total += _config_bytes(rec) if isinstance(rec, ConfigRecord) else rec.count_bytes()
     return total
 
 

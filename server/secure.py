@@ -195,7 +195,7 @@ class SecureAggregator:
             if reply.has_error():
                 out.failures.append(_failure(node, "keys", reply.error.reason))
                 continue
-            rec = reply.content.config_records.get(m.SECAGG)
+            rec = m.record(reply.content, m.SECAGG, ConfigRecord)
             enc, mask = (rec or {}).get("enc-pub"), (rec or {}).get("mask-pub")
             if not (
                 isinstance(enc, bytes)

@@ -60,6 +60,9 @@ def test_secure_rounds_match_plaintext_and_send_nothing_in_clear(tmp_path):
         assert abs(s["accuracy"] - p["accuracy"]) < 0.005
         assert s["secure"] and s["aggregated"] and s["clients"] == {} and not s["failures"]
     assert [r["round_trips"] for r in secure] == [3, 2, 2, 2]  # keys fetched once
+    stages = [r["stage_seconds"] for r in secure]
+    assert [set(s) for s in stages] == [{"keys", "train", "unmask", "recover", "finish"}] * 4
+    assert all(v >= 0 for s in stages for v in s.values()) and stages[0]["keys"] > 0
     train_replies = [r for r in seen if m.MASKED in r.content.array_records]
     assert len(train_replies) == 6 * 4
     for reply in train_replies:  # no model, no count, no metric leaves a device in the clear
@@ -161,3 +164,28 @@ def test_dropouts_before_training_are_survived(tmp_path):
     for r in records:
         if r["aggregated"]:
             assert r["clients_ok"] == r["clients_sampled"] - len(r["failures"])
+
+
+def test_replies_are_folded_a_few_at_a_time_however_many_are_ready(tmp_path):
+    # The loopback grid answers at push time: every reply of a trip is ready at the first
+    # pull. The server must still ask for (and so hold) at most PULL_GROUP of them at once.
+    from fedstream.server import grid as grid_module
+
+    cfg = load(None, [*BASE, "federation.clients=9", "secure_aggregation.enabled=true"])
+    grid = LoopbackGrid(sim_client_app(cfg), cfg.federation.clients)
+    pulled: list[int] = []
+    pull = grid.pull_messages
+
+    def counting_pull(ids):
+        got = pull(ids)
+        pulled.append(sum(m.MASKED in reply.content for reply in got))  # model-sized replies
+        return got
+
+    grid.pull_messages = counting_pull  # type: ignore[method-assign]
+    records: list[dict] = []
+    run_federation(
+        grid, cfg, federation(cfg).initial_arrays(), tmp_path,
+        on_round=lambda rec, _h: records.append(rec),
+    )
+    assert all(r["aggregated"] and r["clients_ok"] == 9 for r in records)
+    assert max(pulled) == grid_module.PULL_GROUP < 9
