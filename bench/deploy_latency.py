@@ -13,18 +13,27 @@ parameters) and every client trains 64 samples a round with SGD, batch 4.
   wraps the grid to time every `send_and_receive`, and `evaluate_fn` marks round ends.
 - **ours**: `fedstream server` and three `fedstream client` commands, as in
   tests/test_deployment.py, with `secure_aggregation.enabled=true`; each device is fed by a
-  `Producer` before its first round. Round times and trips come from metrics.jsonl.
+  `Producer` before its first round. Round times and trips come from metrics.jsonl. Each
+  device runs its SuperNode with `--isolation process` and fedstream's warm SuperExec
+  (`fedstream.client.warm_exec`), which forks every ClientApp task from a process that has
+  imported flwr, torch and the app; `--ours-cold` passes `fedstream client --cold` instead
+  (Flower's default SuperExec, a new `flwr-clientapp` process per message, as stock).
 
 Rounds 2..N are timed (round 1 starts every process for the first time, and ours fetches
 keys in it). The verdict compares the medians against "at most the stock figure".
 
 The profile splits every trip into its stages, from three sources that change neither
 system's code:
-- a watcher of /proc: every `flwr-clientapp` process (one per message), its start and exit;
+- a watcher of /proc: every `flwr-clientapp` process (one per message), its start and exit.
+  Stock's are started by Flower's SuperExec (exec + imports); ours are forked by the warm
+  SuperExec, so their command line is the fork server's: they are found by the name they
+  give themselves (/proc/PID/comm `flwr-clientapp`), and their SuperNode by their
+  grandparent's `--runtime-api-address`. For ours, "process start" is the fork;
 - a tail of each SuperNode's log: when "Receiving", "Received", "Sending" and "Sent
   successfully" appear (the SuperNode logs to stderr, which is line-buffered);
 - a `sitecustomize.py` on PYTHONPATH (`--no-trace` turns it off) that, in flwr-clientapp
-  processes only, times the steps of Flower's `run_clientapp` (its imports, pulling the
+  processes only (for ours: in the warm SuperExec's fork server, whose patches every forked
+  task inherits), times the steps of Flower's `run_clientapp` (its imports, pulling the
   task, loading the app, running it, pushing the reply) and a few fedstream functions
   (importing torch, training, masking, the spool commit).
 A trip starts when the stock ServerApp calls `send_and_receive`, or, for ours, when the
@@ -32,7 +41,7 @@ last reply of the previous trip was sent (so it includes the server's own work).
 Last, it times the imports a ClientApp process does, in fresh interpreters.
 
     python bench/deploy_latency.py [--rounds 6] [--quick] [--stock-evaluate] [--no-trace]
-                                   [--only stock|ours] [--keep] [--json PATH]
+                                   [--only stock|ours] [--ours-cold] [--keep] [--json PATH]
 """
 
 from __future__ import annotations
@@ -237,7 +246,10 @@ enabled = true
 
 # A sitecustomize.py put on PYTHONPATH (unless --no-trace): in flwr-clientapp processes only,
 # it time-stamps the steps of Flower's run_clientapp by wrapping its module-level functions
-# when that module is imported. Nothing in fedstream or the stock app changes.
+# when that module is imported. Nothing in fedstream or the stock app changes. Ours forks its
+# tasks from the warm SuperExec's fork server (the zygote), which imports those modules once:
+# the tracer installs there, the forked tasks inherit its wrappers, and each writes to its
+# own pid's file, with a "site" mark at the fork.
 TRACER = r'''
 import os
 import sys
@@ -263,19 +275,23 @@ def _install():
         argv = open("/proc/self/cmdline", "rb").read().split(b"\0")
     except OSError:
         return
-    if not any(a.endswith(b"flwr-clientapp") for a in argv[:2]):
+    zygote = any(b"multiprocessing.forkserver import main" in a
+                 and b"fedstream.client.device_app" in a for a in argv)
+    if not zygote and not any(a.endswith(b"flwr-clientapp") for a in argv[:2]):
         return
     import importlib.abc
     import importlib.util
     import json
 
-    out = os.path.join(os.environ["BENCH_TRACE_DIR"], f"{os.getpid()}.jsonl")
-
     def write(rec):
+        out = os.path.join(os.environ["BENCH_TRACE_DIR"], f"{os.getpid()}.jsonl")
         with open(out, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    write({"mark": "site", "t": time.time()})
+    if zygote:  # its own imports land in its own file, which no message claims
+        os.register_at_fork(after_in_child=lambda: write({"mark": "site", "t": time.time()}))
+    else:
+        write({"mark": "site", "t": time.time()})
 
     def timed(name, inner, extra=None):
         def wrapper(*args, **kwargs):
@@ -350,6 +366,7 @@ class Proc:
     last_seen: float
     superlink: str = ""  # supernode only: the SuperLink port
     node_config: str = ""
+    forked: bool = False  # clientapp only: forked by fedstream's warm SuperExec
     end: float | None = None  # exited, or a zombie its parent has not reaped yet
 
     @property
@@ -393,6 +410,19 @@ class ProcWatch(threading.Thread):
                 self._new(pid, now)
 
     @staticmethod
+    def _runtime_port_above(pid: int) -> str | None:
+        """The Runtime API port of the nearest ancestor started with --runtime-api-address
+        (a forked task's grandparent: the warm SuperExec, above its fork server)."""
+        for _ in range(3):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+            args = [a.decode(errors="replace")
+                    for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            if "--runtime-api-address" in args:
+                return args[args.index("--runtime-api-address") + 1].rsplit(":", 1)[-1]
+        return None
+
+    @staticmethod
     def _zombie(pid: int) -> bool:
         try:
             return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
@@ -404,11 +434,20 @@ class ProcWatch(threading.Thread):
         text = [a.decode(errors="replace") for a in args]
         script = next((Path(a).name for a in text[:2] if "flwr-clientapp" in a
                        or "flower-supernode" in a), None)
-        if script is None:
-            self.ignored.add(pid)
-            return
         stat = Path(f"/proc/{pid}/stat").read_text()
         start = self.boot + int(stat.rsplit(")", 1)[1].split()[19]) / self.tick
+        forked_port = None
+        if script is None and Path(f"/proc/{pid}/comm").read_text().strip() == "flwr-clientapp":
+            forked_port = self._runtime_port_above(pid)  # a task the warm SuperExec forked
+        if script is None and forked_port is None:
+            # A child shows its parent's command line until it execs, and a forked task
+            # until it names itself: look again for 2 s.
+            if now - start > 2.0:
+                self.ignored.add(pid)
+            return
+        if forked_port is not None:
+            self.procs[pid] = Proc(pid, "clientapp", forked_port, start, now, forked=True)
+            return
 
         def opt(flag: str) -> str:
             return text[text.index(flag) + 1] if flag in text else ""
@@ -592,7 +631,9 @@ def run_stock(work: Path, name: str, rounds: int, evaluate: bool, tail: LogTail,
         ctl = _control_when_up(agg, procs[0])
         try:
             aggregator.register(ctl, [creds / f"n{i}.pub" for i in range(NODES)])
-            for i in range(NODES):  # the same flags as fedstream.client.node.supernode_command
+            # The flags of fedstream.client.node.supernode_command, but Flower's default
+            # isolation: its own SuperExec starts a flwr-clientapp process per message.
+            for i in range(NODES):
                 log = state / f"n{i}" / "supernode.log"
                 log.parent.mkdir(parents=True)
                 tail.watch(f"{name}/n{i}", log)
@@ -673,7 +714,7 @@ def _submit(ctl: Any, app: Path, overrides: dict[str, Any]) -> int:
 
 
 def run_ours(top: Path, name: str, rounds: int, tail: LogTail,
-             trace: Path | None) -> dict[str, Any]:
+             trace: Path | None, cold: bool = False) -> dict[str, Any]:
     from fedstream.client.ingest import Producer
     from fedstream.protocol.runtime import free_port
 
@@ -701,7 +742,8 @@ def run_ours(top: Path, name: str, rounds: int, tail: LogTail,
             procs.append(fedstream(
                 "client", "--server", f"127.0.0.1:{port}", "--state", f"c{i}", "--client-id",
                 str(i), "--config", "ours.toml", "--ca", "creds/ca.crt", "--key",
-                f"creds/n{i}.key", log=work / f"client{i}.log"))
+                f"creds/n{i}.key", *(["--cold"] if cold else []),
+                log=work / f"client{i}.log"))
         per_client = SAMPLES * (rounds + 1)  # one round to spare
         for i in range(NODES):
             sock = work / f"c{i}" / "ingest.sock"
@@ -848,9 +890,9 @@ def trips_of(result: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict]:
 STAGES = [  # (name, from, to): medians over the messages of one kind
     ("pull wait: trip start -> SuperNode pulls it", "start", "receiving"),
     ("objects pulled (Receiving -> Received)", "receiving", "received"),
-    ("Receiving -> flwr-clientapp process starts", "receiving", "proc_start"),
-    ("  python start-up (to sitecustomize)", "proc_start", "site"),
-    ("  flwr-clientapp's imports", "site", "flwr_imported"),
+    ("Receiving -> flwr-clientapp process starts (ours: forks)", "receiving", "proc_start"),
+    ("  python start-up (to sitecustomize; ours: fork)", "proc_start", "site"),
+    ("  flwr-clientapp's imports (ours: none, unpickle)", "site", "flwr_imported"),
     ("  pull task input from the SuperNode", "flwr_imported", "input_pulled"),
     ("  install the FAB", "fab_start", "fab_installed"),
     ("  load the ClientApp (import its module)", "app_load_start", "app_loaded"),
@@ -973,6 +1015,9 @@ def main() -> int:
                     help="stock FedAvg with Flower's default fraction_evaluate=1.0 "
                          "(an evaluate trip every round)")
     ap.add_argument("--only", choices=["stock", "ours"], default=None)
+    ap.add_argument("--ours-cold", action="store_true",
+                    help="ours with `fedstream client --cold`: Flower's default SuperExec "
+                         "(a new flwr-clientapp process per message) instead of the warm one")
     ap.add_argument("--no-trace", action="store_true",
                     help="no sitecustomize time stamps in the flwr-clientapp processes")
     ap.add_argument("--skip-imports", action="store_true")
@@ -1018,7 +1063,7 @@ def main() -> int:
             else:
                 print(f"{name}: fedstream with secure aggregation, {rounds} rounds ...", end=" ",
                       flush=True)
-                runs.append(run_ours(work, name, rounds, tail, trace))
+                runs.append(run_ours(work, name, rounds, tail, trace, args.ours_cold))
             print(f"{runs[-1]['status']} in {time.monotonic() - started:.0f} s", flush=True)
     finally:
         time.sleep(0.2)
@@ -1038,7 +1083,8 @@ def main() -> int:
               "round 1 s", "trips/round")
     table = []
     for key, label in (("stock", "stock FedAvg" + (" +evaluate" if args.stock_evaluate else "")),
-                       ("ours", "fedstream, secure agg.")):
+                       ("ours", "fedstream, secure agg." + (" (cold)" if args.ours_cold
+                                                             else " (warm SuperExec)"))):
         mine = [r for r in runs if r["system"] == key]
         if not mine:
             continue
@@ -1096,6 +1142,12 @@ def main() -> int:
             "stages": stages, "trips": spans,
             "messages": [m for t in all_trips for m in t["messages"]]}
         print(f"\nprofile, {key}: trips of rounds 2..N (median seconds)")
+        pids = [m["pid"] for t in all_trips for m in t["messages"] if "pid" in m]
+        forked = sum(watch.procs[pid].forked for pid in pids)
+        report["profile"][key]["forked_processes"] = [forked, len(pids)]
+        if forked:
+            print(f"  ({forked} of the {len(pids)} ClientApp processes found were forked by the "
+                  "warm SuperExec: 'process starts' is the fork, and they import nothing)")
         for kind, vals in spans.items():
             print(f"  {kind} trips ({vals['trips']}): " + "; ".join(
                 f"{name} {v:.2f}" for name, v in vals.items() if name != "trips"))
@@ -1105,7 +1157,7 @@ def main() -> int:
                       if k.startswith("inside: ") and v >= 0.005}
             for name, v in vals.items():
                 if name != "messages" and not name.startswith("inside: "):
-                    print(f"    {name:<50} {v:6.2f}")
+                    print(f"    {name:<58} {v:6.2f}")
             if inside:
                 print("    timed inside the process (>= 5 ms): " + ", ".join(
                     f"{name} {v:.2f}" for name, v in inside.items()))
@@ -1113,6 +1165,9 @@ def main() -> int:
         repeat = 1 if args.quick else 3
         print(f"\nImports of a fresh interpreter (what a ClientApp process loads), "
               f"median of {repeat}, seconds:")
+        if "ours" in systems and not args.ours_cold:
+            print("  (stock pays them in every message; ours once per device, when its warm "
+                  "SuperExec starts)")
         imports = import_times(repeat)
         report["imports"] = imports
         for name, v in imports.items():

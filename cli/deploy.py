@@ -90,6 +90,11 @@ def client(
     max_wait: Annotated[
         float, typer.Option("--max-wait", help="Give up connecting after this many seconds.")
     ] = 0.0,
+    cold: Annotated[
+        bool, typer.Option("--cold", help="Flower's default SuperExec: a new flwr-clientapp "
+                           "process (with all its imports) per message, instead of forking "
+                           "each from a warm, preloaded one.")
+    ] = False,
 ) -> None:
     """Run a device: spool, local ingestion service and a SuperNode connected to the server."""
     cfg = _load(config, set_, [])
@@ -104,7 +109,7 @@ def client(
     from fedstream.client.spool import SpoolError
 
     dev = Device(server_address, state.resolve(), client_id, cfg.stream.n_features, ca, key, ingest,
-                 capacity, policy, insecure, max_wait)  # type: ignore[arg-type]
+                 capacity, policy, insecure, max_wait, cold)  # type: ignore[arg-type]
     try:
         code = run_device(dev)
     except SpoolError as e:

@@ -1,10 +1,12 @@
 """The ClientApp on a device: its stream is the device's spool.
 
-Flower starts a fresh ClientApp process for every message, so nothing lives in memory
-between rounds: the learner's state sits in the spool file beside the samples, and one
-SQLite transaction moves the read offset and stores the new learner state. A process killed
-before that commit leaves the offset where it was, so the next round trains the same
-samples again; after it, they are never trained again (the spool's ledger shows it).
+Every message runs in a fresh ClientApp process (forked from a warm, preloaded process by
+`fedstream.client.warm_exec`, or started anew by Flower's own SuperExec with `--cold`), so
+nothing lives in memory between rounds: the learner's state sits in the spool file beside
+the samples, and one SQLite transaction moves the read offset and stores the new learner
+state. A process killed before that commit leaves the offset where it was, so the next
+round trains the same samples again; after it, they are never trained again (the spool's
+ledger shows it).
 
 The SuperNode tells the app where its spool is and which client it is through its node
 config: `--node-config "spool='/path/spool.db' client-id=3"`.
@@ -45,7 +47,9 @@ def device_client_app(config: Config | None = None) -> ClientApp:
 
 def train_from_spool(msg: Message, ctx: Context, cfg: Config) -> Message:
     """One round on a device: read what the spool holds, test-then-train, commit, reply."""
-    from fedstream.client.app import learn, new_learner  # torch: only train messages pay for it
+    # torch: imported here, so a cold process pays for it in train messages only (a warm
+    # SuperExec has it preloaded)
+    from fedstream.client.app import learn, new_learner
 
     started = time.perf_counter()
     spool = open_spool(ctx, cfg)

@@ -1,17 +1,26 @@
-"""`fedstream client`: a device's three parts, as one command.
+"""`fedstream client`: a device's parts, as one command.
 
 - the **spool** (`STATE/spool.db`), which keeps what producers sent until it is trained;
 - the **ingestion service**, a gRPC endpoint (Unix socket or loopback) producers push to;
-- Flower's **SuperNode**, connected to the server over TLS with this device's key. For
-  every message it starts a ClientApp process (`fedstream.client.device_app`) that trains
-  on the spool and commits the offset with the learner state.
+- Flower's **SuperNode**, connected to the server over TLS with this device's key, started
+  with `--isolation process`: it serves its Runtime API on 127.0.0.1 and leaves starting
+  ClientApp tasks to
+- a **warm SuperExec** (`fedstream.client.warm_exec`): Flower's SuperExec loop, whose
+  executor forks every ClientApp task (`fedstream.client.device_app`, which trains on the
+  spool and commits the offset with the learner state) from a process that has already
+  imported flwr, torch and the app. Every message still gets a fresh process running
+  Flower's `run_clientapp`, without the seconds of start-up and imports.
 
-Stopping the command stops all three; killing it loses nothing accepted: the spool is on
+`--cold` (`Device.cold`) keeps Flower's default instead: `--isolation subprocess`, where the
+SuperNode starts `flower-superexec`, which starts a new `flwr-clientapp` process per message.
+
+Stopping the command stops them all; killing it loses nothing accepted: the spool is on
 disk, and the next round trains whatever was not committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -40,6 +49,7 @@ class Device:
     policy: Policy = "reject"
     insecure: bool = False  # plaintext to the server: only for a SuperLink without TLS
     max_wait: float = 0.0  # give up connecting after this many seconds (0: keep trying)
+    cold: bool = False  # Flower's default isolation: a new flwr-clientapp process per message
 
     @property
     def spool(self) -> Path:
@@ -50,14 +60,18 @@ class Device:
         return self.ingest or f"unix://{(self.state / 'ingest.sock').resolve()}"
 
 
-def supernode_command(dev: Device) -> list[str]:
+def supernode_command(dev: Device, runtime_port: int) -> list[str]:
+    """Flower's SuperNode; its Runtime API on 127.0.0.1:`runtime_port`."""
     node_config = f"spool='{dev.spool.resolve()}' client-id={dev.client_id}"
     cmd = [
         "flower-supernode",
         "--superlink", dev.server,
         "--node-config", node_config,
-        "--port", str(runtime.free_port()),
+        "--host", "127.0.0.1",
+        "--port", str(runtime_port),
     ]
+    if not dev.cold:  # the warm SuperExec (superexec_command) runs the ClientApp tasks
+        cmd += ["--isolation", "process"]
     if dev.insecure:
         cmd.append("--insecure")
     elif dev.ca is not None:
@@ -69,6 +83,18 @@ def supernode_command(dev: Device) -> list[str]:
     return cmd
 
 
+def superexec_command(runtime_port: int, supernode_pid: int) -> list[str]:
+    """The warm SuperExec for a SuperNode started with `--isolation process`: it connects
+    to the SuperNode's Runtime API (plaintext, loopback, as Flower's own SuperExec does)
+    and exits with the SuperNode."""
+    return [
+        sys.executable, "-m", "fedstream.client.warm_exec",
+        "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+        "--insecure",
+        "--parent-pid", str(supernode_pid),
+    ]
+
+
 def run_device(dev: Device) -> int:
     """Run until the SuperNode exits or the command is stopped; the SuperNode's exit code."""
     dev.state.mkdir(parents=True, exist_ok=True)
@@ -77,22 +103,50 @@ def run_device(dev: Device) -> int:
         str(dev.spool), dev.n_features, dev.ingest_address, dev.capacity, dev.policy
     )
     env = runtime.flower_env(dev.state / "flwr-home")
-    log = dev.state / "logs" / "supernode.log"
+    log = dev.state / "logs" / "supernode.log"  # the SuperNode, its SuperExec and tasks
     stopping = threading.Event()
-    node: subprocess.Popen | None = None
+    procs: dict[str, subprocess.Popen] = {}  # "node", "exec": what is running now
 
     def on_signal(signum: int, _frame: object) -> None:
-        stopping.set()
-        if node is not None:
-            runtime.stop(node)
+        stopping.set()  # the loop below wakes within 0.2 s and stops everything in order
+
+    def start_exec(port: int, node: subprocess.Popen) -> subprocess.Popen:
+        procs["exec"] = runtime.spawn(superexec_command(port, node.pid), env, log, dev.state)
+        return procs["exec"]
+
+    def stop_all() -> None:
+        """The SuperExec first (its tasks report to the SuperNode), then the SuperNode."""
+        if "exec" in procs:
+            executor = procs.pop("exec")
+            if "node" in procs and procs["node"].poll() is not None:
+                # It watches the SuperNode and is already on its way out: a signal now
+                # would only interrupt its clean-up.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    executor.wait(5.0)
+            runtime.stop(executor)
+        if "node" in procs:
+            runtime.stop(procs.pop("node"))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     started, pause = time.monotonic(), RETRY_FIRST
     try:
         while True:
-            node = runtime.spawn(supernode_command(dev), env, log, dev.state)
-            code = node.wait()
+            port = runtime.free_port()  # the Runtime API's, fixed for this SuperNode
+            node = procs["node"] = runtime.spawn(supernode_command(dev, port), env, log,
+                                                 dev.state)
+            executor = None if dev.cold else start_exec(port, node)
+            while node.poll() is None and not stopping.wait(0.2):
+                if executor is None or executor.poll() is None:
+                    continue
+                # The SuperExec died under a live SuperNode: no task would run. Start another
+                # (after a pause, so a SuperExec that cannot start does not spin).
+                if not stopping.wait(RETRY_FIRST) and node.poll() is None:
+                    print(f"the warm SuperExec exited ({executor.returncode}), restarting "
+                          f"it; see {log}", file=sys.stderr)
+                    executor = start_exec(port, node)
+            stop_all()  # the SuperExec watches the SuperNode, but do not wait for that
+            code = node.returncode
             # Refused (not registered yet, server down, TLS failure): say so, and try again
             # until --max-wait runs out; the server may register this key in a moment.
             if stopping.is_set() or code == 0:
@@ -106,6 +160,5 @@ def run_device(dev: Device) -> int:
                 return code
             pause = min(RETRY_MAX, pause * 2)
     finally:
-        if node is not None:
-            runtime.stop(node)
+        stop_all()
         ingestion.stop(grace=2.0).wait()
