@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedstream.protocol.keyschedule import keystream_into
+
 MAX_BITS = 53  # float64 holds every integer up to 2^53: scaling stays exact
-_ROUND = 1.5 * 2.0**52  # x + _ROUND is a float whose last ulp is 1: the sum rounds x
+_ROUND = 1.5 * 2.0**84  # x + _ROUND is a float whose last ulp is 2^32: the sum rounds x
 
 
 def ring_dtype(bits: int) -> np.dtype:
@@ -77,7 +79,7 @@ class Quantizer:
         overwrite: bool = False,
     ) -> tuple[np.ndarray, int]:
         """Ring elements for `weight` x `values` clipped to [-clip, clip] (weight in [0, 1]),
-        and how many coordinates were clipped.
+        and how many coordinates were clipped (a NaN counts, and encodes 0).
 
         `overwrite=True` lets a float64 `values` serve as the scratch buffer (a client's
         model change is not needed afterwards): every step then runs in place.
@@ -86,27 +88,38 @@ class Quantizer:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
         owned = overwrite and isinstance(values, np.ndarray) and values.dtype == np.float64
         x = values if owned else np.array(values, dtype=np.float64)
-        clipped = int(np.count_nonzero(x > self.clip) + np.count_nonzero(x < -self.clip))
-        if clipped:
-            np.clip(x, -self.clip, self.clip, out=x)
-        x *= self.scale * weight
+        clipped = self._clip(x)
         if self.dtype.itemsize == 8:
+            x *= self.scale * weight
             return self._encode_wide(x, rng), clipped
         # Stochastic rounding: rint(x + U - 1/2), U ~ [0, 1), rounds up with probability
-        # frac(x) (as floor(x + U) does), so E[q] = x. Adding 1.5 * 2^52 does the rint and
-        # leaves the integer, mod 2^32, in the float's low 32 bits (|x| < 2^31 here): the
-        # ring element, taken with no integer temporaries. The noise is drawn into the
-        # output array's memory, which it leaves just before the result moves in.
+        # frac(x) (as floor(x + U) does), so E[q] = x. Everything is scaled by 2^32 (exact),
+        # so that U - 1/2 is just 32 random bits read as an int32 (from an AES-CTR stream
+        # keyed by `rng`: four times faster than numpy's floats). Adding 1.5 * 2^84 does the
+        # rint and leaves the integer, mod 2^32, in the float's low 32 bits (|x| < 2^31
+        # steps here): the ring element, with no integer temporaries. The noise is drawn
+        # into the output array's memory, which it leaves just before the result moves in.
         ring = np.empty(x.shape, dtype=self.dtype)
-        noise = ring.view(np.float32) if self.dtype.itemsize == 4 else np.empty(x.shape, np.float32)
-        rng.random(dtype=np.float32, out=noise)
-        noise -= np.float32(0.5)  # exact: U has a 24-bit mantissa
+        noise = ring.view(np.int32) if self.dtype.itemsize == 4 else np.empty(x.shape, np.int32)
+        keystream_into(rng.bytes(32), noise.view(np.uint8))
+        x *= self.scale * weight * 2.0**32
         x += noise
         x += _ROUND
         np.copyto(ring, x.view(np.uint64), casting="unsafe")  # keeps the low bits
         if self.bits != 8 * self.dtype.itemsize:
             np.bitwise_and(ring, self.dtype.type(self.mask), out=ring)
         return ring, clipped
+
+    def _clip(self, x: np.ndarray) -> int:
+        """Clip `x` in place to [-clip, clip]; NaNs become 0. How many values changed."""
+        if x.size == 0 or (x.min() >= -self.clip and x.max() <= self.clip):
+            return 0  # the common case, in two fast reductions and no temporaries
+        nans = np.isnan(x)
+        changed = int(np.count_nonzero(nans))
+        x[nans] = 0.0
+        changed += int(np.count_nonzero(x > self.clip) + np.count_nonzero(x < -self.clip))
+        np.clip(x, -self.clip, self.clip, out=x)
+        return changed
 
     def _encode_wide(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Rings above 32 bits: floor(x + U) through int64 (the float trick needs |x| < 2^51)."""

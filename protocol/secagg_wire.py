@@ -11,6 +11,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedstream.protocol import messages as m
+from fedstream.protocol import updates
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.protocol.secagg import (
     MaskedInput,
@@ -123,7 +124,7 @@ def read_masked(content: RecordDict) -> tuple[MaskedInput, bytes]:
     if set(arrays.keys()) != {"model", "tail"}:
         raise Rejected("masked update must hold exactly 'model' and 'tail'")
     try:
-        model, tail = arrays["model"].numpy(), arrays["tail"].numpy()
+        model, tail = updates.view(arrays["model"]), updates.view(arrays["tail"])
     except Exception as err:  # a corrupt Array cannot be decoded
         raise Rejected(f"masked update does not decode: {err}") from err
     tags, holders = _ints(rec, "commit-tags"), _ints(rec, "holders")

@@ -677,8 +677,9 @@ def test_encode_decode_round_trip_within_one_step(
     assert _within(q, q.decode(ring), values, 1)
 
 
-def test_stochastic_rounding_is_unbiased() -> None:
-    q = Quantizer(16, 1.0, 4)
+@pytest.mark.parametrize("bits", [12, 16, 32, 40])
+def test_stochastic_rounding_is_unbiased(bits: int) -> None:
+    q = Quantizer(bits, 1.0, 4)
     rng = np.random.default_rng(3)
     draws = 200_000
     for v in (0.3, -0.7, 1 / 3, 0.9999):
@@ -700,6 +701,13 @@ def test_weight_scales_the_clipped_update() -> None:
     for weight in (-0.1, 1.5):
         with pytest.raises(ValueError, match="weight"):
             q.encode(values, np.random.default_rng(0), weight=weight)
+
+
+def test_a_nan_is_counted_and_encodes_zero() -> None:
+    q = Quantizer(32, 1.0, 3)
+    ring, clipped = q.encode(np.array([np.nan, 0.25, 2.0, np.nan]), np.random.default_rng(0))
+    assert clipped == 3
+    assert _within(q, q.decode(ring), np.array([0.0, 0.25, 1.0, 0.0]), 1)
 
 
 def test_clipping_is_counted_and_saturates() -> None:

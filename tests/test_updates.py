@@ -1,0 +1,68 @@
+"""Model updates as flat vectors (protocol/updates.py): the zero-copy reader and the
+difference both sides of secure aggregation compute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedstream.protocol import updates
+
+DTYPES = st.sampled_from(["<f4", "<f8", ">f4", "<i8", "<u4", "|u1", "<f2", "|b1"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(arr=hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, max_side=5)),
+       fortran=st.booleans())
+def test_view_reads_what_numpy_reads(arr: np.ndarray, fortran: bool) -> None:
+    arr = np.asfortranarray(arr) if fortran else arr
+    record = Array(arr)
+    got = updates.view(record)
+    expected = record.numpy()
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    assert not got.flags.writeable  # a view of the message's bytes: never written through
+
+
+def test_view_refuses_object_arrays_it_cannot_have_been_sent() -> None:
+    record = Array(np.arange(3.0))
+    record.data = b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    record.data += b" " * (128 - len(record.data) - 1) + b"\n"
+    with pytest.raises(ValueError, match="objects"):
+        updates.view(record)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_delta_is_the_float64_difference_and_shifted_undoes_it(data: st.DataObject) -> None:
+    shapes = data.draw(st.lists(hnp.array_shapes(max_dims=3, max_side=6), min_size=1, max_size=4))
+    floats = st.floats(-1e6, 1e6, width=32)
+    new, old = {}, {}
+    for i, shape in enumerate(shapes):
+        new[f"k{i}"] = data.draw(hnp.arrays(np.float32, shape, elements=floats))
+        old[f"k{i}"] = data.draw(hnp.arrays(np.float32, shape, elements=floats))
+    got = updates.delta(
+        ArrayRecord({k: Array(v) for k, v in new.items()}),
+        ArrayRecord({k: Array(v) for k, v in old.items()}),
+    )
+    expected = np.concatenate(
+        [new[k].astype(np.float64).ravel() - old[k].astype(np.float64).ravel() for k in new]
+    )
+    np.testing.assert_array_equal(got, expected)
+    back = updates.shifted(ArrayRecord({k: Array(v) for k, v in old.items()}), got)
+    for k in new:  # old + (new - old) is new again, up to float32 and float64 rounding
+        err = np.abs(back[k].numpy().astype(np.float64) - new[k])
+        bound = np.spacing(np.abs(new[k])) + 2.0**-50 * (np.abs(new[k]) + np.abs(old[k]))
+        assert np.all(err <= bound)
+
+
+def test_delta_names_a_layout_mismatch() -> None:
+    a = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32))})
+    with pytest.raises(ValueError, match="shape"):
+        updates.delta(a, ArrayRecord({"w": Array(np.zeros((3, 2), np.float32))}))
+    with pytest.raises(ValueError, match="arrays"):
+        updates.delta(a, ArrayRecord({"v": Array(np.zeros((2, 3), np.float32))}))
