@@ -21,18 +21,21 @@ disk, and the next round trains whatever was not committed.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedstream.client.ingest import serve as serve_ingestion
 from fedstream.client.spool import Policy, Spool
 from fedstream.protocol import runtime
 
+# The warm SuperExec forks tasks from a multiprocessing fork server (Linux, macOS).
+WARM_POSSIBLE = "forkserver" in multiprocessing.get_all_start_methods()
 RETRY_FIRST, RETRY_MAX = 2.0, 30.0  # seconds between SuperNode restarts
 
 
@@ -97,6 +100,10 @@ def superexec_command(runtime_port: int, supernode_pid: int) -> list[str]:
 
 def run_device(dev: Device) -> int:
     """Run until the SuperNode exits or the command is stopped; the SuperNode's exit code."""
+    if not dev.cold and not WARM_POSSIBLE:
+        print("no fork server on this platform: running Flower's default SuperExec (--cold)",
+              file=sys.stderr)
+        dev = replace(dev, cold=True)
     dev.state.mkdir(parents=True, exist_ok=True)
     Spool(dev.spool, dev.n_features).close()  # create it, or refuse a mismatched one, now
     ingestion = serve_ingestion(
