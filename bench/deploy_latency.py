@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -518,14 +517,11 @@ class LogTail(threading.Thread):
 
 
 def spawn(cmd: list[str], env: dict[str, str] | None, log: Path, cwd: Path) -> subprocess.Popen:
-    """Start a command in a session of its own (so its whole group can be stopped), which
-    Linux kills if this script dies, as fedstream.protocol.runtime.spawn does."""
-    from fedstream.protocol.runtime import _die_with_parent
+    """fedstream's own spawn (killed if this script dies), in a session of its own so that
+    `stop_group` stops its whole tree."""
+    from fedstream.protocol import runtime
 
-    log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+    return runtime.spawn(cmd, env, log, cwd, session=True)
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -576,14 +572,6 @@ def cores_busy(seconds: float = 3.0) -> float:
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
-def wait_until(check, what: str, timeout: float, every: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(every)
-
-
 def with_pythonpath(env: dict[str, str], *dirs: Path | None) -> dict[str, str]:
     paths = [str(d) for d in dirs if d is not None]
     if env.get("PYTHONPATH"):
@@ -598,7 +586,7 @@ def run_stock(work: Path, name: str, rounds: int, evaluate: bool, tail: LogTail,
               trace: Path | None) -> dict[str, Any]:
     from fedstream.protocol import runtime
     from fedstream.server import aggregator
-    from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+    from fedstream.server.credentials import CA_CERT
 
     state, creds = work / name, (work / "creds").resolve()
     app = state / "app"
@@ -615,20 +603,8 @@ def run_stock(work: Path, name: str, rounds: int, evaluate: bool, tail: LogTail,
     procs: list[subprocess.Popen] = []
     status = "not started"
     try:
-        # The same command as fedstream.server.aggregator.start_superlink.
-        link_cmd = [
-            "flower-superlink",
-            "--ssl-ca-certfile", str(creds / CA_CERT),
-            "--ssl-certfile", str(creds / SERVER_CERT),
-            "--ssl-keyfile", str(creds / SERVER_KEY),
-            "--database", str(state / "superlink.db"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(port),
-        ]
-        procs.append(spawn(link_cmd, env(state / "flwr-home"), state / "logs" / "superlink.log",
-                           state))
-        ctl = _control_when_up(agg, procs[0])
+        procs.append(aggregator.start_superlink(agg, env(state / "flwr-home"), session=True))
+        ctl = aggregator.control(agg)
         try:
             aggregator.register(ctl, [creds / f"n{i}.pub" for i in range(NODES)])
             # The flags of fedstream.client.node.supernode_command, but Flower's default
@@ -646,9 +622,10 @@ def run_stock(work: Path, name: str, rounds: int, evaluate: bool, tail: LogTail,
                 ]
                 procs.append(spawn(node_cmd, env(state / f"n{i}" / "flwr-home"), log,
                                    state / f"n{i}"))
-            wait_until(lambda: _online(ctl) >= NODES, "3 stock SuperNodes online", 120, 1.0)
-            run_id = _submit(ctl, app, {"num-server-rounds": rounds, "timings": str(timings),
-                                        "fraction-evaluate": 1.0 if evaluate else 0.0})
+            runtime.wait_for(lambda: _online(ctl) >= NODES, "3 stock SuperNodes online", 120, 1.0)
+            overrides = {"num-server-rounds": rounds, "timings": str(timings),
+                         "fraction-evaluate": 1.0 if evaluate else 0.0}
+            run_id = aggregator.submit_app(ctl, app, overrides)
             status = aggregator.wait_run(ctl, agg, run_id, poll=0.5)
         finally:
             ctl.close()
@@ -667,47 +644,10 @@ def run_stock(work: Path, name: str, rounds: int, evaluate: bool, tail: LogTail,
     }
 
 
-def _control_when_up(agg: Any, link: subprocess.Popen) -> Any:
-    import ssl
-    import urllib.request
-
-    from fedstream.server import aggregator
-
-    def healthy() -> bool:
-        if link.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited; see {agg.state / 'logs'}")
-        context = ssl.create_default_context(cafile=str(agg.ca))
-        try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{agg.port}/health", context=context,
-                                        timeout=1) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
-    wait_until(healthy, "the stock SuperLink", 60, every=0.25)
-    return aggregator.control(agg)
-
-
 def _online(ctl: Any) -> int:
     from flwr.proto.control_pb2 import ListNodesRequest
 
     return sum(n.status == "online" for n in ctl.ListNodes(ListNodesRequest()).nodes_info)
-
-
-def _submit(ctl: Any, app: Path, overrides: dict[str, Any]) -> int:
-    """As fedstream.server.aggregator.submit, with the stock app."""
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import StartRunRequest
-    from flwr.supercore.fab import Fab
-
-    fab = build_fab_from_disk(app)
-    request = StartRunRequest(
-        fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-        override_config=user_config_to_proto(overrides),
-        federation="",
-    )
-    return int(ctl.StartRun(request).run_id)
 
 
 # ------------------------------------------------------------------------------- ours
@@ -716,7 +656,7 @@ def _submit(ctl: Any, app: Path, overrides: dict[str, Any]) -> int:
 def run_ours(top: Path, name: str, rounds: int, tail: LogTail,
              trace: Path | None, cold: bool = False) -> dict[str, Any]:
     from fedstream.client.ingest import Producer
-    from fedstream.protocol.runtime import free_port
+    from fedstream.protocol import runtime
 
     work = top / name
     work.mkdir()
@@ -729,12 +669,12 @@ def run_ours(top: Path, name: str, rounds: int, tail: LogTail,
     def fedstream(*args: str, log: Path) -> subprocess.Popen:  # as tests/test_deployment.py
         return spawn([sys.executable, "-m", "fedstream.cli.main", *args], env, log, work)
 
-    port = free_port()
+    port = runtime.free_port()
     procs = [fedstream("server", "--state", "srv", "--credentials", "creds", "--config",
                        "ours.toml", "--port", str(port), log=work / "server.log")]
     code: int | None = None
     try:
-        wait_until(lambda: (work / "srv" / "run-id").exists(), "fedstream server", 120)
+        runtime.wait_for(lambda: (work / "srv" / "run-id").exists(), "fedstream server", 120)
         for i in range(NODES):
             log = work / f"c{i}" / "logs" / "supernode.log"
             log.parent.mkdir(parents=True)
@@ -747,7 +687,7 @@ def run_ours(top: Path, name: str, rounds: int, tail: LogTail,
         per_client = SAMPLES * (rounds + 1)  # one round to spare
         for i in range(NODES):
             sock = work / f"c{i}" / "ingest.sock"
-            wait_until(sock.exists, f"client {i}'s ingestion service", 60)
+            runtime.wait_for(sock.exists, f"client {i}'s ingestion service", 60)
             rng = np.random.default_rng(i)
             x = rng.normal(size=(per_client, N_FEATURES)).astype(np.float32)
             y = rng.integers(0, N_CLASSES, size=per_client)

@@ -72,7 +72,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -85,12 +84,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import children
 import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODULE = Path(__file__).stem  # Ray workers import this file by name (bench/ on PYTHONPATH)
 ENV = "FEDSTREAM_SECAGG_BENCH"  # the run's Settings as JSON, for the driver and Ray workers
-LOG_DIR = Path(tempfile.gettempdir()) / "fedstream-bench-logs"
 SYSTEMS = ("plain", "ours", "secaggplus")
 LABELS = {"plain": "plaintext", "ours": "ours", "secaggplus": "SecAgg+"}
 RAY_RESOURCES = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
@@ -883,31 +882,11 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def spawn(mode: str, args: argparse.Namespace, s: Settings, data: Path) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
-    env[ENV] = json.dumps(asdict(s))
-    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", mode, "--data", str(data)]
-    cmd += ["--clients", str(s.clients), "--params", str(s.params), "--steps", str(s.steps)]
-    cmd += ["--dropout", str(s.dropout)]
-    cmd += [
-        "--mem-clients",
-        *map(str, args.mem_clients),
-        "--mem-params",
-        *map(str, args.mem_params),
-    ]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    log = LOG_DIR / f"secagg-{mode}-{int(time.time() * 1000)}.log"
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    objects = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not objects:
-        raise RuntimeError(f"{mode} run failed (exit {proc.returncode}); log: {log}")
-    result = json.loads(objects[-1])
-    result["process_seconds"] = elapsed
-    result["log"] = str(log)
-    return result
+    cmd = ["--only", mode, "--data", str(data), "--clients", str(s.clients),
+           "--params", str(s.params), "--steps", str(s.steps), "--dropout", str(s.dropout),
+           "--mem-clients", *map(str, args.mem_clients),
+           "--mem-params", *map(str, args.mem_params)]
+    return children.run_child(__file__, cmd, {ENV: json.dumps(asdict(s))}, f"secagg-{mode}")
 
 
 def timed_rounds(run: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
@@ -1084,7 +1063,6 @@ def print_profile(prof: dict[str, Any]) -> None:
 
 
 def parent_main(args: argparse.Namespace) -> None:
-    LOG_DIR.mkdir(exist_ok=True)
     base = Settings(args.clients, args.params, args.rounds, args.warmup, 0.0, args.steps)
     p = param_count(args.params)
     model_bytes = 4 * p

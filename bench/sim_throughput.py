@@ -19,18 +19,15 @@ import json
 import logging
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from children import run_child
 
-BENCH_DIR = Path(__file__).resolve().parent
 SYSTEMS = ("stock", "fedstream")
-LOG_DIR = Path(tempfile.gettempdir()) / "fedstream-bench-logs"  # child logs, kept for a look
 CONFIG_FILE = "fedstream-config.json"
 RAY_RESOURCES = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
@@ -256,25 +253,11 @@ def child_main(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------------- parent
 
 
-def spawn(system: str, args: argparse.Namespace, data: Path, log_dir: Path) -> dict[str, Any]:
-    """Run one child and collect its JSON (the last stdout line that is a JSON object)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
-    env["FEDSTREAM_BENCH_DATA"] = str(data)
-    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as fedstream sets it
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", system, "--json"]
-    cmd += ["--clients", str(args.clients), "--rounds", str(args.rounds), "--data", str(data)]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    log = log_dir / f"{system}-{int(time.time() * 1000)}.log"
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    objects = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not objects:
-        raise RuntimeError(f"{system} run failed (exit {proc.returncode}); log: {log}")
-    result = json.loads(objects[-1])
-    result["process_seconds"] = elapsed
-    return result
+def spawn(system: str, args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    """Run one child (`--only SYSTEM --json`) and collect its JSON."""
+    cmd = ["--only", system, "--json", "--clients", str(args.clients),
+           "--rounds", str(args.rounds), "--data", str(data)]
+    return run_child(__file__, cmd, {"FEDSTREAM_BENCH_DATA": str(data)}, system)
 
 
 def steady(result: dict[str, Any]) -> tuple[float, int]:
@@ -364,7 +347,6 @@ def print_report(med: dict[str, dict[str, float]], bare: dict[str, Any], expecte
 def parent_main(args: argparse.Namespace) -> None:
     from fedstream.protocol.config import to_json
 
-    LOG_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedstream-bench-") as tmp:
         data = Path(tmp)
         cfg = bench_config(args.clients, args.rounds, data / "fedstream-out", args.overrides)
@@ -379,14 +361,14 @@ def parent_main(args: argparse.Namespace) -> None:
             order = SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]  # alternate against drift
             for system in order:
                 load = os.getloadavg()[0]
-                res = spawn(system, args, data, LOG_DIR)
+                res = spawn(system, args, data)
                 runs[system].append(res)
                 print(
                     f"  run {i + 1} {system:9}: rounds {res['wall_seconds']:.2f} s, "
                     f"total {res['total_seconds']:.2f} s (1-min load before: {load:.2f})",
                     flush=True,
                 )
-        bare = spawn("bare", args, data, LOG_DIR)
+        bare = spawn("bare", args, data)
         print_report({s: summarise(runs[s]) for s in SYSTEMS}, bare, expected)
 
 

@@ -108,8 +108,11 @@ def client(
     from fedstream.client.node import Device, run_device
     from fedstream.client.spool import SpoolError
 
-    dev = Device(server_address, state.resolve(), client_id, cfg.stream.n_features, ca, key, ingest,
-                 capacity, policy, insecure, max_wait, cold)  # type: ignore[arg-type]
+    dev = Device(
+        server=server_address, state=state.resolve(), client_id=client_id,
+        n_features=cfg.stream.n_features, ca=ca, key=key, ingest=ingest, capacity=capacity,
+        policy=policy, insecure=insecure, max_wait=max_wait, cold=cold,  # type: ignore[arg-type]
+    )
     try:
         code = run_device(dev)
     except SpoolError as e:

@@ -48,11 +48,16 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+def spawn(
+    cmd: list[str], env: dict[str, str] | None, log: Path, cwd: Path, *, session: bool = False
+) -> subprocess.Popen:
+    """Start `cmd` logging to `log`; `session=True` gives it a process group of its own (so
+    its whole tree can be signalled at once) instead of the caller's."""
     log.parent.mkdir(parents=True, exist_ok=True)
     linux = sys.platform.startswith("linux")
     return subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        start_new_session=session,
         preexec_fn=_die_with_parent if linux else None,  # before any thread starts
     )
 

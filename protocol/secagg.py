@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -157,22 +157,26 @@ def field_seed(seed: bytes) -> bytes:
 
 
 class Expander:
-    """Expands seeds into masks: `size` ring elements, then `tail_len` 64-bit words.
+    """Adds the masks seeds stand for: `size` ring elements, then `tail_len` 64-bit words.
 
-    One buffer serves every seed of a round (a client expands one per neighbour, the server
-    one per survivor), so a mask costs a keystream and an addition, never an allocation.
-    The arrays it returns are views of that buffer: add them before expanding the next seed.
+    One buffer serves every seed (a client expands one per neighbour, the server one per
+    survivor), so a mask costs a keystream and an addition, never an allocation.
     """
 
     def __init__(self, quantizer: Quantizer, size: int, tail_len: int) -> None:
         model_bytes = size * quantizer.dtype.itemsize
+        self.q = quantizer
         self.buf = np.empty(model_bytes + tail_len * TAIL_DTYPE.itemsize, dtype=np.uint8)
         self.model = self.buf[:model_bytes].view(quantizer.dtype)
         self.tail = self.buf[model_bytes:].view(TAIL_DTYPE)
 
-    def __call__(self, seed: bytes) -> tuple[np.ndarray, np.ndarray]:
-        ks.keystream_into(seed, self.buf)
-        return self.model, self.tail
+    def add(self, model: np.ndarray, tail: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> None:
+        """model += sign * mask(seed) in the ring, tail likewise mod 2^64, for each
+        (seed, sign) in `masks`; in place."""
+        for seed, sign in masks:
+            ks.keystream_into(seed, self.buf)
+            self.q.add(model, self.model, sign)
+            (np.add if sign > 0 else np.subtract)(tail, self.tail, out=tail)
 
 
 def mask(
@@ -204,12 +208,9 @@ def mask(
         seeds[w] = field_seed(
             ks.pair_seed(mask_sk, peer.mask_pub, setup.session, setup.server_round)
         )
-    expand_seed = Expander(q, y.size, setup.tail_len)
-    for tag, seed in seeds.items():
-        m_model, m_tail = expand_seed(seed)
-        sign = 1 if tag == SELF or setup.index < tag else -1
-        q.add(y, m_model, sign)
-        y_tail = y_tail + m_tail if sign > 0 else y_tail - m_tail
+    # The self mask, and each pair mask with the sign that makes the pair cancel in the sum.
+    signs = {tag: 1 if tag == SELF or setup.index < tag else -1 for tag in seeds}
+    Expander(q, y.size, setup.tail_len).add(y, y_tail, [(s, signs[t]) for t, s in seeds.items()])
     holders = setup.holders
     per_secret = {tag: shamir.split(seed, holders, setup.threshold) for tag, seed in seeds.items()}
     own_pub = ks.public_key(enc_sk)
@@ -428,16 +429,9 @@ class Aggregation:
         return acc, tail
 
     def _mask_sum(self, masks: list[tuple[bytes, int]]) -> tuple[np.ndarray, np.ndarray]:
-        expand_seed = Expander(self.q, self.size, self.tail_len)
         total = np.zeros(self.size, dtype=self.q.dtype)
         total_tail = np.zeros(self.tail_len, dtype=TAIL_DTYPE)
-        for seed, sign in masks:
-            m_model, m_tail = expand_seed(seed)
-            self.q.add(total, m_model, sign)
-            if sign > 0:
-                total_tail += m_tail
-            else:
-                total_tail -= m_tail
+        Expander(self.q, self.size, self.tail_len).add(total, total_tail, masks)
         return total, total_tail
 
     def _recover(self, sender: int, tag: int) -> bytes:

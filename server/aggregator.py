@@ -68,14 +68,15 @@ class Aggregator:
         return (self.credentials / CA_CERT).resolve()
 
 
-def start_superlink(agg: Aggregator) -> subprocess.Popen:
+def superlink_command(agg: Aggregator) -> list[str]:
+    """Flower's SuperLink with TLS, SuperNode authentication and its state in SQLite."""
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
         if not (agg.credentials / name).is_file():
             raise FileNotFoundError(
                 f"{agg.credentials / name} is missing: make credentials with `fedstream certs`"
             )
     creds = agg.credentials.resolve()
-    cmd = [
+    return [
         "flower-superlink",
         "--ssl-ca-certfile", str(creds / CA_CERT),
         "--ssl-certfile", str(creds / SERVER_CERT),
@@ -86,12 +87,19 @@ def start_superlink(agg: Aggregator) -> subprocess.Popen:
         "--host", agg.host,
         "--port", str(agg.port),
     ]
-    env = runtime.flower_env(agg.state / "flwr-home")
-    proc = runtime.spawn(cmd, env, agg.state / "logs" / "superlink.log", agg.state)
+
+
+def start_superlink(
+    agg: Aggregator, env: dict[str, str] | None = None, *, session: bool = False
+) -> subprocess.Popen:
+    """Start the SuperLink (in `env`, default Flower's runtime env) and wait until healthy."""
+    env = env or runtime.flower_env(agg.state / "flwr-home")
+    log = agg.state / "logs" / "superlink.log"
+    proc = runtime.spawn(superlink_command(agg), env, log, agg.state, session=session)
 
     def healthy() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited; see {agg.state / 'logs' / 'superlink.log'}")
+            raise RuntimeError(f"the SuperLink exited; see {log}")
         context = ssl.create_default_context(cafile=str(agg.ca))
         url = f"https://127.0.0.1:{agg.port}/health"
         try:
@@ -134,20 +142,25 @@ def register(ctl: Any, public_keys: list[Path]) -> list[int]:
 
 def submit(ctl: Any, agg: Aggregator, cfg: Config, resume: bool) -> int:
     """Start the deployment run on the SuperLink; returns its run id."""
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import StartRunRequest
-    from flwr.supercore.fab import Fab
-
     app = agg.state / "app"
     app.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(APP_TOML)
-    fab = build_fab_from_disk(app)
     overrides = {
         "fedstream-config": to_json(cfg),
         STATE_DIR: str(agg.state.resolve()),
         RESUME: resume,
     }
+    return submit_app(ctl, app, overrides)
+
+
+def submit_app(ctl: Any, app: Path, overrides: dict[str, Any]) -> int:
+    """Build the Flower App in `app` into a FAB and start a run of it; returns the run id."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    fab = build_fab_from_disk(app)
     request = StartRunRequest(
         fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
         override_config=user_config_to_proto(overrides),

@@ -9,18 +9,19 @@ from the last checkpoint and carries on to the configured number of rounds.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedstream.protocol import updates
 from fedstream.protocol.config import Config, from_run_config
 from fedstream.protocol.models import build_model
 from fedstream.server import checkpoint
-from fedstream.server.records import History, MetricsLog
+from fedstream.server.records import History, MetricsLog, run_summary, write_summary
 from fedstream.server.rounds import RoundSettings, run_rounds
 from fedstream.server.secure import SecureAggregator
 from fedstream.server.strategy import make_strategy
@@ -72,21 +73,12 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
         grid, strategy, arrays, settings, record, history=history, after_round=save
     )
     summary = {
-        "rounds": history.rounds,
-        "clients": cfg.federation.clients,
-        "prequential_accuracy": history.accuracy,
-        "client_updates": history.client_updates,
-        "client_failures": history.failures,
-        "samples_seen": history.seen,
+        **run_summary(cfg, history),
         "samples_dropped": history.dropped,
-        "bytes_up": history.bytes_up,
-        "bytes_down": history.bytes_down,
-        "secure_aggregation": cfg.secure_aggregation.enabled,
-        "round_trips": history.round_trips,
         "wall_seconds_since_start": time.perf_counter() - started,
         "model_sha256": fingerprint(arrays),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(out, summary)
     return summary
 
 
@@ -102,7 +94,7 @@ def fingerprint(arrays: ArrayRecord) -> str:
     digest = hashlib.sha256()
     for key, arr in arrays.items():
         digest.update(key.encode())
-        digest.update(arr.numpy().tobytes())
+        digest.update(np.ascontiguousarray(updates.view(arr)))  # no copy of a C-order array
     return digest.hexdigest()
 
 

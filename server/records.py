@@ -11,11 +11,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message
 
 from fedstream.protocol import messages as m
+
+if TYPE_CHECKING:
+    from fedstream.protocol.config import Config
 
 
 def bytes_of(msg: Message) -> int:
@@ -173,6 +176,36 @@ def secure_round_record(
         "drifts": [],  # who drifted is a client's own business under secure aggregation
         "clients": {},
     }
+
+
+def run_summary(cfg: Config, history: History) -> dict[str, Any]:
+    """The summary.json keys every run has, simulated or deployed (see the README)."""
+    per_client = {
+        str(c): (v["correct"] / v["seen"] if v["seen"] else None)
+        for c, v in sorted(history.per_client.items())
+    }
+    return {
+        "rounds": history.rounds,
+        "clients": cfg.federation.clients,
+        "strategy": cfg.federation.strategy,
+        "seed": cfg.seed,
+        "prequential_accuracy": history.accuracy,
+        "prequential_loss": history.loss_sum / history.seen if history.seen else None,
+        "client_updates": history.client_updates,
+        "client_failures": history.failures,
+        "samples_seen": history.seen,
+        "bytes_up": history.bytes_up,
+        "bytes_down": history.bytes_down,
+        "drift_detections": history.drift_count,
+        "secure_aggregation": cfg.secure_aggregation.enabled,
+        "round_trips": history.round_trips,
+        "round_trips_per_round": history.round_trips / history.rounds if history.rounds else None,
+        "per_client_accuracy": per_client,
+    }
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 class MetricsLog:

@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedstream.protocol.config import Config, from_run_config
 from fedstream.server.app import run_federation
+from fedstream.server.records import write_summary
 from fedstream.sim import results
 from fedstream.sim.baselines import run_baselines
 from fedstream.sim.evaluation import make_evaluate
@@ -36,7 +37,7 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     baselines = run_baselines(cfg)
     final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
     summary = results.summarize(cfg, history, wall, baselines, final_eval)
-    results.write_summary(out, summary)
+    write_summary(out, summary)
     if cfg.output.plots:
         plot_all(out, summary, results.load(out)[1])
     return summary

@@ -167,7 +167,8 @@ def test_seal_round_trips_with_a_fresh_nonce() -> None:
 
 def test_mask_expansion_layout() -> None:
     # A seed's mask is its keystream read as little-endian ring words, then u64 tail words.
-    model, tail = secagg.Expander(Quantizer(16, 1.0, 2), 4, 1)(bytes(32))
+    model, tail = np.zeros(4, "<u2"), np.zeros(1, "<u8")
+    secagg.Expander(Quantizer(16, 1.0, 2), 4, 1).add(model, tail, [(bytes(32), 1)])
     assert model.tolist() == np.frombuffer(ZERO_SEED_STREAM[:8], "<u2").tolist()
     assert tail.tolist() == np.frombuffer(ZERO_SEED_STREAM[8:16], "<u8").tolist()
     assert model.tolist() == [38364, 30912, 16546, 35209]
