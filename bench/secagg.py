@@ -107,6 +107,7 @@ class Settings:
     dropout: float
     steps: int
     seed: int = 0
+    tick: float | None = None  # the engine's dispatch interval; None: Flower's (0.1 s)
 
     @property
     def total_rounds(self) -> int:
@@ -527,12 +528,40 @@ def _diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {n: v - before.get(n, 0) for n, v in after.items() if v - before.get(n, 0)}
 
 
+class _Tick:
+    """The engine's stop event, seen through a shorter wait: the engine's dispatcher sleeps
+    `f_stop.wait(0.1)` between sweeps of the message store."""
+
+    def __init__(self, event: threading.Event, tick: float) -> None:
+        self.event, self.tick = event, tick
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.event.wait(self.tick if timeout is None else min(timeout, self.tick))
+
+
+def set_engine_tick(tick: float) -> None:
+    """Make Flower's simulation engine hand messages to actors every `tick` seconds."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    dispatch = vce_api.add_messages_to_queue
+
+    def faster(state: Any, queue: Any, nodes: Any, f_stop: threading.Event) -> None:
+        dispatch(state, queue, nodes, _Tick(f_stop, tick))
+
+    vce_api.add_messages_to_queue = faster
+
+
 def run_child(system: str, out: Path) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     quiet()
     s = settings()
     install_counters()
+    if s.tick is not None:
+        set_engine_tick(s.tick)
     started = time.perf_counter()
     run_simulation(
         server_app=server_app(system),
@@ -810,12 +839,11 @@ class Timers:
 PROFILE_STEPS = [  # (target, label); a function both sides call is listed once, at the end
     ("fedstream.client.secure._train", "client: train message through the secure mod"),
     (f"{MODULE}.local_train", "  local training (the same in all three systems)"),
-    ("fedstream.client.secure.encode", "  encode: flatten the change, clip, quantize"),
-    ("fedstream.protocol.updates.delta", "    updates.delta (local - global, float64)"),
-    ("fedstream.protocol.fixedpoint:Quantizer.encode", "    Quantizer.encode"),
-    ("fedstream.protocol.secagg.mask", "  secagg.mask: self mask + one per neighbour"),
-    ("fedstream.protocol.shamir.split", "    shamir.split"),
-    ("fedstream.protocol.keyschedule.seal", "    seal (share encryption)"),
+    ("fedstream.client.secure.masked_update", "  clip -> quantize -> mask, piece by piece"),
+    ("fedstream.protocol.fixedpoint:Encoder.__call__", "    clip, weigh, quantize (Encoder)"),
+    ("fedstream.protocol.secagg.sealed", "    shares and commitments (sealed)"),
+    ("fedstream.protocol.shamir.split", "      shamir.split"),
+    ("fedstream.protocol.keyschedule.seal", "      seal (share encryption)"),
     ("fedstream.protocol.secagg_wire.masked_content", "  wire.masked_content"),
     ("fedstream.client.secure._offer_keys", "client: key offer"),
     ("fedstream.client.secure._unmask", "client: unmask answer"),
@@ -825,7 +853,8 @@ PROFILE_STEPS = [  # (target, label); a function both sides call is listed once,
     ("fedstream.server.secure:SecureAggregator._finish", "server: SecureAggregator._finish"),
     ("fedstream.protocol.fixedpoint:Quantizer.decode", "  Quantizer.decode"),
     ("fedstream.protocol.updates.shifted", "  updates.shifted"),
-    ("fedstream.protocol.keyschedule.keystream_into", "both: keystream (AES-256-CTR masks)"),
+    ("fedstream.protocol.secagg:Masks.add", "both: Masks.add (masks added, piece by piece)"),
+    ("fedstream.protocol.keyschedule:Keystream.into", "both: keystream (AES-256-CTR pieces)"),
     ("fedstream.protocol.fixedpoint:Quantizer.add", "both: Quantizer.add (ring add/subtract)"),
     ("flwr.app:ArrayRecord.__init__", "both: ArrayRecord construction"),
 ]
@@ -1063,7 +1092,9 @@ def print_profile(prof: dict[str, Any]) -> None:
 
 
 def parent_main(args: argparse.Namespace) -> None:
-    base = Settings(args.clients, args.params, args.rounds, args.warmup, 0.0, args.steps)
+    base = Settings(
+        args.clients, args.params, args.rounds, args.warmup, 0.0, args.steps, tick=args.tick
+    )
     p = param_count(args.params)
     model_bytes = 4 * p
     variants = {"no dropout": 0.0}
@@ -1073,7 +1104,8 @@ def parent_main(args: argparse.Namespace) -> None:
         f"{args.clients} clients, {p:,} parameters ({model_bytes / 1e6:.2f} MB float32), "
         f"{args.warmup} warm-up + {args.rounds} timed rounds, {args.steps} SGD steps x {BATCH} "
         f"samples per client round, repeat {args.repeat}; Ray: 1 CPU per actor, "
-        f"{os.cpu_count()} cores",
+        f"{os.cpu_count()} cores; engine dispatch every "
+        + ("0.1 s (Flower's)" if args.tick is None else f"{args.tick:g} s (--tick)"),
         flush=True,
     )
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -1139,6 +1171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="SGD steps per client round (default 4)")
     p.add_argument("--repeat", type=int, default=1, help="runs per system; medians are shown")
     p.add_argument(
+        "--tick",
+        type=float,
+        help="seconds between the simulation engine's dispatches of messages to actors, for "
+        "all three systems (default: Flower's 0.1 s; rounds come in steps of it)",
+    )
+    p.add_argument(
         "--mem-clients",
         type=int,
         nargs="+",
@@ -1163,6 +1201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=(*SYSTEMS, "memory", "profile"), help="child mode")
     p.add_argument("--data", type=Path, help="child mode: where to write the final model")
     args = p.parse_args(argv)
+    if args.tick is not None and not args.tick > 0:
+        p.error(f"--tick must be a positive number of seconds, got {args.tick}")
     if args.quick:
         args.params, args.rounds = min(args.params, 250_000), min(args.rounds, 2)
         args.mem_clients, args.mem_params = [3, 6], [62_500, 250_000]

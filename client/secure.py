@@ -15,13 +15,14 @@ different survivor sets).
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedstream.protocol import keyschedule as ks
 from fedstream.protocol import messages as m
 from fedstream.protocol import secagg, updates
 from fedstream.protocol import secagg_wire as wire
+from fedstream.protocol.fixedpoint import Encoder
 
 STATE_KEY = "fedstream-secagg"
 PENDING_KEYS = 4  # mask keys kept; the server only ever assigns one of the latest
@@ -57,23 +58,40 @@ def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
     if reply.has_error():
         return reply
     report = m.TrainReport.from_record(reply.content[m.METRICS])
-    ring, tail = encode(msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup)
-    masked = secagg.mask(setup, state["enc-sk"], mask_sk, ring, tail, in_place=True)
+    masked = masked_update(
+        msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], mask_sk
+    )
     next_pub = _new_mask_key(state)
     _save(ctx, state)
     return Message(wire.masked_content(masked, report.client, next_pub), reply_to=msg)
 
 
-def encode(
-    global_arrays, local_arrays, report: m.TrainReport, setup: secagg.RoundSetup
-) -> tuple[np.ndarray, list[int]]:
-    """Clip the model change, weigh it by examples, quantize it; metrics as exact integers."""
-    change = updates.delta(local_arrays, global_arrays)
+def masked_update(
+    global_arrays: ArrayRecord,
+    local_arrays: ArrayRecord,
+    report: m.TrainReport,
+    setup: secagg.RoundSetup,
+    enc_sk: bytes,
+    mask_sk: bytes,
+) -> secagg.MaskedInput:
+    """The update pipeline, clip -> quantize -> mask, run one cache-sized piece at a time.
+
+    The model change is weighed by examples; the example count and metrics ride as exact
+    integers in the masked tail. Each piece of the change is clipped, quantized and masked
+    while it is in cache, so the whole pipeline reads the model about once, not once per
+    step and per neighbour.
+    """
+    q = setup.quantizer
     weight = min(report.examples, setup.max_weight)
     rng = np.random.default_rng([setup.server_round, report.client, 0x5EC])
-    ring, clipped = setup.quantizer.encode(
-        change, rng, weight=weight / setup.max_weight, overwrite=True
-    )
+    encoder = Encoder(q, rng, weight=weight / setup.max_weight)
+    seeds = secagg.mask_seeds(setup, mask_sk)
+    masks = secagg.Masks(q, secagg.signed(setup, seeds))
+    y = np.empty(updates.size(local_arrays), dtype=q.dtype)
+    for lo, change in updates.delta_pieces(local_arrays, global_arrays, masks.step):
+        piece = y[lo : lo + change.size]
+        encoder(change, piece)  # clip, weigh, quantize
+        masks.add(piece)
     tail = {
         "contributors": 1,
         "examples": report.examples,
@@ -81,11 +99,13 @@ def encode(
         "correct": report.correct,
         "loss-sum-fp": round(_bounded(report.loss_sum) * m.FIXED_POINT),
         "drift-count": len(report.drifts),
-        "clipped": clipped,
+        "clipped": encoder.clipped,
         "train-us": int(report.train_seconds * 1e6),
         "dropped": report.dropped,
     }
-    return ring, [tail[name] for name in m.TAIL]
+    y_tail = secagg.tail_words([tail[name] for name in m.TAIL])
+    masks.add_tail(y_tail)
+    return secagg.sealed(setup, enc_sk, seeds, y, y_tail)
 
 
 def _bounded(loss_sum: float) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedstream.protocol.keyschedule import keystream_into
+from fedstream.protocol.keyschedule import Keystream
 
 MAX_BITS = 53  # float64 holds every integer up to 2^53: scaling stays exact
 _ROUND = 1.5 * 2.0**84  # x + _ROUND is a float whose last ulp is 2^32: the sum rounds x
@@ -71,64 +71,15 @@ class Quantizer:
         return (1 << self.bits) - 1
 
     def encode(
-        self,
-        values: np.ndarray,
-        rng: np.random.Generator,
-        weight: float = 1.0,
-        *,
-        overwrite: bool = False,
+        self, values: np.ndarray, rng: np.random.Generator, weight: float = 1.0
     ) -> tuple[np.ndarray, int]:
         """Ring elements for `weight` x `values` clipped to [-clip, clip] (weight in [0, 1]),
-        and how many coordinates were clipped (a NaN counts, and encodes 0).
-
-        `overwrite=True` lets a float64 `values` serve as the scratch buffer (a client's
-        model change is not needed afterwards): every step then runs in place.
-        """
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"weight must be in [0, 1], got {weight}")
-        owned = overwrite and isinstance(values, np.ndarray) and values.dtype == np.float64
-        x = values if owned else np.array(values, dtype=np.float64)
-        clipped = self._clip(x)
-        if self.dtype.itemsize == 8:
-            x *= self.scale * weight
-            return self._encode_wide(x, rng), clipped
-        # Stochastic rounding: rint(x + U - 1/2), U ~ [0, 1), rounds up with probability
-        # frac(x) (as floor(x + U) does), so E[q] = x. Everything is scaled by 2^32 (exact),
-        # so that U - 1/2 is just 32 random bits read as an int32 (from an AES-CTR stream
-        # keyed by `rng`: four times faster than numpy's floats). Adding 1.5 * 2^84 does the
-        # rint and leaves the integer, mod 2^32, in the float's low 32 bits (|x| < 2^31
-        # steps here): the ring element, with no integer temporaries. The noise is drawn
-        # into the output array's memory, which it leaves just before the result moves in.
+        and how many coordinates were clipped (a NaN counts, and encodes 0)."""
+        encoder = Encoder(self, rng, weight)
+        x = np.array(values, dtype=np.float64)
         ring = np.empty(x.shape, dtype=self.dtype)
-        noise = ring.view(np.int32) if self.dtype.itemsize == 4 else np.empty(x.shape, np.int32)
-        keystream_into(rng.bytes(32), noise.view(np.uint8))
-        x *= self.scale * weight * 2.0**32
-        x += noise
-        x += _ROUND
-        np.copyto(ring, x.view(np.uint64), casting="unsafe")  # keeps the low bits
-        if self.bits != 8 * self.dtype.itemsize:
-            np.bitwise_and(ring, self.dtype.type(self.mask), out=ring)
-        return ring, clipped
-
-    def _clip(self, x: np.ndarray) -> int:
-        """Clip `x` in place to [-clip, clip]; NaNs become 0. How many values changed."""
-        if x.size == 0 or (x.min() >= -self.clip and x.max() <= self.clip):
-            return 0  # the common case, in two fast reductions and no temporaries
-        nans = np.isnan(x)
-        changed = int(np.count_nonzero(nans))
-        x[nans] = 0.0
-        changed += int(np.count_nonzero(x > self.clip) + np.count_nonzero(x < -self.clip))
-        np.clip(x, -self.clip, self.clip, out=x)
-        return changed
-
-    def _encode_wide(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Rings above 32 bits: floor(x + U) through int64 (the float trick needs |x| < 2^51)."""
-        x += rng.random(x.shape, dtype=np.float32)
-        np.floor(x, out=x)
-        ring = x.astype(np.int64).view(np.uint64)
-        if self.bits != 64:
-            np.bitwise_and(ring, np.uint64(self.mask), out=ring)
-        return ring
+        encoder(x, ring)
+        return ring, encoder.clipped
 
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """Real values of (sums of) encoded vectors: the upper half of the ring is negative."""
@@ -150,3 +101,65 @@ class Quantizer:
             np.subtract(acc, other, out=acc)
         if self.bits not in (8, 16, 32, 64):
             np.bitwise_and(acc, acc.dtype.type(self.mask), out=acc)
+
+
+class Encoder:
+    """Encodes one vector given in consecutive pieces exactly as if it came whole.
+
+    A client quantizes its model change one cache-sized piece at a time and masks each piece
+    while it is still in cache; the rounding noise is one stream per vector, so how the
+    vector is cut changes nothing in the result.
+    """
+
+    def __init__(self, q: Quantizer, rng: np.random.Generator, weight: float = 1.0) -> None:
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1], got {weight}")
+        self.q, self.rng = q, rng
+        self.clipped = 0  # coordinates clipped so far (NaNs included)
+        self._wide = q.dtype.itemsize == 8
+        # 32-bit noise words are keyed by the generator, so the stream is fixed per vector.
+        self._noise = None if self._wide else Keystream(rng.bytes(32))
+        self._factor = q.scale * weight * (1.0 if self._wide else 2.0**32)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Write the ring elements of the next piece `x` (float64, overwritten) into `out`."""
+        q = self.q
+        self.clipped += self._clip(x)
+        x *= self._factor
+        if self._wide:
+            self._encode_wide(x, out)
+            return
+        # Stochastic rounding: rint(x + U - 1/2), U ~ [0, 1), rounds up with probability
+        # frac(x) (as floor(x + U) does), so E[q] = x. Everything is scaled by 2^32 (exact),
+        # so that U - 1/2 is just 32 random bits read as an int32 (from an AES-CTR stream
+        # keyed by the generator: four times faster than numpy's floats). Adding 1.5 * 2^84
+        # does the rint and leaves the integer, mod 2^32, in the float's low 32 bits
+        # (|x| < 2^31 steps here): the ring element, with no integer temporaries. 32-bit
+        # noise is drawn into the output's own memory, which it leaves just before the
+        # result moves in.
+        noise = out.view(np.int32) if out.dtype.itemsize == 4 else np.empty(x.shape, np.int32)
+        self._noise.into(noise.view(np.uint8))
+        x += noise
+        x += _ROUND
+        np.copyto(out, x.view(np.uint64), casting="unsafe")  # keeps the low bits
+        if q.bits != 8 * q.dtype.itemsize:
+            np.bitwise_and(out, q.dtype.type(q.mask), out=out)
+
+    def _clip(self, x: np.ndarray) -> int:
+        """Clip `x` in place to [-clip, clip]; NaNs become 0. How many values changed."""
+        if x.size == 0 or (x.min() >= -self.q.clip and x.max() <= self.q.clip):
+            return 0  # the common case, in two fast reductions and no temporaries
+        nans = np.isnan(x)
+        changed = int(np.count_nonzero(nans))
+        x[nans] = 0.0
+        changed += int(np.count_nonzero(x > self.q.clip) + np.count_nonzero(x < -self.q.clip))
+        np.clip(x, -self.q.clip, self.q.clip, out=x)
+        return changed
+
+    def _encode_wide(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Rings above 32 bits: floor(x + U) through int64 (the float trick needs |x| < 2^51)."""
+        x += self.rng.random(x.shape, dtype=np.float32)
+        np.floor(x, out=x)
+        np.copyto(out, x.astype(np.int64).view(np.uint64))
+        if self.q.bits != 64:
+            np.bitwise_and(out, np.uint64(self.q.mask), out=out)

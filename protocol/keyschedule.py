@@ -50,17 +50,18 @@ def new_private_key() -> bytes:
 
 
 def public_key(private: bytes) -> bytes:
-    return (
-        X25519PrivateKey.from_private_bytes(private)
-        .public_key()
-        .public_bytes(RAW, serialization.PublicFormat.Raw)
-    )
+    return _private(private).public_key().public_bytes(RAW, serialization.PublicFormat.Raw)
 
 
 def agree(private: bytes, peer_public: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).exchange(
-        X25519PublicKey.from_public_bytes(peer_public)
-    )
+    return _private(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
+@lru_cache(maxsize=64)
+def _private(raw: bytes) -> X25519PrivateKey:
+    # Loading a raw key derives its public point (a scalar multiplication, as costly as an
+    # agreement); a party uses its two keys in a dozen derivations per round.
+    return X25519PrivateKey.from_private_bytes(raw)
 
 
 def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
@@ -103,23 +104,41 @@ def pair_seed(private: bytes, peer_public: bytes, session: bytes, server_round: 
 
 def keystream(seed: bytes, nbytes: int) -> bytes:
     out = np.empty(nbytes, dtype=np.uint8)
-    keystream_into(seed, out)
+    Keystream(seed).into(out)
     return out.tobytes()
 
 
+class Keystream:
+    """The keystream of `seed` read in consecutive pieces, from any byte `offset` on.
+
+    Reading a mask piece by piece lets a caller add it to a vector one cache-sized piece at
+    a time (a model-sized stream would go through main memory once more per seed), and an
+    offset lets threads expand disjoint ranges of one mask. Block i of the stream is
+    AES-256(seed, i), so starting at block offset // 16 lands exactly on the stream.
+    """
+
+    def __init__(self, seed: bytes, offset: int = 0) -> None:
+        block, skip = divmod(int(offset), 16)
+        counter = block.to_bytes(16, "big")
+        self._ctx = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
+        if skip:
+            self._ctx.update(bytes(skip))
+
+    def into(self, out: np.ndarray) -> None:
+        """Fill the contiguous uint8 array `out` with the next `out.nbytes` bytes."""
+        for start in range(0, out.nbytes, PIECE):
+            part = out[start : start + PIECE]
+            self._ctx.update_into(_ZEROS[: part.nbytes], part)
+
+
 def keystream_into(seed: bytes, out: np.ndarray) -> None:
-    """Fill the contiguous uint8 array `out` with the keystream: no allocation per seed, so a
-    client expanding a mask per neighbour reuses one buffer."""
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(_zeros(out.nbytes), out)
+    """Fill the contiguous uint8 array `out` with the keystream of `seed`, from its start."""
+    Keystream(seed).into(out)
 
 
-@lru_cache(maxsize=4)
-def _zeros(nbytes: int) -> np.ndarray:
-    # calloc'd and only ever read: the pages stay the kernel's shared zero page.
-    zeros = np.zeros(nbytes, dtype=np.uint8)
-    zeros.flags.writeable = False
-    return zeros
+PIECE = 1 << 20  # bytes of keystream per call: large enough that per-call costs vanish
+_ZEROS = np.zeros(PIECE, dtype=np.uint8)  # only ever read (CTR encrypts zeros to the stream)
+_ZEROS.flags.writeable = False
 
 
 def commitment(seed: bytes) -> bytes:

@@ -156,61 +156,89 @@ def field_seed(seed: bytes) -> bytes:
     return bytes([seed[0] & 0x7F]) + seed[1:]
 
 
-class Expander:
-    """Adds the masks seeds stand for: `size` ring elements, then `tail_len` 64-bit words.
+class Masks:
+    """The signed sum of the masks some seeds stand for, added to a vector piece by piece.
 
-    One buffer serves every seed (a client expands one per neighbour, the server one per
-    survivor), so a mask costs a keystream and an addition, never an allocation.
+    A mask is the seed's keystream read as `size` ring elements, then `tail_len` 64-bit
+    words. Pieces must come in order (from element `offset` on): each is masked while the
+    caller has it in cache, and no model-sized buffer is ever made for a mask. A client adds
+    its own masks to its encoded update as it produces it; the server takes survivors' masks
+    out of the sum, one range of it per thread.
     """
 
-    def __init__(self, quantizer: Quantizer, size: int, tail_len: int) -> None:
-        model_bytes = size * quantizer.dtype.itemsize
+    def __init__(
+        self, quantizer: Quantizer, masks: Iterable[tuple[bytes, int]], offset: int = 0
+    ) -> None:
         self.q = quantizer
-        self.buf = np.empty(model_bytes + tail_len * TAIL_DTYPE.itemsize, dtype=np.uint8)
-        self.model = self.buf[:model_bytes].view(quantizer.dtype)
-        self.tail = self.buf[model_bytes:].view(TAIL_DTYPE)
+        width = quantizer.dtype.itemsize
+        self.streams = [(ks.Keystream(seed, offset * width), sign) for seed, sign in masks]
+        self.buf = np.empty(ks.PIECE, dtype=np.uint8)
+        self.step = ks.PIECE // width  # ring elements per piece
 
-    def add(self, model: np.ndarray, tail: np.ndarray, masks: Iterable[tuple[bytes, int]]) -> None:
-        """model += sign * mask(seed) in the ring, tail likewise mod 2^64, for each
-        (seed, sign) in `masks`; in place."""
-        for seed, sign in masks:
-            ks.keystream_into(seed, self.buf)
-            self.q.add(model, self.model, sign)
-            (np.add if sign > 0 else np.subtract)(tail, self.tail, out=tail)
+    def add(self, values: np.ndarray) -> None:
+        """values += the next len(values) elements of every signed mask, in the ring."""
+        for lo in range(0, values.size, self.step):
+            part = values[lo : lo + self.step]
+            mask = self.buf[: part.nbytes].view(self.q.dtype)
+            for stream, sign in self.streams:
+                stream.into(mask.view(np.uint8))
+                self.q.add(part, mask, sign)
+
+    def add_tail(self, tail: np.ndarray) -> None:
+        """tail += the masks' tail words mod 2^64 (the streams must stand at the model's end)."""
+        words = np.empty(tail.shape, dtype=TAIL_DTYPE)
+        for stream, sign in self.streams:
+            stream.into(words.view(np.uint8))
+            (np.add if sign > 0 else np.subtract)(tail, words, out=tail)
 
 
-def mask(
-    setup: RoundSetup,
-    enc_sk: bytes,
-    mask_sk: bytes,
-    ring: np.ndarray,
-    tail: Sequence[int],
-    *,
-    in_place: bool = False,
-) -> MaskedInput:
-    """Trip 1, party side: mask quantized `ring` elements and a tail of exact integers.
-
-    `in_place=True` masks `ring` itself (a caller that is done with it saves a model-sized
-    copy); the masked input then holds that very array.
-    """
-    q = setup.quantizer
-    if len(tail) != setup.tail_len:
-        raise ValueError(f"tail has {len(tail)} values, the round expects {setup.tail_len}")
+def mask_seeds(setup: RoundSetup, mask_sk: bytes) -> dict[int, bytes]:
+    """Trip 1, party side: a fresh self-mask seed (tag SELF) and the pair seed with every
+    neighbour (tag = the neighbour's index)."""
     if ks.public_key(mask_sk) != setup.mask_pub:
         raise ValueError("mask key does not match the one the server assigned")
     # A threshold of half the group or less would let a server collect both masks of a party.
     check_threshold(setup.threshold, len(setup.holders))
-    reuse = in_place and ring.dtype == q.dtype and ring.flags.c_contiguous
-    y = ring if reuse else np.array(ring, dtype=q.dtype, copy=True)
-    y_tail = np.array([v & (2**64 - 1) for v in tail], dtype=TAIL_DTYPE)
     seeds = {SELF: field_seed(secrets.token_bytes(32))}
     for w, peer in setup.peers.items():
         seeds[w] = field_seed(
             ks.pair_seed(mask_sk, peer.mask_pub, setup.session, setup.server_round)
         )
-    # The self mask, and each pair mask with the sign that makes the pair cancel in the sum.
-    signs = {tag: 1 if tag == SELF or setup.index < tag else -1 for tag in seeds}
-    Expander(q, y.size, setup.tail_len).add(y, y_tail, [(s, signs[t]) for t, s in seeds.items()])
+    return seeds
+
+
+def signed(setup: RoundSetup, seeds: Mapping[int, bytes]) -> list[tuple[bytes, int]]:
+    """The self mask, and each pair mask with the sign that makes the pair cancel in the sum."""
+    return [(seed, 1 if tag == SELF or setup.index < tag else -1) for tag, seed in seeds.items()]
+
+
+def tail_words(tail: Sequence[int]) -> np.ndarray:
+    """Exact integers as ring words mod 2^64 (a negative value wraps, and sums back)."""
+    return np.array([v & (2**64 - 1) for v in tail], dtype=TAIL_DTYPE)
+
+
+def mask(
+    setup: RoundSetup, enc_sk: bytes, mask_sk: bytes, ring: np.ndarray, tail: Sequence[int]
+) -> MaskedInput:
+    """Trip 1, party side, for an update encoded whole: mask quantized `ring` elements and a
+    tail of exact integers. (fedstream's client masks piece by piece as it encodes:
+    `client.secure.masked_update`.)"""
+    seeds = mask_seeds(setup, mask_sk)
+    y = np.array(ring, dtype=setup.quantizer.dtype, copy=True)
+    y_tail = tail_words(tail)
+    masks = Masks(setup.quantizer, signed(setup, seeds))
+    masks.add(y)
+    masks.add_tail(y_tail)
+    return sealed(setup, enc_sk, seeds, y, y_tail)
+
+
+def sealed(
+    setup: RoundSetup, enc_sk: bytes, seeds: Mapping[int, bytes], y: np.ndarray, y_tail: np.ndarray
+) -> MaskedInput:
+    """The masked input with, for each holder, its Shamir shares of every seed (encrypted
+    to it), and a commitment to every seed."""
+    if len(y_tail) != setup.tail_len:
+        raise ValueError(f"tail has {len(y_tail)} values, the round expects {setup.tail_len}")
     holders = setup.holders
     per_secret = {tag: shamir.split(seed, holders, setup.threshold) for tag, seed in seeds.items()}
     own_pub = ks.public_key(enc_sk)
@@ -410,29 +438,28 @@ class Aggregation:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """The unmasked sum (ring elements, exact tail), or RoundFailed naming what is missing.
 
-        Every seed is recovered (and checked) first; then the masks are expanded and taken
-        out on a few threads, each into an accumulator of its own: the keystream and numpy
-        release the GIL, and the clients wait for this step.
+        Every seed is recovered (and checked) first; then the masks are taken out of the
+        sum, each thread expanding every mask over its own range of coordinates: the
+        keystream and numpy release the GIL, and the clients wait for this step.
         """
-        masks: list[tuple[bytes, int]] = []  # (seed, sign the parties added it with)
+        masks: list[tuple[bytes, int]] = []  # (seed, minus the sign the party added it with)
         for u in sorted(self.survivors):
-            masks.append((self._recover(u, SELF), 1))
+            masks.append((self._recover(u, SELF), -1))
             for w in self.graph[u]:
                 if w not in self.survivors:
-                    masks.append((self._recover(u, w), 1 if u < w else -1))
+                    masks.append((self._recover(u, w), -1 if u < w else 1))
         acc, tail = self.acc.copy(), self.acc_tail.copy()
-        jobs = [masks[i::UNMASK_THREADS] for i in range(min(UNMASK_THREADS, len(masks)))]
-        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
-            for part, part_tail in pool.map(self._mask_sum, jobs):
-                self.q.add(acc, part, -1)
-                tail -= part_tail
-        return acc, tail
+        cuts = [self.size * i // UNMASK_THREADS for i in range(UNMASK_THREADS + 1)]
+        ranges = [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
 
-    def _mask_sum(self, masks: list[tuple[bytes, int]]) -> tuple[np.ndarray, np.ndarray]:
-        total = np.zeros(self.size, dtype=self.q.dtype)
-        total_tail = np.zeros(self.tail_len, dtype=TAIL_DTYPE)
-        Expander(self.q, self.size, self.tail_len).add(total, total_tail, masks)
-        return total, total_tail
+        def take_out(lo: int, hi: int) -> None:
+            Masks(self.q, masks, offset=lo).add(acc[lo:hi])
+
+        with ThreadPoolExecutor(max_workers=UNMASK_THREADS) as pool:
+            for job in [pool.submit(take_out, lo, hi) for lo, hi in ranges]:
+                job.result()  # re-raises a thread's error here
+        Masks(self.q, masks, offset=self.size).add_tail(tail)
+        return acc, tail
 
     def _recover(self, sender: int, tag: int) -> bytes:
         shares = self.shares.get((sender, tag), {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -39,23 +40,40 @@ def view(arr: Array) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def delta(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
-    """`new - old` as one float64 vector, in key order: one pass, one allocation.
+def delta_pieces(
+    new: ArrayRecord, old: ArrayRecord, piece: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`new - old` in float64, flattened in key order, as (offset, values) pieces of at most
+    `piece` coordinates.
 
-    The difference is taken in float64, 29 bits finer than the float32 it is taken of.
+    Pieces let a client clip, quantize and mask its change while it is in cache, and never
+    hold the whole change in float64. The difference is taken in float64, 29 bits finer
+    than the float32 it is taken of. Every piece is written into one scratch buffer, which
+    the next piece overwrites: use a piece before asking for the next.
     """
     if list(new.keys()) != list(old.keys()):
         raise ValueError(f"update has arrays {list(new.keys())}, the model {list(old.keys())}")
-    out = np.empty(size(new), dtype=np.float64)
-    start = 0
+    pairs = []
     for key, arr in new.items():
         a, b = view(arr), view(old[key])
         if a.shape != b.shape:
             raise ValueError(f"array {key!r} has shape {a.shape}, the model's is {b.shape}")
-        stop = start + a.size
-        np.subtract(a.ravel(), b.ravel(), out=out[start:stop], dtype=np.float64)
-        start = stop
-    return out
+        pairs.append((a.ravel(), b.ravel()))
+    return _pieces(pairs, piece)
+
+
+def _pieces(
+    pairs: list[tuple[np.ndarray, np.ndarray]], piece: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    scratch = np.empty(max(1, min(piece, sum(a.size for a, _ in pairs))), dtype=np.float64)
+    start = 0
+    for a, b in pairs:
+        for lo in range(0, a.size, piece):
+            hi = min(lo + piece, a.size)
+            out = scratch[: hi - lo]
+            np.subtract(a[lo:hi], b[lo:hi], out=out, dtype=np.float64)
+            yield start + lo, out
+        start += a.size
 
 
 def size(arrays: ArrayRecord) -> int:

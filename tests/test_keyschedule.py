@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedstream.protocol import keyschedule as ks
 from fedstream.protocol import secagg, shamir
@@ -106,6 +108,29 @@ def test_keystream_into_fills_a_buffer_with_the_same_stream() -> None:
     assert out.tobytes() == ZERO_SEED_STREAM[:40]
 
 
+@settings(max_examples=100, deadline=None)
+@given(offset=st.integers(0, 47), cuts=st.lists(st.integers(0, 40), max_size=4))
+def test_keystream_read_in_pieces_from_any_offset_is_the_same_stream(
+    offset: int, cuts: list[int]
+) -> None:
+    stream = ks.Keystream(bytes(32), offset)
+    got = b""
+    for n in [*cuts, 48 - offset - sum(cuts)]:
+        out = np.empty(max(0, min(n, 48 - offset - len(got))), dtype=np.uint8)
+        stream.into(out)
+        got += out.tobytes()
+    assert got == ZERO_SEED_STREAM[offset:]
+
+
+def test_keystream_longer_than_a_piece_continues_across_pieces() -> None:
+    n = ks.PIECE + 48
+    whole = Cipher(algorithms.AES(bytes(32)), modes.CTR(bytes(16))).encryptor().update(bytes(n))
+    assert ks.keystream(bytes(32), n) == whole
+    tail = np.empty(48, dtype=np.uint8)
+    ks.Keystream(bytes(32), ks.PIECE).into(tail)
+    assert tail.tobytes() == whole[ks.PIECE :]
+
+
 # --- fedstream's derivations -------------------------------------------------------------
 
 
@@ -168,7 +193,9 @@ def test_seal_round_trips_with_a_fresh_nonce() -> None:
 def test_mask_expansion_layout() -> None:
     # A seed's mask is its keystream read as little-endian ring words, then u64 tail words.
     model, tail = np.zeros(4, "<u2"), np.zeros(1, "<u8")
-    secagg.Expander(Quantizer(16, 1.0, 2), 4, 1).add(model, tail, [(bytes(32), 1)])
+    masks = secagg.Masks(Quantizer(16, 1.0, 2), [(bytes(32), 1)])
+    masks.add(model)
+    masks.add_tail(tail)
     assert model.tolist() == np.frombuffer(ZERO_SEED_STREAM[:8], "<u2").tolist()
     assert tail.tolist() == np.frombuffer(ZERO_SEED_STREAM[8:16], "<u8").tolist()
     assert model.tolist() == [38364, 30912, 16546, 35209]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -30,7 +31,7 @@ from fedstream.protocol import messages as m
 from fedstream.protocol import secagg as sa
 from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol import shamir
-from fedstream.protocol.fixedpoint import Quantizer, ring_dtype
+from fedstream.protocol.fixedpoint import Encoder, Quantizer, ring_dtype
 
 SESSION = bytes(range(16))
 ROUND = 5
@@ -690,6 +691,65 @@ def test_stochastic_rounding_is_unbiased(bits: int) -> None:
         assert np.abs(err).max() <= 1 / q.scale  # and each draw is one of the two neighbours
         nearest_bias = abs(round(frac) - frac) / q.scale
         assert nearest_bias > 10 * sigma  # round-to-nearest would fail the same check
+
+
+@FAST
+@given(
+    bits=st.sampled_from([8, 12, 16, 31, 32, 40, 53]),
+    values=st.lists(st.floats(-3, 3) | st.just(float("nan")), min_size=1, max_size=60),
+    cuts=st.lists(st.integers(1, 20), max_size=5),
+    seed=st.integers(0, 99),
+)
+def test_encoding_in_pieces_is_encoding_whole(
+    bits: int, values: list[float], cuts: list[int], seed: int
+) -> None:
+    # The client encodes its change piece by piece; however it is cut, the ring elements and
+    # the clipped count are those of encoding it whole.
+    q = Quantizer(bits, 1.0, 3)
+    whole, clipped = q.encode(np.array(values), np.random.default_rng(seed), weight=0.75)
+    encoder = Encoder(q, np.random.default_rng(seed), weight=0.75)
+    got = np.empty(len(values), dtype=q.dtype)
+    bounds = [0, *np.cumsum(cuts)[np.cumsum(cuts) < len(values)].tolist(), len(values)]
+    for lo, hi in itertools.pairwise(bounds):
+        encoder(np.array(values[lo:hi], dtype=np.float64), got[lo:hi])
+    np.testing.assert_array_equal(got, whole)
+    assert encoder.clipped == clipped
+
+
+@FAST
+@given(
+    bits=st.sampled_from([8, 12, 16, 32, 40, 53]),
+    size=st.integers(0, 3000),
+    offset=st.integers(0, 3000),
+    signs=st.lists(st.sampled_from([1, -1]), min_size=1, max_size=3),
+)
+def test_masks_added_from_any_offset_are_the_whole_masks_range(
+    bits: int, size: int, offset: int, signs: list[int]
+) -> None:
+    # Threads on the server each take the masks out of one range of the sum: a range
+    # expanded from its offset must be that range of the whole mask, tail included.
+    q = Quantizer(bits, 1.0, 2)
+    seeds = [(hashlib.sha256(bytes([i])).digest(), sign) for i, sign in enumerate(signs)]
+    offset = min(offset, size)
+    whole, whole_tail = np.zeros(size, q.dtype), np.zeros(3, sa.TAIL_DTYPE)
+    masks = sa.Masks(q, seeds)
+    masks.add(whole)
+    masks.add_tail(whole_tail)
+    part = np.zeros(size - offset, q.dtype)
+    sa.Masks(q, seeds, offset=offset).add(part)
+    np.testing.assert_array_equal(part, whole[offset:])
+    tail = np.zeros(3, sa.TAIL_DTYPE)
+    sa.Masks(q, seeds, offset=size).add_tail(tail)
+    np.testing.assert_array_equal(tail, whole_tail)
+
+
+def test_masks_span_many_pieces_like_one_keystream() -> None:
+    q = Quantizer(32, 1.0, 2)
+    size = 3 * sa.Masks(q, []).step + 5  # several cache pieces, and a short last one
+    got = np.zeros(size, q.dtype)
+    sa.Masks(q, [(bytes(32), 1)]).add(got)
+    stream = np.frombuffer(ks.keystream(bytes(32), 4 * size), dtype="<u4")
+    np.testing.assert_array_equal(got, stream)
 
 
 def test_weight_scales_the_clipped_update() -> None:

@@ -38,17 +38,25 @@ def test_view_refuses_object_arrays_it_cannot_have_been_sent() -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(data=st.data())
-def test_delta_is_the_float64_difference_and_shifted_undoes_it(data: st.DataObject) -> None:
+def test_delta_pieces_are_the_float64_difference_and_shifted_undoes_it(data: st.DataObject) -> None:
     shapes = data.draw(st.lists(hnp.array_shapes(max_dims=3, max_side=6), min_size=1, max_size=4))
     floats = st.floats(-1e6, 1e6, width=32)
     new, old = {}, {}
     for i, shape in enumerate(shapes):
         new[f"k{i}"] = data.draw(hnp.arrays(np.float32, shape, elements=floats))
         old[f"k{i}"] = data.draw(hnp.arrays(np.float32, shape, elements=floats))
-    got = updates.delta(
+    piece = data.draw(st.integers(1, 50))
+    got = np.full(sum(v.size for v in new.values()), np.nan)
+    offsets = []
+    for lo, values in updates.delta_pieces(
         ArrayRecord({k: Array(v) for k, v in new.items()}),
         ArrayRecord({k: Array(v) for k, v in old.items()}),
-    )
+        piece,
+    ):
+        assert values.dtype == np.float64 and 0 < values.size <= piece
+        got[lo : lo + values.size] = values
+        offsets.append(lo)
+    assert offsets == sorted(offsets)  # in order, so masks can be streamed along
     expected = np.concatenate(
         [new[k].astype(np.float64).ravel() - old[k].astype(np.float64).ravel() for k in new]
     )
@@ -60,9 +68,9 @@ def test_delta_is_the_float64_difference_and_shifted_undoes_it(data: st.DataObje
         assert np.all(err <= bound)
 
 
-def test_delta_names_a_layout_mismatch() -> None:
+def test_delta_pieces_name_a_layout_mismatch() -> None:
     a = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32))})
     with pytest.raises(ValueError, match="shape"):
-        updates.delta(a, ArrayRecord({"w": Array(np.zeros((3, 2), np.float32))}))
+        updates.delta_pieces(a, ArrayRecord({"w": Array(np.zeros((3, 2), np.float32))}), 4)
     with pytest.raises(ValueError, match="arrays"):
-        updates.delta(a, ArrayRecord({"v": Array(np.zeros((2, 3), np.float32))}))
+        updates.delta_pieces(a, ArrayRecord({"v": Array(np.zeros((2, 3), np.float32))}), 4)
