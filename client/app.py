@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -21,6 +21,7 @@ from fedstream.client.learner import Learner, Spec
 from fedstream.client.secure import secure_aggregation_mod
 from fedstream.client.stream import ClientStream
 from fedstream.protocol import messages as m
+from fedstream.protocol import updates
 from fedstream.protocol.config import Config, from_run_config
 
 StreamFactory = Callable[[Config, Context], ClientStream]
@@ -84,7 +85,8 @@ def learn(
         offset=learner.offset,
         train_seconds=time.perf_counter() - started,
     )
-    return RecordDict({m.ARRAYS: ArrayRecord(learner.get_weights()), m.METRICS: report.to_record()})
+    weights = updates.record(learner.get_weights())
+    return RecordDict({m.ARRAYS: weights, m.METRICS: report.to_record()})
 
 
 def load_learner(ctx: Context, cfg: Config, stream: ClientStream) -> Learner:

@@ -74,12 +74,12 @@ def masked_update(
     enc_sk: bytes,
     mask_sk: bytes,
 ) -> secagg.MaskedInput:
-    """The update pipeline, clip -> quantize -> mask, run one cache-sized piece at a time.
+    """The update pipeline, clip -> quantize -> mask, run one piece at a time.
 
     The model change is weighed by examples; the example count and metrics ride as exact
-    integers in the masked tail. Each piece of the change is clipped, quantized and masked
-    while it is in cache, so the whole pipeline reads the model about once, not once per
-    step and per neighbour.
+    integers in the masked tail. Each piece of the change (1 MiB of ring elements) is
+    clipped, quantized and masked before the next is read, so the device needs the masked
+    vector and one piece besides its models, not a float64 copy of the whole change.
     """
     q = setup.quantizer
     weight = min(report.examples, setup.max_weight)

@@ -106,9 +106,9 @@ class Quantizer:
 class Encoder:
     """Encodes one vector given in consecutive pieces exactly as if it came whole.
 
-    A client quantizes its model change one cache-sized piece at a time and masks each piece
-    while it is still in cache; the rounding noise is one stream per vector, so how the
-    vector is cut changes nothing in the result.
+    A client quantizes and masks its model change one piece at a time, so it never holds the
+    change whole in float64; the rounding noise is one stream per vector, so how the vector
+    is cut changes nothing in the result.
     """
 
     def __init__(self, q: Quantizer, rng: np.random.Generator, weight: float = 1.0) -> None:

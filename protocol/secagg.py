@@ -160,8 +160,8 @@ class Masks:
     """The signed sum of the masks some seeds stand for, added to a vector piece by piece.
 
     A mask is the seed's keystream read as `size` ring elements, then `tail_len` 64-bit
-    words. Pieces must come in order (from element `offset` on): each is masked while the
-    caller has it in cache, and no model-sized buffer is ever made for a mask. A client adds
+    words. Pieces must come in order (from element `offset` on), and no model-sized buffer
+    is ever made for a mask, whatever the number of seeds. A client adds
     its own masks to its encoded update as it produces it; the server takes survivors' masks
     out of the sum, one range of it per thread.
     """

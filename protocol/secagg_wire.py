@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedstream.protocol import messages as m
 from fedstream.protocol import updates
@@ -111,7 +111,7 @@ def masked_content(mi: MaskedInput, client: int, next_mask_pub: bytes) -> Record
             "next-mask-pub": next_mask_pub,
         }
     )
-    arrays = ArrayRecord({"model": Array(mi.model), "tail": Array(mi.tail)})
+    arrays = updates.record({"model": mi.model, "tail": mi.tail})
     return RecordDict({m.MASKED: arrays, m.SECAGG: envelope})
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -40,14 +41,38 @@ def view(arr: Array) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def array(values: Any) -> Array:
+    """An `Array` of `values` (numpy or torch), byte for byte what `Array(values)` makes of a
+    C-ordered array, built with one copy.
+
+    Flower's constructor goes through `np.save` into a growing buffer, which copies a
+    model-sized vector three times; a client sends one such vector per round and the
+    server broadcasts one.
+    """
+    if not isinstance(values, np.ndarray):
+        values = values.detach().cpu().numpy()  # a torch tensor: shares its memory
+    values = np.asarray(values, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+    if values.dtype.hasobject:
+        raise ValueError("an array of Python objects is not a model")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(values))
+    data = b"".join([head.getvalue(), memoryview(values).cast("B")])
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=SType.NUMPY, data=data)
+
+
+def record(values: Mapping[str, Any]) -> ArrayRecord:
+    """An `ArrayRecord` of named arrays or tensors, each built by `array`."""
+    return ArrayRecord({key: array(v) for key, v in values.items()})
+
+
 def delta_pieces(
     new: ArrayRecord, old: ArrayRecord, piece: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """`new - old` in float64, flattened in key order, as (offset, values) pieces of at most
     `piece` coordinates.
 
-    Pieces let a client clip, quantize and mask its change while it is in cache, and never
-    hold the whole change in float64. The difference is taken in float64, 29 bits finer
+    Pieces let a client clip, quantize and mask its change without ever holding it whole
+    in float64 (twice the model's float32 size). The difference is taken in float64, 29 bits finer
     than the float32 it is taken of. Every piece is written into one scratch buffer, which
     the next piece overwrites: use a piece before asking for the next.
     """
@@ -91,8 +116,8 @@ def shifted(base: ArrayRecord, change: np.ndarray) -> ArrayRecord:
             new = np.rint(values + part).astype(values.dtype)
         else:  # summed in float64, stored in the model's dtype, in one pass
             new = np.add(values, part, out=np.empty_like(values), casting="same_kind")
-        out[key] = Array(new)
+        out[key] = new
         start = stop
     if start != change.size:
         raise ValueError(f"update has {change.size} values, the model {start}")
-    return ArrayRecord(out)
+    return record(out)

@@ -1,5 +1,5 @@
-"""Model updates as flat vectors (protocol/updates.py): the zero-copy reader and the
-difference both sides of secure aggregation compute."""
+"""Model updates as flat vectors (protocol/updates.py): the zero-copy reader, the one-copy
+writer, and the difference both sides of secure aggregation compute."""
 
 from __future__ import annotations
 
@@ -26,6 +26,28 @@ def test_view_reads_what_numpy_reads(arr: np.ndarray, fortran: bool) -> None:
     assert got.dtype == expected.dtype and got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
     assert not got.flags.writeable  # a view of the message's bytes: never written through
+
+
+@settings(max_examples=80, deadline=None)
+@given(arr=hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, max_side=5)),
+       fortran=st.booleans())
+def test_array_is_flowers_npy_array_with_one_copy(arr: np.ndarray, fortran: bool) -> None:
+    arr = np.asfortranarray(arr) if fortran else arr
+    built = updates.array(arr)
+    assert (built.dtype, built.shape, built.stype) == (str(arr.dtype), arr.shape, "numpy.ndarray")
+    np.testing.assert_array_equal(built.numpy(), arr)
+    np.testing.assert_array_equal(updates.view(built), arr)
+    if arr.flags.c_contiguous:  # a C-ordered array gives Flower's very bytes
+        assert built.data == Array(arr).data
+
+
+def test_record_takes_torch_tensors_as_flower_does() -> None:
+    torch = pytest.importorskip("torch")
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
+    built, flowers = updates.record(state), ArrayRecord(state)
+    assert list(built.keys()) == list(flowers.keys())
+    for key in state:
+        assert built[key].data == flowers[key].data
 
 
 def test_view_refuses_object_arrays_it_cannot_have_been_sent() -> None:
