@@ -1,7 +1,8 @@
 """The cost of secure aggregation: plaintext FedAvg, fedstream's, and Flower's SecAgg+.
 
     python bench/secagg.py [--clients 10] [--params 1000000] [--rounds 5] [--dropout 0.3]
-                           [--repeat 1] [--quick] [--skip-memory] [--skip-profile]
+                           [--repeat 1] [--dispatch-interval 0.01] [--quick]
+                           [--skip-memory] [--skip-profile]
 
 One federation, three systems side by side, in a no-dropout and a dropout variant:
 
@@ -29,8 +30,10 @@ the same `round(dropout x clients)` clients, drawn per round, raise in their tra
 per actor: 2 actors on 2 cores), each in a subprocess of its own. All three ServerApps pull
 replies through the same poller, fedstream's `send_and_collect` (2 ms, then 5 % of the wait);
 Flower's grid would poll every 100 ms, which would add up to 0.1 s per trip to the two
-baselines, most to SecAgg+ (4 trips). The engine hands messages to actors every 0.1 s, so
-round times come in steps of about 0.1 s per trip.
+baselines, most to SecAgg+ (4 trips). The engine hands messages to the actors every
+`--dispatch-interval` seconds in all three: by default every 0.01 s, as `fedstream sim`
+runs it (`fedstream.sim.dispatch`); `--dispatch-interval 0.1` is Flower's stock engine,
+where every trip starts on a 0.1 s tick and round times come in steps of it.
 
 **Measures.**
 - *Round time*: the time between the ends of consecutive rounds, in the ServerApp, over
@@ -87,6 +90,9 @@ from typing import Any
 import children
 import numpy as np
 
+from fedstream.protocol.config import SimulationConfig
+from fedstream.sim.dispatch import FLOWER_INTERVAL, set_dispatch_interval
+
 BENCH_DIR = Path(__file__).resolve().parent
 MODULE = Path(__file__).stem  # Ray workers import this file by name (bench/ on PYTHONPATH)
 ENV = "FEDSTREAM_SECAGG_BENCH"  # the run's Settings as JSON, for the driver and Ray workers
@@ -107,7 +113,7 @@ class Settings:
     dropout: float
     steps: int
     seed: int = 0
-    tick: float | None = None  # the engine's dispatch interval; None: Flower's (0.1 s)
+    dispatch_interval: float = FLOWER_INTERVAL  # seconds between the engine's hand-outs
 
     @property
     def total_rounds(self) -> int:
@@ -528,40 +534,14 @@ def _diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {n: v - before.get(n, 0) for n, v in after.items() if v - before.get(n, 0)}
 
 
-class _Tick:
-    """The engine's stop event, seen through a shorter wait: the engine's dispatcher sleeps
-    `f_stop.wait(0.1)` between sweeps of the message store."""
-
-    def __init__(self, event: threading.Event, tick: float) -> None:
-        self.event, self.tick = event, tick
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.event.wait(self.tick if timeout is None else min(timeout, self.tick))
-
-
-def set_engine_tick(tick: float) -> None:
-    """Make Flower's simulation engine hand messages to actors every `tick` seconds."""
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    dispatch = vce_api.add_messages_to_queue
-
-    def faster(state: Any, queue: Any, nodes: Any, f_stop: threading.Event) -> None:
-        dispatch(state, queue, nodes, _Tick(f_stop, tick))
-
-    vce_api.add_messages_to_queue = faster
-
-
 def run_child(system: str, out: Path) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     quiet()
     s = settings()
     install_counters()
-    if s.tick is not None:
-        set_engine_tick(s.tick)
+    if not set_dispatch_interval(s.dispatch_interval):
+        raise RuntimeError("this flwr's engine cannot take a dispatch interval")
     started = time.perf_counter()
     run_simulation(
         server_app=server_app(system),
@@ -1093,7 +1073,8 @@ def print_profile(prof: dict[str, Any]) -> None:
 
 def parent_main(args: argparse.Namespace) -> None:
     base = Settings(
-        args.clients, args.params, args.rounds, args.warmup, 0.0, args.steps, tick=args.tick
+        args.clients, args.params, args.rounds, args.warmup, 0.0, args.steps,
+        dispatch_interval=args.dispatch_interval,
     )
     p = param_count(args.params)
     model_bytes = 4 * p
@@ -1104,8 +1085,8 @@ def parent_main(args: argparse.Namespace) -> None:
         f"{args.clients} clients, {p:,} parameters ({model_bytes / 1e6:.2f} MB float32), "
         f"{args.warmup} warm-up + {args.rounds} timed rounds, {args.steps} SGD steps x {BATCH} "
         f"samples per client round, repeat {args.repeat}; Ray: 1 CPU per actor, "
-        f"{os.cpu_count()} cores; engine dispatch every "
-        + ("0.1 s (Flower's)" if args.tick is None else f"{args.tick:g} s (--tick)"),
+        f"{os.cpu_count()} cores; the engine dispatches every {args.dispatch_interval:g} s "
+        f"(Flower's: {FLOWER_INTERVAL:g} s)",
         flush=True,
     )
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -1171,10 +1152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="SGD steps per client round (default 4)")
     p.add_argument("--repeat", type=int, default=1, help="runs per system; medians are shown")
     p.add_argument(
-        "--tick",
+        "--dispatch-interval",
         type=float,
-        help="seconds between the simulation engine's dispatches of messages to actors, for "
-        "all three systems (default: Flower's 0.1 s; rounds come in steps of it)",
+        default=SimulationConfig().dispatch_interval,
+        help="seconds between the simulation engine's hand-outs of messages to the actors, "
+        "for all three systems (default: fedstream sim's, %(default)s; Flower's is 0.1: "
+        "every trip then starts on a 0.1 s tick)",
     )
     p.add_argument(
         "--mem-clients",
@@ -1201,8 +1184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=(*SYSTEMS, "memory", "profile"), help="child mode")
     p.add_argument("--data", type=Path, help="child mode: where to write the final model")
     args = p.parse_args(argv)
-    if args.tick is not None and not args.tick > 0:
-        p.error(f"--tick must be a positive number of seconds, got {args.tick}")
+    if not 0 < args.dispatch_interval <= FLOWER_INTERVAL:
+        p.error(f"--dispatch-interval must be in (0, {FLOWER_INTERVAL}]: {args.dispatch_interval}")
     if args.quick:
         args.params, args.rounds = min(args.params, 250_000), min(args.rounds, 2)
         args.mem_clients, args.mem_params = [3, 6], [62_500, 250_000]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from flwr.simulation import run_simulation
 
 from fedstream.protocol.config import Config
 from fedstream.sim.client_app import sim_client_app
+from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
 from fedstream.sim.server_app import sim_server_app
@@ -46,6 +48,12 @@ def simulate(cfg: Config) -> dict[str, Any]:
     summary_path.unlink(missing_ok=True)
     quiet_flower()
     preflight(cfg)
+    if not set_dispatch_interval(cfg.simulation.dispatch_interval):
+        print(
+            "fedstream: this flwr's simulation engine dispatches in a way fedstream does not "
+            "know: simulation.dispatch_interval is ignored (Flower's 0.1 s applies)",
+            file=sys.stderr,
+        )
     run_simulation(
         server_app=sim_server_app(cfg),
         client_app=sim_client_app(cfg),

@@ -39,6 +39,8 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"stream": {"source": "csv", "path": "/no/such.csv"}}, "file not found: /no/such.csv"),
         ({"federation": {"clients": 2, "min_clients": 3}}, "min_clients"),
         ({"bogus": 1}, "bogus: unknown key"),
+        ({"simulation": {"dispatch_interval": 0}}, "simulation.dispatch_interval"),
+        ({"simulation": {"dispatch_interval": 0.5}}, "simulation.dispatch_interval"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, needle: str) -> None:

@@ -1,0 +1,98 @@
+"""The simulation engine's dispatch interval (sim/dispatch.py), on Flower's own dispatcher.
+
+Flower's `add_messages_to_queue` runs here for real, in a thread, against a message store
+that records when it is swept: the wrapper must make it sweep more often than Flower's
+pause allows, back off when sweeps are slow, stop when the engine stops, and step aside at
+Flower's interval. Only bounds that a busy machine cannot break are checked: a pause is
+never shorter than asked, and a count of sweeps above what 0.1 s pauses permit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from queue import Queue
+
+import pytest
+from flwr.server.superlink.fleet.vce import vce_api
+
+from fedstream.sim import dispatch
+
+
+class SweptStore:
+    """A message store with no messages that notes every sweep (one call per node)."""
+
+    def __init__(self, nodes: int, seconds_per_call: float = 0.0) -> None:
+        self.nodes, self.seconds_per_call = nodes, seconds_per_call
+        self.calls: list[float] = []
+
+    def get_message_ins(self, node_id: int, limit: int) -> list:
+        assert limit == 1
+        self.calls.append(time.perf_counter())
+        time.sleep(self.seconds_per_call)
+        return []
+
+    def sweep_gaps(self) -> list[float]:
+        starts = self.calls[:: self.nodes]
+        return [b - a for a, b in itertools.pairwise(starts)]
+
+
+def _run_dispatcher(store: SweptStore, seconds: float) -> None:
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=vce_api.add_messages_to_queue,
+        args=(store, Queue(), dict.fromkeys(range(store.nodes), 0), stop),
+    )
+    thread.start()
+    time.sleep(seconds)
+    stop.set()
+    thread.join(timeout=2)
+    assert not thread.is_alive(), "the dispatcher did not stop with the engine"
+
+
+@pytest.fixture(autouse=True)
+def _flowers_dispatcher_after():
+    yield
+    dispatch.set_dispatch_interval(dispatch.FLOWER_INTERVAL)
+
+
+def test_flowers_dispatcher_sweeps_every_tenth_of_a_second() -> None:
+    # The premise: what the wrapper changes is really there.
+    assert dispatch.set_dispatch_interval(dispatch.FLOWER_INTERVAL)
+    store = SweptStore(nodes=3)
+    _run_dispatcher(store, 0.45)
+    assert 1 <= len(store.sweep_gaps()) <= 4
+    assert min(store.sweep_gaps()) > 0.09
+
+
+def test_a_short_interval_makes_flowers_dispatcher_sweep_that_often() -> None:
+    assert dispatch.set_dispatch_interval(0.01)
+    store = SweptStore(nodes=3)
+    _run_dispatcher(store, 0.45)
+    gaps = store.sweep_gaps()
+    assert len(gaps) >= 8  # more than Flower's pauses allow in 0.45 s (4), even on a busy box
+    assert min(gaps) >= 0.009
+
+
+def test_slow_sweeps_are_paced_to_a_fifth_of_the_time() -> None:
+    # 4 nodes at 5 ms each: a 20 ms sweep, so at least 80 ms of pause after it.
+    assert dispatch.set_dispatch_interval(0.01)
+    store = SweptStore(nodes=4, seconds_per_call=0.005)
+    _run_dispatcher(store, 0.6)
+    gaps = store.sweep_gaps()
+    assert gaps and min(gaps) >= 0.09  # sweep + 4 x sweep
+
+
+@pytest.mark.parametrize("seconds", [0.0, -0.01, float("nan")])
+def test_a_non_positive_interval_is_refused(seconds: float) -> None:
+    with pytest.raises(ValueError, match="dispatch interval must be positive"):
+        dispatch.set_dispatch_interval(seconds)
+
+
+def test_setting_it_again_wraps_flowers_dispatcher_not_the_wrapper() -> None:
+    dispatch.set_dispatch_interval(0.05)
+    dispatch.set_dispatch_interval(0.01)
+    store = SweptStore(nodes=2)
+    _run_dispatcher(store, 0.3)
+    assert len(store.sweep_gaps()) >= 6  # 0.05 s pauses would allow at most 5
