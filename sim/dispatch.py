@@ -9,7 +9,8 @@ pauses at least four times as long as its last sweep took, so it never takes mor
 fifth of a core however many nodes there are, and never longer than Flower would.
 
 This wraps Flower's own dispatcher, which does the sweeping; only the pause changes. The
-wrapper lives for the process (the engine looks the dispatcher up when it starts).
+wrapper lives for the process, and counts from the moment the engine looks the dispatcher
+up: when it starts, after Ray is up.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ import threading
 import time
 from typing import Any
 
-from flwr.server.superlink.fleet.vce import vce_api
-
 FLOWER_INTERVAL = 0.1  # seconds between sweeps in Flower's engine
 _PARAMETERS = ["state", "queue", "nodes_mapping", "f_stop"]
-_original = vce_api.add_messages_to_queue
 
 
 class _Paced:
@@ -50,14 +48,25 @@ def set_dispatch_interval(seconds: float) -> bool:
     dispatcher is not the one this wraps."""
     if not seconds > 0:
         raise ValueError(f"dispatch interval must be positive, got {seconds}")
-    if list(inspect.signature(_original).parameters) != _PARAMETERS:
+    # Imported here: a ServerApp outside a simulation (no engine) does not load it.
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    flowers = _flowers(vce_api)
+    if list(inspect.signature(flowers).parameters) != _PARAMETERS:
         return False
     if seconds >= FLOWER_INTERVAL:
-        vce_api.add_messages_to_queue = _original
+        vce_api.add_messages_to_queue = flowers
         return True
 
     def paced(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
-        _original(state, queue, nodes_mapping, _Paced(f_stop, seconds))
+        flowers(state, queue, nodes_mapping, _Paced(f_stop, seconds))
 
+    paced.flowers = flowers  # type: ignore[attr-defined]
     vce_api.add_messages_to_queue = paced
     return True
+
+
+def _flowers(vce_api: Any) -> Any:
+    """Flower's dispatcher, also when an earlier call already wrapped it."""
+    current = vce_api.add_messages_to_queue
+    return getattr(current, "flowers", current)

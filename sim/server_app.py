@@ -13,6 +13,7 @@ from fedstream.server.app import run_federation
 from fedstream.server.records import write_summary
 from fedstream.sim import results
 from fedstream.sim.baselines import run_baselines
+from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.evaluation import make_evaluate
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
@@ -49,6 +50,10 @@ def sim_server_app(cfg: Config | None = None) -> ServerApp:
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         quiet_flower()
-        run_server(grid, cfg or from_run_config(dict(context.run_config)))
+        config = cfg or from_run_config(dict(context.run_config))
+        # Under `flwr run`, the engine in this process starts its dispatcher once Ray is up,
+        # seconds after this; `fedstream sim` has set it before starting the engine.
+        set_dispatch_interval(config.simulation.dispatch_interval)
+        run_server(grid, config)
 
     return app
