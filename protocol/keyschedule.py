@@ -131,11 +131,6 @@ class Keystream:
             self._ctx.update_into(_ZEROS[: part.nbytes], part)
 
 
-def keystream_into(seed: bytes, out: np.ndarray) -> None:
-    """Fill the contiguous uint8 array `out` with the keystream of `seed`, from its start."""
-    Keystream(seed).into(out)
-
-
 PIECE = 1 << 20  # bytes per keystream call: 256 KiB to 2 MiB ran fastest here, 4 MiB slower
 _ZEROS = np.zeros(PIECE, dtype=np.uint8)  # only ever read (CTR encrypts zeros to the stream)
 _ZEROS.flags.writeable = False

@@ -109,7 +109,7 @@ def shifted(base: ArrayRecord, change: np.ndarray) -> ArrayRecord:
     """`base` plus a flat `change`, each array back in its own shape and dtype."""
     out, start = {}, 0
     for key, arr in base.items():
-        values = arr.numpy()
+        values = view(arr)
         stop = start + values.size
         part = change[start:stop].reshape(values.shape)
         if np.issubdtype(values.dtype, np.integer):

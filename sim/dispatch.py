@@ -16,11 +16,13 @@ up: when it starts, after Ray is up.
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 import time
 from typing import Any
 
 FLOWER_INTERVAL = 0.1  # seconds between sweeps in Flower's engine
+ENGINE = "flwr.server.superlink.fleet.vce.vce_api"  # loaded by flwr.simulation
 _PARAMETERS = ["state", "queue", "nodes_mapping", "f_stop"]
 
 
@@ -46,13 +48,14 @@ class _Paced:
 
 def set_dispatch_interval(seconds: float) -> bool:
     """Make the simulation engine started in this process sweep every `seconds` (at least;
-    Flower's 0.1 s at most). Returns False, leaving Flower's dispatcher, where this flwr's
+    Flower's 0.1 s at most). Returns False, changing nothing, where this process has no
+    simulation engine loaded (a ServerApp under a deployed SuperLink) or this flwr's
     dispatcher is not the one this wraps."""
     if not seconds > 0:
         raise ValueError(f"dispatch interval must be positive, got {seconds}")
-    # Imported here: a ServerApp outside a simulation (no engine) does not load it.
-    from flwr.server.superlink.fleet.vce import vce_api
-
+    vce_api = sys.modules.get(ENGINE)
+    if vce_api is None:
+        return False
     flowers = _flowers(vce_api)
     if list(inspect.signature(flowers).parameters) != _PARAMETERS:
         return False

@@ -10,6 +10,8 @@ never shorter than asked, and a count of sweeps above what 0.1 s pauses permit.
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
 import time
 from queue import Queue
@@ -99,3 +101,14 @@ def test_setting_it_again_wraps_flowers_dispatcher_not_the_wrapper() -> None:
     store = SweptStore(nodes=2)
     _run_dispatcher(store, 0.3)
     assert len(store.sweep_gaps()) >= 6  # 0.05 s pauses would allow at most 5
+
+
+def test_a_process_without_the_engine_is_left_alone() -> None:
+    # A ServerApp under a deployed SuperLink has no engine: nothing is imported or wrapped.
+    probe = (
+        "import sys; from fedstream.sim.dispatch import ENGINE, set_dispatch_interval; "
+        "print(set_dispatch_interval(0.01), ENGINE in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"]

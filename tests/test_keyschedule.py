@@ -102,9 +102,9 @@ def test_keystream_pinned_for_a_nonzero_key() -> None:
     assert ks.keystream(key, 32) == direct.update(bytes(32)) == expected
 
 
-def test_keystream_into_fills_a_buffer_with_the_same_stream() -> None:
+def test_keystream_fills_a_buffer_with_the_same_stream() -> None:
     out = np.full(40, 7, dtype=np.uint8)
-    ks.keystream_into(bytes(32), out)
+    ks.Keystream(bytes(32)).into(out)
     assert out.tobytes() == ZERO_SEED_STREAM[:40]
 
 
