@@ -61,6 +61,7 @@ def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
     masked = masked_update(
         msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], mask_sk
     )
+    del reply  # the trained model's memory, freed, is reused for the masked reply's bytes
     next_pub = _new_mask_key(state)
     _save(ctx, state)
     return Message(wire.masked_content(masked, report.client, next_pub), reply_to=msg)

@@ -12,10 +12,14 @@ tests alone. Integers are big-endian; `||` is concatenation.
   into another round nor re-addressed.
 - `pair_seed`: HKDF-SHA256(ikm=agree(s_u, s_v), salt=session, info=b"fedstream/secagg/v1/pair"
   || u64(round), 32 bytes); symmetric in u and v.
-- `keystream(seed, n)`: the first n bytes of AES-256-CTR(key=seed), counter block starting at
-  16 zero bytes and incremented as one 128-bit big-endian integer (NIST SP 800-38A): block i
-  of the stream is AES-256(seed, i). AES rather than ChaCha20 because masks are the hot path
-  (one model-sized stream per neighbour) and AES-NI/ARMv8-AES run it about twice as fast.
+- `keystream(seed, n)`: the first n bytes of AES-128-CTR keyed with the last 16 bytes of the
+  32-byte seed, counter block starting at 16 zero bytes and incremented as one 128-bit
+  big-endian integer (NIST SP 800-38A): block i of the stream is AES-128(seed[16:], i). AES
+  rather than ChaCha20 because masks are the hot path (one model-sized stream per
+  neighbour) and AES-NI/ARMv8-AES run it about twice as fast; a 128-bit key because
+  X25519, which every seed comes from, gives 128-bit security, so AES-256's four extra
+  rounds (14 % of a mask's cost) would buy nothing. The last 16 bytes because a Shamir
+  field seed has the top bit of its first byte cleared.
 - `commitment(b)`: SHA-256(b"fedstream/secagg/v1/commit" || b), published with a self-mask
   seed so the server can check the seed it reconstructs.
 """
@@ -36,6 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 LABEL = b"fedstream/secagg/v1/"
 NONCE = 12
+SEED_BYTES = 32  # every seed: pair seeds, self-mask seeds, rounding-noise keys
 RAW = serialization.Encoding.Raw
 
 
@@ -81,7 +86,15 @@ def share_key(
     receiver: int,
 ) -> bytes:
     info = share_info(server_round, sender, receiver)
-    return hkdf(agree(private, peer_public), session, info)
+    return hkdf(_long_lived_agreement(private, peer_public), session, info)
+
+
+@lru_cache(maxsize=1024)
+def _long_lived_agreement(private: bytes, peer_public: bytes) -> bytes:
+    # Encryption keys live as long as a device does, so each agreement serves every round:
+    # a party derives a share key with each of its holders and senders twice a round.
+    # (Mask keys change every round; their agreements are never kept.)
+    return agree(private, peer_public)
 
 
 def seal(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
@@ -113,14 +126,17 @@ class Keystream:
 
     Reading a mask piece by piece lets a caller add it to a vector without ever holding a
     model-sized mask, and an offset lets threads expand disjoint ranges of one mask. Block
-    i of the stream is AES-256(seed, i), so starting at block offset // 16 lands exactly
-    on the stream.
+    i of the stream is AES-128(seed[16:], i), so starting at block offset // 16 lands
+    exactly on the stream.
     """
 
     def __init__(self, seed: bytes, offset: int = 0) -> None:
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a keystream seed has {SEED_BYTES} bytes, got {len(seed)}")
         block, skip = divmod(int(offset), 16)
         counter = block.to_bytes(16, "big")
-        self._ctx = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
+        key = seed[SEED_BYTES - 16 :]
+        self._ctx = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
         if skip:
             self._ctx.update(bytes(skip))
 

@@ -21,7 +21,8 @@ u in S, and of seed_uw for senders u in S and neighbours w that dropped. It reco
 those secrets (checking each against its commitment), removes the self-masks of S and the
 pair masks between S and the dropped parties, and is left with sum_{u in S} x_u and
 nothing else. Because a pair seed is shared by the survivor who computed it, a survivor
-that vanishes after trip 1 costs nothing as long as t of the holders answer.
+that vanishes after trip 1 costs nothing as long as t of the holders answer, and the
+server need not wait for more than the first t honest answers (`Aggregation.ready`).
 
 A holder reveals a self-mask share only for a survivor and pair-seed shares only towards
 dropped parties, and answers once per round; with t > (degree + 1) / 2 the server can never
@@ -338,6 +339,7 @@ class Aggregation:
         self.commitments: dict[int, dict[int, bytes]] = {}
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # holder -> sender -> ciphertext
         self.shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (sender, tag) -> x -> y
+        self.seeds: dict[tuple[int, int], bytes] = {}  # (sender, tag) -> recovered, checked
 
     def setup_for(self, index: int) -> RoundSetup:
         return RoundSetup(
@@ -435,6 +437,29 @@ class Aggregation:
         for key, share in ans.shares.items():
             self.shares.setdefault(key, {})[h] = share
 
+    def needed(self) -> list[tuple[int, int]]:
+        """The secrets that unmask the sum: every survivor's self-mask seed, and its pair
+        seed with every neighbour that dropped."""
+        out = []
+        for u in sorted(self.survivors):
+            out.append((u, SELF))
+            out.extend((u, w) for w in self.graph[u] if w not in self.survivors)
+        return out
+
+    def ready(self) -> bool:
+        """Whether every secret that unmasks the sum is recovered (and checked) from the
+        shares taken so far. The server stops waiting for holders once it is: t honest
+        answers do, the others are not needed. A secret is retried as shares come in."""
+        for key in self.needed():
+            if key not in self.seeds:
+                if len(self.shares.get(key, {})) < self.threshold:
+                    return False
+                try:
+                    self.seeds[key] = self._recover(*key)
+                except RoundFailed:
+                    return False
+        return True
+
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """The unmasked sum (ring elements, exact tail), or RoundFailed naming what is missing.
 
@@ -443,11 +468,9 @@ class Aggregation:
         keystream and numpy release the GIL, and the clients wait for this step.
         """
         masks: list[tuple[bytes, int]] = []  # (seed, minus the sign the party added it with)
-        for u in sorted(self.survivors):
-            masks.append((self._recover(u, SELF), -1))
-            for w in self.graph[u]:
-                if w not in self.survivors:
-                    masks.append((self._recover(u, w), -1 if u < w else 1))
+        for u, tag in self.needed():
+            seed = self.seeds.get((u, tag)) or self._recover(u, tag)
+            masks.append((seed, -1 if tag == SELF or u < tag else 1))
         acc, tail = self.acc.copy(), self.acc_tail.copy()
         cuts = [self.size * i // UNMASK_THREADS for i in range(UNMASK_THREADS + 1)]
         ranges = [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]

@@ -31,13 +31,17 @@ def send_and_collect(
     messages: Iterable[Message],
     timeout: float | None = None,
     on_reply: Callable[[Message], None] | None = None,
+    enough: Callable[[], bool] | None = None,
+    late: set[str] | None = None,
 ) -> list[Message]:
     """Push messages, then pull replies with backoff until all are in or time is up.
 
     With `on_reply`, each reply is handed over as it arrives and not kept, and replies are
     pulled a few at a time (a pull returns every ready reply it is asked for, whole): a
     caller that folds replies into a sum holds `PULL_GROUP` replies at most, however many
-    clients answered at once.
+    clients answered at once. With `enough`, collecting also stops as soon as it says the
+    replies so far suffice; the ids still pending then are added to `late`, for
+    `discard_late` to pull off the grid later.
     """
     pending = set(grid.push_messages(messages))
     start = time.monotonic()
@@ -49,7 +53,11 @@ def send_and_collect(
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             replies.extend(got)
         else:
-            _pull_each(grid, pending, on_reply)
+            _pull_each(grid, pending, on_reply, enough)
+        if pending and enough is not None and enough():
+            if late is not None:
+                late.update(pending)
+            break
         now = time.monotonic()
         if not pending or (deadline is not None and now >= deadline):
             break
@@ -57,13 +65,28 @@ def send_and_collect(
     return replies
 
 
-def _pull_each(grid: Grid, pending: set[str], on_reply: Callable[[Message], None]) -> None:
+def discard_late(grid: Grid, late: set[str]) -> None:
+    """Pull the replies in `late` that have come in since, unread, so that none stays on
+    the grid; ids not answered yet stay in `late`."""
+    if late:
+        for reply in grid.pull_messages(list(late)):
+            late.discard(reply.metadata.reply_to_message_id)
+
+
+def _pull_each(
+    grid: Grid,
+    pending: set[str],
+    on_reply: Callable[[Message], None],
+    enough: Callable[[], bool] | None,
+) -> None:
     ids = list(pending)
     for start in range(0, len(ids), PULL_GROUP):
         for reply in grid.pull_messages(ids[start : start + PULL_GROUP]):
             pending.discard(reply.metadata.reply_to_message_id)
             on_reply(reply)
             del reply
+        if enough is not None and enough():
+            return  # the replies left on the grid are not needed
 
 
 class OrderedGrid(Grid):

@@ -2,7 +2,9 @@
 
 Trip 1 sends the model with each client's round setup (its index, neighbours and their
 keys) and folds each masked reply into one accumulator as it arrives. Trip 2 asks the
-survivors for the shares that unmask the sum. The unmasked sum becomes a single averaged
+survivors for the shares that unmask the sum, and ends as soon as the answers in recover
+every secret it needs (the slowest holders' answers are then discarded when they come).
+The unmasked sum becomes a single averaged
 update that Flower's strategy (FedAvg, FedAvgM, FedAdam, FedYogi) aggregates as usual, so
 server optimizers work unchanged on top of the secure sum.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,7 @@ from fedstream.protocol import secagg, updates
 from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
-from fedstream.server.grid import send_and_collect
+from fedstream.server.grid import discard_late, send_and_collect
 from fedstream.server.records import bytes_of
 
 SILENT = "no reply before timeout"
@@ -73,6 +76,7 @@ class SecureAggregator:
         self.session = secrets.token_bytes(16)
         self.enc_pub: dict[int, bytes] = {}  # node -> long-lived encryption key
         self.mask_pub: dict[int, bytes] = {}  # node -> the mask key its next round uses
+        self.late: set[str] = set()  # unmask queries whose answers came too late to matter
 
     def round(
         self,
@@ -86,6 +90,7 @@ class SecureAggregator:
     ) -> SecureOutcome:
         out = SecureOutcome(arrays)
         clock = _Stages(out.stage_seconds)
+        discard_late(grid, self.late)
         nodes = [msg.metadata.dst_node_id for msg in sent]
         self._fetch_keys(
             [n for n in nodes if n not in self.mask_pub], grid, timeout, out, client_of
@@ -240,7 +245,9 @@ class SecureAggregator:
             except (secagg.Rejected, KeyError) as err:
                 out.failures.append(_failure(node, "unmask", f"rejected: {err}"))
 
-        _collect(grid, queries, timeout, take)
+        # Stop at the first answers that unmask the sum (t honest holders of each secret):
+        # the last holders' answers would only be waited for.
+        _collect(grid, queries, timeout, take, enough=agg.ready, late=self.late)
         out.round_trips += 1
 
     def _finish(
@@ -299,14 +306,21 @@ def _with_setup(msg: Message, setup: secagg.RoundSetup) -> Message:
     return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.TRAIN)
 
 
-def _collect(grid: Grid, messages: list[Message], timeout: float, fold) -> set[int]:
+def _collect(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    fold: Callable[[Message], None],
+    enough: Callable[[], bool] | None = None,
+    late: set[str] | None = None,
+) -> set[int]:
     answered: set[int] = set()
 
     def on_reply(reply: Message) -> None:
         answered.add(reply.metadata.src_node_id)
         fold(reply)
 
-    send_and_collect(grid, messages, timeout, on_reply=on_reply)
+    send_and_collect(grid, messages, timeout, on_reply=on_reply, enough=enough, late=late)
     return answered
 
 

@@ -38,19 +38,27 @@ class SweptStore:
             pass
         return []
 
+    def store_message_ins(self, message: object) -> str:
+        """Where the ServerApp's grid stores a message for a client (the wrapper hooks it)."""
+        return "stored"
+
     def sweep_gaps(self) -> list[float]:
         starts = self.calls[:: self.nodes]
         return [b - a for a, b in itertools.pairwise(starts)]
 
 
-def _run_dispatcher(store: SweptStore, seconds: float) -> None:
+def _run_dispatcher(store: SweptStore, seconds: float, push_every: float | None = None) -> None:
     stop = threading.Event()
     thread = threading.Thread(
         target=vce_api.add_messages_to_queue,
         args=(store, Queue(), dict.fromkeys(range(store.nodes), 0), stop),
     )
     thread.start()
-    time.sleep(seconds)
+    end = time.perf_counter() + seconds
+    while (now := time.perf_counter()) < end:
+        time.sleep(min(push_every or seconds, end - now))
+        if push_every is not None:
+            store.store_message_ins(object())  # as the ServerApp's push does
     stop.set()
     thread.join(timeout=2)
     assert not thread.is_alive(), "the dispatcher did not stop with the engine"
@@ -112,3 +120,29 @@ def test_a_process_without_the_engine_is_left_alone() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_push_ends_the_pause_at_once() -> None:
+    # Pauses of 0.09 s allow at most 6 sweeps in 0.5 s; a push every 0.05 s wakes the
+    # dispatcher each time, so it sweeps about twice as often.
+    assert dispatch.set_dispatch_interval(0.09)
+    store = SweptStore(nodes=2)
+    _run_dispatcher(store, 0.5, push_every=0.05)
+    assert len(store.sweep_gaps()) >= 8
+    assert store.store_message_ins(object()) == "stored"  # the store still stores
+
+
+def test_pushes_do_not_buy_more_than_a_fifth_of_a_core() -> None:
+    # 20 ms sweeps, a push every 10 ms: still at least 4 x 20 ms between sweeps.
+    assert dispatch.set_dispatch_interval(0.01)
+    store = SweptStore(nodes=4, cpu_seconds_per_call=0.005)
+    _run_dispatcher(store, 0.6, push_every=0.01)
+    gaps = store.sweep_gaps()
+    assert gaps and min(gaps) >= 0.09
+
+
+def test_the_store_hook_is_removed_when_the_engine_stops() -> None:
+    assert dispatch.set_dispatch_interval(0.01)
+    store = SweptStore(nodes=1)
+    _run_dispatcher(store, 0.05)
+    assert "store_message_ins" not in vars(store)  # the class's own method again

@@ -2,7 +2,7 @@
 
 Two layers, so that a client in another language can interoperate from these values alone:
 the primitives are the standard ones (RFC 7748 X25519, RFC 5869 HKDF-SHA256, RFC 8439
-ChaCha20-Poly1305, AES-256 in counter mode from an all-zero counter block, anchored on a
+ChaCha20-Poly1305, AES-128 in counter mode from an all-zero counter block, anchored on a
 NIST AESAVS vector), and fedstream's own derivations are pinned to hex literals. Each
 pinned value is also rebuilt here from `cryptography`/`hashlib` calls with
 the salt, info and associated-data bytes written out by hand from the module docstring, so a
@@ -33,13 +33,13 @@ BOB_SK = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27
 BOB_PK = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
 SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
 
-# NIST AESAVS (ECBVarKey256 / GFSbox): AES-256 of the all-zero block under the all-zero key,
-# i.e. block 0 of the keystream of the all-zero seed.
-AES256_ZERO_KEY_ZERO_BLOCK = bytes.fromhex("dc95c078a2408989ad48a21492842087")
-# Blocks 0..2 of the keystream of the all-zero seed (block i = AES-256(seed, i as u128)).
+# NIST AESAVS (GFSbox/VarKey, FIPS-197): AES-128 of the all-zero block under the all-zero
+# key, i.e. block 0 of the keystream of the all-zero seed (whose last 16 bytes are the key).
+AES128_ZERO_KEY_ZERO_BLOCK = bytes.fromhex("66e94bd4ef8a2c3b884cfa59ca342b2e")
+# Blocks 0..2 of the keystream of the all-zero seed (block i = AES-128(seed[16:], i as u128)).
 ZERO_SEED_STREAM = bytes.fromhex(
-    "dc95c078a2408989ad48a21492842087530f8afbc74536b9a963b4f1c4cb738b"
-    "cea7403d4d606b6e074ec5d3baf39d18"
+    "66e94bd4ef8a2c3b884cfa59ca342b2e58e2fccefa7e3061367f1d57a4e7455a"
+    "0388dace60b6a392f328c2b971b2fe78"
 )
 
 # fedstream's derivations for session 00..0f, round 7, sender 1 (Alice), receiver 2 (Bob).
@@ -85,21 +85,27 @@ def test_hkdf_is_rfc5869_case_1() -> None:
     )
 
 
-def test_keystream_is_aes256_ctr_from_a_zero_counter_block() -> None:
-    assert ks.keystream(bytes(32), 16) == AES256_ZERO_KEY_ZERO_BLOCK
+def test_keystream_is_aes128_ctr_from_a_zero_counter_block() -> None:
+    assert ks.keystream(bytes(32), 16) == AES128_ZERO_KEY_ZERO_BLOCK
     assert ks.keystream(bytes(32), 48) == ZERO_SEED_STREAM
     assert ks.keystream(bytes(32), 20) == ZERO_SEED_STREAM[:20]  # a prefix, whatever n
-    # Block i is AES-256-ECB of the counter i as a 128-bit big-endian integer.
-    ecb = Cipher(algorithms.AES(bytes(32)), modes.ECB()).encryptor()
+    # Block i is AES-128-ECB of the counter i as a 128-bit big-endian integer.
+    ecb = Cipher(algorithms.AES(bytes(16)), modes.ECB()).encryptor()
     counters = b"".join(i.to_bytes(16, "big") for i in range(3))
     assert ecb.update(counters) == ZERO_SEED_STREAM
 
 
-def test_keystream_pinned_for_a_nonzero_key() -> None:
-    key = bytes(range(32))
-    expected = bytes.fromhex("f29000b62a499fd0a9f39a6add2e7780f05d76ae4ab99fe5a6f69b3148c2363d")
-    direct = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    assert ks.keystream(key, 32) == direct.update(bytes(32)) == expected
+def test_keystream_pinned_for_a_nonzero_seed_keys_aes_with_its_last_16_bytes() -> None:
+    seed = bytes(range(32))
+    expected = bytes.fromhex("eda330f90eecd16c003e5fb09bcff3581b94b57e0718d6b563b170a063d1847d")
+    direct = Cipher(algorithms.AES(seed[16:]), modes.CTR(bytes(16))).encryptor()
+    assert ks.keystream(seed, 32) == direct.update(bytes(32)) == expected
+
+
+@pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
+def test_a_keystream_seed_must_have_32_bytes(size: int) -> None:
+    with pytest.raises(ValueError, match="a keystream seed has 32 bytes"):
+        ks.Keystream(bytes(size))
 
 
 def test_keystream_fills_a_buffer_with_the_same_stream() -> None:
@@ -124,7 +130,7 @@ def test_keystream_read_in_pieces_from_any_offset_is_the_same_stream(
 
 def test_keystream_longer_than_a_piece_continues_across_pieces() -> None:
     n = ks.PIECE + 48
-    whole = Cipher(algorithms.AES(bytes(32)), modes.CTR(bytes(16))).encryptor().update(bytes(n))
+    whole = Cipher(algorithms.AES(bytes(16)), modes.CTR(bytes(16))).encryptor().update(bytes(n))
     assert ks.keystream(bytes(32), n) == whole
     tail = np.empty(48, dtype=np.uint8)
     ks.Keystream(bytes(32), ks.PIECE).into(tail)
@@ -198,7 +204,7 @@ def test_mask_expansion_layout() -> None:
     masks.add_tail(tail)
     assert model.tolist() == np.frombuffer(ZERO_SEED_STREAM[:8], "<u2").tolist()
     assert tail.tolist() == np.frombuffer(ZERO_SEED_STREAM[8:16], "<u8").tolist()
-    assert model.tolist() == [38364, 30912, 16546, 35209]
+    assert model.tolist() == [59750, 54347, 35567, 15148]
 
 
 def test_shamir_share_format() -> None:

@@ -249,12 +249,16 @@ def test_sum_of_survivors_or_round_failed(fed: dict) -> None:
             agg.check_survivors()
         return
     agg.check_survivors()
+    # Every survivor's self mask is needed, and its pair seeds with dropped neighbours; all
+    # are shared among the same holders: the survivor and its neighbours. The server may
+    # stop waiting (`ready`) exactly once t of each survivor's holders have answered.
+    answered: set[int] = set()
     for h in sorted(answering):
         ans = sa.answer(agg.request_for(h), h, _sk("enc", h))
         assert not ans.rejected
         agg.take(ans)
-    # Every survivor's self mask is needed, and its pair seeds with dropped neighbours; all
-    # are shared among the same holders: the survivor and its neighbours.
+        answered.add(h)
+        assert agg.ready() == all(len(answered & {u, *graph[u]}) >= t for u in survivors)
     recoverable = all(len(answering & {u, *graph[u]}) >= t for u in survivors)
     if not recoverable:
         event("fails: a secret lacks t answering holders")
@@ -414,9 +418,11 @@ def test_tampered_share_is_caught_by_the_commitment(tamper: str, extra_honest: b
         seed = shamir.reconstruct({x: agg.shares[(2, SELF)][x] for x in (1, 2, 3)})
         assert ks.commitment(seed) != agg.commitments[2][SELF]
     if not extra_honest:
+        assert not agg.ready()  # the server keeps waiting for another holder
         with pytest.raises(sa.RoundFailed, match="commitment"):
             agg.result()
         return
+    assert agg.ready()
     ring_sum, _ = agg.result()  # one more honest share: another combination recovers
     assert _within(agg.q, agg.q.decode(ring_sum), sum(xs.values()), n)
 

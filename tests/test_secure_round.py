@@ -189,3 +189,44 @@ def test_replies_are_folded_a_few_at_a_time_however_many_are_ready(tmp_path):
     )
     assert all(r["aggregated"] and r["clients_ok"] == 9 for r in records)
     assert max(pulled) == grid_module.PULL_GROUP < 9
+
+
+def test_the_unmask_stage_ends_once_the_sum_can_be_unmasked(tmp_path):
+    # Six clients, t = 4: two holders answer the unmask query only after the round (held
+    # back, then delivered). The server must not wait for them (the timeout is a minute),
+    # and must later pull their answers off the grid, unread.
+    cfg = load(None, [*BASE, "federation.round_timeout=60", "secure_aggregation.enabled=true"])
+    held: list[Message] = []
+
+    def hold_back(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        if rec is not None and "senders" in rec and node in (1004, 1005):
+            held.append(reply)
+            return None
+        return reply
+
+    grid = LoopbackGrid(sim_client_app(cfg), cfg.federation.clients, hold_back)
+    records: list[dict] = []
+
+    def deliver_late(rec, _history):
+        records.append(rec)
+        for reply in held:
+            grid.inbox[reply.metadata.reply_to_message_id] = reply
+        held.clear()
+
+    _, plain, _ = _run(tmp_path / "p")
+    run_federation(
+        grid, cfg, federation(cfg).initial_arrays(), tmp_path / "s", on_round=deliver_late
+    )
+    assert all(r["aggregated"] and not r["failures"] for r in records)
+    assert [r["examples"] for r in records] == [r["examples"] for r in plain]
+    for s, p in zip(records, plain, strict=True):
+        assert abs(s["accuracy"] - p["accuracy"]) < 0.005
+    assert all(r["stage_seconds"]["unmask"] < 30 for r in records)  # not the 60 s timeout
+    # Each round's late answers were pulled at the start of the next: only the last
+    # round's are still on the grid.
+    assert len(grid.inbox) == 2
+    last_unmask = {
+        msg.metadata.message_id for msg in grid.sent[-cfg.federation.clients :]
+    }
+    assert set(grid.inbox) <= last_unmask
