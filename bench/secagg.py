@@ -31,9 +31,10 @@ per actor: 2 actors on 2 cores), each in a subprocess of its own. All three Serv
 replies through the same poller, fedstream's `send_and_collect` (2 ms, then 5 % of the wait);
 Flower's grid would poll every 100 ms, which would add up to 0.1 s per trip to the two
 baselines, most to SecAgg+ (4 trips). The engine hands messages to the actors every
-`--dispatch-interval` seconds in all three: by default every 0.01 s, as `fedstream sim`
-runs it (`fedstream.sim.dispatch`); `--dispatch-interval 0.1` is Flower's stock engine,
-where every trip starts on a 0.1 s tick and round times come in steps of it.
+`--dispatch-interval` seconds in all three: by default every 0.01 s, and at once when a
+ServerApp pushes, as `fedstream sim` runs it (`fedstream.sim.dispatch`);
+`--dispatch-interval 0.1` is Flower's stock engine, where every trip starts on a 0.1 s
+tick and round times come in steps of it.
 
 **Measures.**
 - *Round time*: the time between the ends of consecutive rounds, in the ServerApp, over
