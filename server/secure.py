@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from fedstream.server.grid import discard_late, send_and_collect
 from fedstream.server.records import bytes_of
 
 SILENT = "no reply before timeout"
+LATE_ROUNDS = 8
 
 
 def auto_degree(parties: int) -> int:
@@ -76,7 +78,9 @@ class SecureAggregator:
         self.session = secrets.token_bytes(16)
         self.enc_pub: dict[int, bytes] = {}  # node -> long-lived encryption key
         self.mask_pub: dict[int, bytes] = {}  # node -> the mask key its next round uses
-        self.late: set[str] = set()  # unmask queries whose answers came too late to matter
+        # Unmask queries whose answers were not needed, one set per round, pulled off the
+        # grid as they come in; a holder that has not answered in LATE_ROUNDS is given up on.
+        self.late: deque[set[str]] = deque(maxlen=LATE_ROUNDS)
 
     def round(
         self,
@@ -90,7 +94,8 @@ class SecureAggregator:
     ) -> SecureOutcome:
         out = SecureOutcome(arrays)
         clock = _Stages(out.stage_seconds)
-        discard_late(grid, self.late)
+        for ids in self.late:
+            discard_late(grid, ids)
         nodes = [msg.metadata.dst_node_id for msg in sent]
         self._fetch_keys(
             [n for n in nodes if n not in self.mask_pub], grid, timeout, out, client_of
@@ -247,7 +252,8 @@ class SecureAggregator:
 
         # Stop at the first answers that unmask the sum (t honest holders of each secret):
         # the last holders' answers would only be waited for.
-        _collect(grid, queries, timeout, take, enough=agg.ready, late=self.late)
+        self.late.append(late := set())
+        _collect(grid, queries, timeout, take, enough=agg.ready, late=late)
         out.round_trips += 1
 
     def _finish(
