@@ -47,8 +47,10 @@ class _Paced:
         # clients' messages are pickled is not the dispatcher's cost, and must not slow it.
         least = 4 * (time.thread_time() - self._woke)
         pause = max(self._interval, least)
+        if timeout is not None:  # Flower's own pause: never wait longer than Flower would
+            pause, least = min(pause, timeout), min(least, timeout)
         began = time.monotonic()
-        self._pushed.wait(pause if timeout is None else min(pause, timeout))
+        self._pushed.wait(pause)
         rest = least - (time.monotonic() - began)  # a push never buys more than a fifth
         stopped = self._stop.wait(rest) if rest > 0 else self._stop.is_set()
         self._pushed.clear()  # what was stored before this is in the coming sweep

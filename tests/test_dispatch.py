@@ -146,3 +146,13 @@ def test_the_store_hook_is_removed_when_the_engine_stops() -> None:
     store = SweptStore(nodes=1)
     _run_dispatcher(store, 0.05)
     assert "store_message_ins" not in vars(store)  # the class's own method again
+
+
+def test_a_costly_sweep_never_pauses_longer_than_flower_would() -> None:
+    # A sweep that took 1 s of CPU asks for a 4 s pause; Flower's dispatcher passes its
+    # own 0.1 s as the timeout, and that caps it.
+    paced = dispatch._Paced(threading.Event(), 0.01, threading.Event())
+    paced._woke = time.thread_time() - 1.0
+    began = time.monotonic()
+    assert paced.wait(dispatch.FLOWER_INTERVAL) is False
+    assert time.monotonic() - began < 1.0
