@@ -6,7 +6,16 @@ from __future__ import annotations
 import logging
 import os
 
-_NOISE = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+_NOISE = (
+    "`run_simulation` function is deprecated",
+    "fraction_evaluate is set to 0.0",
+    # A client taken offline by `simulation.dropout` raises on purpose; Flower logs each
+    # one as an error with two tracebacks. fedstream records it as a failure of the round
+    # (metrics.jsonl, the summary), so the logs would only bury the output. The engine's
+    # generic line before any ClientApp error says nothing the error itself does not.
+    "fedstream.sim.availability.ClientUnavailable",
+    "An exception was raised when processing a message by",
+)
 
 
 class _KnownNoise(logging.Filter):
