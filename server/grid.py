@@ -13,6 +13,7 @@ Two things change against the Grid Flower hands a ServerApp, nothing else:
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,8 +41,8 @@ def send_and_collect(
     pulled a few at a time (a pull returns every ready reply it is asked for, whole): a
     caller that folds replies into a sum holds `PULL_GROUP` replies at most, however many
     clients answered at once. With `enough`, collecting also stops as soon as it says the
-    replies so far suffice; the ids still pending then are added to `late`, for
-    `discard_late` to pull off the grid later.
+    replies so far suffice. Ids still pending when collecting stops (time up, or enough)
+    are added to `late`: see `Stragglers`.
     """
     pending = set(grid.push_messages(messages))
     start = time.monotonic()
@@ -55,22 +56,41 @@ def send_and_collect(
         else:
             _pull_each(grid, pending, on_reply, enough)
         if pending and enough is not None and enough():
-            if late is not None:
-                late.update(pending)
             break
         now = time.monotonic()
         if not pending or (deadline is not None and now >= deadline):
             break
         time.sleep(min(MAX_PULL, max(FIRST_PULL, PULL_LATENESS * (now - start))))
+    if late is not None:
+        late.update(pending)
     return replies
 
 
-def discard_late(grid: Grid, late: set[str]) -> None:
-    """Pull the replies in `late` that have come in since, unread, so that none stays on
-    the grid; ids not answered yet stay in `late`."""
-    if late:
-        for reply in grid.pull_messages(list(late)):
-            late.discard(reply.metadata.reply_to_message_id)
+class Stragglers:
+    """Messages whose replies were no longer waited for, one set per trip.
+
+    A reply that comes after its trip ended (a slow device, or an answer the server did
+    not need) would otherwise stay on the grid for good: on a SuperLink, a late model
+    update is megabytes held until the run ends. `discard` pulls those that came in since,
+    unread; a node that has not answered in `trips` trips is given up on.
+    """
+
+    def __init__(self, trips: int = 16) -> None:
+        self._trips: deque[set[str]] = deque(maxlen=trips)
+
+    def trip(self) -> set[str]:
+        """A set for one trip's `send_and_collect(late=...)`."""
+        self._trips.append(ids := set())
+        return ids
+
+    def discard(self, grid: Grid) -> None:
+        for ids in self._trips:
+            if ids:
+                for reply in grid.pull_messages(list(ids)):
+                    ids.discard(reply.metadata.reply_to_message_id)
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids in self._trips)
 
 
 def _pull_each(

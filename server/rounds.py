@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
-from fedstream.server.grid import OrderedGrid, send_and_collect
+from fedstream.server.grid import OrderedGrid, Stragglers, send_and_collect
 from fedstream.server.records import History, round_record, secure_round_record
 from fedstream.server.roster import Roster
 from fedstream.server.secure import SILENT, SecureAggregator
@@ -52,6 +52,7 @@ def run_rounds(
     after_round: ModelHook | None = None,
 ) -> tuple[ArrayRecord, History]:
     roster = Roster()
+    late = Stragglers()  # plaintext replies that came after their round: pulled off, unread
     history = history or History()
     bar = tqdm(
         total=settings.rounds, initial=settings.first_round - 1,
@@ -60,7 +61,10 @@ def run_rounds(
     for server_round in range(settings.first_round, settings.rounds + 1):
         started = time.perf_counter()
         if settings.secure is None:
-            sent, replies = _exchange(grid, roster, strategy, server_round, arrays, settings)
+            late.discard(grid)
+            sent, replies = _exchange(
+                grid, roster, strategy, server_round, arrays, settings, late.trip()
+            )
             arrays, error = _aggregate(strategy, server_round, replies, arrays)
             record = round_record(
                 server_round, sent, replies, roster.client_of, time.perf_counter() - started
@@ -98,10 +102,11 @@ def _exchange(
     server_round: int,
     arrays: ArrayRecord,
     settings: RoundSettings,
+    late: set[str],
 ) -> tuple[list[Message], list[Message]]:
     """Sample clients, send them the model, and collect their replies in client order."""
     sent = _sample(grid, roster, strategy, server_round, arrays, settings)
-    replies = send_and_collect(grid, sent, timeout=settings.timeout)
+    replies = send_and_collect(grid, sent, timeout=settings.timeout, late=late)
     roster.learn(replies)
     _name_failed(grid, roster, [r.metadata.src_node_id for r in replies if r.has_error()], settings)
     # Replies arrive in any order; summing floats in a fixed order keeps runs bit-identical.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +33,10 @@ from fedstream.protocol import secagg, updates
 from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
-from fedstream.server.grid import discard_late, send_and_collect
+from fedstream.server.grid import Stragglers, send_and_collect
 from fedstream.server.records import bytes_of
 
 SILENT = "no reply before timeout"
-LATE_ROUNDS = 8
 
 
 def auto_degree(parties: int) -> int:
@@ -78,9 +76,7 @@ class SecureAggregator:
         self.session = secrets.token_bytes(16)
         self.enc_pub: dict[int, bytes] = {}  # node -> long-lived encryption key
         self.mask_pub: dict[int, bytes] = {}  # node -> the mask key its next round uses
-        # Unmask queries whose answers were not needed, one set per round, pulled off the
-        # grid as they come in; a holder that has not answered in LATE_ROUNDS is given up on.
-        self.late: deque[set[str]] = deque(maxlen=LATE_ROUNDS)
+        self.late = Stragglers()  # replies no longer waited for: pulled off the grid, unread
 
     def round(
         self,
@@ -94,8 +90,7 @@ class SecureAggregator:
     ) -> SecureOutcome:
         out = SecureOutcome(arrays)
         clock = _Stages(out.stage_seconds)
-        for ids in self.late:
-            discard_late(grid, ids)
+        self.late.discard(grid)
         nodes = [msg.metadata.dst_node_id for msg in sent]
         self._fetch_keys(
             [n for n in nodes if n not in self.mask_pub], grid, timeout, out, client_of
@@ -138,7 +133,7 @@ class SecureAggregator:
                 client_of[node] = client
             self.mask_pub[node] = next_pub
 
-        answered = _collect(grid, messages, timeout, fold)
+        answered = _collect(grid, messages, timeout, fold, late=self.late.trip())
         out.round_trips += 1
         clock.lap("train")
         for node in parties:
@@ -200,7 +195,7 @@ class SecureAggregator:
             for n in nodes
         ]
         out.round_trips += 1
-        for reply in send_and_collect(grid, queries, timeout):
+        for reply in send_and_collect(grid, queries, timeout, late=self.late.trip()):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 out.failures.append(_failure(node, "keys", reply.error.reason))
@@ -252,8 +247,7 @@ class SecureAggregator:
 
         # Stop at the first answers that unmask the sum (t honest holders of each secret):
         # the last holders' answers would only be waited for.
-        self.late.append(late := set())
-        _collect(grid, queries, timeout, take, enough=agg.ready, late=late)
+        _collect(grid, queries, timeout, take, enough=agg.ready, late=self.late.trip())
         out.round_trips += 1
 
     def _finish(

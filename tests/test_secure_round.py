@@ -10,7 +10,7 @@ import copy
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from loopback_grid import LoopbackGrid
 
 from fedstream.protocol import messages as m
@@ -230,3 +230,44 @@ def test_the_unmask_stage_ends_once_the_sum_can_be_unmasked(tmp_path):
         msg.metadata.message_id for msg in grid.sent[-cfg.federation.clients :]
     }
     assert set(grid.inbox) <= last_unmask
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
+def test_a_model_update_that_comes_after_its_round_is_pulled_off_the_grid(tmp_path, secure):
+    # Client 5's update always arrives after its round's timeout (held back, then delivered
+    # when the round is over). The round goes on without it; the next round pulls it off
+    # the grid unread, so late updates never pile up on a SuperLink.
+    cfg = load(None, [*BASE, f"secure_aggregation.enabled={str(secure).lower()}"])
+    held: list[Message] = []
+
+    def late_update(node, reply):
+        if node == 1005 and reply.metadata.message_type == MessageType.TRAIN:
+            held.append(reply)
+            return None
+        return reply
+
+    grid = LoopbackGrid(sim_client_app(cfg), cfg.federation.clients, late_update)
+    records: list[dict] = []
+    sent_before: list[int] = [0]  # messages sent before each round
+
+    def deliver_late(rec, _history):
+        records.append(rec)
+        sent_before.append(len(grid.sent))
+        for reply in held:
+            grid.inbox[reply.metadata.reply_to_message_id] = reply
+        held.clear()
+
+    run_federation(
+        grid, cfg, federation(cfg).initial_arrays(), tmp_path, on_round=deliver_late
+    )
+    assert all(r["aggregated"] and r["clients_ok"] == 5 for r in records)
+    assert len(records) == cfg.federation.rounds
+    # Only the last round's late replies are left: its late update (and, secure, the unmask
+    # answers it did not need).
+    last_round = {msg.metadata.message_id for msg in grid.sent[sent_before[-2] :]}
+    late_updates = [
+        msg.metadata.message_id for msg in grid.sent
+        if msg.metadata.dst_node_id == 1005 and msg.metadata.message_type == MessageType.TRAIN
+    ]
+    assert late_updates[-1] in grid.inbox
+    assert set(grid.inbox) <= last_round
