@@ -1,6 +1,6 @@
 """The Grid as fedstream's round loop sees it.
 
-Two things change against the Grid Flower hands a ServerApp, nothing else:
+Three things change against the Grid Flower hands a ServerApp, nothing else:
 - nodes are listed in client order (the roster's), so Flower's seeded samplers pick the
   same clients in every run;
 - replies are collected promptly: Flower pulls every 100 ms, which on short streaming
@@ -8,6 +8,7 @@ Two things change against the Grid Flower hands a ServerApp, nothing else:
   so far (at most every 100 ms): the last reply is seen at most 5 % late, and a long round
   costs no more polls than before. (A geometric backoff would be up to 50 % late: a
   quarter-second trip seen 0.1 s late, paid again on every trip of a round.)
+- replies that come after their trip are not left on the grid (`Stragglers`).
 """
 
 from __future__ import annotations

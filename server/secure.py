@@ -4,9 +4,9 @@ Trip 1 sends the model with each client's round setup (its index, neighbours and
 keys) and folds each masked reply into one accumulator as it arrives. Trip 2 asks the
 survivors for the shares that unmask the sum, and ends as soon as the answers in recover
 every secret it needs (the slowest holders' answers are then discarded when they come).
-The unmasked sum becomes a single averaged
-update that Flower's strategy (FedAvg, FedAvgM, FedAdam, FedYogi) aggregates as usual, so
-server optimizers work unchanged on top of the secure sum.
+The unmasked sum becomes a single averaged update that Flower's strategy (FedAvg,
+FedAvgM, FedAdam, FedYogi) aggregates as usual, so server optimizers work unchanged on
+top of the secure sum.
 
 Keys are fetched once per client (an extra trip in its first round). Every masked reply
 offers a fresh mask key for the client's next round; a client that dropped keeps the one
