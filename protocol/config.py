@@ -156,7 +156,8 @@ class SimulationConfig(_Section):
     client_cpus: Annotated[float, Field(gt=0.0)] = 1.0
     client_gpus: Annotated[float, Field(ge=0.0)] = 0.0
     ray_address: str = ""
-    # Seconds between the engine's hand-outs of queued messages; Flower's is 0.1.
+    # Seconds between the engine's sweeps for queued messages when nothing was pushed (a
+    # push is handed out at once); Flower's is 0.1. See sim/dispatch.py.
     dispatch_interval: Annotated[float, Field(gt=0.0, le=0.1)] = 0.01
     dropout: Probability = 0.0
     baselines: list[Literal["local", "centralized"]] = []

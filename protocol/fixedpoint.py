@@ -70,17 +70,6 @@ class Quantizer:
     def mask(self) -> int:
         return (1 << self.bits) - 1
 
-    def encode(
-        self, values: np.ndarray, rng: np.random.Generator, weight: float = 1.0
-    ) -> tuple[np.ndarray, int]:
-        """Ring elements for `weight` x `values` clipped to [-clip, clip] (weight in [0, 1]),
-        and how many coordinates were clipped (a NaN counts, and encodes 0)."""
-        encoder = Encoder(self, rng, weight)
-        x = np.array(values, dtype=np.float64)
-        ring = np.empty(x.shape, dtype=self.dtype)
-        encoder(x, ring)
-        return ring, encoder.clipped
-
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """Real values of (sums of) encoded vectors: the upper half of the ring is negative."""
         if ring.dtype == self.dtype and self.bits == 8 * self.dtype.itemsize:

@@ -12,7 +12,7 @@ tests alone. Integers are big-endian; `||` is concatenation.
   into another round nor re-addressed.
 - `pair_seed`: HKDF-SHA256(ikm=agree(s_u, s_v), salt=session, info=b"fedstream/secagg/v1/pair"
   || u64(round), 32 bytes); symmetric in u and v.
-- `keystream(seed, n)`: the first n bytes of AES-128-CTR keyed with the last 16 bytes of the
+- `Keystream(seed)`: the stream of AES-128-CTR keyed with the last 16 bytes of the
   32-byte seed, counter block starting at 16 zero bytes and incremented as one 128-bit
   big-endian integer (NIST SP 800-38A): block i of the stream is AES-128(seed[16:], i). AES
   rather than ChaCha20 because masks are the hot path (one model-sized stream per
@@ -113,12 +113,6 @@ def pair_seed(private: bytes, peer_public: bytes, session: bytes, server_round: 
     return hkdf(
         agree(private, peer_public), session, LABEL + b"pair" + struct.pack(">Q", server_round)
     )
-
-
-def keystream(seed: bytes, nbytes: int) -> bytes:
-    out = np.empty(nbytes, dtype=np.uint8)
-    Keystream(seed).into(out)
-    return out.tobytes()
 
 
 class Keystream:

@@ -218,21 +218,6 @@ def tail_words(tail: Sequence[int]) -> np.ndarray:
     return np.array([v & (2**64 - 1) for v in tail], dtype=TAIL_DTYPE)
 
 
-def mask(
-    setup: RoundSetup, enc_sk: bytes, mask_sk: bytes, ring: np.ndarray, tail: Sequence[int]
-) -> MaskedInput:
-    """Trip 1, party side, for an update encoded whole: mask quantized `ring` elements and a
-    tail of exact integers. (fedstream's client masks piece by piece as it encodes:
-    `client.secure.masked_update`.)"""
-    seeds = mask_seeds(setup, mask_sk)
-    y = np.array(ring, dtype=setup.quantizer.dtype, copy=True)
-    y_tail = tail_words(tail)
-    masks = Masks(setup.quantizer, signed(setup, seeds))
-    masks.add(y)
-    masks.add_tail(y_tail)
-    return sealed(setup, enc_sk, seeds, y, y_tail)
-
-
 def sealed(
     setup: RoundSetup, enc_sk: bytes, seeds: Mapping[int, bytes], y: np.ndarray, y_tail: np.ndarray
 ) -> MaskedInput:
@@ -340,6 +325,7 @@ class Aggregation:
         self.ciphertexts: dict[int, dict[int, bytes]] = {}  # holder -> sender -> ciphertext
         self.shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (sender, tag) -> x -> y
         self.seeds: dict[tuple[int, int], bytes] = {}  # (sender, tag) -> recovered, checked
+        self._tried: dict[tuple[int, int], int] = {}  # secret -> shares it failed to recover from
 
     def setup_for(self, index: int) -> RoundSetup:
         return RoundSetup(
@@ -451,13 +437,16 @@ class Aggregation:
         shares taken so far. The server stops waiting for holders once it is: t honest
         answers do, the others are not needed. A secret is retried as shares come in."""
         for key in self.needed():
-            if key not in self.seeds:
-                if len(self.shares.get(key, {})) < self.threshold:
-                    return False
-                try:
-                    self.seeds[key] = self._recover(*key)
-                except RoundFailed:
-                    return False
+            if key in self.seeds:
+                continue
+            have = len(self.shares.get(key, {}))
+            if have < self.threshold or self._tried.get(key) == have:
+                return False  # too few shares, or no new one since the last failed try
+            try:
+                self.seeds[key] = self._recover(*key)
+            except RoundFailed:
+                self._tried[key] = have
+                return False
         return True
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:

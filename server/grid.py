@@ -90,9 +90,6 @@ class Stragglers:
                 for reply in grid.pull_messages(list(ids)):
                     ids.discard(reply.metadata.reply_to_message_id)
 
-    def __len__(self) -> int:
-        return sum(len(ids) for ids in self._trips)
-
 
 def _pull_each(
     grid: Grid,

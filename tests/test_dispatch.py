@@ -156,3 +156,30 @@ def test_a_costly_sweep_never_pauses_longer_than_flower_would() -> None:
     began = time.monotonic()
     assert paced.wait(dispatch.FLOWER_INTERVAL) is False
     assert time.monotonic() - began < 1.0
+
+
+def test_flowers_own_grid_and_link_state_wake_the_dispatcher() -> None:
+    # The stand-in store above only shows the pause ends on a store. What makes it work in
+    # a simulation is that Flower's InMemoryGrid stores the ServerApp's messages through the
+    # very LinkState object the engine hands its dispatcher: checked here on Flower's own.
+    from flwr.app import Message, MessageType, RecordDict
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    pushed = threading.Event()
+    undo = dispatch._wake_on_store(factory.state(), pushed)
+    grid = InMemoryGrid(state_factory=factory)  # as flwr.simulation builds it
+    message = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+    message.metadata.__dict__["_src_node_id"] = 1  # the SuperLink, as the grid's messages say
+    grid.push_messages([message])  # (refused: no run is registered; the wake comes anyway)
+    assert pushed.is_set()
+    undo()
+    assert "store_message_ins" not in vars(factory.state())

@@ -65,6 +65,13 @@ SEALED = bytes.fromhex(
 )
 
 
+def _keystream(seed: bytes, nbytes: int) -> bytes:
+    """The first `nbytes` of a seed's keystream."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    ks.Keystream(seed).into(out)
+    return out.tobytes()
+
+
 def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
@@ -86,9 +93,9 @@ def test_hkdf_is_rfc5869_case_1() -> None:
 
 
 def test_keystream_is_aes128_ctr_from_a_zero_counter_block() -> None:
-    assert ks.keystream(bytes(32), 16) == AES128_ZERO_KEY_ZERO_BLOCK
-    assert ks.keystream(bytes(32), 48) == ZERO_SEED_STREAM
-    assert ks.keystream(bytes(32), 20) == ZERO_SEED_STREAM[:20]  # a prefix, whatever n
+    assert _keystream(bytes(32), 16) == AES128_ZERO_KEY_ZERO_BLOCK
+    assert _keystream(bytes(32), 48) == ZERO_SEED_STREAM
+    assert _keystream(bytes(32), 20) == ZERO_SEED_STREAM[:20]  # a prefix, whatever n
     # Block i is AES-128-ECB of the counter i as a 128-bit big-endian integer.
     ecb = Cipher(algorithms.AES(bytes(16)), modes.ECB()).encryptor()
     counters = b"".join(i.to_bytes(16, "big") for i in range(3))
@@ -99,7 +106,7 @@ def test_keystream_pinned_for_a_nonzero_seed_keys_aes_with_its_last_16_bytes() -
     seed = bytes(range(32))
     expected = bytes.fromhex("eda330f90eecd16c003e5fb09bcff3581b94b57e0718d6b563b170a063d1847d")
     direct = Cipher(algorithms.AES(seed[16:]), modes.CTR(bytes(16))).encryptor()
-    assert ks.keystream(seed, 32) == direct.update(bytes(32)) == expected
+    assert _keystream(seed, 32) == direct.update(bytes(32)) == expected
 
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
@@ -131,7 +138,7 @@ def test_keystream_read_in_pieces_from_any_offset_is_the_same_stream(
 def test_keystream_longer_than_a_piece_continues_across_pieces() -> None:
     n = ks.PIECE + 48
     whole = Cipher(algorithms.AES(bytes(16)), modes.CTR(bytes(16))).encryptor().update(bytes(n))
-    assert ks.keystream(bytes(32), n) == whole
+    assert _keystream(bytes(32), n) == whole
     tail = np.empty(48, dtype=np.uint8)
     ks.Keystream(bytes(32), ks.PIECE).into(tail)
     assert tail.tobytes() == whole[ks.PIECE :]

@@ -53,6 +53,38 @@ def _pub(kind: str, u: int) -> bytes:
     return _PUB[kind, u]
 
 
+def _encode(
+    q: Quantizer, values, rng: np.random.Generator, weight: float = 1.0
+) -> tuple[np.ndarray, int]:
+    """A whole vector through the client's `Encoder` in one piece: ring elements and the
+    clipped count."""
+    encoder = Encoder(q, rng, weight)
+    x = np.array(values, dtype=np.float64)
+    ring = np.empty(x.shape, dtype=q.dtype)
+    encoder(x, ring)
+    return ring, encoder.clipped
+
+
+def _mask_whole(
+    setup: sa.RoundSetup, enc_sk: bytes, mask_sk: bytes, ring: np.ndarray, tail: Sequence[int]
+) -> sa.MaskedInput:
+    """Trip 1 for an update encoded whole: the composition `client.secure.masked_update`
+    runs piece by piece as it encodes (seeds, signed masks, shares and commitments)."""
+    seeds = sa.mask_seeds(setup, mask_sk)
+    y = np.array(ring, dtype=setup.quantizer.dtype, copy=True)
+    y_tail = sa.tail_words(tail)
+    masks = sa.Masks(setup.quantizer, sa.signed(setup, seeds))
+    masks.add(y)
+    masks.add_tail(y_tail)
+    return sa.sealed(setup, enc_sk, seeds, y, y_tail)
+
+
+def _keystream(seed: bytes, nbytes: int) -> bytes:
+    out = np.empty(nbytes, dtype=np.uint8)
+    ks.Keystream(seed).into(out)
+    return out.tobytes()
+
+
 def _peers(n: int, mask_kind: str = "mask") -> dict[int, sa.Peer]:
     return {u: sa.Peer(_pub("enc", u), _pub(mask_kind, u)) for u in range(1, n + 1)}
 
@@ -102,9 +134,9 @@ def _mask(
     mask_kind: str = "mask",
 ) -> sa.MaskedInput:
     x = np.full(agg.size, 0.25 * u / len(agg.graph)) if x is None else x
-    ring, _ = agg.q.encode(x, np.random.default_rng(u))
+    ring, _ = _encode(agg.q, x, np.random.default_rng(u))
     tail = [u, -u, 7][: agg.tail_len] if tail is None else tail
-    return sa.mask(agg.setup_for(u), _sk("enc", u), _sk(mask_kind, u), ring, tail)
+    return _mask_whole(agg.setup_for(u), _sk("enc", u), _sk(mask_kind, u), ring, tail)
 
 
 def _connected(nodes: set[int], graph: Mapping[int, Sequence[int]]) -> bool:
@@ -229,9 +261,9 @@ def test_sum_of_survivors_or_round_failed(fed: dict) -> None:
     for u in range(1, n + 1):
         if fates[u] == "absent":  # (a) never sends its masked input
             continue
-        ring, clipped = q.encode(xs[u], rng)
+        ring, clipped = _encode(q, xs[u], rng)
         assert clipped == 0
-        mi = sa.mask(agg.setup_for(u), _sk("enc", u), _sk("mask", u), ring, fed["tails"][u - 1])
+        mi = _mask_whole(agg.setup_for(u), _sk("enc", u), _sk("mask", u), ring, fed["tails"][u - 1])
         if fates[u] == "rejected":  # (b) its masked input is refused
             before = _state(agg)
             with pytest.raises(sa.Rejected):
@@ -452,8 +484,8 @@ def _one_masked_vector(bits: int, update: np.ndarray, monkeypatch: pytest.Monkey
     # Fixed keys and a fixed self-mask seed make the statistic deterministic (no flakes).
     monkeypatch.setattr(sa.secrets, "token_bytes", lambda k: hashlib.sha256(b"self").digest()[:k])
     agg = _aggregation(3, 2, q=Quantizer(bits, 1.0, 3), size=COORDS, tail_len=0)
-    ring, _ = agg.q.encode(update, np.random.default_rng(0))
-    return sa.mask(agg.setup_for(1), _sk("enc", 1), _sk("mask", 1), ring, []).model, ring
+    ring, _ = _encode(agg.q, update, np.random.default_rng(0))
+    return _mask_whole(agg.setup_for(1), _sk("enc", 1), _sk("mask", 1), ring, []).model, ring
 
 
 def _chi2_uniform_bytes(values: np.ndarray) -> float:
@@ -678,7 +710,7 @@ def test_encode_decode_round_trip_within_one_step(
     values = np.array(
         data.draw(st.lists(st.floats(-clip, clip), min_size=1, max_size=50)), dtype=np.float64
     )
-    ring, clipped = q.encode(values, np.random.default_rng(data.draw(st.integers(0, 99))))
+    ring, clipped = _encode(q, values, np.random.default_rng(data.draw(st.integers(0, 99))))
     assert clipped == 0 and ring.dtype == ring_dtype(bits)
     assert int(ring.max()) <= q.mask
     assert _within(q, q.decode(ring), values, 1)
@@ -691,7 +723,7 @@ def test_stochastic_rounding_is_unbiased(bits: int) -> None:
     draws = 200_000
     for v in (0.3, -0.7, 1 / 3, 0.9999):
         frac = v * q.scale - np.floor(v * q.scale)
-        err = q.decode(q.encode(np.full(draws, v), rng)[0]) - v
+        err = q.decode(_encode(q, np.full(draws, v), rng)[0]) - v
         sigma = np.sqrt(frac * (1 - frac) / draws) / q.scale
         assert abs(err.mean()) < 5 * sigma + 1e-12
         assert np.abs(err).max() <= 1 / q.scale  # and each draw is one of the two neighbours
@@ -712,7 +744,7 @@ def test_encoding_in_pieces_is_encoding_whole(
     # The client encodes its change piece by piece; however it is cut, the ring elements and
     # the clipped count are those of encoding it whole.
     q = Quantizer(bits, 1.0, 3)
-    whole, clipped = q.encode(np.array(values), np.random.default_rng(seed), weight=0.75)
+    whole, clipped = _encode(q, np.array(values), np.random.default_rng(seed), weight=0.75)
     encoder = Encoder(q, np.random.default_rng(seed), weight=0.75)
     got = np.empty(len(values), dtype=q.dtype)
     bounds = [0, *np.cumsum(cuts)[np.cumsum(cuts) < len(values)].tolist(), len(values)]
@@ -754,24 +786,24 @@ def test_masks_span_many_pieces_like_one_keystream() -> None:
     size = 3 * sa.Masks(q, []).step + 5  # several cache pieces, and a short last one
     got = np.zeros(size, q.dtype)
     sa.Masks(q, [(bytes(32), 1)]).add(got)
-    stream = np.frombuffer(ks.keystream(bytes(32), 4 * size), dtype="<u4")
+    stream = np.frombuffer(_keystream(bytes(32), 4 * size), dtype="<u4")
     np.testing.assert_array_equal(got, stream)
 
 
 def test_weight_scales_the_clipped_update() -> None:
     q = Quantizer(32, 1.0, 4)
     values = np.array([0.5, -0.25, 3.0, -3.0])  # clipped first, then weighed
-    ring, clipped = q.encode(values, np.random.default_rng(0), weight=0.5)
+    ring, clipped = _encode(q, values, np.random.default_rng(0), weight=0.5)
     assert clipped == 2
     assert _within(q, q.decode(ring), np.array([0.25, -0.125, 0.5, -0.5]), 1)
     for weight in (-0.1, 1.5):
         with pytest.raises(ValueError, match="weight"):
-            q.encode(values, np.random.default_rng(0), weight=weight)
+            _encode(q, values, np.random.default_rng(0), weight=weight)
 
 
 def test_a_nan_is_counted_and_encodes_zero() -> None:
     q = Quantizer(32, 1.0, 3)
-    ring, clipped = q.encode(np.array([np.nan, 0.25, 2.0, np.nan]), np.random.default_rng(0))
+    ring, clipped = _encode(q, np.array([np.nan, 0.25, 2.0, np.nan]), np.random.default_rng(0))
     assert clipped == 3
     assert _within(q, q.decode(ring), np.array([0.0, 0.25, 1.0, 0.0]), 1)
 
@@ -779,7 +811,7 @@ def test_a_nan_is_counted_and_encodes_zero() -> None:
 def test_clipping_is_counted_and_saturates() -> None:
     q = Quantizer(32, 0.5, 3)
     values = np.array([2.0, -2.0, 0.5, -0.5, 0.1, np.inf, -np.inf])
-    ring, clipped = q.encode(values, np.random.default_rng(0))
+    ring, clipped = _encode(q, values, np.random.default_rng(0))
     assert clipped == 4
     expected = [0.5, -0.5, 0.5, -0.5, 0.1, 0.5, -0.5]
     assert _within(q, q.decode(ring), np.array(expected), 1)
@@ -795,7 +827,7 @@ def test_sum_of_parties_extremes_never_wraps(bits: int, clip: float, data: st.Da
     for sign in (1, -1):
         acc = np.zeros(16, q.dtype)
         for _ in range(parties):
-            q.add(acc, q.encode(np.full(16, sign * clip), rng)[0])
+            q.add(acc, _encode(q, np.full(16, sign * clip), rng)[0])
         got = q.decode(acc)
         assert np.all(sign * got >= 0)  # never on the wrong side of zero
         assert _within(q, got, np.full(16, sign * parties * clip), parties)
@@ -808,7 +840,7 @@ def test_sum_of_parties_extremes_never_wraps_in_the_widest_ring(bits: int, parti
     for sign in (1, -1):
         acc = np.zeros(4, q.dtype)
         for _ in range(parties):
-            q.add(acc, q.encode(np.full(4, float(sign)), rng)[0])
+            q.add(acc, _encode(q, np.full(4, float(sign)), rng)[0])
         assert _within(q, q.decode(acc), np.full(4, float(sign * parties)), parties)
 
 
@@ -847,19 +879,19 @@ def test_ring_dtype_and_masked_addition() -> None:
 def test_party_refuses_a_threshold_of_at_most_half_its_share_group() -> None:
     agg = _aggregation(4, 3)
     bad = replace(agg.setup_for(1), threshold=1)
-    ring, _ = agg.q.encode(np.zeros(agg.size), np.random.default_rng(0))
+    ring, _ = _encode(agg.q, np.zeros(agg.size), np.random.default_rng(0))
     with pytest.raises(ValueError):
         received = wire.read_setup(wire.setup_record(bad))
-        sa.mask(received, _sk("enc", 1), _sk("mask", 1), ring, [0, 0])
+        _mask_whole(received, _sk("enc", 1), _sk("mask", 1), ring, [0, 0])
 
 
 def test_party_refuses_a_mask_key_or_tail_other_than_the_rounds() -> None:
     agg = _aggregation(4, 3)
-    ring, _ = agg.q.encode(np.zeros(agg.size), np.random.default_rng(0))
+    ring, _ = _encode(agg.q, np.zeros(agg.size), np.random.default_rng(0))
     with pytest.raises(ValueError, match="mask key"):
-        sa.mask(agg.setup_for(1), _sk("enc", 1), _sk("other", 1), ring, [0, 0])
+        _mask_whole(agg.setup_for(1), _sk("enc", 1), _sk("other", 1), ring, [0, 0])
     with pytest.raises(ValueError, match="tail"):
-        sa.mask(agg.setup_for(1), _sk("enc", 1), _sk("mask", 1), ring, [0])
+        _mask_whole(agg.setup_for(1), _sk("enc", 1), _sk("mask", 1), ring, [0])
 
 
 # --- wire: Flower records ----------------------------------------------------------------
@@ -1080,3 +1112,27 @@ def test_masked_reply_with_extra_or_corrupt_arrays_is_rejected() -> None:
     content[m.MASKED] = ArrayRecord({"model": garbage, "tail": tail})
     with pytest.raises(sa.Rejected, match="does not decode"):
         wire.read_masked(content)
+
+
+def test_a_secret_that_failed_is_retried_only_when_a_share_comes_in(monkeypatch) -> None:
+    # The server asks `ready` after every pull; a secret whose shares failed the commitment
+    # must not be rebuilt again (up to MAX_RECOVERY_TRIES interpolations) until it has more.
+    n, t = 4, 3
+    agg = _aggregation(n, t)
+    for u in range(1, n + 1):
+        agg.accept(_mask(agg, u))
+    agg.check_survivors()
+    for h in (1, 2, 3):
+        ans = sa.answer(agg.request_for(h), h, _sk("enc", h))
+        if h == 1:
+            ans.shares[(2, SELF)] = bytes(shamir.SHARE_BYTES - 1) + b"\x01"
+        agg.take(ans)
+    calls: list[int] = []
+    real = shamir.reconstruct
+    monkeypatch.setattr(shamir, "reconstruct", lambda s: calls.append(1) or real(s))
+    assert not agg.ready()
+    tried = len(calls)
+    assert tried > 0
+    assert not agg.ready() and len(calls) == tried  # nothing new: nothing rebuilt
+    agg.take(sa.answer(agg.request_for(4), 4, _sk("enc", 4)))
+    assert agg.ready() and len(calls) > tried

@@ -191,64 +191,22 @@ def test_replies_are_folded_a_few_at_a_time_however_many_are_ready(tmp_path):
     assert max(pulled) == grid_module.PULL_GROUP < 9
 
 
-def test_the_unmask_stage_ends_once_the_sum_can_be_unmasked(tmp_path):
-    # Six clients, t = 4: two holders answer the unmask query only after the round (held
-    # back, then delivered). The server must not wait for them (the timeout is a minute),
-    # and must later pull their answers off the grid, unread.
-    cfg = load(None, [*BASE, "federation.round_timeout=60", "secure_aggregation.enabled=true"])
+def _run_with_late_replies(tmp_path, overrides, late):
+    """A federation in which the replies `late(node, reply)` picks arrive only after their
+    round is over (held back, then put on the grid). Returns the grid, the round records
+    and the ids of the messages the last round sent."""
+    cfg = load(None, [*BASE, *overrides])
     held: list[Message] = []
 
     def hold_back(node, reply):
-        rec = reply.content.config_records.get(m.SECAGG)
-        if rec is not None and "senders" in rec and node in (1004, 1005):
+        if late(node, reply):
             held.append(reply)
             return None
         return reply
 
     grid = LoopbackGrid(sim_client_app(cfg), cfg.federation.clients, hold_back)
     records: list[dict] = []
-
-    def deliver_late(rec, _history):
-        records.append(rec)
-        for reply in held:
-            grid.inbox[reply.metadata.reply_to_message_id] = reply
-        held.clear()
-
-    _, plain, _ = _run(tmp_path / "p")
-    run_federation(
-        grid, cfg, federation(cfg).initial_arrays(), tmp_path / "s", on_round=deliver_late
-    )
-    assert all(r["aggregated"] and not r["failures"] for r in records)
-    assert [r["examples"] for r in records] == [r["examples"] for r in plain]
-    for s, p in zip(records, plain, strict=True):
-        assert abs(s["accuracy"] - p["accuracy"]) < 0.005
-    assert all(r["stage_seconds"]["unmask"] < 30 for r in records)  # not the 60 s timeout
-    # Each round's late answers were pulled at the start of the next: only the last
-    # round's are still on the grid.
-    assert len(grid.inbox) == 2
-    last_unmask = {
-        msg.metadata.message_id for msg in grid.sent[-cfg.federation.clients :]
-    }
-    assert set(grid.inbox) <= last_unmask
-
-
-@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
-def test_a_model_update_that_comes_after_its_round_is_pulled_off_the_grid(tmp_path, secure):
-    # Client 5's update always arrives after its round's timeout (held back, then delivered
-    # when the round is over). The round goes on without it; the next round pulls it off
-    # the grid unread, so late updates never pile up on a SuperLink.
-    cfg = load(None, [*BASE, f"secure_aggregation.enabled={str(secure).lower()}"])
-    held: list[Message] = []
-
-    def late_update(node, reply):
-        if node == 1005 and reply.metadata.message_type == MessageType.TRAIN:
-            held.append(reply)
-            return None
-        return reply
-
-    grid = LoopbackGrid(sim_client_app(cfg), cfg.federation.clients, late_update)
-    records: list[dict] = []
-    sent_before: list[int] = [0]  # messages sent before each round
+    sent_before = [0]  # messages sent before each round
 
     def deliver_late(rec, _history):
         records.append(rec)
@@ -257,14 +215,50 @@ def test_a_model_update_that_comes_after_its_round_is_pulled_off_the_grid(tmp_pa
             grid.inbox[reply.metadata.reply_to_message_id] = reply
         held.clear()
 
-    run_federation(
-        grid, cfg, federation(cfg).initial_arrays(), tmp_path, on_round=deliver_late
+    run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path, on_round=deliver_late)
+    assert len(records) == cfg.federation.rounds
+    last_round = {msg.metadata.message_id for msg in grid.sent[sent_before[-2] :]}
+    return grid, records, last_round
+
+
+def test_the_unmask_stage_ends_once_the_sum_can_be_unmasked(tmp_path):
+    # Six clients, t = 4: two holders answer the unmask query only after the round. The
+    # server must not wait for them (the timeout is a minute), and must later pull their
+    # answers off the grid, unread.
+    def unmask_answer_of_clients_4_and_5(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        return rec is not None and "senders" in rec and node in (1004, 1005)
+
+    _, plain, _ = _run(tmp_path / "p")
+    grid, records, last_round = _run_with_late_replies(
+        tmp_path / "s",
+        ["federation.round_timeout=60", "secure_aggregation.enabled=true"],
+        unmask_answer_of_clients_4_and_5,
+    )
+    assert all(r["aggregated"] and not r["failures"] for r in records)
+    assert [r["examples"] for r in records] == [r["examples"] for r in plain]
+    for s, p in zip(records, plain, strict=True):
+        assert abs(s["accuracy"] - p["accuracy"]) < 0.005
+    assert all(r["stage_seconds"]["unmask"] < 30 for r in records)  # not the 60 s timeout
+    # Each round's late answers were pulled at the start of the next: only the last
+    # round's are still on the grid.
+    assert len(grid.inbox) == 2 and set(grid.inbox) <= last_round
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
+def test_a_model_update_that_comes_after_its_round_is_pulled_off_the_grid(tmp_path, secure):
+    # Client 5's update always arrives after its round's timeout. The round goes on without
+    # it; the next round pulls it off the grid unread, so late updates never pile up on a
+    # SuperLink.
+    def update_of_5(node, reply):
+        return node == 1005 and reply.metadata.message_type == MessageType.TRAIN
+
+    grid, records, last_round = _run_with_late_replies(
+        tmp_path, [f"secure_aggregation.enabled={str(secure).lower()}"], update_of_5
     )
     assert all(r["aggregated"] and r["clients_ok"] == 5 for r in records)
-    assert len(records) == cfg.federation.rounds
     # Only the last round's late replies are left: its late update (and, secure, the unmask
     # answers it did not need).
-    last_round = {msg.metadata.message_id for msg in grid.sent[sent_before[-2] :]}
     late_updates = [
         msg.metadata.message_id for msg in grid.sent
         if msg.metadata.dst_node_id == 1005 and msg.metadata.message_type == MessageType.TRAIN
