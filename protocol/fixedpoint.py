@@ -72,15 +72,19 @@ class Quantizer:
 
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """Real values of (sums of) encoded vectors: the upper half of the ring is negative."""
+        return np.multiply(self.signed(ring), 1.0 / self.scale, dtype=np.float64)
+
+    def signed(self, ring: np.ndarray) -> np.ndarray:
+        """Ring elements as signed integers (decode = signed / scale).
+
+        A full-width ring is two's complement already: it is read as signed, in place.
+        """
         if ring.dtype == self.dtype and self.bits == 8 * self.dtype.itemsize:
-            # A full-width ring is two's complement already: read it as signed, one pass.
-            signed_dtype = np.dtype(f"<i{self.dtype.itemsize}")
-            return np.multiply(ring.view(signed_dtype), 1.0 / self.scale, dtype=np.float64)
-        ints = ring.astype(np.uint64) & np.uint64(self.mask)
-        signed = ints.astype(np.int64)
+            return ring.view(np.dtype(f"<i{self.dtype.itemsize}"))
+        ints = (ring.astype(np.uint64) & np.uint64(self.mask)).astype(np.int64)
         if self.bits < 64:
-            signed = np.where(signed >= (1 << (self.bits - 1)), signed - (1 << self.bits), signed)
-        return signed.astype(np.float64) / self.scale
+            ints = np.where(ints >= (1 << (self.bits - 1)), ints - (1 << self.bits), ints)
+        return ints
 
     def add(self, acc: np.ndarray, other: np.ndarray, sign: int = 1) -> None:
         """acc += sign * other in the ring, in place (numpy wraps unsigned arithmetic)."""

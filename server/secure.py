@@ -268,11 +268,12 @@ class SecureAggregator:
         if totals["weight"] <= 0:
             out.error = "no client update to aggregate"
             return
-        mean_delta = agg.q.decode(ring) * (self.cfg.max_weight / totals["weight"])
+        # The weighted mean of the decoded changes, added to the model block by block.
+        factor = self.cfg.max_weight / (totals["weight"] * agg.q.scale)
         averaged = Message(
             RecordDict(
                 {
-                    m.ARRAYS: updates.shifted(arrays, mean_delta),
+                    m.ARRAYS: updates.shifted(arrays, agg.q.signed(ring), factor),
                     m.METRICS: MetricRecord({m.NUM_EXAMPLES: totals["examples"]}),
                 }
             ),

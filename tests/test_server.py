@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
-from flwr.serverapp.strategy import FedAvgM
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedstream.protocol import messages as m
@@ -51,6 +51,31 @@ def test_weighted_mean_skips_clients_without_examples() -> None:
 
 def test_nothing_to_aggregate_gives_none() -> None:
     assert StreamFedAvg().aggregate_train(1, [_reply(_sent(1), 1.0, 0, 0)]) == (None, None)
+
+
+def test_a_single_update_is_its_own_mean_byte_for_byte_as_flower_computes_it() -> None:
+    # The fast path (a secure round aggregates one message: the unmasked average) must give
+    # exactly what Flower's FedAvg gives, and fail where Flower's checks fail.
+    sent = [_sent(1), _sent(2)]
+    values = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    one = Message(
+        RecordDict({m.ARRAYS: ArrayRecord({"w": Array(values)}),
+                    m.METRICS: m.TrainReport(1, 4, 2, 1.0).to_record()}),
+        reply_to=sent[0],
+    )
+    failed = Message(Error(code=1, reason="boom"), reply_to=sent[1])
+    ours, _ = StreamFedAvg().aggregate_train(1, [one, failed])
+    flowers, _ = FedAvg().aggregate_train(1, [one])
+    assert ours["w"].data == flowers["w"].data and ours["w"].shape == flowers["w"].shape
+    two = Message(
+        RecordDict({m.ARRAYS: _weights(1.0), "more": _weights(2.0),
+                    m.METRICS: m.TrainReport(1, 4, 2, 1.0).to_record()}),
+        reply_to=sent[0],
+    )
+    with pytest.raises(Exception, match="ArrayRecord"):
+        FedAvg().aggregate_train(1, [two])
+    with pytest.raises(Exception, match="ArrayRecord"):
+        StreamFedAvg().aggregate_train(1, [two])
 
 
 def test_default_strategy_is_fedavg_with_server_step() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedstream.protocol import updates
+from fedstream.protocol.fixedpoint import Quantizer
 
 DTYPES = st.sampled_from(["<f4", "<f8", ">f4", "<i8", "<u4", "|u1", "<f2", "|b1"])
 
@@ -96,3 +97,32 @@ def test_delta_pieces_name_a_layout_mismatch() -> None:
         updates.delta_pieces(a, ArrayRecord({"w": Array(np.zeros((3, 2), np.float32))}), 4)
     with pytest.raises(ValueError, match="arrays"):
         updates.delta_pieces(a, ArrayRecord({"v": Array(np.zeros((2, 3), np.float32))}), 4)
+
+
+@pytest.mark.parametrize("bits", [32, 20])
+def test_shifted_adds_a_scaled_ring_sum_across_blocks(bits: int) -> None:
+    # The server's finish: model + signed ring sum x factor, block by block, for a model
+    # larger than one block and arrays that straddle block boundaries.
+    q = Quantizer(bits, 1.0, 4)
+    rng = np.random.default_rng(bits)
+    base = {"a": rng.standard_normal((300, 301)).astype(np.float32),
+            "b": rng.standard_normal(7).astype(np.float32),
+            "steps": np.arange(5, dtype=np.int64)}
+    size = sum(v.size for v in base.values())
+    assert size > updates.BLOCK
+    ring = rng.integers(0, 1 << bits, size, dtype=np.uint64).astype(q.dtype)
+    factor = 0.37 / q.scale
+    got = updates.shifted(updates.record(base), q.signed(ring), factor)
+    change = q.decode(ring) * 0.37
+    start = 0
+    for key, values in base.items():
+        part = change[start : start + values.size].reshape(values.shape)
+        start += values.size
+        if key == "steps":
+            expected = np.rint(values + part).astype(np.int64)
+        else:
+            expected = (values.astype(np.float64) + part).astype(np.float32)
+        np.testing.assert_allclose(got[key].numpy(), expected, rtol=1e-6, atol=1e-6)
+        assert got[key].numpy().dtype == values.dtype
+    with pytest.raises(ValueError, match="values"):
+        updates.shifted(updates.record(base), q.signed(ring[:-1]), factor)
