@@ -78,6 +78,10 @@ def sim(
         err.print(f"[red]error:[/red] {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
     print_summary(summary, Path(cfg.output.dir))
+    if summary["rounds"] and not summary.get("rounds_aggregated", summary["rounds"]):
+        err.print("[red]error:[/red] no round was aggregated: the global model is the initial "
+                  "one (reasons above, per round in metrics.jsonl)", highlight=False)
+        raise typer.Exit(1)
 
 
 def _toml_str(value: str) -> str:
@@ -102,6 +106,17 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"{summary['wall_seconds']:.1f} s, {summary['bytes_up'] / 1e6:.1f} MB up, "
         f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/"
     )
+    failed = summary["rounds"] - summary.get("rounds_aggregated", summary["rounds"])
+    if failed:
+        Console().print(
+            f"[yellow]{failed} of {summary['rounds']} rounds were not aggregated[/yellow] "
+            "(the global model stayed as it was):", highlight=False
+        )
+        for item in summary.get("aggregation_errors", []):
+            rounds = ", ".join(map(str, item["first_rounds"]))
+            more = item["rounds"] - len(item["first_rounds"])
+            rounds += f" and {more} more" if more > 0 else ""
+            Console().print(f"  {item['reason']} (round {rounds})", highlight=False)
     if summary.get("secure_aggregation"):
         Console().print(
             f"Secure aggregation: the server saw only sums, "

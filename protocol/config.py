@@ -8,6 +8,7 @@ dotted key path, before any process or Ray worker starts.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -209,9 +210,44 @@ class Config(_Section):
         if self.secure_aggregation.enabled and self.federation.clients < 2:
             raise ValueError("secure_aggregation needs federation.clients >= 2: a sum of one "
                              "client is that client's update")
+        if self.secure_aggregation.enabled:
+            _check_secure(self.secure_aggregation, sampled_clients(self.federation))
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
         return self
+
+
+def sampled_clients(fed: FederationConfig) -> int:
+    """Clients a round trains when all are online: Flower's sample size."""
+    return min(fed.clients, max(int(fed.clients * fed.fraction), fed.min_clients))
+
+
+def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
+    """Settings that would fail every secure round, refused before anything runs.
+
+    A round with fewer parties (clients offline before it starts) can still fail, and
+    says why in its record; this catches the settings that cannot work at all.
+    """
+    from fedstream.protocol import secagg  # numpy and cryptography: only when enabled
+    from fedstream.protocol.fixedpoint import Quantizer
+
+    try:
+        Quantizer(sa.bits, sa.clip, parties)
+    except ValueError:
+        need = math.ceil(math.log2(parties + 2)) + 1
+        raise ValueError(
+            f"secure_aggregation.bits = {sa.bits} cannot hold the sum of {parties} clients' "
+            f"updates: use at least {need} (32 keeps the rounding error below float32's)"
+        ) from None
+    group = secagg.effective_degree(parties, sa.degree or secagg.auto_degree(parties)) + 1
+    t = secagg.round_threshold(sa.threshold, group)
+    if not group // 2 < t <= group:
+        raise ValueError(
+            f"secure_aggregation.threshold = {sa.threshold} gives {t} of a share group of "
+            f"{group} (each client and its {group - 1} neighbours, at {parties} clients a "
+            f"round): it must be from {group // 2 + 1} to {group}, more than half so that "
+            "no server can collect both masks of a client; or a fraction above 0.5"
+        )
 
 
 # --------------------------------------------------------------------------- loading
@@ -220,8 +256,11 @@ class Config(_Section):
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        msg = item["msg"]
+        msg = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across sections: its message names the keys
+            lines.append(f"  {msg}")
+            continue
+        path = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in item and item["type"] not in ("missing",):

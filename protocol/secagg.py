@@ -32,6 +32,7 @@ hold both the self-mask and the pair masks of one party.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -115,6 +116,19 @@ class UnmaskAnswer:
     index: int
     shares: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (sender, tag) -> share
     rejected: dict[int, str] = field(default_factory=dict)  # sender -> why its share failed
+
+
+def auto_degree(parties: int) -> int:
+    """Neighbours per party when the config leaves it open: O(log n), as Bell et al."""
+    return min(parties - 1, 2 * math.ceil(1.5 * math.log2(max(parties, 2))))
+
+
+def round_threshold(threshold: int | float, group: int) -> int:
+    """The share count that unmasks a party: a count as given, or a fraction of its share
+    group (never half of it or less)."""
+    if isinstance(threshold, int):
+        return threshold
+    return max(group // 2 + 1, math.ceil(threshold * group))
 
 
 def effective_degree(parties: int, degree: int) -> int:

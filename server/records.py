@@ -58,6 +58,8 @@ class History:
     drift_count: int = 0
     dropped: int = 0
     secure: bool = False
+    aggregated: int = 0  # rounds whose aggregate became the global model
+    errors: dict[str, list[int]] = field(default_factory=dict)  # reason -> rounds it failed
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -77,6 +79,11 @@ class History:
         self.drift_count += record["drift_count"]
         self.dropped += record["dropped"]
         self.secure = self.secure or record.get("secure", False)
+        if record.get("aggregated", True):
+            self.aggregated += 1
+        else:
+            reason = record.get("aggregation_error") or "not aggregated"
+            self.errors.setdefault(reason, []).append(record["round"])
         for cid, rep in record["clients"].items():
             acc = self.per_client.setdefault(int(cid), {"seen": 0, "correct": 0})
             acc["seen"] += rep["examples"]
@@ -178,6 +185,9 @@ def secure_round_record(
     }
 
 
+ROUNDS_LISTED = 10  # failed rounds named per reason in summary.json; all are in metrics.jsonl
+
+
 def run_summary(cfg: Config, history: History) -> dict[str, Any]:
     """The summary.json keys every run has, simulated or deployed (see the README)."""
     per_client = {
@@ -201,6 +211,11 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "round_trips": history.round_trips,
         "round_trips_per_round": history.round_trips / history.rounds if history.rounds else None,
         "per_client_accuracy": per_client,
+        "rounds_aggregated": history.aggregated,
+        "aggregation_errors": [
+            {"reason": reason, "rounds": len(rounds), "first_rounds": rounds[:ROUNDS_LISTED]}
+            for reason, rounds in sorted(history.errors.items(), key=lambda kv: kv[1][0])
+        ],
     }
 
 

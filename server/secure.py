@@ -16,7 +16,6 @@ it are ever revealed (see `fedstream.protocol.secagg`), never the key.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -37,17 +36,6 @@ from fedstream.server.grid import Stragglers, send_and_collect
 from fedstream.server.records import bytes_of
 
 SILENT = "no reply before timeout"
-
-
-def auto_degree(parties: int) -> int:
-    """Neighbours per client when the config leaves it open: O(log n), as Bell et al."""
-    return min(parties - 1, 2 * math.ceil(1.5 * math.log2(max(parties, 2))))
-
-
-def threshold_for(cfg: SecureAggregationConfig, group: int) -> int:
-    if isinstance(cfg.threshold, int):
-        return cfg.threshold
-    return max(group // 2 + 1, math.ceil(cfg.threshold * group))
 
 
 @dataclass
@@ -157,8 +145,8 @@ class SecureAggregator:
         n = len(parties)
         if n < 2:
             raise secagg.RoundFailed(f"{n} client(s) ready: a secure sum needs at least 2")
-        degree = secagg.effective_degree(n, self.cfg.degree or auto_degree(n))
-        threshold = threshold_for(self.cfg, degree + 1)
+        degree = secagg.effective_degree(n, self.cfg.degree or secagg.auto_degree(n))
+        threshold = secagg.round_threshold(self.cfg.threshold, degree + 1)
         secagg.check_threshold(threshold, degree + 1)
         peers = {
             i: secagg.Peer(self.enc_pub[node], self.mask_pub[node])

@@ -49,6 +49,44 @@ def test_bad_values_name_the_key(raw: dict, needle: str) -> None:
     assert needle in str(exc.value)
 
 
+SECURE = {"enabled": True}
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        # 20 clients: each has 14 neighbours, a share group of 15, so t must be 8..15.
+        ({"secure_aggregation": {**SECURE, "threshold": 2}}, "must be from 8 to 15"),
+        ({"secure_aggregation": {**SECURE, "threshold": 16}}, "must be from 8 to 15"),
+        # Half of the 20 clients a round: a complete graph of 10, t from 6 to 10.
+        ({"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 5}},
+         "of a share group of 10 (each client and its 9 neighbours, at 10 clients a round)"),
+        ({"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 8}},
+         "secure_aggregation.bits = 8 cannot hold the sum of 200 clients' updates: use at "
+         "least 9"),
+    ],
+)
+def test_secure_settings_that_fail_every_round_are_refused(raw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        validate(raw)
+    assert needle in str(exc.value)
+    assert "Value error" not in str(exc.value) and "(got {" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"secure_aggregation": {**SECURE, "threshold": 8}},
+        {"secure_aggregation": {**SECURE, "threshold": 15}},
+        {"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 6}},
+        {"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 9}},
+        {"secure_aggregation": {"enabled": False, "threshold": 2}},  # not used: not checked
+    ],
+)
+def test_secure_settings_at_the_limits_are_accepted(raw: dict) -> None:
+    validate(raw)
+
+
 def test_overrides_parse_toml_values() -> None:
     overrides = ["federation.rounds=7", "learner.hidden=[8, 8]", "stream.source=digits"]
     raw = apply_overrides({}, overrides)

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import load
-from fedstream.server.records import round_record
+from fedstream.server.records import History, round_record, run_summary
 from fedstream.server.roster import Roster
 from fedstream.server.rounds import _aggregate
 from fedstream.server.strategy import StreamFedAvg, make_strategy
@@ -118,6 +118,22 @@ def test_round_record_names_failures_and_counts() -> None:
     }
     assert rec["bytes_down"] > rec["bytes_up"] > 0
     assert rec["clients"]["0"]["examples"] == 8
+
+
+def test_summary_says_which_rounds_were_not_aggregated_and_why() -> None:
+    history = History()
+    for server_round, error in [(1, None), (2, "too few"), (3, "too few"), (4, "bad sum")]:
+        rec = round_record(server_round, [], [], {}, seconds=0.1)
+        rec["aggregated"] = error is None
+        if error:
+            rec["aggregation_error"] = error
+        history.add(rec)
+    summary = run_summary(load(), history)
+    assert summary["rounds"] == 4 and summary["rounds_aggregated"] == 1
+    assert summary["aggregation_errors"] == [
+        {"reason": "too few", "rounds": 2, "first_rounds": [2, 3]},
+        {"reason": "bad sum", "rounds": 1, "first_rounds": [4]},
+    ]
 
 
 def test_roster_orders_by_client_and_learns_from_reports() -> None:

@@ -122,6 +122,23 @@ def test_failing_clients_do_not_stop_the_federation(tmp_path: Path, secure: bool
     assert summary["client_updates"] == 12 - len(failures)
 
 
+def test_a_run_that_aggregates_no_round_says_why_and_fails(tmp_path: Path) -> None:
+    # Valid settings, but with 90 % of the clients offline no secure round has the 3 of 4
+    # survivors it needs: each round says so, and the run exits non-zero.
+    out = tmp_path / "none"
+    proc = fedstream(
+        "sim", *SMALL, "--set", "simulation.dropout=0.9", "--set", "federation.rounds=2",
+        "--set", "secure_aggregation.enabled=true", "--quiet", "--out", str(out),
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "no round was aggregated" in proc.stderr
+    assert "2 of 2 rounds were not aggregated" in proc.stdout
+    assert "survived, threshold is 3" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_aggregated"] == 0
+    assert sum(e["rounds"] for e in summary["aggregation_errors"]) == 2
+
+
 RAY = Path(sys.executable).parent / "ray"
 
 
