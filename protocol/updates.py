@@ -122,7 +122,7 @@ def shifted(base: ArrayRecord, change: np.ndarray, factor: float = 1.0) -> Array
         values = view(arr)
         stop = start + values.size
         if stop > change.size:
-            raise ValueError(f"update has {change.size} values, the model more")
+            raise ValueError(f"update has {change.size} values, fewer than the model's")
         flat = values.reshape(-1)  # C order: the order `delta_pieces` flattens in
         new = np.empty(values.shape, dtype=values.dtype)
         new_flat = new.reshape(-1)

@@ -43,9 +43,11 @@ class _MeanOfOne:
     """Mixin for FedAvg: the weighted mean of a single update is that update.
 
     A secure round hands the strategy exactly one message, the unmasked average. Flower's
-    FedAvg would arrive at the same bytes by copying the model five times (to numpy, times
-    a weight of 1.0, back through `np.save`): a few milliseconds on every secure round,
-    spent while every client waits for the next model. Flower's checks and log lines stay.
+    FedAvg would arrive at the same values by copying the model five times (to numpy,
+    times a weight of 1.0, back through `np.save`): a few milliseconds on every secure
+    round, spent while every client waits for the next model. Flower's checks and log
+    lines stay. One difference: an integer array (a BatchNorm counter) keeps its dtype,
+    where Flower's product with 1.0 turns it into float64.
     """
 
     def aggregate_train(

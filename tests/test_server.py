@@ -58,8 +58,9 @@ def test_a_single_update_is_its_own_mean_byte_for_byte_as_flower_computes_it() -
     # exactly what Flower's FedAvg gives, and fail where Flower's checks fail.
     sent = [_sent(1), _sent(2)]
     values = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    steps = np.array([7, 9], dtype=np.int64)  # e.g. a BatchNorm counter
     one = Message(
-        RecordDict({m.ARRAYS: ArrayRecord({"w": Array(values)}),
+        RecordDict({m.ARRAYS: ArrayRecord({"w": Array(values), "n": Array(steps)}),
                     m.METRICS: m.TrainReport(1, 4, 2, 1.0).to_record()}),
         reply_to=sent[0],
     )
@@ -67,6 +68,9 @@ def test_a_single_update_is_its_own_mean_byte_for_byte_as_flower_computes_it() -
     ours, _ = StreamFedAvg().aggregate_train(1, [one, failed])
     flowers, _ = FedAvg().aggregate_train(1, [one])
     assert ours["w"].data == flowers["w"].data and ours["w"].shape == flowers["w"].shape
+    # The one difference: integers keep their dtype (Flower's x 1.0 makes them float64).
+    assert ours["n"].numpy().dtype == np.int64 and flowers["n"].numpy().dtype == np.float64
+    np.testing.assert_array_equal(ours["n"].numpy(), flowers["n"].numpy())
     two = Message(
         RecordDict({m.ARRAYS: _weights(1.0), "more": _weights(2.0),
                     m.METRICS: m.TrainReport(1, 4, 2, 1.0).to_record()}),
