@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedstream.cli.main import ConfigOpt, SetOpt, _load, _toml_str, app, err
+from fedstream.cli.main import ConfigOpt, SetOpt, _load, _toml_str, app, err, report
 
 
 @app.command()
@@ -65,6 +66,8 @@ def server(
     typer.echo(f"run {status}; results in {out}/, logs in {state / 'logs'}/")
     if status != "completed":
         raise typer.Exit(1)
+    if (out / "summary.json").exists():
+        report(json.loads((out / "summary.json").read_text()), out)
 
 
 @app.command()

@@ -77,7 +77,12 @@ def sim(
     except Exception as e:
         err.print(f"[red]error:[/red] {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
-    print_summary(summary, Path(cfg.output.dir))
+    report(summary, Path(cfg.output.dir))
+
+
+def report(summary: dict[str, Any], out: Path) -> None:
+    """Print a finished run's summary; a run that aggregated no round exits 1."""
+    print_summary(summary, out)
     if summary["rounds"] and not summary.get("rounds_aggregated", summary["rounds"]):
         err.print("[red]error:[/red] no round was aggregated: the global model is the initial "
                   "one (reasons above, per round in metrics.jsonl)", highlight=False)
@@ -101,9 +106,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     for name, base in summary.get("baselines", {}).items():
         table.add_row(name, _pct(base["prequential_accuracy"]), str(base["samples_seen"]))
     Console().print(table)
+    # A deployed run counts its time since the server (re)started: a resumed run's rounds
+    # before the restart are not in it.
+    secs = summary.get("wall_seconds", summary.get("wall_seconds_since_start"))
     Console().print(
         f"{summary['client_updates']} client updates, {summary['client_failures']} failures, "
-        f"{summary['wall_seconds']:.1f} s, {summary['bytes_up'] / 1e6:.1f} MB up, "
+        + (f"{secs:.1f} s, " if secs is not None else "")
+        + f"{summary['bytes_up'] / 1e6:.1f} MB up, "
         f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/"
     )
     failed = summary["rounds"] - summary.get("rounds_aggregated", summary["rounds"])

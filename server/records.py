@@ -66,6 +66,13 @@ class History:
     def accuracy(self) -> float | None:
         return _ratio(self.correct, self.seen)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A checkpoint from before failed rounds were counted: its rounds count as aggregated
+        (why any failed is in its metrics.jsonl), so resuming it does not fail the run."""
+        state.setdefault("aggregated", state.get("rounds", 0))
+        state.setdefault("errors", {})
+        self.__dict__.update(state)
+
     def add(self, record: dict[str, Any]) -> None:
         self.rounds += 1
         self.seen += record["examples"]

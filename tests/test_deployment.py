@@ -144,6 +144,8 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     assert sorted(r["round"] for r in recs if "round" in r) == [1, 2, 3]
     summary = json.loads((work / "srv" / "results" / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["secure_aggregation"] is True
+    assert summary["rounds_aggregated"] == 3
+    assert "client updates" in (work / "server.log").read_text()  # the server prints it
     for i in range(3):
         spool = Spool(work / f"c{i}" / "spool.db", 8)
         stats, ledger = spool.stats(), spool.ledger()

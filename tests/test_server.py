@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
@@ -138,6 +140,16 @@ def test_summary_says_which_rounds_were_not_aggregated_and_why() -> None:
         {"reason": "too few", "rounds": 2, "first_rounds": [2, 3]},
         {"reason": "bad sum", "rounds": 1, "first_rounds": [4]},
     ]
+
+
+def test_a_history_from_an_older_checkpoint_loads_with_its_rounds_aggregated() -> None:
+    history = History(rounds=5, seen=40)
+    old = dict(history.__dict__)
+    del old["aggregated"], old["errors"]  # fields an earlier version did not have
+    restored = History.__new__(History)
+    restored.__setstate__(old)
+    assert restored.aggregated == 5 and restored.errors == {} and restored.seen == 40
+    assert pickle.loads(pickle.dumps(history)) == history  # today's checkpoints unchanged
 
 
 def test_roster_orders_by_client_and_learns_from_reports() -> None:
