@@ -231,6 +231,12 @@ def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
     from fedstream.protocol import secagg  # numpy and cryptography: only when enabled
     from fedstream.protocol.fixedpoint import Quantizer
 
+    if parties < 2:
+        raise ValueError(
+            f"secure_aggregation needs 2 or more clients a round, federation.fraction and "
+            f"min_clients give {parties}: a sum of one client is that client's update"
+        )
+
     try:
         Quantizer(sa.bits, sa.clip, parties)
     except ValueError:

@@ -61,6 +61,8 @@ SECURE = {"enabled": True}
         # Half of the 20 clients a round: a complete graph of 10, t from 6 to 10.
         ({"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 5}},
          "of a share group of 10 (each client and its 9 neighbours, at 10 clients a round)"),
+        ({"federation": {"fraction": 0.05}, "secure_aggregation": SECURE},
+         "needs 2 or more clients a round, federation.fraction and min_clients give 1"),
         ({"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 8}},
          "secure_aggregation.bits = 8 cannot hold the sum of 200 clients' updates: use at "
          "least 9"),
@@ -79,6 +81,7 @@ def test_secure_settings_that_fail_every_round_are_refused(raw: dict, needle: st
         {"secure_aggregation": {**SECURE, "threshold": 8}},
         {"secure_aggregation": {**SECURE, "threshold": 15}},
         {"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 6}},
+        {"federation": {"fraction": 0.1}, "secure_aggregation": SECURE},  # 2 a round
         {"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 9}},
         {"secure_aggregation": {"enabled": False, "threshold": 2}},  # not used: not checked
     ],
