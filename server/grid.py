@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flwr.app import Message
@@ -85,10 +85,16 @@ class Stragglers:
         return ids
 
     def discard(self, grid: Grid) -> None:
+        for _ in self.collect(grid):
+            pass
+
+    def collect(self, grid: Grid) -> Iterator[Message]:
+        """The replies that came in since, pulled off the grid, for a caller that reads them."""
         for ids in self._trips:
             if ids:
                 for reply in grid.pull_messages(list(ids)):
                     ids.discard(reply.metadata.reply_to_message_id)
+                    yield reply
 
 
 def _pull_each(

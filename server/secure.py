@@ -8,7 +8,8 @@ The unmasked sum becomes a single averaged update that Flower's strategy (FedAvg
 FedAvgM, FedAdam, FedYogi) aggregates as usual, so server optimizers work unchanged on
 top of the secure sum.
 
-Keys are fetched once per client (an extra trip in its first round). Every masked reply
+Keys are fetched once per client: an extra trip in the first round, which also asks, without
+waiting, every node not sampled yet, so that later rounds start in two trips. Every masked reply
 offers a fresh mask key for the client's next round; a client that dropped keeps the one
 it had. Reusing a mask key is safe here because only round-bound pair seeds derived from
 it are ever revealed (see `fedstream.protocol.secagg`), never the key.
@@ -65,6 +66,8 @@ class SecureAggregator:
         self.enc_pub: dict[int, bytes] = {}  # node -> long-lived encryption key
         self.mask_pub: dict[int, bytes] = {}  # node -> the mask key its next round uses
         self.late = Stragglers()  # replies no longer waited for: pulled off the grid, unread
+        self.offers = Stragglers()  # key queries not waited for: their answers are read later
+        self.asked: set[int] = set()  # nodes with such a query out (not asked again meanwhile)
 
     def round(
         self,
@@ -80,9 +83,7 @@ class SecureAggregator:
         clock = _Stages(out.stage_seconds)
         self.late.discard(grid)
         nodes = [msg.metadata.dst_node_id for msg in sent]
-        self._fetch_keys(
-            [n for n in nodes if n not in self.mask_pub], grid, timeout, out, client_of
-        )
+        self._fetch_keys(nodes, grid, timeout, out)
         clock.lap("keys")
         parties = [n for n in nodes if n in self.mask_pub and n in self.enc_pub]
         try:
@@ -165,40 +166,63 @@ class SecureAggregator:
         )
 
     def _fetch_keys(
-        self,
-        nodes: list[int],
-        grid: Grid,
-        timeout: float,
-        out: SecureOutcome,
-        client_of: dict[int, int],
+        self, nodes: list[int], grid: Grid, timeout: float, out: SecureOutcome
     ) -> None:
+        """Keys of the sampled nodes that have none, and, without waiting for them, of every
+        other node that has none: with partial participation, a node sampled later then
+        starts its round in two trips instead of three."""
+        self._take_offers(grid)
+        nodes = [n for n in nodes if n not in self.mask_pub]
         if not nodes:
             return
+        ahead = [
+            n for n in grid.get_node_ids()
+            if n not in self.mask_pub and n not in nodes and n not in self.asked
+        ]
         queries = [
             Message(
                 RecordDict({m.CONFIG: ConfigRecord({m.QUERY_KIND: m.KEYS})}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
-            for n in nodes
+            for n in [*nodes, *ahead]
         ]
         out.round_trips += 1
-        for reply in send_and_collect(grid, queries, timeout, late=self.late.trip()):
+        needed, answered = set(nodes), set()
+
+        def take(reply: Message) -> None:
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                out.failures.append(_failure(node, "keys", reply.error.reason))
-                continue
-            rec = m.record(reply.content, m.SECAGG, ConfigRecord)
-            enc, mask = (rec or {}).get("enc-pub"), (rec or {}).get("mask-pub")
-            if not (
-                isinstance(enc, bytes)
-                and isinstance(mask, bytes)
-                and len(enc) == 32
-                and len(mask) == 32
-            ):
-                out.failures.append(_failure(node, "keys", "malformed key offer"))
-                continue
-            self.enc_pub[node], self.mask_pub[node] = enc, mask
+            answered.add(node)
+            reason = self._register_keys(reply)
+            if reason and node in needed:
+                out.failures.append(_failure(node, "keys", reason))
+
+        send_and_collect(
+            grid, queries, timeout, on_reply=take, enough=lambda: needed <= answered,
+            late=self.offers.trip(),  # read when they come: see _take_offers
+        )
+        self.asked.update(n for n in ahead if n not in answered)
+
+    def _take_offers(self, grid: Grid) -> None:
+        """Key offers that came in after their trip ended. A node with keys by then keeps
+        them: they are newer (every masked reply offers the next mask key)."""
+        for reply in self.offers.collect(grid):
+            node = reply.metadata.src_node_id
+            self.asked.discard(node)
+            if node not in self.mask_pub:
+                self._register_keys(reply)
+
+    def _register_keys(self, reply: Message) -> str | None:
+        """Keep a node's key offer; what is wrong with it, if anything."""
+        if reply.has_error():
+            return reply.error.reason
+        rec = m.record(reply.content, m.SECAGG, ConfigRecord)
+        enc, mask = (rec or {}).get("enc-pub"), (rec or {}).get("mask-pub")
+        if not all(isinstance(k, bytes) and len(k) == 32 for k in (enc, mask)):
+            return "malformed key offer"
+        node = reply.metadata.src_node_id
+        self.enc_pub[node], self.mask_pub[node] = enc, mask
+        return None
 
     def _unmask(
         self,

@@ -265,3 +265,34 @@ def test_a_model_update_that_comes_after_its_round_is_pulled_off_the_grid(tmp_pa
     ]
     assert late_updates[-1] in grid.inbox
     assert set(grid.inbox) <= last_round
+
+
+def test_with_partial_participation_keys_are_fetched_ahead_and_later_rounds_take_two_trips(
+    tmp_path,
+):
+    # Three of six clients a round. Round 1 asks the three unsampled nodes for their keys
+    # too, without waiting: their offers come only after the round, are read at the start
+    # of the next, and a node sampled later needs no keys trip of its own.
+    offers = []
+
+    def offers_after_the_first_three(_node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        if rec is None or "enc-pub" not in rec:
+            return False
+        offers.append(reply)
+        return len(offers) > 3
+
+    grid, records, _ = _run_with_late_replies(
+        tmp_path,
+        ["federation.fraction=0.5", "federation.round_timeout=60",
+         "secure_aggregation.enabled=true"],
+        offers_after_the_first_three,
+    )
+    assert len(offers) == 6  # every node asked once, in round 1
+    trained = [m_.metadata.dst_node_id for m_ in grid.sent
+               if m_.metadata.message_type == MessageType.TRAIN]
+    rounds = [set(trained[i : i + 3]) for i in range(0, len(trained), 3)]
+    assert any(r - rounds[0] for r in rounds[1:])  # later rounds sample nodes round 1 did not
+    assert all(r["aggregated"] and not r["failures"] for r in records)
+    assert [r["round_trips"] for r in records] == [3, 2, 2, 2]
+    assert all(r["stage_seconds"]["keys"] < 30 for r in records)  # the late offers not awaited
