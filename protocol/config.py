@@ -207,9 +207,6 @@ class Config(_Section):
                 f"federation.min_clients ({self.federation.min_clients}) exceeds "
                 f"federation.clients ({self.federation.clients})"
             )
-        if self.secure_aggregation.enabled and self.federation.clients < 2:
-            raise ValueError("secure_aggregation needs federation.clients >= 2: a sum of one "
-                             "client is that client's update")
         if self.secure_aggregation.enabled:
             _check_secure(self.secure_aggregation, sampled_clients(self.federation))
         if self.learner.model == "cnn" and self.stream.source != "digits":
@@ -233,10 +230,9 @@ def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
 
     if parties < 2:
         raise ValueError(
-            f"secure_aggregation needs 2 or more clients a round, federation.fraction and "
-            f"min_clients give {parties}: a sum of one client is that client's update"
+            f"secure_aggregation needs 2 or more clients a round; federation.clients, fraction "
+            f"and min_clients give {parties}: a sum of one client is that client's update"
         )
-
     try:
         Quantizer(sa.bits, sa.clip, parties)
     except ValueError:
@@ -245,15 +241,13 @@ def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
             f"secure_aggregation.bits = {sa.bits} cannot hold the sum of {parties} clients' "
             f"updates: use at least {need} (32 keeps the rounding error below float32's)"
         ) from None
-    group = secagg.effective_degree(parties, sa.degree or secagg.auto_degree(parties)) + 1
-    t = secagg.round_threshold(sa.threshold, group)
-    if not group // 2 < t <= group:
+    try:
+        secagg.round_shape(parties, sa.degree, sa.threshold)
+    except ValueError as err:
         raise ValueError(
-            f"secure_aggregation.threshold = {sa.threshold} gives {t} of a share group of "
-            f"{group} (each client and its {group - 1} neighbours, at {parties} clients a "
-            f"round): it must be from {group // 2 + 1} to {group}, more than half so that "
-            "no server can collect both masks of a client; or a fraction above 0.5"
-        )
+            f"secure_aggregation.threshold = {sa.threshold}, at {parties} clients a round: "
+            f"{err}; or give a fraction above 0.5"
+        ) from None
 
 
 # --------------------------------------------------------------------------- loading

@@ -118,17 +118,19 @@ class UnmaskAnswer:
     rejected: dict[int, str] = field(default_factory=dict)  # sender -> why its share failed
 
 
-def auto_degree(parties: int) -> int:
-    """Neighbours per party when the config leaves it open: O(log n), as Bell et al."""
-    return min(parties - 1, 2 * math.ceil(1.5 * math.log2(max(parties, 2))))
-
-
-def round_threshold(threshold: int | float, group: int) -> int:
-    """The share count that unmasks a party: a count as given, or a fraction of its share
-    group (never half of it or less)."""
-    if isinstance(threshold, int):
-        return threshold
-    return max(group // 2 + 1, math.ceil(threshold * group))
+def round_shape(parties: int, degree: int, threshold: int | float) -> tuple[int, int]:
+    """(neighbours per party, shares that unmask a party) for a round of `parties`, from the
+    config's `degree` (0: O(log n), as Bell et al.) and `threshold` (a count, or a fraction
+    of the share group, never half of it or less). ValueError when the threshold is unsafe
+    or does not fit."""
+    auto = min(parties - 1, 2 * math.ceil(1.5 * math.log2(max(parties, 2))))
+    k = effective_degree(parties, degree or auto)
+    group = k + 1
+    t = threshold if isinstance(threshold, int) else max(
+        group // 2 + 1, math.ceil(threshold * group)
+    )
+    check_threshold(t, group)
+    return k, t
 
 
 def effective_degree(parties: int, degree: int) -> int:
@@ -158,8 +160,9 @@ def check_threshold(threshold: int, group: int) -> None:
     """t must exceed half a share group (so no server gets both masks) and fit in it."""
     if not group // 2 < threshold <= group:
         raise ValueError(
-            f"threshold {threshold} must be more than half of, and at most, the share group "
-            f"of {group} (degree + 1)"
+            f"a threshold of {threshold} shares does not fit a share group of {group} (a "
+            f"client and its {group - 1} neighbours): it must be from {group // 2 + 1} to "
+            f"{group}, more than half so that no server can collect both masks of a client"
         )
 
 

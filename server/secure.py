@@ -146,9 +146,7 @@ class SecureAggregator:
         n = len(parties)
         if n < 2:
             raise secagg.RoundFailed(f"{n} client(s) ready: a secure sum needs at least 2")
-        degree = secagg.effective_degree(n, self.cfg.degree or secagg.auto_degree(n))
-        threshold = secagg.round_threshold(self.cfg.threshold, degree + 1)
-        secagg.check_threshold(threshold, degree + 1)
+        degree, threshold = secagg.round_shape(n, self.cfg.degree, self.cfg.threshold)
         peers = {
             i: secagg.Peer(self.enc_pub[node], self.mask_pub[node])
             for i, node in enumerate(parties, start=1)
@@ -188,19 +186,20 @@ class SecureAggregator:
             for n in [*nodes, *ahead]
         ]
         out.round_trips += 1
-        needed, answered = set(nodes), set()
+        waiting = set(nodes)  # sampled nodes not heard from yet
 
         def take(reply: Message) -> None:
             node = reply.metadata.src_node_id
-            answered.add(node)
             reason = self._register_keys(reply)
-            if reason and node in needed:
+            if reason and node in waiting:
                 out.failures.append(_failure(node, "keys", reason))
+            waiting.discard(node)
 
-        send_and_collect(
-            grid, queries, timeout, on_reply=take, enough=lambda: needed <= answered,
-            late=self.offers.trip(),  # read when they come: see _take_offers
+        # Late answers are read when they come: see _take_offers.
+        answered = _collect(
+            grid, queries, timeout, take, enough=lambda: not waiting, late=self.offers.trip()
         )
+        out.failures.extend(_failure(n, "keys", SILENT) for n in nodes if n in waiting)
         self.asked.update(n for n in ahead if n not in answered)
 
     def _take_offers(self, grid: Grid) -> None:

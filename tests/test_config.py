@@ -60,9 +60,10 @@ SECURE = {"enabled": True}
         ({"secure_aggregation": {**SECURE, "threshold": 16}}, "must be from 8 to 15"),
         # Half of the 20 clients a round: a complete graph of 10, t from 6 to 10.
         ({"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 5}},
-         "of a share group of 10 (each client and its 9 neighbours, at 10 clients a round)"),
+         "at 10 clients a round: a threshold of 5 shares does not fit a share group of 10 "
+         "(a client and its 9 neighbours): it must be from 6 to 10"),
         ({"federation": {"fraction": 0.05}, "secure_aggregation": SECURE},
-         "needs 2 or more clients a round, federation.fraction and min_clients give 1"),
+         "needs 2 or more clients a round; federation.clients, fraction and min_clients give 1"),
         ({"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 8}},
          "secure_aggregation.bits = 8 cannot hold the sum of 200 clients' updates: use at "
          "least 9"),

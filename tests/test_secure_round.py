@@ -296,3 +296,28 @@ def test_with_partial_participation_keys_are_fetched_ahead_and_later_rounds_take
     assert all(r["aggregated"] and not r["failures"] for r in records)
     assert [r["round_trips"] for r in records] == [3, 2, 2, 2]
     assert all(r["stage_seconds"]["keys"] < 30 for r in records)  # the late offers not awaited
+
+
+def test_a_node_silent_in_the_keys_trip_is_named_and_its_late_offer_is_used(tmp_path):
+    # Client 5's key offer comes only after round 1 (timeout 0.3 s): round 1 names it as
+    # silent at the keys stage and goes on with five; round 2 reads the late offer and
+    # includes it without a keys trip.
+    held = []
+
+    def first_offer_of_5(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        if node == 1005 and rec is not None and "enc-pub" in rec and not held:
+            held.append(reply)
+            return True
+        return False
+
+    _, records, _ = _run_with_late_replies(
+        tmp_path, ["secure_aggregation.enabled=true"], first_offer_of_5
+    )
+    first, second = records[0], records[1]
+    assert first["aggregated"] and first["clients_ok"] == 5
+    assert [(f["stage"], f["reason"]) for f in first["failures"]] == [
+        ("keys", "no reply before timeout")
+    ]
+    assert second["aggregated"] and second["clients_ok"] == 6 and not second["failures"]
+    assert [r["round_trips"] for r in records] == [3, 2, 2, 2]
