@@ -1221,8 +1221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=SYSTEMS,
         default=list(SYSTEMS),
-        help="which systems to run (default all three; 'ours' always runs: the targets "
-        "are ratios against it)",
+        help="which systems the simulation runs cover (default all three; 'ours' always "
+        "runs: the targets are ratios against it). The memory and profile runs always "
+        "cover all three: add --skip-memory to leave SecAgg+ out altogether",
     )
     p.add_argument("--skip-memory", action="store_true", help="no memory runs")
     p.add_argument("--skip-profile", action="store_true", help="no in-process profile")

@@ -472,9 +472,8 @@ class Aggregation:
         Every seed is recovered (and checked) first; then the masks are taken out of the
         sum, each thread expanding every mask over its own range of coordinates, since the
         clients wait for this step. numpy's additions release the GIL, and so do
-        `cryptography`'s cipher updates from version 50 on (48 held it). On the 2-vCPU
-        machines measured here two threads gain little (7.1 against 7.3 ms for ten 1M
-        masks: the vCPUs share more than they show); they pay where cores are free.
+        `cryptography`'s cipher updates from version 50 on; whether two threads beat one
+        depends on the aggregator's free cores (README, "Cost").
         """
         masks: list[tuple[bytes, int]] = []  # (seed, minus the sign the party added it with)
         for u, tag in self.needed():
