@@ -54,18 +54,12 @@ def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
         raise SecureAggregationError(f"bad round setup: {err}") from err
     state = _state(ctx)
     mask_sk = _mask_key(state, setup.mask_pub)  # before training: a failure trains nothing
-    masks = secagg.RoundMasks(setup, mask_sk, updates.size(msg.content[m.ARRAYS]))
-    try:
-        reply = call_next(msg, ctx)  # trains while the masks expand
-    except BaseException:
-        masks.cancel()
-        raise
+    reply = call_next(msg, ctx)
     if reply.has_error():
-        masks.cancel()
         return reply
     report = m.TrainReport.from_record(reply.content[m.METRICS])
     masked = masked_update(
-        msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], masks
+        msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], mask_sk
     )
     del reply  # the trained model's memory, freed, is reused for the masked reply's bytes
     next_pub = _new_mask_key(state)
@@ -79,27 +73,26 @@ def masked_update(
     report: m.TrainReport,
     setup: secagg.RoundSetup,
     enc_sk: bytes,
-    masks: secagg.RoundMasks,
+    mask_sk: bytes,
 ) -> secagg.MaskedInput:
     """The update pipeline, clip -> quantize -> mask, run one piece at a time.
 
     The model change is weighed by examples; the example count and metrics ride as exact
-    integers in the masked tail. Each piece of the change is clipped and quantized, then
-    added to the masks (expanded meanwhile, see `RoundMasks`) before the next is read, so
-    the device needs the masked vector and one piece besides its models, not a float64
-    copy of the whole change.
+    integers in the masked tail. Each piece of the change (1 MiB of ring elements) is
+    clipped, quantized and masked before the next is read, so the device needs the masked
+    vector and one piece besides its models, not a float64 copy of the whole change.
     """
     q = setup.quantizer
     weight = min(report.examples, setup.max_weight)
     rng = np.random.default_rng([setup.server_round, report.client, 0x5EC])
     encoder = Encoder(q, rng, weight=weight / setup.max_weight)
-    y, y_tail = masks.wait()
-    step = ks.PIECE // q.dtype.itemsize
-    scratch = np.empty(min(step, y.size), dtype=q.dtype)
-    for lo, change in updates.delta_pieces(local_arrays, global_arrays, step):
-        piece = scratch[: change.size]
+    seeds = secagg.mask_seeds(setup, mask_sk)
+    masks = secagg.Masks(q, secagg.signed(setup, seeds))
+    y = np.empty(updates.size(local_arrays), dtype=q.dtype)
+    for lo, change in updates.delta_pieces(local_arrays, global_arrays, masks.step):
+        piece = y[lo : lo + change.size]
         encoder(change, piece)  # clip, weigh, quantize
-        q.add(y[lo : lo + change.size], piece)
+        masks.add(piece)
     tail = {
         "contributors": 1,
         "examples": report.examples,
@@ -111,8 +104,9 @@ def masked_update(
         "train-us": int(report.train_seconds * 1e6),
         "dropped": report.dropped,
     }
-    y_tail += secagg.tail_words([tail[name] for name in m.TAIL])
-    return secagg.sealed(setup, enc_sk, masks.seeds, y, y_tail)
+    y_tail = secagg.tail_words([tail[name] for name in m.TAIL])
+    masks.add_tail(y_tail)
+    return secagg.sealed(setup, enc_sk, seeds, y, y_tail)
 
 
 def _bounded(loss_sum: float) -> float:

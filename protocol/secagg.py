@@ -35,7 +35,6 @@ import itertools
 import math
 import secrets
 import struct
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -229,55 +228,6 @@ def mask_seeds(setup: RoundSetup, mask_sk: bytes) -> dict[int, bytes]:
 def signed(setup: RoundSetup, seeds: Mapping[int, bytes]) -> list[tuple[bytes, int]]:
     """The self mask, and each pair mask with the sign that makes the pair cancel in the sum."""
     return [(seed, 1 if tag == SELF or setup.index < tag else -1) for tag, seed in seeds.items()]
-
-
-class RoundMasks:
-    """A party's masks for one round, expanded on a thread of their own as soon as the round
-    setup arrives.
-
-    The masks depend on the seeds and the vector's size, not on the update, so the
-    keystream work (most of a client's masking cost) can run while the model trains: torch
-    and `cryptography`'s cipher updates both release the GIL. A device with a core to spare,
-    or one that trains on its GPU, then spends next to nothing on masking after training.
-    """
-
-    def __init__(self, setup: RoundSetup, mask_sk: bytes, size: int) -> None:
-        self.seeds = mask_seeds(setup, mask_sk)
-        self.quantizer = setup.quantizer
-        self._model = np.zeros(size, dtype=setup.quantizer.dtype)
-        self._tail = np.zeros(setup.tail_len, dtype=TAIL_DTYPE)
-        self._error: Exception | None = None
-        self._cancelled = threading.Event()
-        self._thread = threading.Thread(
-            target=self._expand, args=(signed(setup, self.seeds),), name="masks", daemon=True
-        )
-        self._thread.start()
-
-    def _expand(self, signed_masks: list[tuple[bytes, int]]) -> None:
-        try:
-            masks = Masks(self.quantizer, signed_masks)
-            for lo in range(0, self._model.size, masks.step):
-                if self._cancelled.is_set():
-                    return
-                masks.add(self._model[lo : lo + masks.step])
-            masks.add_tail(self._tail)
-        except Exception as err:  # handed to the caller by wait()
-            self._error = err
-
-    def cancel(self) -> None:
-        """Stop expanding (within one piece): the party is out of this round, and a core
-        it shares, e.g. with other simulated clients, has better things to do."""
-        self._cancelled.set()
-
-    def wait(self) -> tuple[np.ndarray, np.ndarray]:
-        """The signed sum of the masks: (model-sized vector, tail words), for the encoded
-        update to be added to in place."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._cancelled.is_set():
-            raise RuntimeError("the masks of a cancelled round were asked for")
-        return self._model, self._tail
 
 
 def tail_words(tail: Sequence[int]) -> np.ndarray:

@@ -17,7 +17,6 @@ import copy
 import functools
 import hashlib
 import itertools
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -791,13 +790,16 @@ def test_masks_span_many_pieces_like_one_keystream() -> None:
     np.testing.assert_array_equal(got, stream)
 
 
-def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole() -> None:
-    # The client expands its masks on a thread while it trains (RoundMasks), then adds its
-    # update to them piece by piece: the result must be exactly the update encoded in one
-    # piece plus the signed masks of the same seeds, tail included.
+def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The client clips, quantizes and masks its change piece by piece as it computes it
+    # (client.secure.masked_update): the result must be exactly the change encoded in one
+    # piece plus the signed masks of the same seeds, tail (metrics, clipped count) included.
     from fedstream.client.secure import masked_update
     from fedstream.protocol import updates
 
+    monkeypatch.setattr(sa.secrets, "token_bytes", lambda k: hashlib.sha256(b"self").digest()[:k])
     rng = np.random.default_rng(7)
     old = {"w": rng.standard_normal((600, 500), dtype=np.float32), "b": np.zeros(7, np.float32)}
     new = {k: v + rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in old.items()}
@@ -805,65 +807,23 @@ def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole() -> 
     assert size > sa.Masks(Quantizer(32, 1.0, 4), []).step  # more than one piece
     agg = _aggregation(4, 3, size=size, tail_len=len(m.TAIL))
     setup = agg.setup_for(3)
-    report = m.TrainReport(client=11, examples=50, correct=7, loss_sum=12.5, drifts=[4],
-                           train_seconds=0.25, dropped=2)
-    masks = sa.RoundMasks(setup, _sk("mask", 3), size)
-    got = masked_update(updates.record(old), updates.record(new), report, setup,
-                        _sk("enc", 3), masks)
+    report = m.TrainReport(
+        client=11, examples=50, correct=7, loss_sum=12.5, drifts=[4], train_seconds=0.25,
+        dropped=2,
+    )
+    got = masked_update(
+        updates.record(old), updates.record(new), report, setup, _sk("enc", 3), _sk("mask", 3)
+    )
 
     change = np.concatenate([(new[k].astype(np.float64) - old[k]).ravel() for k in old])
-    ring, clipped = _encode(
-        agg.q, change, np.random.default_rng([ROUND, report.client, 0x5EC]), weight=1.0
-    )
+    ring, clipped = _encode(agg.q, change, np.random.default_rng([ROUND, report.client, 0x5EC]))
     assert clipped > 0  # the clipped count rides in the tail: it is checked too
     tail = [1, 50, 1, 7, round(12.5 * m.FIXED_POINT), 1, clipped, 250_000, 2]
-    want, want_tail = ring.copy(), sa.tail_words(tail)
-    signed_masks = sa.Masks(agg.q, sa.signed(setup, masks.seeds))
-    signed_masks.add(want)
-    signed_masks.add_tail(want_tail)
-    np.testing.assert_array_equal(got.model, want)
-    np.testing.assert_array_equal(got.tail, want_tail)
-    assert got.commitments == {tag: ks.commitment(seed) for tag, seed in masks.seeds.items()}
-
-
-def test_a_failure_while_the_masks_expand_reaches_the_caller(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def broken(self: sa.Masks, values: np.ndarray) -> None:
-        raise MemoryError("no room for the masks")
-
-    monkeypatch.setattr(sa.Masks, "add", broken)
-    agg = _aggregation(3, 2)
-    masks = sa.RoundMasks(agg.setup_for(1), _sk("mask", 1), agg.size)
-    with pytest.raises(MemoryError, match="no room"):
-        masks.wait()
-
-
-def test_cancelled_masks_stop_within_a_piece_and_are_not_handed_out(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A client that fails its training cancels its masks: the thread must stop at the next
-    # piece (the core may be shared with other clients), and nothing may use them.
-    started, cancelled, pieces = threading.Event(), threading.Event(), []
-    add = sa.Masks.add
-
-    def first_piece_waits_for_the_cancel(self: sa.Masks, values: np.ndarray) -> None:
-        pieces.append(values.size)
-        add(self, values)
-        started.set()
-        assert cancelled.wait(10)
-
-    monkeypatch.setattr(sa.Masks, "add", first_piece_waits_for_the_cancel)
-    q = Quantizer(32, 1.0, 3)
-    agg = _aggregation(3, 2, q=q, size=3 * sa.Masks(q, []).step)
-    masks = sa.RoundMasks(agg.setup_for(1), _sk("mask", 1), agg.size)
-    assert started.wait(10)
-    masks.cancel()
-    cancelled.set()
-    with pytest.raises(RuntimeError, match="cancelled"):
-        masks.wait()
-    assert pieces == [sa.Masks(q, []).step]
-    assert not masks._tail.any()  # the tail, expanded last, was never reached
+    seeds = sa.mask_seeds(setup, _sk("mask", 3))  # the same self seed: token_bytes is fixed
+    want = _mask_whole(setup, _sk("enc", 3), _sk("mask", 3), ring, tail)
+    np.testing.assert_array_equal(got.model, want.model)
+    np.testing.assert_array_equal(got.tail, want.tail)
+    assert got.commitments == {tag: ks.commitment(seed) for tag, seed in seeds.items()}
 
 
 def test_weight_scales_the_clipped_update() -> None:
