@@ -1,13 +1,14 @@
 """Reading a CSV or JSONL stream for ``fedstream feed``, row by row, into sample batches.
 
 The file rules are those of ``load_table`` (``sources/tabular.py``, whose helpers this
-reuses): UTF-8 with or without a BOM, a sniffed delimiter among ``, ; tab |``, quoted
-fields, CRLF, ``.gz``, blank lines, a trailing delimiter on every line; an empty or NA cell,
-a non-number, a ragged row, a missing key or bad JSON is an error naming ``file:line`` and
-the column. Unlike ``load_table``, which refuses a whole file for one bad cell, a feed
-reports the bad row and goes on: the good rows are sent, so a live stream does not stop
-for one garbled record. Problems with the file as a whole (unreadable, bad header, label
-column missing, not UTF-8) still stop it with a ``DataError``.
+reuses): UTF-8 with or without a BOM, a sniffed delimiter among ``, ; tab |`` (decimal
+commas in a ``;`` file), quoted fields, CRLF, ``.gz``, blank lines, a trailing delimiter on
+every line; an empty or NA cell, a non-number, a ragged row, a missing key or bad JSON is an
+error naming ``file:line`` and the column. Unlike ``load_table``, which refuses a whole
+file for one bad cell, a feed reports the bad row and goes on: the good rows are sent, so a
+live stream does not stop for one garbled record. Problems with the file as a whole
+(unreadable, bad header, label column missing, not UTF-8) still stop it with a
+``DataError``.
 
 The input is read as a stream (stdin may be a live pipe): a batch is emitted when it holds
 ``batch`` rows, or when a row arrives more than ``flush_seconds`` after the batch began.
@@ -44,6 +45,7 @@ from fedstream.client.sources.tabular import (
     _json_to_float,
     _sniff_delimiter,
     _text_to_float,
+    decimal_mark,
 )
 
 Format = Literal["auto", "csv", "jsonl"]
@@ -121,6 +123,7 @@ class Reader:
         self.batch, self.flush_seconds = max(1, batch), flush_seconds
         self.features: list[str] = []  # resolved feature names
         self.kind: Literal["csv", "jsonl"] = "csv"
+        self.decimal = "."  # the CSV's decimal mark, once its header is read
         self.line = 0  # last line read
 
     # ------------------------------------------------------------------------ lines
@@ -171,6 +174,7 @@ class Reader:
             header = header[:-1]
         names, positions = _csv_header(header, line, self.name, self.label, self.wanted, None)
         self.features = names
+        self.decimal = decimal_mark(delimiter)
         return delimiter, positions, len(header), trailing
 
     def _csv_rows(
@@ -271,17 +275,18 @@ class Reader:
             lines.append(line)
             cells.append(row[1])
         keep = np.ones(len(cells), dtype=bool)
-        x = self._floats(cells, what)
+        x = self._floats(cells, what, self.decimal)
         if x is None or not np.isfinite(x).all():
             for i, row in enumerate(cells):
                 for j, cell in enumerate(row):
                     with np.errstate(over="ignore"):
-                        problem = _cell_problem(cell, what)
+                        problem = _cell_problem(cell, what, self.decimal)
                     if problem is not None:
                         errors.append((lines[i], f"{what} {self.features[j]!r}: {problem}"))
                         keep[i] = False
                         break
-            x = self._floats([row for row, k in zip(cells, keep, strict=True) if k], what)
+            kept = [row for row, k in zip(cells, keep, strict=True) if k]
+            x = self._floats(kept, what, self.decimal)
             assert x is not None
         errors.sort(key=lambda e: e[0])
         return Chunk(
@@ -292,13 +297,13 @@ class Reader:
         )
 
     @staticmethod
-    def _floats(cells: list[list[Any]], what: str) -> np.ndarray | None:
+    def _floats(cells: list[list[Any]], what: str, decimal: str) -> np.ndarray | None:
         if not cells:
             return np.empty((0,), dtype=np.float32)
         if what == "key":
             values = _json_to_float(cells)
         else:
-            values = _text_to_float(np.asarray(cells, dtype=np.str_))
+            values = _text_to_float(np.asarray(cells, dtype=np.str_), decimal)
         if values is None:
             return None
         with np.errstate(over="ignore"):

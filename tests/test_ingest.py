@@ -233,7 +233,7 @@ def test_feed_csv_with_quirks_reports_bad_rows(start, tmp_path: Path) -> None:
         '21.5;"40";ok;\r\n'
         "\r\n"
         "22.0;oops;ok;\r\n"  # line 4: not a number
-        "23;41;alarm;\r\n"
+        "23;41,5;alarm;\r\n"  # a decimal comma, as a ';' file from a spreadsheet has them
         "24;42;;\r\n"  # line 6: missing label
         "25;43;ok\r\n".encode()
     )
@@ -243,7 +243,7 @@ def test_feed_csv_with_quirks_reports_bad_rows(start, tmp_path: Path) -> None:
     assert f"{path}:6: column 'status': missing label" in proc.stderr
     assert proc.stdout.startswith("3 accepted, 0 dropped, 0 refused (spool full), 2 malformed")
     pending = server.spool.pending()
-    np.testing.assert_array_equal(pending.x, [[21.5, 40], [23, 41], [25, 43]])
+    np.testing.assert_array_equal(pending.x, [[21.5, 40], [23, 41.5], [25, 43]])
     np.testing.assert_array_equal(pending.y, [0, 1, 0])
 
 

@@ -58,6 +58,42 @@ def test_delimiter_is_sniffed(tmp_path: Path, delimiter: str) -> None:
     np.testing.assert_array_equal(table.x, [[1, 2], [3, 4]])
 
 
+def test_decimal_commas_in_a_semicolon_file(tmp_path: Path) -> None:
+    # A spreadsheet in a comma-decimal locale writes ';' between fields and ',' in numbers;
+    # a point stays a decimal point there too (programs write such files with points).
+    text = "\ufeffTemp;Druck;Zeit;Klasse\r\n19,87;1013;0,5;a\r\n-0,25;1,2e3;3.25;b\r\n,5;7;8;a\r\n"
+    table = load_table(write(tmp_path, "de.csv", text), label="Klasse")
+    np.testing.assert_allclose(
+        table.x, [[19.87, 1013, 0.5], [-0.25, 1200, 3.25], [0.5, 7, 8]], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("cell", "fragment"),
+    [
+        ("1.234,5", "'1.234,5' is not a number"),  # thousands separators are refused
+        ("1,2,3", "'1,2,3' is not a number"),
+        ("19,87x", "'19,87x' is not a number"),
+    ],
+)
+def test_a_semicolon_file_refuses_what_is_no_number(
+    tmp_path: Path, cell: str, fragment: str
+) -> None:
+    text = f"x;y;label\n1,5;2;a\n3;{cell};b\n"
+    expect_error(write(tmp_path, "de.csv", text), 3, "column 'y'", fragment, label="label")
+
+
+@pytest.mark.parametrize("delimiter", ["\t", "|"])
+def test_decimal_commas_elsewhere_are_refused_with_a_hint(tmp_path: Path, delimiter: str) -> None:
+    # Only ';' files are read as comma-decimal: in others "1,234" may be a thousands
+    # separator, and a silent 1000x error is worse than a refusal.
+    text = delimiter.join(["x", "y", "label"]) + "\n" + delimiter.join(["1", "19,87", "a"]) + "\n"
+    expect_error(
+        write(tmp_path, "d.csv", text), 2, "'19,87' is not a number", "';' files only",
+        label="label",
+    )
+
+
 def test_selected_features_and_quoted_newline(tmp_path: Path) -> None:
     text = 'note,x1,x2,y\n"two\nlines",1,2,0\nplain,3,4,1\n'
     table = load_table(write(tmp_path, "n.csv", text), label="y", features=["x2", "x1"])

@@ -68,6 +68,7 @@ class _Raw:
     times: list[str] | None
     features: list[str]
     what: str  # "column" (CSV) or "key" (JSONL)
+    decimal: str = "."  # a CSV's decimal mark (see decimal_mark)
 
 
 def load_table(
@@ -188,6 +189,17 @@ def _sniff_delimiter(text: str) -> str:
     return best
 
 
+def decimal_mark(delimiter: str) -> str:
+    """',' in a semicolon-separated file, else '.'.
+
+    Spreadsheets write ';' between fields exactly in the locales whose decimal mark is a
+    comma ("19,87"), since a comma there is part of a number. A point stays a decimal
+    point in such a file too (programs write ';' files with points); a number with
+    thousands separators ("1.234,5") is refused, as everywhere.
+    """
+    return "," if delimiter == ";" else "."
+
+
 def _csv_records(text: str, name: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     """Yield (first line number, fields) of each non-blank record. Fields are not stripped
     here: numpy's number parser ignores surrounding blanks, so only the few text cells
@@ -265,7 +277,8 @@ def _csv_header(
 def _read_csv(
     text: str, name: str, label: str, features: Sequence[str] | None, time: str | None
 ) -> _Raw:
-    records = _csv_records(text, name, _sniff_delimiter(text))
+    delimiter = _sniff_delimiter(text)
+    records = _csv_records(text, name, delimiter)
     first = next(records, None)
     if first is None:
         raise DataError(f"{name}: empty file, expected a header row")
@@ -298,6 +311,7 @@ def _read_csv(
         times=[row[1].strip() for row in rows] if time is not None else None,
         features=names,
         what="column",
+        decimal=decimal_mark(delimiter),
     )
 
 
@@ -431,7 +445,7 @@ def _features(raw: _Raw, name: str) -> np.ndarray:
     if raw.what == "key":
         values = _json_to_float(raw.cells)
     else:
-        values = _text_to_float(np.asarray(raw.cells, dtype=np.str_).reshape(n, d))
+        values = _text_to_float(np.asarray(raw.cells, dtype=np.str_).reshape(n, d), raw.decimal)
     if values is not None:
         with np.errstate(over="ignore"):
             x = values.reshape(n, d).astype(np.float32)
@@ -439,14 +453,18 @@ def _features(raw: _Raw, name: str) -> np.ndarray:
             return x
     for i, row in enumerate(raw.cells):
         for j, cell in enumerate(row):
-            problem = _cell_problem(cell, raw.what)
+            problem = _cell_problem(cell, raw.what, raw.decimal)
             if problem:
                 where = f"{raw.what} {raw.features[j]!r}"
                 raise _row_error(name, raw.lines[i], f"{where}: {problem}")
     raise AssertionError("unreachable: conversion failed but every cell is fine")
 
 
-def _text_to_float(cells: np.ndarray) -> np.ndarray | None:
+def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
+    if decimal == ",":  # one comma in a cell is its decimal point; two make no number
+        one = np.char.count(cells, ",") == 1
+        if one.any():
+            cells = np.where(one, np.char.replace(cells, ",", "."), cells)
     try:
         return cells.astype(np.float64)
     except ValueError:
@@ -463,8 +481,9 @@ def _json_to_float(cells: list[list[Any]]) -> np.ndarray | None:
         return None
 
 
-def _cell_problem(cell: Any, what: str) -> str | None:
-    """Why one cell cannot be a feature value, or None if it can."""
+def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
+    """Why one cell cannot be a feature value, or None if it can (a CSV cell read with
+    the file's `decimal` mark, as `_text_to_float` reads it)."""
     if what == "key":
         if cell is None:
             return "missing value (null); values are not imputed"
@@ -482,9 +501,12 @@ def _cell_problem(cell: Any, what: str) -> str | None:
         cell = cell.strip()
         if cell.lower() in MISSING:
             return f"missing value {cell!r}; values are not imputed"
+        text = cell.replace(",", ".") if decimal == "," and cell.count(",") == 1 else cell
         try:
-            number = float(np.asarray(cell).astype(np.float64))  # numpy's parser, as in bulk
+            number = float(np.asarray(text).astype(np.float64))  # numpy's parser, as in bulk
         except ValueError:
+            if decimal == "." and cell.replace(",", "", 1).lstrip("+-").isdigit():
+                return f"{cell!r} is not a number (a decimal comma is read in ';' files only)"
             return f"{cell!r} is not a number"
     if math.isnan(number):
         return f"missing value ({cell!r}); values are not imputed"
