@@ -21,6 +21,7 @@ from fedstream.client.detectors import DriftDetector, make_detector
 from fedstream.client.device import pick_device
 from fedstream.client.metrics import Prequential, RoundOutcome
 from fedstream.client.optim import make_optimizer, make_schedule
+from fedstream.client.scaling import RunningScaler
 from fedstream.protocol.config import DetectorConfig, LearnerConfig
 from fedstream.protocol.models import build_model
 
@@ -49,6 +50,7 @@ class Learner:
         self.schedule = make_schedule(self.optimizer, cfg)
         self.detector = _detector(spec.detector)
         self.metric = Prequential(fading=spec.fading)
+        self.scaler = RunningScaler(spec.feature_shape) if cfg.standardize else None
         self.offset = 0  # stream position of the first sample not yet learned
         self.boost_left = 0  # mini-batches still trained at a raised LR after a drift
         self.window_x: torch.Tensor | None = None  # batch mode: recent samples
@@ -68,6 +70,8 @@ class Learner:
         outcome = RoundOutcome()
         if len(y) == 0:
             return outcome
+        if self.scaler is not None:
+            self.scaler.update(x)  # features only: the round's samples are all here
         xt = torch.as_tensor(x, dtype=torch.float32, device=self.device)
         yt = torch.as_tensor(y, dtype=torch.long, device=self.device)
         self._scored = []
@@ -89,7 +93,7 @@ class Learner:
         for start in range(0, len(y), bs):
             xb, yb = x[start : start + bs], y[start : start + bs]
             # One forward serves both: the prediction is taken before this batch's update.
-            logits = self.model(xb)
+            logits = self.model(self._scaled(xb))
             losses = F.cross_entropy(logits, yb, reduction="none")
             correct = logits.argmax(1) == yb
             self._record(correct, losses, outcome, self.offset + start)
@@ -101,7 +105,7 @@ class Learner:
         with torch.no_grad():
             for start in range(0, len(y), cfg.batch_size):
                 xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
-                logits = self.model(xb)
+                logits = self.model(self._scaled(xb))
                 losses = F.cross_entropy(logits, yb, reduction="none")
                 correct = logits.argmax(1) == yb
                 self._record(correct, losses, outcome, self.offset + start)
@@ -115,8 +119,11 @@ class Learner:
             order = torch.randperm(n, generator=rng).to(self.device)
             for start in range(0, n, cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
-                logits = self.model(self.window_x[idx])
+                logits = self.model(self._scaled(self.window_x[idx]))  # raw in the window
                 self._step(F.cross_entropy(logits, self.window_y[idx]))
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.scaler is None else self.scaler.transform(x)
 
     def _extend_window(self, x: torch.Tensor, y: torch.Tensor) -> None:
         keep = self.spec.learner.window
@@ -176,9 +183,10 @@ class Learner:
         """Everything needed to continue where this learner stopped, except the weights.
 
         Every round starts from the global model, so the local weights are not state; the
-        rest (optimizer, schedule, detector, metric, stream offset, window) is about a
-        kilobyte. Tensors travel as numpy arrays in a pickle: a round trip costs tens of
-        microseconds, where `torch.save`'s zip container costs about a millisecond.
+        rest (optimizer, schedule, detector, metric, stream offset, window, feature
+        statistics) is about a kilobyte. Tensors travel as numpy arrays in a pickle: a round
+        trip costs tens of microseconds, where `torch.save`'s zip container costs about a
+        millisecond.
         """
         return pickle.dumps(
             _to_numpy(
@@ -190,6 +198,7 @@ class Learner:
                     "offset": self.offset,
                     "boost_left": self.boost_left,
                     "window": (self.window_x, self.window_y),
+                    "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 }
             ),
             protocol=pickle.HIGHEST_PROTOCOL,
@@ -205,6 +214,8 @@ class Learner:
         self.offset = int(state["offset"])
         self.boost_left = int(state["boost_left"])
         self.window_x, self.window_y = state["window"]
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def _detector(cfg: DetectorConfig) -> DriftDetector:

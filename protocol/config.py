@@ -115,6 +115,9 @@ class LearnerConfig(_Section):
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     t_max: PositiveInt = 1000
     device: str = "auto"
+    # Scale each feature by the client's running mean and standard deviation (tables
+    # whose columns come on their own scales; see client/scaling.py).
+    standardize: bool = False
 
     @field_validator("model")
     @classmethod

@@ -7,7 +7,7 @@ sample for sample. Building is cached per process: it is derived data, not clien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -42,6 +42,16 @@ class Dataset:
     n_classes: int
     parts: tuple[np.ndarray, ...]
     holdout: np.ndarray
+    features: tuple[str, ...] = ()  # column names, for a file source
+
+    def unscaled(self, limit: float = 10.0) -> list[tuple[str, float]]:
+        """File columns far from unit scale (root mean square above `limit`), largest
+        first: fed raw, they dominate SGD and the model learns little from the others."""
+        if not self.features:
+            return []
+        rms = np.sqrt(np.mean(np.square(self.x, dtype=np.float64), axis=0))
+        order = np.argsort(-rms, kind="stable")
+        return [(self.features[j], float(rms[j])) for j in order if rms[j] > limit]
 
 
 class Federation:
@@ -66,7 +76,8 @@ class Federation:
                 time=cfg.stream.time or None,
                 fmt=cfg.stream.source,
             )
-            x, y, n_classes = table.x, table.y, len(table.classes)
+            dataset = _split(table.x, table.y, len(table.classes), cfg)
+            return replace(dataset, features=tuple(table.features))
         else:
             return None
         return _split(x, y, n_classes, cfg)

@@ -42,12 +42,29 @@ def preflight(cfg: Config) -> None:
     fed.initial_arrays()
 
 
+def scale_hint(cfg: Config) -> str | None:
+    """What to say when a file's features are far from unit scale and left unscaled."""
+    dataset = federation(cfg).dataset
+    big = [] if dataset is None or cfg.learner.standardize else dataset.unscaled()
+    if not big:
+        return None
+    shown = ", ".join(f"{name!r} ~ {rms:.3g}" for name, rms in big[:3])
+    return (
+        f"fedstream: hint: feature columns far from unit scale ({shown}); with --set "
+        "learner.standardize=true each client scales its features by their running mean "
+        "and deviation"
+    )
+
+
 def simulate(cfg: Config) -> dict[str, Any]:
     """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json)."""
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
     quiet_flower()
     preflight(cfg)
+    hint = scale_hint(cfg)
+    if hint:
+        print(hint, file=sys.stderr)
     if not set_dispatch_interval(cfg.simulation.dispatch_interval):
         print(
             "fedstream: this flwr's simulation engine dispatches in a way fedstream does not "

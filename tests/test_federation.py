@@ -98,3 +98,21 @@ def test_baselines_see_the_same_samples(scheme: str) -> None:
     expected = sum(fed.stream(c).arrived(3.0) for c in range(3))
     assert local.seen == central.seen == expected
     assert len(local.per_round) == len(central.per_round) == 3
+
+
+def test_a_file_with_columns_far_from_unit_scale_gets_a_hint(tmp_path: Path) -> None:
+    from fedstream.sim.runner import scale_hint
+
+    rng = np.random.default_rng(0)
+    rows = ["temp;pressure;ok"] + [
+        f"{t:.2f};{p:.1f};{int(t > 0)}".replace(".", ",")
+        for t, p in zip(rng.normal(0, 1, 100), rng.normal(1013, 5, 100), strict=True)
+    ]
+    path = tmp_path / "de.csv"
+    path.write_text("\n".join(rows) + "\n")
+    base = ["stream.source=csv", f'stream.path="{path}"', "stream.label=ok"]
+    hint = scale_hint(load(overrides=base))
+    assert hint is not None and "'pressure' ~ 1.01e+03" in hint and "'temp'" not in hint
+    assert "learner.standardize=true" in hint
+    assert scale_hint(load(overrides=[*base, "learner.standardize=true"])) is None
+    assert scale_hint(load(overrides=["federation.clients=3"])) is None  # synthetic: unit scale

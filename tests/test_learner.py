@@ -60,13 +60,14 @@ def test_batch_mode_trains_over_a_bounded_window() -> None:
     assert learner.metric.accuracy > 0.7
 
 
+@pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("mode", ["online", "batch"])
-def test_state_round_trip_continues_exactly(mode: str) -> None:
-    a = _learner(mode=mode, optimizer="adam", schedule="cosine")
-    b = _learner(mode=mode, optimizer="adam", schedule="cosine")
+def test_state_round_trip_continues_exactly(mode: str, standardize: bool) -> None:
+    kw = {"mode": mode, "optimizer": "adam", "schedule": "cosine", "standardize": standardize}
+    a, b = _learner(**kw), _learner(**kw)
     a.learn(*_data(seed=1))
     b.learn(*_data(seed=1))
-    c = _learner(mode=mode, optimizer="adam", schedule="cosine")
+    c = _learner(**kw)
     c.load_state_bytes(b.state_bytes())
     c.set_weights(b.get_weights())  # a round starts from the (global) weights it is sent
     a.learn(*_data(seed=2))
@@ -75,6 +76,27 @@ def test_state_round_trip_continues_exactly(mode: str) -> None:
         torch.testing.assert_close(v, c.get_weights()[k])
     assert c.offset == a.offset == 128
     assert c.metric == a.metric
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_standardising_rescues_features_on_their_own_scales(mode: str) -> None:
+    # A pressure-like column (1013 +- 5) next to the informative one: raw, SGD follows the
+    # big column and learns little; scaled by the running statistics, the stream is easy.
+    def stream(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        x, _ = _data(seed=seed)
+        x[:, 1] = 1013 + 5 * x[:, 1]
+        x[:, 0] = 20 + 3 * x[:, 0]
+        return x, (x[:, 0] > 20).astype(np.int64)
+
+    accuracy = {}
+    for standardize in (False, True):
+        torch.manual_seed(0)
+        learner = _learner(mode=mode, batch_size=4, lr=0.1, standardize=standardize)
+        for i in range(10):
+            learner.learn(*stream(i))
+        accuracy[standardize] = learner.metric.accuracy
+    assert accuracy[True] > 0.85
+    assert accuracy[True] > accuracy[False] + 0.2, accuracy
 
 
 def test_drift_is_detected_and_lr_boosted() -> None:
