@@ -155,6 +155,11 @@ def feed(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Rows per message.")] = 4096,
     fmt: Annotated[str, typer.Option("--format", help="auto, csv or jsonl.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    wait: Annotated[
+        float,
+        typer.Option("--wait", min=0, help="Seconds to wait for the ingestion service to come "
+                     "up (a producer started beside its device); 0 fails at once."),
+    ] = 0.0,
 ) -> None:
     """Push samples from a CSV or JSONL file (or stdin) into a device's ingestion service.
 
@@ -205,10 +210,13 @@ def feed(
 
     try:
         with Producer(to) as producer:
+            if wait:
+                producer.wait_ready(wait)
             result = producer.append_batches(batches())
     except IngestError as e:
         bar.close()
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        hint = "" if wait else " (is its device up? --wait S waits for it)"
+        err.print(f"[red]error:[/red] {escape(str(e))}{hint}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         stream.close()

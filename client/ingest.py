@@ -473,6 +473,17 @@ class Producer:
             f"/{SERVICE}/Append", response_deserializer=pb.AppendReply.FromString
         )
 
+    def wait_ready(self, seconds: float) -> None:
+        """Wait up to `seconds` for the service to accept connections (a producer may
+        start before its device); IngestError if it does not come up in time."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=seconds)
+        except grpc.FutureTimeoutError:
+            raise IngestError(
+                f"cannot reach the ingestion service at {self.address}: not up after "
+                f"{seconds:g} s"
+            ) from None
+
     def append(self, x: Any, y: Any, t: Any | None = None) -> IngestResult:
         """Send samples ``x`` (n, n_features), labels ``y`` (n,; ``None`` or NaN marks a
         missing label, which the service reports) and optional times ``t`` (n,).

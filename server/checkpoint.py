@@ -12,8 +12,9 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedstream.server.records import History
@@ -34,7 +35,7 @@ def save(directory: Path, ckpt: Checkpoint) -> Path:
     final = directory / CHECKPOINT
     tmp = final.with_suffix(".tmp")
     with tmp.open("wb") as fh:
-        pickle.dump(ckpt, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        _Pickler(fh, protocol=pickle.HIGHEST_PROTOCOL).dump(ckpt)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -56,3 +57,21 @@ def load(directory: Path) -> Checkpoint | None:
     if not isinstance(ckpt, Checkpoint):
         raise ValueError(f"{path} is not a fedstream checkpoint")
     return ckpt
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles a Flower `Array` as its four fields only.
+
+    An Array that has been sent keeps its wire chunks (memoryviews of its data) in a
+    cache, and a memoryview cannot be pickled: the model of a round that kept the
+    previous one (it was sent that round) made every such checkpoint fail.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, Array):
+            return _array, (obj.dtype, tuple(obj.shape), obj.stype, bytes(obj.data))
+        return NotImplemented
+
+
+def _array(dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> Array:
+    return Array(dtype=dtype, shape=shape, stype=stype, data=data)

@@ -81,11 +81,14 @@ class StreamFedYogi(_SkipEmpty, FedYogi):
 
 def make_strategy(cfg: Config) -> Strategy:
     fed = cfg.federation
+    # A secure sum needs two clients: a round sampled while one node is connected (the
+    # first device of a deployment to come up) could only fail.
+    least = max(fed.min_clients, 2) if cfg.secure_aggregation.enabled else fed.min_clients
     common = {
         "fraction_train": fed.fraction,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": fed.min_clients,
-        "min_available_nodes": fed.min_clients,
+        "min_train_nodes": least,
+        "min_available_nodes": least,
         "train_metrics_aggr_fn": _no_metric_average,
     }
     if fed.strategy == "fedavg":

@@ -57,3 +57,25 @@ def test_without_a_checkpoint_resume_starts_at_round_one(tmp_path):
                         node_config=lambda p: {"spool": str(paths[p]), "client-id": p})
     summary = run_aggregator(grid, cfg, tmp_path / "state", resume=True)
     assert summary["rounds"] == 1
+
+
+def test_a_model_that_was_sent_is_checkpointed(tmp_path):
+    # A round that keeps the previous model checkpoints the very ArrayRecord it sent, and
+    # sending (Flower's deflate) caches wire chunks, memoryviews, in each Array: the
+    # checkpoint of such a round once failed with "cannot pickle memoryview objects".
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedstream.server.records import History
+    from fedstream.server.strategy import make_strategy
+
+    cfg = _cfg(tmp_path, 1, "fedadam")
+    arrays = ArrayRecord({"w": Array(np.arange(12, dtype=np.float32).reshape(3, 4))})
+    for arr in arrays.values():
+        arr.deflate()  # what pushing it to a SuperLink does
+    assert "_chunks" in arrays["w"].__dict__
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(3, arrays, make_strategy(cfg), History()))
+    back = checkpoint.load(tmp_path)
+    assert back is not None and back.server_round == 3
+    assert fingerprint(back.arrays) == fingerprint(arrays)
+    np.testing.assert_array_equal(back.arrays["w"].numpy(), arrays["w"].numpy())

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,3 +283,23 @@ def test_feed_exit_codes(start, tmp_path: Path) -> None:
     Spool(tmp_path / "other.db", 2).close()
     nobody = feed(str(path), "--to", f"unix://{tmp_path}/x.sock")
     assert nobody.returncode == 1 and "cannot reach" in nobody.stderr
+    assert "--wait" in nobody.stderr  # the hint: the device may not be up yet
+    late = feed(str(path), "--to", f"unix://{tmp_path}/x.sock", "--wait", "0.5")
+    assert late.returncode == 1 and "not up after 0.5 s" in late.stderr
+
+
+def test_feed_waits_for_a_device_that_comes_up_later(start, short_dir: Path) -> None:
+    path = short_dir / "rows.csv"
+    path.write_text("x,y,label\n1,2,0\n3,4,1\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", str(path), "--to",
+         f"unix://{short_dir}/ingest.sock", "--wait", "60", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.0)  # the producer is waiting before the service exists
+    assert proc.poll() is None
+    server = start(n_features=2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.startswith("2 accepted")
+    np.testing.assert_array_equal(server.spool.pending().x, [[1, 2], [3, 4]])

@@ -92,6 +92,16 @@ def test_default_strategy_is_fedavg_with_server_step() -> None:
     np.testing.assert_allclose(_values(arrays), 3.0)  # 0 + 3 * (1 - 0)
 
 
+@pytest.mark.parametrize(("overrides", "least"), [
+    ([], 1),
+    (["secure_aggregation.enabled=true"], 2),  # one node connected could only fail the round
+    (["secure_aggregation.enabled=true", "federation.min_clients=4"], 4),
+])
+def test_rounds_wait_for_the_nodes_a_round_can_use(overrides: list[str], least: int) -> None:
+    strategy = make_strategy(load(overrides=overrides))
+    assert strategy.min_available_nodes == strategy.min_train_nodes == least
+
+
 @pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
 def test_adaptive_strategies_move_towards_the_clients(kind: str) -> None:
     strategy = make_strategy(load(overrides=[f"federation.strategy={kind}"]))
