@@ -1,10 +1,10 @@
 """Loading real tabular files (CSV, JSON Lines) into arrays, with errors people can act on.
 
-Real exports are messy: byte-order marks, semicolons from spreadsheet locales, CRLF line
-ends, quoted fields, stray blank lines, "NA" cells. We accept the harmless quirks and
-reject the dangerous ones (missing values, non-numbers, ragged rows) with a ``DataError``
-that points at ``file:line`` and the column or key, because a silently imputed or shifted
-column is far harder to find later than a loud failure now.
+Real exports are messy: byte-order marks, semicolons and decimal commas from spreadsheet
+locales, CRLF line ends, quoted fields, stray blank lines, "NA" cells. We accept the
+harmless quirks and reject the dangerous ones (missing values, non-numbers, ragged rows)
+with a ``DataError`` that points at ``file:line`` and the column or key, because a
+silently imputed or shifted column is far harder to find later than a loud failure now.
 
 Parsing walks the file row by row (it happens once, at load time), collecting raw cells;
 the numeric arrays are then built and validated in one vectorised pass.
