@@ -10,6 +10,7 @@ from typing import Any
 
 from flwr.simulation import run_simulation
 
+from fedstream.client.device import pick_device
 from fedstream.protocol.config import Config
 from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.dispatch import set_dispatch_interval
@@ -34,12 +35,19 @@ def backend_config(cfg: Config) -> dict[str, Any]:
 def preflight(cfg: Config) -> None:
     """Fail before Ray starts: read the data files and build the model once, here.
 
-    A bad CSV row, a missing label column or a model factory that does not load would
-    otherwise surface later, in a worker, as failed rounds.
+    A bad CSV row, a missing label column, a model factory that does not load or a
+    learner.device this machine lacks would otherwise surface later, in a worker, as
+    failed rounds.
     """
     fed = federation(cfg)
     _ = fed.dataset
     fed.initial_arrays()
+    if not (cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")):
+        # Local virtual clients see this machine's devices; on a cluster, its nodes' may differ.
+        try:
+            pick_device(cfg.learner.device)
+        except RuntimeError as err:
+            raise ValueError(str(err)) from None
 
 
 def scale_hint(cfg: Config) -> str | None:

@@ -58,3 +58,13 @@ def test_broken_model_factory_stops_before_ray(tmp_path: Path) -> None:
     proc = fedstream("sim", "--set", "learner.model=no_such_module:factory")
     assert proc.returncode == 2
     assert "no_such_module:factory" in proc.stderr
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="needs a machine without CUDA"
+)
+def test_a_device_this_machine_lacks_stops_before_ray(tmp_path: Path) -> None:
+    proc = fedstream("sim", "--set", "learner.device=cuda", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert "learner.device is 'cuda' but CUDA is not available here" in proc.stderr
+    assert "ray::" not in proc.stderr  # no virtual client was started
