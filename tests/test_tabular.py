@@ -94,6 +94,14 @@ def test_decimal_commas_elsewhere_are_refused_with_a_hint(tmp_path: Path, delimi
     )
 
 
+def test_a_text_column_is_named_with_a_way_out(tmp_path: Path) -> None:
+    path = write(tmp_path, "ids.csv", "station,temp,label\nA-1,20.5,ok\nB-2,21.0,bad\n")
+    expect_error(path, 2, "column 'station': 'A-1' is not a number", "stream.features",
+                 label="label")
+    table = load_table(path, label="label", features=["temp"])  # the way out works
+    np.testing.assert_array_equal(table.x, [[20.5], [21.0]])
+
+
 def test_selected_features_and_quoted_newline(tmp_path: Path) -> None:
     text = 'note,x1,x2,y\n"two\nlines",1,2,0\nplain,3,4,1\n'
     table = load_table(write(tmp_path, "n.csv", text), label="y", features=["x2", "x1"])

@@ -456,6 +456,8 @@ def _features(raw: _Raw, name: str) -> np.ndarray:
             problem = _cell_problem(cell, raw.what, raw.decimal)
             if problem:
                 where = f"{raw.what} {raw.features[j]!r}"
+                if i == 0 and problem.endswith("is not a number"):  # an ID or a name column?
+                    problem += "; to leave a text column out, list the features (stream.features)"
                 raise _row_error(name, raw.lines[i], f"{where}: {problem}")
     raise AssertionError("unreachable: conversion failed but every cell is fine")
 
