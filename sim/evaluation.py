@@ -6,6 +6,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch.nn import functional as F
 
+from fedstream.client.scaling import RunningScaler
 from fedstream.protocol.config import Config
 from fedstream.protocol.models import build_model
 from fedstream.server.rounds import EvaluateFn
@@ -20,10 +21,18 @@ def make_evaluate(cfg: Config) -> EvaluateFn:
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         x, y = fed.holdout(float(server_round))
+        inputs = torch.as_tensor(x)
+        if cfg.learner.standardize:
+            # The clients feed the model standardised features, with statistics the server
+            # never sees: the held-back slice is standardised with its own, as a client
+            # that had seen it would.
+            scaler = RunningScaler(fed.feature_shape)
+            scaler.update(x)
+            inputs = scaler.transform(inputs)
         model.load_state_dict(arrays.to_torch_state_dict())
         model.eval()
         with torch.no_grad():
-            logits = model(torch.as_tensor(x))
+            logits = model(inputs)
             target = torch.as_tensor(y)
             loss = F.cross_entropy(logits, target).item()
             acc = (logits.argmax(1) == target).float().mean().item()

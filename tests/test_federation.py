@@ -116,3 +116,32 @@ def test_a_file_with_columns_far_from_unit_scale_gets_a_hint(tmp_path: Path) -> 
     assert "learner.standardize=true" in hint
     assert scale_hint(load(overrides=[*base, "learner.standardize=true"])) is None
     assert scale_hint(load(overrides=["federation.clients=3"])) is None  # synthetic: unit scale
+
+
+def test_global_evaluation_feeds_the_model_standardised_features(tmp_path: Path) -> None:
+    # With learner.standardize the clients' model only ever sees standardised inputs; the
+    # server's evaluation on the held-back slice must feed it the same kind.
+    from flwr.app import ArrayRecord
+
+    from fedstream.sim.evaluation import make_evaluate
+
+    rng = np.random.default_rng(1)
+    temp, pressure = rng.normal(20, 3, 1000), rng.normal(1013, 5, 1000)
+    rows = ["temp,pressure,y"] + [
+        f"{t:.3f},{p:.2f},{int(t > 20)}" for t, p in zip(temp, pressure, strict=True)
+    ]
+    path = tmp_path / "sensors.csv"
+    path.write_text("\n".join(rows) + "\n")
+    cfg = load(overrides=[
+        "stream.source=csv", f'stream.path="{path}"', "stream.label=y", "federation.clients=2",
+        "partition.scheme=iid", "learner.standardize=true", "evaluation.every=1",
+        "evaluation.holdout=200", 'drift.kind="none"',
+    ])
+    fed = federation(cfg)
+    learner = Learner(_spec(cfg, fed))
+    batch = fed.stream(0).take(0, 400)
+    for _ in range(3):
+        learner.learn(batch.x, batch.y)
+    assert learner.metric.accuracy > 0.8
+    result = make_evaluate(cfg)(1, ArrayRecord(learner.get_weights()))
+    assert result["examples"] == 200 and result["accuracy"] > 0.85, result
