@@ -7,7 +7,7 @@ sample for sample. Building is cached per process: it is derived data, not clien
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -65,6 +65,7 @@ class Federation:
     @cached_property
     def dataset(self) -> Dataset | None:
         cfg = self.cfg
+        features: tuple[str, ...] = ()
         if cfg.stream.source == "digits":
             image = cfg.stream.image or cfg.learner.model == "cnn"
             x, y, n_classes = load_digits_arrays(image=image)
@@ -76,11 +77,11 @@ class Federation:
                 time=cfg.stream.time or None,
                 fmt=cfg.stream.source,
             )
-            dataset = _split(table.x, table.y, len(table.classes), cfg)
-            return replace(dataset, features=tuple(table.features))
+            x, y, n_classes = table.x, table.y, len(table.classes)
+            features = tuple(table.features)
         else:
             return None
-        return _split(x, y, n_classes, cfg)
+        return _split(x, y, n_classes, cfg, features)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -154,7 +155,9 @@ class Federation:
         return ArrayRecord(model.state_dict())
 
 
-def _split(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: Config) -> Dataset:
+def _split(
+    x: np.ndarray, y: np.ndarray, n_classes: int, cfg: Config, features: tuple[str, ...] = ()
+) -> Dataset:
     rng = np.random.default_rng([cfg.seed, 0x40])
     n_hold = min(cfg.evaluation.holdout, len(y) // 5) if cfg.evaluation.every else 0
     hold = np.sort(rng.choice(len(y), size=n_hold, replace=False)) if n_hold else np.array([], int)
@@ -164,7 +167,7 @@ def _split(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: Config) -> Dataset
         y[rest], cfg.federation.clients, p.scheme,
         alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
     )
-    return Dataset(x, y, n_classes, tuple(rest[idx] for idx in parts), hold)
+    return Dataset(x, y, n_classes, tuple(rest[idx] for idx in parts), hold, features)
 
 
 @lru_cache(maxsize=4)
