@@ -503,13 +503,12 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
         cell = cell.strip()
         if cell.lower() in MISSING:
             return f"missing value {cell!r}; values are not imputed"
-        text = cell.replace(",", ".") if decimal == "," and cell.count(",") == 1 else cell
-        try:
-            number = float(np.asarray(text).astype(np.float64))  # numpy's parser, as in bulk
-        except ValueError:
+        values = _text_to_float(np.asarray([cell]), decimal)  # the bulk parser, one cell
+        if values is None:
             if decimal == "." and cell.replace(",", "", 1).lstrip("+-").isdigit():
                 return f"{cell!r} is not a number (a decimal comma is read in ';' files only)"
             return f"{cell!r} is not a number"
+        number = float(values[0])
     if math.isnan(number):
         return f"missing value ({cell!r}); values are not imputed"
     if not abs(number) <= np.finfo(np.float32).max:
