@@ -36,6 +36,7 @@ from fedstream.client.sources.tabular import (
     _INT_RE,
     _JSONL_SUFFIXES,
     MISSING,
+    UNTERMINATED,
     _canonical_label,
     _cell_problem,
     _csv_header,
@@ -46,6 +47,9 @@ from fedstream.client.sources.tabular import (
     _sniff_delimiter,
     _text_to_float,
     decimal_mark,
+    encoding_hint,
+    excel_delimiter,
+    text_encoding,
 )
 
 Format = Literal["auto", "csv", "jsonl"]
@@ -78,7 +82,8 @@ def open_input(path: str) -> tuple[IO[str], str]:
             raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
         except OSError as exc:
             raise DataError(f"{name}: cannot read file: {exc.strerror or exc}") from exc
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), name
+    head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
+    return io.TextIOWrapper(raw, encoding=text_encoding(head), newline=""), name
 
 
 def detect_format(path: str, first_line: str, fmt: Format) -> Literal["csv", "jsonl"]:
@@ -135,7 +140,8 @@ class Reader:
                 line = self.stream.readline()
             except UnicodeDecodeError as exc:
                 raise DataError(
-                    f"{self.name}:{self.line + 1}: not valid UTF-8: {exc.reason}"
+                    f"{self.name}:{self.line + 1}: not valid {self.stream.encoding}: "
+                    f"{exc.reason}; {encoding_hint(exc.object[:4096])}"
                 ) from None
             if not line:
                 return
@@ -146,16 +152,17 @@ class Reader:
         """Read up to the header (CSV) or the first record (JSONL), raising ``DataError``
         for a bad one now, and return the iterator of the chunks that follow."""
         lines = self._lines()
-        first = ""
-        for first in lines:
-            if first.strip():
-                break
-        else:
-            raise DataError(f"{self.name}: empty input, expected a header row or a record")
+        first = self._first(lines)
+        if "\x00" in first:
+            hint = encoding_hint(b"\x00")
+            raise DataError(f"{self.name}:{self.line}: {hint}")
+        delimiter = excel_delimiter(first)
+        if delimiter is not None:  # Excel's `sep=;` line: the header comes next
+            first = self._first(lines)
         start = self.line
-        self.kind = detect_format(self.path, first, self.fmt)
+        self.kind = "csv" if delimiter else detect_format(self.path, first, self.fmt)
         if self.kind == "csv":
-            rows = self._csv_rows(lines, *self._csv_header(first, start))
+            rows = self._csv_rows(lines, *self._csv_header(first, start, delimiter))
         else:
             rows = self._jsonl_rows(first, start, lines)
         return self._chunks(rows)
@@ -163,10 +170,18 @@ class Reader:
     def __iter__(self) -> Iterator[Chunk]:
         return self.open()
 
+    def _first(self, lines: Iterator[str]) -> str:
+        for line in lines:
+            if line.strip():
+                return line
+        raise DataError(f"{self.name}: empty input, expected a header row or a record")
+
     # -------------------------------------------------------------------------- csv
 
-    def _csv_header(self, text: str, line: int) -> tuple[str, list[int], int, bool]:
-        delimiter = _sniff_delimiter(text)
+    def _csv_header(
+        self, text: str, line: int, delimiter: str | None = None
+    ) -> tuple[str, list[int], int, bool]:
+        delimiter = delimiter or _sniff_delimiter(text)
         header = next(csv.reader([text], delimiter=delimiter, skipinitialspace=True))
         header = [h.strip() for h in header]
         trailing = len(header) > 1 and header[-1] == ""
@@ -181,16 +196,20 @@ class Reader:
         self, lines: Iterator[str], delimiter: str, positions: list[int], n_fields: int,
         trailing: bool,
     ) -> Iterator:
-        reader = csv.reader(lines, delimiter=delimiter, skipinitialspace=True)
-        while True:
-            start = self.line + 1
+        # One line is one record: a quote left open on one line must cost that row only,
+        # not swallow the rows after it (numbers and labels hold no line breaks).
+        for text in lines:
             try:
-                record = next(reader)
+                record = next(csv.reader((text,), delimiter=delimiter, skipinitialspace=True))
             except StopIteration:
-                return
+                continue
             except csv.Error as exc:
                 raise DataError(f"{self.name}:{self.line}: malformed CSV: {exc}") from None
+            start = self.line
             if _is_blank(record):
+                continue
+            if any("\n" in field or "\r" in field for field in record):
+                yield start, UNTERMINATED
                 continue
             if trailing and len(record) == n_fields + 1 and not record[-1].strip():
                 record.pop()
@@ -320,7 +339,7 @@ class Reader:
                     f"{where}: unknown label {text!r}; expected one of {list(self.classes)}"
                 )
             return self.classes[canon]
-        if not _INT_RE.fullmatch(text):
+        if not _INT_RE.fullmatch(canon):
             raise _RowProblem(
                 f"{where}: label {text!r} is not an integer class index "
                 "(name the classes with --classes)"

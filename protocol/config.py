@@ -73,10 +73,14 @@ class StreamConfig(_Section):
         if self.source in ("csv", "jsonl"):
             if not self.path:
                 raise ValueError(f"stream.path is required for source '{self.source}'")
-            if not Path(self.path).is_file():
-                raise ValueError(f"stream.path: file not found: {self.path}")
+            path = Path(self.path).expanduser()
+            if path.is_dir():
+                raise ValueError(f"stream.path: {path.resolve()} is a directory, not a file")
+            if not path.is_file():
+                where = "" if path.is_absolute() else f" (looked for {path.resolve()})"
+                raise ValueError(f"stream.path: file not found: {self.path}{where}")
             # Absolute, so Ray workers with another working directory find the same file.
-            object.__setattr__(self, "path", str(Path(self.path).resolve()))
+            object.__setattr__(self, "path", str(path.resolve()))
         return self
 
 
@@ -203,6 +207,19 @@ class Config(_Section):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _files_replay_as_they_are(cls, raw: Any) -> Any:
+        """A user's own file is replayed as it is unless drift is asked for: relabelling
+        real data by default (as the synthetic sources drift) would corrupt it silently."""
+        if not isinstance(raw, dict):
+            return raw
+        stream = raw.get("stream")
+        source = stream.get("source") if isinstance(stream, dict) else getattr(stream, "source", "")
+        if source in ("csv", "jsonl") and not raw.get("drift"):  # no drift key: not asked for
+            return {**raw, "drift": {"kind": "none"}}
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.federation.min_clients > self.federation.clients:
@@ -264,6 +281,9 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"  {msg}")
             continue
         path = ".".join(str(p) for p in item["loc"])
+        if msg.startswith(f"{path}.") or msg.startswith(f"{path}:"):  # names its key already
+            lines.append(f"  {msg}")
+            continue
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in item and item["type"] not in ("missing",):
@@ -324,8 +344,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """The effective config: defaults, then the file, then --set overrides."""
-    raw = read_toml(path) if path else {}
+    raw = read_config_file(path) if path else {}
     return validate(apply_overrides(raw, list(overrides or [])))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's data, its relative `stream.path` taken from the file's own folder
+    (a config that sits beside its data runs from any directory); `--set` paths stay
+    relative to where the command runs."""
+    raw = read_toml(path)
+    stream = raw.get("stream")
+    if isinstance(stream, dict) and isinstance(stream.get("path"), str) and stream["path"]:
+        data = Path(stream["path"])
+        if not data.expanduser().is_absolute():
+            stream["path"] = str(Path(path).parent / data)
+    return raw
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -353,7 +386,7 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     """
     if "fedstream-config" in run_config:
         return from_json(str(run_config["fedstream-config"]))
-    raw = read_toml(str(run_config["config"])) if run_config.get("config") else {}
+    raw = read_config_file(str(run_config["config"])) if run_config.get("config") else {}
     for key, value in run_config.items():
         if key != "config":
             set_dotted(raw, key, value)

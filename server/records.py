@@ -227,7 +227,7 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
 
 
 class MetricsLog:

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord
 from fedstream.client.arrival import client_rates, make_arrival
 from fedstream.client.sources import (
     ArraySource,
+    DataError,
     DriftSchedule,
     GaussianMixture,
     RotatingHyperplane,
@@ -43,6 +44,7 @@ class Dataset:
     parts: tuple[np.ndarray, ...]
     holdout: np.ndarray
     features: tuple[str, ...] = ()  # column names, for a file source
+    classes: tuple[str, ...] = ()  # label names, for a file source
 
     def unscaled(self, limit: float = 10.0) -> list[tuple[str, float]]:
         """File columns far from unit scale (root mean square above `limit`), largest
@@ -66,6 +68,7 @@ class Federation:
     def dataset(self) -> Dataset | None:
         cfg = self.cfg
         features: tuple[str, ...] = ()
+        classes: tuple[str, ...] = ()
         if cfg.stream.source == "digits":
             image = cfg.stream.image or cfg.learner.model == "cnn"
             x, y, n_classes = load_digits_arrays(image=image)
@@ -77,11 +80,12 @@ class Federation:
                 time=cfg.stream.time or None,
                 fmt=cfg.stream.source,
             )
+            _check_classes(table.classes, len(table), cfg)
             x, y, n_classes = table.x, table.y, len(table.classes)
-            features = tuple(table.features)
+            features, classes = tuple(table.features), tuple(table.classes)
         else:
             return None
-        return _split(x, y, n_classes, cfg, features)
+        return _split(x, y, n_classes, cfg, features, classes)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -155,19 +159,80 @@ class Federation:
         return ArrayRecord(model.state_dict())
 
 
+def _check_classes(classes: list[str], rows: int, cfg: Config) -> None:
+    """A label column a classifier cannot learn from: one class, or a measurement whose
+    every row is a class of its own (a model with that many outputs, silently)."""
+    where = f"{cfg.stream.path}: {cfg.stream.label!r}"
+    if len(classes) < 2:
+        raise DataError(
+            f"{where} has a single class ({classes[0]!r}): a classifier needs two or more "
+            "(stream.label names the column of classes)"
+        )
+    if rows >= 20 and len(classes) > rows // 2:
+        raise DataError(
+            f"{where} has {len(classes):,} distinct values in {rows:,} rows: that is a "
+            "measurement, not a class; fedstream trains classifiers, so stream.label must "
+            "name a column of classes"
+        )
+
+
 def _split(
-    x: np.ndarray, y: np.ndarray, n_classes: int, cfg: Config, features: tuple[str, ...] = ()
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    cfg: Config,
+    features: tuple[str, ...] = (),
+    classes: tuple[str, ...] = (),
 ) -> Dataset:
     rng = np.random.default_rng([cfg.seed, 0x40])
     n_hold = min(cfg.evaluation.holdout, len(y) // 5) if cfg.evaluation.every else 0
+    what = cfg.stream.path or cfg.stream.source
+    if cfg.evaluation.every and not n_hold:
+        raise DataError(
+            f"{what}: {len(y)} rows are too few to hold back a fifth for evaluation.every; "
+            "set evaluation.every = 0"
+        )
     hold = np.sort(rng.choice(len(y), size=n_hold, replace=False)) if n_hold else np.array([], int)
     rest = np.setdiff1d(np.arange(len(y)), hold)
+    _check_split(y[rest], cfg, what, n_hold)
     p = cfg.partition
-    parts = partition(
-        y[rest], cfg.federation.clients, p.scheme,
-        alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
-    )
-    return Dataset(x, y, n_classes, tuple(rest[idx] for idx in parts), hold, features)
+    try:
+        parts = partition(
+            y[rest], cfg.federation.clients, p.scheme,
+            alpha=p.alpha, shards_per_client=p.shards_per_client, seed=cfg.seed,
+        )
+    except ValueError as err:  # Dirichlet draws that leave a client empty, every time
+        raise DataError(
+            f"{what}: partition.scheme = 'dirichlet' with partition.alpha = {p.alpha} left "
+            f"a client without rows ({len(rest)} rows, federation.clients = "
+            f"{cfg.federation.clients}): raise partition.alpha, use fewer clients or "
+            f"partition.scheme = 'iid' ({err})"
+        ) from None
+    parts_rows = tuple(rest[idx] for idx in parts)
+    return Dataset(x, y, n_classes, parts_rows, hold, features, classes)
+
+
+def _check_split(y: np.ndarray, cfg: Config, what: str, held: int) -> None:
+    """Splits that cannot give every client rows, said in config keys."""
+    n, p = cfg.federation.clients, cfg.partition
+    held_note = f" (after {held} held back for evaluation)" if held else ""
+    if len(y) < n:
+        raise DataError(
+            f"{what}: {len(y)} rows{held_note} for federation.clients = {n}: every client "
+            "needs at least one row"
+        )
+    if p.scheme == "shards":
+        shards, classes = n * p.shards_per_client, len(np.unique(y))
+        if shards < classes:
+            raise DataError(
+                f"{what}: federation.clients x partition.shards_per_client = {shards} shards "
+                f"cannot cover the {classes} classes: raise partition.shards_per_client"
+            )
+        if shards > len(y):
+            raise DataError(
+                f"{what}: federation.clients x partition.shards_per_client = {shards} shards "
+                f"exceed the {len(y)} rows{held_note}: some shards would be empty"
+            )
 
 
 @lru_cache(maxsize=4)

@@ -49,7 +49,11 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
         x = np.arange(1, len(base["cumulative_accuracy"]) + 1)
         ax.plot(x, _series(base["accuracy_per_round"]), color=f"C{i + 1}", alpha=0.35)
         ax.plot(x, _series(base["cumulative_accuracy"]), color=f"C{i + 1}", lw=2, label=name)
-    evals = [(r["round"], r["global_eval"]["accuracy"]) for r in records if r.get("global_eval")]
+    evals = [
+        (r["round"], r["global_eval"]["accuracy"])
+        for r in records
+        if r.get("global_eval") and r["global_eval"].get("accuracy") is not None
+    ]
     if evals:
         ex, ey = zip(*evals, strict=True)
         ax.plot(ex, 100 * np.array(ey), "k.--", label="global model, held-back slice")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.simulation import run_simulation
 
 from fedstream.client.device import pick_device
@@ -64,15 +65,55 @@ def scale_hint(cfg: Config) -> str | None:
     )
 
 
+def exhaustion_hint(cfg: Config) -> str | None:
+    """What to say when a dataset's rows run out long before the last round: the rounds
+    after it train on nothing, and would otherwise just show as unaggregated rounds."""
+    fed = federation(cfg)
+    dataset = fed.dataset
+    if dataset is None:
+        return None
+    lasts = [len(part) / rate for part, rate in zip(dataset.parts, fed.rates, strict=True)]
+    lasts_rounds = float(np.median(lasts))
+    if lasts_rounds >= 0.8 * cfg.federation.rounds:
+        return None
+    rows = sum(len(part) for part in dataset.parts)
+    what = cfg.stream.path or cfg.stream.source
+    return (
+        f"fedstream: hint: {what}: {rows:,} rows over {cfg.federation.clients} clients at "
+        f"stream.rate = {cfg.stream.rate:g} a round run out after about {lasts_rounds:.1f} of "
+        f"the {cfg.federation.rounds} rounds, and later rounds have nothing new to train on: "
+        "lower stream.rate or federation.rounds"
+    )
+
+
+def label_hint(cfg: Config) -> str | None:
+    """What to say when a file's classes are numbers with fractions: a measurement chosen
+    as the label by mistake trains a classifier with one output per distinct value."""
+    dataset = federation(cfg).dataset
+    if dataset is None or not dataset.classes:
+        return None
+    try:
+        values = np.asarray(dataset.classes, dtype=np.float64)
+    except ValueError:
+        return None
+    if np.all(values == np.round(values)):
+        return None
+    return (
+        f"fedstream: hint: the label column {cfg.stream.label!r} holds numbers with fractions "
+        f"({len(values)} distinct values, each a class of its own): if it is a measurement, "
+        "not a class, pick another stream.label"
+    )
+
+
 def simulate(cfg: Config) -> dict[str, Any]:
     """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json)."""
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
     quiet_flower()
     preflight(cfg)
-    hint = scale_hint(cfg)
-    if hint:
-        print(hint, file=sys.stderr)
+    for hint in (scale_hint(cfg), label_hint(cfg), exhaustion_hint(cfg)):
+        if hint:
+            print(hint, file=sys.stderr)
     if not set_dispatch_interval(cfg.simulation.dispatch_interval):
         print(
             "fedstream: this flwr's simulation engine dispatches in a way fedstream does not "

@@ -23,7 +23,7 @@ from fedstream.sim.plots import plot_all
 def run_server(grid: Grid, cfg: Config) -> dict:
     """The whole server side of a simulation: federate, then baselines, summary and plots."""
     out = results.prepare(cfg)
-    nodes = len(list(grid.get_node_ids()))
+    nodes = _registered(grid, cfg.federation.clients)
     if nodes < cfg.federation.clients:
         print(
             f"warning: {nodes} SuperNodes for federation.clients = {cfg.federation.clients}; "
@@ -42,6 +42,17 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     if cfg.output.plots:
         plot_all(out, summary, results.load(out)[1])
     return summary
+
+
+def _registered(grid: Grid, want: int, timeout: float = 10.0) -> int:
+    """How many SuperNodes are up, waiting a little for them: the engine registers its
+    virtual nodes while the ServerApp starts, so a count taken at once can be short."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = len(list(grid.get_node_ids()))
+        if nodes >= want or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.05)
 
 
 def sim_server_app(cfg: Config | None = None) -> ServerApp:

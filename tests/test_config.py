@@ -157,3 +157,39 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.tom
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_shipped_examples_are_valid(path: Path) -> None:
     load(path)
+
+
+# ------------------------------------------------------------------- a user's own file
+
+
+def test_a_file_source_replays_its_data_unless_drift_is_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("a,label\n1,0\n2,1\n")
+    base = ["stream.source=csv", f'stream.path="{path}"']
+    assert load(overrides=base).drift.kind == "none"
+    assert load(overrides=[*base, "drift.kind=gradual"]).drift.kind == "gradual"
+    assert load(overrides=[*base, "drift.at=[5.0]"]).drift.kind == "abrupt"  # asked for
+    assert load().drift.kind == "abrupt"  # synthetic sources drift by default
+
+
+def test_a_data_path_in_a_config_file_is_relative_to_that_file(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "d.csv").write_text("a,label\n1,0\n2,1\n")
+    config = tmp_path / "cfg" / "fed.toml"
+    config.write_text('[stream]\nsource = "csv"\npath = "d.csv"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load(config).stream.path == str((tmp_path / "cfg" / "d.csv").resolve())
+    with pytest.raises(ConfigError, match="looked for"):  # --set stays relative to here
+        load(config, ["stream.path=d.csv"])
+
+
+def test_a_data_path_expands_home_and_refuses_a_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "d.csv").write_text("a,label\n1,0\n2,1\n")
+    cfg = load(overrides=["stream.source=csv", "stream.path=~/d.csv"])
+    assert cfg.stream.path == str((tmp_path / "d.csv").resolve())
+    with pytest.raises(ConfigError) as info:
+        load(overrides=["stream.source=csv", f'stream.path="{tmp_path}"'])
+    message = str(info.value)
+    assert "is a directory" in message
+    assert message.count("stream.path") == 1  # said once, without the section's raw data

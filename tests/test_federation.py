@@ -145,3 +145,47 @@ def test_global_evaluation_feeds_the_model_standardised_features(tmp_path: Path)
     assert learner.metric.accuracy > 0.8
     result = make_evaluate(cfg)(1, ArrayRecord(learner.get_weights()))
     assert result["examples"] == 200 and result["accuracy"] > 0.85, result
+
+
+def _csv(tmp_path: Path, rows: list[str], name: str = "d.csv") -> list[str]:
+    path = tmp_path / name
+    path.write_text("\n".join(rows) + "\n")
+    return ["stream.source=csv", f'stream.path="{path}"', "federation.clients=2"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra", "fragment"),
+    [
+        (["a,label"] + [f"{i},yes" for i in range(30)], [], "has a single class ('yes')"),
+        (["a,label"] + [f"{i},{i * 0.37:.2f}" for i in range(40)], [], "is a measurement"),
+        (["a,label", "1,0", "2,1", "3,0"], ["evaluation.every=1"], "too few to hold back"),
+        (["a,label", "1,0", "2,1"], ["federation.clients=3"], "federation.clients = 3"),
+        (["a,label"] + [f"{i},{i % 3}" for i in range(9)],
+         ["partition.scheme=shards", "partition.shards_per_client=1"],
+         "cannot cover the 3 classes"),
+        (["a,label"] + [f"{i},{i % 2}" for i in range(9)],
+         ["partition.scheme=shards", "partition.shards_per_client=5"], "exceed the 9 rows"),
+    ],
+)
+def test_a_file_a_federation_cannot_use_is_refused_in_config_keys(
+    tmp_path: Path, rows: list[str], extra: list[str], fragment: str
+) -> None:
+    from fedstream.client.sources import DataError
+    from fedstream.sim.runner import preflight
+
+    with pytest.raises(DataError, match=r"d\.csv") as info:
+        preflight(load(overrides=[*_csv(tmp_path, rows), *extra]))
+    assert fragment in str(info.value)
+
+
+def test_hints_for_rows_that_run_out_and_for_labels_with_fractions(tmp_path: Path) -> None:
+    from fedstream.sim.runner import exhaustion_hint, label_hint
+
+    base = _csv(tmp_path, ["a,label"] + [f"{i},{i % 2}" for i in range(150)])
+    hint = exhaustion_hint(load(overrides=[*base, "stream.rate=30", "federation.rounds=30"]))
+    assert hint is not None and "run out after about 2." in hint and "of the 30 rounds" in hint
+    assert exhaustion_hint(load(overrides=[*base, "stream.rate=2", "federation.rounds=30"])) is None
+    assert label_hint(load(overrides=base)) is None
+    graded = _csv(tmp_path, ["a,label"] + [f"{i},{1 + i % 3 / 2}" for i in range(60)], "g.csv")
+    hint = label_hint(load(overrides=graded))
+    assert hint is not None and "3 distinct values" in hint

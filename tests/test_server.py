@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import load
-from fedstream.server.records import History, round_record, run_summary
+from fedstream.server.records import History, MetricsLog, round_record, run_summary, write_summary
 from fedstream.server.roster import Roster
 from fedstream.server.rounds import _aggregate
 from fedstream.server.strategy import StreamFedAvg, make_strategy
@@ -166,3 +169,13 @@ def test_roster_orders_by_client_and_learns_from_reports() -> None:
     roster = Roster()
     roster.learn([_reply(_sent(900), 1.0, 1, 2), _reply(_sent(5), 1.0, 1, 0)])
     assert roster.ordered([5, 77, 900, 3]) == [5, 900, 3, 77]  # known by client, then unknown
+
+
+def test_summary_and_metrics_files_hold_no_nan(tmp_path: Path) -> None:
+    # JSON has no NaN: strict readers (JavaScript's JSON.parse) refuse the file outright.
+    write_summary(tmp_path, {"global_eval": {"accuracy": math.nan}, "rounds": [1.0, math.inf]})
+    MetricsLog(tmp_path / "metrics.jsonl").write({"accuracy": math.nan})
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} in the file")}
+    summary = json.loads((tmp_path / "summary.json").read_text(), **strict)
+    assert summary == {"global_eval": {"accuracy": None}, "rounds": [1.0, None]}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"accuracy": None}

@@ -71,7 +71,7 @@ def test_decimal_commas_in_a_semicolon_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cell", "fragment"),
     [
-        ("1.234,5", "'1.234,5' is not a number"),  # thousands separators are refused
+        ("1.234,5", "'1.234,5' has thousands separators"),  # refused, and said why
         ("1,2,3", "'1,2,3' is not a number"),
         ("19,87x", "'19,87x' is not a number"),
     ],
@@ -285,3 +285,57 @@ def test_argument_errors() -> None:
         load_table("unused.csv", label="y", fmt="xlsx")  # type: ignore[arg-type]
     with pytest.raises(DataError, match=r"nowhere\.csv"):
         load_table("nowhere.csv", label="y")
+
+
+# ------------------------------------------------------------ exports from other tools
+
+
+def test_integer_labels_written_as_floats_are_one_class(tmp_path: Path) -> None:
+    # Two exports concatenated: one wrote the label column as integers, one as floats.
+    path = write(tmp_path, "mixed.csv", "a,label\n1,0\n2,1\n3,1.0\n4,0.0\n5,2.00\n")
+    table = load_table(path, label="label")
+    assert table.classes == ["0", "1", "2"]
+    np.testing.assert_array_equal(table.y, [0, 1, 1, 0, 2])
+
+
+def test_excel_sep_line_names_the_delimiter(tmp_path: Path) -> None:
+    path = write(tmp_path, "excel.csv", "sep=;\r\nTemp;Status\r\n19,5;ok\r\nx;bad\r\n")
+    message = expect_error(path, 4, "column 'Temp'", label="Status")
+    assert "'x' is not a number" in message  # line numbers still count the sep= line
+    path = write(tmp_path, "excel.csv", '"sep=;"\r\nTemp;Status\r\n19,5;ok\r\n20;bad\r\n')
+    table = load_table(path, label="Status")
+    np.testing.assert_allclose(table.x[:, 0], [19.5, 20.0])
+
+
+def test_an_unterminated_quote_mid_file_is_named_at_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "u.csv", 'a,b,label\n1,2,0\n"3,4,1\n5,6,0\n7,8,1\n')
+    expect_error(path, 3, "unterminated quoted field", label="label")
+
+
+def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Excel's "Unicode text" export: UTF-16LE with a BOM, tab-separated.
+    text = "Temperatur °C\tKlasse\r\n19.5\tja\r\n20\tnein\r\n"
+    table = load_table(write(tmp_path, "u16.txt", text.encode("utf-16")), label="Klasse")
+    assert table.features == ["Temperatur °C"]
+    np.testing.assert_allclose(table.x[:, 0], [19.5, 20.0])
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ("Temperatur °C,label\n1,0\n".encode("cp1252"), "Windows-1252"),
+        ("a,label\n1,0\n".encode("utf-16-le"), "UTF-16 without a byte-order mark"),
+    ],
+)
+def test_a_file_in_another_encoding_gets_a_hint(tmp_path: Path, data: bytes, fragment: str) -> None:
+    message = expect_error(write(tmp_path, "enc.csv", data), 1, label="label")
+    assert fragment in message and "UTF-8" in message
+
+
+def test_a_huge_number_is_refused_without_a_numpy_warning(tmp_path: Path) -> None:
+    import warnings
+
+    path = write(tmp_path, "big.csv", "a,label\n1,0\n1e39,1\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expect_error(path, 3, "'1e39' is not a finite float32 number", label="label")

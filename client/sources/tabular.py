@@ -37,6 +37,14 @@ _DELIMITERS = (",", ";", "\t", "|")
 _CSV_SUFFIXES = frozenset({".csv", ".tsv", ".tab", ".psv", ".txt"})
 _JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})
 _INT_RE = re.compile(r"[+-]?\d+")
+_WHOLE_RE = re.compile(r"([+-]?\d+)\.0*")  # "1.0", "2.": an integer written as a float
+_SEP_RE = re.compile(r"sep=(.)")  # Excel's first line naming the delimiter
+_THOUSANDS = {
+    ",": re.compile(r"[+-]?\d{1,3}(\.\d{3})+(,\d*)?"),  # 1.234,5 in a ';' file
+    ".": re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?"),  # 1,234.5 elsewhere
+}
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_F32_MAX = float(np.finfo(np.float32).max)
 _SNIFF_CHARS = 1 << 16
 _SNIFF_RECORDS = 20
 
@@ -119,7 +127,8 @@ def _check_arguments(
 
 
 def _read_text(path: Path, name: str) -> str:
-    """Decode as UTF-8 (a BOM is dropped); a bad byte is reported with its line."""
+    """Decode as UTF-8 (a BOM is dropped), or as UTF-16 with a BOM (Excel's "Unicode
+    text"); a bad byte is reported with its line and what the file probably is."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -129,11 +138,37 @@ def _read_text(path: Path, name: str) -> str:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
             raise DataError(f"{name}: not a valid gzip file: {exc}") from exc
+    encoding = text_encoding(data[:4])
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{name}:{line}: not valid UTF-8 (byte {exc.start}): {exc.reason}") from exc
+        raise DataError(
+            f"{name}:{line}: not valid {encoding.removesuffix('-sig').upper()} "
+            f"(byte {exc.start}): {exc.reason}; {encoding_hint(data[:_SNIFF_CHARS])}"
+        ) from exc
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataError(f"{name}:{line}: {encoding_hint(data[:_SNIFF_CHARS])}")
+    return text
+
+
+def text_encoding(head: bytes) -> str:
+    """The codec for a file starting with `head`: UTF-16 if it has that BOM, else UTF-8."""
+    return "utf-16" if head.startswith(_UTF16_BOMS) else "utf-8-sig"
+
+
+def encoding_hint(sample: bytes) -> str:
+    """What to tell someone whose file is not UTF-8: the likely encoding and the fix."""
+    if b"\x00" in sample:
+        return (
+            "the file has NUL bytes, so it is probably UTF-16 without a byte-order mark: "
+            "save it as UTF-8 (in Excel: 'CSV UTF-8')"
+        )
+    return (
+        "it is probably Windows-1252 / Latin-1 (Excel's plain 'CSV' on Windows): save it as "
+        "UTF-8 (in Excel: 'CSV UTF-8'), or convert it: iconv -f cp1252 -t utf-8"
+    )
 
 
 def _detect_format(path: Path, text: str, fmt: Format) -> Literal["csv", "jsonl"]:
@@ -189,6 +224,18 @@ def _sniff_delimiter(text: str) -> str:
     return best
 
 
+def excel_delimiter(line: str) -> str | None:
+    """The delimiter a `sep=;` first line names (Excel writes and reads it), or None."""
+    match = _SEP_RE.fullmatch(line.strip().strip('"'))
+    return match.group(1) if match else None
+
+
+UNTERMINATED = (
+    "unterminated quoted field: a '\"' opened on this line is not closed before the line "
+    "ends, so the lines after it would be read into one value"
+)
+
+
 def decimal_mark(delimiter: str) -> str:
     """',' in a semicolon-separated file, else '.'.
 
@@ -216,10 +263,7 @@ def _csv_records(text: str, name: str, delimiter: str) -> Iterator[tuple[int, li
     except csv.Error as exc:
         raise DataError(f"{name}:{reader.line_num}: malformed CSV: {exc}") from exc
     if last is not None and _unterminated(text, last[0], last[1], delimiter):
-        raise DataError(
-            f"{name}:{last[0]}: unterminated quoted field: a '\"' opened on this line "
-            "is never closed, so the rest of the file would be read as one value"
-        )
+        raise DataError(f"{name}:{last[0]}: {UNTERMINATED}")
 
 
 def _unterminated(text: str, start: int, record: list[str], delimiter: str) -> bool:
@@ -277,7 +321,12 @@ def _csv_header(
 def _read_csv(
     text: str, name: str, label: str, features: Sequence[str] | None, time: str | None
 ) -> _Raw:
-    delimiter = _sniff_delimiter(text)
+    end = text.find("\n")
+    delimiter = excel_delimiter(text[: end if end >= 0 else len(text)])
+    if delimiter is not None:  # keep the line break, so line numbers stay the file's
+        text = text[end:] if end >= 0 else ""
+    else:
+        delimiter = _sniff_delimiter(text)
     records = _csv_records(text, name, delimiter)
     first = next(records, None)
     if first is None:
@@ -296,6 +345,8 @@ def _read_csv(
         if trailing and len(fields) == n_fields + 1 and not fields[-1].strip():
             fields.pop()
         if len(fields) != n_fields:
+            if any("\n" in field or "\r" in field for field in fields):
+                raise DataError(f"{name}:{line}: {UNTERMINATED}")
             raise DataError(
                 f"{name}:{line}: expected {n_fields} fields as in the header, found {len(fields)}"
             )
@@ -507,18 +558,24 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
         if values is None:
             if decimal == "." and cell.replace(",", "", 1).lstrip("+-").isdigit():
                 return f"{cell!r} is not a number (a decimal comma is read in ';' files only)"
+            if _THOUSANDS[decimal].fullmatch(cell):
+                return f"{cell!r} has thousands separators; write numbers without them"
             return f"{cell!r} is not a number"
         number = float(values[0])
     if math.isnan(number):
         return f"missing value ({cell!r}); values are not imputed"
-    if not abs(number) <= np.finfo(np.float32).max:
+    if not abs(number) <= _F32_MAX:
         return f"{cell!r} is not a finite float32 number"
     return None
 
 
 def _canonical_label(text: str) -> str:
-    """Integers are compared by value, so '007' and '7' are one class."""
-    return str(int(text)) if _INT_RE.fullmatch(text) else text
+    """Integers are compared by value, so '007', '7' and '7.0' are one class (files that
+    were concatenated from two exports, or passed through a float column, mix them)."""
+    if _INT_RE.fullmatch(text):
+        return str(int(text))
+    whole = _WHOLE_RE.fullmatch(text)
+    return str(int(whole.group(1))) if whole else text
 
 
 def _sort_classes(found: list[str]) -> list[str]:

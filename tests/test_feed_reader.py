@@ -1,0 +1,45 @@
+"""fedstream feed's reader: a bad row costs that row, never the rows after it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedstream.client.feed import Reader, open_input
+
+
+def read_all(path: Path, **kw: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    stream, name = open_input(str(path))
+    with stream:
+        chunks = list(Reader(stream, name, path=str(path), **kw))  # type: ignore[arg-type]
+    x = np.concatenate([c.x for c in chunks])
+    y = np.concatenate([c.y for c in chunks])
+    return x, y, [e for c in chunks for e in c.errors]
+
+
+def test_an_unterminated_quote_costs_its_own_row_only(tmp_path: Path) -> None:
+    path = tmp_path / "u.csv"
+    path.write_text('a,b,label\n1,2,0\n"3,4,1\n5,6,0\n7,8,1\n')
+    x, y, errors = read_all(path)
+    assert errors == [f"{path}:3: " + errors[0].split(": ", 1)[1]]
+    assert "unterminated quoted field" in errors[0]
+    np.testing.assert_array_equal(x, [[1, 2], [5, 6], [7, 8]])
+    np.testing.assert_array_equal(y, [0, 0, 1])
+
+
+def test_excel_sep_line_and_float_written_labels(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_text("sep=;\r\nTemp;Status\r\n19,5;1.0\r\n20;0\r\n")
+    x, y, errors = read_all(path, label="Status")
+    assert errors == []
+    np.testing.assert_allclose(x[:, 0], [19.5, 20.0])
+    np.testing.assert_array_equal(y, [1, 0])
+
+
+def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "u16.txt"
+    path.write_bytes("Temperatur °C\tlabel\r\n19.5\t1\r\n".encode("utf-16"))
+    x, y, errors = read_all(path)
+    assert errors == [] and y.tolist() == [1]
+    np.testing.assert_allclose(x, [[19.5]])
