@@ -113,7 +113,7 @@ def client(
 
     dev = Device(
         server=server_address, state=state.resolve(), client_id=client_id,
-        n_features=cfg.stream.n_features, ca=ca, key=key, ingest=ingest, capacity=capacity,
+        n_features=cfg.stream.n_features, n_classes=cfg.stream.n_classes, ca=ca, key=key, ingest=ingest, capacity=capacity,
         policy=policy, insecure=insecure, max_wait=max_wait, cold=cold,  # type: ignore[arg-type]
     )
     try:

@@ -45,6 +45,7 @@ class Device:
     state: Path
     client_id: int
     n_features: int
+    n_classes: int | None = None  # labels outside [0, n_classes) are refused at ingestion
     ca: Path | None = None  # trust this CA; None: the system's
     key: Path | None = None  # SuperNode authentication key (OpenSSH EC private key)
     ingest: str = ""  # unix:///path or 127.0.0.1:PORT; default: STATE/ingest.sock
@@ -107,7 +108,8 @@ def run_device(dev: Device) -> int:
     dev.state.mkdir(parents=True, exist_ok=True)
     Spool(dev.spool, dev.n_features).close()  # create it, or refuse a mismatched one, now
     ingestion = serve_ingestion(
-        str(dev.spool), dev.n_features, dev.ingest_address, dev.capacity, dev.policy
+        str(dev.spool), dev.n_features, dev.ingest_address, dev.capacity, dev.policy,
+        n_classes=dev.n_classes,
     )
     env = runtime.flower_env(dev.state / "flwr-home")
     log = dev.state / "logs" / "supernode.log"  # the SuperNode, its SuperExec and tasks

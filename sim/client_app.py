@@ -15,6 +15,7 @@ from fedstream.client.stream import ClientStream
 from fedstream.protocol.config import Config, from_json, to_json
 from fedstream.sim.availability import availability_mod, threads_mod
 from fedstream.sim.federation import federation
+from fedstream.sim.logs import quiet_flower
 
 
 def virtual_stream(cfg: Config, ctx: Context) -> ClientStream:
@@ -46,6 +47,7 @@ class _PicklesAsConfig(ClientApp):
 @lru_cache(maxsize=4)
 def _bound_client_app(cfg_json: str) -> ClientApp:
     cfg = from_json(cfg_json)
+    quiet_flower()  # in the Ray worker that unpickles it: the actor logs through flwr too
     mods = [threads_mod(cfg), availability_mod(cfg)]
     app = make_client_app(virtual_stream, cfg, mods=mods, app_class=_PicklesAsConfig)
     app.cfg_json = cfg_json  # type: ignore[attr-defined]

@@ -15,6 +15,8 @@ _NOISE = (
     # generic line before any ClientApp error says nothing the error itself does not.
     "fedstream.sim.availability.ClientUnavailable",
     "An exception was raised when processing a message by",
+    # Each Ray actor says so as the engine shuts it down at the end of every run.
+    "Manually terminating",
 )
 
 
