@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -58,16 +59,31 @@ def train_from_spool(msg: Message, ctx: Context, cfg: Config) -> Message:
             cfg, (cfg.stream.n_features,), cfg.stream.n_classes, spool.state(LEARNER)
         )
         batch = spool.pending(limit=min(cfg.stream.budget or MAX_ROUND_SAMPLES, MAX_ROUND_SAMPLES))
-        content = learn(msg, learner, batch.x, batch.y, client_of(ctx), started)
+        x, y, unusable = usable(batch.x, batch.y, cfg.stream.n_classes)
+        content = learn(msg, learner, x, y, client_of(ctx), started)
         dropped = spool.stats()["dropped"]
         reported = int.from_bytes(spool.state(REPORTED_DROPS) or b"", "big")
-        content[m.METRICS]["dropped"] = dropped - reported
+        content[m.METRICS]["dropped"] = dropped - reported + unusable
         state = {LEARNER: learner.state_bytes(), REPORTED_DROPS: dropped.to_bytes(8, "big")}
         round_tag = f"round {int(msg.content[m.CONFIG][m.ROUND])}"
         spool.commit(batch.stop, state, tag=round_tag)  # the last step before the reply
     finally:
         spool.close()
     return Message(content, reply_to=msg)
+
+
+def usable(x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows a model with `n_classes` outputs can learn, and how many were left out.
+
+    The ingestion service refuses other labels, but a spool filled before a config
+    change (fewer classes), or by a service started without a class count, may hold
+    some; trained, one such row would fail every round, since the offset never moves
+    past it. They are skipped and counted as dropped instead.
+    """
+    keep = (y >= 0) & (y < n_classes)
+    if keep.all():
+        return x, y, 0
+    return x[keep], y[keep], int(np.count_nonzero(~keep))
 
 
 def open_spool(ctx: Context, cfg: Config) -> Spool:

@@ -149,10 +149,8 @@ class _Servicer:
             ok &= ~missing
         high = labels >= self.n_classes if self.n_classes else np.zeros(n, dtype=bool)
         out_of_range = ok & ((labels < 0) | high)
-        limit = f"[0, {self.n_classes})" if self.n_classes else ">= 0"
-        reasons.append(
-            (out_of_range, lambda i: f"label out of range: {labels[i]} is not in {limit}")
-        )
+        limit = f"is not in [0, {self.n_classes})" if self.n_classes else "is negative"
+        reasons.append((out_of_range, lambda i: f"label out of range: {labels[i]} {limit}"))
         ok &= ~out_of_range
         times = None
         if len(batch.timestamps):

@@ -107,3 +107,31 @@ def test_a_node_without_a_spool_says_so(tmp_path):
     run_federation(grid, cfg, _initial(cfg), tmp_path / "out",
                    on_round=lambda r, _h: records.append(r))
     assert all(device_app.SPOOL in f["reason"] for f in records[0]["failures"])
+
+
+def test_labels_the_model_cannot_output_are_skipped_not_trained_forever(tmp_path):
+    # A spool filled by a service that did not know the class count (or before the config
+    # lost a class) holds a label of 3 in a 3-class federation: skipped and reported as
+    # dropped, so the offset moves on instead of every round failing on that row.
+    cfg = _cfg("stream.budget=100", "federation.rounds=2")
+    paths = _spools(tmp_path, per_client=10)
+    spool = Spool(paths[0], FEATURES)
+    spool.append(np.zeros((2, FEATURES), np.float32), np.array([CLASSES, 1]))
+    spool.close()
+    records: list[dict] = []
+    run_federation(_grid(cfg, paths), cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert records[0]["clients_ok"] == CLIENTS and not records[0]["failures"]
+    assert records[0]["examples"] == 3 * 10 + 1 and records[0]["dropped"] == 1
+    assert Spool(paths[0], FEATURES).stats()["pending"] == 0
+
+
+def test_the_device_service_refuses_labels_beyond_the_class_count(tmp_path):
+    from fedstream.client.ingest import Producer, serve
+
+    server = serve(tmp_path / "s.db", 2, "127.0.0.1:0", n_classes=2)
+    try:
+        result = Producer(server.address).append(np.zeros((3, 2), np.float32), [0, 1, 2])
+        assert result.accepted == 2 and "2 is not in [0, 2)" in result.errors[0].reason
+    finally:
+        server.stop(None)
