@@ -513,13 +513,14 @@ class Producer:
                 step = self._rows_per_message(x.shape[1])
                 for lo in range(0, len(y), step):
                     hi = min(len(y), lo + step)
-                    yield encode_batch(
+                    message = encode_batch(
                         x[lo:hi],
                         y[lo:hi],
                         None if has_label is None else has_label[lo:hi],
                         None if t is None else t[lo:hi],
                     )
-                    sent += hi - lo
+                    sent += hi - lo  # before the yield: gRPC may never ask for the next one
+                    yield message
 
         try:
             reply = self._append(messages(), timeout=self.timeout)

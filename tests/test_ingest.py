@@ -181,6 +181,17 @@ def test_back_pressure_when_full(start) -> None:
     assert stats["refused"] >= 1 and stats["pending"] == 10 and stats["trained"] == 5
 
 
+def test_back_pressure_counts_add_up_when_the_total_is_not_known(start) -> None:
+    # fedstream feed streams a file of unknown length: one message of 200 rows into a
+    # spool with room for 88 stores 88 and refuses the other 112.
+    server = start(capacity=100, policy="reject")
+    with Producer(server.address) as producer:
+        producer.append(*rows(12))
+        x, y = rows(200, start=12)
+        result = producer.append_batches([(x, y, None, None)])
+    assert (result.accepted, result.refused, result.first_refused) == (88, 112, 88)
+
+
 def test_drop_oldest_via_the_service(start) -> None:
     server = start("tcp", capacity=10, policy="drop_oldest")
     with Producer(server.address, batch=4) as producer:
