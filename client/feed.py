@@ -11,7 +11,9 @@ live stream does not stop for one garbled record. Problems with the file as a wh
 ``DataError``.
 
 The input is read as a stream (stdin may be a live pipe): a batch is emitted when it holds
-``batch`` rows, or when a row arrives more than ``flush_seconds`` after the batch began.
+``batch`` rows, or ``flush_seconds`` after its first row, whether or not more rows come (a
+pipe is read on a thread of its own, so a quiet ``tail -f`` does not hold back the end of
+a burst).
 
 Labels are integer class indices, or names listed in ``classes`` (their index is the
 label).
@@ -22,6 +24,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import os
+import queue
+import stat
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +73,18 @@ class Chunk:
 
 class _RowProblem(Exception):
     pass
+
+
+TICK = None  # in the line and row streams: flush_seconds passed without a new line
+
+
+def is_live(stream: IO[str]) -> bool:
+    """Whether reading `stream` may block for new data (a pipe, a terminal, a socket),
+    as opposed to a regular file, which ends."""
+    try:
+        return not stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 def open_input(path: str) -> tuple[IO[str], str]:
@@ -133,8 +151,16 @@ class Reader:
 
     # ------------------------------------------------------------------------ lines
 
-    def _lines(self) -> Iterator[str]:
-        """The stream's lines, counting them; a decoding error is a file error."""
+    def _lines(self) -> Iterator[str | None]:
+        """The stream's lines, counting them, with a TICK whenever a live input is quiet
+        for `flush_seconds`; a decoding error is a file error."""
+        source = self._pumped() if is_live(self.stream) else self._read()
+        for line in source:
+            if line is not TICK:
+                self.line += 1
+            yield line
+
+    def _read(self) -> Iterator[str]:
         while True:
             try:
                 line = self.stream.readline()
@@ -145,8 +171,33 @@ class Reader:
                 ) from None
             if not line:
                 return
-            self.line += 1
             yield line
+
+    def _pumped(self) -> Iterator[str | None]:
+        """Lines read on a daemon thread, so that waiting for the next one can time out."""
+        lines: queue.Queue = queue.Queue(maxsize=65536)
+        end = object()
+
+        def pump() -> None:
+            try:
+                for line in self._read():
+                    lines.put(line)
+            except DataError as exc:
+                lines.put(exc)
+            lines.put(end)
+
+        threading.Thread(target=pump, name="feed-input", daemon=True).start()
+        while True:
+            try:
+                item = lines.get(timeout=self.flush_seconds)
+            except queue.Empty:
+                yield TICK
+                continue
+            if item is end:
+                return
+            if isinstance(item, DataError):
+                raise item
+            yield item
 
     def open(self) -> Iterator[Chunk]:
         """Read up to the header (CSV) or the first record (JSONL), raising ``DataError``
@@ -170,9 +221,9 @@ class Reader:
     def __iter__(self) -> Iterator[Chunk]:
         return self.open()
 
-    def _first(self, lines: Iterator[str]) -> str:
+    def _first(self, lines: Iterator[str | None]) -> str:
         for line in lines:
-            if line.strip():
+            if line is not TICK and line.strip():
                 return line
         raise DataError(f"{self.name}: empty input, expected a header row or a record")
 
@@ -193,12 +244,15 @@ class Reader:
         return delimiter, positions, len(header), trailing
 
     def _csv_rows(
-        self, lines: Iterator[str], delimiter: str, positions: list[int], n_fields: int,
+        self, lines: Iterator[str | None], delimiter: str, positions: list[int], n_fields: int,
         trailing: bool,
     ) -> Iterator:
         # One line is one record: a quote left open on one line must cost that row only,
         # not swallow the rows after it (numbers and labels hold no line breaks).
         for text in lines:
+            if text is TICK:
+                yield TICK
+                continue
             try:
                 record = next(csv.reader((text,), delimiter=delimiter, skipinitialspace=True))
             except StopIteration:
@@ -220,17 +274,23 @@ class Reader:
 
     # ------------------------------------------------------------------------ jsonl
 
-    def _jsonl_rows(self, first: str, first_line: int, lines: Iterator[str]) -> Iterator:
+    def _jsonl_rows(self, first: str, first_line: int, lines: Iterator[str | None]) -> Iterator:
         exact: set[str] | None = None
         names = self.wanted
 
-        def records() -> Iterator[tuple[int, str]]:
+        def records() -> Iterator[tuple[int, str] | None]:
             yield first_line, first
             for text in lines:
-                if text.strip():
+                if text is TICK:
+                    yield TICK
+                elif text.strip():
                     yield self.line, text
 
-        for line, text in records():
+        for record in records():
+            if record is TICK:
+                yield TICK
+                continue
+            line, text = record
             try:
                 obj = _json_object(text, line, self.name)
             except DataError as exc:
@@ -265,10 +325,15 @@ class Reader:
     def _chunks(self, rows: Iterator) -> Iterator[Chunk]:
         pending: list[tuple[int, Any]] = []
         began = time.monotonic()
-        for line, row in rows:
+        for item in rows:
+            if item is TICK:  # a live input went quiet: send what it gave so far
+                if pending:
+                    yield self._convert(pending)
+                    pending = []
+                continue
             if not pending:
                 began = time.monotonic()
-            pending.append((line, row))
+            pending.append(item)
             if len(pending) >= self.batch or time.monotonic() - began > self.flush_seconds:
                 yield self._convert(pending)
                 pending = []

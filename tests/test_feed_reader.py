@@ -43,3 +43,26 @@ def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     x, y, errors = read_all(path)
     assert errors == [] and y.tolist() == [1]
     np.testing.assert_allclose(x, [[19.5]])
+
+
+def test_a_quiet_pipe_does_not_hold_back_the_rows_it_gave(tmp_path: Path) -> None:
+    # `tail -f live.csv | fedstream feed -`: a burst of rows, then silence, with the pipe
+    # still open. The rows must go out after flush_seconds, not when the next row comes.
+    import io
+    import os
+    import time
+
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(write_fd, "w") as writer, io.TextIOWrapper(
+        os.fdopen(read_fd, "rb"), encoding="utf-8", newline=""
+    ) as stream:
+        writer.write("a,b,label\n1,2,0\n3,4,1\n")
+        writer.flush()
+        chunks = Reader(stream, "<stdin>", flush_seconds=0.2).open()
+        began = time.monotonic()
+        first = next(chunks)
+        assert time.monotonic() - began < 5
+        np.testing.assert_array_equal(first.x, [[1, 2], [3, 4]])
+        writer.write("5,6,0\n")
+        writer.close()
+        assert [c.y.tolist() for c in chunks] == [[0]]
