@@ -23,11 +23,20 @@ def certs(
         list[str] | None, typer.Option("--node", help="Make a SuperNode key pair NAME.key/.pub.")
     ] = None,
 ) -> None:
-    """Make a CA, a server certificate and SuperNode key pairs (existing ones are kept)."""
-    from fedstream.server.credentials import make_credentials
+    """Make a CA, a server certificate and SuperNode key pairs (existing ones are kept;
+    --host for other names issues the server certificate again, from the same CA)."""
+    from fedstream.server.credentials import SERVER_CERT, make_credentials, server_hosts
 
-    hosts = host or ["localhost", "127.0.0.1", "::1"]
-    make_credentials(out, hosts, node or [])
+    before = server_hosts(out) if (out / SERVER_CERT).exists() else None
+    try:
+        make_credentials(out, host or None, node or [])
+    except FileNotFoundError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    after = server_hosts(out)
+    if before is not None and sorted(before) != sorted(after):
+        typer.echo(f"server certificate issued again for {', '.join(after)} (was "
+                   f"{', '.join(before)}); same CA, so devices keep their ca.crt")
     typer.echo(f"credentials in {out}/: ca.crt (give to clients), server.pem, server.key"
                + "".join(f", {n}.key (give to that device), {n}.pub" for n in node or []))
 
@@ -113,7 +122,8 @@ def client(
 
     dev = Device(
         server=server_address, state=state.resolve(), client_id=client_id,
-        n_features=cfg.stream.n_features, n_classes=cfg.stream.n_classes, ca=ca, key=key, ingest=ingest, capacity=capacity,
+        n_features=cfg.stream.n_features, n_classes=cfg.stream.n_classes, ca=ca, key=key,
+        ingest=ingest, capacity=capacity,
         policy=policy, insecure=insecure, max_wait=max_wait, cold=cold,  # type: ignore[arg-type]
     )
     try:

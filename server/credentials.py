@@ -19,32 +19,67 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
+CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 VALID_DAYS = 365
 
 
 def make_credentials(
-    out: Path,
-    hosts: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
-    nodes: Sequence[str] = (),
+    out: Path, hosts: Sequence[str] | None = None, nodes: Sequence[str] = ()
 ) -> Path:
-    """Write a CA and a server certificate for `hosts` (unless present), and node key pairs."""
+    """Write a CA and a server certificate (unless present), and node key pairs.
+
+    `hosts` (default: this machine's loopback names) are the names and addresses clients
+    dial. Given for a directory that has credentials already, a server certificate for
+    other hosts is issued again by the same CA, so devices keep the ca.crt they have.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    wanted = list(hosts or DEFAULT_HOSTS)
     # The SuperLink's own runtime dials 127.0.0.1 over TLS, whatever address it serves on.
-    hosts = [*hosts, *(h for h in ("127.0.0.1",) if h not in hosts)]
+    wanted += [h for h in ("127.0.0.1",) if h not in wanted]
     if not (out / CA_CERT).exists():
         ca_key, ca_cert = _authority()
-        key, cert = _server_certificate(ca_key, ca_cert, hosts)
         (out / CA_CERT).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-        (out / SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(out / SERVER_KEY, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ))
+        _write_private(out / CA_KEY, _pem(ca_key))
+        _issue(out, ca_key, ca_cert, wanted)
+    elif hosts is not None and sorted(server_hosts(out)) != sorted(wanted):
+        if not (out / CA_KEY).exists():
+            raise FileNotFoundError(
+                f"{out / SERVER_CERT} is for {', '.join(server_hosts(out))}; a certificate "
+                f"for other hosts needs the CA's key, and {out} has none (made before "
+                "fedstream kept it): make new credentials in a new directory, and give the "
+                "devices its ca.crt"
+            )
+        ca_key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate((out / CA_CERT).read_bytes())
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        _issue(out, ca_key, ca_cert, wanted)
     for name in nodes:
         if not (out / f"{name}.key").exists():
             node_key_pair(out, name)
     return out
+
+
+def server_hosts(out: Path) -> list[str]:
+    """The names and addresses the server certificate in `out` is valid for."""
+    cert = x509.load_pem_x509_certificate((out / SERVER_CERT).read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name.value) for name in names]
+
+
+def _issue(
+    out: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str]
+) -> None:
+    key, cert = _server_certificate(ca_key, ca_cert, hosts)
+    (out / SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(out / SERVER_KEY, _pem(key))
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def node_key_pair(out: Path, name: str) -> tuple[Path, Path]:
