@@ -21,6 +21,7 @@ from fedstream.protocol import updates
 from fedstream.protocol.config import Config, from_run_config
 from fedstream.protocol.models import build_model
 from fedstream.server import checkpoint
+from fedstream.server.grid import bounded_pulls
 from fedstream.server.records import History, MetricsLog, run_summary, write_summary
 from fedstream.server.rounds import RoundSettings, run_rounds
 from fedstream.server.secure import SecureAggregator
@@ -34,6 +35,7 @@ def deploy_server_app() -> ServerApp:
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
+        bounded_pulls()
         run_config = dict(context.run_config)
         cfg = from_run_config({k: v for k, v in run_config.items() if k not in (STATE_DIR, RESUME)})
         run_aggregator(grid, cfg, Path(str(run_config[STATE_DIR])), bool(run_config.get(RESUME)))

@@ -8,24 +8,84 @@ Three things change against the Grid Flower hands a ServerApp, nothing else:
   so far (at most every 100 ms): the last reply is seen at most 5 % late, and a long round
   costs no more polls than before. (A geometric backoff would be up to 50 % late: a
   quarter-second trip seen 0.1 s late, paid again on every trip of a round.)
-- replies that come after their trip are not left on the grid (`Stragglers`).
+- replies that come after their trip are not left on the grid (`Stragglers`);
+- a reply whose upload was cut off (its device killed mid-send) costs the round's timeout
+  at most: Flower would retry fetching its parts for up to two hours (`bounded_pulls`),
+  and its error reply is charged to the device that was sent the message, not to the
+  server's own node, which Flower names as its sender.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, Metadata
+from flwr.app.message import make_message
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.run import Run
 
 FIRST_PULL = 0.002
 MAX_PULL = 0.1
 PULL_LATENESS = 0.05  # pause between pulls, as a fraction of the time waited so far
 PULL_GROUP = 4  # replies asked for per pull when they are folded as they come
+PULL_GRACE = 2.0  # seconds a reply's parts may still take once the trip's time is up
+
+_pull_deadline: float | None = None  # monotonic; while send_and_collect pulls
+
+
+def _bounded_pull_objects(*args: Any, **kwargs: Any) -> dict[str, bytes]:
+    """Flower's `pull_objects`, giving up on a reply's parts when the trip's time is up
+    (plus PULL_GRACE) rather than after Flower's PULL_MAX_TIME of two hours."""
+    if _pull_deadline is not None:
+        left = max(PULL_GRACE, _pull_deadline + PULL_GRACE - time.monotonic())
+        kwargs["max_time"] = min(kwargs.get("max_time") or math.inf, left)
+    return _flower_pull_objects(*args, **kwargs)
+
+
+_flower_pull_objects = inflatable_utils.pull_objects
+
+
+def bounded_pulls() -> None:
+    """Route the deployment grid's object pulls through `_bounded_pull_objects`."""
+    with contextlib.suppress(ImportError):
+        from flwr.superlink.grid import http_grid
+
+        if http_grid.pull_objects is _flower_pull_objects:
+            http_grid.pull_objects = _bounded_pull_objects
+
+
+@contextlib.contextmanager
+def _pulls_until(deadline: float | None) -> Iterator[None]:
+    global _pull_deadline
+    _pull_deadline = deadline
+    try:
+        yield
+    finally:
+        _pull_deadline = None
+
+
+def _charged(reply: Message, sent_to: dict[str, int]) -> Message:
+    """An error reply Flower made up for a message it could not fetch names the server's
+    node as sender: name the node the message was sent to instead."""
+    node = sent_to.get(reply.metadata.reply_to_message_id)
+    if node is None or not reply.has_error() or reply.metadata.src_node_id == node:
+        return reply
+    meta = reply.metadata
+    return make_message(
+        metadata=Metadata(
+            run_id=meta.run_id, message_id=meta.message_id, src_node_id=node,
+            dst_node_id=meta.dst_node_id, reply_to_message_id=meta.reply_to_message_id,
+            group_id=meta.group_id, created_at=meta.created_at, ttl=meta.ttl,
+            message_type=meta.message_type,
+        ),
+        error=reply.error,
+    )
 
 
 def send_and_collect(
@@ -45,23 +105,27 @@ def send_and_collect(
     replies so far suffice. Ids still pending when collecting stops (time up, or enough)
     are added to `late`: see `Stragglers`.
     """
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    sent_to = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
+    pending = set(ids)
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     replies: list[Message] = []
-    while pending:
-        if on_reply is None:
-            got = list(grid.pull_messages(pending))
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            replies.extend(got)
-        else:
-            _pull_each(grid, pending, on_reply, enough)
-        if pending and enough is not None and enough():
-            break
-        now = time.monotonic()
-        if not pending or (deadline is not None and now >= deadline):
-            break
-        time.sleep(min(MAX_PULL, max(FIRST_PULL, PULL_LATENESS * (now - start))))
+    with _pulls_until(deadline):
+        while pending:
+            if on_reply is None:
+                got = [_charged(m, sent_to) for m in grid.pull_messages(pending)]
+                pending.difference_update(m.metadata.reply_to_message_id for m in got)
+                replies.extend(got)
+            else:
+                _pull_each(grid, pending, lambda r: on_reply(_charged(r, sent_to)), enough)
+            if pending and enough is not None and enough():
+                break
+            now = time.monotonic()
+            if not pending or (deadline is not None and now >= deadline):
+                break
+            time.sleep(min(MAX_PULL, max(FIRST_PULL, PULL_LATENESS * (now - start))))
     if late is not None:
         late.update(pending)
     return replies
@@ -92,7 +156,9 @@ class Stragglers:
         """The replies that came in since, pulled off the grid, for a caller that reads them."""
         for ids in self._trips:
             if ids:
-                for reply in grid.pull_messages(list(ids)):
+                with _pulls_until(time.monotonic()):  # late already: no waiting for parts
+                    got = list(grid.pull_messages(list(ids)))
+                for reply in got:
                     ids.discard(reply.metadata.reply_to_message_id)
                     yield reply
 
