@@ -113,7 +113,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"{summary['client_updates']} client updates, {summary['client_failures']} failures, "
         + (f"{secs:.1f} s, " if secs is not None else "")
         + f"{summary['bytes_up'] / 1e6:.1f} MB up, "
-        f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/"
+        f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/",
+        soft_wrap=True,  # a long path stays on its line, whole, for copying
     )
     failed = summary["rounds"] - summary.get("rounds_aggregated", summary["rounds"])
     if failed:
@@ -125,7 +126,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             rounds = ", ".join(map(str, item["first_rounds"]))
             more = item["rounds"] - len(item["first_rounds"])
             rounds += f" and {more} more" if more > 0 else ""
-            Console().print(f"  {item['reason']} (round {rounds})", highlight=False)
+            Console().print(f"  {item['reason']} (round {rounds})", highlight=False,
+                            soft_wrap=True)
     if summary.get("secure_aggregation"):
         Console().print(
             f"Secure aggregation: the server saw only sums, "
