@@ -65,12 +65,22 @@ def server(
     cfg = _load(config, set_, [f"output.dir={_toml_str(str(out.resolve()))}",
                                "output.progress=false"])
     keys = node_key if node_key is not None else sorted(credentials.glob("*.pub"))
+    from fedstream.protocol.runtime import Stopped, on_signals
     from fedstream.server.aggregator import Aggregator, serve
+    from fedstream.server.checkpoint import CHECKPOINT
 
     try:
-        status = serve(Aggregator(state.resolve(), credentials, host, port), cfg, keys, resume)
+        with on_signals():  # Ctrl-C or SIGTERM: serve() stops the SuperLink and its apps
+            status = serve(Aggregator(state.resolve(), credentials, host, port), cfg, keys,
+                           resume)
+    except Stopped as e:
+        again = " (fedstream server --resume continues the run)" if (
+            state / CHECKPOINT).exists() else ""
+        err.print(f"stopped ({e}): the SuperLink and its apps are stopped{again}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
     except (FileNotFoundError, TimeoutError, RuntimeError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(e, FileNotFoundError | ValueError) else 1) from None
     typer.echo(f"run {status}; results in {out}/, logs in {state / 'logs'}/")
     if status != "completed":

@@ -7,19 +7,29 @@ Flower's own SuperExec watches its parent in turn. Each runs in its own FLWR_HOM
 Flower's runtime finds `flower-superexec` and `flwr-*app` on PATH: this Python's scripts
 come first, so the apps run with the fedstream that started them, and nothing is
 installed at run time.
+
+Stopping: `stop_tree` stops a process and everything it started, also what it moved into
+sessions of its own (the SuperLink's SuperExec and its `flwr-serverapp`), found by parent
+pid. `on_signals` turns SIGINT and SIGTERM into `Stopped`, so a command can stop its
+processes and exit 130 or 143 like a shell job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 PR_SET_PDEATHSIG = 1
 TASK_POLL = "0.05"  # seconds: how often a SuperExec looks for new app processes to start
@@ -73,6 +83,97 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live process `pid` started, and what they started, whatever their session."""
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """`stop(proc)`, then the same for every process it had started and left running.
+
+    The tree is read before `proc` is stopped: once it is gone, its children belong to
+    init and can no longer be found by parent. Their own later children still can."""
+    tree = descendants(proc.pid) if proc.poll() is None else []
+    stop(proc, grace)
+    left = {p.pid: p for p in tree if p.is_running()}
+    for p in list(left.values()):
+        left.update((c.pid, c) for c in descendants(p.pid))
+    if not left:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for p in left.values():
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(list(left.values()), timeout=wait)
+        if not alive:
+            return
+        left = {p.pid: p for p in alive}
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a listening socket already holds `host:port` (as the SuperLink's own bind,
+    with SO_REUSEADDR, would find it: a port in TIME_WAIT is free)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # not ours to judge: the SuperLink reports the bad address
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` itself holds a listening TCP socket on `port`."""
+    with contextlib.suppress(psutil.Error):
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections(kind="tcp"))
+    return False
+
+
+class Stopped(BaseException):  # not an Exception: `except Exception` must not catch it
+    """Raised by `on_signals` when the command gets SIGINT or SIGTERM."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.signum)
+
+
+def exit_code(signum: int) -> int:
+    """A shell's exit status for a command stopped by `signum`: 130 for SIGINT, 143 TERM."""
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def on_signals() -> Iterator[None]:
+    """Within: the first SIGINT or SIGTERM raises `Stopped`; later ones are ignored, so
+    they cannot cut the clean-up short. The previous handlers come back on exit."""
+    fired = False
+
+    def handler(signum: int, _frame: object) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -9,6 +9,12 @@ run to finish and keeps its logs. Everything lives in one state directory:
     STATE/checkpoint.pkl   the last completed round (model, strategy, totals)
     STATE/app/             the Flower App that is submitted (a pyproject naming our apps)
     STATE/logs/            superlink.log, run-<id>.log
+
+Before it starts anything, the command checks that the SuperLink's port is free (and that
+`--resume` has a checkpoint to resume); it then only trusts a health reply that comes
+from its own SuperLink process, so it never registers keys with, or submits a run to, a
+server another command started. On exit it stops the SuperLink and everything the
+SuperLink started (its SuperExec and `flwr-serverapp`, which run in a session of their own).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, to_json
+from fedstream.server.checkpoint import CHECKPOINT
 from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
 from fedstream.server.deploy_app import RESUME, STATE_DIR
 
@@ -50,6 +57,13 @@ fedstream-config = ""
 state-dir = ""
 resume = false
 """
+
+
+class PortInUse(ValueError):
+    """The SuperLink's port is held by another process (`fedstream server` exits 2)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"port {port} on {host} is in use (another SuperLink?)")
 
 
 @dataclass(frozen=True)
@@ -92,24 +106,53 @@ def superlink_command(agg: Aggregator) -> list[str]:
 def start_superlink(
     agg: Aggregator, env: dict[str, str] | None = None, *, session: bool = False
 ) -> subprocess.Popen:
-    """Start the SuperLink (in `env`, default Flower's runtime env) and wait until healthy."""
+    """Start the SuperLink (in `env`, default Flower's runtime env) and wait until healthy.
+
+    Raises `PortInUse` if its port is taken, before starting it or (a race) after: a health
+    reply only counts if this SuperLink process is the one listening on the port."""
+    command = superlink_command(agg)
+    if runtime.port_in_use(agg.host, agg.port):
+        raise PortInUse(agg.host, agg.port)
     env = env or runtime.flower_env(agg.state / "flwr-home")
     log = agg.state / "logs" / "superlink.log"
-    proc = runtime.spawn(superlink_command(agg), env, log, agg.state, session=session)
+    start = log.stat().st_size if log.exists() else 0
+    proc = runtime.spawn(command, env, log, agg.state, session=session)
 
     def healthy() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited; see {log}")
+            raise _exited(agg, log, start)
         context = ssl.create_default_context(cafile=str(agg.ca))
         url = f"https://127.0.0.1:{agg.port}/health"
         try:
             with urllib.request.urlopen(url, context=context, timeout=1) as reply:
-                return reply.status == 200
+                if reply.status != 200:
+                    return False
         except OSError:
             return False
+        if runtime.listens_on(proc.pid, agg.port):
+            return True
+        if proc.poll() is not None:
+            raise _exited(agg, log, start)
+        raise PortInUse(agg.host, agg.port)  # someone answered, and it is not our SuperLink
 
-    runtime.wait_for(healthy, "SuperLink", timeout=60)
+    try:
+        runtime.wait_for(healthy, "SuperLink", timeout=60)
+    except BaseException:
+        runtime.stop_tree(proc)
+        raise
     return proc
+
+
+def _exited(agg: Aggregator, log: Path, start: int) -> Exception:
+    """Why the SuperLink exited at start-up, from what it logged since `start`."""
+    with log.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    if "Errno 98" in text or "address already in use" in text.lower():
+        return PortInUse(agg.host, agg.port)
+    errors = [line.strip() for line in text.splitlines() if "ERROR" in line]
+    why = f": {errors[-1]}" if errors else ""
+    return RuntimeError(f"the SuperLink exited{why}; see {log}")
 
 
 def control(agg: Aggregator) -> Any:  # Flower's Control API client
@@ -196,8 +239,26 @@ def stop_previous(ctl: Any, agg: Aggregator) -> None:
             ctl.StopRun(StopRunRequest(run_id=int(previous.read_text())))
 
 
+def check_resume(agg: Aggregator) -> None:
+    """`--resume` needs a checkpoint in the state directory: refuse to start afresh."""
+    if not (agg.state / CHECKPOINT).is_file():
+        what = "does not exist" if not agg.state.exists() else f"holds no {CHECKPOINT}"
+        raise FileNotFoundError(
+            f"--resume: {agg.state} {what}, so there is no checkpoint to resume from "
+            "(a mistyped --state? without --resume a fresh run starts)"
+        )
+
+
 def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -> str:
-    """The whole aggregator: SuperLink up, keys registered, run submitted and awaited."""
+    """The whole aggregator: SuperLink up, keys registered, run submitted and awaited.
+
+    Stops the SuperLink and every process it started on the way out, however it leaves
+    (also `runtime.Stopped` from a signal)."""
+    if resume:
+        check_resume(agg)
+    superlink_command(agg)  # missing credentials: say so before anything is made
+    if runtime.port_in_use(agg.host, agg.port):
+        raise PortInUse(agg.host, agg.port)
     agg.state.mkdir(parents=True, exist_ok=True)
     link = start_superlink(agg)
     try:
@@ -212,4 +273,4 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
         finally:
             ctl.close()
     finally:
-        runtime.stop(link)
+        runtime.stop_tree(link)
