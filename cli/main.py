@@ -72,12 +72,42 @@ def sim(
     except (DataError, ValueError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
+    _stop_on_interrupt(Path(cfg.output.dir))
     try:
         summary = simulate(cfg)
     except Exception as e:
         err.print(f"[red]error:[/red] {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
     report(summary, Path(cfg.output.dir))
+
+
+def _stop_on_interrupt(out: Path) -> None:
+    """Ctrl-C ends `fedstream sim` at once, with exit 130.
+
+    Flower's simulation engine stops its Ray workers on SIGINT but leaves the driver
+    waiting on its own threads, so without this the first Ctrl-C hangs with nothing
+    printed. Rounds already done are in metrics.jsonl (written as they finish); Ray's
+    workers go down with their driver.
+    """
+    import os
+    import signal
+    import threading
+
+    def interrupted(signum: int, _frame: object) -> None:
+        err.print(f"\ninterrupted: the rounds done so far are in {out / 'metrics.jsonl'} "
+                  "(no summary.json)", highlight=False, soft_wrap=True)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        threading.Timer(5.0, os._exit, (128 + signum,)).start()  # if Ray will not stop
+        try:
+            import ray
+
+            ray.shutdown()  # its head processes outlive a driver that just exits
+        finally:
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
 
 
 def report(summary: dict[str, Any], out: Path) -> None:

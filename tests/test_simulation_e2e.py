@@ -187,3 +187,25 @@ def _wait_for_ray(address: str, env: dict[str, str], limit: float = 120.0) -> No
     while _ray_status(address, env) != 0:
         assert time.monotonic() < deadline, f"Ray head at {address} did not come up"
         time.sleep(1.0)
+
+
+def test_ctrl_c_stops_the_run_at_once_and_keeps_the_rounds_done(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "sim", "--quiet", "--out", str(out),
+         "--set", "federation.clients=2", "--set", "federation.rounds=1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and proc.poll() is None, "no round finished"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert metrics.read_text().count("\n") >= 2 and not (out / "summary.json").exists()
