@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -127,6 +128,15 @@ def client(
         if path is not None and not path.is_file():
             err.print(f"[red]error:[/red] {name}: file not found: {path}")
             raise typer.Exit(2)
+    if key is not None and (problem := _not_a_node_key(key)):
+        err.print(f"[red]error:[/red] --key {key}: {problem}; use a NAME.key made by "
+                  "`fedstream certs DIR --node NAME`", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    # The ingestion service's gRPC threads are busy whenever a SuperNode is started (a fork),
+    # and gRPC's fork handlers then log "skipping fork() handlers" on this terminal. Nothing
+    # here needs them: every child execs at once (the warm SuperExec's tasks fork from its
+    # zygote, which has no gRPC running). Read when gRPC loads, so before the import below.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     from fedstream.client.node import Device, run_device
     from fedstream.client.spool import SpoolError
 
@@ -142,3 +152,20 @@ def client(
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+def _not_a_node_key(path: Path) -> str:
+    """Why `path` is not a key Flower's SuperNode can load ('' if it is): an unencrypted
+    OpenSSH elliptic-curve private key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        private = load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        return f"not an OpenSSH private key ({e})"
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        kind = type(private).__name__.removeprefix("_").removesuffix("PrivateKey")
+        return f"an OpenSSH {kind} key, not an elliptic-curve (EC) one"
+    return ""

@@ -14,15 +14,24 @@
 `--cold` (`Device.cold`) keeps Flower's default instead: `--isolation subprocess`, where the
 SuperNode starts `flower-superexec`, which starts a new `flwr-clientapp` process per message.
 
-Stopping the command stops them all; killing it loses nothing accepted: the spool is on
-disk, and the next round trains whatever was not committed.
+The command runs until it is stopped. Whenever the SuperNode exits (refused, server gone or
+replaced, crashed, any exit code) it says why on stderr, from the SuperNode's log, and
+starts it again after a pause (2 s, doubling up to 30 s; back to 2 s once it had
+connected): ingestion keeps serving all along. `--max-wait S` gives up instead once no
+SuperNode has connected for S seconds.
+
+Stopping the command (SIGINT, SIGTERM) stops them all, and it exits 130 or 143; killing it
+loses nothing accepted: the spool is on disk, and the next round trains whatever was not
+committed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -99,11 +108,113 @@ def superexec_command(runtime_port: int, supernode_pid: int) -> list[str]:
     ]
 
 
+# What a SuperNode's log says, and what it means for this device (first match wins).
+REASONS = (
+    ("CERTIFICATE_VERIFY_FAILED",
+     "the server's certificate is not signed by the CA given with --ca (another CA?)"),
+    ("401 Unauthorized",
+     "the server does not know this device's key (401 Unauthorized): a new or restarted "
+     "server that has not registered it"),
+    ("Failed to activate SuperNode",
+     "the server refused to activate this device's key: it is not registered there "
+     "(`fedstream server` registers creds/*.pub or each --node-key), or a SuperNode with "
+     "the same key is still connected"),
+    ("Unable to parse the private key",
+     "--key is not an OpenSSH EC private key"),
+    ("Server disconnected without sending a response",
+     "the server closed the connection without a reply (--insecure against a TLS server?)"),
+    ("Giving up reconnection",
+     "the server did not answer within --max-wait"),
+)
+CONNECTED = "SuperNode ID:"
+RETRYING = "Connection attempt failed"
+
+
+LEVEL = re.compile(r"^(?:\x1b\[\d+m)?(DEBUG|INFO|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:\s*(.*)$")
+RAISED = re.compile(r"^[\w.]*(?:Error|Exception)\w*: ")  # a traceback's last line
+
+
+# A SuperNode that gets 401 Unauthorized (its session unknown to the server) sends itself
+# SIGINT and ends "gracefully", 0 or -2, often without logging the 401 at all.
+SHUT_ITSELF = ("the SuperNode shut itself down, as Flower's does when the server no longer "
+               "knows its session (401 Unauthorized): a new or restarted server at this "
+               "address, or the key was unregistered")
+
+
+def exit_reason(text: str, code: int | None = None) -> str:
+    """Why a SuperNode exited with `code`, from what it logged during its attempt: the
+    meaning of the first known error, then the last few error lines themselves (Flower's
+    ERROR blocks and the last line of each traceback)."""
+    errors: list[str] = []
+    in_error = False  # Flower's ERROR message goes on, unprefixed, to a blank line
+    for raw in text.splitlines():
+        line = raw.strip()
+        level = LEVEL.match(line)
+        if level:
+            in_error = level[1] == "ERROR"
+            if in_error and level[2] and not level[2].startswith("Exit Code"):
+                errors.append(level[2])
+        elif not line:
+            in_error = False
+        elif (in_error and not line.startswith("The SuperNode could not")) or RAISED.match(line):
+            errors.append(line)
+    meaning = next((why for mark, why in REASONS if mark in text), "")
+    if not meaning and not errors and code in (0, -signal.SIGINT):
+        meaning = SHUT_ITSELF
+    shown = list(dict.fromkeys(errors))[-3:]
+    return "\n".join(filter(None, [meaning, *(f"  {e}" for e in shown)]))
+
+
+def _reachable(server: str) -> bool:
+    """Whether anything accepts a TCP connection at `server` (host:port)."""
+    host, _, port = server.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+class LogTail:
+    """What a log file gained since a mark (the SuperNode's log, shared with its SuperExec
+    and tasks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mark()
+
+    def mark(self) -> None:
+        self.start = self.seen = self.path.stat().st_size if self.path.exists() else 0
+
+    def new_lines(self) -> list[str]:
+        """Complete lines written since the last call."""
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.seen)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.seen += end
+        return data[:end].decode(errors="replace").splitlines()
+
+    def since_mark(self) -> str:
+        if not self.path.exists():
+            return ""
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            return f.read().decode(errors="replace")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def run_device(dev: Device) -> int:
-    """Run until the SuperNode exits or the command is stopped; the SuperNode's exit code."""
+    """Run until the command is stopped (then 128 + the signal: 130, 143), or until no
+    SuperNode has connected for `dev.max_wait` seconds (then the last one's exit code, at
+    least 1). A SuperNode that exits otherwise, whatever its code, is started again."""
     if not dev.cold and not WARM_POSSIBLE:
-        print("no fork server on this platform: running Flower's default SuperExec (--cold)",
-              file=sys.stderr)
+        say("no fork server on this platform: running Flower's default SuperExec (--cold)")
         dev = replace(dev, cold=True)
     dev.state.mkdir(parents=True, exist_ok=True)
     Spool(dev.spool, dev.n_features).close()  # create it, or refuse a mismatched one, now
@@ -114,9 +225,11 @@ def run_device(dev: Device) -> int:
     env = runtime.flower_env(dev.state / "flwr-home")
     log = dev.state / "logs" / "supernode.log"  # the SuperNode, its SuperExec and tasks
     stopping = threading.Event()
+    signals: list[int] = []
     procs: dict[str, subprocess.Popen] = {}  # "node", "exec": what is running now
 
     def on_signal(signum: int, _frame: object) -> None:
+        signals.append(signum)
         stopping.set()  # the loop below wakes within 0.2 s and stops everything in order
 
     def start_exec(port: int, node: subprocess.Popen) -> subprocess.Popen:
@@ -136,37 +249,74 @@ def run_device(dev: Device) -> int:
         if "node" in procs:
             runtime.stop(procs.pop("node"))
 
+    def stopped() -> int:
+        code = runtime.exit_code(signals[0])
+        say(f"stopped ({signal.Signals(signals[0]).name}): the SuperNode is stopped; the spool "
+            f"keeps everything accepted ({dev.spool})")
+        return code
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    started, pause = time.monotonic(), RETRY_FIRST
+    tail = LogTail(log)
+    # `since`: when a SuperNode was last connected (or the command started), for --max-wait.
+    since, pause, said_waiting = time.monotonic(), RETRY_FIRST, False
+    last_reason = ""  # why the previous SuperNode exited
     try:
         while True:
             port = runtime.free_port()  # the Runtime API's, fixed for this SuperNode
+            tail.mark()
             node = procs["node"] = runtime.spawn(supernode_command(dev, port), env, log,
                                                  dev.state)
             executor = None if dev.cold else start_exec(port, node)
+            connected = False
             while node.poll() is None and not stopping.wait(0.2):
+                for line in tail.new_lines():
+                    if CONNECTED in line:
+                        connected, said_waiting, pause = True, False, RETRY_FIRST
+                        say(f"connected to the server at {dev.server}")
+                    elif RETRYING in line and not said_waiting:
+                        said_waiting = True
+                        if connected:
+                            say(f"lost the server at {dev.server}; the SuperNode keeps "
+                                "trying to reach it")
+                        elif not _reachable(dev.server):
+                            say(f"waiting for the server at {dev.server}: nothing answers "
+                                "there yet")
+                        else:
+                            tls = " (it may need TLS: drop --insecure)" if dev.insecure else ""
+                            say(f"waiting for the server at {dev.server}: it accepts "
+                                f"connections but does not answer the SuperNode{tls}; see "
+                                f"{log}")
+                if connected:
+                    since = time.monotonic()
                 if executor is None or executor.poll() is None:
                     continue
                 # The SuperExec died under a live SuperNode: no task would run. Start another
                 # (after a pause, so a SuperExec that cannot start does not spin).
                 if not stopping.wait(RETRY_FIRST) and node.poll() is None:
-                    print(f"the warm SuperExec exited ({executor.returncode}), restarting "
-                          f"it; see {log}", file=sys.stderr)
+                    say(f"the warm SuperExec exited ({executor.returncode}), restarting it; "
+                        f"see {log}")
                     executor = start_exec(port, node)
             stop_all()  # the SuperExec watches the SuperNode, but do not wait for that
+            if stopping.is_set():
+                return stopped()
             code = node.returncode
-            # Refused (not registered yet, server down, TLS failure): say so, and try again
-            # until --max-wait runs out; the server may register this key in a moment.
-            if stopping.is_set() or code == 0:
-                return code
-            if dev.max_wait and time.monotonic() - started > dev.max_wait:
-                print(f"the SuperNode gave up (exit {code}); see {log}", file=sys.stderr)
-                return code
-            print(f"the SuperNode exited ({code}), retrying in {pause:.0f} s; see {log}",
-                  file=sys.stderr)
+            tail.new_lines()
+            reason = exit_reason(tail.since_mark(), code)
+            why = f":\n{reason}\n" if reason else "; "
+            if dev.max_wait and time.monotonic() - since > dev.max_wait:
+                say(f"the SuperNode gave up (exit {code}){why}"
+                    f"not connected for {dev.max_wait:g} s (--max-wait); see {log}")
+                return code if code > 0 else 1
+            # Refused (not registered yet, server down or replaced, TLS failure), or ended
+            # for any other reason: the server may register this key in a moment, and
+            # ingestion keeps serving meanwhile. The same reason again is not repeated.
+            if reason and reason == last_reason and not connected:
+                why = " again, for the same reason; "
+            last_reason = reason
+            say(f"the SuperNode exited ({code}){why}retrying in {pause:.0f} s; see {log}")
             if stopping.wait(pause):
-                return code
+                return stopped()
             pause = min(RETRY_MAX, pause * 2)
     finally:
         stop_all()

@@ -170,12 +170,14 @@ def test_unregistered_untrusted_and_plaintext_clients_are_refused(work: Path) ->
                        log=work / "server.log", cwd=work)
     try:
         wait_until(lambda: (work / "srv" / "run-id").exists(), "the server", 120)
-        cases = {
-            "unregistered key": ["--ca", "creds/ca.crt", "--key", "other/x.key"],
-            "wrong CA": ["--ca", "other/ca.crt", "--key", "creds/n0.key"],
-            "no TLS": ["--insecure"],
+        cases = {  # each refused, and the device's terminal says why
+            "unregistered key": (["--ca", "creds/ca.crt", "--key", "other/x.key"],
+                                 "it is not registered there"),
+            "wrong CA": (["--ca", "other/ca.crt", "--key", "creds/n0.key"],
+                         "CERTIFICATE_VERIFY_FAILED"),
+            "no TLS": (["--insecure"], "--insecure against a TLS server?"),
         }
-        for name, extra in cases.items():
+        for name, (extra, why) in cases.items():
             proc = subprocess.run(
                 [sys.executable, "-m", "fedstream.cli.main", "client", "--server",
                  f"127.0.0.1:{port}", "--state", f"c-{name[:2]}", "--client-id", "0",
@@ -183,5 +185,6 @@ def test_unregistered_untrusted_and_plaintext_clients_are_refused(work: Path) ->
                 cwd=work, capture_output=True, text=True, timeout=120,
             )
             assert proc.returncode != 0, name
+            assert why in proc.stderr and "fork_posix" not in proc.stderr, (name, proc.stderr)
     finally:
         kill9(server)

@@ -1,0 +1,348 @@
+"""How `fedstream server` and `fedstream client` start, supervise and stop their processes.
+
+Real processes throughout: plain Python ones for the helpers in `protocol/runtime.py`, and
+Flower's SuperLink and SuperNode (on 127.0.0.1) for the commands; the tests that start
+Flower are marked slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedstream.client.node import exit_reason
+from fedstream.protocol import runtime
+
+CONFIG = """\
+[federation]
+clients = 1
+min_clients = 1
+rounds = 2
+round_timeout = 60.0
+[stream]
+n_features = 8
+n_classes = 3
+budget = 20
+[learner]
+model = "logreg"
+"""
+
+
+@pytest.fixture
+def work():
+    # Unix socket paths must stay under 108 bytes: a short directory, not pytest's tmp_path.
+    path = Path(tempfile.mkdtemp(prefix="fsn", dir="/tmp"))
+    (path / "cfg.toml").write_text(CONFIG)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def fedstream(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+    """A fedstream command in a session of its own, as a terminal would run it: SIGINT is
+    at its default (a shell's background job would ignore it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", *args], cwd=cwd,
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def run(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedstream.cli.main", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_until(check, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def certs(work: Path, *nodes: str) -> None:
+    made = run("certs", "creds", *(a for n in nodes for a in ("--node", n)), cwd=work)
+    assert made.returncode == 0, made.stderr
+
+
+# -- runtime helpers, with plain processes ---------------------------------------------------
+
+TREE = textwrap.dedent("""\
+    import subprocess, sys, time
+    # a child in the same group, and one that moves to a session of its own and starts
+    # a grandchild there (as the SuperLink's SuperExec and its flwr-serverapp do)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    subprocess.Popen(sleeper)
+    subprocess.Popen([sys.executable, "-c",
+        "import subprocess, sys, time; subprocess.Popen(%r); time.sleep(600)" % (sleeper,)],
+        start_new_session=True)
+    time.sleep(600)
+""")
+
+
+def test_stop_tree_stops_descendants_in_other_sessions(tmp_path: Path) -> None:
+    proc = runtime.spawn([sys.executable, "-c", TREE], None, tmp_path / "log", tmp_path)
+    wait_until(lambda: len(runtime.descendants(proc.pid)) == 3, "the tree", 30)
+    tree = runtime.descendants(proc.pid)
+    assert len({p.pid for p in tree} | {proc.pid}) == 4
+    assert any(os.getsid(p.pid) != os.getsid(proc.pid) for p in tree)
+    runtime.stop_tree(proc, grace=5.0)
+    assert proc.poll() is not None
+    wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                               for p in tree), "the tree to go", 10)
+
+
+def test_port_in_use_sees_a_listener_not_a_closed_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.listen()
+        assert runtime.port_in_use("127.0.0.1", port)
+        assert runtime.listens_on(os.getpid(), port)
+    assert not runtime.port_in_use("127.0.0.1", port)
+    assert not runtime.listens_on(os.getpid(), port)
+
+
+SIGNALLED = textwrap.dedent("""\
+    import os, signal, sys, time
+    from fedstream.protocol.runtime import Stopped, on_signals
+    try:
+        with on_signals():
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+            time.sleep(10)
+    except Stopped as e:
+        print(e)
+        sys.exit(e.exit_code)
+""")
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_stops_with_the_shells_exit_code(sig: str, code: int) -> None:
+    done = subprocess.run([sys.executable, "-c", SIGNALLED, sig], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == code and done.stdout.strip() == sig
+
+
+# -- what a SuperNode's log means ------------------------------------------------------------
+
+# Verbatim (ANSI colours and all) from flwr 1.42 SuperNodes refused by a SuperLink.
+REFUSED = {
+    "not registered": (
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the connection to "
+        "the SuperLink.\n[code: 2004] Failed to activate SuperNode.\nThe SuperNode could not "
+        "establish a connection to the SuperLink.\n\nFor more information, visit: "
+        "<https://flower.ai/docs/framework/1.42/en/ref-exit-codes/305.html>\n",
+        ["not registered", "[code: 2004] Failed to activate SuperNode."],
+    ),
+    "wrong CA": (
+        "\x1b[91mERROR \x1b[0m:     SSL/TLS handshake error detected.\n\x1b[91mERROR \x1b[0m:"
+        "     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n[SSL: "
+        "CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer "
+        "certificate (_ssl.c:1006)\n\n",
+        ["not signed by the CA", "CERTIFICATE_VERIFY_FAILED"],
+    ),
+    "replaced server": (
+        "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully.\nTraceback (most recent "
+        "call last):\n  File \"x.py\", line 1, in f\nhttpx.HTTPStatusError: Client error '401 "
+        "Unauthorized' for url 'https://127.0.0.1:9092/v1/fleet/send-node-heartbeat'\n",
+        ["401 Unauthorized", "httpx.HTTPStatusError"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_exit_reason_names_the_refusal(case: str) -> None:
+    text, expected = REFUSED[case]
+    why = exit_reason(text, 1)
+    assert all(e in why for e in expected), why
+    assert "Exit Code" not in why and "For more information" not in why
+
+
+def test_a_supernode_that_ended_itself_quietly_is_explained() -> None:
+    quiet = "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully.\n"
+    assert "401 Unauthorized" in exit_reason(quiet, 0)
+    assert "401 Unauthorized" in exit_reason(quiet, -signal.SIGINT)
+    assert exit_reason(quiet, -signal.SIGKILL) == ""
+
+
+# -- the commands, before they start anything -----------------------------------------------
+
+
+def test_client_refuses_a_key_that_is_not_a_node_key(work: Path) -> None:
+    certs(work, "n0")
+    (work / "junk.key").write_text("not a key\n")
+    for key in ("junk.key", "creds/n0.pub", "creds/ca.crt"):
+        done = run("client", "--server", "127.0.0.1:19799", "--state", "c0", "--client-id",
+                   "0", "--config", "cfg.toml", "--key", key, cwd=work)
+        assert done.returncode == 2, (key, done.stderr)
+        assert f"--key {key}: not an OpenSSH private key" in " ".join(done.stderr.split())
+    assert not (work / "c0").exists()
+
+
+def test_resume_without_a_checkpoint_is_refused(work: Path) -> None:
+    certs(work)
+    (work / "empty").mkdir()
+    for state, what in (("empty", "holds no checkpoint.pkl"), ("typo", "does not exist")):
+        done = run("server", "--state", state, "--credentials", "creds", "--config", "cfg.toml",
+                   "--port", str(runtime.free_port()), "--resume", cwd=work)
+        assert done.returncode == 2, done.stderr
+        message = " ".join(done.stderr.split())
+        assert str(work / state) in message and what in message, message
+    assert not (work / "typo").exists() and not any((work / "empty").iterdir())
+
+
+def test_server_refuses_a_port_another_program_holds(work: Path) -> None:
+    certs(work)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        started = time.monotonic()
+        done = run("server", "--state", "srv", "--credentials", "creds", "--config",
+                   "cfg.toml", "--port", str(port), cwd=work)
+    assert done.returncode == 2, done.stderr
+    assert f"port {port} on 127.0.0.1 is in use (another SuperLink?)" in done.stderr
+    assert time.monotonic() - started < 15
+    assert not (work / "srv").exists()
+
+
+# -- with Flower's processes -----------------------------------------------------------------
+
+
+def server(work: Path, state: str, port: int, *extra: str) -> subprocess.Popen:
+    return fedstream("server", "--state", state, "--credentials", "creds", "--config",
+                     "cfg.toml", "--port", str(port), *extra, cwd=work,
+                     log=work / f"{state}.out")
+
+
+def serving(work: Path, state: str) -> bool:
+    return (work / state / "run-id").exists()
+
+
+@pytest.mark.slow
+def test_a_second_server_on_a_used_port_touches_nothing(work: Path) -> None:
+    from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest
+
+    from fedstream.server.aggregator import Aggregator, control
+
+    certs(work, "n0", "n1")
+    port = runtime.free_port()
+    first = server(work, "srv", port, "--node-key", "creds/n0.pub")
+    try:
+        wait_until(lambda: serving(work, "srv"), "the first server", 120)
+        done = run("server", "--state", "srv2", "--credentials", "creds", "--config",
+                   "cfg.toml", "--port", str(port), cwd=work)
+        assert done.returncode == 2, done.stderr
+        assert f"port {port} on 127.0.0.1 is in use (another SuperLink?)" in done.stderr
+        assert not (work / "srv2").exists()
+        ctl = control(Aggregator(work / "srv", work / "creds", port=port))
+        try:  # the first SuperLink still has one run and n0's key only
+            assert len(ctl.ListRuns(ListRunsRequest()).run_dict) == 1
+            assert len(ctl.ListNodes(ListNodesRequest()).nodes_info) == 1
+        finally:
+            ctl.close()
+    finally:
+        kill_session(first)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopping_the_server_stops_every_process_it_started(
+    work: Path, sig: signal.Signals, code: int
+) -> None:
+    certs(work, "n0")
+    proc = server(work, "srv", runtime.free_port())
+    try:
+        wait_until(lambda: serving(work, "srv"), "the server", 120)
+        # The SuperLink's SuperExec starts flwr-serverapp in a session of its own.
+        wait_until(lambda: any(p.name() == "flwr-serverapp" or "flwr-serverapp" in
+                               " ".join(p.cmdline()) for p in runtime.descendants(proc.pid)),
+                   "flwr-serverapp", 60)
+        tree = runtime.descendants(proc.pid)
+        assert any(os.getsid(p.pid) != proc.pid for p in tree)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
+        assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        out = (work / "srv.out").read_text()
+        assert f"stopped ({sig.name}): the SuperLink and its apps are stopped" in out, out
+    finally:
+        kill_session(proc)
+
+
+def client(work: Path, name: str, port: int, *extra: str) -> subprocess.Popen:
+    return fedstream("client", "--server", f"127.0.0.1:{port}", "--state", name,
+                     "--client-id", "0", "--config", "cfg.toml", *extra, cwd=work,
+                     log=work / f"{name}.out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_client_waits_for_its_server_and_stops_on_a_signal(
+    work: Path, sig: signal.Signals, code: int
+) -> None:
+    certs(work, "n0")
+    proc = client(work, "c0", runtime.free_port(), "--ca", "creds/ca.crt",
+                  "--key", "creds/n0.key")
+    out = work / "c0.out"
+    try:
+        wait_until(lambda: "waiting for the server" in out.read_text(), "the waiting line", 60)
+        time.sleep(3)  # the SuperNode keeps retrying: the line is said once
+        tree = runtime.descendants(proc.pid)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
+        text = out.read_text()
+        assert text.count("waiting for the server at 127.0.0.1:") == 1, text
+        assert "nothing answers there yet" in text
+        assert f"stopped ({sig.name})" in text
+        assert "fork_posix" not in text  # gRPC's fork-handler chatter
+        live = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        # the zygote leaves at the end of its preload, when it sees its SuperExec gone
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                   for p in live), "the device's processes to go", 30)
+    finally:
+        kill_session(proc)
+
+
+@pytest.mark.slow
+def test_a_client_outlives_a_replaced_server_and_says_why(work: Path) -> None:
+    certs(work, "n0")
+    port = runtime.free_port()
+    first = server(work, "srv", port, "--node-key", "creds/n0.pub")
+    procs = [first]
+    out = work / "c0.out"
+    try:
+        wait_until(lambda: serving(work, "srv"), "the first server", 120)
+        device = client(work, "c0", port, "--ca", "creds/ca.crt", "--key", "creds/n0.key")
+        procs.append(device)
+        wait_until(lambda: "connected to the server" in out.read_text(), "a connection", 120)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 143
+        # A new server on the same address: a new database that never saw this SuperNode.
+        procs.append(server(work, "srv2", port, "--node-key", "creds/n0.pub"))
+        wait_until(lambda: out.read_text().count("connected to the server") == 2,
+                   "the device to connect to the new server", 240)
+        assert device.poll() is None, out.read_text()
+        text = out.read_text()
+        assert "the SuperNode exited" in text and "retrying in" in text, text
+        # Flower's SuperNode ends itself on a 401 without always logging it.
+        assert "401 Unauthorized" in text, text
+    finally:
+        for proc in procs:
+            kill_session(proc)
