@@ -34,7 +34,7 @@ def _load(config: Path | None, overrides: list[str] | None, extra: list[str]) ->
     try:
         return load(config, [*(overrides or []), *extra])
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -128,7 +128,9 @@ def _pct(value: Any) -> str:
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
-    table = Table(title=f"fedstream: {summary['clients']} clients, {summary['rounds']} rounds")
+    clients, rounds = summary["clients"], summary["rounds"]
+    table = Table(title=f"fedstream: {clients} client{'s' * (clients != 1)}, "
+                  f"{rounds} round{'s' * (rounds != 1)}")
     table.add_column("run")
     table.add_column("prequential accuracy", justify="right")
     table.add_column("samples", justify="right")

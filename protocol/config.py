@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # strict: a string "10" is not a count; extra="forbid": a typo is an error, not a default;
     # frozen: a run's config never changes under it (and caches keyed on it stay valid).
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: `clip = inf` would pass `gt=0` and fail inside the first round.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -178,6 +179,17 @@ class SecureAggregationConfig(_Section):
     # A count of shares (>= 2), or a fraction (> 0.5) of each client's share group
     # (its neighbours and itself): that many holders must answer to unmask a client.
     threshold: Annotated[int, Field(ge=2)] | Annotated[float, Field(gt=0.5, le=1.0)] = 0.6
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, value: Any) -> Any:
+        # An integer is a count, never the fraction 1.0 it would otherwise coerce to.
+        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+            raise ValueError(
+                f"a count of shares must be at least 2, got {value}; a fraction of the share "
+                "group is written with a point (1.0 = all of it)"
+            )
+        return value
     degree: Annotated[int, Field(ge=0)] = 0  # neighbours per client; 0 = O(log n), Bell et al.
     bits: Annotated[int, Field(ge=8, le=53)] = 32  # ring Z / 2^bits of each model coordinate
     clip: Annotated[float, Field(gt=0.0)] = 1.0  # per-coordinate range of the model change
@@ -275,12 +287,21 @@ def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
 
 def _format_errors(err: ValidationError) -> str:
     lines = []
+    unions: set[str] = set()  # a count-or-fraction key: one line, for the input's kind
+    skipped: dict[str, Any] = {}
     for item in err.errors():
         msg = item["msg"].removeprefix("Value error, ")
         if not item["loc"]:  # a check across sections: its message names the keys
             lines.append(f"  {msg}")
             continue
-        path = ".".join(str(p) for p in item["loc"])
+        loc = [str(p) for p in item["loc"]]
+        if loc[-1].startswith("constrained-"):  # pydantic's tag for one side of a union
+            kind = loc.pop().removeprefix("constrained-")
+            if type(item.get("input")).__name__ != kind or ".".join(loc) in unions:
+                skipped.setdefault(".".join(loc), item.get("input"))
+                continue
+            unions.add(".".join(loc))
+        path = ".".join(loc)
         if msg.startswith(f"{path}.") or msg.startswith(f"{path}:"):  # names its key already
             lines.append(f"  {msg}")
             continue
@@ -289,6 +310,9 @@ def _format_errors(err: ValidationError) -> str:
         elif "input" in item and item["type"] not in ("missing",):
             msg = f"{msg} (got {item['input']!r})"
         lines.append(f"  {path}: {msg}")
+    for path, value in skipped.items():
+        if path not in unions:
+            lines.append(f"  {path}: expected a count or a fraction (got {value!r})")
     return "invalid config:\n" + "\n".join(lines)
 
 

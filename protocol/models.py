@@ -76,7 +76,13 @@ def _user_model(spec: str, feature_shape: Sequence[int], n_classes: int) -> nn.M
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"learner.model '{spec}': cannot load factory ({err})") from None
-    model = factory(tuple(feature_shape), n_classes)
+    try:
+        model = factory(tuple(feature_shape), n_classes)
+    except Exception as err:  # the user's code: say whose it is, not a deep traceback
+        raise ValueError(
+            f"learner.model '{spec}': calling {attr}({tuple(feature_shape)}, {n_classes}) "
+            f"raised {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(model, nn.Module):
         raise ValueError(f"learner.model '{spec}' returned {type(model).__name__}, not nn.Module")
     return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,24 @@ class History:
             acc["correct"] += rep["correct"]
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.MULTILINE)
+_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+
+
+def error_reason(reply: Message) -> str:
+    """A failed client's reason as a line someone can read: the exception that started
+    it, not the engine's wrappers around it. A Ray worker's error is a couple of
+    kilobytes of coloured traceback with pids and actor ids, which would also make two
+    runs of one seed differ in metrics.jsonl.
+    """
+    reason = _ANSI.sub("", reply.error.reason or "")
+    for name, message in _RAISED.findall(reason):
+        if not any(w in name for w in _WRAPPERS):
+            return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"
+    return reason
+
+
 def round_record(
     server_round: int,
     sent: list[Message],
@@ -113,7 +132,7 @@ def round_record(
         node = reply.metadata.src_node_id
         answered.add(node)
         if reply.has_error():
-            failures.append({"client": client_of.get(node), "reason": reply.error.reason})
+            failures.append({"client": client_of.get(node), "reason": error_reason(reply)})
         else:
             reports.append(m.TrainReport.from_record(reply.content[m.METRICS]))
     for msg in sent:

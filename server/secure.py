@@ -34,7 +34,7 @@ from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server.grid import Stragglers, send_and_collect
-from fedstream.server.records import bytes_of
+from fedstream.server.records import bytes_of, error_reason
 
 SILENT = "no reply before timeout"
 
@@ -102,7 +102,7 @@ class SecureAggregator:
         def fold(reply: Message) -> None:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out.failures.append(_failure(node, "train", reply.error.reason))
+                out.failures.append(_failure(node, "train", error_reason(reply)))
                 if m.KEYS_LOST in (reply.error.reason or ""):  # e.g. a device that lost its state
                     self.mask_pub.pop(node, None)
                 return
@@ -214,7 +214,7 @@ class SecureAggregator:
     def _register_keys(self, reply: Message) -> str | None:
         """Keep a node's key offer; what is wrong with it, if anything."""
         if reply.has_error():
-            return reply.error.reason
+            return error_reason(reply)
         rec = m.record(reply.content, m.SECAGG, ConfigRecord)
         enc, mask = (rec or {}).get("enc-pub"), (rec or {}).get("mask-pub")
         if not all(isinstance(k, bytes) and len(k) == 32 for k in (enc, mask)):
@@ -245,7 +245,7 @@ class SecureAggregator:
         def take(reply: Message) -> None:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out.failures.append(_failure(node, "unmask", reply.error.reason))
+                out.failures.append(_failure(node, "unmask", error_reason(reply)))
                 return
             out.bytes_up += bytes_of(reply)
             try:

@@ -137,6 +137,9 @@ class Federation:
 
     def stream(self, client: int) -> ClientStream:
         """Client `client`'s stream, built once per process (its arrival counts are cached)."""
+        n = self.cfg.federation.clients
+        if not 0 <= client < n:
+            raise ValueError(f"client {client} is not in this federation (clients 0..{n - 1})")
         if client not in self._streams:
             arrival = make_arrival(
                 self.cfg.stream.arrival, float(self.rates[client]), self.cfg.seed, client

@@ -12,10 +12,17 @@ from fedstream.protocol.config import Config, drift_times, to_toml
 from fedstream.server.records import History, read_metrics, run_summary
 from fedstream.sim.baselines import BaselineResult
 
+OWNED = ("summary.json", "metrics.jsonl", "plots/accuracy.png", "plots/clients.png")
+
 
 def prepare(cfg: Config) -> Path:
+    """The results folder, holding nothing of an earlier run: a file this run does not
+    write (a plot it does not draw) would otherwise sit beside its results as if it
+    were one of them. Files fedstream does not write are left alone."""
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in OWNED:
+        (out / name).unlink(missing_ok=True)
     (out / "config.toml").write_text(to_toml(cfg))
     return out
 
@@ -30,7 +37,8 @@ def summarize(
     summary: dict[str, Any] = {
         **run_summary(cfg, history),
         "wall_seconds": wall_seconds,
-        "drift_times": drift_times(cfg),
+        # only the drifts the run reached: later ones were never seen, nor plotted
+        "drift_times": [t for t in drift_times(cfg) if t <= cfg.federation.rounds],
     }
     if final_eval:
         summary["global_eval"] = final_eval

@@ -40,6 +40,7 @@ def preflight(cfg: Config) -> None:
     learner.device this machine lacks would otherwise surface later, in a worker, as
     failed rounds.
     """
+    _check_output(Path(cfg.output.dir))
     fed = federation(cfg)
     _ = fed.dataset
     fed.initial_arrays()
@@ -49,6 +50,19 @@ def preflight(cfg: Config) -> None:
             pick_device(cfg.learner.device)
         except RuntimeError as err:
             raise ValueError(str(err)) from None
+
+
+def _check_output(out: Path) -> None:
+    """The results folder must be a folder this process can write, found out now rather
+    than by the server once Ray is up; nothing is created here (bad input writes
+    nothing)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output.dir: {out} is a file, not a folder")
+    existing = next(p for p in (out, *out.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output.dir: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output.dir: cannot write to {existing} (permission denied)")
 
 
 def scale_hint(cfg: Config) -> str | None:

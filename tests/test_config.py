@@ -41,6 +41,13 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"bogus": 1}, "bogus: unknown key"),
         ({"simulation": {"dispatch_interval": 0}}, "simulation.dispatch_interval"),
         ({"simulation": {"dispatch_interval": 0.5}}, "simulation.dispatch_interval"),
+        ({"secure_aggregation": {"clip": float("inf")}}, "secure_aggregation.clip: Input "
+         "should be a finite number"),
+        ({"secure_aggregation": {"threshold": 1}}, "a count of shares must be at least 2"),
+        ({"secure_aggregation": {"threshold": 0.3}},
+         "secure_aggregation.threshold: Input should be greater than 0.5 (got 0.3)"),
+        ({"secure_aggregation": {"threshold": "x"}},
+         "secure_aggregation.threshold: expected a count or a fraction"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, needle: str) -> None:

@@ -189,3 +189,33 @@ def test_hints_for_rows_that_run_out_and_for_labels_with_fractions(tmp_path: Pat
     graded = _csv(tmp_path, ["a,label"] + [f"{i},{1 + i % 3 / 2}" for i in range(60)], "g.csv")
     hint = label_hint(load(overrides=graded))
     assert hint is not None and "3 distinct values" in hint
+
+
+def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
+    tmp_path: Path,
+) -> None:
+    from fedstream.sim.runner import preflight
+
+    (tmp_path / "afile").write_text("hi")
+    with pytest.raises(ValueError, match=r"output\.dir: .* is a file, not a folder"):
+        preflight(load(overrides=[f'output.dir="{tmp_path / "afile"}"']))
+    with pytest.raises(ValueError, match=r"learner.model 'os:getcwd': calling getcwd\(.*raised"):
+        preflight(load(overrides=["learner.model=os:getcwd", f'output.dir="{tmp_path}"']))
+    with pytest.raises(ValueError, match="client 3 is not in this federation"):
+        federation(load(overrides=["federation.clients=3"])).stream(3)
+
+
+def test_a_rerun_in_the_same_folder_leaves_nothing_of_the_first(tmp_path: Path) -> None:
+    from fedstream.sim.results import prepare, summarize
+
+    (tmp_path / "plots").mkdir()
+    for name in ("plots/clients.png", "summary.json", "notes.txt"):
+        (tmp_path / name).write_text("old")
+    cfg = load(overrides=[f'output.dir="{tmp_path}"', "federation.rounds=3"])
+    prepare(cfg)
+    assert not (tmp_path / "plots/clients.png").exists()
+    assert not (tmp_path / "summary.json").exists()
+    assert (tmp_path / "notes.txt").read_text() == "old"  # not fedstream's: left alone
+    from fedstream.server.records import History
+
+    assert summarize(cfg, History(), 1.0, {})["drift_times"] == []  # drift at 15, 3 rounds

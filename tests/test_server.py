@@ -179,3 +179,26 @@ def test_summary_and_metrics_files_hold_no_nan(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text(), **strict)
     assert summary == {"global_eval": {"accuracy": None}, "rounds": [1.0, None]}
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"accuracy": None}
+
+
+def test_a_ray_workers_failure_is_recorded_as_the_exception_that_started_it() -> None:
+    from flwr.app import Metadata
+    from flwr.app.message import make_message
+
+    from fedstream.server.records import error_reason
+
+    raw = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+        ".run()\x1b[39m (pid=29439, actor_id=df4f)\n  File \"/x/availability.py\", line 38, in mod"
+        "\n    raise ClientUnavailable(msg)\nfedstream.sim.availability.ClientUnavailable: client"
+        " 0 is offline in round 2\n\nThe above exception was the direct cause of the following"
+        " exception:\n\nflwr.clientapp.client_app.ClientAppException: \nException "
+        "ClientAppException occurred. Message: client 0 is offline in round 2'>"
+    )
+    meta = Metadata(run_id=1, message_id="", src_node_id=5, dst_node_id=1,
+                    reply_to_message_id="m", group_id="", created_at=0.0, ttl=0,
+                    message_type="train")
+    reply = make_message(metadata=meta, error=Error(code=0, reason=raw))
+    assert error_reason(reply) == "ClientUnavailable: client 0 is offline in round 2"
+    plain = make_message(metadata=meta, error=Error(code=0, reason="no reply before timeout"))
+    assert error_reason(plain) == "no reply before timeout"
