@@ -339,3 +339,19 @@ def test_a_huge_number_is_refused_without_a_numpy_warning(tmp_path: Path) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         expect_error(path, 3, "'1e39' is not a finite float32 number", label="label")
+
+
+def test_features_converted_block_by_block_are_the_file_and_errors_keep_their_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedstream.client.sources import tabular
+
+    monkeypatch.setattr(tabular._Cells, "BLOCK", 2)  # blocks of 2 rows: 3 blocks below
+    text = "a,b,label\r1,2,0\r3,4,1\r5,6,0\r7,8,1\r9,10,0\r"  # CR-only line ends
+    table = load_table(write(tmp_path, "cr.csv", text), label="label")
+    np.testing.assert_array_equal(table.x, [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]])
+    bad = "a,b,label\n1,2,0\n3,4,1\n5,x,0\n7,8,1\n9,NA,0\n"
+    message = expect_error(write(tmp_path, "bad.csv", bad), 4, "column 'b'", label="label")
+    assert "'x' is not a number" in message and "stream.features" not in message
+    early_label = "a,b,label\n1,2,0\n3,4,NA\n5,x,0\n"  # a label error above the cell error
+    expect_error(write(tmp_path, "lab.csv", early_label), 3, "missing label", label="label")

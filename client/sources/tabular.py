@@ -6,8 +6,9 @@ harmless quirks and reject the dangerous ones (missing values, non-numbers, ragg
 with a ``DataError`` that points at ``file:line`` and the column or key, because a
 silently imputed or shifted column is far harder to find later than a loud failure now.
 
-Parsing walks the file row by row (it happens once, at load time), collecting raw cells;
-the numeric arrays are then built and validated in one vectorised pass.
+Parsing walks the file row by row (it happens once, at load time); feature cells are
+converted and validated in vectorised blocks of rows as they come, so a big file is never
+held as millions of Python strings at once.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ class _Raw:
 
     lines: np.ndarray  # line number of each row, for error messages
     labels: list[str]
-    cells: list[list[str]] | list[list[Any]]  # CSV text or JSON values
+    x: np.ndarray | None  # float32 features, or None when a cell was bad:
+    x_error: _RowError | None  # the first bad cell
     times: list[str] | None
     features: list[str]
     what: str  # "column" (CSV) or "key" (JSONL)
-    decimal: str = "."  # a CSV's decimal mark (see decimal_mark)
 
 
 def load_table(
@@ -247,11 +248,20 @@ def decimal_mark(delimiter: str) -> str:
     return "," if delimiter == ";" else "."
 
 
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
+
+
+def _split_lines(text: str) -> Iterator[str]:
+    """The lines of `text` with their ends (\\n, \\r\\n or a lone \\r), one at a time: an
+    io.StringIO would hold a second, four-bytes-a-character copy of the whole file."""
+    return (match.group() for match in _LINE.finditer(text))
+
+
 def _csv_records(text: str, name: str, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     """Yield (first line number, fields) of each non-blank record. Fields are not stripped
     here: numpy's number parser ignores surrounding blanks, so only the few text cells
     (header, labels, times) pay for stripping."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
+    reader = csv.reader(_split_lines(text), delimiter=delimiter, skipinitialspace=True)
     previous = 0
     last: tuple[int, list[str]] | None = None
     try:
@@ -340,7 +350,10 @@ def _read_csv(
     names, positions = _csv_header(header, header_line, name, label, features, time)
     n_fields = len(header)
     lines: list[int] = []
-    rows: list[list[str]] = []
+    labels: list[str] = []
+    times: list[str] = []
+    offset = 2 if time is not None else 1
+    cells = _Cells(names, "column", decimal_mark(delimiter), name)
     for line, fields in records:
         if trailing and len(fields) == n_fields + 1 and not fields[-1].strip():
             fields.pop()
@@ -351,18 +364,21 @@ def _read_csv(
                 f"{name}:{line}: expected {n_fields} fields as in the header, found {len(fields)}"
             )
         lines.append(line)
-        rows.append([fields[i] for i in positions])
-    if not rows:
+        labels.append(fields[positions[0]].strip())
+        if time is not None:
+            times.append(fields[positions[1]].strip())
+        cells.add(line, [fields[i] for i in positions[offset:]])
+    if not lines:
         raise DataError(f"{name}:{header_line}: header only, no data rows")
-    offset = 2 if time is not None else 1
+    x, x_error = cells.done()
     return _Raw(
         lines=np.asarray(lines, dtype=np.int64),
-        labels=[row[0].strip() for row in rows],
-        cells=[row[offset:] for row in rows],
-        times=[row[1].strip() for row in rows] if time is not None else None,
+        labels=labels,
+        x=x,
+        x_error=x_error,
+        times=times if time is not None else None,
         features=names,
         what="column",
-        decimal=decimal_mark(delimiter),
     )
 
 
@@ -428,10 +444,15 @@ def _read_jsonl(
             times.append(_time_text(obj[time], name, line, time))
     if names is None:
         raise DataError(f"{name}: no records (the file is empty or blank)")
+    block = _Cells(names, "key", ".", name)
+    for line, row in zip(lines, cells, strict=True):
+        block.add(line, row)
+    x, x_error = block.done()
     return _Raw(
         lines=np.asarray(lines, dtype=np.int64),
         labels=labels,
-        cells=cells,
+        x=x,
+        x_error=x_error,
         times=times if time is not None else None,
         features=names,
         what="key",
@@ -461,7 +482,9 @@ def _build(
             failures.append(exc)
             return None
 
-    x = attempt(lambda: _features(raw, name))
+    if raw.x_error is not None:
+        failures.append(raw.x_error)
+    x = raw.x
     labels = attempt(lambda: _encode_labels(raw, name, label, classes))
     stamps = None
     if time is not None and raw.times is not None:
@@ -489,28 +512,62 @@ def _row_error(name: str, line: int | np.integer, text: str) -> _RowError:
     return _RowError(f"{name}:{int(line)}: {text}", int(line))
 
 
-def _features(raw: _Raw, name: str) -> np.ndarray:
-    """Convert all feature cells in one go; only if that fails (or yields NaN/inf) are the
-    rows scanned one by one, to name the first offending cell."""
-    n, d = len(raw.cells), len(raw.features)
-    if raw.what == "key":
-        values = _json_to_float(raw.cells)
-    else:
-        values = _text_to_float(np.asarray(raw.cells, dtype=np.str_).reshape(n, d), raw.decimal)
-    if values is not None:
-        with np.errstate(over="ignore"):
-            x = values.reshape(n, d).astype(np.float32)
-        if np.isfinite(x).all():
-            return x
-    for i, row in enumerate(raw.cells):
-        for j, cell in enumerate(row):
-            problem = _cell_problem(cell, raw.what, raw.decimal)
-            if problem:
-                where = f"{raw.what} {raw.features[j]!r}"
-                if i == 0 and problem.endswith("is not a number"):  # an ID or a name column?
-                    problem += "; to leave a text column out, list the features (stream.features)"
-                raise _row_error(name, raw.lines[i], f"{where}: {problem}")
-    raise AssertionError("unreachable: conversion failed but every cell is fine")
+class _Cells:
+    """Feature cells, converted to float32 a block of rows at a time as they are read.
+
+    Only a block that fails to convert (or holds NaN/inf) is scanned cell by cell, to
+    name the first offending cell; the blocks after it are not converted at all.
+    """
+
+    BLOCK = 1 << 15  # rows
+
+    def __init__(self, features: list[str], what: str, decimal: str, name: str) -> None:
+        self.features, self.what, self.decimal, self.name = features, what, decimal, name
+        self.blocks: list[np.ndarray] = []
+        self.rows: list[list[Any]] = []
+        self.lines: list[int] = []
+        self.error: _RowError | None = None
+
+    def add(self, line: int, row: list[Any]) -> None:
+        if self.error is None:
+            self.rows.append(row)
+            self.lines.append(line)
+            if len(self.rows) >= self.BLOCK:
+                self._convert()
+
+    def done(self) -> tuple[np.ndarray | None, _RowError | None]:
+        if self.rows and self.error is None:
+            self._convert()
+        if self.error is not None:
+            return None, self.error
+        return np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0], None
+
+    def _convert(self) -> None:
+        rows, lines, first = self.rows, self.lines, not self.blocks
+        self.rows, self.lines = [], []
+        n, d = len(rows), len(self.features)
+        if self.what == "key":
+            values = _json_to_float(rows)
+        else:
+            values = _text_to_float(np.asarray(rows, dtype=np.str_).reshape(n, d), self.decimal)
+        if values is not None:
+            with np.errstate(over="ignore"):
+                x = values.reshape(n, d).astype(np.float32)
+            if np.isfinite(x).all():
+                self.blocks.append(x)
+                return
+        for i, row in enumerate(rows):
+            for j, cell in enumerate(row):
+                problem = _cell_problem(cell, self.what, self.decimal)
+                if problem:
+                    where = f"{self.what} {self.features[j]!r}"
+                    if first and i == 0 and problem.endswith("is not a number"):  # an ID?
+                        problem += (
+                            "; to leave a text column out, list the features (stream.features)"
+                        )
+                    self.error = _row_error(self.name, lines[i], f"{where}: {problem}")
+                    return
+        raise AssertionError("unreachable: conversion failed but every cell is fine")
 
 
 def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
