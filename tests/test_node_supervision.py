@@ -65,6 +65,12 @@ def run(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProc
 
 
 def kill_session(proc: subprocess.Popen) -> None:
+    """Stop a command as a user would (SIGTERM: a server stops what its SuperLink started,
+    outside its session), then SIGKILL what is left of its session."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
