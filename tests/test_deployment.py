@@ -17,11 +17,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from fedstream.client.ingest import Producer
 from fedstream.client.spool import Spool
@@ -69,12 +69,6 @@ def kill9(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
-
-def wait_until(check, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def records(work: Path) -> list[dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from waiting import wait_until
 
 from fedstream.client.node import exit_reason
 from fedstream.protocol import runtime
@@ -75,12 +76,6 @@ def kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
-
-def wait_until(check, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def certs(work: Path, *nodes: str) -> None:
