@@ -205,7 +205,7 @@ class Reader:
         lines = self._lines()
         first = self._first(lines)
         if "\x00" in first:
-            hint = encoding_hint(b"\x00")
+            hint = encoding_hint(first.encode())
             raise DataError(f"{self.name}:{self.line}: {hint}")
         delimiter = excel_delimiter(first)
         if delimiter is not None:  # Excel's `sep=;` line: the header comes next

@@ -175,36 +175,6 @@ def _reachable(server: str) -> bool:
         return False
 
 
-class LogTail:
-    """What a log file gained since a mark (the SuperNode's log, shared with its SuperExec
-    and tasks)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.mark()
-
-    def mark(self) -> None:
-        self.start = self.seen = self.path.stat().st_size if self.path.exists() else 0
-
-    def new_lines(self) -> list[str]:
-        """Complete lines written since the last call."""
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as f:
-            f.seek(self.seen)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self.seen += end
-        return data[:end].decode(errors="replace").splitlines()
-
-    def since_mark(self) -> str:
-        if not self.path.exists():
-            return ""
-        with self.path.open("rb") as f:
-            f.seek(self.start)
-            return f.read().decode(errors="replace")
-
-
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -257,7 +227,7 @@ def run_device(dev: Device) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    tail = LogTail(log)
+    tail = runtime.LogTail(log)
     # `since`: when a SuperNode was last connected (or the command started), for --max-wait.
     since, pause, said_waiting = time.monotonic(), RETRY_FIRST, False
     last_reason = ""  # why the previous SuperNode exited

@@ -176,6 +176,36 @@ def on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+class LogTail:
+    """What a log file gained since a mark: why a process it logs for exited (a SuperLink
+    at start-up, a SuperNode), read from its own attempt only, as logs are appended to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mark()
+
+    def mark(self) -> None:
+        self.start = self.seen = self.path.stat().st_size if self.path.exists() else 0
+
+    def new_lines(self) -> list[str]:
+        """Complete lines written since the last call."""
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.seen)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.seen += end
+        return data[:end].decode(errors="replace").splitlines()
+
+    def since_mark(self) -> str:
+        if not self.path.exists():
+            return ""
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            return f.read().decode(errors="replace")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -110,17 +110,17 @@ def start_superlink(
 
     Raises `PortInUse` if its port is taken, before starting it or (a race) after: a health
     reply only counts if this SuperLink process is the one listening on the port."""
-    command = superlink_command(agg)
+    command = superlink_command(agg)  # missing credentials: said before anything is made
     if runtime.port_in_use(agg.host, agg.port):
         raise PortInUse(agg.host, agg.port)
+    agg.state.mkdir(parents=True, exist_ok=True)
     env = env or runtime.flower_env(agg.state / "flwr-home")
-    log = agg.state / "logs" / "superlink.log"
-    start = log.stat().st_size if log.exists() else 0
-    proc = runtime.spawn(command, env, log, agg.state, session=session)
+    log = runtime.LogTail(agg.state / "logs" / "superlink.log")
+    proc = runtime.spawn(command, env, log.path, agg.state, session=session)
 
     def healthy() -> bool:
         if proc.poll() is not None:
-            raise _exited(agg, log, start)
+            raise _exited(agg, log)
         context = ssl.create_default_context(cafile=str(agg.ca))
         url = f"https://127.0.0.1:{agg.port}/health"
         try:
@@ -132,7 +132,7 @@ def start_superlink(
         if runtime.listens_on(proc.pid, agg.port):
             return True
         if proc.poll() is not None:
-            raise _exited(agg, log, start)
+            raise _exited(agg, log)
         raise PortInUse(agg.host, agg.port)  # someone answered, and it is not our SuperLink
 
     try:
@@ -143,16 +143,14 @@ def start_superlink(
     return proc
 
 
-def _exited(agg: Aggregator, log: Path, start: int) -> Exception:
-    """Why the SuperLink exited at start-up, from what it logged since `start`."""
-    with log.open("rb") as f:
-        f.seek(start)
-        text = f.read().decode(errors="replace")
+def _exited(agg: Aggregator, log: runtime.LogTail) -> Exception:
+    """Why the SuperLink exited at start-up, from what it logged since it started."""
+    text = log.since_mark()
     if "Errno 98" in text or "address already in use" in text.lower():
         return PortInUse(agg.host, agg.port)
     errors = [line.strip() for line in text.splitlines() if "ERROR" in line]
     why = f": {errors[-1]}" if errors else ""
-    return RuntimeError(f"the SuperLink exited{why}; see {log}")
+    return RuntimeError(f"the SuperLink exited{why}; see {log.path}")
 
 
 def control(agg: Aggregator) -> Any:  # Flower's Control API client
@@ -256,11 +254,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     (also `runtime.Stopped` from a signal)."""
     if resume:
         check_resume(agg)
-    superlink_command(agg)  # missing credentials: say so before anything is made
-    if runtime.port_in_use(agg.host, agg.port):
-        raise PortInUse(agg.host, agg.port)
-    agg.state.mkdir(parents=True, exist_ok=True)
-    link = start_superlink(agg)
+    link = start_superlink(agg)  # checks credentials and port before it makes anything
     try:
         ctl = control(agg)
         try:
