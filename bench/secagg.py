@@ -839,7 +839,7 @@ PROFILE_STEPS = [  # (target, label); a function both sides call is listed once,
     ("fedstream.protocol.fixedpoint:Quantizer.decode", "  Quantizer.decode"),
     ("fedstream.protocol.updates.shifted", "  updates.shifted"),
     ("fedstream.protocol.secagg:Masks.add", "both: Masks.add (masks added, piece by piece)"),
-    ("fedstream.protocol.keyschedule:Keystream.into", "both: keystream (AES-128-CTR pieces)"),
+    ("fedstream.protocol.keyschedule:Keystream.into", "both: keystream (AES-128, GCM segments)"),
     ("fedstream.protocol.fixedpoint:Quantizer.add", "both: Quantizer.add (ring add/subtract)"),
     ("flwr.app:ArrayRecord.__init__", "both: ArrayRecord construction"),
 ]

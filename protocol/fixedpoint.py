@@ -124,7 +124,7 @@ class Encoder:
             return
         # Stochastic rounding: rint(x + U - 1/2), U ~ [0, 1), rounds up with probability
         # frac(x) (as floor(x + U) does), so E[q] = x. Everything is scaled by 2^32 (exact),
-        # so that U - 1/2 is just 32 random bits read as an int32 (from an AES-CTR stream
+        # so that U - 1/2 is just 32 random bits read as an int32 (from an AES keystream
         # keyed by the generator: four times faster than numpy's floats). Adding 1.5 * 2^84
         # does the rint and leaves the integer, mod 2^32, in the float's low 32 bits
         # (|x| < 2^31 steps here): the ring element, with no integer temporaries. 32-bit

@@ -2,6 +2,10 @@
 
 Readers validate as they parse: a record that is missing a field, or has one of the wrong
 type, raises `Rejected` naming the field, and its sender is treated as dropped.
+
+The round setup and the masked reply carry the protocol version, so that a client and a
+server that would expand masks differently refuse each other with a reason instead of
+summing to noise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ from fedstream.protocol.secagg import (
     UnmaskAnswer,
     UnmaskRequest,
 )
+
+PROTOCOL = 2
+"""Version of the secure-aggregation protocol: 1 read masks as AES-128-CTR from a zero
+counter block; 2 reads them segment by segment (keyschedule.Keystream)."""
+
+
+def _check_protocol(rec: ConfigRecord, sender: str) -> None:
+    version = rec.get("protocol", 1)
+    if version != PROTOCOL:
+        raise Rejected(
+            f"{sender} speaks secure-aggregation protocol {version!r}, this side "
+            f"{PROTOCOL}: run the same fedstream version on server and clients"
+        )
 
 
 def _get(rec: ConfigRecord, key: str, kind: type) -> Any:
@@ -56,6 +73,7 @@ def setup_record(s: RoundSetup) -> ConfigRecord:
     peers = sorted(s.peers)
     return ConfigRecord(
         {
+            "protocol": PROTOCOL,
             "session": s.session,
             "round": s.server_round,
             "index": s.index,
@@ -74,6 +92,7 @@ def setup_record(s: RoundSetup) -> ConfigRecord:
 
 
 def read_setup(rec: ConfigRecord) -> RoundSetup:
+    _check_protocol(rec, "the server")
     peers = _ints(rec, "peers")
     enc, mask = _blobs(rec, "peer-enc", len(peers)), _blobs(rec, "peer-mask", len(peers))
     try:
@@ -99,6 +118,7 @@ def masked_content(mi: MaskedInput, client: int, next_mask_pub: bytes) -> Record
     tags, holders = sorted(mi.commitments), sorted(mi.shares)
     envelope = ConfigRecord(
         {
+            "protocol": PROTOCOL,
             "client-id": client,
             "session": mi.session,
             "round": mi.server_round,
@@ -121,6 +141,7 @@ def read_masked(content: RecordDict) -> tuple[MaskedInput, bytes]:
     arrays = m.record(content, m.MASKED, ArrayRecord)
     if rec is None or arrays is None:
         raise Rejected("reply carries no masked update")
+    _check_protocol(rec, "the client")
     if set(arrays.keys()) != {"model", "tail"}:
         raise Rejected("masked update must hold exactly 'model' and 'tail'")
     try:

@@ -2,8 +2,8 @@
 
 Two layers, so that a client in another language can interoperate from these values alone:
 the primitives are the standard ones (RFC 7748 X25519, RFC 5869 HKDF-SHA256, RFC 8439
-ChaCha20-Poly1305, AES-128 in counter mode from an all-zero counter block, anchored on a
-NIST AESAVS vector), and fedstream's own derivations are pinned to hex literals. Each
+ChaCha20-Poly1305, AES-128 in counter mode as GCM runs it, anchored on GCM's own test
+case 2), and fedstream's own derivations are pinned to hex literals. Each
 pinned value is also rebuilt here from `cryptography`/`hashlib` calls with
 the salt, info and associated-data bytes written out by hand from the module docstring, so a
 failure means the wire spec changed, not just the code.
@@ -33,14 +33,28 @@ BOB_SK = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27
 BOB_PK = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
 SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
 
-# NIST AESAVS (GFSbox/VarKey, FIPS-197): AES-128 of the all-zero block under the all-zero
-# key, i.e. block 0 of the keystream of the all-zero seed (whose last 16 bytes are the key).
-AES128_ZERO_KEY_ZERO_BLOCK = bytes.fromhex("66e94bd4ef8a2c3b884cfa59ca342b2e")
-# Blocks 0..2 of the keystream of the all-zero seed (block i = AES-128(seed[16:], i as u128)).
+# McGrew & Viega, "The Galois/Counter Mode of Operation", test case 2: AES-128-GCM with the
+# all-zero key and nonce encrypts a zero block to this, i.e. AES-128(0, 0^96 || u32(2)):
+# block 0 of the keystream of the all-zero seed (whose last 16 bytes are the key).
+GCM_TEST_CASE_2 = bytes.fromhex("0388dace60b6a392f328c2b971b2fe78")
+# Blocks 0..2 of the keystream of the all-zero seed (block i = AES-128(seed[16:],
+# u96(i // 2^16) || u32(2 + i % 2^16))).
 ZERO_SEED_STREAM = bytes.fromhex(
-    "66e94bd4ef8a2c3b884cfa59ca342b2e58e2fccefa7e3061367f1d57a4e7455a"
-    "0388dace60b6a392f328c2b971b2fe78"
+    "0388dace60b6a392f328c2b971b2fe78f795aaab494b5923f7fd89ff948bc1e0"
+    "200211214e7394da2089b6acd093abe0"
 )
+# Block 2^16 of the same stream: the first of segment 1 (nonce u96(1)).
+ZERO_SEED_SEGMENT_1 = bytes.fromhex("6e01d930078872bd5b32ec9465fd4798")
+
+
+def _counter_blocks(key: bytes, first: int, n: int) -> bytes:
+    """Blocks first..first+n-1 of a keystream, as AES-128-ECB of their counter blocks."""
+    counters = b"".join(
+        (i // 2**16).to_bytes(12, "big") + (2 + i % 2**16).to_bytes(4, "big")
+        for i in range(first, first + n)
+    )
+    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(counters)
+
 
 # fedstream's derivations for session 00..0f, round 7, sender 1 (Alice), receiver 2 (Bob).
 SESSION = bytes(range(16))
@@ -92,21 +106,26 @@ def test_hkdf_is_rfc5869_case_1() -> None:
     )
 
 
-def test_keystream_is_aes128_ctr_from_a_zero_counter_block() -> None:
-    assert _keystream(bytes(32), 16) == AES128_ZERO_KEY_ZERO_BLOCK
-    assert _keystream(bytes(32), 48) == ZERO_SEED_STREAM
+def test_keystream_is_aes128_gcm_of_zeros_from_gcm_test_case_2() -> None:
+    assert _keystream(bytes(32), 16) == GCM_TEST_CASE_2
+    assert _keystream(bytes(32), 48) == ZERO_SEED_STREAM == _counter_blocks(bytes(16), 0, 3)
     assert _keystream(bytes(32), 20) == ZERO_SEED_STREAM[:20]  # a prefix, whatever n
-    # Block i is AES-128-ECB of the counter i as a 128-bit big-endian integer.
-    ecb = Cipher(algorithms.AES(bytes(16)), modes.ECB()).encryptor()
-    counters = b"".join(i.to_bytes(16, "big") for i in range(3))
-    assert ecb.update(counters) == ZERO_SEED_STREAM
+    gcm = Cipher(algorithms.AES(bytes(16)), modes.GCM(bytes(12))).encryptor()
+    assert gcm.update(bytes(48)) == ZERO_SEED_STREAM
 
 
 def test_keystream_pinned_for_a_nonzero_seed_keys_aes_with_its_last_16_bytes() -> None:
     seed = bytes(range(32))
-    expected = bytes.fromhex("eda330f90eecd16c003e5fb09bcff3581b94b57e0718d6b563b170a063d1847d")
-    direct = Cipher(algorithms.AES(seed[16:]), modes.CTR(bytes(16))).encryptor()
-    assert _keystream(seed, 32) == direct.update(bytes(32)) == expected
+    expected = bytes.fromhex("111364b3181dd1fc8945708c2dbb68f4b20ee312dc16ec157e08262c5ebf1d57")
+    ctr = Cipher(algorithms.AES(seed[16:]), modes.CTR(bytes(12) + (2).to_bytes(4, "big")))
+    assert _keystream(seed, 32) == ctr.encryptor().update(bytes(32)) == expected
+
+
+def test_keystream_segments_take_the_next_nonce_every_mib() -> None:
+    assert ks.SEGMENT == 2**16 * 16
+    stream = _keystream(bytes(32), ks.SEGMENT + 48)
+    assert stream[ks.SEGMENT : ks.SEGMENT + 16] == ZERO_SEED_SEGMENT_1
+    assert stream[ks.SEGMENT - 32 :] == _counter_blocks(bytes(16), 2**16 - 2, 5)
 
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
@@ -135,13 +154,38 @@ def test_keystream_read_in_pieces_from_any_offset_is_the_same_stream(
     assert got == ZERO_SEED_STREAM[offset:]
 
 
-def test_keystream_longer_than_a_piece_continues_across_pieces() -> None:
-    n = ks.PIECE + 48
-    whole = Cipher(algorithms.AES(bytes(16)), modes.CTR(bytes(16))).encryptor().update(bytes(n))
+@settings(max_examples=60, deadline=None)
+@given(
+    offset=st.integers(ks.SEGMENT - 40, ks.SEGMENT + 40),
+    cuts=st.lists(st.integers(0, 40), max_size=4),
+)
+def test_keystream_from_any_offset_crosses_segments_as_one_stream(
+    offset: int, cuts: list[int]
+) -> None:
+    first = ks.SEGMENT // 16 - 3
+    reference = _counter_blocks(bytes(16), first, 8)  # bytes first*16 .. first*16 + 127
+    stream = ks.Keystream(bytes(32), offset)
+    got = b""
+    end = (first + 8) * 16
+    for n in [*cuts, end - offset]:
+        out = np.empty(max(0, min(n, end - offset - len(got))), dtype=np.uint8)
+        stream.into(out)
+        got += out.tobytes()
+    assert got == reference[offset - first * 16 :]
+
+
+def test_keystream_longer_than_a_segment_continues_across_it() -> None:
+    n = 2 * ks.SEGMENT + 48
+    whole = b"".join(
+        Cipher(algorithms.AES(bytes(16)), modes.GCM(j.to_bytes(12, "big")))
+        .encryptor()
+        .update(bytes(ks.SEGMENT))
+        for j in range(3)
+    )[:n]
     assert _keystream(bytes(32), n) == whole
     tail = np.empty(48, dtype=np.uint8)
-    ks.Keystream(bytes(32), ks.PIECE).into(tail)
-    assert tail.tobytes() == whole[ks.PIECE :]
+    ks.Keystream(bytes(32), 2 * ks.SEGMENT).into(tail)
+    assert tail.tobytes() == whole[2 * ks.SEGMENT :]
 
 
 # --- fedstream's derivations -------------------------------------------------------------
@@ -211,7 +255,7 @@ def test_mask_expansion_layout() -> None:
     masks.add_tail(tail)
     assert model.tolist() == np.frombuffer(ZERO_SEED_STREAM[:8], "<u2").tolist()
     assert tail.tolist() == np.frombuffer(ZERO_SEED_STREAM[8:16], "<u8").tolist()
-    assert model.tolist() == [59750, 54347, 35567, 15148]
+    assert model.tolist() == [34819, 52954, 46688, 37539]
 
 
 def test_shamir_share_format() -> None:

@@ -1119,6 +1119,22 @@ def test_malformed_record_is_rejected_naming_the_key(
         _read(kind, rec)
 
 
+@pytest.mark.parametrize("kind", ["setup", "masked"])
+@pytest.mark.parametrize("version", [MISSING, 1, 3, "2"])
+def test_a_record_of_another_protocol_version_is_rejected(kind: str, version: object) -> None:
+    # Version 1 clients and servers sent no version; they expand masks differently, so
+    # mixing them would sum to noise. Each side names the other's version instead.
+    rec = _base_records()[kind]
+    if version is MISSING:
+        del rec["protocol"]
+    else:
+        rec["protocol"] = version
+    sender = "the server" if kind == "setup" else "the client"
+    shown = 1 if version is MISSING else version
+    with pytest.raises(sa.Rejected, match=f"{sender} speaks secure-aggregation protocol {shown!r}"):
+        _read(kind, rec)
+
+
 def test_answer_with_reasons_and_rejected_of_different_lengths_is_rejected() -> None:
     rec = _base_records()["answer"]
     rec["rejected"] = [*rec["rejected"], 99]
