@@ -343,6 +343,7 @@ class Aggregation:
         self.shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (sender, tag) -> x -> y
         self.seeds: dict[tuple[int, int], bytes] = {}  # (sender, tag) -> recovered, checked
         self._tried: dict[tuple[int, int], int] = {}  # secret -> shares it failed to recover from
+        self._unmasked = False
 
     def setup_for(self, index: int) -> RoundSetup:
         return RoundSetup(
@@ -470,16 +471,21 @@ class Aggregation:
         """The unmasked sum (ring elements, exact tail), or RoundFailed naming what is missing.
 
         Every seed is recovered (and checked) first; then the masks are taken out of the
-        sum, each thread expanding every mask over its own range of coordinates, since the
-        clients wait for this step. numpy's additions release the GIL, and so do
-        `cryptography`'s cipher updates from version 50 on; whether two threads beat one
-        depends on the aggregator's free cores (README, "Cost").
+        sum in place (a fresh model-sized copy would cost its page faults, as much as the
+        copying), each thread expanding every mask over its own range of coordinates, since
+        the clients wait for this step. So it succeeds once a round; a failure leaves the
+        sum as it was, for a retry when more shares come in. numpy's additions release the
+        GIL, and so do `cryptography`'s cipher updates from version 50 on; whether two
+        threads beat one depends on the aggregator's free cores (README, "Cost").
         """
         masks: list[tuple[bytes, int]] = []  # (seed, minus the sign the party added it with)
         for u, tag in self.needed():
             seed = self.seeds.get((u, tag)) or self._recover(u, tag)
             masks.append((seed, -1 if tag == SELF or u < tag else 1))
-        acc, tail = self.acc.copy(), self.acc_tail.copy()
+        if self._unmasked:
+            raise RuntimeError("the sum is already unmasked")
+        self._unmasked = True
+        acc, tail = self.acc, self.acc_tail
         cuts = [self.size * i // UNMASK_THREADS for i in range(UNMASK_THREADS + 1)]
         ranges = [(lo, hi) for lo, hi in itertools.pairwise(cuts) if hi > lo]
 

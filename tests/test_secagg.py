@@ -320,6 +320,18 @@ def test_survivor_silent_in_the_unmask_trip_costs_nothing() -> None:
     assert tail.view(np.int64).tolist() == [5, 19, -19]
 
 
+def test_the_sum_is_unmasked_once() -> None:
+    # Unmasking works in place: a second call would take the masks out twice.
+    agg = _aggregation(3, 2, size=40)
+    for u in (1, 2, 3):
+        agg.accept(_mask(agg, u, np.full(40, 0.25)))
+    _unmask_all(agg)
+    ring_sum, _ = agg.result()
+    assert _within(agg.q, agg.q.decode(ring_sum), np.full(40, 0.75), 3)
+    with pytest.raises(RuntimeError, match="already unmasked"):
+        agg.result()
+
+
 def test_split_survivors_fail_even_above_threshold() -> None:
     # Ring 1-2-3-4-5-6-1 with degree 2: dropping 1 and 4 leaves {2, 3} and {5, 6} apart.
     graph = _ring_graph(range(1, 7), 2)
