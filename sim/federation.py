@@ -22,7 +22,6 @@ from fedstream.client.sources import (
     RotatingHyperplane,
     Source,
     load_digits_arrays,
-    load_table,
     staggered,
 )
 from fedstream.client.sources.relabel import Relabel
@@ -30,6 +29,7 @@ from fedstream.client.stream import ClientStream
 from fedstream.protocol.config import Config, drift_times, from_json, to_json
 from fedstream.protocol.models import build_model
 from fedstream.sim.partition import class_priors, partition
+from fedstream.sim.table_cache import cached_table
 
 HOLDOUT_CLIENT = -1  # stream id of the held-back evaluation slice
 
@@ -73,7 +73,7 @@ class Federation:
             image = cfg.stream.image or cfg.learner.model == "cnn"
             x, y, n_classes = load_digits_arrays(image=image)
         elif cfg.stream.source in ("csv", "jsonl"):
-            table = load_table(
+            table = cached_table(
                 cfg.stream.path,
                 label=cfg.stream.label,
                 features=cfg.stream.features or None,

@@ -1,0 +1,135 @@
+"""Data files parsed once, not once per process: a cache of loaded tables on disk.
+
+`fedstream sim` builds the federation in every process that needs it: the driver (to
+check the config before Ray starts) and each Ray worker. Parsing a file is the costly
+part (seconds for a few hundred thousand rows, minutes for gigabytes), and each process
+holding its own copy of the arrays multiplies the memory by the workers. So the first
+process to load a file stores its arrays as .npy files, and every later one maps them
+(pages shared through the OS cache, copy-on-write), in this run and the next ones.
+
+An entry is keyed by the file (resolved path, size, modification time), the load
+arguments, and the parser's own source, so a changed file, other columns or another
+fedstream version never read a stale entry. Entries are written to a temporary folder
+and renamed into place, so concurrent processes never see half an entry. Anything that
+goes wrong with the cache (unwritable folder, a damaged entry) falls back to parsing.
+
+Where: `$FEDSTREAM_CACHE_DIR`, else `$XDG_CACHE_HOME/fedstream/tables`, else
+`~/.cache/fedstream/tables`; `FEDSTREAM_CACHE_DIR=off` switches it off. The newest
+`KEEP` entries are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from fedstream.client.sources import tabular
+from fedstream.client.sources.tabular import Format, Table, load_table
+
+ENV = "FEDSTREAM_CACHE_DIR"
+KEEP = 8  # entries kept; older ones are removed when a new one is written
+_ARRAYS = ("x", "y")
+
+
+def cache_dir() -> Path | None:
+    """The cache folder, or None when switched off."""
+    chosen = os.environ.get(ENV)
+    if chosen is not None:
+        off = chosen.strip().lower() in ("", "off", "0", "false", "no")
+        return None if off else Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedstream" / "tables"
+
+
+def cached_table(
+    path: str | Path,
+    *,
+    label: str,
+    features: Sequence[str] | None = None,
+    time: str | None = None,
+    fmt: Format = "auto",
+) -> Table:
+    """`load_table`'s result for these arguments, from the cache when it holds it."""
+    args = {"label": label, "features": features, "time": time, "fmt": fmt}
+    root = cache_dir()
+    try:
+        key = _key(Path(path), args) if root is not None else None
+    except OSError:
+        key = None  # a missing file: load_table names the problem
+    if root is None or key is None:
+        return load_table(path, **args)
+    entry = root / key
+    table = _read(entry)
+    if table is None:
+        table = load_table(path, **args)  # a DataError propagates: nothing is cached
+        _write(root, entry, table, Path(path))
+    return table
+
+
+def _key(path: Path, args: dict) -> str:
+    stat = path.stat()
+    described = {
+        "file": str(path.expanduser().resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "args": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()},
+        "parser": _parser_digest(),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@cache
+def _parser_digest() -> str:
+    return hashlib.sha256(Path(tabular.__file__).read_bytes()).hexdigest()
+
+
+def _read(entry: Path) -> Table | None:
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        x, y = (np.load(entry / f"{name}.npy", mmap_mode="c") for name in _ARRAYS)
+        if x.shape[0] != y.shape[0] or y.shape[0] != meta["rows"]:
+            return None
+        os.utime(entry)  # recently used: pruned last
+        return Table(x=x, y=y, classes=list(meta["classes"]), features=list(meta["features"]))
+    except Exception:  # absent, or damaged in any way: parse again (and overwrite)
+        return None
+
+
+def _write(root: Path, entry: Path, table: Table, source: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
+        try:
+            for name in _ARRAYS:
+                np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(table, name)))
+            meta = {
+                "source": str(source),
+                "rows": len(table),
+                "classes": table.classes,
+                "features": table.features,
+            }
+            (staging / "meta.json").write_text(json.dumps(meta))
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            staging.rename(entry)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        _prune(root)
+    except OSError:
+        return  # a cache that cannot be written costs only the time it would have saved
+
+
+def _prune(root: Path) -> None:
+    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""The on-disk cache of parsed data files (sim/table_cache.py): real files, real folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedstream.client.sources import DataError, tabular
+from fedstream.sim import table_cache
+from fedstream.sim.table_cache import cached_table
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv(table_cache.ENV, str(root))
+    return root
+
+
+def _csv(path: Path, rows: int = 50, shift: float = 0.0) -> Path:
+    lines = ["a,b,label"] + [f"{i * 0.5 + shift},{-i},{'xy'[i % 2]}" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every real parse of a file."""
+    calls: list[str] = []
+    real = table_cache.load_table
+
+    def counting(path: Path, **kwargs: object) -> tabular.Table:
+        calls.append(str(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(table_cache, "load_table", counting)
+    return calls
+
+
+def test_a_file_is_parsed_once_then_mapped(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    data = _csv(tmp_path / "d.csv")
+    parses = _parses(monkeypatch)
+    first = cached_table(data, label="label")
+    second = cached_table(data, label="label")
+    assert parses == [str(data)]
+    assert isinstance(second.x, np.memmap)
+    np.testing.assert_array_equal(first.x, second.x)
+    np.testing.assert_array_equal(first.y, second.y)
+    assert (second.classes, second.features) == (["x", "y"], ["a", "b"])
+    # Copy-on-write: a process that scales its arrays in place never touches the entry.
+    second.x[:] = 0
+    np.testing.assert_array_equal(cached_table(data, label="label").x, first.x)
+
+
+def test_a_changed_file_or_other_columns_are_parsed_again(
+    cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    data = _csv(tmp_path / "d.csv")
+    parses = _parses(monkeypatch)
+    cached_table(data, label="label")
+    cached_table(data, label="label", features=["a"])
+    assert len(parses) == 2
+    _csv(data, shift=1.0)
+    os.utime(data, ns=(1, 1))  # a different modification time, whatever the clock
+    changed = cached_table(data, label="label")
+    assert len(parses) == 3 and changed.x[0, 0] == 1.0
+
+
+def test_switched_off_it_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(table_cache.ENV, "off")
+    data = _csv(tmp_path / "d.csv")
+    parses = _parses(monkeypatch)
+    cached_table(data, label="label")
+    cached_table(data, label="label")
+    assert len(parses) == 2
+    assert table_cache.cache_dir() is None
+
+
+def test_an_unwritable_cache_only_costs_the_parse(tmp_path: Path, monkeypatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(table_cache.ENV, str(blocker / "tables"))
+    data = _csv(tmp_path / "d.csv")
+    assert len(cached_table(data, label="label")) == 50
+
+
+def test_a_damaged_entry_is_parsed_and_rewritten(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    data = _csv(tmp_path / "d.csv")
+    cached_table(data, label="label")
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    (entry / "x.npy").write_bytes(b"\x93NUMPY truncated")
+    parses = _parses(monkeypatch)
+    table = cached_table(data, label="label")
+    assert len(parses) == 1 and table.x.shape == (50, 2)
+    assert len(cached_table(data, label="label")) == 50 and len(parses) == 1
+
+
+def test_bad_data_is_an_error_every_time_and_never_cached(
+    cache: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,label\n1,x\nnot-a-number,y\n")
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"bad\.csv:3"):
+            cached_table(bad, label="label")
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()]
+
+
+def test_a_missing_file_is_named(cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.csv"):
+        cached_table(tmp_path / "nope.csv", label="label")
+
+
+def test_only_the_newest_entries_are_kept(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(table_cache, "KEEP", 3)
+    files = [_csv(tmp_path / f"d{i}.csv", shift=i) for i in range(5)]
+    seen: set[Path] = set()
+    for i, f in enumerate(files):
+        cached_table(f, label="label")
+        for entry in {p for p in cache.iterdir() if p.is_dir()} - seen:
+            os.utime(entry, (1000.0 * (i + 1),) * 2)  # written in this order, clock or not
+            seen.add(entry)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
+    parses = _parses(monkeypatch)
+    cached_table(files[-1], label="label")
+    cached_table(files[2], label="label")
+    assert parses == []
+
+
+def test_a_new_parser_never_reads_an_old_entry(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    data = _csv(tmp_path / "d.csv")
+    cached_table(data, label="label")
+    monkeypatch.setattr(table_cache, "_parser_digest", lambda: "another fedstream version")
+    parses = _parses(monkeypatch)
+    cached_table(data, label="label")
+    assert len(parses) == 1
