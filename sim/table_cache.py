@@ -20,6 +20,7 @@ Where: `$FEDSTREAM_CACHE_DIR`, else `$XDG_CACHE_HOME/fedstream/tables`, else
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,7 +58,10 @@ def cached_table(
     time: str | None = None,
     fmt: Format = "auto",
 ) -> Table:
-    """`load_table`'s result for these arguments, from the cache when it holds it."""
+    """`load_table`'s result for these arguments, from the cache when it holds it.
+
+    A cached table has no `time` array: its rows are already in that column's order,
+    which is all a replay needs of it."""
     args = {"label": label, "features": features, "time": time, "fmt": fmt}
     root = cache_dir()
     try:
@@ -75,9 +79,10 @@ def cached_table(
 
 
 def _key(path: Path, args: dict) -> str:
+    path = path.expanduser().resolve()
     stat = path.stat()
     described = {
-        "file": str(path.expanduser().resolve()),
+        "file": str(path),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "args": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()},
@@ -97,7 +102,8 @@ def _read(entry: Path) -> Table | None:
         x, y = (np.load(entry / f"{name}.npy", mmap_mode="c") for name in _ARRAYS)
         if x.shape[0] != y.shape[0] or y.shape[0] != meta["rows"]:
             return None
-        os.utime(entry)  # recently used: pruned last
+        with contextlib.suppress(OSError):  # a read-only cache serves all the same
+            os.utime(entry)  # recently used: pruned last
         return Table(x=x, y=y, classes=list(meta["classes"]), features=list(meta["features"]))
     except Exception:  # absent, or damaged in any way: parse again (and overwrite)
         return None

@@ -97,6 +97,18 @@ def test_a_damaged_entry_is_parsed_and_rewritten(cache: Path, tmp_path: Path, mo
     assert len(cached_table(data, label="label")) == 50 and len(parses) == 1
 
 
+def test_a_read_only_cache_still_serves(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    data = _csv(tmp_path / "d.csv")
+    cached_table(data, label="label")
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(table_cache.os, "utime", refuse)
+    parses = _parses(monkeypatch)
+    assert len(cached_table(data, label="label")) == 50 and parses == []
+
+
 def test_bad_data_is_an_error_every_time_and_never_cached(
     cache: Path, tmp_path: Path
 ) -> None:
