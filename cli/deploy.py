@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fedstream.cli.main import ConfigOpt, SetOpt, _load, _toml_str, app, err, report
+from fedstream.cli.main import ConfigOpt, SetOpt, _load, _toml_str, app, err, fail, report
 
 
 @app.command()
@@ -32,8 +32,7 @@ def certs(
     try:
         make_credentials(out, host or None, node or [])
     except FileNotFoundError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(e, 2)
     after = server_hosts(out)
     if before is not None and sorted(before) != sorted(after):
         typer.echo(f"server certificate issued again for {', '.join(after)} (was "
@@ -78,11 +77,10 @@ def server(
         again = " (fedstream server --resume continues the run)" if (
             state / CHECKPOINT).exists() else ""
         err.print(f"stopped ({e}): the SuperLink and its apps are stopped{again}",
-                  highlight=False, soft_wrap=True)
+                  markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except (FileNotFoundError, TimeoutError, RuntimeError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2 if isinstance(e, FileNotFoundError | ValueError) else 1) from None
+        fail(e, 2 if isinstance(e, FileNotFoundError | ValueError) else 1)
     typer.echo(f"run {status}; results in {out}/, logs in {state / 'logs'}/")
     if status != "completed":
         raise typer.Exit(1)
@@ -122,16 +120,13 @@ def client(
     """Run a device: spool, local ingestion service and a SuperNode connected to the server."""
     cfg = _load(config, set_, [])
     if policy not in ("reject", "drop_oldest"):
-        err.print(f"[red]error:[/red] --policy must be reject or drop_oldest, got {policy!r}")
-        raise typer.Exit(2)
+        fail(f"--policy must be reject or drop_oldest, got {policy!r}", 2)
     for name, path in (("--ca", ca), ("--key", key)):
         if path is not None and not path.is_file():
-            err.print(f"[red]error:[/red] {name}: file not found: {path}")
-            raise typer.Exit(2)
+            fail(f"{name}: file not found: {path}", 2)
     if key is not None and (problem := _not_a_node_key(key)):
-        err.print(f"[red]error:[/red] --key {key}: {problem}; use a NAME.key made by "
-                  "`fedstream certs DIR --node NAME`", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        fail(f"--key {key}: {problem}; use a NAME.key made by `fedstream certs DIR --node NAME`",
+             2)
     # The ingestion service's gRPC threads are busy whenever a SuperNode is started (a fork),
     # and gRPC's fork handlers then log "skipping fork() handlers" on this terminal. Nothing
     # here needs them: every child execs at once (the warm SuperExec's tasks fork from its
@@ -149,8 +144,7 @@ def client(
     try:
         code = run_device(dev)
     except SpoolError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(e, 2)
     raise typer.Exit(code)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedstream.protocol.config import Config, ConfigError, load, to_toml
@@ -20,6 +21,16 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 err = Console(stderr=True)
+
+
+def fail(message: object, code: int) -> NoReturn:
+    """Print `message` as an error and exit with `code`.
+
+    The message is printed as it is, never read as markup: a column named "Druck [hPa]"
+    or a value like "[a,b]" in it would otherwise vanish as a style tag.
+    """
+    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file (defaults fill the rest).")
@@ -34,8 +45,7 @@ def _load(config: Path | None, overrides: list[str] | None, extra: list[str]) ->
     try:
         return load(config, [*(overrides or []), *extra])
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(e, 2)
 
 
 @app.command()
@@ -70,14 +80,12 @@ def sim(
     try:
         preflight(cfg)
     except (DataError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(e, 2)
     _stop_on_interrupt(Path(cfg.output.dir))
     try:
         summary = simulate(cfg)
     except Exception as e:
-        err.print(f"[red]error:[/red] {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(f"{type(e).__name__}: {e}", 1)
     report(summary, Path(cfg.output.dir))
 
 
@@ -95,7 +103,7 @@ def _stop_on_interrupt(out: Path) -> None:
 
     def interrupted(signum: int, _frame: object) -> None:
         err.print(f"\ninterrupted: the rounds done so far are in {out / 'metrics.jsonl'} "
-                  "(no summary.json)", highlight=False, soft_wrap=True)
+                  "(no summary.json)", markup=False, highlight=False, soft_wrap=True)
         sys.stderr.flush()
         sys.stdout.flush()
         threading.Timer(5.0, os._exit, (128 + signum,)).start()  # if Ray will not stop
@@ -146,6 +154,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         + (f"{secs:.1f} s, " if secs is not None else "")
         + f"{summary['bytes_up'] / 1e6:.1f} MB up, "
         f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/",
+        markup=False,
         soft_wrap=True,  # a long path stays on its line, whole, for copying
     )
     failed = summary["rounds"] - summary.get("rounds_aggregated", summary["rounds"])
@@ -158,8 +167,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             rounds = ", ".join(map(str, item["first_rounds"]))
             more = item["rounds"] - len(item["first_rounds"])
             rounds += f" and {more} more" if more > 0 else ""
-            Console().print(f"  {item['reason']} (round {rounds})", highlight=False,
-                            soft_wrap=True)
+            Console().print(f"  {item['reason']} (round {rounds})", markup=False,
+                            highlight=False, soft_wrap=True)
     if summary.get("secure_aggregation"):
         Console().print(
             f"Secure aggregation: the server saw only sums, "
@@ -202,7 +211,6 @@ def feed(
     (back-pressure: rows from the line named on were not stored); 1: service unreachable."""
     from array import array
 
-    from rich.markup import escape
     from tqdm import tqdm
 
     from fedstream.client.feed import Reader, open_input
@@ -210,8 +218,7 @@ def feed(
     from fedstream.client.sources import DataError
 
     if fmt not in ("auto", "csv", "jsonl"):
-        err.print(f"[red]error:[/red] --format must be auto, csv or jsonl, got {fmt!r}")
-        raise typer.Exit(2)
+        fail(f"--format must be auto, csv or jsonl, got {fmt!r}", 2)
     wanted = [f.strip() for group in features or [] for f in group.split(",") if f.strip()]
     try:
         stream, name = open_input(file)
@@ -221,8 +228,7 @@ def feed(
         )
         chunks = reader.open()  # the header, before connecting
     except (DataError, ValueError) as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(e, 2)
     lines = array("q")  # file line of every row sent, by stream position
     problems: list[str] = []
     malformed = 0
@@ -250,8 +256,7 @@ def feed(
     except IngestError as e:
         bar.close()
         hint = "" if wait else " (is its device up? --wait S waits for it)"
-        err.print(f"[red]error:[/red] {escape(str(e))}{hint}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        fail(f"{e}{hint}", 1)
     finally:
         stream.close()
     bar.close()

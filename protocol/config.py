@@ -308,12 +308,22 @@ def _format_errors(err: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in item and item["type"] not in ("missing",):
-            msg = f"{msg} (got {item['input']!r})"
+            msg = f"{msg} (got {item['input']!r}){_quoting_hint(item)}"
         lines.append(f"  {path}: {msg}")
     for path, value in skipped.items():
         if path not in unions:
             lines.append(f"  {path}: expected a count or a fraction (got {value!r})")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _quoting_hint(item: Any) -> str:
+    """A list of bare words from --set (`[a,b]`) is not TOML, so it arrives as one string."""
+    value = item.get("input")
+    if item["type"] == "list_type" and isinstance(value, str) and value.startswith("["):
+        words = [w.strip() for w in value.strip("[]").split(",") if w.strip()]
+        quoted = ", ".join(f'"{w}"' for w in words) if words else '"a", "b"'
+        return f"; a list of names needs quotes: [{quoted}]"
+    return ""
 
 
 def validate(raw: dict[str, Any]) -> Config:

@@ -7,9 +7,10 @@ holding its own copy of the arrays multiplies the memory by the workers. So the 
 process to load a file stores its arrays as .npy files, and every later one maps them
 (pages shared through the OS cache, copy-on-write), in this run and the next ones.
 
-An entry is keyed by the file (resolved path, size, modification time), the load
-arguments, and the parser's own source, so a changed file, other columns or another
-fedstream version never read a stale entry. Entries are written to a temporary folder
+An entry is keyed by the file's content (SHA-256, about 1 s a GB: nothing next to
+parsing it), the load arguments, and the parser's and this module's own source, so an
+edited file, other columns or another fedstream version never read a stale entry, even
+when the edit kept the file's size and time. Entries are written to a temporary folder
 and renamed into place, so concurrent processes never see half an entry. Anything that
 goes wrong with the cache (unwritable folder, a damaged entry) falls back to parsing.
 
@@ -26,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -37,6 +39,8 @@ from fedstream.client.sources.tabular import Format, Table, load_table
 
 ENV = "FEDSTREAM_CACHE_DIR"
 KEEP = 8  # entries kept; older ones are removed when a new one is written
+STAGING = ".staging-"  # folders being written, renamed into place when whole
+STALE_STAGING = 3600.0  # seconds after which a staging folder is a killed writer's leftover
 _ARRAYS = ("x", "y")
 
 
@@ -79,32 +83,37 @@ def cached_table(
 
 
 def _key(path: Path, args: dict) -> str:
-    path = path.expanduser().resolve()
-    stat = path.stat()
+    with path.expanduser().open("rb") as fh:
+        content = hashlib.file_digest(fh, "sha256").hexdigest()
     described = {
-        "file": str(path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "content": content,
         "args": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()},
-        "parser": _parser_digest(),
+        "code": _code_digest(),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @cache
-def _parser_digest() -> str:
-    return hashlib.sha256(Path(tabular.__file__).read_bytes()).hexdigest()
+def _code_digest() -> str:
+    """The parser's and this module's source: a new version never reads an old entry."""
+    digest = hashlib.sha256()
+    for module in (tabular.__file__, __file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()
 
 
 def _read(entry: Path) -> Table | None:
     try:
         meta = json.loads((entry / "meta.json").read_text())
         x, y = (np.load(entry / f"{name}.npy", mmap_mode="c") for name in _ARRAYS)
-        if x.shape[0] != y.shape[0] or y.shape[0] != meta["rows"]:
+        classes, features = list(meta["classes"]), list(meta["features"])
+        if x.shape != (meta["rows"], len(features)) or y.shape != (meta["rows"],):
             return None
+        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+            return None  # labels a model of len(classes) outputs cannot take: damaged
         with contextlib.suppress(OSError):  # a read-only cache serves all the same
             os.utime(entry)  # recently used: pruned last
-        return Table(x=x, y=y, classes=list(meta["classes"]), features=list(meta["features"]))
+        return Table(x=x, y=y, classes=classes, features=features)
     except Exception:  # absent, or damaged in any way: parse again (and overwrite)
         return None
 
@@ -112,30 +121,40 @@ def _read(entry: Path) -> Table | None:
 def _write(root: Path, entry: Path, table: Table, source: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
-        try:
-            for name in _ARRAYS:
-                np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(table, name)))
-            meta = {
-                "source": str(source),
-                "rows": len(table),
-                "classes": table.classes,
-                "features": table.features,
-            }
-            (staging / "meta.json").write_text(json.dumps(meta))
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            staging.rename(entry)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            return
-        _prune(root)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{entry.name}-", dir=root))
     except OSError:
         return  # a cache that cannot be written costs only the time it would have saved
+    try:
+        for name in _ARRAYS:
+            np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(table, name)))
+        meta = {
+            "source": str(source),
+            "rows": len(table),
+            "classes": table.classes,
+            "features": table.features,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta))
+        staging.chmod(0o755)  # mkdtemp's 0700 would shut other users out of a shared cache
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        staging.rename(entry)
+        _prune(root)
+    except OSError:
+        pass
+    finally:  # also on Ctrl-C or a MemoryError: no half-written entry is left behind
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _prune(root: Path) -> None:
-    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    """Keep the newest KEEP entries, and drop staging folders a killed process left."""
+    now = time.time()
+    entries = []
+    for path in root.iterdir():
+        if path.name.startswith(STAGING):
+            if now - path.stat().st_mtime > STALE_STAGING:
+                shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir():
+            entries.append(path)
     entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in entries[KEEP:]:
         shutil.rmtree(old, ignore_errors=True)

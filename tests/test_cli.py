@@ -68,3 +68,22 @@ def test_a_device_this_machine_lacks_stops_before_ray(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "learner.device is 'cuda' but CUDA is not available here" in proc.stderr
     assert "ray::" not in proc.stderr  # no virtual client was started
+
+
+def test_brackets_in_names_are_printed_as_they_are(tmp_path: Path) -> None:
+    # Units in brackets are common in spreadsheet headers; the error printer must not read
+    # "[hPa]" as a style tag and drop it.
+    data = tmp_path / "wetter.csv"
+    data.write_text("Temperatur [°C];Druck [hPa];Klasse\n21,5;1013;ok\n22,0;1012;warm\n",
+                    encoding="utf-8")
+    proc = fedstream("sim", "--set", "stream.source=csv", "--set", f'stream.path="{data}"',
+                     "--set", "stream.label=Klasse", "--set", 'stream.features=["Druck [hpa]"]')
+    assert proc.returncode == 2
+    assert "'Druck [hpa]'" in proc.stderr and "'Druck [hPa]'" in proc.stderr
+
+
+def test_a_list_of_bare_names_gets_a_quoting_hint() -> None:
+    proc = fedstream("config", "show", "--set", "stream.features=[f0,f1]")
+    assert proc.returncode == 2
+    assert "(got '[f0,f1]')" in proc.stderr
+    assert 'needs quotes: ["f0", "f1"]' in proc.stderr

@@ -68,8 +68,69 @@ def test_a_changed_file_or_other_columns_are_parsed_again(
     assert len(parses) == 3 and changed.x[0, 0] == 1.0
 
 
-def test_switched_off_it_writes_nothing(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv(table_cache.ENV, "off")
+def test_an_edit_that_keeps_size_and_time_is_still_seen(
+    cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # cp -p, tar, touch -r, or a coarse clock can keep both; the content decides.
+    data = _csv(tmp_path / "d.csv")
+    before = data.stat()
+    cached_table(data, label="label")
+    data.write_text(data.read_text().replace("0.0,0,x", "9.0,0,x", 1))
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert data.stat().st_size == before.st_size
+    assert cached_table(data, label="label").x[0, 0] == 9.0
+
+
+def test_an_interrupted_write_leaves_nothing_behind(
+    cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    data = _csv(tmp_path / "d.csv")
+    real_save = np.save
+
+    def interrupted(path: Path, arr: np.ndarray) -> None:
+        real_save(path, arr)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(table_cache.np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cached_table(data, label="label")
+    assert list(cache.iterdir()) == []
+
+
+def test_a_killed_writers_staging_folder_is_removed_later(cache: Path, tmp_path: Path) -> None:
+    cache.mkdir()
+    left = cache / f"{table_cache.STAGING}abc-123"
+    left.mkdir()
+    (left / "x.npy").write_bytes(b"half")
+    os.utime(left, (1.0, 1.0))  # long ago
+    fresh = cache / f"{table_cache.STAGING}def-456"  # another process writing right now
+    fresh.mkdir()
+    cached_table(_csv(tmp_path / "d.csv"), label="label")
+    assert not left.exists() and fresh.exists()
+
+
+def test_an_entry_with_labels_out_of_range_is_not_trusted(
+    cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    data = _csv(tmp_path / "d.csv")
+    cached_table(data, label="label")
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    np.save(entry / "y.npy", np.full(50, 7))
+    parses = _parses(monkeypatch)
+    assert cached_table(data, label="label").y.max() == 1 and len(parses) == 1
+
+
+def test_entries_are_readable_by_other_users_of_a_shared_cache(
+    cache: Path, tmp_path: Path
+) -> None:
+    cached_table(_csv(tmp_path / "d.csv"), label="label")
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert entry.stat().st_mode & 0o055 == 0o055
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", "", "0", "false", "no"])
+def test_switched_off_it_writes_nothing(tmp_path: Path, monkeypatch, value: str) -> None:
+    monkeypatch.setenv(table_cache.ENV, value)
     data = _csv(tmp_path / "d.csv")
     parses = _parses(monkeypatch)
     cached_table(data, label="label")
@@ -144,7 +205,7 @@ def test_only_the_newest_entries_are_kept(cache: Path, tmp_path: Path, monkeypat
 def test_a_new_parser_never_reads_an_old_entry(cache: Path, tmp_path: Path, monkeypatch) -> None:
     data = _csv(tmp_path / "d.csv")
     cached_table(data, label="label")
-    monkeypatch.setattr(table_cache, "_parser_digest", lambda: "another fedstream version")
+    monkeypatch.setattr(table_cache, "_code_digest", lambda: "another fedstream version")
     parses = _parses(monkeypatch)
     cached_table(data, label="label")
     assert len(parses) == 1
