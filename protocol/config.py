@@ -186,8 +186,8 @@ class SecureAggregationConfig(_Section):
         # An integer is a count, never the fraction 1.0 it would otherwise coerce to.
         if isinstance(value, int) and not isinstance(value, bool) and value < 2:
             raise ValueError(
-                f"a count of shares must be at least 2, got {value}; a fraction of the share "
-                "group is written with a point (1.0 = all of it)"
+                "a count of shares must be at least 2; a fraction of the share group is "
+                "written with a point (1.0 = all of it)"
             )
         return value
     degree: Annotated[int, Field(ge=0)] = 0  # neighbours per client; 0 = O(log n), Bell et al.
@@ -240,15 +240,22 @@ class Config(_Section):
                 f"federation.clients ({self.federation.clients})"
             )
         if self.secure_aggregation.enabled:
-            _check_secure(self.secure_aggregation, sampled_clients(self.federation))
+            _check_secure(self.secure_aggregation, sampled_clients(self.federation, True))
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
         return self
 
 
-def sampled_clients(fed: FederationConfig) -> int:
+def least_clients(fed: FederationConfig, secure: bool) -> int:
+    """Clients a round waits for: min_clients, and two for a secure sum, since a round
+    sampled while one node is connected (the first device of a deployment to come up)
+    could only fail."""
+    return max(fed.min_clients, 2) if secure else fed.min_clients
+
+
+def sampled_clients(fed: FederationConfig, secure: bool = False) -> int:
     """Clients a round trains when all are online: Flower's sample size."""
-    return min(fed.clients, max(int(fed.clients * fed.fraction), fed.min_clients))
+    return min(fed.clients, max(int(fed.clients * fed.fraction), least_clients(fed, secure)))
 
 
 def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
@@ -262,8 +269,8 @@ def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
 
     if parties < 2:
         raise ValueError(
-            f"secure_aggregation needs 2 or more clients a round; federation.clients, fraction "
-            f"and min_clients give {parties}: a sum of one client is that client's update"
+            f"secure_aggregation needs 2 or more clients a round; federation.clients = "
+            f"{parties} gives fewer: a sum of one client is that client's update"
         )
     try:
         Quantizer(sa.bits, sa.clip, parties)
@@ -307,6 +314,8 @@ def _format_errors(err: ValidationError) -> str:
             continue
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif item["type"] in ("model_type", "dict_type") and len(loc) == 1:
+            msg = f"is a section, not a value: set one of its keys ({path}.KEY=VALUE)"
         elif "input" in item and item["type"] not in ("missing",):
             msg = f"{msg} (got {item['input']!r}){_quoting_hint(item)}"
         lines.append(f"  {path}: {msg}")

@@ -16,7 +16,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from fedstream.protocol import messages as m
-from fedstream.protocol.config import Config
+from fedstream.protocol.config import Config, least_clients
+from fedstream.protocol.updates import record, view
 
 
 def _no_metric_average(_records: list[RecordDict], _key: str) -> MetricRecord:
@@ -71,19 +72,39 @@ class StreamFedAvgM(_SkipEmpty, FedAvgM):
     pass
 
 
-class StreamFedAdam(_SkipEmpty, FedAdam):
+class _KeepDtypes:
+    """Mixin for FedAdam and FedYogi: the new model keeps the dtypes of the model sent.
+
+    Flower takes the server step with numpy float64 scalars, which (NEP 50) turn a float32
+    model into float64: every client would download twice the bytes from round 2 on, and
+    the dtype would no longer match what the clients train.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        sent = self.current_arrays  # type: ignore[attr-defined]
+        if arrays is None or not sent:
+            return arrays, metrics
+        kept = {}
+        for key, arr in arrays.items():
+            values, dtype = view(arr), sent[key].dtype
+            kept[key] = values if values.dtype == dtype else values.astype(dtype)
+        return record(kept), metrics
+
+
+class StreamFedAdam(_SkipEmpty, _KeepDtypes, FedAdam):
     pass
 
 
-class StreamFedYogi(_SkipEmpty, FedYogi):
+class StreamFedYogi(_SkipEmpty, _KeepDtypes, FedYogi):
     pass
 
 
 def make_strategy(cfg: Config) -> Strategy:
     fed = cfg.federation
-    # A secure sum needs two clients: a round sampled while one node is connected (the
-    # first device of a deployment to come up) could only fail.
-    least = max(fed.min_clients, 2) if cfg.secure_aggregation.enabled else fed.min_clients
+    least = least_clients(fed, cfg.secure_aggregation.enabled)
     common = {
         "fraction_train": fed.fraction,
         "fraction_evaluate": 0.0,

@@ -12,7 +12,8 @@ import numpy as np
 from flwr.simulation import run_simulation
 
 from fedstream.client.device import pick_device
-from fedstream.protocol.config import Config
+from fedstream.protocol.config import Config, sampled_clients
+from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.federation import federation
@@ -119,13 +120,42 @@ def label_hint(cfg: Config) -> str | None:
     )
 
 
+def precision_hint(cfg: Config) -> str | None:
+    """What to say when secure aggregation's fixed point is so coarse that its rounding
+    noise swamps training: each update is weighed by min(examples, max_weight) /
+    max_weight and rounded (without bias) to ring steps of parties x clip / 2^(bits - 1),
+    so a small ring, a huge clip or a max_weight far above a round's examples make every
+    round add noise to the model, with no error anywhere."""
+    sa = cfg.secure_aggregation
+    if not sa.enabled:
+        return None
+    examples = min(cfg.stream.rate, cfg.stream.budget or cfg.stream.rate)
+    weight = min(examples, sa.max_weight) / sa.max_weight
+    parties = sampled_clients(cfg.federation, secure=True)
+    step = 1.0 / (Quantizer(sa.bits, sa.clip, parties).scale * weight)
+    noise = step / 2 / parties**0.5  # at most, per coordinate of a round's mean change
+    if noise <= NOISE_LIMIT:
+        return None
+    return (
+        f"fedstream: hint: secure aggregation's rounding adds noise of up to {noise:.2g} to "
+        f"every coordinate of the model each round (steps of {step:.2g}: bits = {sa.bits}, "
+        f"clip = {sa.clip:g}, {parties} clients a round, about {examples:g} examples each "
+        f"against max_weight = {sa.max_weight}), enough to drown the updates: raise "
+        "secure_aggregation.bits, lower secure_aggregation.clip, or lower "
+        "secure_aggregation.max_weight towards stream.rate"
+    )
+
+
+NOISE_LIMIT = 0.01  # rounding noise per coordinate and round above which precision_hint speaks
+
+
 def simulate(cfg: Config) -> dict[str, Any]:
     """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json)."""
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
     quiet_flower()
     preflight(cfg)
-    for hint in (scale_hint(cfg), label_hint(cfg), exhaustion_hint(cfg)):
+    for hint in (scale_hint(cfg), label_hint(cfg), exhaustion_hint(cfg), precision_hint(cfg)):
         if hint:
             print(hint, file=sys.stderr)
     if not set_dispatch_interval(cfg.simulation.dispatch_interval):

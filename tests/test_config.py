@@ -43,7 +43,10 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"simulation": {"dispatch_interval": 0.5}}, "simulation.dispatch_interval"),
         ({"secure_aggregation": {"clip": float("inf")}}, "secure_aggregation.clip: Input "
          "should be a finite number"),
-        ({"secure_aggregation": {"threshold": 1}}, "a count of shares must be at least 2"),
+        ({"secure_aggregation": {"threshold": 1}}, "a count of shares must be at least 2; "
+         "a fraction of the share group is written with a point (1.0 = all of it) (got 1)"),
+        ({"secure_aggregation": True}, "secure_aggregation: is a section, not a value: set "
+         "one of its keys (secure_aggregation.KEY=VALUE)"),
         ({"secure_aggregation": {"threshold": 0.3}},
          "secure_aggregation.threshold: Input should be greater than 0.5 (got 0.3)"),
         ({"secure_aggregation": {"threshold": "x"}},
@@ -69,8 +72,8 @@ SECURE = {"enabled": True}
         ({"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 5}},
          "at 10 clients a round: a threshold of 5 shares does not fit a share group of 10 "
          "(a client and its 9 neighbours): it must be from 6 to 10"),
-        ({"federation": {"fraction": 0.05}, "secure_aggregation": SECURE},
-         "needs 2 or more clients a round; federation.clients, fraction and min_clients give 1"),
+        ({"federation": {"clients": 1}, "secure_aggregation": SECURE},
+         "needs 2 or more clients a round; federation.clients = 1 gives fewer"),
         ({"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 8}},
          "secure_aggregation.bits = 8 cannot hold the sum of 200 clients' updates: use at "
          "least 9"),
@@ -90,6 +93,8 @@ def test_secure_settings_that_fail_every_round_are_refused(raw: dict, needle: st
         {"secure_aggregation": {**SECURE, "threshold": 15}},
         {"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 6}},
         {"federation": {"fraction": 0.1}, "secure_aggregation": SECURE},  # 2 a round
+        # 1 a round by fraction, but a secure round waits for 2 (as the server samples)
+        {"federation": {"fraction": 0.05}, "secure_aggregation": SECURE},
         {"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 9}},
         {"secure_aggregation": {"enabled": False, "threshold": 2}},  # not used: not checked
     ],

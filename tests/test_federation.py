@@ -219,3 +219,32 @@ def test_a_rerun_in_the_same_folder_leaves_nothing_of_the_first(tmp_path: Path) 
     from fedstream.server.records import History
 
     assert summarize(cfg, History(), 1.0, {})["drift_times"] == []  # drift at 15, 3 rounds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "noise"),
+    [
+        ([], None),
+        (["secure_aggregation.bits=16"], None),  # 0.002: stochastic rounding averages it out
+        (["secure_aggregation.bits=12"], "0.037"),
+        (["secure_aggregation.bits=8"], "0.7"),
+        (["secure_aggregation.clip=1e12"], "3.5e+04"),
+        (["secure_aggregation.bits=8", "secure_aggregation.max_weight=30"], "0.021"),
+        (["secure_aggregation.bits=10", "secure_aggregation.max_weight=30"], None),  # 0.005
+    ],
+)
+def test_a_ring_too_coarse_for_the_updates_gets_a_hint(
+    overrides: list[str], noise: str | None
+) -> None:
+    # A new user's bits = 8 or clip = 1e12 ran to the end with accuracy stuck at chance and
+    # no word of why. The noise is that of unbiased rounding: up to half a ring step per
+    # client update, divided by the square root of the clients averaged.
+    from fedstream.sim.runner import precision_hint
+
+    cfg = load(overrides=["secure_aggregation.enabled=true", *overrides])
+    hint = precision_hint(cfg)
+    if noise is None:
+        assert hint is None
+    else:
+        assert hint is not None and f"noise of up to {noise} " in hint
+    assert precision_hint(load(overrides=overrides)) is None  # secure aggregation off

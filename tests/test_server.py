@@ -111,6 +111,8 @@ def test_adaptive_strategies_move_towards_the_clients(kind: str) -> None:
     strategy.current_arrays = {"w": np.zeros(3, np.float32)}
     arrays, _ = strategy.aggregate_train(1, [_reply(_sent(1), 1.0, 2, 0)])
     assert (_values(arrays) > 0).all()
+    # Flower's step (numpy float64 scalars) would return float64: twice the download.
+    assert arrays["w"].numpy().dtype == np.float32
 
 
 def test_a_failed_aggregation_keeps_the_model_and_says_why() -> None:
