@@ -57,6 +57,7 @@ class StreamConfig(_Section):
     path: str = ""
     label: str = "label"
     features: list[str] = []
+    exclude: list[str] = []  # columns left out of "all the others" (an ID, a comment)
     time: str = ""
     n_features: PositiveInt = 20
     n_classes: Annotated[int, Field(ge=2)] = 10
@@ -71,6 +72,14 @@ class StreamConfig(_Section):
 
     @model_validator(mode="after")
     def _file_sources_need_a_readable_path(self) -> StreamConfig:
+        if self.exclude and self.features:
+            raise ValueError(
+                "stream.exclude leaves columns out of all the others; with stream.features "
+                "naming the columns to use, list only those"
+            )
+        for role, col in (("label", self.label), ("time", self.time)):
+            if col and col in self.exclude:
+                raise ValueError(f"stream.exclude names the {role} column {col!r}")
         if self.source in ("csv", "jsonl"):
             if not self.path:
                 raise ValueError(f"stream.path is required for source '{self.source}'")

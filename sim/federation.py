@@ -79,6 +79,7 @@ class Federation:
                 features=cfg.stream.features or None,
                 time=cfg.stream.time or None,
                 fmt=cfg.stream.source,
+                exclude=cfg.stream.exclude,
             )
             _check_classes(table.classes, len(table), cfg)
             x, y, n_classes = table.x, table.y, len(table.classes)

@@ -61,12 +61,14 @@ def cached_table(
     features: Sequence[str] | None = None,
     time: str | None = None,
     fmt: Format = "auto",
+    exclude: Sequence[str] = (),
 ) -> Table:
     """`load_table`'s result for these arguments, from the cache when it holds it.
 
     A cached table has no `time` array: its rows are already in that column's order,
     which is all a replay needs of it."""
-    args = {"label": label, "features": features, "time": time, "fmt": fmt}
+    args = {"label": label, "features": features, "time": time, "fmt": fmt,
+            "exclude": list(exclude)}
     root = cache_dir()
     try:
         key = _key(Path(path), args) if root is not None else None

@@ -39,6 +39,11 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"stream": {"source": "csv", "path": "/no/such.csv"}}, "file not found: /no/such.csv"),
         ({"federation": {"clients": 2, "min_clients": 3}}, "min_clients"),
         ({"bogus": 1}, "bogus: unknown key"),
+        ({"stream": {"features": ["a"], "exclude": ["b"]}},
+         "stream.exclude leaves columns out of all the others"),
+        ({"stream": {"exclude": ["label"]}}, "stream.exclude names the label column 'label'"),
+        ({"stream": {"time": "ts", "exclude": ["ts"]}},
+         "stream.exclude names the time column 'ts'"),
         ({"simulation": {"dispatch_interval": 0}}, "simulation.dispatch_interval"),
         ({"simulation": {"dispatch_interval": 0.5}}, "simulation.dispatch_interval"),
         ({"secure_aggregation": {"clip": float("inf")}}, "secure_aggregation.clip: Input "

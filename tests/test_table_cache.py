@@ -61,11 +61,12 @@ def test_a_changed_file_or_other_columns_are_parsed_again(
     parses = _parses(monkeypatch)
     cached_table(data, label="label")
     cached_table(data, label="label", features=["a"])
-    assert len(parses) == 2
+    assert cached_table(data, label="label", exclude=["b"]).features == ["a"]
+    assert len(parses) == 3
     _csv(data, shift=1.0)
     os.utime(data, ns=(1, 1))  # a different modification time, whatever the clock
     changed = cached_table(data, label="label")
-    assert len(parses) == 3 and changed.x[0, 0] == 1.0
+    assert len(parses) == 4 and changed.x[0, 0] == 1.0
 
 
 def test_an_edit_that_keeps_size_and_time_is_still_seen(

@@ -96,10 +96,30 @@ def test_decimal_commas_elsewhere_are_refused_with_a_hint(tmp_path: Path, delimi
 
 def test_a_text_column_is_named_with_a_way_out(tmp_path: Path) -> None:
     path = write(tmp_path, "ids.csv", "station,temp,label\nA-1,20.5,ok\nB-2,21.0,bad\n")
-    expect_error(path, 2, "column 'station': 'A-1' is not a number", "stream.features",
+    expect_error(path, 2, "column 'station': 'A-1' is not a number", "stream.exclude",
                  label="label")
-    table = load_table(path, label="label", features=["temp"])  # the way out works
+    table = load_table(path, label="label", exclude=["station"])  # the way out works
     np.testing.assert_array_equal(table.x, [[20.5], [21.0]])
+    assert table.features == ["temp"]
+    np.testing.assert_array_equal(load_table(path, label="label", features=["temp"]).x, table.x)
+
+
+def test_an_excluded_column_must_exist(tmp_path: Path) -> None:
+    # A misspelt exclusion would leave the column it meant in, unnoticed until it fails.
+    path = write(tmp_path, "ids.csv", "station,temp,label\nA-1,20.5,ok\nB-2,21.0,bad\n")
+    expect_error(path, 1, "excluded column 'Station' not found; available: 'station'",
+                 label="label", exclude=["Station"])
+    with pytest.raises(ValueError, match="without features"):
+        load_table(path, label="label", features=["temp"], exclude=["station"])
+
+
+def test_a_jsonl_key_can_be_excluded(tmp_path: Path) -> None:
+    text = '{"id": "a", "t": 1.5, "label": "x"}\n{"id": "b", "t": 2.5, "label": "y"}\n'
+    path = write(tmp_path, "d.jsonl", text)
+    table = load_table(path, label="label", exclude=["id"])
+    assert table.features == ["t"]
+    np.testing.assert_array_equal(table.x, [[1.5], [2.5]])
+    expect_error(path, 1, "excluded key 'ID' not found", label="label", exclude=["ID"])
 
 
 def test_selected_features_and_quoted_newline(tmp_path: Path) -> None:
@@ -352,6 +372,6 @@ def test_features_converted_block_by_block_are_the_file_and_errors_keep_their_li
     np.testing.assert_array_equal(table.x, [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]])
     bad = "a,b,label\n1,2,0\n3,4,1\n5,x,0\n7,8,1\n9,NA,0\n"
     message = expect_error(write(tmp_path, "bad.csv", bad), 4, "column 'b'", label="label")
-    assert "'x' is not a number" in message and "stream.features" not in message
+    assert "'x' is not a number" in message and "stream.exclude" not in message
     early_label = "a,b,label\n1,2,0\n3,4,NA\n5,x,0\n"  # a label error above the cell error
     expect_error(write(tmp_path, "lab.csv", early_label), 3, "missing label", label="label")

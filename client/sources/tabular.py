@@ -88,19 +88,23 @@ def load_table(
     time: str | None = None,
     fmt: Format = "auto",
     classes: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> Table:
     """Read a CSV or JSONL file into a ``Table`` (see the module docstring for the rules).
 
-    ``features=None`` takes every column (key) except ``label`` and ``time``. ``classes``
+    ``features=None`` takes every column (key) except ``label``, ``time`` and those in
+    ``exclude`` (each of which must exist: a misspelt one would leave its column in). ``classes``
     fixes the label vocabulary and its order (an unseen label is then an error); otherwise it
     is the sorted set of labels found (numerically when they are all integers)."""
     _check_arguments(label, features, time, fmt)
+    if exclude and features is not None:
+        raise ValueError("exclude leaves columns out of all the others: pass it without features")
     name = str(path)
     text = _read_text(Path(path), name)
     if _detect_format(Path(path), text, fmt) == "csv":
-        raw = _read_csv(text, name, label, features, time)
+        raw = _read_csv(text, name, label, features, time, tuple(exclude))
     else:
-        raw = _read_jsonl(text, name, label, features, time)
+        raw = _read_jsonl(text, name, label, features, time, tuple(exclude))
     return _build(raw, name, label, time, classes)
 
 
@@ -303,6 +307,7 @@ def _csv_header(
     label: str,
     features: Sequence[str] | None,
     time: str | None,
+    exclude: tuple[str, ...] = (),
 ) -> tuple[list[str], list[int]]:
     """Resolve the selected columns to (feature names, [label, time?, *feature] positions)."""
     seen: set[str] = set()
@@ -313,7 +318,10 @@ def _csv_header(
     position = {col: i for i, col in enumerate(header)}
     wanted = [("label", label)] + ([("time", time)] if time is not None else [])
     if features is None:
-        features = [c for c in header if c not in (label, time)]
+        for col in exclude:
+            if col not in position:
+                raise _column_error(name, line, "excluded", col, header)
+        features = [c for c in header if c not in (label, time, *exclude)]
         if "" in features:
             raise DataError(
                 f"{name}:{line}: column {header.index('') + 1} has no name; "
@@ -329,7 +337,12 @@ def _csv_header(
 
 
 def _read_csv(
-    text: str, name: str, label: str, features: Sequence[str] | None, time: str | None
+    text: str,
+    name: str,
+    label: str,
+    features: Sequence[str] | None,
+    time: str | None,
+    exclude: tuple[str, ...] = (),
 ) -> _Raw:
     end = text.find("\n")
     delimiter = excel_delimiter(text[: end if end >= 0 else len(text)])
@@ -347,7 +360,7 @@ def _read_csv(
     trailing = len(header) > 1 and header[-1] == ""
     if trailing:
         header = header[:-1]
-    names, positions = _csv_header(header, header_line, name, label, features, time)
+    names, positions = _csv_header(header, header_line, name, label, features, time, exclude)
     n_fields = len(header)
     lines: list[int] = []
     labels: list[str] = []
@@ -412,7 +425,12 @@ def _json_text(value: Any, name: str, line: int, key: str) -> str:
 
 
 def _read_jsonl(
-    text: str, name: str, label: str, features: Sequence[str] | None, time: str | None
+    text: str,
+    name: str,
+    label: str,
+    features: Sequence[str] | None,
+    time: str | None,
+    exclude: tuple[str, ...] = (),
 ) -> _Raw:
     lines: list[int] = []
     labels: list[str] = []
@@ -425,7 +443,12 @@ def _read_jsonl(
             continue
         obj = _json_object(raw, line, name)
         if names is None:
-            names = [k for k in obj if k not in (label, time)]
+            for key in exclude:
+                if key not in obj:
+                    shown = ", ".join(repr(k) for k in obj)
+                    raise DataError(f"{name}:{line}: excluded key {key!r} not found; "
+                                    f"available: {shown}")
+            names = [k for k in obj if k not in (label, time, *exclude)]
             exact = set(obj)
             if not names:
                 raise DataError(f"{name}:{line}: no feature keys besides {label!r}")
@@ -563,7 +586,7 @@ class _Cells:
                     where = f"{self.what} {self.features[j]!r}"
                     if first and i == 0 and problem.endswith("is not a number"):  # an ID?
                         problem += (
-                            "; to leave a text column out, list the features (stream.features)"
+                            "; to leave a text column out, name it in stream.exclude"
                         )
                     self.error = _row_error(self.name, lines[i], f"{where}: {problem}")
                     return
