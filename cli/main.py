@@ -175,6 +175,16 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             f"{summary['round_trips_per_round']:.2f} round trips a round "
             f"(Flower's SecAgg+ takes 4)."
         )
+        clipped = summary.get("clipped_fraction") or 0.0
+        if clipped >= CLIPPED_WARNING:
+            Console().print(
+                f"[yellow]{100 * clipped:.0f} % of the update coordinates were clipped"
+                "[/yellow]: the updates lost their size; raise secure_aggregation.clip "
+                "(clipped_coordinates per round in metrics.jsonl)", highlight=False
+            )
+
+
+CLIPPED_WARNING = 0.1  # share of clipped coordinates above which a run is told so
 
 
 @app.command()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Message
 
 from fedstream.protocol import messages as m
+from fedstream.protocol.updates import size
 
 if TYPE_CHECKING:
     from fedstream.protocol.config import Config
@@ -58,6 +59,8 @@ class History:
     round_trips: int = 0
     drift_count: int = 0
     dropped: int = 0
+    clipped: int = 0  # secure rounds: coordinates clipped, of `coordinates` summed
+    coordinates: int = 0
     secure: bool = False
     aggregated: int = 0  # rounds whose aggregate became the global model
     errors: dict[str, list[int]] = field(default_factory=dict)  # reason -> rounds it failed
@@ -87,6 +90,8 @@ class History:
         self.drift_count += record["drift_count"]
         self.dropped += record["dropped"]
         self.secure = self.secure or record.get("secure", False)
+        self.clipped += record.get("clipped_coordinates", 0)
+        self.coordinates += record.get("summed_coordinates", 0)
         if record.get("aggregated", True):
             self.aggregated += 1
         else:
@@ -184,6 +189,7 @@ def secure_round_record(
     """
     t = outcome.totals
     loss_sum = t["loss-sum-fp"] / m.FIXED_POINT
+    summed = size(outcome.arrays) * t["contributors"]  # 0 when the sum stayed sealed
     return {
         "round": server_round,
         "clients_sampled": sampled,
@@ -204,6 +210,10 @@ def secure_round_record(
         "round_trips": outcome.round_trips,
         "stage_seconds": outcome.stage_seconds,
         "clipped_coordinates": t["clipped"],
+        # of the coordinates summed: a large share means secure_aggregation.clip is too
+        # small, and the updates lost their size (a fact of the sum, not of one client)
+        "summed_coordinates": summed,
+        "clipped_fraction": _ratio(t["clipped"], summed),
         "dropped": t["dropped"],
         "drift_count": t["drift-count"],
         "drifts": [],  # who drifted is a client's own business under secure aggregation
@@ -236,6 +246,7 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "secure_aggregation": cfg.secure_aggregation.enabled,
         "round_trips": history.round_trips,
         "round_trips_per_round": history.round_trips / history.rounds if history.rounds else None,
+        "clipped_fraction": _ratio(history.clipped, history.coordinates),
         "per_client_accuracy": per_client,
         "rounds_aggregated": history.aggregated,
         "aggregation_errors": [

@@ -87,3 +87,21 @@ def test_a_list_of_bare_names_gets_a_quoting_hint() -> None:
     assert proc.returncode == 2
     assert "(got '[f0,f1]')" in proc.stderr
     assert 'needs quotes: ["f0", "f1"]' in proc.stderr
+
+
+@pytest.mark.parametrize(("clipped", "warned"), [(0.99, True), (0.02, False), (None, False)])
+def test_a_run_that_clipped_most_coordinates_is_told_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, clipped: float | None, warned: bool
+) -> None:
+    from fedstream.cli.main import print_summary
+
+    summary = {
+        "clients": 20, "rounds": 3, "prequential_accuracy": 0.34, "samples_seen": 900,
+        "client_updates": 60, "client_failures": 0, "wall_seconds": 9.0, "bytes_up": 1,
+        "bytes_down": 1, "secure_aggregation": True, "round_trips_per_round": 2.0,
+        "clipped_fraction": clipped,
+    }
+    print_summary(summary, tmp_path)
+    out = capsys.readouterr().out
+    assert ("99 % of the update coordinates were clipped" in out) is warned
+    assert ("raise secure_aggregation.clip" in " ".join(out.split())) is warned

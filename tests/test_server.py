@@ -15,9 +15,17 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import load
-from fedstream.server.records import History, MetricsLog, round_record, run_summary, write_summary
+from fedstream.server.records import (
+    History,
+    MetricsLog,
+    round_record,
+    run_summary,
+    secure_round_record,
+    write_summary,
+)
 from fedstream.server.roster import Roster
 from fedstream.server.rounds import _aggregate
+from fedstream.server.secure import SecureOutcome
 from fedstream.server.strategy import StreamFedAvg, make_strategy
 
 
@@ -155,6 +163,22 @@ def test_summary_says_which_rounds_were_not_aggregated_and_why() -> None:
         {"reason": "too few", "rounds": 2, "first_rounds": [2, 3]},
         {"reason": "bad sum", "rounds": 1, "first_rounds": [4]},
     ]
+
+
+def test_a_secure_run_says_what_share_of_the_summed_coordinates_was_clipped() -> None:
+    # A clip far below the updates' size clips nearly everything: training then goes on
+    # with updates that lost their size, and only this share tells why.
+    history = History()
+    model = ArrayRecord({"w": Array(np.zeros((10, 10), np.float32))})  # 100 coordinates
+    for server_round, (clipped, contributors) in enumerate([(290, 3), (0, 0)], start=1):
+        outcome = SecureOutcome(model, clients_ok=contributors)
+        outcome.totals.update(clipped=clipped, contributors=contributors)
+        rec = secure_round_record(server_round, 3, outcome, {}, seconds=0.1)
+        history.add(rec)
+    assert rec["summed_coordinates"] == 0 and rec["clipped_fraction"] is None  # sealed
+    summary = run_summary(load(), history)
+    assert summary["clipped_fraction"] == pytest.approx(290 / 300)
+    assert run_summary(load(), History())["clipped_fraction"] is None
 
 
 def test_a_history_from_an_older_checkpoint_loads_with_its_rounds_aggregated() -> None:
