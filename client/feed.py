@@ -43,6 +43,7 @@ from fedstream.client.sources.tabular import (
     _JSONL_SUFFIXES,
     MISSING,
     UNTERMINATED,
+    Columns,
     _canonical_label,
     _cell_problem,
     _csv_header,
@@ -238,7 +239,7 @@ class Reader:
         trailing = len(header) > 1 and header[-1] == ""
         if trailing:
             header = header[:-1]
-        names, positions = _csv_header(header, line, self.name, self.label, self.wanted, None)
+        names, positions = _csv_header(header, line, self.name, Columns(self.label, self.wanted))
         self.features = names
         self.decimal = decimal_mark(delimiter)
         return delimiter, positions, len(header), trailing

@@ -67,6 +67,17 @@ class Table:
         return int(self.y.shape[0])
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Which columns (JSONL: keys) a load takes: the label, the features (None: all the
+    others but ``exclude``) and the optional time column."""
+
+    label: str
+    features: Sequence[str] | None = None
+    time: str | None = None
+    exclude: tuple[str, ...] = ()
+
+
 @dataclass
 class _Raw:
     """Cells as read from the file, before any numeric conversion."""
@@ -101,10 +112,9 @@ def load_table(
         raise ValueError("exclude leaves columns out of all the others: pass it without features")
     name = str(path)
     text = _read_text(Path(path), name)
-    if _detect_format(Path(path), text, fmt) == "csv":
-        raw = _read_csv(text, name, label, features, time, tuple(exclude))
-    else:
-        raw = _read_jsonl(text, name, label, features, time, tuple(exclude))
+    cols = Columns(label, features, time, tuple(exclude))
+    read = _read_csv if _detect_format(Path(path), text, fmt) == "csv" else _read_jsonl
+    raw = read(text, name, cols)
     return _build(raw, name, label, time, classes)
 
 
@@ -301,15 +311,10 @@ def _unterminated(text: str, start: int, record: list[str], delimiter: str) -> b
 
 
 def _csv_header(
-    header: list[str],
-    line: int,
-    name: str,
-    label: str,
-    features: Sequence[str] | None,
-    time: str | None,
-    exclude: tuple[str, ...] = (),
+    header: list[str], line: int, name: str, cols: Columns
 ) -> tuple[list[str], list[int]]:
     """Resolve the selected columns to (feature names, [label, time?, *feature] positions)."""
+    label, features, time, exclude = cols.label, cols.features, cols.time, cols.exclude
     seen: set[str] = set()
     for col in header:
         if col in seen and col:
@@ -336,14 +341,7 @@ def _csv_header(
     return list(features), [position[col] for _, col in wanted]
 
 
-def _read_csv(
-    text: str,
-    name: str,
-    label: str,
-    features: Sequence[str] | None,
-    time: str | None,
-    exclude: tuple[str, ...] = (),
-) -> _Raw:
+def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
     end = text.find("\n")
     delimiter = excel_delimiter(text[: end if end >= 0 else len(text)])
     if delimiter is not None:  # keep the line break, so line numbers stay the file's
@@ -360,7 +358,8 @@ def _read_csv(
     trailing = len(header) > 1 and header[-1] == ""
     if trailing:
         header = header[:-1]
-    names, positions = _csv_header(header, header_line, name, label, features, time, exclude)
+    names, positions = _csv_header(header, header_line, name, cols)
+    time = cols.time
     n_fields = len(header)
     lines: list[int] = []
     labels: list[str] = []
@@ -424,14 +423,8 @@ def _json_text(value: Any, name: str, line: int, key: str) -> str:
     raise DataError(f"{name}:{line}: key {key!r}: {value!r} is not a valid value")
 
 
-def _read_jsonl(
-    text: str,
-    name: str,
-    label: str,
-    features: Sequence[str] | None,
-    time: str | None,
-    exclude: tuple[str, ...] = (),
-) -> _Raw:
+def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
+    label, features, time, exclude = cols.label, cols.features, cols.time, cols.exclude
     lines: list[int] = []
     labels: list[str] = []
     cells: list[list[Any]] = []
