@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import Config, least_clients
-from fedstream.protocol.updates import record, view
+from fedstream.protocol.updates import array, view
 
 
 def _no_metric_average(_records: list[RecordDict], _key: str) -> MetricRecord:
@@ -77,7 +77,8 @@ class _KeepDtypes:
 
     Flower takes the server step with numpy float64 scalars, which (NEP 50) turn a float32
     model into float64: every client would download twice the bytes from round 2 on, and
-    the dtype would no longer match what the clients train.
+    the dtype would no longer match what the clients train. Only the arrays whose dtype
+    changed are rebuilt.
     """
 
     def aggregate_train(
@@ -87,11 +88,15 @@ class _KeepDtypes:
         sent = self.current_arrays  # type: ignore[attr-defined]
         if arrays is None or not sent:
             return arrays, metrics
-        kept = {}
-        for key, arr in arrays.items():
-            values, dtype = view(arr), sent[key].dtype
-            kept[key] = values if values.dtype == dtype else values.astype(dtype)
-        return record(kept), metrics
+        changed = {
+            key: values.astype(sent[key].dtype)
+            for key, arr in arrays.items()
+            if (values := view(arr)).dtype != sent[key].dtype
+        }
+        if not changed:
+            return arrays, metrics
+        kept = {k: array(changed[k]) if k in changed else a for k, a in arrays.items()}
+        return ArrayRecord(kept), metrics
 
 
 class StreamFedAdam(_SkipEmpty, _KeepDtypes, FedAdam):

@@ -27,10 +27,10 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from time import time as now
 
 import numpy as np
 
@@ -149,11 +149,11 @@ def _write(root: Path, entry: Path, table: Table, source: Path) -> None:
 
 def _prune(root: Path) -> None:
     """Keep the newest KEEP entries, and drop staging folders a killed process left."""
-    now = time.time()
+    started = now()
     entries = []
     for path in root.iterdir():
         if path.name.startswith(STAGING):
-            if now - path.stat().st_mtime > STALE_STAGING:
+            if started - path.stat().st_mtime > STALE_STAGING:
                 shutil.rmtree(path, ignore_errors=True)
         elif path.is_dir():
             entries.append(path)
