@@ -136,6 +136,9 @@ RAISED = re.compile(r"^[\w.]*(?:Error|Exception)\w*: ")  # a traceback's last li
 
 # A SuperNode that gets 401 Unauthorized (its session unknown to the server) sends itself
 # SIGINT and ends "gracefully", 0 or -2, often without logging the 401 at all.
+# CPython's own line when a signal lands while its handler is being reset: a process
+# that was ending anyway (Flower's SuperNode signals itself on a 401), not a cause.
+SHUTDOWN_RACE = "ignored due to race condition"
 SHUT_ITSELF = ("the SuperNode shut itself down, as Flower's does when the server no longer "
                "knows its session (401 Unauthorized): a new or restarted server at this "
                "address, or the key was unregistered")
@@ -156,6 +159,8 @@ def exit_reason(text: str, code: int | None = None) -> str:
                 errors.append(level[2])
         elif not line:
             in_error = False
+        elif SHUTDOWN_RACE in line:
+            continue
         elif (in_error and not line.startswith("The SuperNode could not")) or RAISED.match(line):
             errors.append(line)
     meaning = next((why for mark, why in REASONS if mark in text), "")
