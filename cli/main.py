@@ -102,6 +102,9 @@ def _stop_on_interrupt(out: Path) -> None:
     import threading
 
     def interrupted(signum: int, _frame: object) -> None:
+        from fedstream.server.records import stop_logs
+
+        stop_logs()  # a round the ServerApp finishes while Ray stops is not written
         err.print(f"\ninterrupted: the rounds done so far are in {out / 'metrics.jsonl'} "
                   "(no summary.json)", markup=False, highlight=False, soft_wrap=True)
         sys.stderr.flush()

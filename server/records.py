@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,18 @@ def _config_bytes(rec: Any) -> int:
 
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
+
+
+def _failure(
+    client_of: dict[int, int], node: int, reason: str, stage: str | None = None
+) -> dict[str, Any]:
+    """A failed client, by fedstream id and by Flower node id: a node that never answered
+    has no known client id yet, and the node id is what the SuperLink's own logs show."""
+    failure: dict[str, Any] = {"client": client_of.get(node), "node": node}
+    if stage is not None:
+        failure["stage"] = stage
+    failure["reason"] = reason
+    return failure
 
 
 @dataclass
@@ -137,13 +150,13 @@ def round_record(
         node = reply.metadata.src_node_id
         answered.add(node)
         if reply.has_error():
-            failures.append({"client": client_of.get(node), "reason": error_reason(reply)})
+            failures.append(_failure(client_of, node, error_reason(reply)))
         else:
             reports.append(m.TrainReport.from_record(reply.content[m.METRICS]))
     for msg in sent:
         if msg.metadata.dst_node_id not in answered:
             node = msg.metadata.dst_node_id
-            failures.append({"client": client_of.get(node), "reason": "no reply before timeout"})
+            failures.append(_failure(client_of, node, "no reply before timeout"))
     examples = sum(r.examples for r in reports)
     correct = sum(r.correct for r in reports)
     loss_sum = sum(r.loss_sum for r in reports)
@@ -195,7 +208,7 @@ def secure_round_record(
         "clients_sampled": sampled,
         "clients_ok": outcome.clients_ok,
         "failures": [
-            {"client": client_of.get(f["node"]), "stage": f["stage"], "reason": f["reason"]}
+            _failure(client_of, f["node"], f["reason"], stage=f["stage"])
             for f in outcome.failures
         ],
         "examples": t["examples"],
@@ -260,6 +273,22 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
 
 
+_WRITES = threading.Lock()  # one record at a time, so a stop never leaves half a line
+_stopped = False
+
+
+def stop_logs() -> None:
+    """Write no more round records in this process.
+
+    A stopped command (Ctrl-C) says where its rounds end; the ServerApp's thread may still
+    finish a round while Ray shuts down, and that round must not appear after the
+    message. A record being written when this is called is completed first.
+    """
+    global _stopped
+    with _WRITES:
+        _stopped = True
+
+
 class MetricsLog:
     """Appends round records to metrics.jsonl as they happen, so a crash keeps past rounds."""
 
@@ -270,8 +299,12 @@ class MetricsLog:
             path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(_finite(record)) + "\n")
+        line = json.dumps(_finite(record)) + "\n"
+        with _WRITES:
+            if _stopped:
+                return
+            with self.path.open("a") as fh:
+                fh.write(line)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

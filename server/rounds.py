@@ -82,7 +82,7 @@ def run_rounds(
             )
         record["aggregated"] = error is None
         if error:
-            record["aggregation_error"] = error
+            record["aggregation_error"] = _explained(error, record, settings.timeout)
         if evaluate and settings.evaluate_every and server_round % settings.evaluate_every == 0:
             record["global_eval"] = evaluate(server_round, arrays)
         history.add(record)
@@ -147,6 +147,15 @@ def _aggregate(
     if new is None:
         return arrays, "no client update to aggregate"
     return new, None
+
+
+def _explained(error: str, record: dict[str, Any], timeout: float) -> str:
+    """A round that failed because no client answered in time names the setting to change:
+    "no client update" alone reads like a data problem."""
+    failures = record["failures"]
+    if record["clients_ok"] == 0 and failures and all(f["reason"] == SILENT for f in failures):
+        return f"{error}: no client replied within federation.round_timeout ({timeout:g} s)"
+    return error
 
 
 def _postfix(record: dict[str, Any], history: History) -> dict[str, str]:

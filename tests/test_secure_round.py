@@ -316,8 +316,22 @@ def test_a_node_silent_in_the_keys_trip_is_named_and_its_late_offer_is_used(tmp_
     )
     first, second = records[0], records[1]
     assert first["aggregated"] and first["clients_ok"] == 5
-    assert [(f["stage"], f["reason"]) for f in first["failures"]] == [
-        ("keys", "no reply before timeout")
+    # It never answered, so only its Flower node id can name it.
+    assert [(f["stage"], f["client"], f["node"], f["reason"]) for f in first["failures"]] == [
+        ("keys", None, 1005, "no reply before timeout")
     ]
     assert second["aggregated"] and second["clients_ok"] == 6 and not second["failures"]
     assert [r["round_trips"] for r in records] == [3, 2, 2, 2]
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_round_nobody_answered_in_time_names_the_timeout(tmp_path, secure):
+    # "no client update to aggregate" alone reads like a data problem; when every client
+    # was silent, the reason names the setting to change.
+    overrides = ["federation.rounds=1", *(["secure_aggregation.enabled=true"] * secure)]
+    _, records, _ = _run(tmp_path, overrides, tamper=lambda _node, _reply: None)
+    (record,) = records
+    assert not record["aggregated"] and record["clients_ok"] == 0
+    assert "no client replied within federation.round_timeout (0.3 s)" in (
+        record["aggregation_error"]
+    )

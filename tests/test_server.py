@@ -15,9 +15,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import load
+from fedstream.server import records
 from fedstream.server.records import (
     History,
     MetricsLog,
+    read_metrics,
     round_record,
     run_summary,
     secure_round_record,
@@ -142,8 +144,8 @@ def test_round_record_names_failures_and_counts() -> None:
     rec = round_record(1, sent, replies, {10: 0, 11: 1, 12: 2}, seconds=0.5)
     assert rec["clients_sampled"] == 3 and rec["clients_ok"] == 1
     assert rec["examples"] == 8 and rec["correct"] == 4 and rec["accuracy"] == 0.5
-    assert {(f["client"], f["reason"]) for f in rec["failures"]} == {
-        (1, "boom"), (2, "no reply before timeout")
+    assert {(f["client"], f["node"], f["reason"]) for f in rec["failures"]} == {
+        (1, 11, "boom"), (2, 12, "no reply before timeout")
     }
     assert rec["bytes_down"] > rec["bytes_up"] > 0
     assert rec["clients"]["0"]["examples"] == 8
@@ -205,6 +207,19 @@ def test_summary_and_metrics_files_hold_no_nan(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text(), **strict)
     assert summary == {"global_eval": {"accuracy": None}, "rounds": [1.0, None]}
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"accuracy": None}
+
+
+def test_no_round_record_is_written_once_the_command_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C prints where the rounds end; a round the ServerApp's thread finishes while
+    # Ray shuts down must not land after that.
+    monkeypatch.setattr(records, "_stopped", False)
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"round": 1})
+    records.stop_logs()
+    log.write({"round": 2})
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"round": 1}]
 
 
 def test_a_ray_workers_failure_is_recorded_as_the_exception_that_started_it() -> None:
