@@ -31,16 +31,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
 
 from fedstream.client.sources.base import DataError
 from fedstream.client.sources.tabular import (
-    _CSV_SUFFIXES,
     _INT_RE,
-    _JSONL_SUFFIXES,
     MISSING,
     UNTERMINATED,
     Columns,
@@ -54,6 +51,7 @@ from fedstream.client.sources.tabular import (
     _sniff_delimiter,
     _text_to_float,
     decimal_mark,
+    detect_format,
     encoding_hint,
     excel_delimiter,
     text_encoding,
@@ -103,21 +101,6 @@ def open_input(path: str) -> tuple[IO[str], str]:
             raise DataError(f"{name}: cannot read file: {exc.strerror or exc}") from exc
     head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
     return io.TextIOWrapper(raw, encoding=text_encoding(head), newline=""), name
-
-
-def detect_format(path: str, first_line: str, fmt: Format) -> Literal["csv", "jsonl"]:
-    """Explicit ``fmt``, else the extension (ignoring ``.gz``), else the content."""
-    if fmt != "auto":
-        return fmt
-    suffixes = [s.lower() for s in Path(path).suffixes] if path != "-" else []
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes.pop()
-    suffix = suffixes[-1] if suffixes else ""
-    if suffix in _CSV_SUFFIXES:
-        return "csv"
-    if suffix in _JSONL_SUFFIXES:
-        return "jsonl"
-    return "jsonl" if first_line.lstrip().startswith("{") else "csv"
 
 
 class Reader:

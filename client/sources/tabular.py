@@ -113,7 +113,7 @@ def load_table(
     name = str(path)
     text = _read_text(Path(path), name)
     cols = Columns(label, features, time, tuple(exclude))
-    read = _read_csv if _detect_format(Path(path), text, fmt) == "csv" else _read_jsonl
+    read = _read_csv if detect_format(path, text, fmt) == "csv" else _read_jsonl
     raw = read(text, name, cols)
     return _build(raw, name, label, time, classes)
 
@@ -186,11 +186,12 @@ def encoding_hint(sample: bytes) -> str:
     )
 
 
-def _detect_format(path: Path, text: str, fmt: Format) -> Literal["csv", "jsonl"]:
-    """Explicit ``fmt`` wins, then the file extension (ignoring ``.gz``), then the content."""
+def detect_format(path: str | Path, text: str, fmt: Format) -> Literal["csv", "jsonl"]:
+    """Explicit ``fmt`` wins, then the file extension (ignoring ``.gz``), then the content
+    (``text``: the start of the file; ``-`` is stdin, which has no extension)."""
     if fmt != "auto":
         return fmt
-    suffixes = [s.lower() for s in path.suffixes]
+    suffixes = [s.lower() for s in Path(path).suffixes] if str(path) != "-" else []
     if suffixes and suffixes[-1] == ".gz":
         suffixes.pop()
     suffix = suffixes[-1] if suffixes else ""
