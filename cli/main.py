@@ -75,9 +75,10 @@ def sim(
     cfg = _load(config, set_, extra)
     # heavy imports only once the config is good
     from fedstream.client.sources import DataError
-    from fedstream.sim.runner import preflight, simulate
+    from fedstream.sim.runner import pin_data, preflight, simulate
 
     try:
+        cfg = pin_data(cfg)
         preflight(cfg)
     except (DataError, ValueError) as e:
         fail(e, 2)

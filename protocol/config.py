@@ -59,6 +59,10 @@ class StreamConfig(_Section):
     features: list[str] = []
     exclude: list[str] = []  # columns left out of "all the others" (an ID, a comment)
     time: str = ""
+    # The file's content, pinned by `fedstream sim` when it starts (and so in the results'
+    # config.toml): every process reads exactly that content, and a rerun refuses an
+    # edited file instead of quietly training on other data. Empty: not pinned yet.
+    sha256: str = ""
     n_features: PositiveInt = 20
     n_classes: Annotated[int, Field(ge=2)] = 10
     centers_per_class: PositiveInt = 2
@@ -69,6 +73,14 @@ class StreamConfig(_Section):
     rate: Annotated[float, Field(gt=0.0)] = 30.0
     rate_spread: Annotated[float, Field(ge=0.0)] = 0.5
     budget: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("sha256")
+    @classmethod
+    def _a_sha256_or_empty(cls, value: str) -> str:
+        digest = value.strip().lower()
+        if digest and (len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError("must be the file's SHA-256 as 64 hex digits, or empty")
+        return digest
 
     @model_validator(mode="after")
     def _file_sources_need_a_readable_path(self) -> StreamConfig:

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from fedstream.protocol import messages as m
 from fedstream.server.grid import send_and_collect
+from fedstream.server.records import error_reason
 
 log = logging.getLogger("fedstream")
 
@@ -44,7 +45,7 @@ class Roster:
             if client is not None:
                 self.client_of[node] = client
             elif node not in self.refused:
-                reason = reply.error.reason if reply.has_error() else "its reply names no client"
+                reason = error_reason(reply) if reply.has_error() else "its reply names no client"
                 self.refused[node] = reason
                 log.warning("node %s cannot take part: %s", node, reason)
 

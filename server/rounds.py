@@ -150,12 +150,16 @@ def _aggregate(
 
 
 def _explained(error: str, record: dict[str, Any], timeout: float) -> str:
-    """A round that failed because no client answered in time names the setting to change:
-    "no client update" alone reads like a data problem."""
-    failures = record["failures"]
-    if record["clients_ok"] == 0 and failures and all(f["reason"] == SILENT for f in failures):
+    """A round that no client's update reached says why, when the clients agree on it:
+    "no client update to aggregate" alone reads like a data problem, and the cause (a
+    timeout too short, an exception in every client) is otherwise only in metrics.jsonl."""
+    reasons = {f["reason"] for f in record["failures"]}
+    if record["clients_ok"] or len(reasons) != 1:
+        return error
+    (reason,) = reasons
+    if reason == SILENT:
         return f"{error}: no client replied within federation.round_timeout ({timeout:g} s)"
-    return error
+    return f"{error}: every client failed with {reason}"
 
 
 def _postfix(record: dict[str, Any], history: History) -> dict[str, str]:

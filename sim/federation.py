@@ -80,6 +80,7 @@ class Federation:
                 time=cfg.stream.time or None,
                 fmt=cfg.stream.source,
                 exclude=cfg.stream.exclude,
+                sha256=cfg.stream.sha256,
             )
             _check_classes(table.classes, len(table), cfg)
             x, y, n_classes = table.x, table.y, len(table.classes)

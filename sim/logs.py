@@ -26,9 +26,31 @@ class _KnownNoise(logging.Filter):
         return not any(n in message for n in _NOISE)
 
 
+class _EachErrorOnce(logging.Filter):
+    """A ClientApp that raises in every client and round (a bad file, a model that does
+    not fit the data) gets two tracebacks per message from Flower: hundreds of screens
+    for one cause. The first of each error shows; repeats (the same last line) do not.
+    Every failure is still in metrics.jsonl and the summary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        lines = [line for line in record.getMessage().splitlines() if line.strip()]
+        last = lines[-1].strip()[:500] if lines else ""
+        if last in self.seen:
+            return False
+        self.seen.add(last)
+        return True
+
+
 def quiet_flower() -> None:
     logger = logging.getLogger("flwr")
     logger.setLevel(logging.WARNING)
     if not any(isinstance(f, _KnownNoise) for f in logger.filters):
         logger.addFilter(_KnownNoise())
+        logger.addFilter(_EachErrorOnce())
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

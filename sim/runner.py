@@ -19,6 +19,7 @@ from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
 from fedstream.sim.server_app import sim_server_app
+from fedstream.sim.table_cache import content_digest
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
@@ -32,6 +33,30 @@ def backend_config(cfg: Config) -> dict[str, Any]:
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
         "init_args": init_args,
     }
+
+
+def pin_data(cfg: Config) -> Config:
+    """`cfg` with its data file's content pinned (`stream.sha256`).
+
+    The driver checks the file, then every Ray worker loads it again: pinned, they all
+    read the content that was checked (from the table cache), and a file edited during
+    the run is refused instead of training some clients on another version. Pinned in
+    the results' config.toml, a rerun refuses an edited file too.
+    """
+    if cfg.stream.source not in ("csv", "jsonl"):
+        return cfg
+    try:
+        now = content_digest(cfg.stream.path)
+    except OSError as err:
+        why = err.strerror or err
+        raise ValueError(f"stream.path: cannot read {cfg.stream.path}: {why}") from None
+    if cfg.stream.sha256 and cfg.stream.sha256 != now:
+        raise ValueError(
+            f"stream.sha256: {cfg.stream.path} is not the content this config pinned "
+            f"({cfg.stream.sha256[:12]}..., the file is {now[:12]}...): the file was "
+            'edited since; set stream.sha256 = "" to run on it as it is now'
+        )
+    return cfg.model_copy(update={"stream": cfg.stream.model_copy(update={"sha256": now})})
 
 
 def preflight(cfg: Config) -> None:
@@ -154,6 +179,7 @@ def simulate(cfg: Config) -> dict[str, Any]:
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
     quiet_flower()
+    cfg = pin_data(cfg)
     preflight(cfg)
     for hint in (scale_hint(cfg), label_hint(cfg), exhaustion_hint(cfg), precision_hint(cfg)):
         if hint:

@@ -35,6 +35,7 @@ from time import time as now
 import numpy as np
 
 from fedstream.client.sources import tabular
+from fedstream.client.sources.base import DataError
 from fedstream.client.sources.tabular import Format, Table, load_table
 
 ENV = "FEDSTREAM_CACHE_DIR"
@@ -62,31 +63,50 @@ def cached_table(
     time: str | None = None,
     fmt: Format = "auto",
     exclude: Sequence[str] = (),
+    sha256: str = "",
 ) -> Table:
     """`load_table`'s result for these arguments, from the cache when it holds it.
 
-    A cached table has no `time` array: its rows are already in that column's order,
-    which is all a replay needs of it."""
+    `sha256` pins the file's content (`content_digest`): the table is then exactly that
+    content's, from the cache without reading the file again, or parsed and refused if
+    the file no longer has that content. A cached table has no `time` array: its rows are
+    already in that column's order, which is all a replay needs of it."""
     args = {"label": label, "features": features, "time": time, "fmt": fmt,
             "exclude": list(exclude)}
     root = cache_dir()
     try:
-        key = _key(Path(path), args) if root is not None else None
+        content = sha256 or (content_digest(path) if root is not None else "")
     except OSError:
-        key = None  # a missing file: load_table names the problem
-    if root is None or key is None:
-        return load_table(path, **args)
-    entry = root / key
-    table = _read(entry)
+        content = ""  # a missing file: load_table names the problem
+    entry = root / _key(content, args) if root is not None and content else None
+    table = _read(entry) if entry is not None else None
     if table is None:
         table = load_table(path, **args)  # a DataError propagates: nothing is cached
-        _write(root, entry, table, Path(path))
+        if sha256:
+            _check_pinned(Path(path), sha256)
+        if entry is not None:
+            _write(root, entry, table, Path(path))
     return table
 
 
-def _key(path: Path, args: dict) -> str:
-    with path.expanduser().open("rb") as fh:
-        content = hashlib.file_digest(fh, "sha256").hexdigest()
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of the file's bytes, as 64 hex digits (about 1 s a GB)."""
+    with Path(path).expanduser().open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _check_pinned(path: Path, sha256: str) -> None:
+    """The file just parsed must still be the pinned content (checked after parsing, so an
+    edit made while it was read is caught too)."""
+    now = content_digest(path)
+    if now != sha256:
+        raise DataError(
+            f"{path}: the file changed after the run pinned its content (stream.sha256 "
+            f"{sha256[:12]}..., now {now[:12]}...): a run reads one version of its data"
+        )
+
+
+def _key(content: str, args: dict) -> str:
     described = {
         "content": content,
         "args": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()},

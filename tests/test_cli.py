@@ -105,3 +105,28 @@ def test_a_run_that_clipped_most_coordinates_is_told_so(
     out = capsys.readouterr().out
     assert ("99 % of the update coordinates were clipped" in out) is warned
     assert ("raise secure_aggregation.clip" in " ".join(out.split())) is warned
+
+
+def test_a_run_pins_its_data_file_and_a_rerun_refuses_it_edited(
+    csv_file: Path, tmp_path: Path
+) -> None:
+    # The results' config.toml carries the file's SHA-256, so rerunning it after an edit
+    # says so instead of quietly training on other data.
+    from fedstream.protocol.config import load
+    from fedstream.sim.results import prepare
+    from fedstream.sim.runner import pin_data
+
+    csv_file.write_text("temp,humidity,label\n" + "21.5,40,ok\n35.1,20,alarm\n" * 20)
+    out = tmp_path / "out"
+    cfg = pin_data(load(None, ["stream.source=csv", f'stream.path="{csv_file}"',
+                               f'output.dir="{out}"']))
+    assert len(cfg.stream.sha256) == 64
+    prepare(cfg)
+    assert f'sha256 = "{cfg.stream.sha256}"' in (out / "config.toml").read_text()
+    assert pin_data(load(out / "config.toml", [])) == cfg  # unchanged: runs as it is
+    with csv_file.open("a") as fh:
+        fh.write("22.0,41,ok\n")
+    proc = fedstream("sim", "--config", str(out / "config.toml"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2
+    assert "stream.sha256" in proc.stderr and str(csv_file) in proc.stderr.replace("\n", "")
+    assert not (tmp_path / "b").exists()

@@ -47,3 +47,12 @@ def test_planned_dropouts_are_not_logged_but_real_errors_are(kept: list[str]) ->
         "Traceback (most recent call last):\n ...\nZeroDivisionError: oops",
         "something a user should see",
     ]
+
+
+def test_an_error_every_client_raises_is_shown_once(kept: list[str]) -> None:
+    # Two actors, two rounds: four tracebacks of one cause (their pids differ), shown once.
+    for pid in (11, 12, 11, 12):
+        log(logging.ERROR, "ray::ClientAppActor.run() (pid=%d)\n  File x\n"
+            "DataError: d.csv: the file changed\n", pid)
+    log(logging.ERROR, "ray::ClientAppActor.run() (pid=11)\nValueError: another cause")
+    assert len(kept) == 2 and "another cause" in kept[1]

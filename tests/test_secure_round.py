@@ -335,3 +335,14 @@ def test_a_round_nobody_answered_in_time_names_the_timeout(tmp_path, secure):
     assert "no client replied within federation.round_timeout (0.3 s)" in (
         record["aggregation_error"]
     )
+
+
+def test_a_round_every_client_failed_in_names_their_common_error(tmp_path, monkeypatch):
+    def train_round(*_args, **_kwargs):
+        raise ValueError("no such column 'x'")
+
+    monkeypatch.setattr("fedstream.client.app.train_round", train_round)
+    _, records, _ = _run(tmp_path, ["federation.rounds=1"])
+    assert records[0]["aggregation_error"] == (
+        "no client update to aggregate: every client failed with ValueError: no such column 'x'"
+    )

@@ -210,3 +210,32 @@ def test_a_new_parser_never_reads_an_old_entry(cache: Path, tmp_path: Path, monk
     parses = _parses(monkeypatch)
     cached_table(data, label="label")
     assert len(parses) == 1
+
+
+def test_a_pinned_table_is_the_pinned_content_even_after_the_file_changed(
+    cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # The driver checks and caches the file; a worker that loads it after an edit (rows
+    # appended mid-run) must see what the driver checked, not the new rows.
+    data = _csv(tmp_path / "d.csv", rows=50)
+    pinned = table_cache.content_digest(data)
+    first = cached_table(data, label="label", sha256=pinned)
+    _csv(data, rows=80)
+    parses = _parses(monkeypatch)
+    again = cached_table(data, label="label", sha256=pinned)
+    assert parses == [] and len(again) == len(first) == 50
+
+
+@pytest.mark.parametrize("cache_on", [True, False])
+def test_a_file_that_is_not_the_pinned_content_is_refused_after_parsing(
+    cache_on: bool, tmp_path: Path, monkeypatch
+) -> None:
+    # Nothing cached for the pin (or no cache at all): the file is parsed, and refused
+    # since it is not the content the run pinned.
+    monkeypatch.setenv(table_cache.ENV, str(tmp_path / "cache") if cache_on else "off")
+    data = _csv(tmp_path / "d.csv", rows=50)
+    pinned = table_cache.content_digest(data)
+    _csv(data, rows=80)
+    with pytest.raises(DataError, match=r"d\.csv: the file changed after the run pinned"):
+        cached_table(data, label="label", sha256=pinned)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
