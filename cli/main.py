@@ -173,7 +173,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             rounds += f" and {more} more" if more > 0 else ""
             Console().print(f"  {item['reason']} (round {rounds})", markup=False,
                             highlight=False, soft_wrap=True)
-    if summary.get("secure_aggregation"):
+    if summary.get("secure_aggregation") and summary.get("rounds_aggregated", rounds):
         Console().print(
             f"Secure aggregation: the server saw only sums, "
             f"{summary['round_trips_per_round']:.2f} round trips a round "
@@ -182,7 +182,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         clipped = summary.get("clipped_fraction") or 0.0
         if clipped >= CLIPPED_WARNING:
             Console().print(
-                f"[yellow]{100 * clipped:.0f} % of the update coordinates were clipped"
+                f"[yellow]{100 * clipped:.1f} % of the update coordinates were clipped"
                 "[/yellow]: the updates lost their size; raise secure_aggregation.clip "
                 "(clipped_coordinates per round in metrics.jsonl)", highlight=False
             )

@@ -213,8 +213,12 @@ class SecureAggregationConfig(_Section):
         return value
     degree: Annotated[int, Field(ge=0)] = 0  # neighbours per client; 0 = O(log n), Bell et al.
     bits: Annotated[int, Field(ge=8, le=53)] = 32  # ring Z / 2^bits of each model coordinate
-    clip: Annotated[float, Field(gt=0.0)] = 1.0  # per-coordinate range of the model change
-    max_weight: PositiveInt = 1000  # examples that weigh in full; more are counted, not weighed
+    # Per-coordinate range of the model change; bounded so that the ring's scale (steps per
+    # unit, ~2^bits / clip) is a finite, nonzero float.
+    clip: Annotated[float, Field(ge=1e-12, le=1e15)] = 1.0
+    # Examples that weigh in full; more are counted, not weighed (a billion: far above any
+    # round's examples, and summed exactly in the masked tail).
+    max_weight: Annotated[int, Field(ge=1, le=10**9)] = 1000
 
 
 class OutputConfig(_Section):
@@ -409,7 +413,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """The effective config: defaults, then the file, then --set overrides."""
     raw = read_config_file(path) if path else {}
-    return validate(apply_overrides(raw, list(overrides or [])))
+    try:
+        return validate(apply_overrides(raw, list(overrides or [])))
+    except ConfigError as err:
+        if not path:
+            raise
+        where = f"{path}{' and --set' if overrides else ''}"  # where the bad keys came from
+        said = str(err).replace("invalid config:", f"invalid config ({where}):", 1)
+        raise ConfigError(said) from None
+
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import secrets
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -140,13 +141,20 @@ def effective_degree(parties: int, degree: int) -> int:
     return min(parties - 1, degree + degree % 2)
 
 
-def neighbour_graph(parties: int, degree: int) -> dict[int, list[int]]:
-    """Each party's neighbours: `degree / 2` either side on a secretly shuffled ring."""
+def neighbour_graph(
+    parties: int, degree: int, rng: random.Random | None = None
+) -> dict[int, list[int]]:
+    """Each party's neighbours: `degree / 2` either side on a shuffled ring.
+
+    The shuffle is secret (the OS's randomness) unless `rng` is given: a ring known in
+    advance lets an adversary corrupt exactly a victim's neighbours, so only a simulation
+    (where reproducing a run matters and nobody is corrupted) passes a seeded one.
+    """
     k = effective_degree(parties, degree)
     if k == parties - 1:
         return {u: [w for w in range(1, parties + 1) if w != u] for u in range(1, parties + 1)}
     ring = list(range(1, parties + 1))
-    secrets.SystemRandom().shuffle(ring)
+    (rng or secrets.SystemRandom()).shuffle(ring)
     graph: dict[int, set[int]] = {u: set() for u in ring}
     for pos, u in enumerate(ring):
         for step in range(1, k // 2 + 1):
@@ -161,7 +169,8 @@ def check_threshold(threshold: int, group: int) -> None:
     if not group // 2 < threshold <= group:
         raise ValueError(
             f"a threshold of {threshold} shares does not fit a share group of {group} (a "
-            f"client and its {group - 1} neighbours): it must be from {group // 2 + 1} to "
+            f"client and its {group - 1} neighbour{'s' * (group != 2)}): it must be from "
+            f"{group // 2 + 1} to "
             f"{group}, more than half so that no server can collect both masks of a client"
         )
 
@@ -330,8 +339,10 @@ class Aggregation:
         size: int,
         tail_len: int,
         max_weight: int = 1,
+        name: Callable[[int], str] | None = None,
     ) -> None:
         self.session, self.server_round = session, server_round
+        self._name = name  # index -> how a failed round names the party (a client id)
         self.q, self.threshold = quantizer, threshold
         self.graph, self.peers = graph, peers
         self.size, self.tail_len, self.max_weight = size, tail_len, max_weight
@@ -501,9 +512,9 @@ class Aggregation:
     def _recover(self, sender: int, tag: int) -> bytes:
         shares = self.shares.get((sender, tag), {})
         if len(shares) < self.threshold:
-            what = "self-mask" if tag == SELF else f"pair mask with {tag}"
+            what = "self-mask" if tag == SELF else f"pair mask with {self.name(tag)}"
             raise RoundFailed(
-                f"only {len(shares)} of {self.threshold} shares of client {sender}'s {what}"
+                f"only {len(shares)} of {self.threshold} shares of {self.name(sender)}'s {what}"
             )
         expected = self.commitments[sender][tag]
         for combo in itertools.islice(_subsets(sorted(shares), self.threshold), MAX_RECOVERY_TRIES):
@@ -513,7 +524,11 @@ class Aggregation:
                 continue
             if ks.commitment(secret) == expected:
                 return secret
-        raise RoundFailed(f"shares of client {sender}'s masks do not match its commitment")
+        raise RoundFailed(f"shares of {self.name(sender)}'s masks do not match its commitment")
+
+    def name(self, index: int) -> str:
+        """A party as the caller knows it (a client id), else by its index in the round."""
+        return self._name(index) if self._name else f"party {index}"
 
 
 def _subsets(holders: list[int], t: int) -> Iterator[tuple[int, ...]]:

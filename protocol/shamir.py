@@ -3,8 +3,9 @@
 A secret is one field element, so a share is 32 bytes and there is no chunking to get wrong;
 secure aggregation clears the top bit of its 32-byte seeds to fit (255 bits of entropy
 remain). Coefficients come from the OS CSPRNG (`secrets`). Any t shares give the secret;
-fewer give a value that is uniformly random over the field, which is what `reconstruct`
-returns (it cannot tell: callers check a commitment).
+fewer give a value that is uniformly random over the field, and `reconstruct` returns it
+all the same: nothing in the shares can tell, so callers check the result against a
+commitment to the secret (secure aggregation publishes SHA-256 commitments).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ SHARE_BYTES = 32
 
 
 def split(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, bytes]:
-    """Shares of `secret` for each holder x (distinct, 1 <= x < PRIME); `threshold` recover it."""
+    """Shares of `secret` (SHARE_BYTES bytes, below PRIME) for each holder x (distinct,
+    1 <= x < PRIME); any `threshold` of them recover it."""
+    if len(secret) != SHARE_BYTES:
+        raise ValueError(f"a secret has {SHARE_BYTES} bytes, got {len(secret)}")
     if not 1 <= threshold <= len(holders):
         raise ValueError(f"threshold {threshold} outside 1..{len(holders)} holders")
     if len(set(holders)) != len(holders) or any(not 0 < x < PRIME for x in holders):
@@ -31,15 +35,23 @@ def split(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, by
     return {x: _evaluate(coeffs, x).to_bytes(SHARE_BYTES, "big") for x in holders}
 
 
-def reconstruct(shares: Mapping[int, bytes], length: int = 32) -> bytes:
+def reconstruct(shares: Mapping[int, bytes]) -> bytes:
     """The secret behind `shares` (x -> share), by Lagrange interpolation at 0.
 
-    Raises ValueError when the result cannot be a `length`-byte secret, which is what fewer
-    than t shares (or a tampered one) give in all but a negligible fraction of cases.
+    Fewer than t shares, or a tampered one, give a wrong secret that looks like any other
+    (see the module docstring): check it against a commitment. Raises ValueError only for
+    shares that are malformed: none, a holder outside 1..PRIME-1, or not a field element
+    of SHARE_BYTES bytes.
     """
     if not shares:
         raise ValueError("no shares")
-    points = [(x, int.from_bytes(y, "big")) for x, y in shares.items()]
+    points = []
+    for x, y in shares.items():
+        if not 0 < x < PRIME:
+            raise ValueError(f"share holder {x} is outside 1..2^255 - 20")
+        if len(y) != SHARE_BYTES or int.from_bytes(y, "big") >= PRIME:
+            raise ValueError(f"share of holder {x} is not a {SHARE_BYTES}-byte field element")
+        points.append((x, int.from_bytes(y, "big")))
     secret = 0
     for i, (xi, yi) in enumerate(points):
         num, den = 1, 1
@@ -48,9 +60,7 @@ def reconstruct(shares: Mapping[int, bytes], length: int = 32) -> bytes:
                 num = num * xj % PRIME
                 den = den * (xj - xi) % PRIME
         secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
-    if secret >= 1 << (8 * length):
-        raise ValueError("shares do not reconstruct a secret (too few, or inconsistent)")
-    return secret.to_bytes(length, "big")
+    return secret.to_bytes(SHARE_BYTES, "big")
 
 
 def _evaluate(coeffs: Sequence[int], x: int) -> int:

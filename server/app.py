@@ -21,8 +21,12 @@ def run_federation(
     out_dir: Path,
     evaluate: EvaluateFn | None = None,
     on_round: RoundHook | None = None,
+    simulated: bool = False,
 ) -> tuple[ArrayRecord, History]:
-    """Run every round of `cfg` on `grid`, appending each round's record to metrics.jsonl."""
+    """Run every round of `cfg` on `grid`, appending each round's record to metrics.jsonl.
+
+    `simulated`: the clients are virtual, so secure aggregation's neighbour ring is drawn
+    from `cfg.seed` and a run repeats exactly; on real devices it stays secret."""
     log = MetricsLog(out_dir / "metrics.jsonl")
 
     def record(rec: dict, history: History) -> None:
@@ -37,6 +41,8 @@ def run_federation(
         evaluate_every=cfg.evaluation.every,
         progress=cfg.output.progress,
         sample_all=cfg.federation.fraction == 1.0,
-        secure=SecureAggregator(cfg.secure_aggregation) if cfg.secure_aggregation.enabled else None,
+        secure=SecureAggregator(cfg.secure_aggregation, cfg.seed if simulated else None)
+        if cfg.secure_aggregation.enabled
+        else None,
     )
     return run_rounds(grid, make_strategy(cfg), initial, settings, record, evaluate)

@@ -17,6 +17,7 @@ it are ever revealed (see `fedstream.protocol.secagg`), never the key.
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -60,8 +61,10 @@ class SecureOutcome:
 class SecureAggregator:
     """Runs the secure rounds of one federation; keeps the keys clients offered."""
 
-    def __init__(self, cfg: SecureAggregationConfig) -> None:
+    def __init__(self, cfg: SecureAggregationConfig, graph_seed: int | None = None) -> None:
         self.cfg = cfg
+        # Seeds the neighbour ring in simulation only (see `secagg.neighbour_graph`).
+        self.graph_seed = graph_seed
         self.session = secrets.token_bytes(16)
         self.enc_pub: dict[int, bytes] = {}  # node -> long-lived encryption key
         self.mask_pub: dict[int, bytes] = {}  # node -> the mask key its next round uses
@@ -87,7 +90,7 @@ class SecureAggregator:
         clock.lap("keys")
         parties = [n for n in nodes if n in self.mask_pub and n in self.enc_pub]
         try:
-            agg = self._aggregation(server_round, parties, updates.size(arrays))
+            agg = self._aggregation(server_round, parties, updates.size(arrays), client_of)
         except (ValueError, secagg.RoundFailed) as err:
             out.error = str(err)
             return out
@@ -142,11 +145,15 @@ class SecureAggregator:
         clock.lap("finish")
         return out
 
-    def _aggregation(self, server_round: int, parties: list[int], size: int) -> secagg.Aggregation:
+    def _aggregation(
+        self, server_round: int, parties: list[int], size: int, client_of: dict[int, int]
+    ) -> secagg.Aggregation:
         n = len(parties)
         if n < 2:
             raise secagg.RoundFailed(f"{n} client(s) ready: a secure sum needs at least 2")
         degree, threshold = secagg.round_shape(n, self.cfg.degree, self.cfg.threshold)
+        seeded = self.graph_seed is not None
+        rng = random.Random(f"fedstream/graph/{self.graph_seed}/{server_round}") if seeded else None
         peers = {
             i: secagg.Peer(self.enc_pub[node], self.mask_pub[node])
             for i, node in enumerate(parties, start=1)
@@ -156,11 +163,12 @@ class SecureAggregator:
             server_round=server_round,
             quantizer=Quantizer(self.cfg.bits, self.cfg.clip, n),
             threshold=threshold,
-            graph=secagg.neighbour_graph(n, degree),
+            graph=secagg.neighbour_graph(n, degree, rng),
             peers=peers,
             size=size,
             tail_len=len(m.TAIL),
             max_weight=self.cfg.max_weight,
+            name=lambda i: _named(parties[i - 1], client_of),
         )
 
     def _fetch_keys(
@@ -334,6 +342,12 @@ def _collect(
 
     send_and_collect(grid, messages, timeout, on_reply=on_reply, enough=enough, late=late)
     return answered
+
+
+def _named(node: int, client_of: dict[int, int]) -> str:
+    """A node as the results name it: its client id once it has said it (a masked input
+    says it, so by the time a round fails every survivor has), else its node id."""
+    return f"client {client_of[node]}" if node in client_of else f"node {node}"
 
 
 def _failure(node: int, stage: str, reason: str) -> dict[str, Any]:

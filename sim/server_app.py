@@ -20,8 +20,10 @@ from fedstream.sim.logs import quiet_flower
 from fedstream.sim.plots import plot_all
 
 
-def run_server(grid: Grid, cfg: Config) -> dict:
-    """The whole server side of a simulation: federate, then baselines, summary and plots."""
+def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
+    """The whole server side of a simulation: federate, then baselines, summary and plots.
+
+    `simulated` is False under `flwr run` (the app may be federating real SuperNodes)."""
     out = results.prepare(cfg)
     nodes = _registered(grid, cfg.federation.clients)
     if nodes < cfg.federation.clients:
@@ -33,7 +35,9 @@ def run_server(grid: Grid, cfg: Config) -> dict:
     fed = federation(cfg)
     evaluate = make_evaluate(cfg) if cfg.evaluation.every else None
     started = time.perf_counter()
-    arrays, history = run_federation(grid, cfg, fed.initial_arrays(), out, evaluate)
+    arrays, history = run_federation(
+        grid, cfg, fed.initial_arrays(), out, evaluate, simulated=simulated
+    )
     wall = time.perf_counter() - started
     baselines = run_baselines(cfg)
     final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
@@ -65,6 +69,6 @@ def sim_server_app(cfg: Config | None = None) -> ServerApp:
         # Under `flwr run`, the engine in this process starts its dispatcher once Ray is up,
         # seconds after this; `fedstream sim` has set it before starting the engine.
         set_dispatch_interval(config.simulation.dispatch_interval)
-        run_server(grid, config)
+        run_server(grid, config, simulated=cfg is not None)
 
     return app

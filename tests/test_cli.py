@@ -52,6 +52,7 @@ def test_unknown_key_in_config_file(tmp_path: Path) -> None:
     proc = fedstream("sim", "--config", str(cfg))
     assert proc.returncode == 2
     assert "learner.learning_rate: unknown key" in proc.stderr
+    assert f"invalid config ({cfg})" in " ".join(proc.stderr.split())  # which file
 
 
 def test_broken_model_factory_stops_before_ray(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_a_list_of_bare_names_gets_a_quoting_hint() -> None:
     assert 'needs quotes: ["f0", "f1"]' in proc.stderr
 
 
-@pytest.mark.parametrize(("clipped", "warned"), [(0.99, True), (0.02, False), (None, False)])
+@pytest.mark.parametrize(("clipped", "warned"), [(0.996, True), (0.02, False), (None, False)])
 def test_a_run_that_clipped_most_coordinates_is_told_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, clipped: float | None, warned: bool
 ) -> None:
@@ -103,8 +104,23 @@ def test_a_run_that_clipped_most_coordinates_is_told_so(
     }
     print_summary(summary, tmp_path)
     out = capsys.readouterr().out
-    assert ("99 % of the update coordinates were clipped" in out) is warned
+    assert ("99.6 % of the update coordinates were clipped" in out) is warned
     assert ("raise secure_aggregation.clip" in " ".join(out.split())) is warned
+
+
+def test_a_secure_run_that_aggregated_nothing_does_not_claim_sums(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fedstream.cli.main import print_summary
+
+    summary = {
+        "clients": 4, "rounds": 2, "rounds_aggregated": 0, "prequential_accuracy": None,
+        "samples_seen": 0, "client_updates": 0, "client_failures": 8, "wall_seconds": 3.0,
+        "bytes_up": 1, "bytes_down": 1, "secure_aggregation": True,
+        "round_trips_per_round": 1.0, "aggregation_errors": [],
+    }
+    print_summary(summary, tmp_path)
+    assert "the server saw only sums" not in capsys.readouterr().out
 
 
 def test_a_run_pins_its_data_file_and_a_rerun_refuses_it_edited(

@@ -48,6 +48,11 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"simulation": {"dispatch_interval": 0.5}}, "simulation.dispatch_interval"),
         ({"secure_aggregation": {"clip": float("inf")}}, "secure_aggregation.clip: Input "
          "should be a finite number"),
+        ({"secure_aggregation": {"clip": 1e-320}}, "secure_aggregation.clip: Input should be "
+         "greater than or equal to 0.000000000001"),
+        ({"secure_aggregation": {"max_weight": 2**64}}, "secure_aggregation.max_weight"),
+        ({"stream": {"sha256": "abc"}}, "stream.sha256: must be the file's SHA-256 as 64 hex "
+         "digits, or empty"),
         ({"secure_aggregation": {"threshold": 1}}, "a count of shares must be at least 2; "
          "a fraction of the share group is written with a point (1.0 = all of it) (got 1)"),
         ({"secure_aggregation": True}, "secure_aggregation: is a section, not a value: set "

@@ -17,6 +17,7 @@ import copy
 import functools
 import hashlib
 import itertools
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -365,6 +366,15 @@ def test_neighbour_graph_is_regular_symmetric_and_connected(parties: int) -> Non
         assert _connected(set(graph), graph)
 
 
+def test_a_seeded_ring_repeats_and_an_unseeded_one_is_secret() -> None:
+    # Simulations seed the ring (a run must repeat); deployments draw it from the OS, so
+    # nobody can know a victim's neighbours before choosing whom to corrupt.
+    seeded = [sa.neighbour_graph(30, 4, random.Random("s/1")) for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    assert sa.neighbour_graph(30, 4, random.Random("s/2")) != seeded[0]
+    assert len({str(sa.neighbour_graph(30, 4)) for _ in range(5)}) == 5
+
+
 @pytest.mark.parametrize(("group", "valid"), [(2, [2]), (4, [3, 4]), (5, [3, 4, 5]), (9, [5, 9])])
 def test_threshold_must_exceed_half_the_group_and_fit(group: int, valid: list[int]) -> None:
     for t in valid:
@@ -407,19 +417,23 @@ def test_shamir_fewer_than_t_shares_reveal_nothing_usable(
     holders = list(range(1, n + 1))
     shares = shamir.split(secret, holders, t)
     chosen = data.draw(st.lists(st.sampled_from(holders), min_size=1, max_size=t - 1, unique=True))
-    try:
-        got = shamir.reconstruct({x: shares[x] for x in chosen})
-    except ValueError:
-        return
-    assert got != secret
+    # A wrong secret, not an error: only the commitment can tell (secagg checks it).
+    got = shamir.reconstruct({x: shares[x] for x in chosen})
+    assert got != secret and len(got) == shamir.SHARE_BYTES
 
 
 def test_shamir_refuses_bad_parameters() -> None:
     for holders, t in (([1, 2], 0), ([1, 2], 3), ([1, 1, 2], 2), ([0, 1], 1), ([-1, 2], 1)):
         with pytest.raises(ValueError):
             shamir.split(bytes(32), holders, t)
-    with pytest.raises(ValueError):
-        shamir.reconstruct({})
+    for secret in (b"", bytes(31), bytes(33)):
+        with pytest.raises(ValueError, match="a secret has 32 bytes"):
+            shamir.split(secret, [1, 2], 2)
+    good = shamir.split(bytes(32), [1, 2], 2)
+    for bad in ({}, {1: good[1][:31], 2: good[2]}, {0: good[1], 2: good[2]},
+                {1: b"\xff" * 32, 2: good[2]}):
+        with pytest.raises(ValueError):
+            shamir.reconstruct(bad)
 
 
 def _lagrange_at_zero(xs: Sequence[int], j: int) -> int:

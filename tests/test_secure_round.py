@@ -7,6 +7,7 @@ loopback grid; the tamper hook plays the network or a misbehaving client.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def _run(tmp_path, overrides=(), tamper=None):
     run_federation(
         grid, cfg, federation(cfg).initial_arrays(), tmp_path,
         evaluate=keep if "evaluation.every=1" in overrides else None,
-        on_round=lambda rec, _h: records.append(rec),
+        on_round=lambda rec, _h: records.append(rec), simulated=True,
     )
     return grid, records, evaluated
 
@@ -346,3 +347,27 @@ def test_a_round_every_client_failed_in_names_their_common_error(tmp_path, monke
     assert records[0]["aggregation_error"] == (
         "no client update to aggregate: every client failed with ValueError: no such column 'x'"
     )
+
+
+def test_sparse_rings_with_dropouts_repeat_and_failed_rounds_name_real_clients(tmp_path):
+    # 12 clients on a ring of 4 neighbours: which rounds can be unmasked depends on the
+    # ring, which a simulation draws from the seed. A round that cannot be unmasked names
+    # the client whose masks it misses by its client id, one that sent its update.
+    overrides = [
+        "federation.clients=12", "federation.rounds=5", "secure_aggregation.enabled=true",
+        "secure_aggregation.degree=4", "simulation.dropout=0.35", "seed=0",
+    ]
+    runs = [_run(tmp_path / str(i), overrides)[1] for i in range(2)]
+    strip = ("seconds", "stage_seconds")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in runs[0]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in runs[1]
+    ]
+    missing = [r for r in runs[0] if "shares of" in r.get("aggregation_error", "")]
+    assert missing, "the scenario should leave a round short of shares"
+    for r in missing:
+        named = re.search(r"shares of (client|party|node) (\d+)'s", r["aggregation_error"])
+        assert named and named.group(1) == "client", r["aggregation_error"]
+        # Only a client whose update arrived has its self-mask rebuilt.
+        assert int(named.group(2)) not in {
+            f["client"] for f in r["failures"] if f["stage"] != "unmask"
+        }
