@@ -41,6 +41,7 @@ from fedstream.client.sources.tabular import (
     MISSING,
     UNTERMINATED,
     Columns,
+    DecimalMarks,
     _canonical_label,
     _cell_problem,
     _csv_header,
@@ -131,6 +132,7 @@ class Reader:
         self.features: list[str] = []  # resolved feature names
         self.kind: Literal["csv", "jsonl"] = "csv"
         self.decimal = "."  # the CSV's decimal mark, once its header is read
+        self.marks: DecimalMarks | None = None  # numbers that read two ways (';' files)
         self.line = 0  # last line read
 
     # ------------------------------------------------------------------------ lines
@@ -225,6 +227,7 @@ class Reader:
         names, positions = _csv_header(header, line, self.name, Columns(self.label, self.wanted))
         self.features = names
         self.decimal = decimal_mark(delimiter)
+        self.marks = DecimalMarks(names) if self.decimal == "," else None
         return delimiter, positions, len(header), trailing
 
     def _csv_rows(
@@ -342,6 +345,11 @@ class Reader:
                 continue
             lines.append(line)
             cells.append(row[1])
+        if self.marks is not None and cells and what == "column":
+            ambiguous = self.marks.problems(np.asarray(cells, dtype=np.str_), lines)
+            errors.extend((lines[i], text) for i, text in ambiguous.items())
+            ok = [i for i in range(len(cells)) if i not in ambiguous]
+            lines, labels, cells = ([v[i] for i in ok] for v in (lines, labels, cells))
         keep = np.ones(len(cells), dtype=bool)
         x = self._floats(cells, what, self.decimal)
         if x is None or not np.isfinite(x).all():

@@ -66,3 +66,16 @@ def test_a_quiet_pipe_does_not_hold_back_the_rows_it_gave(tmp_path: Path) -> Non
         writer.write("5,6,0\n")
         writer.close()
         assert [c.y.tolist() for c in chunks] == [[0]]
+
+
+def test_a_number_that_reads_two_ways_costs_its_row_only(tmp_path: Path) -> None:
+    # Fed rows cannot be taken back: the first mark in a column fixes it, and a later row
+    # with the other mark (or a thousands-grouped '1.013' once the file has commas) is
+    # refused, naming why, while the rows around it are kept.
+    path = tmp_path / "de.csv"
+    path.write_text("Druck;Temp;label\n998;18,0;0\n1.013;20,5;1\n1000;19.5;0\n1001;21,5;1\n")
+    x, y, errors = read_all(path)
+    np.testing.assert_allclose(x, [[998, 18.0], [1001, 21.5]])
+    np.testing.assert_array_equal(y, [0, 1])
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:3", f"{path}:4"]
+    assert "'1.013' reads as 1.013" in errors[0] and "'19.5' has a decimal point" in errors[1]

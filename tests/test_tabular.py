@@ -60,8 +60,9 @@ def test_delimiter_is_sniffed(tmp_path: Path, delimiter: str) -> None:
 
 def test_decimal_commas_in_a_semicolon_file(tmp_path: Path) -> None:
     # A spreadsheet in a comma-decimal locale writes ';' between fields and ',' in numbers;
-    # a point stays a decimal point there too (programs write such files with points).
-    text = "\ufeffTemp;Druck;Zeit;Klasse\r\n19,87;1013;0,5;a\r\n-0,25;1,2e3;3.25;b\r\n,5;7;8;a\r\n"
+    # a point stays a decimal point there too (programs write such files with points),
+    # one mark to a column.
+    text = "\ufeffTemp;Druck;Zeit;Klasse\r\n19,87;1013;0.5;a\r\n-0,25;1,2e3;3.25;b\r\n,5;7;8;a\r\n"
     table = load_table(write(tmp_path, "de.csv", text), label="Klasse")
     np.testing.assert_allclose(
         table.x, [[19.87, 1013, 0.5], [-0.25, 1200, 3.25], [0.5, 7, 8]], rtol=1e-6
@@ -81,6 +82,25 @@ def test_a_semicolon_file_refuses_what_is_no_number(
 ) -> None:
     text = f"x;y;label\n1,5;2;a\n3;{cell};b\n"
     expect_error(write(tmp_path, "de.csv", text), 3, "column 'y'", fragment, label="label")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragments"),
+    [
+        # A German export: the point groups thousands. Read as 1.013 it would be 1000x off.
+        ("Druck;Temp;y\n998;18,0;a\n1.013;20,5;b\n", 3,
+         ["column 'Druck': '1.013' reads as 1.013 with a decimal point, but this file "
+          "writes decimals with a comma ('18,0', line 2): if it means 1013"]),
+        # Two exports pasted together: which mark is the decimal one?
+        ("x;y\n1,5;a\n1.5;b\n2,000;a\n", 3,
+         ["column 'x': '1.5' has a decimal point, but the column's first number with a "
+          "mark, '1,5' (line 2), has a comma"]),
+    ],
+)
+def test_a_number_that_reads_two_ways_in_a_semicolon_file_is_refused(
+    tmp_path: Path, text: str, line: int, fragments: list[str]
+) -> None:
+    expect_error(write(tmp_path, "de.csv", text), line, *fragments, label="y")
 
 
 @pytest.mark.parametrize("delimiter", ["\t", "|"])

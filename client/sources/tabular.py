@@ -540,6 +540,7 @@ class _Cells:
 
     def __init__(self, features: list[str], what: str, decimal: str, name: str) -> None:
         self.features, self.what, self.decimal, self.name = features, what, decimal, name
+        self.marks = DecimalMarks(features) if decimal == "," else None
         self.blocks: list[np.ndarray] = []
         self.rows: list[list[Any]] = []
         self.lines: list[int] = []
@@ -566,7 +567,13 @@ class _Cells:
         if self.what == "key":
             values = _json_to_float(rows)
         else:
-            values = _text_to_float(np.asarray(rows, dtype=np.str_).reshape(n, d), self.decimal)
+            cells = np.asarray(rows, dtype=np.str_).reshape(n, d)
+            ambiguous = self.marks.problems(cells, lines) if self.marks else {}
+            if ambiguous:
+                i, problem = next(iter(ambiguous.items()))
+                self.error = _row_error(self.name, lines[i], problem)
+                return
+            values = _text_to_float(cells, self.decimal)
         if values is not None:
             with np.errstate(over="ignore"):
                 x = values.reshape(n, d).astype(np.float32)
@@ -585,6 +592,67 @@ class _Cells:
                     self.error = _row_error(self.name, lines[i], f"{where}: {problem}")
                     return
         raise AssertionError("unreachable: conversion failed but every cell is fine")
+
+
+class DecimalMarks:
+    """Numbers that read two ways in a file whose decimal mark may be a comma (';' files).
+
+    Such a file takes '19,87' and '19.87' alike, which is right for one written by a
+    spreadsheet (commas) or a program (points), and wrong for '1.013' in a German export,
+    where the point groups thousands: read as 1.013 it is silently a thousand times too
+    small. So the first mark in a column fixes it (a cell with the other is refused), and
+    once the file has a decimal comma, a number grouped like thousands with points
+    ('1.013', '12.500') is refused. Rows come in blocks, as a file is read or fed.
+    """
+
+    def __init__(self, features: list[str]) -> None:
+        self.features = features
+        self.mark: dict[int, tuple[str, int, str]] = {}  # column -> (mark, line, cell)
+        self.comma: tuple[int, str] | None = None  # the file's first decimal comma
+
+    def problems(self, cells: np.ndarray, lines: Sequence[int]) -> dict[int, str]:
+        """Row index -> why, for the rows of this block (n x d strings) with a number that
+        reads two ways; the block's first marks are remembered for the blocks after."""
+        comma = np.char.find(cells, ",") >= 0
+        point = np.char.find(cells, ".") >= 0
+        # A cell with both ('1.234,5') is no number at all: the parser says so.
+        masks = {",": comma & ~point, ".": point & ~comma}
+        found: dict[int, str] = {}
+        for j in np.flatnonzero((masks[","] | masks["."]).any(axis=0)):
+            j = int(j)
+            if j not in self.mark:
+                i = int(np.argmax(masks[","][:, j] | masks["."][:, j]))
+                mark = "," if masks[","][i, j] else "."
+                self.mark[j] = (mark, lines[i], str(cells[i, j]).strip())
+            mark, line, first = self.mark[j]
+            other = "." if mark == "," else ","
+            for i in np.flatnonzero(masks[other][:, j]):
+                found.setdefault(int(i), (
+                    f"column {self.features[j]!r}: {str(cells[i, j]).strip()!r} has a decimal "
+                    f"{'point' if other == '.' else 'comma'}, but the column's first number "
+                    f"with a mark, {first!r} (line {line}), has a "
+                    f"{'comma' if mark == ',' else 'point'}; in a ';'-separated file either "
+                    "may be the decimal mark, so one may be a thousands separator: write the "
+                    "column with one mark"
+                ))
+        if self.comma is None and masks[","].any():
+            i, j = np.argwhere(masks[","])[0]
+            self.comma = (lines[int(i)], str(cells[i, j]).strip())
+        if self.comma is not None:
+            for i, j in np.argwhere(masks["."]):
+                cell = str(cells[i, j]).strip()
+                if int(i) not in found and _GROUPED.fullmatch(cell) and cell.count(".") == 1:
+                    line, c = self.comma  # ('1.000.000' is no number: the parser says so)
+                    found.setdefault(int(i), (
+                        f"column {self.features[j]!r}: {cell!r} reads as {float(cell):g} with "
+                        f"a decimal point, but this file writes decimals with a comma ({c!r}, "
+                        f"line {line}): if it means {cell.replace('.', '').lstrip('+')}, "
+                        "write it without the point"
+                    ))
+        return dict(sorted(found.items()))
+
+
+_GROUPED = re.compile(r"[+-]?\d{1,3}(\.\d{3})+")
 
 
 def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
