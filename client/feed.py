@@ -38,6 +38,7 @@ import numpy as np
 from fedstream.client.sources.base import DataError
 from fedstream.client.sources.tabular import (
     _INT_RE,
+    GZIP_MAGIC,
     MISSING,
     UNTERMINATED,
     Columns,
@@ -97,10 +98,15 @@ def open_input(path: str) -> tuple[IO[str], str]:
     else:
         name = str(path)
         try:
-            raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+            raw = open(path, "rb")  # noqa: SIM115
         except OSError as exc:
             raise DataError(f"{name}: cannot read file: {exc.strerror or exc}") from exc
-    head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
+    if hasattr(raw, "peek") and raw.peek(2)[:2] == GZIP_MAGIC:  # by content, stdin too
+        raw = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+    try:
+        head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{name}: not a valid gzip file: {exc}") from exc
     return io.TextIOWrapper(raw, encoding=text_encoding(head), newline=""), name
 
 

@@ -127,11 +127,23 @@ def exhaustion_hint(cfg: Config) -> str | None:
 
 
 def label_hint(cfg: Config) -> str | None:
-    """What to say when a file's classes are numbers with fractions: a measurement chosen
-    as the label by mistake trains a classifier with one output per distinct value."""
+    """What to say when a file's classes look like a mistake: numbers with fractions (a
+    measurement chosen as the label trains a classifier with one output per distinct
+    value), or names that differ only in case ('yes', 'Yes'), each a class of its own."""
     dataset = federation(cfg).dataset
     if dataset is None or not dataset.classes:
         return None
+    alike: dict[str, list[str]] = {}
+    for name in dataset.classes:
+        alike.setdefault(name.strip().casefold(), []).append(name)
+    twins = [names for names in alike.values() if len(names) > 1]
+    if twins:
+        shown = "; ".join(", ".join(map(repr, names)) for names in twins[:3])
+        return (
+            f"fedstream: hint: labels in {cfg.stream.label!r} that differ only in case or "
+            f"spaces are classes of their own ({shown}): if each group is one class, write "
+            "its labels alike in the file"
+        )
     try:
         values = np.asarray(dataset.classes, dtype=np.float64)
     except ValueError:
@@ -142,6 +154,20 @@ def label_hint(cfg: Config) -> str | None:
         f"fedstream: hint: the label column {cfg.stream.label!r} holds numbers with fractions "
         f"({len(values)} distinct values, each a class of its own): if it is a measurement, "
         "not a class, pick another stream.label"
+    )
+
+
+def drift_hint(cfg: Config) -> str | None:
+    """A file is replayed as it is unless a drift key is set; setting one (even only
+    drift.stagger) turns on relabelling, which changes the user's own data: say so."""
+    if cfg.stream.source not in ("csv", "jsonl") or cfg.drift.kind == "none":
+        return None
+    at = ", ".join(f"{t:g}" for t in cfg.drift.at)
+    return (
+        f"fedstream: note: drift.kind = {cfg.drift.kind!r} relabels the classes of "
+        f"{cfg.stream.path} at round {at} (each client's time shifted by up to "
+        f"drift.stagger = {cfg.drift.stagger:g}), to simulate drift; set drift.kind = "
+        '"none" to replay the file as it is'
     )
 
 
@@ -181,7 +207,10 @@ def simulate(cfg: Config) -> dict[str, Any]:
     quiet_flower()
     cfg = pin_data(cfg)
     preflight(cfg)
-    for hint in (scale_hint(cfg), label_hint(cfg), exhaustion_hint(cfg), precision_hint(cfg)):
+    for hint in (
+        scale_hint(cfg), label_hint(cfg), drift_hint(cfg), exhaustion_hint(cfg),
+        precision_hint(cfg),
+    ):
         if hint:
             print(hint, file=sys.stderr)
     if not set_dispatch_interval(cfg.simulation.dispatch_interval):

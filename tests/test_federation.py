@@ -191,6 +191,18 @@ def test_hints_for_rows_that_run_out_and_for_labels_with_fractions(tmp_path: Pat
     assert hint is not None and "3 distinct values" in hint
 
 
+def test_hints_for_labels_alike_but_for_case_and_for_drift_on_a_file(tmp_path: Path) -> None:
+    from fedstream.sim.runner import drift_hint, label_hint
+
+    rows = ["a,label"] + [f"{i},{['yes', 'Yes', 'no', ' YES'][i % 4]}" for i in range(80)]
+    base = _csv(tmp_path, rows)
+    hint = label_hint(load(overrides=base))
+    assert hint is not None and "'Yes', 'yes'" in hint and "differ only in case" in hint
+    assert drift_hint(load(overrides=base)) is None  # a file replays as it is
+    hint = drift_hint(load(overrides=[*base, "drift.stagger=0"]))  # any drift key turns it on
+    assert hint is not None and "'abrupt' relabels the classes" in hint and "round 15" in hint
+
+
 def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
     tmp_path: Path,
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedstream.client.feed import Reader, open_input
 from fedstream.client.sources import DataError, load_table
 
 
@@ -178,9 +179,15 @@ def test_given_classes_fix_order_and_reject_unknown(tmp_path: Path) -> None:
     expect_error(path, 5, "column 'y'", "unknown label 'maybe'", label="y", classes=["yes", "no"])
 
 
-def test_gzip_csv(tmp_path: Path) -> None:
-    path = write(tmp_path, "z.csv.gz", gzip.compress(b"x,y\n1,a\n2,b\n"))
+@pytest.mark.parametrize("name", ["z.csv.gz", "Z.CSV.GZ", "z.csv"])
+def test_gzip_csv_by_content_whatever_its_name(tmp_path: Path, name: str) -> None:
+    # Known by its magic bytes: an upper-case suffix, or none, is not mistaken for UTF-16.
+    path = write(tmp_path, name, gzip.compress(b"x,y\n1,a\n2,b\n"))
     np.testing.assert_array_equal(load_table(path, label="y").x[:, 0], [1, 2])
+    stream, label = open_input(str(path))
+    with stream:
+        chunks = list(Reader(stream, label, path=str(path), label="y", classes=["a", "b"]))
+    np.testing.assert_array_equal(np.concatenate([c.x for c in chunks])[:, 0], [1, 2])
 
 
 def test_csv_missing_column_lists_available(tmp_path: Path) -> None:

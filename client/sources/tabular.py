@@ -141,6 +141,9 @@ def _check_arguments(
             raise ValueError(f"{role} column {col!r} must not also be listed in features")
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _read_text(path: Path, name: str) -> str:
     """Decode as UTF-8 (a BOM is dropped), or as UTF-16 with a BOM (Excel's "Unicode
     text"); a bad byte is reported with its line and what the file probably is."""
@@ -148,7 +151,7 @@ def _read_text(path: Path, name: str) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{name}: cannot read file: {exc.strerror or exc}") from exc
-    if path.suffix == ".gz":
+    if data[:2] == GZIP_MAGIC or path.suffix.lower() == ".gz":  # by content: any name
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
