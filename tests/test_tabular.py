@@ -282,6 +282,19 @@ def test_format_detected_from_content(tmp_path: Path) -> None:
     assert load_table(forced, label="y", fmt="csv").features == ["x"]
 
 
+def test_jsonl_records_that_disagree_on_their_keys_are_named(tmp_path: Path) -> None:
+    twice = write(tmp_path, "dup.jsonl", '{"x": 1, "y": "a"}\n{"x": 1, "x": 2, "y": "b"}\n')
+    expect_error(twice, 2, "key 'x' appears twice in one record", label="y")
+    fewer = write(tmp_path, "ex.jsonl", '{"x": 1, "z": 5, "y": "a"}\n{"x": 2, "y": "b"}\n')
+    expect_error(fewer, 2, "missing key 'z' (the first record has it", label="y")
+
+
+def test_json_lines_read_as_csv_get_a_hint(tmp_path: Path) -> None:
+    path = write(tmp_path, "j.csv", '{"x": 1, "y": "a"}\n')
+    expect_error(path, 1, "label column 'y' not found", "the file looks like JSON Lines",
+                 label="y", fmt="csv")
+
+
 def test_jsonl_invalid_json(tmp_path: Path) -> None:
     path = write(tmp_path, "bad.jsonl", '{"x": 1, "y": "a"}\n\n{"x": 2, "y": }\n')
     expect_error(path, 3, "invalid JSON", label="y")

@@ -207,7 +207,12 @@ def detect_format(path: str | Path, text: str, fmt: Format) -> Literal["csv", "j
 
 def _column_error(name: str, line: int, role: str, col: str, available: Sequence[str]) -> DataError:
     shown = ", ".join(repr(c) for c in available)
-    return DataError(f"{name}:{line}: {role} column {col!r} not found; available: {shown}")
+    json_like = bool(available) and available[0].lstrip().startswith("{")
+    hint = (
+        '; the file looks like JSON Lines: read it as jsonl (stream.source = "jsonl", or '
+        "feed --format jsonl)" if json_like else ""
+    )
+    return DataError(f"{name}:{line}: {role} column {col!r} not found; available: {shown}{hint}")
 
 
 # ---------------------------------------------------------------------------------- csv
@@ -403,12 +408,28 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
 
 def _json_object(raw: str, line: int, name: str) -> dict[str, Any]:
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         detail = f"{exc.msg} (at character {exc.colno})"
         raise DataError(f"{name}:{line}: invalid JSON: {detail}") from exc
+    except _DuplicateKey as exc:
+        raise DataError(f"{name}:{line}: key {exc.args[0]!r} appears twice in one record") from None
     if not isinstance(obj, dict):
         raise DataError(f"{name}:{line}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON allows a key twice and keeps the last; a record that does is a broken export
+    (CSV's duplicate headers are refused too)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return obj
 
 
@@ -453,7 +474,10 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
         for key in required:
             if key not in obj:
                 shown = ", ".join(repr(k) for k in obj)
-                raise DataError(f"{name}:{line}: missing key {key!r}; available: {shown}")
+                first = " (the first record has it: every record needs its keys)" if exact else ""
+                raise DataError(
+                    f"{name}:{line}: missing key {key!r}{first}; available: {shown}"
+                )
         if exact is not None and len(obj) != len(exact):
             extra = next(k for k in obj if k not in exact)
             raise DataError(f"{name}:{line}: unexpected key {extra!r} (not in the first record)")
