@@ -69,6 +69,10 @@ def server(
     from fedstream.server.aggregator import Aggregator, serve
     from fedstream.server.checkpoint import CHECKPOINT
 
+    if not resume and (state / CHECKPOINT).exists():
+        fail(f"--state {state} holds a run already ({state / CHECKPOINT}): --resume continues "
+             "it; to start a new run, give another --state (starting over here would replace "
+             "its checkpoint and results)", 2)
     try:
         with on_signals():  # Ctrl-C or SIGTERM: serve() stops the SuperLink and its apps
             status = serve(Aggregator(state.resolve(), credentials, host, port), cfg, keys,
@@ -121,9 +125,19 @@ def client(
     cfg = _load(config, set_, [])
     if policy not in ("reject", "drop_oldest"):
         fail(f"--policy must be reject or drop_oldest, got {policy!r}", 2)
+    if insecure and (ca is not None or key is not None):
+        fail("--insecure means no TLS and no authentication: it cannot be used with --ca "
+             "or --key (a SuperLink that checks them wants them)", 2)
     for name, path in (("--ca", ca), ("--key", key)):
         if path is not None and not path.is_file():
             fail(f"{name}: file not found: {path}", 2)
+    if ca is not None:
+        from fedstream.server.credentials import check_certificate
+
+        try:
+            check_certificate(ca)
+        except ValueError as e:
+            fail(f"--ca {e}", 2)
     if key is not None and (problem := _not_a_node_key(key)):
         fail(f"--key {key}: {problem}; use a NAME.key made by `fedstream certs DIR --node NAME`",
              2)

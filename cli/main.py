@@ -269,6 +269,12 @@ def feed(
             result = producer.append_batches(batches())
     except IngestError as e:
         bar.close()
+        if e.sent:  # it went away mid-stream: say what was sent and where to go on
+            rest = f"{name}:{lines[e.sent]}" if e.sent < len(lines) else "the rest of the input"
+            fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "
+                 f"{name}:{lines[e.sent - 1]}); it stored those it had received, and rows from "
+                 f"{rest} on were not sent. Feed them again once it is up; the last rows sent "
+                 "before it went away may not be stored either", 1)
         hint = "" if wait else " (is its device up? --wait S waits for it)"
         fail(f"{e}{hint}", 1)
     finally:

@@ -52,7 +52,12 @@ _ROW_OVERHEAD = 24  # protobuf bytes per sample besides its features (label, fla
 
 
 class IngestError(Exception):
-    """The ingestion service cannot be reached, or refused the call as a whole."""
+    """The ingestion service cannot be reached, or refused the call as a whole.
+
+    `sent`: samples of the call handed to the connection before it failed (a device that
+    went down mid-stream stored those it received; the rest were never sent)."""
+
+    sent: int = 0
 
 
 # ------------------------------------------------------------------------------ server
@@ -466,10 +471,16 @@ class Producer:
                 ("grpc.max_receive_message_length", TRANSPORT_FACTOR * max_message_bytes),
             ],
         )
+        self.connected = False  # ever: rows sent before a failure then reached a service
+        self._channel.subscribe(self._on_state)
         self._stub = pb_grpc.IngestStub(self._channel)
         self._append = self._channel.stream_unary(  # requests already serialized
             f"/{SERVICE}/Append", response_deserializer=pb.AppendReply.FromString
         )
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            self.connected = True
 
     def wait_ready(self, seconds: float) -> None:
         """Wait up to `seconds` for the service to accept connections (a producer may
@@ -525,7 +536,9 @@ class Producer:
         try:
             reply = self._append(messages(), timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise _rpc_error(exc, self.address) from None
+            error = _rpc_error(exc, self.address)
+            error.sent = sent if self.connected else 0  # gRPC reads ahead of a connection
+            raise error from None
         first = reply.first_refused if reply.full else None
         refused = reply.refused
         if reply.full:
@@ -555,6 +568,7 @@ class Producer:
         return max(1, min(self.batch, (self.max_message_bytes - 64) // (4 * d + _ROW_OVERHEAD)))
 
     def close(self) -> None:
+        self._channel.unsubscribe(self._on_state)
         self._channel.close()
 
     def __enter__(self) -> Producer:

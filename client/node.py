@@ -110,6 +110,16 @@ def superexec_command(runtime_port: int, supernode_pid: int) -> list[str]:
 
 # What a SuperNode's log says, and what it means for this device (first match wins).
 REASONS = (
+    # OpenSSL's verify errors: the specific ones first, as every one also says
+    # CERTIFICATE_VERIFY_FAILED.
+    ("Hostname mismatch",
+     "the server's certificate is not for the address this device dials (--server): make "
+     "it for that name with `fedstream certs DIR --host NAME` on the server"),
+    ("certificate has expired",
+     "the server's certificate has expired (or this machine's clock is wrong): make new "
+     "credentials with `fedstream certs` on the server"),
+    ("certificate is not yet valid",
+     "the server's certificate is not valid yet: is this machine's clock right?"),
     ("CERTIFICATE_VERIFY_FAILED",
      "the server's certificate is not signed by the CA given with --ca (another CA?)"),
     ("401 Unauthorized",

@@ -32,7 +32,7 @@ from typing import Any
 from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, to_json
 from fedstream.server.checkpoint import CHECKPOINT
-from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate
 from fedstream.server.deploy_app import RESUME, STATE_DIR
 
 APP_TOML = """\
@@ -89,6 +89,8 @@ def superlink_command(agg: Aggregator) -> list[str]:
             raise FileNotFoundError(
                 f"{agg.credentials / name} is missing: make credentials with `fedstream certs`"
             )
+    for name in (CA_CERT, SERVER_CERT):
+        check_certificate(agg.credentials / name)
     creds = agg.credentials.resolve()
     return [
         "flower-superlink",

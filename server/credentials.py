@@ -103,6 +103,28 @@ def _write_private(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def check_certificate(path: Path) -> None:
+    """Refuse a file that is not a PEM certificate, or one that is not valid now, before a
+    SuperLink serves it or a SuperNode trusts it: either would start and then fail every
+    connection (a SuperNode keeps retrying with a reason only in its log)."""
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError:
+        raise ValueError(f"{path}: not a PEM certificate (a key, or another file?)") from None
+    now = _now()
+    for cert in certs:
+        if cert.not_valid_after_utc < now:
+            raise ValueError(
+                f"{path}: the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} "
+                "UTC: make new credentials with `fedstream certs`"
+            )
+        if cert.not_valid_before_utc > now:
+            raise ValueError(
+                f"{path}: the certificate is valid only from "
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is this machine's clock right?)"
+            )
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

@@ -3,6 +3,7 @@ spool behind them, and `fedstream feed` end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -314,3 +315,34 @@ def test_feed_waits_for_a_device_that_comes_up_later(start, short_dir: Path) -> 
     assert proc.returncode == 0, err
     assert out.startswith("2 accepted")
     np.testing.assert_array_equal(server.spool.pending().x, [[1, 2], [3, 4]])
+
+
+def test_feed_says_what_was_sent_when_the_device_goes_away_mid_stream(
+    start, short_dir: Path
+) -> None:
+    server = start(n_features=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
+         "--quiet", "--batch", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("x,y,label\n1,2,0\n3,4,1\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while len(stored(server)) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "rows were not stored"
+        time.sleep(0.05)
+    server.stop(None)  # the device goes down; the producer still has rows to send
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write("5,6,0\n7,8,1\n")
+        proc.stdin.flush()
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    proc.stdin = None  # closed: communicate() must not flush it again
+    _, err = proc.communicate(timeout=60)
+    said = " ".join(err.split())
+    assert proc.returncode == 1, err
+    assert "the device went away during the feed:" in said and "rows were sent (to <stdin>:" in said
+    assert "Feed them again once it is up" in said
+    assert len(stored(server)) >= 2  # what it stored before going away is kept

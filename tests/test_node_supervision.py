@@ -159,6 +159,20 @@ REFUSED = {
         "certificate (_ssl.c:1006)\n\n",
         ["not signed by the CA", "CERTIFICATE_VERIFY_FAILED"],
     ),
+    # Python's ssl words these so; each also says CERTIFICATE_VERIFY_FAILED, which alone
+    # would blame the CA.
+    "certificate for another host": (
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the connection to "
+        "the SuperLink.\n[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname "
+        "mismatch, certificate is not valid for 'localhost'. (_ssl.c:1006)\n\n",
+        ["not for the address this device dials", "Hostname mismatch"],
+    ),
+    "expired certificate": (
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the connection to "
+        "the SuperLink.\n[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+        "certificate has expired (_ssl.c:1006)\n\n",
+        ["certificate has expired (or this machine's clock is wrong)"],
+    ),
     "replaced server": (
         "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully.\nTraceback (most recent "
         "call last):\n  File \"x.py\", line 1, in f\nhttpx.HTTPStatusError: Client error '401 "
@@ -212,6 +226,62 @@ def test_resume_without_a_checkpoint_is_refused(work: Path) -> None:
         message = " ".join(done.stderr.split())
         assert str(work / state) in message and what in message, message
     assert not (work / "typo").exists() and not any((work / "empty").iterdir())
+
+
+def test_a_state_that_holds_a_run_is_not_started_over_without_resume(work: Path) -> None:
+    # Starting over would replace the run's checkpoint and results: refused, saying how.
+    certs(work)
+    (work / "srv").mkdir()
+    (work / "srv" / "checkpoint.pkl").write_bytes(b"a run")
+    done = run("server", "--state", "srv", "--credentials", "creds", "--config", "cfg.toml",
+               "--port", str(runtime.free_port()), cwd=work)
+    assert done.returncode == 2, done.stderr
+    message = " ".join(done.stderr.split())
+    assert "--state srv holds a run already" in message and "--resume continues it" in message
+    assert (work / "srv" / "checkpoint.pkl").read_bytes() == b"a run"
+
+
+def _expired_certificate(path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=10)).not_valid_after(now - dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def test_certificates_that_cannot_work_are_refused_before_anything_starts(work: Path) -> None:
+    # A device given a key as --ca, or an expired CA, would otherwise retry for ever with
+    # the reason only in its SuperNode's log; a server would serve a certificate that
+    # every device refuses.
+    certs(work, "n0")
+    _expired_certificate(work / "old.crt")
+    client = ["client", "--server", "127.0.0.1:19798", "--state", "c0", "--client-id", "0",
+              "--config", "cfg.toml", "--key", "creds/n0.key"]
+    for ca, what in (("creds/n0.key", "not a PEM certificate"), ("old.crt", "expired on")):
+        done = run(*client, "--ca", ca, cwd=work)
+        assert done.returncode == 2, done.stderr
+        assert f"--ca {ca}: " in done.stderr and what in " ".join(done.stderr.split())
+    done = run(*client, "--insecure", cwd=work)
+    assert done.returncode == 2 and "--insecure" in done.stderr
+    assert not (work / "c0").exists()
+    _expired_certificate(work / "creds" / "server.pem")
+    done = run("server", "--state", "srv", "--credentials", "creds", "--config", "cfg.toml",
+               "--port", str(runtime.free_port()), cwd=work)
+    assert done.returncode == 2, done.stderr
+    assert "server.pem: the certificate expired on" in " ".join(done.stderr.split())
+    assert not (work / "srv").exists()
 
 
 def test_server_refuses_a_port_another_program_holds(work: Path) -> None:
