@@ -471,16 +471,10 @@ class Producer:
                 ("grpc.max_receive_message_length", TRANSPORT_FACTOR * max_message_bytes),
             ],
         )
-        self.connected = False  # ever: rows sent before a failure then reached a service
-        self._channel.subscribe(self._on_state)
         self._stub = pb_grpc.IngestStub(self._channel)
         self._append = self._channel.stream_unary(  # requests already serialized
             f"/{SERVICE}/Append", response_deserializer=pb.AppendReply.FromString
         )
-
-    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
-        if state == grpc.ChannelConnectivity.READY:
-            self.connected = True
 
     def wait_ready(self, seconds: float) -> None:
         """Wait up to `seconds` for the service to accept connections (a producer may
@@ -537,7 +531,10 @@ class Producer:
             reply = self._append(messages(), timeout=self.timeout)
         except grpc.RpcError as exc:
             error = _rpc_error(exc, self.address)
-            error.sent = sent if self.connected else 0  # gRPC reads ahead of a connection
+            # gRPC reads requests ahead of connecting: rows count as sent only if a
+            # connection was made (then broke), not when none could be.
+            never = "failed to connect" in (exc.details() if isinstance(exc, grpc.Call) else "")
+            error.sent = 0 if never else sent
             raise error from None
         first = reply.first_refused if reply.full else None
         refused = reply.refused
@@ -568,7 +565,6 @@ class Producer:
         return max(1, min(self.batch, (self.max_message_bytes - 64) // (4 * d + _ROW_OVERHEAD)))
 
     def close(self) -> None:
-        self._channel.unsubscribe(self._on_state)
         self._channel.close()
 
     def __enter__(self) -> Producer:
