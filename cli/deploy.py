@@ -18,7 +18,8 @@ def certs(
     host: Annotated[
         list[str] | None,
         typer.Option("--host", help="Name or address clients dial (repeatable); "
-                     "localhost, 127.0.0.1 and ::1 by default."),
+                     "localhost, 127.0.0.1 and ::1 by default. 127.0.0.1 is always "
+                     "included: the SuperLink's own processes dial it."),
     ] = None,
     node: Annotated[
         list[str] | None, typer.Option("--node", help="Make a SuperNode key pair NAME.key/.pub.")

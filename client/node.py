@@ -127,8 +127,9 @@ REASONS = (
      "server that has not registered it"),
     ("Failed to activate SuperNode",
      "the server refused to activate this device's key: it is not registered there "
-     "(`fedstream server` registers creds/*.pub or each --node-key), or a SuperNode with "
-     "the same key is still connected"),
+     "(`fedstream server` registers creds/*.pub or each --node-key, a moment after its "
+     "SuperLink starts listening: a device that dialled in that moment connects on its "
+     "next try), or a SuperNode with the same key is still connected"),
     ("Unable to parse the private key",
      "--key is not an OpenSSH EC private key"),
     ("Server disconnected without sending a response",
