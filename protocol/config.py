@@ -109,9 +109,12 @@ class StreamConfig(_Section):
 class PartitionConfig(_Section):
     """How labels (or rows of a dataset) are split across clients: the non-IID knob."""
 
-    scheme: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    scheme: Literal["iid", "dirichlet", "shards", "column"] = "dirichlet"
     alpha: Annotated[float, Field(gt=0.0)] = 0.5
     shards_per_client: PositiveInt = 2
+    # scheme "column": a file's own split, one client per value of this column (a site,
+    # device or user id), in sorted order; the column is not a feature.
+    column: str = ""
 
 
 class DriftConfig(_Section):
@@ -268,7 +271,31 @@ class Config(_Section):
             _check_secure(self.secure_aggregation, sampled_clients(self.federation, True))
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
+        _check_column_split(self.partition, self.stream)
         return self
+
+
+def _check_column_split(p: PartitionConfig, stream: StreamConfig) -> None:
+    if p.scheme != "column":
+        if p.column:
+            raise ValueError(
+                "partition.column is used only with partition.scheme = 'column' (one client "
+                "per value of that column)"
+            )
+        return
+    if stream.source not in ("csv", "jsonl"):
+        raise ValueError(
+            "partition.scheme = 'column' splits a file by one of its columns: stream.source "
+            f"must be 'csv' or 'jsonl', not {stream.source!r}"
+        )
+    if not p.column:
+        raise ValueError("partition.scheme = 'column' needs partition.column: the column "
+                         "whose values (a site, device or user id) make the clients")
+    for role, col in (("stream.label", stream.label), ("stream.time", stream.time)):
+        if p.column == col:
+            raise ValueError(f"partition.column {p.column!r} is also {role}")
+    if p.column in stream.features:
+        raise ValueError(f"partition.column {p.column!r} is also one of stream.features")
 
 
 def least_clients(fed: FederationConfig, secure: bool) -> int:

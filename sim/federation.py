@@ -25,6 +25,7 @@ from fedstream.client.sources import (
     staggered,
 )
 from fedstream.client.sources.relabel import Relabel
+from fedstream.client.sources.tabular import Table
 from fedstream.client.stream import ClientStream
 from fedstream.protocol.config import Config, drift_times, from_json, to_json
 from fedstream.protocol.models import build_model
@@ -45,6 +46,7 @@ class Dataset:
     holdout: np.ndarray
     features: tuple[str, ...] = ()  # column names, for a file source
     classes: tuple[str, ...] = ()  # label names, for a file source
+    client_names: tuple[str, ...] = ()  # partition.column's value of each client
 
     def unscaled(self, limit: float = 10.0) -> list[tuple[str, float]]:
         """File columns far from unit scale (root mean square above `limit`), largest
@@ -80,11 +82,14 @@ class Federation:
                 time=cfg.stream.time or None,
                 fmt=cfg.stream.source,
                 exclude=cfg.stream.exclude,
+                group=cfg.partition.column or None,
                 sha256=cfg.stream.sha256,
             )
             _check_classes(table.classes, len(table), cfg)
             x, y, n_classes = table.x, table.y, len(table.classes)
             features, classes = tuple(table.features), tuple(table.classes)
+            if table.groups is not None:
+                return _split_by_column(table, cfg)
         else:
             return None
         return _split(x, y, n_classes, cfg, features, classes)
@@ -215,6 +220,44 @@ def _split(
         ) from None
     parts_rows = tuple(rest[idx] for idx in parts)
     return Dataset(x, y, n_classes, parts_rows, hold, features, classes)
+
+
+def _split_by_column(table: Table, cfg: Config) -> Dataset:
+    """The file's own split: client i gets the rows whose `partition.column` has the i-th
+    value (sorted as labels are), in file (or time) order. The held-back rows for
+    evaluation are drawn from all rows first, as in `_split`."""
+    assert table.groups is not None and table.group_names is not None
+    names, what, col = table.group_names, cfg.stream.path, cfg.partition.column
+    n = cfg.federation.clients
+    if len(names) != n:
+        shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+        raise DataError(
+            f"{what}: partition.column {col!r} has {len(names)} distinct values ({shown}), "
+            f"one client each: set federation.clients = {len(names)}"
+        )
+    rng = np.random.default_rng([cfg.seed, 0x40])
+    n_hold = min(cfg.evaluation.holdout, len(table) // 5) if cfg.evaluation.every else 0
+    if cfg.evaluation.every and not n_hold:
+        raise DataError(f"{what}: {len(table)} rows are too few to hold back a fifth for "
+                        "evaluation.every; set evaluation.every = 0")
+    hold = np.sort(rng.choice(len(table), size=n_hold, replace=False)) if n_hold else None
+    keep = np.ones(len(table), dtype=bool)
+    if hold is not None:
+        keep[hold] = False
+    rows = np.flatnonzero(keep)
+    order = np.argsort(table.groups[rows], kind="stable")  # rows by client, in file order
+    parts = np.split(rows[order], np.cumsum(np.bincount(table.groups[rows], minlength=n))[:-1])
+    empty = [names[i] for i, part in enumerate(parts) if not len(part)]
+    if empty:
+        raise DataError(
+            f"{what}: partition.column {col!r} value {empty[0]!r} has no rows left after "
+            f"{n_hold} were held back for evaluation.every: lower evaluation.holdout"
+        )
+    return Dataset(
+        table.x, table.y, len(table.classes), tuple(parts),
+        hold if hold is not None else np.array([], int), tuple(table.features),
+        tuple(table.classes), client_names=tuple(names),
+    )
 
 
 def _check_split(y: np.ndarray, cfg: Config, what: str, held: int) -> None:

@@ -40,11 +40,23 @@ def summarize(
         # only the drifts the run reached: later ones were never seen, nor plotted
         "drift_times": [t for t in drift_times(cfg) if t <= cfg.federation.rounds],
     }
+    names = _client_names(cfg)
+    if names:  # partition.column: which site (device, user) each client is
+        summary["client_names"] = dict(enumerate(names))
     if final_eval:
         summary["global_eval"] = final_eval
     if baselines:
         summary["baselines"] = {name: b.to_dict() for name, b in baselines.items()}
     return summary
+
+
+def _client_names(cfg: Config) -> tuple[str, ...]:
+    from fedstream.sim.federation import federation  # the data: only for a column split
+
+    if cfg.partition.scheme != "column":
+        return ()
+    dataset = federation(cfg).dataset
+    return dataset.client_names if dataset is not None else ()
 
 
 def load(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

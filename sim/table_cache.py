@@ -63,6 +63,7 @@ def cached_table(
     time: str | None = None,
     fmt: Format = "auto",
     exclude: Sequence[str] = (),
+    group: str | None = None,
     sha256: str = "",
 ) -> Table:
     """`load_table`'s result for these arguments, from the cache when it holds it.
@@ -72,7 +73,7 @@ def cached_table(
     the file no longer has that content. A cached table has no `time` array: its rows are
     already in that column's order, which is all a replay needs of it."""
     args = {"label": label, "features": features, "time": time, "fmt": fmt,
-            "exclude": list(exclude)}
+            "exclude": list(exclude), "group": group}
     root = cache_dir()
     try:
         content = sha256 or (content_digest(path) if root is not None else "")
@@ -133,9 +134,17 @@ def _read(entry: Path) -> Table | None:
             return None
         if len(y) and (y.min() < 0 or y.max() >= len(classes)):
             return None  # labels a model of len(classes) outputs cannot take: damaged
+        groups, group_names = None, meta.get("group_names")
+        if group_names is not None:
+            groups = np.load(entry / "groups.npy", mmap_mode="c")
+            if groups.shape != y.shape or (len(groups) and (
+                groups.min() < 0 or groups.max() >= len(group_names)
+            )):
+                return None
         with contextlib.suppress(OSError):  # a read-only cache serves all the same
             os.utime(entry)  # recently used: pruned last
-        return Table(x=x, y=y, classes=classes, features=features)
+        return Table(x=x, y=y, classes=classes, features=features, groups=groups,
+                     group_names=group_names)
     except Exception:  # absent, or damaged in any way: parse again (and overwrite)
         return None
 
@@ -149,11 +158,14 @@ def _write(root: Path, entry: Path, table: Table, source: Path) -> None:
     try:
         for name in _ARRAYS:
             np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(table, name)))
+        if table.groups is not None:
+            np.save(staging / "groups.npy", np.ascontiguousarray(table.groups))
         meta = {
             "source": str(source),
             "rows": len(table),
             "classes": table.classes,
             "features": table.features,
+            "group_names": table.group_names,
         }
         (staging / "meta.json").write_text(json.dumps(meta))
         staging.chmod(0o755)  # mkdtemp's 0700 would shut other users out of a shared cache

@@ -260,3 +260,45 @@ def test_a_ring_too_coarse_for_the_updates_gets_a_hint(
     else:
         assert hint is not None and f"noise of up to {noise} " in hint
     assert precision_hint(load(overrides=overrides)) is None  # secure aggregation off
+
+
+def test_partition_by_column_gives_each_site_its_own_client(tmp_path: Path) -> None:
+    # A file's own split: client i streams the rows of the i-th site, in file order.
+    from fedstream.client.sources import DataError
+    from fedstream.server.records import History
+    from fedstream.sim.results import summarize
+
+    sites = ["rome", "berlin", "paris", "berlin"] * 30
+    rows = ["site,a,label"] + [f"{s},{i},{i % 2}" for i, s in enumerate(sites)]
+    base = [*_csv(tmp_path, rows), "partition.scheme=column", "partition.column=site"]
+    cfg = load(overrides=[*base, "federation.clients=3", "federation.rounds=2"])
+    data = federation(cfg).dataset
+    assert data is not None and data.client_names == ("berlin", "paris", "rome")
+    assert data.features == ("a",)
+    for client, site in enumerate(data.client_names):
+        expected = [i for i, s in enumerate(sites) if s == site]
+        assert data.x[data.parts[client], 0].tolist() == expected
+    assert summarize(cfg, History(), 1.0, {})["client_names"] == {
+        0: "berlin", 1: "paris", 2: "rome"
+    }
+    with pytest.raises(DataError, match=r"'site' has 3 distinct values .* federation\.clients = 3"):
+        _ = federation(load(overrides=[*base, "federation.clients=4"])).dataset
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["partition.column=site"], "partition.column is used only with partition.scheme"),
+        (["partition.scheme=column"], "needs partition.column"),
+        (["partition.scheme=column", "partition.column=label"], "is also stream.label"),
+    ],
+)
+def test_a_column_split_that_cannot_work_is_refused_in_config_keys(
+    tmp_path: Path, extra: list[str], fragment: str
+) -> None:
+    from fedstream.protocol.config import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        load(overrides=[*_csv(tmp_path, ["site,a,label", "x,1,0"]), *extra])
+    with pytest.raises(ConfigError, match=r"stream\.source must be 'csv' or 'jsonl'"):
+        load(overrides=["partition.scheme=column", "partition.column=site"])

@@ -239,3 +239,14 @@ def test_a_file_that_is_not_the_pinned_content_is_refused_after_parsing(
     with pytest.raises(DataError, match=r"d\.csv: the file changed after the run pinned"):
         cached_table(data, label="label", sha256=pinned)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_group_column_is_cached_with_the_table(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    data = tmp_path / "g.csv"
+    data.write_text("site,a,label\n" + "".join(f"s{i % 3},{i},{'xy'[i % 2]}\n" for i in range(30)))
+    first = cached_table(data, label="label", group="site")
+    parses = _parses(monkeypatch)
+    again = cached_table(data, label="label", group="site")
+    assert parses == [] and again.group_names == first.group_names == ["s0", "s1", "s2"]
+    np.testing.assert_array_equal(again.groups, first.groups)
+    assert cached_table(data, label="label", exclude=["site"]).groups is None  # parsed again

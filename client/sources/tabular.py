@@ -62,6 +62,10 @@ class Table:
     classes: list[str]
     features: list[str]
     time: np.ndarray | None = None
+    # The `group` column's value of each row, as an index into `group_names` (sorted as
+    # classes are): which device, site or user a row came from.
+    groups: np.ndarray | None = None
+    group_names: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -70,12 +74,21 @@ class Table:
 @dataclass(frozen=True)
 class Columns:
     """Which columns (JSONL: keys) a load takes: the label, the features (None: all the
-    others but ``exclude``) and the optional time column."""
+    others but ``exclude``), the optional time column and the optional group column (whose
+    text values say which device, site or user a row came from)."""
 
     label: str
     features: Sequence[str] | None = None
     time: str | None = None
     exclude: tuple[str, ...] = ()
+    group: str | None = None
+
+    @property
+    def roles(self) -> list[tuple[str, str]]:
+        """The text columns a row has besides its features, in the order rows carry them."""
+        return [("label", self.label)] + [
+            (role, col) for role, col in (("time", self.time), ("group", self.group)) if col
+        ]
 
 
 @dataclass
@@ -89,6 +102,7 @@ class _Raw:
     times: list[str] | None
     features: list[str]
     what: str  # "column" (CSV) or "key" (JSONL)
+    groups: list[str] | None = None
 
 
 def load_table(
@@ -100,34 +114,41 @@ def load_table(
     fmt: Format = "auto",
     classes: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    group: str | None = None,
 ) -> Table:
     """Read a CSV or JSONL file into a ``Table`` (see the module docstring for the rules).
 
     ``features=None`` takes every column (key) except ``label``, ``time`` and those in
     ``exclude`` (each of which must exist: a misspelt one would leave its column in). ``classes``
     fixes the label vocabulary and its order (an unseen label is then an error); otherwise it
-    is the sorted set of labels found (numerically when they are all integers)."""
-    _check_arguments(label, features, time, fmt)
+    is the sorted set of labels found (numerically when they are all integers). ``group``
+    names a text column kept as ``Table.groups`` (not a feature), e.g. a site or device id."""
+    _check_arguments(label, features, time, fmt, group)
     if exclude and features is not None:
         raise ValueError("exclude leaves columns out of all the others: pass it without features")
     name = str(path)
     text = _read_text(Path(path), name)
-    cols = Columns(label, features, time, tuple(exclude))
+    cols = Columns(label, features, time, tuple(exclude), group)
     read = _read_csv if detect_format(path, text, fmt) == "csv" else _read_jsonl
     raw = read(text, name, cols)
-    return _build(raw, name, label, time, classes)
+    return _build(raw, name, cols, classes)
 
 
 # ---------------------------------------------------------------------------- arguments / io
 
 
 def _check_arguments(
-    label: str, features: Sequence[str] | None, time: str | None, fmt: str
+    label: str, features: Sequence[str] | None, time: str | None, fmt: str,
+    group: str | None = None,
 ) -> None:
     if fmt not in ("auto", "csv", "jsonl"):
         raise ValueError(f"fmt must be 'auto', 'csv' or 'jsonl', got {fmt!r}")
     if time is not None and time == label:
         raise ValueError(f"time and label must be different columns, both are {label!r}")
+    if group is not None and group in (label, time):
+        raise ValueError(f"the group column {group!r} is also the label or time column")
+    if group is not None and features is not None and group in features:
+        raise ValueError(f"the group column {group!r} must not also be listed in features")
     if features is None:
         return
     if isinstance(features, str):
@@ -323,26 +344,26 @@ def _csv_header(
     header: list[str], line: int, name: str, cols: Columns
 ) -> tuple[list[str], list[int]]:
     """Resolve the selected columns to (feature names, [label, time?, *feature] positions)."""
-    label, features, time, exclude = cols.label, cols.features, cols.time, cols.exclude
+    features, exclude = cols.features, cols.exclude
     seen: set[str] = set()
     for col in header:
         if col in seen and col:
             raise DataError(f"{name}:{line}: duplicate column name {col!r} in header")
         seen.add(col)
     position = {col: i for i, col in enumerate(header)}
-    wanted = [("label", label)] + ([("time", time)] if time is not None else [])
+    wanted = cols.roles
     if features is None:
         for col in exclude:
             if col not in position:
                 raise _column_error(name, line, "excluded", col, header)
-        features = [c for c in header if c not in (label, time, *exclude)]
+        features = [c for c in header if c not in ({c for _, c in wanted} | set(exclude))]
         if "" in features:
             raise DataError(
                 f"{name}:{line}: column {header.index('') + 1} has no name; "
                 "pass features=[...] to choose columns explicitly"
             )
         if not features:
-            raise DataError(f"{name}:{line}: no feature columns besides {label!r}")
+            raise DataError(f"{name}:{line}: no feature columns besides {cols.label!r}")
     wanted += [("feature", f) for f in features]
     for role, col in wanted:
         if col not in position:
@@ -368,12 +389,10 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
     if trailing:
         header = header[:-1]
     names, positions = _csv_header(header, header_line, name, cols)
-    time = cols.time
     n_fields = len(header)
     lines: list[int] = []
-    labels: list[str] = []
-    times: list[str] = []
-    offset = 2 if time is not None else 1
+    text_columns: list[list[str]] = [[] for _ in cols.roles]  # label, time?, group?
+    offset = len(text_columns)
     cells = _Cells(names, "column", decimal_mark(delimiter), name)
     for line, fields in records:
         if trailing and len(fields) == n_fields + 1 and not fields[-1].strip():
@@ -385,21 +404,22 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
                 f"{name}:{line}: expected {n_fields} fields as in the header, found {len(fields)}"
             )
         lines.append(line)
-        labels.append(fields[positions[0]].strip())
-        if time is not None:
-            times.append(fields[positions[1]].strip())
+        for values, i in zip(text_columns, positions, strict=False):
+            values.append(fields[i].strip())
         cells.add(line, [fields[i] for i in positions[offset:]])
     if not lines:
         raise DataError(f"{name}:{header_line}: header only, no data rows")
     x, x_error = cells.done()
+    by_role = dict(zip((role for role, _ in cols.roles), text_columns, strict=True))
     return _Raw(
         lines=np.asarray(lines, dtype=np.int64),
-        labels=labels,
+        labels=by_role["label"],
         x=x,
         x_error=x_error,
-        times=times if time is not None else None,
+        times=by_role.get("time"),
         features=names,
         what="column",
+        groups=by_role.get("group"),
     )
 
 
@@ -450,10 +470,12 @@ def _json_text(value: Any, name: str, line: int, key: str) -> str:
 
 def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
     label, features, time, exclude = cols.label, cols.features, cols.time, cols.exclude
+    group = cols.group
     lines: list[int] = []
     labels: list[str] = []
     cells: list[list[Any]] = []
     times: list[str] = []
+    groups: list[str] = []
     names: list[str] | None = list(features) if features is not None else None
     exact: set[str] | None = None  # with features=None every record must have these keys
     for line, raw in enumerate(text.split("\n"), start=1):
@@ -466,11 +488,11 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
                     shown = ", ".join(repr(k) for k in obj)
                     raise DataError(f"{name}:{line}: excluded key {key!r} not found; "
                                     f"available: {shown}")
-            names = [k for k in obj if k not in (label, time, *exclude)]
+            names = [k for k in obj if k not in (label, time, group, *exclude)]
             exact = set(obj)
             if not names:
                 raise DataError(f"{name}:{line}: no feature keys besides {label!r}")
-        required = [label] + ([time] if time is not None else []) + names
+        required = [col for _, col in cols.roles] + names
         for key in required:
             if key not in obj:
                 shown = ", ".join(repr(k) for k in obj)
@@ -486,6 +508,8 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
         cells.append([obj[k] for k in names])
         if time is not None:
             times.append(_time_text(obj[time], name, line, time))
+        if group is not None:
+            groups.append(_json_text(obj[group], name, line, group))
     if names is None:
         raise DataError(f"{name}: no records (the file is empty or blank)")
     block = _Cells(names, "key", ".", name)
@@ -500,6 +524,7 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
         times=times if time is not None else None,
         features=names,
         what="key",
+        groups=groups if group is not None else None,
     )
 
 
@@ -512,9 +537,7 @@ def _time_text(value: Any, name: str, line: int, key: str) -> str:
 # ------------------------------------------------------------------------- shared building
 
 
-def _build(
-    raw: _Raw, name: str, label: str, time: str | None, classes: Sequence[str] | None
-) -> Table:
+def _build(raw: _Raw, name: str, cols: Columns, classes: Sequence[str] | None) -> Table:
     """Convert the raw cells; if several checks fail, report the problem nearest the top
     of the file, which is where someone fixing the file by hand will start."""
     failures: list[_RowError] = []
@@ -529,7 +552,12 @@ def _build(
     if raw.x_error is not None:
         failures.append(raw.x_error)
     x = raw.x
-    labels = attempt(lambda: _encode_labels(raw, name, label, classes))
+    label, time = cols.label, cols.time
+    labels = attempt(lambda: _encode_labels(raw.labels, raw, name, label, classes))
+    grouped = None
+    if cols.group is not None and raw.groups is not None:
+        groups = raw.groups
+        grouped = attempt(lambda: _encode_labels(groups, raw, name, str(cols.group), None, "value"))
     stamps = None
     if time is not None and raw.times is not None:
         times = raw.times
@@ -538,10 +566,13 @@ def _build(
         raise DataError(str(min(failures, key=lambda exc: exc.line))) from None
     assert x is not None and labels is not None
     y, class_names = labels
+    g, group_names = grouped if grouped is not None else (None, None)
     if stamps is not None:
         order = np.argsort(stamps, kind="stable")
         x, y, stamps = x[order], y[order], stamps[order]
-    return Table(x=x, y=y, classes=class_names, features=raw.features, time=stamps)
+        g = g[order] if g is not None else None
+    return Table(x=x, y=y, classes=class_names, features=raw.features, time=stamps, groups=g,
+                 group_names=group_names)
 
 
 class _RowError(DataError):
@@ -757,16 +788,22 @@ def _sort_classes(found: list[str]) -> list[str]:
 
 
 def _encode_labels(
-    raw: _Raw, name: str, label: str, classes: Sequence[str] | None
+    texts: list[str],
+    raw: _Raw,
+    name: str,
+    label: str,
+    classes: Sequence[str] | None,
+    role: str = "label",
 ) -> tuple[np.ndarray, list[str]]:
+    """Text values (labels, or a group column's) as indices into their sorted names."""
     given = None if classes is None else [str(c) for c in classes]
-    canon = np.asarray([_canonical_label(s) for s in raw.labels], dtype=np.str_)
+    canon = np.asarray([_canonical_label(s) for s in texts], dtype=np.str_)
     allowed = set() if given is None else {_canonical_label(c) for c in given}
     missing = np.isin(np.char.lower(canon), list(MISSING - allowed))
     if missing.any():
         i = int(np.argmax(missing))
         raise _row_error(
-            name, raw.lines[i], f"{raw.what} {label!r}: missing label {raw.labels[i]!r}"
+            name, raw.lines[i], f"{raw.what} {label!r}: missing {role} {texts[i]!r}"
         )
     found, inverse = np.unique(canon, return_inverse=True)
     if given is None:
@@ -784,7 +821,7 @@ def _encode_labels(
                     name,
                     raw.lines[i],
                     f"{raw.what} {label!r}: unknown label "
-                    f"{raw.labels[i]!r}; expected one of {given}",
+                    f"{texts[i]!r}; expected one of {given}",
                 )
     remap = np.asarray([lookup[c] for c in found.tolist()], dtype=np.int64)
     return remap[inverse.reshape(-1)], names
