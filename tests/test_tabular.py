@@ -415,6 +415,12 @@ def test_features_converted_block_by_block_are_the_file_and_errors_keep_their_li
     expect_error(write(tmp_path, "lab.csv", early_label), 3, "missing label", label="label")
 
 
+def test_a_time_column_reads_a_decimal_comma_in_a_semicolon_file(tmp_path: Path) -> None:
+    table = load_table(write(tmp_path, "t.csv", "ts;a;y\n5,6;1;x\n2,5;2;y\n"), label="y",
+                       time="ts")
+    np.testing.assert_allclose(table.time, [2.5, 5.6])
+
+
 def test_a_group_column_says_where_each_row_came_from(tmp_path: Path) -> None:
     # A site column is not a feature: it is kept as codes into its sorted values, and
     # follows the rows when a time column reorders them.

@@ -411,6 +411,8 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
         raise DataError(f"{name}:{header_line}: header only, no data rows")
     x, x_error = cells.done()
     by_role = dict(zip((role for role, _ in cols.roles), text_columns, strict=True))
+    if "time" in by_role and cells.decimal == ",":  # '5,6' seconds, as the features read
+        by_role["time"] = [_point_decimal(t) for t in by_role["time"]]
     return _Raw(
         lines=np.asarray(lines, dtype=np.int64),
         labels=by_role["label"],
@@ -526,6 +528,14 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
         what="key",
         groups=groups if group is not None else None,
     )
+
+
+def _point_decimal(text: str) -> str:
+    """A number written with a decimal comma ('5,6'), with a point; anything else as is."""
+    whole, comma, fraction = text.partition(",")
+    if comma and whole.lstrip("+-").isdigit() and fraction.isdigit():
+        return f"{whole}.{fraction}"
+    return text
 
 
 def _time_text(value: Any, name: str, line: int, key: str) -> str:
