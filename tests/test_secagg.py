@@ -20,6 +20,7 @@ import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1214,3 +1215,17 @@ def test_a_secret_that_failed_is_retried_only_when_a_share_comes_in(monkeypatch)
     assert not agg.ready() and len(calls) == tried  # nothing new: nothing rebuilt
     agg.take(sa.answer(agg.request_for(4), 4, _sk("enc", 4)))
     assert agg.ready() and len(calls) > tried
+
+
+def test_the_protocol_example_runs_a_round_with_a_dropout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # examples/secure_sum.py is the README's Python example of the protocol: it must run.
+    import runpy
+
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "secure_sum.py"),
+                   run_name="__main__")
+    out = capsys.readouterr().out
+    assert "party 4 dropped" in out and "contributors 4" in out
+    error = float(out.rsplit(": ", 1)[1])
+    assert error < 1e-6
