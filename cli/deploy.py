@@ -25,8 +25,10 @@ def certs(
         list[str] | None, typer.Option("--node", help="Make a SuperNode key pair NAME.key/.pub.")
     ] = None,
 ) -> None:
-    """Make a CA, a server certificate and SuperNode key pairs (existing ones are kept;
-    --host for other names issues the server certificate again, from the same CA)."""
+    """Make a CA, a server certificate and SuperNode key pairs.
+
+    Existing ones are kept; --host for other names issues the server certificate again,
+    from the same CA."""
     from fedstream.server.credentials import SERVER_CERT, make_credentials, server_hosts
 
     before = server_hosts(out) if (out / SERVER_CERT).exists() else None

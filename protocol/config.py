@@ -40,12 +40,27 @@ class FederationConfig(_Section):
     fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     min_clients: PositiveInt = 1
     strategy: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
-    server_lr: Annotated[float, Field(gt=0.0)] = 3.0
+    # 0 (the default) picks the strategy's own: see SERVER_LR.
+    server_lr: Annotated[float, Field(ge=0.0)] = 0.0
     server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     beta1: Probability = 0.9
     beta2: Probability = 0.99
     tau: Annotated[float, Field(gt=0.0)] = 1e-3
     round_timeout: Annotated[float, Field(gt=0.0)] = 600.0
+
+    @model_validator(mode="after")
+    def _server_lr_of_the_strategy(self) -> FederationConfig:
+        if self.server_lr == 0.0:
+            object.__setattr__(self, "server_lr", SERVER_LR[self.strategy])
+        return self
+
+
+# The server step each strategy takes by default. FedAvg's 3 makes up for the few local
+# steps a round of a stream gives each client (README: Server strategies); FedAdam's and
+# FedYogi's eta is a step of the normalised update, where 3 diverges: 0.1 measured best of
+# 3, 0.1, 0.03 and 0.01 on the default federation (70.7 % and 72.5 %, against 65.0 % and
+# 62.8 % at 3).
+SERVER_LR = {"fedavg": 3.0, "fedadam": 0.1, "fedyogi": 0.1}
 
 
 class StreamConfig(_Section):
@@ -89,9 +104,8 @@ class StreamConfig(_Section):
                 "stream.exclude leaves columns out of all the others; with stream.features "
                 "naming the columns to use, list only those"
             )
-        for role, col in (("label", self.label), ("time", self.time)):
-            if col and col in self.exclude:
-                raise ValueError(f"stream.exclude names the {role} column {col!r}")
+        if self.label in self.exclude:  # the time column may be listed: it is no feature
+            raise ValueError(f"stream.exclude names the label column {self.label!r}")
         if self.source in ("csv", "jsonl"):
             if not self.path:
                 raise ValueError(f"stream.path is required for source '{self.source}'")

@@ -230,10 +230,11 @@ def _split_by_column(table: Table, cfg: Config) -> Dataset:
     names, what, col = table.group_names, cfg.stream.path, cfg.partition.column
     n = cfg.federation.clients
     if len(names) != n:
-        shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+        shown = ", ".join(map(repr, names[:20])) + (", ..." if len(names) > 20 else "")
         raise DataError(
             f"{what}: partition.column {col!r} has {len(names)} distinct values ({shown}), "
-            f"one client each: set federation.clients = {len(names)}"
+            f"one client each: set federation.clients = {len(names)} (values that differ "
+            "only in case or spaces count apart)"
         )
     rng = np.random.default_rng([cfg.seed, 0x40])
     n_hold = min(cfg.evaluation.holdout, len(table) // 5) if cfg.evaluation.every else 0

@@ -90,7 +90,11 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
         ax.legend(loc="upper right", fontsize=8)
     _mark_drifts(ax, summary.get("drift_times", []))
     ax.set(xlabel="round", ylabel="client", title="Per-client accuracy (blank: not sampled)")
-    ax.set_yticks(range(len(clients)), [str(c) for c in clients], fontsize=6)
+    # partition.column: the site of each client (int keys in memory, str once in JSON)
+    names = {str(k): v for k, v in (summary.get("client_names") or {}).items()}
+    ax.set_yticks(range(len(clients)), [
+        f"{c} {names[str(c)]}" if str(c) in names else str(c) for c in clients
+    ], fontsize=6)
     path = plots / "clients.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)

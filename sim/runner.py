@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,23 +107,32 @@ def scale_hint(cfg: Config) -> str | None:
 
 
 def exhaustion_hint(cfg: Config) -> str | None:
-    """What to say when a dataset's rows run out long before the last round: the rounds
-    after it train on nothing, and would otherwise just show as unaggregated rounds."""
+    """What to say when clients' rows run out long before the last round: the rounds
+    after it train on nothing, and would otherwise just show as unaggregated rounds or
+    idle clients. Clients differ (their rates by stream.rate_spread, their rows by the
+    partition: a small site under partition.column), so each is looked at."""
     fed = federation(cfg)
     dataset = fed.dataset
     if dataset is None:
         return None
-    lasts = [len(part) / rate for part, rate in zip(dataset.parts, fed.rates, strict=True)]
-    lasts_rounds = float(np.median(lasts))
-    if lasts_rounds >= 0.8 * cfg.federation.rounds:
+    rounds, n = cfg.federation.rounds, cfg.federation.clients
+    lasts = np.array([len(p) / r for p, r in zip(dataset.parts, fed.rates, strict=True)])
+    short = np.flatnonzero(lasts < 0.8 * rounds)
+    if not len(short):
         return None
-    rows = sum(len(part) for part in dataset.parts)
-    what = cfg.stream.path or cfg.stream.source
+    names = dataset.client_names
+
+    def who(i: int) -> str:
+        return f"client {i}" + (f" ({names[i]!r})" if names else "")
+
+    first = short[np.argsort(lasts[short], kind="stable")][:3]
+    shown = ", ".join(f"{who(i)} after about {lasts[i]:.1f}" for i in first)
+    more = ", ..." if len(short) > len(first) else ""
     return (
-        f"fedstream: hint: {what}: {rows:,} rows over {cfg.federation.clients} clients at "
-        f"stream.rate = {cfg.stream.rate:g} a round run out after about {lasts_rounds:.1f} of "
-        f"the {cfg.federation.rounds} rounds, and later rounds have nothing new to train on: "
-        "lower stream.rate or federation.rounds"
+        f"fedstream: hint: {cfg.stream.path or cfg.stream.source}: the rows of "
+        f"{len(short)} of {n} clients at stream.rate = {cfg.stream.rate:g} a round run out "
+        f"well before the last of the {rounds} rounds ({shown}{more}), and from then on "
+        "they have nothing new to train on: lower stream.rate or federation.rounds"
     )
 
 
@@ -133,10 +143,7 @@ def label_hint(cfg: Config) -> str | None:
     dataset = federation(cfg).dataset
     if dataset is None or not dataset.classes:
         return None
-    alike: dict[str, list[str]] = {}
-    for name in dataset.classes:
-        alike.setdefault(name.strip().casefold(), []).append(name)
-    twins = [names for names in alike.values() if len(names) > 1]
+    twins = alike(dataset.classes)
     if twins:
         shown = "; ".join(", ".join(map(repr, names)) for names in twins[:3])
         return (
@@ -157,17 +164,50 @@ def label_hint(cfg: Config) -> str | None:
     )
 
 
+def alike(names: Sequence[str]) -> list[list[str]]:
+    """Groups of names that differ only in case or surrounding spaces ('yes', 'Yes ')."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.strip().casefold(), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def group_hint(cfg: Config) -> str | None:
+    """partition.column values that differ only in case or spaces make clients of their
+    own (a one-row 'berlin ' beside 'berlin'): say so."""
+    dataset = federation(cfg).dataset
+    twins = alike(dataset.client_names) if dataset is not None else []
+    if not twins:
+        return None
+    shown = "; ".join(", ".join(map(repr, names)) for names in twins[:3])
+    return (
+        f"fedstream: hint: values of partition.column {cfg.partition.column!r} that differ "
+        f"only in case or spaces are clients of their own ({shown}): if each group is one "
+        "site, write its values alike in the file"
+    )
+
+
 def drift_hint(cfg: Config) -> str | None:
     """A file is replayed as it is unless a drift key is set; setting one (even only
-    drift.stagger) turns on relabelling, which changes the user's own data: say so."""
+    drift.stagger) turns on relabelling, which changes the user's own data: say so, and
+    say when the drift times lie beyond the run."""
     if cfg.stream.source not in ("csv", "jsonl") or cfg.drift.kind == "none":
         return None
-    at = ", ".join(f"{t:g}" for t in cfg.drift.at)
+    d, rounds = cfg.drift, cfg.federation.rounds
+    reached = [t for t in d.at if t - d.stagger - d.width / 2 < rounds]
+    if not reached:
+        at = ", ".join(f"{t:g}" for t in d.at)
+        return (
+            f"fedstream: note: drift.at = [{at}] lies after the last round ({rounds}): the "
+            f"classes of {cfg.stream.path} are never relabelled in this run"
+        )
+    how = "relabels" if d.kind == "abrupt" else f"blends, over drift.width = {d.width:g} rounds,"
+    at = ", ".join(f"{t:g}" for t in reached)
     return (
-        f"fedstream: note: drift.kind = {cfg.drift.kind!r} relabels the classes of "
-        f"{cfg.stream.path} at round {at} (each client's time shifted by up to "
-        f"drift.stagger = {cfg.drift.stagger:g}), to simulate drift; set drift.kind = "
-        '"none" to replay the file as it is'
+        f"fedstream: note: drift.kind = {d.kind!r} {how} the classes of {cfg.stream.path} "
+        f"into a new permutation at round {at} (each client's time shifted by up to "
+        f"drift.stagger = {d.stagger:g}), to simulate drift; set drift.kind = \"none\" to "
+        "replay the file as it is"
     )
 
 
@@ -208,8 +248,8 @@ def simulate(cfg: Config) -> dict[str, Any]:
     cfg = pin_data(cfg)
     preflight(cfg)
     for hint in (
-        scale_hint(cfg), label_hint(cfg), drift_hint(cfg), exhaustion_hint(cfg),
-        precision_hint(cfg),
+        scale_hint(cfg), label_hint(cfg), group_hint(cfg), drift_hint(cfg),
+        exhaustion_hint(cfg), precision_hint(cfg),
     ):
         if hint:
             print(hint, file=sys.stderr)

@@ -42,8 +42,6 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"stream": {"features": ["a"], "exclude": ["b"]}},
          "stream.exclude leaves columns out of all the others"),
         ({"stream": {"exclude": ["label"]}}, "stream.exclude names the label column 'label'"),
-        ({"stream": {"time": "ts", "exclude": ["ts"]}},
-         "stream.exclude names the time column 'ts'"),
         ({"simulation": {"dispatch_interval": 0}}, "simulation.dispatch_interval"),
         ({"simulation": {"dispatch_interval": 0.5}}, "simulation.dispatch_interval"),
         ({"secure_aggregation": {"clip": float("inf")}}, "secure_aggregation.clip: Input "
@@ -215,3 +213,21 @@ def test_a_data_path_expands_home_and_refuses_a_folder(tmp_path: Path, monkeypat
     message = str(info.value)
     assert "is a directory" in message
     assert message.count("stream.path") == 1  # said once, without the section's raw data
+
+
+def test_exclude_may_list_the_time_column(tmp_path: Path) -> None:
+    # The time column is no feature anyway: listing it among the columns to leave out is
+    # harmless, and refusing it only puzzled users.
+    path = tmp_path / "d.csv"
+    path.write_text("ts,id,a,y\n3,x1,1,p\n1,x2,2,q\n")
+    cfg = load(overrides=["stream.source=csv", f'stream.path="{path}"', "stream.label=y",
+                          "stream.time=ts", 'stream.exclude=["ts", "id"]'])
+    assert cfg.stream.exclude == ["ts", "id"]
+
+
+@pytest.mark.parametrize(("strategy", "lr"), [("fedavg", 3.0), ("fedadam", 0.1), ("fedyogi", 0.1)])
+def test_server_lr_defaults_to_the_strategys_own(strategy: str, lr: float) -> None:
+    # FedAvg's server step of 3 made FedAdam diverge; an explicit value is kept as given.
+    assert load(overrides=[f"federation.strategy={strategy}"]).federation.server_lr == lr
+    explicit = [f"federation.strategy={strategy}", "federation.server_lr=0.5"]
+    assert load(overrides=explicit).federation.server_lr == 0.5

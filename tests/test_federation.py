@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from fedstream.client.learner import Learner
+from fedstream.client.sources.replay import ArraySource
 from fedstream.protocol.config import load
 from fedstream.sim.baselines import _spec, run_centralized, run_local
 from fedstream.sim.federation import Federation, federation
@@ -49,6 +51,24 @@ def test_replayed_data_drifts_by_relabelling() -> None:
     _, before = source.draw(index, np.full(50, 1.0))
     _, after = source.draw(index, np.full(50, 3.0))
     assert (before != after).mean() > 0.5  # same inputs, other classes
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_every_drift_moves_every_label(classes: int) -> None:
+    # A random permutation of yes/no is no drift half the time; two drifts in a row may
+    # draw the same one. Each drift must move every class, whatever the seed.
+    from fedstream.client.sources.drift import DriftSchedule
+    from fedstream.client.sources.relabel import Relabel
+
+    for seed in range(20):
+        base = ArraySource(np.zeros((classes, 1), np.float32), np.arange(classes),
+                           np.arange(classes), classes)
+        source = Relabel(base, DriftSchedule("abrupt", (1.0, 2.0, 3.0), 0.0), seed=seed,
+                         client=0)
+        index = np.arange(classes)
+        concepts = [source.draw(index, np.full(classes, t))[1] for t in (0.5, 1.5, 2.5, 3.5)]
+        for before, after in itertools.pairwise(concepts):
+            assert np.all(before != after), (seed, concepts)
 
 
 def test_cnn_learns_on_image_shaped_digits() -> None:
@@ -183,8 +203,9 @@ def test_hints_for_rows_that_run_out_and_for_labels_with_fractions(tmp_path: Pat
 
     base = _csv(tmp_path, ["a,label"] + [f"{i},{i % 2}" for i in range(150)])
     hint = exhaustion_hint(load(overrides=[*base, "stream.rate=30", "federation.rounds=30"]))
-    assert hint is not None and "run out after about 2." in hint and "of the 30 rounds" in hint
-    assert exhaustion_hint(load(overrides=[*base, "stream.rate=2", "federation.rounds=30"])) is None
+    assert hint is not None and "the rows of 2 of 2 clients" in hint
+    assert "before the last of the 30 rounds (client " in hint
+    assert exhaustion_hint(load(overrides=[*base, "stream.rate=1", "federation.rounds=30"])) is None
     assert label_hint(load(overrides=base)) is None
     graded = _csv(tmp_path, ["a,label"] + [f"{i},{1 + i % 3 / 2}" for i in range(60)], "g.csv")
     hint = label_hint(load(overrides=graded))
@@ -201,6 +222,10 @@ def test_hints_for_labels_alike_but_for_case_and_for_drift_on_a_file(tmp_path: P
     assert drift_hint(load(overrides=base)) is None  # a file replays as it is
     hint = drift_hint(load(overrides=[*base, "drift.stagger=0"]))  # any drift key turns it on
     assert hint is not None and "'abrupt' relabels the classes" in hint and "round 15" in hint
+    gradual = drift_hint(load(overrides=[*base, 'drift.kind="gradual"']))
+    assert gradual is not None and "over drift.width = 3 rounds" in gradual
+    never = drift_hint(load(overrides=[*base, "drift.stagger=0", "federation.rounds=3"]))
+    assert never is not None and "lies after the last round (3)" in never
 
 
 def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
@@ -267,6 +292,7 @@ def test_partition_by_column_gives_each_site_its_own_client(tmp_path: Path) -> N
     from fedstream.client.sources import DataError
     from fedstream.server.records import History
     from fedstream.sim.results import summarize
+    from fedstream.sim.runner import exhaustion_hint, group_hint
 
     sites = ["rome", "berlin", "paris", "berlin"] * 30
     rows = ["site,a,label"] + [f"{s},{i},{i % 2}" for i, s in enumerate(sites)]
@@ -281,6 +307,18 @@ def test_partition_by_column_gives_each_site_its_own_client(tmp_path: Path) -> N
     assert summarize(cfg, History(), 1.0, {})["client_names"] == {
         0: "berlin", 1: "paris", 2: "rome"
     }
+    # One small site runs out long before the others: named, though the median would not.
+    short = exhaustion_hint(load(overrides=[
+        *base, "federation.clients=3", "stream.rate=5", "stream.rate_spread=0",
+        "federation.rounds=10",
+    ]))
+    assert short is not None and "the rows of 2 of 3 clients" in short  # not berlin's 60
+    assert "(client 1 ('paris') after about 6.0, client 2 ('rome') after about 6.0)" in short
+    twins = [*rows, "Berlin,999,0"]  # another case: a client of its own, and said so
+    twinned = [*_csv(tmp_path, twins, "t.csv"), "partition.scheme=column",
+               "partition.column=site", "federation.clients=4"]
+    hint = group_hint(load(overrides=twinned))
+    assert hint is not None and "('Berlin', 'berlin')" in hint
     with pytest.raises(DataError, match=r"'site' has 3 distinct values .* federation\.clients = 3"):
         _ = federation(load(overrides=[*base, "federation.clients=4"])).dataset
 
@@ -302,3 +340,21 @@ def test_a_column_split_that_cannot_work_is_refused_in_config_keys(
         load(overrides=[*_csv(tmp_path, ["site,a,label", "x,1,0"]), *extra])
     with pytest.raises(ConfigError, match=r"stream\.source must be 'csv' or 'jsonl'"):
         load(overrides=["partition.scheme=column", "partition.column=site"])
+
+
+@pytest.mark.parametrize("key", [int, str])  # in memory, and as read back from JSON
+def test_the_clients_plot_names_each_site(tmp_path: Path, monkeypatch, key) -> None:
+    from matplotlib.axes import Axes
+
+    from fedstream.sim.plots import clients_plot
+
+    ticks: list[list[str]] = []
+    real = Axes.set_yticks
+    monkeypatch.setattr(Axes, "set_yticks",
+                        lambda self, at, labels=None, **kw: (ticks.append(list(labels or [])),
+                                                             real(self, at, labels, **kw))[1])
+    records = [{"round": 1, "drifts": [], "clients": {
+        "0": {"accuracy": 0.5}, "1": {"accuracy": 0.7}}}]
+    summary = {"client_names": {key(0): "berlin", key(1): "paris"}, "drift_times": []}
+    assert clients_plot(tmp_path, summary, records).exists()
+    assert ticks[-1] == ["0 berlin", "1 paris"]

@@ -12,24 +12,28 @@ from pathlib import Path
 
 import psutil
 import pytest
+from pydantic import BaseModel
 
-from fedstream.protocol.config import Config, from_run_config, to_dict
+from fedstream.protocol.config import Config, from_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def _scalar_defaults() -> dict[str, object]:
+    """Every scalar key's declared default, as written in the code: a default that a
+    validator resolves (server_lr 0: the strategy's own) is declared as that 0, so that
+    `flwr run` resolves it the same way for whatever strategy its run config picks."""
     flat: dict[str, object] = {}
 
-    def walk(prefix: str, node: dict) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            elif not isinstance(value, list):
-                flat[f"{prefix}{key}"] = value
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for key, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(f"{prefix}{key}.", field.annotation)
+            elif not isinstance(field.default, list):
+                flat[f"{prefix}{key}"] = field.default
 
-    walk("", to_dict(Config()))
+    walk("", Config)
     return flat
 
 

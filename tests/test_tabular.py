@@ -436,3 +436,14 @@ def test_a_group_column_says_where_each_row_came_from(tmp_path: Path) -> None:
     expect_error(missing, 3, "column 'site': missing value ''", label="y", group="site")
     with pytest.raises(ValueError, match="group column 'a' must not also be listed"):
         load_table(missing, label="y", features=["a"], group="a")
+
+
+def test_a_misspelt_column_gets_a_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "s.csv", "Site,temp,label\nrome,1,x\n")
+    expect_error(path, 1, "group column 'site' not found", "did you mean 'Site'?",
+                 label="label", group="site")
+    expect_error(path, 1, "label column 'lable' not found", "did you mean 'label'?", label="lable")
+    jsonl = write(tmp_path, "s.jsonl", '{"Site": "rome", "temp": 1, "label": "x"}\n')
+    message = expect_error(jsonl, 1, "missing key 'site'", "did you mean 'Site'?", label="label",
+                           group="site")
+    assert "the first record has it" not in message  # it is the first record, and has not

@@ -15,6 +15,15 @@ from fedstream.client.sources.drift import DriftSchedule
 _GOLDEN = 0.6180339887498949
 
 
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn permutation of range(n) that moves every element (n >= 2):
+    rejection sampling, about e draws."""
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
 class Relabel:
     def __init__(self, base: Source, drift: DriftSchedule, *, seed: int, client: int) -> None:
         self.base = base
@@ -23,11 +32,15 @@ class Relabel:
         self.n_classes = base.n_classes
         self.length = base.length
         self._phase = float(np.random.default_rng([seed, 0x5E, client & 0xFFFF]).random())
-        # permutation k is shared by all clients: concept k means the same everywhere
+        # Permutation k is shared by all clients: concept k means the same everywhere. Each
+        # one moves every class away from where the concept before put it (a derangement
+        # after the previous permutation), so every drift changes every label: a random
+        # permutation of two classes would be no drift at all half the time.
         n_concepts = len(drift.at) + 1
         perms = [np.arange(base.n_classes)]
         for k in range(1, n_concepts):
-            perms.append(np.random.default_rng([seed, 0x9E, k]).permutation(base.n_classes))
+            step = _derangement(base.n_classes, np.random.default_rng([seed, 0x9E, k]))
+            perms.append(step[perms[-1]])
         self._perms = np.stack(perms)
 
     def draw(self, index: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

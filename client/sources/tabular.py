@@ -14,6 +14,7 @@ held as millions of Python strings at once.
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import io
 import json
@@ -226,8 +227,17 @@ def detect_format(path: str | Path, text: str, fmt: Format) -> Literal["csv", "j
     return "jsonl" if text.lstrip().startswith("{") else "csv"
 
 
+def _did_you_mean(wanted: str, available: Sequence[str]) -> str:
+    """'; did you mean 'site'?' for a name that is off by case, spaces or a typo."""
+    folded = {a.strip().casefold(): a for a in available}
+    close = folded.get(wanted.strip().casefold()) or next(
+        iter(difflib.get_close_matches(wanted, list(available), n=1, cutoff=0.75)), None
+    )
+    return f"; did you mean {close!r}?" if close else ""
+
+
 def _column_error(name: str, line: int, role: str, col: str, available: Sequence[str]) -> DataError:
-    shown = ", ".join(repr(c) for c in available)
+    shown = ", ".join(repr(c) for c in available) + _did_you_mean(col, available)
     json_like = bool(available) and available[0].lstrip().startswith("{")
     hint = (
         '; the file looks like JSON Lines: read it as jsonl (stream.source = "jsonl", or '
@@ -497,8 +507,9 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
         required = [col for _, col in cols.roles] + names
         for key in required:
             if key not in obj:
-                shown = ", ".join(repr(k) for k in obj)
-                first = " (the first record has it: every record needs its keys)" if exact else ""
+                shown = ", ".join(repr(k) for k in obj) + _did_you_mean(key, list(obj))
+                had = exact is not None and key in exact
+                first = " (the first record has it: every record needs its keys)" if had else ""
                 raise DataError(
                     f"{name}:{line}: missing key {key!r}{first}; available: {shown}"
                 )
