@@ -40,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from logging import DEBUG, INFO, WARNING
@@ -73,6 +74,7 @@ PRELOAD = (
 TASK_NAME = b"flwr-clientapp"  # what a forked task calls itself (/proc/PID/comm)
 PR_SET_NAME = 15
 STOP_GRACE = 2.0  # seconds a task gets to exit after SIGTERM; Flower force-exits at 5 s
+ORPHAN_GRACE = 2.0  # seconds a task whose SuperExec died gets for Flower's own exit
 
 
 def _name_process(name: bytes) -> None:
@@ -87,6 +89,8 @@ def run_task(spec: ExecutionSpec) -> None:
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     _name_process(TASK_NAME)
+    if spec.parent_pid is not None:
+        exit_when_orphaned(spec.parent_pid, ORPHAN_GRACE)
     if spec.suppress_output:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -101,6 +105,33 @@ def run_task(spec: ExecutionSpec) -> None:
         parent_pid=spec.parent_pid,
         runtime_dependency_install=spec.runtime_dependency_install,
     )
+
+
+def exit_when_orphaned(pid: int, grace: float) -> threading.Thread:
+    """End this process `grace` s after process `pid` (the SuperExec) is gone.
+
+    Flower's task notices its SuperExec's death within 0.2 s, and exits gracefully: it
+    keeps trying to report to the SuperNode, which died with it (a device killed with
+    SIGKILL), for 10 to 30 s, and holds the zygote alive meanwhile (a forkserver lives as
+    long as a child of it does). After `grace` it just ends: its spool writes are
+    transactions, so nothing half-done is kept.
+    """
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass  # alive, another user's: pids are not reused that fast
+            time.sleep(0.2)
+        time.sleep(grace)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="orphan-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _check_preloaded(modules: Sequence[str]) -> None:

@@ -149,3 +149,29 @@ def test_flowers_loop_still_picks_its_executor_by_the_name_we_rebind() -> None:
 
     assert "get_executor" in loop.run_superexec.__code__.co_names
     assert callable(loop.get_executor)
+
+
+def orphan(watched: int, grace: float) -> None:
+    """A task that would run a minute, but ends `grace` s after process `watched` does."""
+    from fedstream.client.warm_exec import exit_when_orphaned
+
+    exit_when_orphaned(watched, grace)
+    time.sleep(60)
+
+
+def test_a_task_whose_superexec_died_ends_soon(executors) -> None:
+    # A device killed with SIGKILL takes its SuperNode and SuperExec along; Flower's task
+    # would keep trying to report to the dead SuperNode for 10 to 30 s, and the zygote
+    # lives as long as any child of it does (so it goes once the task has).
+    import subprocess
+
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    executor = executors(["json"])
+    task = executor.fork(orphan, stand_in.pid, 0.5)
+    time.sleep(0.5)
+    assert task.exitcode is None  # its SuperExec is alive: it runs
+    stand_in.kill()
+    stand_in.wait()
+    started = time.monotonic()
+    task.join(10)
+    assert task.exitcode == 1 and time.monotonic() - started < 5
