@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -86,6 +87,9 @@ def sim(
     try:
         summary = simulate(cfg)
     except Exception as e:
+        # A Ctrl-C takes Ray's workers down at once, and the engine may end the run with
+        # an error before the driver's own handler has run: let it end the run as stopped.
+        time.sleep(1.0)
         fail(f"{type(e).__name__}: {e}", 1)
     report(summary, Path(cfg.output.dir))
 
@@ -102,16 +106,19 @@ def _stop_on_interrupt(out: Path) -> None:
     import signal
     import threading
 
-    def interrupted(signum: int, _frame: object) -> None:
-        from fedstream.server.records import stop_logs
+    from fedstream.server.records import stop_logs
 
-        stop_logs()  # a round the ServerApp finishes while Ray stops is not written
-        err.print(f"\ninterrupted: the rounds done so far are in {out / 'metrics.jsonl'} "
-                  "(no summary.json)", markup=False, highlight=False, soft_wrap=True)
-        sys.stderr.flush()
-        sys.stdout.flush()
+    def interrupted(signum: int, _frame: object) -> None:
+        # Whatever happens below, the command ends here with 128 + signum: an exception
+        # raised in a signal handler would surface in whatever the main thread was
+        # running, and end the run as a failure instead.
         threading.Timer(5.0, os._exit, (128 + signum,)).start()  # if Ray will not stop
         try:
+            stop_logs()  # a round the ServerApp finishes while Ray stops is not written
+            err.print(f"\ninterrupted: the rounds done so far are in {out / 'metrics.jsonl'} "
+                      "(no summary.json)", markup=False, highlight=False, soft_wrap=True)
+            sys.stderr.flush()
+            sys.stdout.flush()
             import ray
 
             ray.shutdown()  # its head processes outlive a driver that just exits

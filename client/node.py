@@ -134,6 +134,9 @@ REASONS = (
      "--key is not an OpenSSH EC private key"),
     ("Server disconnected without sending a response",
      "the server closed the connection without a reply (--insecure against a TLS server?)"),
+    ("Connection reset by peer",  # the same refusal, as gRPC words it under load
+     "the server reset the connection (--insecure against a TLS server?, or the server "
+     "went down)"),
     ("Giving up reconnection",
      "the server did not answer within --max-wait"),
 )

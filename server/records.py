@@ -285,8 +285,11 @@ def stop_logs() -> None:
     message. A record being written when this is called is completed first.
     """
     global _stopped
-    with _WRITES:
-        _stopped = True
+    _stopped = True
+    # Wait for a write under way (in another thread) to finish its line; a handler that
+    # interrupted this very thread inside a write must not wait for itself.
+    if _WRITES.acquire(timeout=1.0):
+        _WRITES.release()
 
 
 class MetricsLog:

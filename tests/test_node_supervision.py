@@ -173,6 +173,11 @@ REFUSED = {
         "certificate has expired (_ssl.c:1006)\n\n",
         ["certificate has expired (or this machine's clock is wrong)"],
     ),
+    "plaintext against TLS, under load": (
+        "\x1b[91mERROR \x1b[0m:     Connection attempt failed, retrying in 1.93 seconds\n"
+        "httpcore.ReadError: [Errno 104] Connection reset by peer\n",
+        ["--insecure against a TLS server?", "Connection reset by peer"],
+    ),
     "replaced server": (
         "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully.\nTraceback (most recent "
         "call last):\n  File \"x.py\", line 1, in f\nhttpx.HTTPStatusError: Client error '401 "
