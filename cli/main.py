@@ -78,6 +78,7 @@ def sim(
     from fedstream.client.sources import DataError
     from fedstream.sim.runner import pin_data, preflight, simulate
 
+    _import_from_here()
     try:
         cfg = pin_data(cfg)
         preflight(cfg)
@@ -92,6 +93,20 @@ def sim(
         time.sleep(1.0)
         fail(f"{type(e).__name__}: {e}", 1)
     report(summary, Path(cfg.output.dir))
+
+
+def _import_from_here() -> None:
+    """A `learner.model = "mymodels:factory"` module beside the user is importable, as
+    `python -m` would make it: in this process and in the Ray workers it starts (they
+    inherit PYTHONPATH)."""
+    import os
+
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *paths])
 
 
 def _stop_on_interrupt(out: Path) -> None:
@@ -168,6 +183,12 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         markup=False,
         soft_wrap=True,  # a long path stays on its line, whole, for copying
     )
+    if summary.get("samples_seen") and summary.get("prequential_loss") is None:
+        Console().print(
+            "[yellow]the model diverged[/yellow]: its loss is not a number (NaN or "
+            "infinite; null in metrics.jsonl), so its predictions mean nothing: lower "
+            "learner.lr (or federation.server_lr)", highlight=False
+        )
     failed = summary["rounds"] - summary.get("rounds_aggregated", summary["rounds"])
     if failed:
         Console().print(

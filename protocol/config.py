@@ -7,6 +7,7 @@ dotted key path, before any process or Ray worker starts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tomllib
@@ -138,6 +139,15 @@ class DriftConfig(_Section):
     at: list[Annotated[float, Field(ge=0.0)]] = [15.0]
     width: Annotated[float, Field(ge=0.0)] = 3.0
     stagger: Annotated[float, Field(ge=0.0)] = 1.0
+
+    @field_validator("at")
+    @classmethod
+    def _increasing(cls, at: list[float]) -> list[float]:
+        # Concept k holds between the k-th and the next time: out of order, or twice, the
+        # schedule would skip concepts and the plots mark drifts that never happen.
+        if any(b <= a for a, b in itertools.pairwise(at)):
+            raise ValueError(f"drift times must increase, each once: {at}")
+        return at
 
 
 class LearnerConfig(_Section):
@@ -459,7 +469,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     except ConfigError as err:
         if not path:
             raise
-        where = f"{path}{' and --set' if overrides else ''}"  # where the bad keys came from
+        where = f"{path}{', with overrides' if overrides else ''}"  # where the keys came from
         said = str(err).replace("invalid config:", f"invalid config ({where}):", 1)
         raise ConfigError(said) from None
 

@@ -74,7 +74,7 @@ def _user_model(spec: str, feature_shape: Sequence[int], n_classes: int) -> nn.M
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, ValueError) as err:  # ValueError: no module name
         raise ValueError(f"learner.model '{spec}': cannot load factory ({err})") from None
     try:
         model = factory(tuple(feature_shape), n_classes)

@@ -146,3 +146,30 @@ def test_a_run_pins_its_data_file_and_a_rerun_refuses_it_edited(
     assert proc.returncode == 2
     assert "stream.sha256" in proc.stderr and str(csv_file) in proc.stderr.replace("\n", "")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_run_whose_model_diverged_is_told_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fedstream.cli.main import print_summary
+
+    summary = {
+        "clients": 4, "rounds": 3, "prequential_accuracy": 0.059, "prequential_loss": None,
+        "samples_seen": 300, "client_updates": 12, "client_failures": 0, "wall_seconds": 3.0,
+        "bytes_up": 1, "bytes_down": 1,
+    }
+    print_summary(summary, tmp_path)
+    assert "the model diverged" in capsys.readouterr().out
+    print_summary({**summary, "prequential_loss": 0.7}, tmp_path)
+    assert "diverged" not in capsys.readouterr().out
+
+
+def test_a_model_module_beside_the_user_is_found(tmp_path: Path) -> None:
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n"
+        "def wide(shape, n):\n    return nn.Sequential(nn.Flatten(), nn.Linear(20, n))\n"
+    )
+    proc = fedstream("sim", "--quiet", "--out", str(tmp_path / "o"), "--set",
+                     "learner.model=mymodels:wide", "--set", "federation.clients=2",
+                     "--set", "federation.rounds=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr

@@ -46,6 +46,7 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"simulation": {"dispatch_interval": 0.5}}, "simulation.dispatch_interval"),
         ({"secure_aggregation": {"clip": float("inf")}}, "secure_aggregation.clip: Input "
          "should be a finite number"),
+        ({"drift": {"at": [8, 3, 3]}}, "drift.at: drift times must increase, each once"),
         ({"secure_aggregation": {"clip": 1e-320}}, "secure_aggregation.clip: Input should be "
          "greater than or equal to 0.000000000001"),
         ({"secure_aggregation": {"max_weight": 2**64}}, "secure_aggregation.max_weight"),
