@@ -88,6 +88,30 @@ def _user_model(spec: str, feature_shape: Sequence[int], n_classes: int) -> nn.M
     return model
 
 
+def check_outputs(
+    model: nn.Module, spec: str, feature_shape: Sequence[int], n_classes: int
+) -> None:
+    """A model must give one score per class: a user factory with another output size
+    would otherwise load, and fail every client in its first round."""
+    was_training = model.training
+    model.eval()  # BatchNorm and dropout: a batch of two zeros is no training batch
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *feature_shape)))
+    except Exception as err:
+        raise ValueError(
+            f"learner.model '{spec}': a batch of shape {(2, *feature_shape)} raised "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (2, n_classes):
+        raise ValueError(
+            f"learner.model '{spec}' gives outputs of shape {tuple(out.shape)} for a batch of "
+            f"2: it must give one score per class, (2, {n_classes})"
+        )
+
+
 def _flat(shape: Sequence[int]) -> int:
     size = 1
     for s in shape:

@@ -28,7 +28,7 @@ from fedstream.client.sources.relabel import Relabel
 from fedstream.client.sources.tabular import Table
 from fedstream.client.stream import ClientStream
 from fedstream.protocol.config import Config, drift_times, from_json, to_json
-from fedstream.protocol.models import build_model
+from fedstream.protocol.models import build_model, check_outputs
 from fedstream.sim.partition import class_priors, partition
 from fedstream.sim.table_cache import cached_table
 
@@ -161,11 +161,15 @@ class Federation:
         index = np.arange(size, dtype=np.int64)
         return src.draw(index, np.full(size, float(t)))
 
-    def initial_arrays(self) -> ArrayRecord:
+    def initial_arrays(self, check: bool = False) -> ArrayRecord:
+        """The global model's first weights; `check`: also that it gives one score per
+        class (preflight does, once)."""
         model = build_model(
             self.cfg.learner.model, self.feature_shape, self.n_classes,
             hidden=self.cfg.learner.hidden, seed=self.cfg.seed,
         )
+        if check:
+            check_outputs(model, self.cfg.learner.model, self.feature_shape, self.n_classes)
         return ArrayRecord(model.state_dict())
 
 

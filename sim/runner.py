@@ -70,7 +70,7 @@ def preflight(cfg: Config) -> None:
     _check_output(Path(cfg.output.dir))
     fed = federation(cfg)
     _ = fed.dataset
-    fed.initial_arrays()
+    fed.initial_arrays(check=True)
     if not (cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")):
         # Local virtual clients see this machine's devices; on a cluster, its nodes' may differ.
         try:

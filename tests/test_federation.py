@@ -242,6 +242,22 @@ def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
         federation(load(overrides=["federation.clients=3"])).stream(3)
 
 
+def test_preflight_refuses_a_model_with_another_number_of_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It would load, and then fail every client with "Target 8 is out of bounds".
+    from fedstream.sim.runner import preflight
+
+    (tmp_path / "three_out.py").write_text(
+        "import torch.nn as nn\n"
+        "def make(shape, n):\n    return nn.Sequential(nn.Flatten(), nn.Linear(20, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load(overrides=["learner.model=three_out:make", f'output.dir="{tmp_path}"'])
+    with pytest.raises(ValueError, match=r"gives outputs of shape \(2, 3\) .* \(2, 10\)"):
+        preflight(cfg)
+
+
 def test_a_rerun_in_the_same_folder_leaves_nothing_of_the_first(tmp_path: Path) -> None:
     from fedstream.sim.results import prepare, summarize
 
