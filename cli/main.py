@@ -76,17 +76,16 @@ def sim(
     cfg = _load(config, set_, extra)
     # heavy imports only once the config is good
     from fedstream.client.sources import DataError
-    from fedstream.sim.runner import pin_data, preflight, simulate
+    from fedstream.sim.runner import prepare, run
 
     _import_from_here()
     try:
-        cfg = pin_data(cfg)
-        preflight(cfg)
+        cfg = prepare(cfg)  # the file pinned, data and model loaded once, hints printed
     except (DataError, ValueError) as e:
         fail(e, 2)
     _stop_on_interrupt(Path(cfg.output.dir))
     try:
-        summary = simulate(cfg)
+        summary = run(cfg)
     except Exception as e:
         # A Ctrl-C takes Ray's workers down at once, and the engine may end the run with
         # an error before the driver's own handler has run: let it end the run as stopped.

@@ -474,7 +474,6 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         raise ConfigError(said) from None
 
 
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A config file's data, its relative `stream.path` taken from the file's own folder
     (a config that sits beside its data runs from any directory); `--set` paths stay

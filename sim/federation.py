@@ -198,17 +198,9 @@ def _split(
     features: tuple[str, ...] = (),
     classes: tuple[str, ...] = (),
 ) -> Dataset:
-    rng = np.random.default_rng([cfg.seed, 0x40])
-    n_hold = min(cfg.evaluation.holdout, len(y) // 5) if cfg.evaluation.every else 0
     what = cfg.stream.path or cfg.stream.source
-    if cfg.evaluation.every and not n_hold:
-        raise DataError(
-            f"{what}: {len(y)} rows are too few to hold back a fifth for evaluation.every; "
-            "set evaluation.every = 0"
-        )
-    hold = np.sort(rng.choice(len(y), size=n_hold, replace=False)) if n_hold else np.array([], int)
-    rest = np.setdiff1d(np.arange(len(y)), hold)
-    _check_split(y[rest], cfg, what, n_hold)
+    hold, rest = _holdout(len(y), cfg, what)
+    _check_split(y[rest], cfg, what, len(hold))
     p = cfg.partition
     try:
         parts = partition(
@@ -226,6 +218,20 @@ def _split(
     return Dataset(x, y, n_classes, parts_rows, hold, features, classes)
 
 
+def _holdout(rows: int, cfg: Config, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(held-back rows for evaluation.every, the rest), both sorted: a fifth of the rows
+    at most, drawn from (seed) whatever the split."""
+    n_hold = min(cfg.evaluation.holdout, rows // 5) if cfg.evaluation.every else 0
+    if cfg.evaluation.every and not n_hold:
+        raise DataError(
+            f"{what}: {rows} rows are too few to hold back a fifth for evaluation.every; "
+            "set evaluation.every = 0"
+        )
+    rng = np.random.default_rng([cfg.seed, 0x40])
+    hold = np.sort(rng.choice(rows, size=n_hold, replace=False)) if n_hold else np.array([], int)
+    return hold, np.setdiff1d(np.arange(rows), hold)
+
+
 def _split_by_column(table: Table, cfg: Config) -> Dataset:
     """The file's own split: client i gets the rows whose `partition.column` has the i-th
     value (sorted as labels are), in file (or time) order. The held-back rows for
@@ -240,27 +246,17 @@ def _split_by_column(table: Table, cfg: Config) -> Dataset:
             f"one client each: set federation.clients = {len(names)} (values that differ "
             "only in case or spaces count apart)"
         )
-    rng = np.random.default_rng([cfg.seed, 0x40])
-    n_hold = min(cfg.evaluation.holdout, len(table) // 5) if cfg.evaluation.every else 0
-    if cfg.evaluation.every and not n_hold:
-        raise DataError(f"{what}: {len(table)} rows are too few to hold back a fifth for "
-                        "evaluation.every; set evaluation.every = 0")
-    hold = np.sort(rng.choice(len(table), size=n_hold, replace=False)) if n_hold else None
-    keep = np.ones(len(table), dtype=bool)
-    if hold is not None:
-        keep[hold] = False
-    rows = np.flatnonzero(keep)
+    hold, rows = _holdout(len(table), cfg, what)
     order = np.argsort(table.groups[rows], kind="stable")  # rows by client, in file order
     parts = np.split(rows[order], np.cumsum(np.bincount(table.groups[rows], minlength=n))[:-1])
     empty = [names[i] for i, part in enumerate(parts) if not len(part)]
     if empty:
         raise DataError(
             f"{what}: partition.column {col!r} value {empty[0]!r} has no rows left after "
-            f"{n_hold} were held back for evaluation.every: lower evaluation.holdout"
+            f"{len(hold)} were held back for evaluation.every: lower evaluation.holdout"
         )
     return Dataset(
-        table.x, table.y, len(table.classes), tuple(parts),
-        hold if hold is not None else np.array([], int), tuple(table.features),
+        table.x, table.y, len(table.classes), tuple(parts), hold, tuple(table.features),
         tuple(table.classes), client_names=tuple(names),
     )
 

@@ -90,11 +90,9 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
         ax.legend(loc="upper right", fontsize=8)
     _mark_drifts(ax, summary.get("drift_times", []))
     ax.set(xlabel="round", ylabel="client", title="Per-client accuracy (blank: not sampled)")
-    # partition.column: the site of each client (int keys in memory, str once in JSON)
-    names = {str(k): v for k, v in (summary.get("client_names") or {}).items()}
-    ax.set_yticks(range(len(clients)), [
-        f"{c} {names[str(c)]}" if str(c) in names else str(c) for c in clients
-    ], fontsize=6)
+    names = summary.get("client_names") or []  # partition.column: each client's site
+    labels = [f"{c} {names[c]}" if c < len(names) else str(c) for c in clients]
+    ax.set_yticks(range(len(clients)), labels, fontsize=6)
     path = plots / "clients.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)

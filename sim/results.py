@@ -42,7 +42,7 @@ def summarize(
     }
     names = _client_names(cfg)
     if names:  # partition.column: which site (device, user) each client is
-        summary["client_names"] = dict(enumerate(names))
+        summary["client_names"] = list(names)  # by client id
     if final_eval:
         summary["global_eval"] = final_eval
     if baselines:

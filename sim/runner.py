@@ -145,11 +145,10 @@ def label_hint(cfg: Config) -> str | None:
         return None
     twins = alike(dataset.classes)
     if twins:
-        shown = "; ".join(", ".join(map(repr, names)) for names in twins[:3])
         return (
             f"fedstream: hint: labels in {cfg.stream.label!r} that differ only in case or "
-            f"spaces are classes of their own ({shown}): if each group is one class, write "
-            "its labels alike in the file"
+            f"spaces are classes of their own ({_shown(twins)}): if each group is one class, "
+            "write its labels alike in the file"
         )
     try:
         values = np.asarray(dataset.classes, dtype=np.float64)
@@ -172,6 +171,10 @@ def alike(names: Sequence[str]) -> list[list[str]]:
     return [group for group in groups.values() if len(group) > 1]
 
 
+def _shown(twins: list[list[str]]) -> str:
+    return "; ".join(", ".join(map(repr, names)) for names in twins[:3])
+
+
 def group_hint(cfg: Config) -> str | None:
     """partition.column values that differ only in case or spaces make clients of their
     own (a one-row 'berlin ' beside 'berlin'): say so."""
@@ -179,10 +182,9 @@ def group_hint(cfg: Config) -> str | None:
     twins = alike(dataset.client_names) if dataset is not None else []
     if not twins:
         return None
-    shown = "; ".join(", ".join(map(repr, names)) for names in twins[:3])
     return (
         f"fedstream: hint: values of partition.column {cfg.partition.column!r} that differ "
-        f"only in case or spaces are clients of their own ({shown}): if each group is one "
+        f"only in case or spaces are clients of their own ({_shown(twins)}): if each group is one "
         "site, write its values alike in the file"
     )
 
@@ -242,9 +244,13 @@ NOISE_LIMIT = 0.01  # rounding noise per coordinate and round above which precis
 
 def simulate(cfg: Config) -> dict[str, Any]:
     """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json)."""
-    summary_path = Path(cfg.output.dir) / "summary.json"
-    summary_path.unlink(missing_ok=True)
-    quiet_flower()
+    return run(prepare(cfg))
+
+
+def prepare(cfg: Config) -> Config:
+    """`cfg` checked and ready to run: its data file pinned, the data and model loaded once
+    here (`preflight`), and the hints printed. Bad input raises (DataError, ValueError)
+    and writes nothing; `fedstream sim` exits 2 on it."""
     cfg = pin_data(cfg)
     preflight(cfg)
     for hint in (
@@ -253,6 +259,14 @@ def simulate(cfg: Config) -> dict[str, Any]:
     ):
         if hint:
             print(hint, file=sys.stderr)
+    return cfg
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run a config `prepare` returned, on Flower's simulation engine; its summary."""
+    summary_path = Path(cfg.output.dir) / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    quiet_flower()
     if not set_dispatch_interval(cfg.simulation.dispatch_interval):
         print(
             "fedstream: this flwr's simulation engine dispatches in a way fedstream does not "

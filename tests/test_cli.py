@@ -90,18 +90,23 @@ def test_a_list_of_bare_names_gets_a_quoting_hint() -> None:
     assert 'needs quotes: ["f0", "f1"]' in proc.stderr
 
 
+def _summary(**keys: object) -> dict[str, object]:
+    """A finished run's summary.json, as print_summary reads it, with `keys` changed."""
+    return {
+        "clients": 4, "rounds": 3, "prequential_accuracy": 0.6, "prequential_loss": 0.7,
+        "samples_seen": 300, "client_updates": 12, "client_failures": 0, "wall_seconds": 3.0,
+        "bytes_up": 1, "bytes_down": 1, **keys,
+    }
+
+
 @pytest.mark.parametrize(("clipped", "warned"), [(0.996, True), (0.02, False), (None, False)])
 def test_a_run_that_clipped_most_coordinates_is_told_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, clipped: float | None, warned: bool
 ) -> None:
     from fedstream.cli.main import print_summary
 
-    summary = {
-        "clients": 20, "rounds": 3, "prequential_accuracy": 0.34, "samples_seen": 900,
-        "client_updates": 60, "client_failures": 0, "wall_seconds": 9.0, "bytes_up": 1,
-        "bytes_down": 1, "secure_aggregation": True, "round_trips_per_round": 2.0,
-        "clipped_fraction": clipped,
-    }
+    summary = _summary(secure_aggregation=True, round_trips_per_round=2.0,
+                       clipped_fraction=clipped)
     print_summary(summary, tmp_path)
     out = capsys.readouterr().out
     assert ("99.6 % of the update coordinates were clipped" in out) is warned
@@ -113,12 +118,9 @@ def test_a_secure_run_that_aggregated_nothing_does_not_claim_sums(
 ) -> None:
     from fedstream.cli.main import print_summary
 
-    summary = {
-        "clients": 4, "rounds": 2, "rounds_aggregated": 0, "prequential_accuracy": None,
-        "samples_seen": 0, "client_updates": 0, "client_failures": 8, "wall_seconds": 3.0,
-        "bytes_up": 1, "bytes_down": 1, "secure_aggregation": True,
-        "round_trips_per_round": 1.0, "aggregation_errors": [],
-    }
+    summary = _summary(rounds_aggregated=0, prequential_accuracy=None, samples_seen=0,
+                       client_updates=0, client_failures=8, secure_aggregation=True,
+                       round_trips_per_round=1.0, aggregation_errors=[])
     print_summary(summary, tmp_path)
     assert "the server saw only sums" not in capsys.readouterr().out
 
@@ -153,11 +155,7 @@ def test_a_run_whose_model_diverged_is_told_so(
 ) -> None:
     from fedstream.cli.main import print_summary
 
-    summary = {
-        "clients": 4, "rounds": 3, "prequential_accuracy": 0.059, "prequential_loss": None,
-        "samples_seen": 300, "client_updates": 12, "client_failures": 0, "wall_seconds": 3.0,
-        "bytes_up": 1, "bytes_down": 1,
-    }
+    summary = _summary(prequential_accuracy=0.059, prequential_loss=None)
     print_summary(summary, tmp_path)
     assert "the model diverged" in capsys.readouterr().out
     print_summary({**summary, "prequential_loss": 0.7}, tmp_path)

@@ -70,7 +70,6 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-
 def records(work: Path) -> list[dict]:
     path = work / "srv" / "results" / "metrics.jsonl"
     if not path.exists():

@@ -77,7 +77,6 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-
 def certs(work: Path, *nodes: str) -> None:
     made = run("certs", "creds", *(a for n in nodes for a in ("--node", n)), cwd=work)
     assert made.returncode == 0, made.stderr

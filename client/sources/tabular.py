@@ -718,20 +718,32 @@ class DecimalMarks:
             i, j = np.argwhere(masks[","])[0]
             self.comma = (lines[int(i)], str(cells[i, j]).strip())
         if self.comma is not None:
-            for i, j in np.argwhere(masks["."]):
+            line, c = self.comma
+            points = np.argwhere(masks["."])  # few in a comma file, if any
+            grouped = _grouped_like_thousands(cells[masks["."]])
+            for i, j in points[grouped]:
                 cell = str(cells[i, j]).strip()
-                if int(i) not in found and _GROUPED.fullmatch(cell) and cell.count(".") == 1:
-                    line, c = self.comma  # ('1.000.000' is no number: the parser says so)
-                    found.setdefault(int(i), (
-                        f"column {self.features[j]!r}: {cell!r} reads as {float(cell):g} with "
-                        f"a decimal point, but this file writes decimals with a comma ({c!r}, "
-                        f"line {line}): if it means {cell.replace('.', '').lstrip('+')}, "
-                        "write it without the point"
-                    ))
+                found.setdefault(int(i), (
+                    f"column {self.features[j]!r}: {cell!r} reads as {float(cell):g} with "
+                    f"a decimal point, but this file writes decimals with a comma ({c!r}, "
+                    f"line {line}): if it means {cell.replace('.', '').lstrip('+')}, "
+                    "write it without the point"
+                ))
         return dict(sorted(found.items()))
 
 
-_GROUPED = re.compile(r"[+-]?\d{1,3}(\.\d{3})+")
+def _grouped_like_thousands(cells: np.ndarray) -> np.ndarray:
+    """Which cells are 1 to 3 digits, a point and 3 digits ('1.013', '-12.500'), in numpy
+    string operations ('1.000.000' is no number at all: the parser says so)."""
+    if not cells.size:  # numpy's partition cannot take none
+        return np.zeros(cells.shape, dtype=bool)
+    head, _, tail = np.moveaxis(np.char.partition(np.char.strip(cells), "."), -1, 0)
+    head = np.char.lstrip(head, "+-")
+    width = np.char.str_len(head)
+    return (
+        (width >= 1) & (width <= 3) & np.char.isdigit(head)
+        & (np.char.str_len(tail) == 3) & np.char.isdigit(tail)
+    )
 
 
 def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
