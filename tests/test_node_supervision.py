@@ -97,6 +97,23 @@ TREE = textwrap.dedent("""\
 """)
 
 
+def alive(p: psutil.Process) -> bool:
+    """Running and not a zombie; a process that ends while it is asked is not alive."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def command(p: psutil.Process) -> str:
+    """Name and command line, or "" for a process that ended (or became a zombie) between
+    being listed and being read: short-lived helpers come and go while a server starts."""
+    try:
+        return " ".join([p.name(), *p.cmdline()])
+    except psutil.Error:
+        return ""
+
+
 def test_stop_tree_stops_descendants_in_other_sessions(tmp_path: Path) -> None:
     proc = runtime.spawn([sys.executable, "-c", TREE], None, tmp_path / "log", tmp_path)
     wait_until(lambda: len(runtime.descendants(proc.pid)) == 3, "the tree", 30)
@@ -105,8 +122,7 @@ def test_stop_tree_stops_descendants_in_other_sessions(tmp_path: Path) -> None:
     assert any(os.getsid(p.pid) != os.getsid(proc.pid) for p in tree)
     runtime.stop_tree(proc, grace=5.0)
     assert proc.poll() is not None
-    wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                               for p in tree), "the tree to go", 10)
+    wait_until(lambda: not any(alive(p) for p in tree), "the tree to go", 10)
 
 
 def test_port_in_use_sees_a_listener_not_a_closed_port() -> None:
@@ -352,14 +368,13 @@ def test_stopping_the_server_stops_every_process_it_started(
     try:
         wait_until(lambda: serving(work, "srv"), "the server", 120)
         # The SuperLink's SuperExec starts flwr-serverapp in a session of its own.
-        wait_until(lambda: any(p.name() == "flwr-serverapp" or "flwr-serverapp" in
-                               " ".join(p.cmdline()) for p in runtime.descendants(proc.pid)),
-                   "flwr-serverapp", 60)
+        wait_until(lambda: any("flwr-serverapp" in command(p)
+                               for p in runtime.descendants(proc.pid)), "flwr-serverapp", 60)
         tree = runtime.descendants(proc.pid)
         assert any(os.getsid(p.pid) != proc.pid for p in tree)
         os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
         assert proc.wait(timeout=60) == code
-        assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not [p for p in tree if alive(p)]
         out = (work / "srv.out").read_text()
         assert f"stopped ({sig.name}): the SuperLink and its apps are stopped" in out, out
     finally:
@@ -392,10 +407,9 @@ def test_a_client_waits_for_its_server_and_stops_on_a_signal(
         assert "nothing answers there yet" in text
         assert f"stopped ({sig.name})" in text
         assert "fork_posix" not in text  # gRPC's fork-handler chatter
-        live = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        live = [p for p in tree if alive(p)]
         # the zygote leaves at the end of its preload, when it sees its SuperExec gone
-        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                   for p in live), "the device's processes to go", 30)
+        wait_until(lambda: not any(alive(p) for p in live), "the device's processes to go", 30)
     finally:
         kill_session(proc)
 
