@@ -188,6 +188,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             "infinite; null in metrics.jsonl), so its predictions mean nothing: lower "
             "learner.lr (or federation.server_lr)", highlight=False
         )
+    if summary.get("drift_detection"):
+        Console().print(_detection_line(summary["drift_detection"]), highlight=False)
     failed = summary["rounds"] - summary.get("rounds_aggregated", summary["rounds"])
     if failed:
         Console().print(
@@ -213,6 +215,18 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
                 "[/yellow]: the updates lost their size; raise secure_aggregation.clip "
                 "(clipped_coordinates per round in metrics.jsonl)", highlight=False
             )
+
+
+def _detection_line(d: dict[str, Any]) -> str:
+    """The simulation's drift-detection score in one line (sim/detection.py)."""
+    alarms = f"{d['false_alarms']} false alarm{'s' * (d['false_alarms'] != 1)}"
+    if not d["client_drifts"]:
+        return f"Drift detection: no client reached a drift; {alarms}."
+    line = f"Drift detection: {d['detected']} of {d['client_drifts']} client drifts found"
+    if d["delay_samples"]:
+        line += (f" (median delay {d['delay_samples']['median']:.0f} samples, "
+                 f"{d['delay_rounds']['median']:.1f} rounds)")
+    return line + f", {d['missed']} missed; {alarms}."
 
 
 CLIPPED_WARNING = 0.1  # share of clipped coordinates above which a run is told so

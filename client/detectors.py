@@ -177,8 +177,13 @@ class ADWIN:
 
     Keeps a window of recent values whose mean is statistically homogeneous and drops
     the oldest part whenever some split into an old and a recent sub-window shows means
-    further apart than a Hoeffding/Bernstein-style bound allows. Detects changes in either
-    direction, and ``width`` (how much history is still trusted) is useful in its own right.
+    further apart than a Hoeffding/Bernstein-style bound allows. ``width`` (how much history
+    is still trusted) is useful in its own right.
+
+    The paper's ADWIN reports a change either way (``direction="both"``). Fed a learner's
+    error, a fall is the model learning (or a better global model arriving), not a drift
+    to react to: ``direction="rise"`` still cuts the window on a fall, so the old, worse
+    errors are forgotten, but reports only cuts where the recent errors are higher.
 
     The window is stored as an exponential histogram: row ``i`` holds at most
     ``max_buckets`` buckets summarising ``2**i`` values each, so memory and the cost of a
@@ -194,13 +199,18 @@ class ADWIN:
         clock: int = 32,
         max_buckets: int = 5,
         min_window: int = 5,
+        direction: str = "both",
     ) -> None:
-        self._set_params(delta, clock, max_buckets, min_window)
+        self._set_params(delta, clock, max_buckets, min_window, direction)
         self.reset()
 
-    def _set_params(self, delta: float, clock: int, max_buckets: int, min_window: int) -> None:
+    def _set_params(
+        self, delta: float, clock: int, max_buckets: int, min_window: int, direction: str
+    ) -> None:
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if direction not in ("both", "rise"):
+            raise ValueError(f"direction must be 'both' or 'rise', got {direction!r}")
         for name, value in (("clock", clock), ("max_buckets", max_buckets)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -210,6 +220,7 @@ class ADWIN:
         self.clock = int(clock)
         self.max_buckets = int(max_buckets)
         self.min_window = int(min_window)
+        self.direction = direction
 
     def reset(self) -> None:
         # Row i lists bucket sums / sums of squared deviations, oldest first.
@@ -292,13 +303,14 @@ class ADWIN:
 
     def _shrink_while_cut(self) -> bool:
         detected = False
-        while self._width >= 2 * self.min_window and self._has_cut():
+        while self._width >= 2 * self.min_window and (cut := self._cut()) is not None:
             self._drop_oldest_bucket()
-            detected = True
+            detected |= self.direction == "both" or cut > 0
         return detected
 
-    def _has_cut(self) -> bool:
-        """Is there a split into old|recent sub-windows whose means differ significantly?"""
+    def _cut(self) -> float | None:
+        """The first split into old|recent sub-windows whose means differ significantly, as
+        recent mean minus old mean; None if there is none."""
         n, total = self._width, self._total
         variance = self.variance
         log_term = math.log(2.0 * math.log(n) / self.delta)
@@ -308,12 +320,12 @@ class ADWIN:
             u0 += bucket_total
             n1 = n - n0
             if n1 < self.min_window:
-                return False
+                return None
             if n0 < self.min_window:
                 continue
             if self._split_differs(n0, u0, n1, total - u0, variance, log_term):
-                return True
-        return False
+                return (total - u0) / n1 - u0 / n0
+        return None
 
     @staticmethod
     def _split_differs(
@@ -355,6 +367,7 @@ class ADWIN:
                 "clock": self.clock,
                 "max_buckets": self.max_buckets,
                 "min_window": self.min_window,
+                "direction": self.direction,
             },
             "totals": [list(row) for row in self._totals],
             "m2s": [list(row) for row in self._m2s],
@@ -367,7 +380,8 @@ class ADWIN:
 
     def load_state_dict(self, state: dict) -> None:
         _check_kind(state, self.kind)
-        self._set_params(**state["params"])
+        # a state saved before `direction` existed keeps the direction this one was built with
+        self._set_params(**{"direction": self.direction, **state["params"]})
         self._totals = [[float(v) for v in row] for row in state["totals"]]
         self._m2s = [[float(v) for v in row] for row in state["m2s"]]
         self._width = int(state["width"])

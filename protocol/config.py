@@ -193,9 +193,18 @@ class DetectorConfig(_Section):
     kind: Literal["none", "page_hinkley", "adwin"] = "adwin"
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.002
     threshold: Annotated[float, Field(gt=0.0)] = 50.0
+    # A falling error is learning, not drift; "both" is the paper's ADWIN (adwin only).
+    direction: Literal["rise", "both"] = "rise"
     reaction: Literal["none", "reset_optimizer", "boost_lr"] = "reset_optimizer"
     boost: Annotated[float, Field(ge=1.0)] = 2.0
     boost_batches: PositiveInt = 10
+
+    @model_validator(mode="after")
+    def _one_sided_page_hinkley(self) -> DetectorConfig:
+        if self.kind == "page_hinkley" and self.direction == "both":
+            raise ValueError("detector.direction 'both' is for adwin: page_hinkley detects "
+                             "rises of the error only")
+        return self
 
 
 class EvaluationConfig(_Section):

@@ -186,6 +186,7 @@ def round_record(
                 "fading_accuracy": r.fading_accuracy,
                 "total_seen": r.total_seen,
                 "total_accuracy": _ratio(r.total_correct, r.total_seen),
+                "offset": r.offset,  # stream position after the round
                 "train_seconds": r.train_seconds,
             }
             for r in sorted(reports, key=lambda r: r.client)

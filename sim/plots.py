@@ -30,9 +30,15 @@ def _cumulative(records: list[dict[str, Any]]) -> list[float | None]:
     return series
 
 
+def _x(t: float) -> float:
+    """Where time `t` falls on a round axis: round r is drawn at x = r and spans the times
+    [r - 1, r), so a drift at the start of round r + 1 (time r) sits between r and r + 1."""
+    return t + 0.5
+
+
 def _mark_drifts(ax: plt.Axes, drift_times: list[float]) -> None:
     for i, t in enumerate(drift_times):
-        ax.axvline(t, color="crimson", linestyle=":", label="drift" if i == 0 else None)
+        ax.axvline(_x(t), color="crimson", linestyle=":", label="drift" if i == 0 else None)
 
 
 def _series(values: list[float | None]) -> np.ndarray:
@@ -87,8 +93,16 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
     if detections:
         dx, dy = zip(*detections, strict=True)
         ax.scatter(dx, dy, marker="x", color="red", s=18, label="drift detected")
+    starts = summary.get("client_drift_times")  # staggered drifts: each client's own
+    if starts:
+        own = [(_x(t), row[c]) for c in clients for t in starts[c] if t <= n_rounds]
+        if own:
+            sx, sy = zip(*own, strict=True)
+            ax.scatter(sx, sy, marker="|", color="crimson", s=40, label="drift (this client)")
+    else:
+        _mark_drifts(ax, summary.get("drift_times", []))
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8)
-    _mark_drifts(ax, summary.get("drift_times", []))
     ax.set(xlabel="round", ylabel="client", title="Per-client accuracy (blank: not sampled)")
     names = summary.get("client_names") or []  # partition.column: each client's site
     labels = [f"{c} {names[c]}" if c < len(names) else str(c) for c in clients]

@@ -4,13 +4,13 @@ and plots. Its layout is a contract other tools read; see the README.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from fedstream.protocol.config import Config, drift_times, to_toml
-from fedstream.server.records import History, read_metrics, run_summary
+from fedstream.server.records import History, run_summary
 from fedstream.sim.baselines import BaselineResult
+from fedstream.sim.detection import client_drift_times, detection_report
 
 OWNED = ("summary.json", "metrics.jsonl", "plots/accuracy.png", "plots/clients.png")
 
@@ -33,6 +33,7 @@ def summarize(
     wall_seconds: float,
     baselines: dict[str, BaselineResult],
     final_eval: dict[str, float] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     summary: dict[str, Any] = {
         **run_summary(cfg, history),
@@ -40,6 +41,11 @@ def summarize(
         # only the drifts the run reached: later ones were never seen, nor plotted
         "drift_times": [t for t in drift_times(cfg) if t <= cfg.federation.rounds],
     }
+    if cfg.drift.kind != "none" and cfg.drift.stagger > 0:  # each client's own, by id
+        summary["client_drift_times"] = client_drift_times(cfg)
+    detection = detection_report(cfg, records or [])
+    if detection is not None:
+        summary["drift_detection"] = detection
     names = _client_names(cfg)
     if names:  # partition.column: which site (device, user) each client is
         summary["client_names"] = list(names)  # by client id
@@ -58,8 +64,3 @@ def _client_names(cfg: Config) -> tuple[str, ...]:
     dataset = federation(cfg).dataset
     return dataset.client_names if dataset is not None else ()
 
-
-def load(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a results folder back: (summary, round records)."""
-    summary = json.loads((out / "summary.json").read_text())
-    return summary, read_metrics(out / "metrics.jsonl")

@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedstream.protocol.config import Config, from_run_config
 from fedstream.server.app import run_federation
-from fedstream.server.records import write_summary
+from fedstream.server.records import read_metrics, write_summary
 from fedstream.sim import results
 from fedstream.sim.baselines import run_baselines
 from fedstream.sim.dispatch import set_dispatch_interval
@@ -41,10 +41,11 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
     wall = time.perf_counter() - started
     baselines = run_baselines(cfg)
     final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
-    summary = results.summarize(cfg, history, wall, baselines, final_eval)
+    records = read_metrics(out / "metrics.jsonl")
+    summary = results.summarize(cfg, history, wall, baselines, final_eval, records)
     write_summary(out, summary)
     if cfg.output.plots:
-        plot_all(out, summary, results.load(out)[1])
+        plot_all(out, summary, records)
     return summary
 
 

@@ -106,6 +106,33 @@ def test_adwin_detects_decrease(seed: int) -> None:
     assert CHANGE_AT <= found[0] < CHANGE_AT + MAX_DELAY
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adwin_on_rises_ignores_a_fall_but_forgets_the_old_errors(seed: int) -> None:
+    # A learner's error falls as it learns, then rises at a drift: only the rise is drift.
+    stream = piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT), (0.5, CHANGE_AT))
+    both, rise = ADWIN(), ADWIN(direction="rise")
+    assert [i for i in detections(both, stream) if i < 2 * CHANGE_AT]  # the fall, reported
+    found = detections(rise, stream)
+    assert found and 2 * CHANGE_AT <= found[0] < 2 * CHANGE_AT + MAX_DELAY
+    # Both cut the window the same way: the rise is found as fast as by the paper's ADWIN.
+    assert found[0] == next(i for i in detections(ADWIN(), stream) if i >= 2 * CHANGE_AT)
+    assert abs(rise.estimation - 0.5) < 0.05
+
+
+def test_adwin_direction_is_checked_and_kept_in_its_state() -> None:
+    with pytest.raises(ValueError, match="direction must be 'both' or 'rise', got 'up'"):
+        ADWIN(direction="up")
+    restored = ADWIN()
+    restored.load_state_dict(ADWIN(direction="rise").state_dict())
+    assert restored.direction == "rise"
+    old = ADWIN(direction="rise").state_dict()
+    del old["params"]["direction"]  # saved before the parameter existed: keeps its own
+    for own in ("both", "rise"):
+        restored = ADWIN(direction=own)
+        restored.load_state_dict(old)
+        assert restored.direction == own
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_page_hinkley_ignores_decrease(seed: int) -> None:
     """A falling error means the model improved: by design no alarm."""

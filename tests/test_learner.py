@@ -110,6 +110,25 @@ def test_drift_is_detected_and_lr_boosted() -> None:
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.04)
 
 
+def test_a_falling_error_is_not_drift_unless_asked() -> None:
+    # While a fresh model learns, its error falls: the paper's ADWIN reports that change,
+    # the default (direction "rise") does not; both find the label flip.
+    found = {}
+    for direction in ("both", "rise"):
+        det = DetectorConfig(kind="adwin", direction=direction)
+        learner = _learner(batch_size=4, lr=0.01, momentum=0.0, detector=det)
+        early = [p for i in range(8) for p in learner.learn(*_data(seed=i)).drifts]
+        x, y = _data(n=400, seed=99)
+        found[direction] = (early, learner.learn(x, 1 - y).drifts)
+    assert found["both"][0] and not found["rise"][0], found
+    assert found["both"][1] and found["rise"][1], found
+
+
+def test_page_hinkley_has_no_two_sided_mode() -> None:
+    with pytest.raises(ValueError, match="direction 'both' is for adwin"):
+        DetectorConfig(kind="page_hinkley", direction="both")
+
+
 def test_reset_optimizer_reaction_clears_momentum() -> None:
     det = DetectorConfig(kind="adwin", reaction="reset_optimizer")
     learner = _learner(batch_size=4, detector=det)

@@ -46,6 +46,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "federated" in proc.stdout and "centralized" in proc.stdout
+    assert "Drift detection: " in proc.stdout
     return out
 
 
@@ -70,6 +71,12 @@ def test_results_folder_has_the_contract(small_run: Path) -> None:
     assert all(0.0 <= r["global_eval"]["accuracy"] <= 1.0 for r in records)
     assert "global_eval" in summary
     assert (small_run / "config.toml").read_text().count("clients = 4") == 1
+    assert all("offset" in rep for r in records for rep in r["clients"].values())
+    assert len(summary["client_drift_times"]) == 4  # drift at 2, staggered per client
+    found = summary["drift_detection"]
+    assert found["detected"] + found["missed"] == found["client_drifts"] <= 4
+    detections = sum(len(r["drifts"]) for r in records)
+    assert found["detected"] + found["false_alarms"] == detections
     for plot in ("accuracy.png", "clients.png"):
         assert (small_run / "plots" / plot).stat().st_size > 10_000
 

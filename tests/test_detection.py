@@ -1,0 +1,83 @@
+"""Scoring the clients' drift detections against the drifts the simulation put in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fedstream.protocol.config import load
+from fedstream.sim.detection import client_drift_times, detection_report
+from fedstream.sim.federation import federation
+
+# 10 samples a round on every client, evenly: drift at time 5 starts at position 50.
+STEADY = ["stream.arrival=fixed", "stream.rate=10", "stream.rate_spread=0",
+          "federation.clients=2", "federation.rounds=15", "drift.stagger=0"]
+
+
+def rec(round_: int, offsets: dict[int, int], drifts: tuple[tuple[int, int], ...] = ()) -> dict:
+    return {"round": round_, "drifts": [{"client": c, "position": p} for c, p in drifts],
+            "clients": {str(c): {"offset": o} for c, o in offsets.items()}}
+
+
+def report(overrides: list[str], records: list[dict]) -> dict[str, Any]:
+    result = detection_report(load(overrides=[*STEADY, *overrides]), records)
+    assert result is not None
+    return result
+
+
+def test_first_detection_after_a_drift_counts_and_every_other_is_a_false_alarm() -> None:
+    records = [
+        rec(3, {0: 30}, ((0, 25),)),  # before any drift: a false alarm
+        rec(6, {0: 60, 1: 40}, ((0, 57), (0, 59))),  # drift 1 found 7 samples in; a repeat
+        rec(15, {0: 150}),  # drift 2 (position 100) reached, never found: missed
+    ]
+    r = report(["drift.at=[5.0, 10.0]"], records)
+    assert (r["client_drifts"], r["detected"], r["missed"], r["false_alarms"]) == (2, 1, 1, 2)
+    assert r["delay_samples"] == {"median": 7.0, "mean": 7.0, "max": 7.0}
+    assert r["delay_rounds"]["median"] == 1.0  # from time 5 to the end of round 6
+    first, second = r["per_drift"]
+    assert (first["at"], first["clients_reached"], first["detected"]) == (5.0, 1, 1)
+    assert (second["clients_reached"], second["missed"], second["delay_samples"]) == (1, 1, None)
+
+
+def test_a_drift_the_client_never_reached_is_not_missed() -> None:
+    # Client 1 stopped at position 40 (not sampled again): drift 1 starts at 50.
+    r = report(["drift.at=[5.0]"], [rec(4, {0: 40, 1: 40}), rec(8, {0: 80}, ((0, 62),))])
+    assert (r["client_drifts"], r["detected"], r["missed"]) == (1, 1, 0)
+
+
+def test_a_detection_after_the_next_drift_belongs_to_the_next() -> None:
+    r = report(["drift.at=[5.0, 7.0]"], [rec(10, {0: 100}, ((0, 75),))])
+    assert (r["detected"], r["missed"], r["false_alarms"]) == (1, 1, 0)
+    assert [d["detected"] for d in r["per_drift"]] == [0, 1]
+    assert r["delay_samples"]["median"] == 5.0
+
+
+def test_a_gradual_drift_starts_at_the_start_of_its_ramp() -> None:
+    # at 5, width 2: the ramp starts at time 4, position 40; a detection at 45 is early
+    # for the midpoint but not a false alarm.
+    r = report(["drift.kind=gradual", "drift.at=[5.0]", "drift.width=2"],
+               [rec(6, {0: 60}, ((0, 45),))])
+    assert (r["detected"], r["false_alarms"]) == (1, 0)
+    assert r["delay_samples"]["median"] == 5.0
+
+
+def test_without_drift_every_detection_is_a_false_alarm() -> None:
+    r = report(["drift.kind=none"], [rec(5, {0: 50, 1: 50}, ((0, 10), (1, 30)))])
+    assert (r["client_drifts"], r["false_alarms"], r["per_drift"]) == (0, 2, [])
+
+
+def test_nothing_to_score_without_a_detector_or_under_secure_aggregation() -> None:
+    records = [rec(6, {0: 60}, ((0, 55),))]
+    for extra in (["detector.kind=none"], ["secure_aggregation.enabled=true"]):
+        assert detection_report(load(overrides=[*STEADY, *extra]), records) is None
+
+
+def test_staggered_times_are_the_ones_the_sources_use() -> None:
+    cfg = load(overrides=["federation.clients=5", "drift.at=[10.0, 20.0]", "drift.stagger=3"])
+    times = client_drift_times(cfg)
+    for client, own in enumerate(times):
+        assert federation(cfg).source(client).drift.at == tuple(own)
+        assert own[1] - own[0] == pytest.approx(10.0)  # one offset per client keeps gaps
+    assert len({own[0] for own in times}) == 5
