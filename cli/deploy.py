@@ -99,7 +99,7 @@ def server(
 def client(
     server_address: Annotated[str, typer.Option("--server", help="SuperLink host:port.")],
     state: Annotated[Path, typer.Option("--state", help="Device state directory (the spool).")],
-    client_id: Annotated[int, typer.Option("--client-id", help="This device's client id.")],
+    client_id: Annotated[int, typer.Option("--client-id", min=0, help="This device's client id.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     ca: Annotated[Path | None, typer.Option("--ca", help="CA certificate to trust.")] = None,
@@ -126,6 +126,10 @@ def client(
 ) -> None:
     """Run a device: spool, local ingestion service and a SuperNode connected to the server."""
     cfg = _load(config, set_, [])
+    if client_id >= (n := cfg.federation.clients):
+        fail(f"--client-id {client_id} is not a client of this federation: "
+             f"federation.clients = {n}{f' in {config}' if config else ''} (ids 0 to {n - 1})",
+             2)
     if policy not in ("reject", "drop_oldest"):
         fail(f"--policy must be reject or drop_oldest, got {policy!r}", 2)
     if insecure and (ca is not None or key is not None):

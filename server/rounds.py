@@ -77,6 +77,9 @@ def run_rounds(
             arrays, error = outcome.arrays, outcome.error
             answered = [f["node"] for f in outcome.failures if f["reason"] != SILENT]
             _name_failed(grid, roster, answered, settings)
+            failed = {f["node"] for f in outcome.failures}
+            roster.warn_twins(msg.metadata.dst_node_id for msg in sent
+                              if msg.metadata.dst_node_id not in failed)
             record = secure_round_record(
                 server_round, len(sent), outcome, roster.client_of, time.perf_counter() - started
             )

@@ -135,3 +135,22 @@ def test_the_device_service_refuses_labels_beyond_the_class_count(tmp_path):
         assert result.accepted == 2 and "2 is not in [0, 2)" in result.errors[0].reason
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
+def test_two_devices_with_one_client_id_are_told_of_once(tmp_path, caplog, secure):
+    # A copy-pasted `fedstream client --client-id 1`: both devices train, but their reports
+    # are filed under one client; the server says so once, naming both nodes.
+    cfg = _cfg("federation.rounds=2", f"secure_aggregation.enabled={str(secure).lower()}")
+    paths = _spools(tmp_path)
+    grid = LoopbackGrid(device_client_app(cfg), CLIENTS,
+                        node_config=lambda p: {"spool": str(paths[p]), "client-id": min(p, 1)})
+    records: list[dict] = []
+    with caplog.at_level("WARNING", logger="fedstream"):
+        run_federation(grid, cfg, _initial(cfg), tmp_path / "out",
+                       on_round=lambda r, _h: records.append(r))
+    told = [r.getMessage() for r in caplog.records if "same --client-id" in r.getMessage()]
+    assert told == ["nodes 1001, 1002 all say they are client 1: were two devices started "
+                    "with the same --client-id? Their reports are filed under one client (a "
+                    "restarted device's old node leaves this list once Flower sees it gone)"]
+    assert all(r["clients_ok"] == CLIENTS for r in records)  # both still train

@@ -295,6 +295,11 @@ def test_certificates_that_cannot_work_are_refused_before_anything_starts(work: 
         assert f"--ca {ca}: " in done.stderr and what in " ".join(done.stderr.split())
     done = run(*client, "--insecure", cwd=work)
     assert done.returncode == 2 and "--insecure" in done.stderr
+    client[client.index("--client-id") + 1] = "1"  # cfg.toml: federation.clients = 1
+    done = run(*client, "--ca", "creds/ca.crt", cwd=work)
+    assert done.returncode == 2, done.stderr
+    assert ("--client-id 1 is not a client of this federation: federation.clients = 1 in "
+            "cfg.toml (ids 0 to 0)") in " ".join(done.stderr.split())
     assert not (work / "c0").exists()
     _expired_certificate(work / "creds" / "server.pem")
     done = run("server", "--state", "srv", "--credentials", "creds", "--config", "cfg.toml",
