@@ -7,8 +7,12 @@ times" into what a study of drift handling reports: drifts detected and missed, 
 delay of each detection, and false alarms.
 
 The rule, per client (detections are stream positions, as the learner records them):
-- drift j starts at the first sample that arrives at or after its start time (the
-  drift time; for a gradual drift, the start of its ramp, `at - width / 2`);
+- drift j starts at the first sample that arrives at or after its start time: the drift
+  time or, for a gradual drift, the start of its ramp (`at - width / 2`), though never
+  before halfway from the previous drift's time, where two ramps overlap;
+- a drift that starts at the client's first sample is not one it saw (its stream began
+  in the new concept), nor is one with no sample before the next drift starts (the two
+  came as one change, scored as the later);
 - the first detection at or after that sample and before the next drift's is drift j's
   detection; its delay is counted in samples (the detector's own measure) and in rounds
   (from the drift's start to the end of the round that reported it: what the server
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedstream.client.sources.drift import staggered
+from fedstream.client.stream import ClientStream
 from fedstream.protocol.config import Config, drift_times
 from fedstream.sim.federation import federation
 
@@ -45,8 +50,7 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
     match: no detector, or secure aggregation (who detected what stays on the client)."""
     if cfg.detector.kind == "none" or cfg.secure_aggregation.enabled:
         return None
-    half = cfg.drift.width / 2 if cfg.drift.kind == "gradual" else 0.0
-    starts = [[t - half for t in times] for times in client_drift_times(cfg)]
+    starts = [_starts(times, cfg) for times in client_drift_times(cfg)]
     base = drift_times(cfg)
     found: dict[int, list[tuple[int, int]]] = {}  # client -> [(position, round)]
     reached: dict[int, int] = {}  # client -> stream offset after its last report
@@ -59,22 +63,20 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
                   "delays_samples": [], "delays_rounds": []} for t in base]
     false_alarms = 0
     for c in sorted(set(found) | set(reached)):
-        stream = federation(cfg).stream(c)
-        positions = [stream.arrived(s) for s in starts[c]]
+        positions = _positions(federation(cfg).stream(c), starts[c], cfg.federation.rounds)
         hits = sorted(found.get(c, []))
         hit_positions = [p for p, _ in hits]
         used = 0
-        for j, (p, start) in enumerate(zip(positions, starts[c], strict=True)):
-            if reached.get(c, 0) <= p:
-                continue  # the client never processed a sample of this concept
-            end = positions[j + 1] if j + 1 < len(positions) else np.inf
+        for j, (p, end) in enumerate(_windows(positions)):
+            if p is None or reached.get(c, 0) <= p:
+                continue  # not a change this client saw, or never processed a sample of it
             k = bisect.bisect_left(hit_positions, p)
             row = per_drift[j]
             row["clients_reached"] += 1
             if k < len(hits) and hits[k][0] < end:
                 row["detected"] += 1
                 row["delays_samples"].append(hits[k][0] - p)
-                row["delays_rounds"].append(hits[k][1] - start)
+                row["delays_rounds"].append(hits[k][1] - starts[c][j])
                 used += 1
             else:
                 row["missed"] += 1
@@ -93,6 +95,36 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
         "delay_rounds": _spread(rounds),
         "per_drift": per_drift,
     }
+
+
+def _starts(times: list[float], cfg: Config) -> list[float]:
+    """When each of a client's drifts begins: its time, or for a gradual drift the start
+    of its ramp, but never before halfway from the previous drift's time (where ramps
+    overlap, a sample belongs to the drift whose time is nearer)."""
+    if cfg.drift.kind != "gradual":
+        return list(times)
+    half = cfg.drift.width / 2
+    return [t - half if j == 0 else max(t - half, (times[j - 1] + t) / 2)
+            for j, t in enumerate(times)]
+
+
+def _positions(stream: ClientStream, starts: list[float], rounds: int) -> list[int | None]:
+    """The stream position where each drift begins; None for one the run cannot reach
+    (no sample arrives at or after time `rounds`), without counting arrivals up to it."""
+    return [stream.arrived(s) if s < rounds else None for s in starts]
+
+
+def _windows(positions: list[int | None]) -> list[tuple[int | None, float]]:
+    """Each drift's window of positions, [start, next drift's start); None for a drift no
+    sample of this client saw happen: one at position 0 (the stream began in the new
+    concept), or one with no sample before the next (the two changes came as one, and the
+    later one is scored)."""
+    windows: list[tuple[int | None, float]] = []
+    for j, p in enumerate(positions):
+        nxt = positions[j + 1] if j + 1 < len(positions) else None
+        end = np.inf if nxt is None else nxt
+        windows.append((None if p is None or p == 0 or p == end else p, end))
+    return windows
 
 
 def _spread(values: list[float]) -> dict[str, float] | None:

@@ -93,9 +93,9 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
     if detections:
         dx, dy = zip(*detections, strict=True)
         ax.scatter(dx, dy, marker="x", color="red", s=18, label="drift detected")
-    starts = summary.get("client_drift_times")  # staggered drifts: each client's own
-    if starts:
-        own = [(_x(t), row[c]) for c in clients for t in starts[c] if t <= n_rounds]
+    times = summary.get("client_drift_times")  # staggered drifts: each client's own
+    if times:
+        own = [(_x(t), row[c]) for c in clients for t in times[c] if 0 < t < n_rounds]
         if own:
             sx, sy = zip(*own, strict=True)
             ax.scatter(sx, sy, marker="|", color="crimson", s=40, label="drift (this client)")

@@ -39,7 +39,7 @@ def summarize(
         **run_summary(cfg, history),
         "wall_seconds": wall_seconds,
         # only the drifts the run reached: later ones were never seen, nor plotted
-        "drift_times": [t for t in drift_times(cfg) if t <= cfg.federation.rounds],
+        "drift_times": [t for t in drift_times(cfg) if 0 < t < cfg.federation.rounds],
     }
     if cfg.drift.kind != "none" and cfg.drift.stagger > 0:  # each client's own, by id
         summary["client_drift_times"] = client_drift_times(cfg)

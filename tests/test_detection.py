@@ -81,3 +81,45 @@ def test_staggered_times_are_the_ones_the_sources_use() -> None:
         assert federation(cfg).source(client).drift.at == tuple(own)
         assert own[1] - own[0] == pytest.approx(10.0)  # one offset per client keeps gaps
     assert len({own[0] for own in times}) == 5
+
+
+def test_a_stream_that_begins_in_the_new_concept_saw_no_drift() -> None:
+    # drift at 0 (or staggered below 0): the client's first sample is of the new concept,
+    # so a later detection is a false alarm, and nothing is missed.
+    r = report(["drift.at=[0.0]"], [rec(10, {0: 100}, ((0, 80),))])
+    assert (r["client_drifts"], r["missed"], r["false_alarms"]) == (0, 0, 1)
+    staggered = load(overrides=[*STEADY, "drift.at=[1.0, 2.0]", "drift.stagger=3",
+                                "federation.clients=4"])
+    times = client_drift_times(staggered)
+    assert any(t <= 0 for own in times for t in own)  # seed 0 puts some before time 0
+    r = detection_report(staggered, [rec(5, dict.fromkeys(range(4), 100))])
+    assert r is not None
+    assert r["client_drifts"] == r["missed"] == sum(t > 0 for own in times for t in own)
+
+
+def test_two_drifts_with_no_sample_between_are_one_change() -> None:
+    # One sample a round: nothing arrives between times 5.2 and 5.6, so both drifts start
+    # at position 6; the change is scored once, as the later drift.
+    r = report(["stream.rate=1", "drift.at=[5.2, 5.6]"], [rec(10, {0: 10}, ((0, 7),))])
+    assert (r["client_drifts"], r["detected"], r["missed"]) == (1, 1, 0)
+    assert [d["clients_reached"] for d in r["per_drift"]] == [0, 1]
+
+
+def test_overlapping_ramps_split_halfway_between_their_times() -> None:
+    # Ramps of 6 rounds at 10 and 11 overlap from 8 to 13: a detection at time 10 (the
+    # first drift's midpoint) is the first drift's, not the second's.
+    r = report(["drift.kind=gradual", "drift.at=[10.0, 11.0]", "drift.width=6"],
+               [rec(12, {0: 120}, ((0, 100),))])
+    assert [d["detected"] for d in r["per_drift"]] == [1, 0]
+    assert r["per_drift"][1]["missed"] == 1
+
+
+def test_a_drift_beyond_the_run_is_not_counted_up_to() -> None:
+    # Poisson arrivals are counted round by round: scoring a drift at 10^6 used to count
+    # every client's arrivals up to it (20 s), though no client can reach it in the run.
+    cfg = load(overrides=["drift.at=[5.0, 1000000.0]", "stream.arrival=poisson"])
+    r = detection_report(cfg, [rec(15, dict.fromkeys(range(20), 400))])
+    assert r is not None and r["per_drift"][1]["clients_reached"] == 0
+    assert r["per_drift"][0]["clients_reached"] == 20
+    counted = federation(cfg).stream(0).arrival._cum.size - 1  # rounds counted so far
+    assert counted < 1000
