@@ -224,7 +224,7 @@ def _detection_line(d: dict[str, Any]) -> str:
         return f"Drift detection: no client reached a drift; {alarms}."
     line = f"Drift detection: {d['detected']} of {d['client_drifts']} client drifts found"
     if d["delay_samples"]:
-        line += (f" (median delay {d['delay_samples']['median']:.0f} samples, "
+        line += (f" (median delay {d['delay_samples']['median']:g} samples, "
                  f"{d['delay_rounds']['median']:.1f} rounds)")
     return line + f", {d['missed']} missed; {alarms}."
 

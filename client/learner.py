@@ -222,7 +222,7 @@ def _detector(cfg: DetectorConfig) -> DriftDetector:
     if cfg.kind == "adwin":
         return make_detector("adwin", delta=cfg.delta, direction=cfg.direction)
     if cfg.kind == "page_hinkley":
-        return make_detector("page_hinkley", threshold=cfg.threshold)
+        return make_detector("page_hinkley", delta=cfg.delta, threshold=cfg.threshold)
     return make_detector("none")
 
 

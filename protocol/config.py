@@ -187,11 +187,17 @@ class LearnerConfig(_Section):
         raise ValueError(f"unknown device '{value}': use auto, cpu, cuda[:N] or mps")
 
 
+# `delta` means a different thing to each detector: ADWIN's confidence, Page-Hinkley's
+# tolerated change per sample. Their usual values (River's, and the ADWIN paper's).
+DETECTOR_DELTA = {"adwin": 0.002, "page_hinkley": 0.005}
+
+
 class DetectorConfig(_Section):
     """Drift detection on the prequential error, and what the learner does about it."""
 
     kind: Literal["none", "page_hinkley", "adwin"] = "adwin"
-    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.002
+    # 0 (the default) picks the detector's own: see DETECTOR_DELTA.
+    delta: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     threshold: Annotated[float, Field(gt=0.0)] = 50.0
     # A falling error is learning, not drift; "both" is the paper's ADWIN (adwin only).
     direction: Literal["rise", "both"] = "rise"
@@ -200,7 +206,9 @@ class DetectorConfig(_Section):
     boost_batches: PositiveInt = 10
 
     @model_validator(mode="after")
-    def _one_sided_page_hinkley(self) -> DetectorConfig:
+    def _defaults_and_direction(self) -> DetectorConfig:
+        if self.delta == 0.0 and self.kind in DETECTOR_DELTA:
+            object.__setattr__(self, "delta", DETECTOR_DELTA[self.kind])
         if self.kind == "page_hinkley" and self.direction == "both":
             raise ValueError("detector.direction 'both' is for adwin: page_hinkley detects "
                              "rises of the error only")

@@ -10,9 +10,9 @@ The rule, per client (detections are stream positions, as the learner records th
 - drift j starts at the first sample that arrives at or after its start time: the drift
   time or, for a gradual drift, the start of its ramp (`at - width / 2`), though never
   before halfway from the previous drift's time, where two ramps overlap;
-- a drift that starts at the client's first sample is not one it saw (its stream began
-  in the new concept), nor is one with no sample before the next drift starts (the two
-  came as one change, scored as the later);
+- a drift whose time comes before the client's first sample is not one it saw (its
+  stream began in the new concept, or mostly so, for a ramp), nor is one with no sample
+  before the next drift starts (the two came as one change, scored as the later);
 - the first detection at or after that sample and before the next drift's is drift j's
   detection; its delay is counted in samples (the detector's own measure) and in rounds
   (from the drift's start to the end of the round that reported it: what the server
@@ -50,7 +50,8 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
     match: no detector, or secure aggregation (who detected what stays on the client)."""
     if cfg.detector.kind == "none" or cfg.secure_aggregation.enabled:
         return None
-    starts = [_starts(times, cfg) for times in client_drift_times(cfg)]
+    times = client_drift_times(cfg)
+    starts = [_starts(own, cfg) for own in times]
     base = drift_times(cfg)
     found: dict[int, list[tuple[int, int]]] = {}  # client -> [(position, round)]
     reached: dict[int, int] = {}  # client -> stream offset after its last report
@@ -63,11 +64,15 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
                   "delays_samples": [], "delays_rounds": []} for t in base]
     false_alarms = 0
     for c in sorted(set(found) | set(reached)):
-        positions = _positions(federation(cfg).stream(c), starts[c], cfg.federation.rounds)
+        stream, rounds = federation(cfg).stream(c), cfg.federation.rounds
+        positions = _positions(stream, starts[c], rounds)
+        # a drift whose time comes before the client's first sample: it began in the new
+        # concept (mostly, for a ramp), so it saw no change
+        unseen = [t < rounds and stream.arrived(t) == 0 for t in times[c]]
         hits = sorted(found.get(c, []))
         hit_positions = [p for p, _ in hits]
         used = 0
-        for j, (p, end) in enumerate(_windows(positions)):
+        for j, (p, end) in enumerate(_windows(positions, unseen)):
             if p is None or reached.get(c, 0) <= p:
                 continue  # not a change this client saw, or never processed a sample of it
             k = bisect.bisect_left(hit_positions, p)
@@ -114,16 +119,17 @@ def _positions(stream: ClientStream, starts: list[float], rounds: int) -> list[i
     return [stream.arrived(s) if s < rounds else None for s in starts]
 
 
-def _windows(positions: list[int | None]) -> list[tuple[int | None, float]]:
+def _windows(
+    positions: list[int | None], unseen: list[bool]
+) -> list[tuple[int | None, float]]:
     """Each drift's window of positions, [start, next drift's start); None for a drift no
-    sample of this client saw happen: one at position 0 (the stream began in the new
-    concept), or one with no sample before the next (the two changes came as one, and the
-    later one is scored)."""
+    sample of this client saw happen: an `unseen` one, or one with no sample before the
+    next (the two changes came as one, and the later one is scored)."""
     windows: list[tuple[int | None, float]] = []
     for j, p in enumerate(positions):
         nxt = positions[j + 1] if j + 1 < len(positions) else None
         end = np.inf if nxt is None else nxt
-        windows.append((None if p is None or p == 0 or p == end else p, end))
+        windows.append((None if p is None or unseen[j] or p == end else p, end))
     return windows
 
 

@@ -207,7 +207,7 @@ def drift_hint(cfg: Config) -> str | None:
     at = ", ".join(f"{t:g}" for t in reached)
     return (
         f"fedstream: note: drift.kind = {d.kind!r} {how} the classes of {cfg.stream.path} "
-        f"into a new permutation at round {at} (each client's time shifted by up to "
+        f"into a new permutation after {at} rounds (each client's time shifted by up to "
         f"drift.stagger = {d.stagger:g}), to simulate drift; set drift.kind = \"none\" to "
         "replay the file as it is"
     )

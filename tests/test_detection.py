@@ -97,6 +97,15 @@ def test_a_stream_that_begins_in_the_new_concept_saw_no_drift() -> None:
     assert r["client_drifts"] == r["missed"] == sum(t > 0 for own in times for t in own)
 
 
+def test_a_ramp_that_starts_before_the_stream_is_still_seen() -> None:
+    # A ramp from -0.5 to 3.5: the first samples are mostly of the old concept, so the
+    # client lives through the change; its window starts at its first sample.
+    r = report(["drift.kind=gradual", "drift.width=4", "drift.at=[1.5]"],
+               [rec(10, {0: 100}, ((0, 25),))])
+    assert (r["client_drifts"], r["detected"], r["false_alarms"]) == (1, 1, 0)
+    assert r["delay_samples"]["median"] == 25.0
+
+
 def test_two_drifts_with_no_sample_between_are_one_change() -> None:
     # One sample a round: nothing arrives between times 5.2 and 5.6, so both drifts start
     # at position 6; the change is scored once, as the later drift.

@@ -124,6 +124,16 @@ def test_a_falling_error_is_not_drift_unless_asked() -> None:
     assert found["both"][1] and found["rise"][1], found
 
 
+def test_each_detector_gets_its_own_delta_unless_one_is_set() -> None:
+    # delta is ADWIN's confidence but Page-Hinkley's tolerated change per sample: one
+    # default for both was wrong for one of them, and Page-Hinkley's used to be dropped.
+    from fedstream.client.learner import _detector
+
+    for kind, own in (("adwin", 0.002), ("page_hinkley", 0.005)):
+        assert _detector(DetectorConfig(kind=kind)).delta == own
+        assert _detector(DetectorConfig(kind=kind, delta=0.3)).delta == 0.3
+
+
 def test_page_hinkley_has_no_two_sided_mode() -> None:
     with pytest.raises(ValueError, match="direction 'both' is for adwin"):
         DetectorConfig(kind="page_hinkley", direction="both")
