@@ -27,6 +27,7 @@ The rule, per client (detections are stream positions, as the learner records th
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,9 +51,6 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
     match: no detector, or secure aggregation (who detected what stays on the client)."""
     if cfg.detector.kind == "none" or cfg.secure_aggregation.enabled:
         return None
-    times = client_drift_times(cfg)
-    starts = [_starts(own, cfg) for own in times]
-    base = drift_times(cfg)
     found: dict[int, list[tuple[int, int]]] = {}  # client -> [(position, round)]
     reached: dict[int, int] = {}  # client -> stream offset after its last report
     for rec in records:
@@ -60,46 +58,65 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
             found.setdefault(int(d["client"]), []).append((int(d["position"]), rec["round"]))
         for c, rep in rec["clients"].items():
             reached[int(c)] = max(reached.get(int(c), 0), int(rep.get("offset", 0)))
-    per_drift = [{"at": t, "clients_reached": 0, "detected": 0, "missed": 0,
-                  "delays_samples": [], "delays_rounds": []} for t in base]
-    false_alarms = 0
-    for c in sorted(set(found) | set(reached)):
-        stream, rounds = federation(cfg).stream(c), cfg.federation.rounds
-        positions = _positions(stream, starts[c], rounds)
-        # a drift whose time comes before the client's first sample: it began in the new
-        # concept (mostly, for a ramp), so it saw no change
-        unseen = [t < rounds and stream.arrived(t) == 0 for t in times[c]]
-        hits = sorted(found.get(c, []))
-        hit_positions = [p for p, _ in hits]
-        used = 0
-        for j, (p, end) in enumerate(_windows(positions, unseen)):
-            if p is None or reached.get(c, 0) <= p:
-                continue  # not a change this client saw, or never processed a sample of it
-            k = bisect.bisect_left(hit_positions, p)
-            row = per_drift[j]
-            row["clients_reached"] += 1
-            if k < len(hits) and hits[k][0] < end:
-                row["detected"] += 1
-                row["delays_samples"].append(hits[k][0] - p)
-                row["delays_rounds"].append(hits[k][1] - starts[c][j])
-                used += 1
-            else:
-                row["missed"] += 1
-        false_alarms += len(hits) - used
-    samples = [d for row in per_drift for d in row["delays_samples"]]
-    rounds = [d for row in per_drift for d in row["delays_rounds"]]
-    for row in per_drift:
-        row["delay_samples"] = _spread(row.pop("delays_samples"))
-        row["delay_rounds"] = _spread(row.pop("delays_rounds"))
+    rows = [_Tally(t) for t in drift_times(cfg)]
+    times = client_drift_times(cfg)
+    false_alarms = sum(
+        _score_client(cfg, c, times[c], sorted(found.get(c, [])), reached.get(c, 0), rows)
+        for c in sorted(set(found) | set(reached))
+    )
     return {
-        "client_drifts": sum(row["clients_reached"] for row in per_drift),
-        "detected": sum(row["detected"] for row in per_drift),
-        "missed": sum(row["missed"] for row in per_drift),
+        "client_drifts": sum(row.reached for row in rows),
+        "detected": sum(len(row.samples) for row in rows),
+        "missed": sum(row.missed for row in rows),
         "false_alarms": false_alarms,
-        "delay_samples": _spread(samples),
-        "delay_rounds": _spread(rounds),
-        "per_drift": per_drift,
+        "delay_samples": _spread([d for row in rows for d in row.samples]),
+        "delay_rounds": _spread([d for row in rows for d in row.rounds]),
+        "per_drift": [row.summary() for row in rows],
     }
+
+
+@dataclass
+class _Tally:
+    """One drift time's score, summed over clients."""
+
+    at: float
+    reached: int = 0
+    missed: int = 0
+    samples: list[int] = field(default_factory=list)  # delay of each detection
+    rounds: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"at": self.at, "clients_reached": self.reached, "detected": len(self.samples),
+                "missed": self.missed, "delay_samples": _spread(self.samples),
+                "delay_rounds": _spread(self.rounds)}
+
+
+def _score_client(
+    cfg: Config, client: int, times: list[float], hits: list[tuple[int, int]], offset: int,
+    rows: list[_Tally],
+) -> int:
+    """Add one client's drifts to `rows`; its false alarms. `hits` are its detections as
+    sorted (position, round) pairs, `offset` its stream position after its last report."""
+    stream, last = federation(cfg).stream(client), cfg.federation.rounds
+    starts = _starts(times, cfg)
+    # a drift whose time comes before the client's first sample: it began in the new
+    # concept (mostly, for a ramp), so it saw no change
+    unseen = [t < last and stream.arrived(t) == 0 for t in times]
+    windows = _windows(_positions(stream, starts, last), unseen)
+    hit_positions = [p for p, _ in hits]
+    used = 0
+    for row, start, (p, end) in zip(rows, starts, windows, strict=True):
+        if p is None or offset <= p:
+            continue  # not a change this client saw, or never processed a sample of it
+        row.reached += 1
+        k = bisect.bisect_left(hit_positions, p)
+        if k < len(hits) and hits[k][0] < end:
+            row.samples.append(hits[k][0] - p)
+            row.rounds.append(hits[k][1] - start)
+            used += 1
+        else:
+            row.missed += 1
+    return len(hits) - used
 
 
 def _starts(times: list[float], cfg: Config) -> list[float]:
