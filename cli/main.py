@@ -189,7 +189,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             "learner.lr (or federation.server_lr)", highlight=False
         )
     if summary.get("drift_detection"):
-        Console().print(_detection_line(summary["drift_detection"]), highlight=False)
+        Console().print(_detection_line(summary["drift_detection"]), highlight=False,
+                        soft_wrap=True)
     failed = summary["rounds"] - summary.get("rounds_aggregated", summary["rounds"])
     if failed:
         Console().print(

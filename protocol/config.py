@@ -444,6 +444,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a config file") from None
+    except (OSError, UnicodeDecodeError) as err:  # unreadable, or not text
+        raise ConfigError(f"{path}: cannot be read as a config file: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: {err}") from None
 
@@ -480,6 +484,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """The effective config: defaults, then the file, then --set overrides."""
+    if isinstance(overrides, str):  # would be read a character at a time
+        raise TypeError(f"overrides must be a list of 'section.key=value' strings, not one "
+                        f"string: [{overrides!r}]")
     raw = read_config_file(path) if path else {}
     try:
         return validate(apply_overrides(raw, list(overrides or [])))

@@ -30,6 +30,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.run import Run
 
+from fedstream.server import stopping
+
 FIRST_PULL = 0.002
 MAX_PULL = 0.1
 PULL_LATENESS = 0.05  # pause between pulls, as a fraction of the time waited so far
@@ -114,6 +116,7 @@ def send_and_collect(
     replies: list[Message] = []
     with _pulls_until(deadline):
         while pending:
+            stopping.check()
             if on_reply is None:
                 got = [_charged(m, sent_to) for m in grid.pull_messages(pending)]
                 pending.difference_update(m.metadata.reply_to_message_id for m in got)

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.updates import size
+from fedstream.server import stopping
 
 if TYPE_CHECKING:
     from fedstream.protocol.config import Config
@@ -275,18 +276,16 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 
 _WRITES = threading.Lock()  # one record at a time, so a stop never leaves half a line
-_stopped = False
 
 
 def stop_logs() -> None:
-    """Write no more round records in this process.
+    """Stop the run (`stopping.request`) and write no more round records for it.
 
     A stopped command (Ctrl-C) says where its rounds end; the ServerApp's thread may still
     finish a round while Ray shuts down, and that round must not appear after the
     message. A record being written when this is called is completed first.
     """
-    global _stopped
-    _stopped = True
+    stopping.request()
     # Wait for a write under way (in another thread) to finish its line; a handler that
     # interrupted this very thread inside a write must not wait for itself.
     if _WRITES.acquire(timeout=1.0):
@@ -305,7 +304,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(_finite(record)) + "\n"
         with _WRITES:
-            if _stopped:
+            if stopping.requested():
                 return
             with self.path.open("a") as fh:
                 fh.write(line)

@@ -13,6 +13,7 @@ import numpy as np
 
 from fedstream.client.learner import Learner, Spec
 from fedstream.protocol.config import Config
+from fedstream.server import stopping
 from fedstream.sim.federation import Federation, federation
 
 
@@ -60,6 +61,7 @@ def run_local(cfg: Config) -> BaselineResult:
     learners = [Learner(_spec(cfg, fed)) for _ in streams]
     result = BaselineResult("local")
     for r in range(1, cfg.federation.rounds + 1):
+        stopping.check()  # a stopped run does not finish its baselines
         seen = correct = 0
         for stream, learner in zip(streams, learners, strict=True):
             batch = stream.take(*stream.pending(learner.offset, r, cfg.stream.budget))
@@ -76,6 +78,7 @@ def run_centralized(cfg: Config) -> BaselineResult:
     learner = Learner(_spec(cfg, fed))
     result = BaselineResult("centralized")
     for r in range(1, cfg.federation.rounds + 1):
+        stopping.check()  # a stopped run does not finish its baselines
         batches = []
         for c, stream in enumerate(streams):
             start, stop = stream.pending(offsets[c], r, cfg.stream.budget)

@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedstream.sim.results import cumulative_accuracy
+
 
 def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
     plots = out / "plots"
@@ -19,15 +21,6 @@ def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) 
     if any(rec["clients"] for rec in records):  # none under secure aggregation: only sums
         made.append(clients_plot(plots, summary, records))
     return made
-
-
-def _cumulative(records: list[dict[str, Any]]) -> list[float | None]:
-    seen = correct = 0
-    series: list[float | None] = []
-    for rec in records:
-        seen, correct = seen + rec["examples"], correct + rec["correct"]
-        series.append(correct / seen if seen else None)
-    return series
 
 
 def _x(t: float) -> float:
@@ -50,7 +43,7 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(rounds, _series([r["accuracy"] for r in records]), color="C0", alpha=0.35,
             label="federated (round)")
-    ax.plot(rounds, _series(_cumulative(records)), color="C0", lw=2, label="federated")
+    ax.plot(rounds, _series(cumulative_accuracy(records)), color="C0", lw=2, label="federated")
     for i, (name, base) in enumerate(summary.get("baselines", {}).items()):
         x = np.arange(1, len(base["cumulative_accuracy"]) + 1)
         ax.plot(x, _series(base["accuracy_per_round"]), color=f"C{i + 1}", alpha=0.35)

@@ -35,15 +35,19 @@ def summarize(
     final_eval: dict[str, float] | None = None,
     records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    records = records or []
     summary: dict[str, Any] = {
         **run_summary(cfg, history),
         "wall_seconds": wall_seconds,
+        # per round, as the baselines have them (null: a round with no prediction)
+        "accuracy_per_round": [rec["accuracy"] for rec in records],
+        "cumulative_accuracy": cumulative_accuracy(records),
         # only the drifts the run reached: later ones were never seen, nor plotted
         "drift_times": [t for t in drift_times(cfg) if 0 < t < cfg.federation.rounds],
     }
     if cfg.drift.kind != "none" and cfg.drift.stagger > 0:  # each client's own, by id
         summary["client_drift_times"] = client_drift_times(cfg)
-    detection = detection_report(cfg, records or [])
+    detection = detection_report(cfg, records)
     if detection is not None:
         summary["drift_detection"] = detection
     names = _client_names(cfg)
@@ -64,3 +68,12 @@ def _client_names(cfg: Config) -> tuple[str, ...]:
     dataset = federation(cfg).dataset
     return dataset.client_names if dataset is not None else ()
 
+
+def cumulative_accuracy(records: list[dict[str, Any]]) -> list[float | None]:
+    """Prequential accuracy over all rounds so far, after each round."""
+    seen = correct = 0
+    series: list[float | None] = []
+    for rec in records:
+        seen, correct = seen + rec["examples"], correct + rec["correct"]
+        series.append(correct / seen if seen else None)
+    return series

@@ -15,6 +15,8 @@ from flwr.simulation import run_simulation
 from fedstream.client.device import pick_device
 from fedstream.protocol.config import Config, sampled_clients
 from fedstream.protocol.fixedpoint import Quantizer
+from fedstream.server import stopping
+from fedstream.server.records import stop_logs
 from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.federation import federation
@@ -273,12 +275,21 @@ def run(cfg: Config) -> dict[str, Any]:
             "know: simulation.dispatch_interval is ignored (Flower's 0.1 s applies)",
             file=sys.stderr,
         )
-    run_simulation(
-        server_app=sim_server_app(cfg),
-        client_app=sim_client_app(cfg),
-        num_supernodes=cfg.federation.clients,
-        backend_config=backend_config(cfg),
-    )
+    stopping.start()
+    try:
+        run_simulation(
+            server_app=sim_server_app(cfg),
+            client_app=sim_client_app(cfg),
+            num_supernodes=cfg.federation.clients,
+            backend_config=backend_config(cfg),
+        )
+    except BaseException:
+        # Ctrl-C (KeyboardInterrupt) or a failure here: the engine's ServerApp thread would
+        # go on polling and writing rounds, into a folder a next run may own.
+        stop_logs()
+        if not stopping.join(timeout=30.0):
+            print("fedstream: the stopped run's ServerApp is still ending", file=sys.stderr)
+        raise
     if not summary_path.exists():
         raise RuntimeError(
             f"the simulation ended without a summary in {summary_path.parent}: see the log above"

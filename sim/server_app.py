@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -9,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedstream.protocol.config import Config, from_run_config
+from fedstream.server import stopping
 from fedstream.server.app import run_federation
 from fedstream.server.records import read_metrics, write_summary
 from fedstream.sim import results
@@ -43,6 +45,7 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
     final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
     records = read_metrics(out / "metrics.jsonl")
     summary = results.summarize(cfg, history, wall, baselines, final_eval, records)
+    stopping.check()  # a stopped run leaves no summary: its folder says it did not finish
     write_summary(out, summary)
     if cfg.output.plots:
         plot_all(out, summary, records)
@@ -70,6 +73,8 @@ def sim_server_app(cfg: Config | None = None) -> ServerApp:
         # Under `flwr run`, the engine in this process starts its dispatcher once Ray is up,
         # seconds after this; `fedstream sim` has set it before starting the engine.
         set_dispatch_interval(config.simulation.dispatch_interval)
-        run_server(grid, config, simulated=cfg is not None)
+        stopping.serving()
+        with contextlib.suppress(stopping.Stopped):  # its caller stopped the run
+            run_server(grid, config, simulated=cfg is not None)
 
     return app

@@ -138,6 +138,20 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load(tmp_path / "nope.toml")
 
 
+def test_a_folder_or_a_binary_file_is_not_a_config(tmp_path: Path) -> None:
+    # A script catching ConfigError must catch these too, not a bare OSError.
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"\x80\x02\xff binary")
+    with pytest.raises(ConfigError, match=r"model\.pt: cannot be read as a config file"):
+        load(tmp_path / "model.pt")
+
+
+def test_overrides_given_as_one_string_are_refused_not_split_into_characters() -> None:
+    with pytest.raises(TypeError, match=r"a list of 'section.key=value' strings"):
+        load(None, "federation.rounds=3")  # type: ignore[arg-type]
+
+
 def test_round_trips() -> None:
     cfg = load(overrides=["federation.rounds=3", "learner.hidden=[4]"])
     assert from_json(to_json(cfg)) == cfg

@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import load
-from fedstream.server import records
+from fedstream.server import records, stopping
 from fedstream.server.records import (
     History,
     MetricsLog,
@@ -209,17 +209,44 @@ def test_summary_and_metrics_files_hold_no_nan(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"accuracy": None}
 
 
+@pytest.fixture
+def fresh_run():
+    stopping.start()
+    yield
+    stopping.start()  # later tests run as a new run would
+
+
 def test_no_round_record_is_written_once_the_command_is_stopped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fresh_run: None
 ) -> None:
     # Ctrl-C prints where the rounds end; a round the ServerApp's thread finishes while
     # Ray shuts down must not land after that.
-    monkeypatch.setattr(records, "_stopped", False)
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.write({"round": 1})
     records.stop_logs()
     log.write({"round": 2})
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"round": 1}]
+
+
+def test_a_stopped_run_stops_waiting_for_replies(fresh_run: None) -> None:
+    # The ServerApp's thread outlives a Ctrl-C in the simulation engine: waiting out a
+    # round's timeout there would keep a Python script from ending.
+    import threading
+    import time
+
+    from loopback_grid import LoopbackGrid
+
+    from fedstream.server.grid import send_and_collect
+    from fedstream.sim.client_app import sim_client_app
+
+    cfg = load(overrides=["federation.clients=2"])
+    grid = LoopbackGrid(sim_client_app(cfg), 2, tamper=lambda _node, _reply: None)  # silent
+    query = Message(m.roster_query(), dst_node_id=1000, message_type=MessageType.QUERY)
+    threading.Timer(0.2, stopping.request).start()
+    started = time.monotonic()
+    with pytest.raises(stopping.Stopped):
+        send_and_collect(grid, [query], timeout=600)
+    assert time.monotonic() - started < 60
 
 
 def test_a_ray_workers_failure_is_recorded_as_the_exception_that_started_it() -> None:

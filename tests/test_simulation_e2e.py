@@ -73,6 +73,8 @@ def test_results_folder_has_the_contract(small_run: Path) -> None:
     assert (small_run / "config.toml").read_text().count("clients = 4") == 1
     assert all("offset" in rep for r in records for rep in r["clients"].values())
     assert len(summary["client_drift_times"]) == 4  # drift at 2, staggered per client
+    assert summary["accuracy_per_round"] == [r["accuracy"] for r in records]
+    assert summary["cumulative_accuracy"][-1] == pytest.approx(summary["prequential_accuracy"])
     found = summary["drift_detection"]
     assert found["detected"] + found["missed"] == found["client_drifts"] <= 4
     detections = sum(len(r["drifts"]) for r in records)
@@ -216,3 +218,42 @@ def test_ctrl_c_stops_the_run_at_once_and_keeps_the_rounds_done(tmp_path: Path) 
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "interrupted" in err
     assert metrics.read_text().count("\n") >= 2 and not (out / "summary.json").exists()
+
+
+INTERRUPTED_SCRIPT = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from fedstream.protocol.config import load
+from fedstream.sim.runner import simulate
+
+out = Path(sys.argv[1])
+metrics = out / "metrics.jsonl"
+
+def ctrl_c():
+    while not (metrics.exists() and metrics.read_text().count("\\n") >= 2):
+        time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=ctrl_c, daemon=True).start()
+base = [f'output.dir="{out}"', "output.progress=false", "federation.clients=2"]
+try:
+    simulate(load(None, [*base, "federation.rounds=1000"]))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+summary = simulate(load(None, [*base, "federation.rounds=3"]))
+print("second run", summary["rounds"], flush=True)
+"""
+
+
+def test_a_python_script_can_stop_a_run_and_start_another(tmp_path: Path) -> None:
+    # The engine leaves the ServerApp's thread running after a KeyboardInterrupt: it used
+    # to write the stopped run's next round into the second run's metrics.jsonl, and to
+    # keep the script from ending for up to a round timeout.
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_SCRIPT, str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "interrupted" in proc.stdout and "second run 3" in proc.stdout, proc.stdout
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").open()]
+    assert rounds == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 3
