@@ -188,6 +188,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             "infinite; null in metrics.jsonl), so its predictions mean nothing: lower "
             "learner.lr (or federation.server_lr)", highlight=False
         )
+    if summary.get("shared_client_ids"):
+        ids = ", ".join(map(str, summary["shared_client_ids"]))
+        Console().print(
+            f"[yellow]two devices answered as the same client[/yellow] (client {ids}): their "
+            "reports were filed under one client id; give each device its own --client-id",
+            highlight=False, soft_wrap=True,
+        )
     if summary.get("drift_detection"):
         Console().print(_detection_line(summary["drift_detection"]), highlight=False,
                         soft_wrap=True)

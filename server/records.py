@@ -78,6 +78,7 @@ class History:
     secure: bool = False
     aggregated: int = 0  # rounds whose aggregate became the global model
     errors: dict[str, list[int]] = field(default_factory=dict)  # reason -> rounds it failed
+    shared_ids: set[int] = field(default_factory=set)  # client ids two devices answered as
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -89,6 +90,7 @@ class History:
         (why any failed is in its metrics.jsonl), so resuming it does not fail the run."""
         state.setdefault("aggregated", state.get("rounds", 0))
         state.setdefault("errors", {})
+        state.setdefault("shared_ids", set())
         self.__dict__.update(state)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -106,6 +108,7 @@ class History:
         self.secure = self.secure or record.get("secure", False)
         self.clipped += record.get("clipped_coordinates", 0)
         self.coordinates += record.get("summed_coordinates", 0)
+        self.shared_ids.update(record.get("shared_client_ids", []))
         if record.get("aggregated", True):
             self.aggregated += 1
         else:
@@ -263,6 +266,7 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "round_trips_per_round": history.round_trips / history.rounds if history.rounds else None,
         "clipped_fraction": _ratio(history.clipped, history.coordinates),
         "per_client_accuracy": per_client,
+        "shared_client_ids": sorted(history.shared_ids),
         "rounds_aggregated": history.aggregated,
         "aggregation_errors": [
             {"reason": reason, "rounds": len(rounds), "first_rounds": rounds[:ROUNDS_LISTED]}

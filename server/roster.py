@@ -33,7 +33,7 @@ class Roster:
 
         A silent node is asked again next time; one that refused (and said why) is not.
         """
-        candidates = list(grid.get_node_ids() if nodes is None else nodes)
+        candidates = grid.get_node_ids() if nodes is None else nodes
         new = [n for n in candidates if n not in self.client_of and n not in self.refused]
         if not new:
             return
@@ -49,35 +49,34 @@ class Roster:
                 reason = error_reason(reply) if reply.has_error() else "its reply names no client"
                 self.refused[node] = reason
                 log.warning("node %s cannot take part: %s", node, reason)
-        self.warn_twins(candidates)
 
-    def warn_twins(self, listed: Iterable[int]) -> None:
-        """Two connected nodes that say they are the same client: almost always two devices
-        started with the same --client-id. Both still train (the id is a label, not a key),
-        but their reports are filed under one client, so the user is told once."""
+    def twins(self, answered: Iterable[int]) -> list[int]:
+        """Client ids that more than one of the nodes that answered a round gave: two
+        devices started with the same --client-id. Both still train (the id is a label,
+        not a key), but their reports are filed under one client, so the user is told
+        (here once, in the log; in the summary at the end). Only one round's answers
+        count: a restarted device's old node may stay listed a while, but never answers."""
         by_client: dict[int, list[int]] = {}
-        for node in listed:
+        for node in answered:
             if node in self.client_of:
                 by_client.setdefault(self.client_of[node], []).append(node)
-        for client, twins in sorted(by_client.items()):
-            if len(twins) > 1 and client not in self.twins_told:
+        shared = sorted(c for c, nodes in by_client.items() if len(nodes) > 1)
+        for client in shared:
+            if client not in self.twins_told:
                 self.twins_told.add(client)
                 log.warning(
-                    "nodes %s all say they are client %d: were two devices started with the "
-                    "same --client-id? Their reports are filed under one client (a restarted "
-                    "device's old node leaves this list once Flower sees it gone)",
-                    ", ".join(map(str, sorted(twins))), client,
+                    "nodes %s all answered as client %d: were two devices started with the "
+                    "same --client-id? Their reports are filed under one client",
+                    ", ".join(map(str, sorted(by_client[client]))), client,
                 )
+        return shared
 
     def learn(self, replies: Iterable[Message]) -> None:
         """Every train report names its client: learn identities without asking."""
-        nodes = []
         for reply in replies:
             client = None if reply.has_error() else m.client_id(reply.content)
             if client is not None:
-                nodes.append(reply.metadata.src_node_id)
-                self.client_of[nodes[-1]] = client
-        self.warn_twins(nodes)  # replies to one round: every one of them is live
+                self.client_of[reply.metadata.src_node_id] = client
 
     def ordered(self, node_ids: Iterable[int]) -> list[int]:
         """Known nodes in client order, then unknown ones (only met when all are sampled)."""

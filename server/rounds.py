@@ -69,6 +69,7 @@ def run_rounds(
             record = round_record(
                 server_round, sent, replies, roster.client_of, time.perf_counter() - started
             )
+            contributed = [r.metadata.src_node_id for r in replies if not r.has_error()]
         else:
             sent = _sample(grid, roster, strategy, server_round, arrays, settings)
             outcome = settings.secure.round(
@@ -77,12 +78,13 @@ def run_rounds(
             arrays, error = outcome.arrays, outcome.error
             answered = [f["node"] for f in outcome.failures if f["reason"] != SILENT]
             _name_failed(grid, roster, answered, settings)
-            failed = {f["node"] for f in outcome.failures}
-            roster.warn_twins(msg.metadata.dst_node_id for msg in sent
-                              if msg.metadata.dst_node_id not in failed)
             record = secure_round_record(
                 server_round, len(sent), outcome, roster.client_of, time.perf_counter() - started
             )
+            failed = {f["node"] for f in outcome.failures}
+            contributed = [n for n in (msg.metadata.dst_node_id for msg in sent)
+                           if n not in failed]
+        record["shared_client_ids"] = roster.twins(contributed)
         record["aggregated"] = error is None
         if error:
             record["aggregation_error"] = _explained(error, record, settings.timeout)

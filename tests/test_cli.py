@@ -162,6 +162,27 @@ def test_a_run_whose_model_diverged_is_told_so(
     assert "diverged" not in capsys.readouterr().out
 
 
+def test_devices_sharing_a_client_id_and_the_detection_score_are_printed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fedstream.cli.main import print_summary
+
+    score = {"client_drifts": 20, "detected": 11, "missed": 9, "false_alarms": 4,
+             "delay_samples": {"median": 48.5}, "delay_rounds": {"median": 1.81}}
+    print_summary(_summary(shared_client_ids=[0, 2], drift_detection=score), tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "two devices answered as the same client (client 0, 2)" in out
+    assert "give each device its own --client-id" in out
+    assert ("Drift detection: 11 of 20 client drifts found (median delay 48.5 samples, 1.8 "
+            "rounds), 9 missed; 4 false alarms.") in out
+    print_summary(_summary(shared_client_ids=[], drift_detection={
+        **score, "client_drifts": 0, "detected": 0, "missed": 0, "false_alarms": 1,
+        "delay_samples": None}), tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "same client" not in out
+    assert "Drift detection: no client reached a drift; 1 false alarm." in out
+
+
 def test_a_model_module_beside_the_user_is_found(tmp_path: Path) -> None:
     (tmp_path / "mymodels.py").write_text(
         "import torch.nn as nn\n"

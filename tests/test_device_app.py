@@ -150,7 +150,13 @@ def test_two_devices_with_one_client_id_are_told_of_once(tmp_path, caplog, secur
         run_federation(grid, cfg, _initial(cfg), tmp_path / "out",
                        on_round=lambda r, _h: records.append(r))
     told = [r.getMessage() for r in caplog.records if "same --client-id" in r.getMessage()]
-    assert told == ["nodes 1001, 1002 all say they are client 1: were two devices started "
-                    "with the same --client-id? Their reports are filed under one client (a "
-                    "restarted device's old node leaves this list once Flower sees it gone)"]
+    assert told == ["nodes 1001, 1002 all answered as client 1: were two devices started "
+                    "with the same --client-id? Their reports are filed under one client"]
     assert all(r["clients_ok"] == CLIENTS for r in records)  # both still train
+    assert [r["shared_client_ids"] for r in records] == [[1], [1]]
+    from fedstream.server.records import History, run_summary
+
+    history = History()
+    for r in records:
+        history.add(r)
+    assert run_summary(cfg, history)["shared_client_ids"] == [1]

@@ -186,10 +186,11 @@ def test_a_secure_run_says_what_share_of_the_summed_coordinates_was_clipped() ->
 def test_a_history_from_an_older_checkpoint_loads_with_its_rounds_aggregated() -> None:
     history = History(rounds=5, seen=40)
     old = dict(history.__dict__)
-    del old["aggregated"], old["errors"]  # fields an earlier version did not have
+    del old["aggregated"], old["errors"], old["shared_ids"]  # fields added since
     restored = History.__new__(History)
     restored.__setstate__(old)
     assert restored.aggregated == 5 and restored.errors == {} and restored.seen == 40
+    assert restored.shared_ids == set()
     assert pickle.loads(pickle.dumps(history)) == history  # today's checkpoints unchanged
 
 
