@@ -18,7 +18,10 @@ from fedstream.sim.federation import Federation, federation
 
 
 @dataclass
-class BaselineResult:
+class AccuracySeries:
+    """One run's prequential accuracy, round by round: a baseline's, or the federation's
+    as its round records tell it, so that both reach summary.json in the same form."""
+
     name: str
     seen: int = 0
     correct: int = 0
@@ -55,11 +58,11 @@ def _spec(cfg: Config, fed: Federation) -> Spec:
     )
 
 
-def run_local(cfg: Config) -> BaselineResult:
+def run_local(cfg: Config) -> AccuracySeries:
     fed = federation(cfg)
     streams = [fed.stream(c) for c in range(cfg.federation.clients)]
     learners = [Learner(_spec(cfg, fed)) for _ in streams]
-    result = BaselineResult("local")
+    result = AccuracySeries("local")
     for r in range(1, cfg.federation.rounds + 1):
         stopping.check()  # a stopped run does not finish its baselines
         seen = correct = 0
@@ -71,12 +74,12 @@ def run_local(cfg: Config) -> BaselineResult:
     return result
 
 
-def run_centralized(cfg: Config) -> BaselineResult:
+def run_centralized(cfg: Config) -> AccuracySeries:
     fed = federation(cfg)
     streams = [fed.stream(c) for c in range(cfg.federation.clients)]
     offsets = [0] * len(streams)
     learner = Learner(_spec(cfg, fed))
-    result = BaselineResult("centralized")
+    result = AccuracySeries("centralized")
     for r in range(1, cfg.federation.rounds + 1):
         stopping.check()  # a stopped run does not finish its baselines
         batches = []
@@ -96,5 +99,5 @@ def run_centralized(cfg: Config) -> BaselineResult:
 RUNNERS = {"local": run_local, "centralized": run_centralized}
 
 
-def run_baselines(cfg: Config) -> dict[str, BaselineResult]:
+def run_baselines(cfg: Config) -> dict[str, AccuracySeries]:
     return {name: RUNNERS[name](cfg) for name in cfg.simulation.baselines}

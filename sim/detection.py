@@ -46,6 +46,17 @@ def client_drift_times(cfg: Config) -> list[list[float]]:
             for c in range(n)]
 
 
+def drifts_in_run(cfg: Config) -> list[float]:
+    """The times of `drift.at` that some client lives through in this run: after its
+    stagger, the drift comes after time 0 and starts (its ramp, if gradual) before the
+    last round ends."""
+    last = cfg.federation.rounds
+    met = {j for times in client_drift_times(cfg)
+           for j, (t, start) in enumerate(zip(times, _starts(times, cfg), strict=True))
+           if t > 0 and start < last}
+    return [t for j, t in enumerate(drift_times(cfg)) if j in met]
+
+
 def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Drifts detected, missed and false alarms, with delays; None when there is nothing to
     match: no detector, or secure aggregation (who detected what stays on the client)."""

@@ -11,8 +11,6 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fedstream.sim.results import cumulative_accuracy
-
 
 def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
     plots = out / "plots"
@@ -41,9 +39,10 @@ def _series(values: list[float | None]) -> np.ndarray:
 def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     rounds = np.array([rec["round"] for rec in records])
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(rounds, _series([r["accuracy"] for r in records]), color="C0", alpha=0.35,
+    ax.plot(rounds, _series(summary["accuracy_per_round"]), color="C0", alpha=0.35,
             label="federated (round)")
-    ax.plot(rounds, _series(cumulative_accuracy(records)), color="C0", lw=2, label="federated")
+    ax.plot(rounds, _series(summary["cumulative_accuracy"]), color="C0", lw=2,
+            label="federated")
     for i, (name, base) in enumerate(summary.get("baselines", {}).items()):
         x = np.arange(1, len(base["cumulative_accuracy"]) + 1)
         ax.plot(x, _series(base["accuracy_per_round"]), color=f"C{i + 1}", alpha=0.35)

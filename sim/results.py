@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedstream.protocol.config import Config, drift_times, to_toml
+from fedstream.protocol.config import Config, to_toml
 from fedstream.server.records import History, run_summary
-from fedstream.sim.baselines import BaselineResult
-from fedstream.sim.detection import client_drift_times, detection_report
+from fedstream.sim.baselines import AccuracySeries
+from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
 
 OWNED = ("summary.json", "metrics.jsonl", "plots/accuracy.png", "plots/clients.png")
 
@@ -31,19 +31,20 @@ def summarize(
     cfg: Config,
     history: History,
     wall_seconds: float,
-    baselines: dict[str, BaselineResult],
+    baselines: dict[str, AccuracySeries],
     final_eval: dict[str, float] | None = None,
     records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     records = records or []
+    federated = AccuracySeries("federated")  # per round, as the baselines have it
+    for rec in records:
+        federated.add_round(rec["examples"], rec["correct"])
     summary: dict[str, Any] = {
         **run_summary(cfg, history),
         "wall_seconds": wall_seconds,
-        # per round, as the baselines have them (null: a round with no prediction)
-        "accuracy_per_round": [rec["accuracy"] for rec in records],
-        "cumulative_accuracy": cumulative_accuracy(records),
-        # only the drifts the run reached: later ones were never seen, nor plotted
-        "drift_times": [t for t in drift_times(cfg) if 0 < t < cfg.federation.rounds],
+        "accuracy_per_round": federated.per_round,  # null: a round with no prediction
+        "cumulative_accuracy": federated.cumulative,
+        "drift_times": drifts_in_run(cfg),  # later (or earlier) ones were never seen
     }
     if cfg.drift.kind != "none" and cfg.drift.stagger > 0:  # each client's own, by id
         summary["client_drift_times"] = client_drift_times(cfg)
@@ -68,12 +69,3 @@ def _client_names(cfg: Config) -> tuple[str, ...]:
     dataset = federation(cfg).dataset
     return dataset.client_names if dataset is not None else ()
 
-
-def cumulative_accuracy(records: list[dict[str, Any]]) -> list[float | None]:
-    """Prequential accuracy over all rounds so far, after each round."""
-    seen = correct = 0
-    series: list[float | None] = []
-    for rec in records:
-        seen, correct = seen + rec["examples"], correct + rec["correct"]
-        series.append(correct / seen if seen else None)
-    return series

@@ -18,6 +18,7 @@ from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server import stopping
 from fedstream.server.records import stop_logs
 from fedstream.sim.client_app import sim_client_app
+from fedstream.sim.detection import drifts_in_run
 from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
@@ -198,12 +199,12 @@ def drift_hint(cfg: Config) -> str | None:
     if cfg.stream.source not in ("csv", "jsonl") or cfg.drift.kind == "none":
         return None
     d, rounds = cfg.drift, cfg.federation.rounds
-    reached = [t for t in d.at if t - d.stagger - d.width / 2 < rounds]
+    reached = drifts_in_run(cfg)
     if not reached:
         at = ", ".join(f"{t:g}" for t in d.at)
         return (
-            f"fedstream: note: drift.at = [{at}] lies after the last round ({rounds}): the "
-            f"classes of {cfg.stream.path} are never relabelled in this run"
+            f"fedstream: note: no client meets drift.at = [{at}] within the {rounds} rounds: "
+            f"the classes of {cfg.stream.path} do not change during this run"
         )
     how = "relabels" if d.kind == "abrupt" else f"blends, over drift.width = {d.width:g} rounds,"
     at = ", ".join(f"{t:g}" for t in reached)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from fedstream.protocol.config import load
-from fedstream.sim.detection import client_drift_times, detection_report
+from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
 from fedstream.sim.federation import federation
 
 # 10 samples a round on every client, evenly: drift at time 5 starts at position 50.
@@ -132,3 +132,22 @@ def test_a_drift_beyond_the_run_is_not_counted_up_to() -> None:
     assert r["per_drift"][0]["clients_reached"] == 20
     counted = federation(cfg).stream(0).arrival._cum.size - 1  # rounds counted so far
     assert counted < 1000
+
+
+def test_the_drifts_in_a_run_are_those_some_client_meets() -> None:
+    # The summary's drift_times and the file-drift note: a drift whose base time is past
+    # the end still counts when a client's stagger brings it inside, and one before time 0
+    # for every client does not.
+    cfg = load(overrides=["federation.rounds=10", "drift.at=[0.5, 4.0, 10.5, 40.0]",
+                          "drift.stagger=1"])
+    times = client_drift_times(cfg)
+    assert any(own[0] > 0 for own in times)  # some clients meet 0.5 after time 0: kept
+    assert any(own[2] < 10 for own in times)  # seed 0 shifts some client's 10.5 inside
+    assert drifts_in_run(cfg) == [0.5, 4.0, 10.5]
+    early = load(overrides=["federation.rounds=10", "drift.at=[0.0, 4.0]", "drift.stagger=0"])
+    assert drifts_in_run(early) == [4.0]  # at 0, every stream begins in the new concept
+    assert drifts_in_run(load(overrides=["federation.rounds=10", "drift.at=[10.5]",
+                                         "drift.stagger=0"])) == []
+    ramp = load(overrides=["federation.rounds=10", "drift.at=[11.0]", "drift.stagger=0",
+                           "drift.kind=gradual", "drift.width=4"])
+    assert drifts_in_run(ramp) == [11.0]  # its ramp starts at 9, inside the run

@@ -226,7 +226,7 @@ def test_hints_for_labels_alike_but_for_case_and_for_drift_on_a_file(tmp_path: P
     gradual = drift_hint(load(overrides=[*base, 'drift.kind="gradual"']))
     assert gradual is not None and "over drift.width = 3 rounds" in gradual
     never = drift_hint(load(overrides=[*base, "drift.stagger=0", "federation.rounds=3"]))
-    assert never is not None and "lies after the last round (3)" in never
+    assert never is not None and "no client meets drift.at = [15] within the 3 rounds" in never
 
 
 def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
