@@ -223,6 +223,25 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
                 "[/yellow]: the updates lost their size; raise secure_aggregation.clip "
                 "(clipped_coordinates per round in metrics.jsonl)", highlight=False
             )
+    if summary.get("privacy"):
+        Console().print(_privacy_line(summary["privacy"]), highlight=False, soft_wrap=True)
+
+
+def _privacy_line(p: dict[str, Any]) -> str:
+    """What the run's models cost in differential privacy (server/privacy.py)."""
+    how = (f"noise multiplier {p['noise_multiplier']:g}, clip {p['clip_norm']:g}, "
+           f"noise added by the {p['noise_at']}")
+    if p["epsilon"] is None:
+        line = (f"Differential privacy: no guarantee ({how}): without noise, clipping "
+                "alone promises nothing.")
+    else:
+        line = (f"Differential privacy: epsilon = {p['epsilon']:.3g} at delta = {p['delta']:g} "
+                f"after {p['releases']} round{'s' * (p['releases'] != 1)} (one client's "
+                f"whole stream; {how}).")
+    if p.get("clipped_updates"):
+        line += (f" {100 * p['clipped_updates']:.0f} % of the updates were clipped "
+                 f"(median norm {p['median_norm']:.3g}).")
+    return line
 
 
 def _detection_line(d: dict[str, Any]) -> str:

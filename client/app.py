@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedstream.client.learner import Learner, Spec
+from fedstream.client.privacy import make_privacy_mod
 from fedstream.client.secure import secure_aggregation_mod
 from fedstream.client.stream import ClientStream
 from fedstream.protocol import messages as m
@@ -33,15 +34,19 @@ def make_client_app(
     config: Config | None = None,
     mods: Sequence[Mod] = (),
     app_class: type[ClientApp] = ClientApp,
+    noise_seed: int | None = None,
 ) -> ClientApp:
     """A ClientApp whose clients read their streams from `stream_for`.
 
     `config` binds the federation config (Python API); without it the app reads it from the
     Flower run config, which is how `flwr run` and deployments hand it over. `app_class`
     lets a runtime choose how the app travels (see `fedstream.sim.client_app`).
+    `noise_seed` makes differential privacy's noise repeat (simulation only: a device's
+    noise must be unpredictable, so it comes from the OS).
     """
-    # Secure aggregation is innermost: it masks what the handler replies and nothing else.
-    app = app_class(mods=[*mods, secure_aggregation_mod])
+    # The update pipeline, outermost last: the handler trains, privacy clips and noises the
+    # change, secure aggregation quantizes and masks it.
+    app = app_class(mods=[*mods, secure_aggregation_mod, make_privacy_mod(noise_seed)])
 
     @app.train()
     def _train(msg: Message, ctx: Context) -> Message:

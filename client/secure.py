@@ -77,13 +77,14 @@ def masked_update(
 ) -> secagg.MaskedInput:
     """The update pipeline, clip -> quantize -> mask, run one piece at a time.
 
-    The model change is weighed by examples; the example count and metrics ride as exact
+    The model change is weighed by examples (all alike under differential privacy: the
+    report says `uniform`); the example count and metrics ride as exact
     integers in the masked tail. Each piece of the change (1 MiB of ring elements) is
     clipped, quantized and masked before the next is read, so the device needs the masked
     vector and one piece besides its models, not a float64 copy of the whole change.
     """
     q = setup.quantizer
-    weight = min(report.examples, setup.max_weight)
+    weight = setup.max_weight if report.uniform else min(report.examples, setup.max_weight)
     rng = np.random.default_rng([setup.server_round, report.client, 0x5EC])
     encoder = Encoder(q, rng, weight=weight / setup.max_weight)
     seeds = secagg.mask_seeds(setup, mask_sk)

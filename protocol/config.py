@@ -265,6 +265,23 @@ class SecureAggregationConfig(_Section):
     max_weight: Annotated[int, Field(ge=1, le=10**9)] = 1000
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy of the clients (user level): clip each update, add Gaussian noise
+    to their sum, and account for the privacy spent (README: Differential privacy)."""
+
+    enabled: bool = False
+    # The noise on the sum of a round's updates has standard deviation noise_multiplier x
+    # clip_norm; 0 clips without noise (and promises nothing).
+    noise_multiplier: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
+    # Bound on the L2 norm of one client's model change in one round.
+    clip_norm: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+    # Who adds the noise: "clients" (each its share, so the sum carries all of it: with
+    # secure aggregation the server never sees an update without it), "server" (to the
+    # aggregate, exactly), or "auto": clients with secure aggregation, else the server.
+    noise_at: Literal["auto", "clients", "server"] = "auto"
+
+
 class OutputConfig(_Section):
     """Where results land."""
 
@@ -286,6 +303,7 @@ class Config(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     simulation: SimulationConfig = SimulationConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="before")
@@ -310,6 +328,11 @@ class Config(_Section):
             )
         if self.secure_aggregation.enabled:
             _check_secure(self.secure_aggregation, sampled_clients(self.federation, True))
+        if self.privacy.enabled:
+            _check_privacy(self.privacy, self.federation.clients)
+        if self.privacy.noise_at == "auto":  # a copy: the default instance is shared
+            at = "clients" if self.secure_aggregation.enabled else "server"
+            object.__setattr__(self, "privacy", self.privacy.model_copy(update={"noise_at": at}))
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
         _check_column_split(self.partition, self.stream)
@@ -349,6 +372,17 @@ def least_clients(fed: FederationConfig, secure: bool) -> int:
 def sampled_clients(fed: FederationConfig, secure: bool = False) -> int:
     """Clients a round trains when all are online: Flower's sample size."""
     return min(fed.clients, max(int(fed.clients * fed.fraction), least_clients(fed, secure)))
+
+
+def _check_privacy(dp: PrivacyConfig, clients: int) -> None:
+    """A delta of 1 / clients or more allows a mechanism that publishes one client's whole
+    update in the clear now and then: refused, as the literature advises (delta << 1/n)."""
+    if dp.delta >= 1 / clients:
+        raise ValueError(
+            f"privacy.delta = {dp.delta:g} is not below 1 / federation.clients = "
+            f"{1 / clients:g}: a delta that large allows revealing a client outright "
+            "(choose one well below it)"
+        )
 
 
 def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:

@@ -20,6 +20,9 @@ ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"  # Flower strategies weight by this key
 QUERY_KIND = "query"
 ROSTER = "roster"  # query asking a node which client it is
+DP_CLIP = "dp-clip"  # train config: clip the model change to this L2 norm (privacy)
+DP_STD = "dp-noise-std"  # train config: add Gaussian noise of this deviation to it (0: none)
+DP_SEED = "dp-noise-seed"  # train config, simulation only: reproducible noise
 
 
 @dataclass
@@ -37,9 +40,12 @@ class TrainReport:
     offset: int = 0
     train_seconds: float = 0.0
     dropped: int = 0  # samples the device's spool dropped (full) since its last report
+    # Weighs as much as every other client, whatever its examples (differential privacy
+    # bounds what one client adds to the sum, so the weights cannot depend on its data).
+    uniform: bool = False
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord(
+        record = MetricRecord(
             {
                 "client-id": self.client,
                 NUM_EXAMPLES: self.examples,
@@ -54,6 +60,9 @@ class TrainReport:
                 "dropped": self.dropped,
             }
         )
+        if self.uniform:  # only under differential privacy: other reports stay as they were
+            record["uniform-weight"] = 1
+        return record
 
     @classmethod
     def from_record(cls, rec: MetricRecord) -> TrainReport:
@@ -69,6 +78,7 @@ class TrainReport:
             offset=int(rec.get("offset", 0)),
             train_seconds=float(rec.get("train-seconds", 0.0)),
             dropped=int(rec.get("dropped", 0)),
+            uniform=bool(rec.get("uniform-weight", 0)),
         )
 
 

@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedstream.protocol.config import Config
+from fedstream.server.privacy import Privacy
 from fedstream.server.records import History, MetricsLog
 from fedstream.server.rounds import EvaluateFn, RoundHook, RoundSettings, run_rounds
 from fedstream.server.secure import SecureAggregator
@@ -25,8 +26,9 @@ def run_federation(
 ) -> tuple[ArrayRecord, History]:
     """Run every round of `cfg` on `grid`, appending each round's record to metrics.jsonl.
 
-    `simulated`: the clients are virtual, so secure aggregation's neighbour ring is drawn
-    from `cfg.seed` and a run repeats exactly; on real devices it stays secret."""
+    `simulated`: the clients are virtual, so secure aggregation's neighbour ring and the
+    server's privacy noise are drawn from `cfg.seed` and a run repeats exactly; on real
+    devices they stay secret."""
     log = MetricsLog(out_dir / "metrics.jsonl")
 
     def record(rec: dict, history: History) -> None:
@@ -41,8 +43,15 @@ def run_federation(
         evaluate_every=cfg.evaluation.every,
         progress=cfg.output.progress,
         sample_all=cfg.federation.fraction == 1.0,
-        secure=SecureAggregator(cfg.secure_aggregation, cfg.seed if simulated else None)
-        if cfg.secure_aggregation.enabled
-        else None,
     )
+    settings.privacy, settings.secure = stages(cfg, cfg.seed if simulated else None)
     return run_rounds(grid, make_strategy(cfg), initial, settings, record, evaluate)
+
+
+def stages(cfg: Config, seed: int | None) -> tuple[Privacy | None, SecureAggregator | None]:
+    """The optional stages of the server's round, as `cfg` turns them on; `seed` draws what
+    would otherwise be secret (simulation only)."""
+    secure = cfg.secure_aggregation.enabled
+    privacy = Privacy(cfg.privacy, secure, seed) if cfg.privacy.enabled else None
+    aggregator = SecureAggregator(cfg.secure_aggregation, seed, privacy) if secure else None
+    return privacy, aggregator

@@ -21,10 +21,11 @@ from fedstream.protocol import updates
 from fedstream.protocol.config import Config, from_run_config
 from fedstream.protocol.models import build_model
 from fedstream.server import checkpoint
+from fedstream.server.app import stages
 from fedstream.server.grid import bounded_pulls
+from fedstream.server.privacy import releases_of
 from fedstream.server.records import History, MetricsLog, run_summary, write_summary
 from fedstream.server.rounds import RoundSettings, run_rounds
-from fedstream.server.secure import SecureAggregator
 from fedstream.server.strategy import make_strategy
 
 STATE_DIR, RESUME = "state-dir", "resume"  # run config keys set by `fedstream server`
@@ -67,9 +68,11 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
         timeout=cfg.federation.round_timeout,
         progress=False,
         sample_all=cfg.federation.fraction == 1.0,
-        secure=SecureAggregator(cfg.secure_aggregation) if cfg.secure_aggregation.enabled else None,
         first_round=first,
     )
+    settings.privacy, settings.secure = stages(cfg, None)
+    if settings.privacy is not None:
+        settings.privacy.resume(releases_of(history.releases))
     started = time.perf_counter()
     arrays, history = run_rounds(
         grid, strategy, arrays, settings, record, history=history, after_round=save

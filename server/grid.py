@@ -186,9 +186,12 @@ class OrderedGrid(Grid):
     def __init__(self, grid: Grid, order: Callable[[Iterable[int]], list[int]]) -> None:
         self._grid = grid
         self._order = order
+        self.available = 0
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._order(self._grid.get_node_ids())
+        ids = self._order(self._grid.get_node_ids())
+        self.available = len(ids)  # the population the strategy last sampled from
+        return ids
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from flwr.app import ConfigRecord, Message
 from fedstream.protocol import messages as m
 from fedstream.protocol.updates import size
 from fedstream.server import stopping
+from fedstream.server.privacy import ADJACENCY, SAMPLING
 
 if TYPE_CHECKING:
-    from fedstream.protocol.config import Config
+    from fedstream.protocol.config import Config, PrivacyConfig
 
 
 def bytes_of(msg: Message) -> int:
@@ -79,6 +81,7 @@ class History:
     aggregated: int = 0  # rounds whose aggregate became the global model
     errors: dict[str, list[int]] = field(default_factory=dict)  # reason -> rounds it failed
     shared_ids: set[int] = field(default_factory=set)  # client ids two devices answered as
+    releases: list[dict[str, Any]] = field(default_factory=list)  # differential privacy's
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -91,6 +94,7 @@ class History:
         state.setdefault("aggregated", state.get("rounds", 0))
         state.setdefault("errors", {})
         state.setdefault("shared_ids", set())
+        state.setdefault("releases", [])
         self.__dict__.update(state)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -109,6 +113,8 @@ class History:
         self.clipped += record.get("clipped_coordinates", 0)
         self.coordinates += record.get("summed_coordinates", 0)
         self.shared_ids.update(record.get("shared_client_ids", []))
+        if "privacy" in record:
+            self.releases.append(record["privacy"])
         if record.get("aggregated", True):
             self.aggregated += 1
         else:
@@ -272,7 +278,32 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
             {"reason": reason, "rounds": len(rounds), "first_rounds": rounds[:ROUNDS_LISTED]}
             for reason, rounds in sorted(history.errors.items(), key=lambda kv: kv[1][0])
         ],
+        "privacy": privacy_summary(cfg.privacy, history.releases),
     }
+
+
+def privacy_summary(dp: PrivacyConfig, releases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the run's models cost in privacy (None: differential privacy was off)."""
+    if not dp.enabled:
+        return None
+    seen = [r for r in releases if "clipped" in r]  # rounds where the server clipped
+    return {
+        "epsilon": releases[-1]["epsilon"] if releases else 0.0,
+        "delta": dp.delta,
+        "releases": len(releases),
+        "noise_multiplier": dp.noise_multiplier,
+        "clip_norm": dp.clip_norm,
+        "noise_at": dp.noise_at,
+        "adjacency": ADJACENCY,
+        "sampling": SAMPLING,
+        "accountant": "Renyi DP (dp-accounting)",
+        "clipped_updates": _ratio(sum(r["clipped"] for r in seen), sum(r["summed"] for r in seen)),
+        "median_norm": _median([r["median_norm"] for r in seen]),
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
 from fedstream.server.grid import OrderedGrid, Stragglers, send_and_collect
+from fedstream.server.privacy import Privacy
 from fedstream.server.records import History, round_record, secure_round_record
 from fedstream.server.roster import Roster
 from fedstream.server.secure import SILENT, SecureAggregator
@@ -38,6 +39,7 @@ class RoundSettings:
     progress: bool = True
     sample_all: bool = False  # every node trains every round: identities can wait
     secure: SecureAggregator | None = None  # sum encrypted updates instead of reading them
+    privacy: Privacy | None = None  # clip, noise and account (differential privacy)
     first_round: int = 1  # later when resuming from a checkpoint
 
 
@@ -65,11 +67,12 @@ def run_rounds(
             sent, replies = _exchange(
                 grid, roster, strategy, server_round, arrays, settings, late.trip()
             )
-            arrays, error = _aggregate(strategy, server_round, replies, arrays)
+            arrays, error = _aggregate(strategy, server_round, replies, arrays, settings.privacy)
             record = round_record(
                 server_round, sent, replies, roster.client_of, time.perf_counter() - started
             )
             contributed = [r.metadata.src_node_id for r in replies if not r.has_error()]
+            summed = len(contributed)
         else:
             sent = _sample(grid, roster, strategy, server_round, arrays, settings)
             outcome = settings.secure.round(
@@ -84,8 +87,11 @@ def run_rounds(
             failed = {f["node"] for f in outcome.failures}
             contributed = [n for n in (msg.metadata.dst_node_id for msg in sent)
                            if n not in failed]
+            summed = outcome.totals["contributors"]  # also those that failed after their input
         record["shared_client_ids"] = roster.twins(contributed)
         record["aggregated"] = error is None
+        if settings.privacy is not None and error is None:
+            record["privacy"] = settings.privacy.release(summed)
         if error:
             record["aggregation_error"] = _explained(error, record, settings.timeout)
         if evaluate and settings.evaluate_every and server_round % settings.evaluate_every == 0:
@@ -138,14 +144,24 @@ def _sample(
         roster.refresh(grid, timeout=min(settings.timeout, ROSTER_TIMEOUT))
     random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
     ordered = OrderedGrid(grid, roster.ordered)
-    return list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
+    if settings.privacy is not None:
+        settings.privacy.ask(messages, population=ordered.available)
+    return messages
 
 
 def _aggregate(
-    strategy: Strategy, server_round: int, replies: list[Message], arrays: ArrayRecord
+    strategy: Strategy,
+    server_round: int,
+    replies: list[Message],
+    arrays: ArrayRecord,
+    privacy: Privacy | None = None,
 ) -> tuple[ArrayRecord, str | None]:
-    """Aggregate, or keep the previous model and say why not."""
+    """Aggregate, or keep the previous model and say why not. Under differential privacy
+    the strategy steps with the private mean, as it does with a secure round's sum."""
     try:
+        if privacy is not None and any(not r.has_error() for r in replies):
+            replies = [privacy.mean(server_round, replies, arrays)]
         new, _ = strategy.aggregate_train(server_round, replies)
     except Exception as err:
         return arrays, f"{type(err).__name__}: {err}"

@@ -35,6 +35,7 @@ from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server.grid import Stragglers, send_and_collect
+from fedstream.server.privacy import Privacy
 from fedstream.server.records import bytes_of, error_reason
 
 SILENT = "no reply before timeout"
@@ -61,8 +62,14 @@ class SecureOutcome:
 class SecureAggregator:
     """Runs the secure rounds of one federation; keeps the keys clients offered."""
 
-    def __init__(self, cfg: SecureAggregationConfig, graph_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SecureAggregationConfig,
+        graph_seed: int | None = None,
+        privacy: Privacy | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.privacy = privacy  # its server noise goes onto the unmasked mean
         # Seeds the neighbour ring in simulation only (see `secagg.neighbour_graph`).
         self.graph_seed = graph_seed
         self.session = secrets.token_bytes(16)
@@ -289,10 +296,15 @@ class SecureAggregator:
             return
         # The weighted mean of the decoded changes, added to the model block by block.
         factor = self.cfg.max_weight / (totals["weight"] * agg.q.scale)
+        change = agg.q.signed(ring)
+        if self.privacy is not None and not self.privacy.client_noise:
+            change = change * factor  # the server's noise goes onto the mean
+            self.privacy.noise_onto(server_round, change, len(agg.survivors), arrays)
+            factor = 1.0
         averaged = Message(
             RecordDict(
                 {
-                    m.ARRAYS: updates.shifted(arrays, agg.q.signed(ring), factor),
+                    m.ARRAYS: updates.shifted(arrays, change, factor),
                     m.METRICS: MetricRecord({m.NUM_EXAMPLES: totals["examples"]}),
                 }
             ),

@@ -49,7 +49,9 @@ def _bound_client_app(cfg_json: str) -> ClientApp:
     cfg = from_json(cfg_json)
     quiet_flower()  # in the Ray worker that unpickles it: the actor logs through flwr too
     mods = [threads_mod(cfg), availability_mod(cfg)]
-    app = make_client_app(virtual_stream, cfg, mods=mods, app_class=_PicklesAsConfig)
+    app = make_client_app(
+        virtual_stream, cfg, mods=mods, app_class=_PicklesAsConfig, noise_seed=cfg.seed
+    )
     app.cfg_json = cfg_json  # type: ignore[attr-defined]
     return app
 

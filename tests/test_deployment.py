@@ -26,6 +26,7 @@ from waiting import wait_until
 from fedstream.client.ingest import Producer
 from fedstream.client.spool import Spool
 from fedstream.protocol.runtime import free_port
+from fedstream.server.privacy import Ledger, releases_of
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +44,9 @@ budget = 20
 model = "logreg"
 [secure_aggregation]
 enabled = true
+[privacy]
+enabled = true
+delta = 0.01
 """
 
 
@@ -138,6 +142,12 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     summary = json.loads((work / "srv" / "results" / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["secure_aggregation"] is True
     assert summary["rounds_aggregated"] == 3
+    # Differential privacy's ledger came back with the checkpoint: round 3's epsilon is
+    # that of all three rounds (the clients added the noise, as under secure aggregation).
+    spent = Ledger(0.01, releases_of(r["privacy"] for r in recs if "round" in r))
+    assert summary["privacy"]["releases"] == spent.releases == 3
+    assert summary["privacy"]["noise_at"] == "clients"
+    assert summary["privacy"]["epsilon"] == pytest.approx(spent.epsilon)
     assert "client updates" in (work / "server.log").read_text()  # the server prints it
     for i in range(3):
         spool = Spool(work / f"c{i}" / "spool.db", 8)

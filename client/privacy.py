@@ -1,0 +1,70 @@
+"""The client side of differential privacy, as a Flower mod: clip -> noise.
+
+The server asks for it in each train message (`dp-clip`, and `dp-noise-std` when the
+clients add the noise): the mod clips the model change the handler trained to that L2
+norm, adds the client's share of the Gaussian noise, and replies with the global model
+plus that change. It sits inside the secure-aggregation mod, which then quantizes and
+masks the privatised change: under secure aggregation the server never holds an update
+without its noise. The reply says it weighs as much as every other client's
+(`uniform-weight`), since a weight that grows with the client's examples would let one
+client move the sum by more than the clip.
+
+Noise comes from the operating system's entropy, so a server cannot predict it. A
+simulation (virtual clients, the server in the same program) seeds it from the config
+instead, so that a run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from fedstream.protocol import dp, updates
+from fedstream.protocol import messages as m
+
+_NOISE_STREAM = 0xD9  # keeps the noise apart from every other seeded stream of the client
+
+
+def make_privacy_mod(seed: int | None = None) -> Mod:
+    """The mod, with noise seeded from `seed` (simulation) or from the OS (devices)."""
+
+    def privacy_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        config = m.record(msg.content, m.CONFIG, ConfigRecord)
+        if msg.metadata.message_type != MessageType.TRAIN or config is None:
+            return call_next(msg, ctx)
+        if m.DP_CLIP not in config:
+            return call_next(msg, ctx)
+        reply = call_next(msg, ctx)
+        if reply.has_error():
+            return reply
+        metrics = reply.content[m.METRICS]
+        rng = _rng(seed, int(config[m.ROUND]), int(metrics["client-id"]))
+        reply.content[m.ARRAYS] = privatised(
+            msg.content[m.ARRAYS], reply.content[m.ARRAYS],
+            clip=float(config[m.DP_CLIP]), std=float(config.get(m.DP_STD, 0.0)), rng=rng,
+        )
+        metrics["uniform-weight"] = 1
+        return reply
+
+    return privacy_mod
+
+
+def privatised(
+    global_arrays: ArrayRecord,
+    local_arrays: ArrayRecord,
+    clip: float,
+    std: float,
+    rng: np.random.Generator,
+) -> ArrayRecord:
+    """The global model plus the clipped, noised change that training made to it."""
+    change = dp.model_change(local_arrays, global_arrays)
+    dp.clip_l2(change, clip)
+    dp.add_noise(change, std, rng, dp.float_spans(global_arrays))
+    return updates.shifted(global_arrays, change)
+
+
+def _rng(seed: int | None, server_round: int, client: int) -> np.random.Generator:
+    if seed is None:
+        return np.random.default_rng()  # OS entropy
+    return np.random.default_rng([seed, server_round, client, _NOISE_STREAM])

@@ -1,0 +1,283 @@
+"""Differential privacy: clip -> noise on both sides, the private mean, and the accountant.
+
+The round tests run fedstream's real ClientApps (learner, privacy and secure mods) behind
+a loopback grid, so what is checked is what a client sends and what the server makes of it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from loopback_grid import LoopbackGrid
+
+from fedstream.cli.main import print_summary
+from fedstream.client.privacy import make_privacy_mod, privatised
+from fedstream.protocol import dp, updates
+from fedstream.protocol import messages as m
+from fedstream.protocol.config import ConfigError, load
+from fedstream.server.app import run_federation
+from fedstream.server.privacy import ORDERS, Ledger, Privacy, Release, releases_of
+from fedstream.server.records import History, run_summary
+from fedstream.sim.client_app import sim_client_app
+from fedstream.sim.federation import federation
+
+BASE = [
+    "federation.clients=6",
+    "federation.rounds=3",
+    "federation.round_timeout=0.3",
+    "federation.server_lr=1.0",  # plain FedAvg: the new model is the private mean itself
+    "output.progress=false",
+    "stream.rate=20.0",
+    "evaluation.every=1",
+    "privacy.enabled=true",
+    "privacy.delta=1e-3",
+]
+
+
+def _flat(arrays: ArrayRecord) -> np.ndarray:
+    return np.concatenate([a.numpy().ravel().astype(np.float64) for a in arrays.values()])
+
+
+def _run(tmp_path, overrides=(), tamper=None):
+    """Rounds over real ClientApps: (grid, round records, model after each round, initial)."""
+    cfg = load(None, [*BASE, *overrides])
+    grid = LoopbackGrid(sim_client_app(cfg), cfg.federation.clients, tamper)
+    models: list[np.ndarray] = []
+
+    def keep(_round, arrays):
+        models.append(_flat(arrays))
+        return {}
+
+    records: list[dict] = []
+    initial = federation(cfg).initial_arrays()
+    run_federation(grid, cfg, initial, tmp_path, evaluate=keep,
+                   on_round=lambda rec, _h: records.append(rec), simulated=True)
+    return grid, records, models, _flat(initial)
+
+
+def _spy(into: list[Message]):
+    def tamper(_node, reply):
+        into.append(reply)
+        return reply
+    return tamper
+
+
+# --- the two steps -------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.float64, st.integers(1, 300), elements=st.floats(-1e6, 1e6)),
+    st.floats(1e-6, 1e3),
+)
+def test_clipping_bounds_the_norm_and_keeps_the_direction(values, bound):
+    change = values.copy()
+    norm = dp.clip_l2(change, bound)
+    assert norm == pytest.approx(np.linalg.norm(values))
+    assert np.linalg.norm(change) <= bound * (1 + 1e-9)
+    if norm <= bound:
+        assert np.array_equal(change, values)
+    else:  # the same direction, shorter
+        assert np.allclose(change * norm / bound, values, rtol=1e-9, atol=1e-9 * norm)
+
+
+def test_a_change_that_is_not_finite_is_dropped_not_scaled():
+    change = np.array([1.0, np.inf, 2.0])
+    assert math.isinf(dp.clip_l2(change, 1.0))
+    assert not change.any()
+
+
+def _model(**arrays) -> ArrayRecord:
+    return updates.record(arrays)
+
+
+def test_integer_arrays_are_not_trained_under_privacy_and_dtypes_stay():
+    old = _model(w=np.zeros((3, 2), np.float32), n=np.array([5], np.int64))
+    new = _model(w=np.full((3, 2), 4.0, np.float32), n=np.array([9], np.int64))
+    change = dp.model_change(new, old)
+    assert change.tolist() == [4.0] * 6 + [0.0]
+    assert dp.float_spans(old) == [(0, 6)]
+    out = privatised(old, new, clip=3.0, std=0.0, rng=np.random.default_rng(0))
+    assert out["w"].numpy().dtype == np.float32 and out["n"].numpy().tolist() == [5]
+    assert np.linalg.norm(out["w"].numpy()) == pytest.approx(3.0, rel=1e-6)
+
+
+def test_client_noise_has_the_deviation_asked_for_and_repeats_with_its_seed():
+    old = _model(w=np.zeros(200_000, np.float32))
+    new = _model(w=np.full(200_000, 1e-3, np.float32))
+    a = privatised(old, new, clip=0.1, std=0.05, rng=np.random.default_rng([1, 2]))
+    b = privatised(old, new, clip=0.1, std=0.05, rng=np.random.default_rng([1, 2]))
+    noise = a["w"].numpy().astype(np.float64) - 0.1 / np.sqrt(200_000)  # minus the clipped change
+    assert noise.std() == pytest.approx(0.05, rel=0.01) and abs(noise.mean()) < 0.05 * 0.01
+    assert np.array_equal(a["w"].numpy(), b["w"].numpy())
+
+
+def _train_message(config: dict) -> Message:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    content = RecordDict({m.ARRAYS: _model(w=np.zeros(4, np.float32)),
+                          m.CONFIG: ConfigRecord({m.ROUND: 1, **config})})
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def _handler(msg: Message, _ctx: Context) -> Message:
+    report = m.TrainReport(client=3, examples=7, correct=1, loss_sum=0.0)
+    weights = _model(w=np.array([3.0, 4.0, 0.0, 0.0], np.float32))
+    return Message(RecordDict({m.ARRAYS: weights, m.METRICS: report.to_record()}), reply_to=msg)
+
+
+def test_the_mod_privatises_only_when_asked_and_marks_the_reply_uniform():
+    mod, ctx = make_privacy_mod(seed=0), Context(1, 1, {}, RecordDict(), {})
+    plain = mod(_train_message({}), ctx, _handler)
+    assert plain.content[m.ARRAYS]["w"].numpy().tolist() == [3.0, 4.0, 0.0, 0.0]
+    assert not m.TrainReport.from_record(plain.content[m.METRICS]).uniform
+    asked = mod(_train_message({m.DP_CLIP: 1.0, m.DP_STD: 0.0}), ctx, _handler)
+    assert asked.content[m.ARRAYS]["w"].numpy().tolist() == pytest.approx([0.6, 0.8, 0, 0])
+    report = m.TrainReport.from_record(asked.content[m.METRICS])
+    assert report.uniform and report.examples == 7  # counted as ever, weighed as all others
+
+    def failing(msg, _ctx):
+        return Message(Error(1, "boom"), reply_to=msg)
+
+    assert mod(_train_message({m.DP_CLIP: 1.0}), ctx, failing).has_error()
+
+
+# --- the accountant ----------------------------------------------------------------------
+
+
+def _gaussian_epsilon(z: float, rounds: int, delta: float) -> float:
+    """epsilon of `rounds` unsampled Gaussian releases, by hand: replace-one moves the sum by
+    2C, so RDP(a) = rounds * a / (2 (z/2)^2); converted as dp-accounting does (Canonne,
+    Kamath and Steinke 2020), minimised over the same orders."""
+    best = math.inf
+    for a in ORDERS:
+        rdp = rounds * a / (2 * (z / 2) ** 2)
+        eps = rdp + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        best = min(best, eps)
+    return best
+
+
+@pytest.mark.parametrize("z, rounds", [(1.0, 30), (4.0, 10), (10.0, 100)])
+def test_epsilon_of_unsampled_rounds_is_the_gaussian_mechanism_at_twice_the_clip(z, rounds):
+    ledger = Ledger(1e-5, [Release(z, 20, 20)] * rounds)
+    assert ledger.epsilon == pytest.approx(_gaussian_epsilon(z, rounds, 1e-5), rel=1e-6)
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise_and_sampling():
+    def eps(z, k, n, rounds=20):
+        return Ledger(1e-5, [Release(z, k, n)] * rounds).epsilon
+
+    assert Ledger(1e-5).epsilon == 0.0
+    assert eps(1.0, 10, 10, 10) < eps(1.0, 10, 10, 20)
+    assert eps(2.0, 10, 10) < eps(1.0, 10, 10)
+    assert eps(2.0, 10, 100) < eps(2.0, 10, 10)  # sampling one in ten amplifies
+    assert math.isinf(eps(0.0, 10, 10))
+
+
+def test_a_resumed_ledger_carries_on_where_the_checkpoint_stopped():
+    releases = [Release(1.0, 5, 50), Release(0.8, 5, 40), Release(1.0, 5, 50)]
+    history = History()
+    for r in releases[:2]:
+        history.add(_record({**r.to_dict(), "summed": 5, "epsilon": 0.0}))
+    history = pickle.loads(pickle.dumps(history))
+    resumed = Ledger(1e-5, releases_of(history.releases))
+    resumed.add(releases[2])
+    assert resumed.epsilon == Ledger(1e-5, releases).epsilon
+
+
+def _record(privacy: dict) -> dict:
+    return {"round": 1, "examples": 0, "correct": 0, "loss_sum": 0.0, "clients_ok": 5,
+            "failures": [], "bytes_up": 0, "bytes_down": 0, "round_trips": 1,
+            "drift_count": 0, "dropped": 0, "clients": {}, "privacy": privacy}
+
+
+# --- rounds over real clients -------------------------------------------------------------
+
+
+def test_server_noise_goes_onto_the_mean_of_the_changes_it_clipped(tmp_path):
+    replies: list[Message] = []
+    _, records, models, start = _run(tmp_path, ["privacy.noise_multiplier=0",
+                                                "privacy.clip_norm=0.05"], _spy(replies))
+    first = [r for r in replies[:6] if not r.has_error()]
+    changes = [_flat(r.content[m.ARRAYS]) - start for r in first]  # sent as trained: unclipped
+    clipped = [c * min(1.0, 0.05 / np.linalg.norm(c)) for c in changes]
+    assert np.allclose(models[0], start + np.mean(clipped, axis=0), atol=1e-6)
+    entry = records[0]["privacy"]
+    assert entry["clipped"] == sum(np.linalg.norm(c) > 0.05 for c in changes) > 0
+    assert entry["median_norm"] == pytest.approx(np.median([np.linalg.norm(c) for c in changes]))
+    assert entry["epsilon"] is None or math.isinf(entry["epsilon"])
+
+    _, noisy, noisy_models, _ = _run(tmp_path / "n", ["privacy.noise_multiplier=2",
+                                                       "privacy.clip_norm=0.05"])
+    noise = noisy_models[0] - models[0]  # the same seed, so the same clients: only noise
+    assert noise.std() == pytest.approx(2 * 0.05 / 6, rel=0.1)
+    assert noisy[0]["privacy"]["epsilon"] == pytest.approx(
+        _gaussian_epsilon(2.0, 1, 1e-3), rel=1e-6)
+
+
+def test_secure_aggregation_sums_the_clients_noise_as_plaintext_would(tmp_path):
+    noise = ["privacy.noise_at=clients", "privacy.noise_multiplier=1", "privacy.clip_norm=0.05"]
+    grid, plain, plain_models, start = _run(tmp_path / "p", noise)
+    _, secure, secure_models, _ = _run(tmp_path / "s", [*noise, "secure_aggregation.enabled=true"])
+    train = [msg for msg in grid.sent if msg.metadata.message_type == MessageType.TRAIN]
+    assert {msg.content[m.CONFIG][m.DP_STD] for msg in train} == {1 * 0.05 / math.sqrt(6)}
+    # Seeded noise: the same clients add the same noise; secure only adds its rounding.
+    step = 1 * 0.05 / 6  # the deviation of the noise on the mean, per coordinate
+    assert np.abs(secure_models[0] - plain_models[0]).max() < step / 100
+    assert (plain_models[0] - start).std() > step  # and the noise is there
+    assert [r["privacy"]["epsilon"] for r in secure] == [r["privacy"]["epsilon"] for r in plain]
+
+
+def test_clients_that_drop_out_take_their_noise_with_them(tmp_path):
+    def drop_one(node, reply):
+        return None if node == 1000 else reply
+
+    _, records, _, _ = _run(tmp_path, ["privacy.noise_at=clients"], drop_one)
+    entry = records[0]["privacy"]
+    assert (entry["sampled"], entry["summed"]) == (6, 5)
+    assert entry["noise_multiplier"] == pytest.approx(math.sqrt(5 / 6))
+    assert records[-1]["privacy"]["epsilon"] == pytest.approx(
+        Ledger(1e-3, releases_of(r["privacy"] for r in records)).epsilon)
+
+
+def test_summary_and_cli_say_what_the_run_cost(tmp_path, capsys):
+    cfg = load(None, [*BASE, "privacy.noise_multiplier=3"])
+    grid = LoopbackGrid(sim_client_app(cfg), 6)
+    _, history = run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path,
+                                simulated=True)
+    summary = {**run_summary(cfg, history), "wall_seconds": 1.0}
+    p = summary["privacy"]
+    assert p["releases"] == 3 and p["noise_at"] == "server" and p["delta"] == 1e-3
+    assert p["epsilon"] == pytest.approx(_gaussian_epsilon(3.0, 3, 1e-3), rel=1e-6)
+    assert 0 <= p["clipped_updates"] <= 1 and p["median_norm"] > 0
+    print_summary(summary, tmp_path)
+    out = capsys.readouterr().out
+    assert f"Differential privacy: epsilon = {p['epsilon']:.3g} at delta = 0.001 after 3" in out
+    assert run_summary(load(None, BASE[:-2]), history)["privacy"] is None
+
+
+def test_server_asks_clients_to_clip_only_where_it_cannot_clip_itself():
+    cfg = load(None, [*BASE, "privacy.noise_multiplier=2", "privacy.clip_norm=0.5"]).privacy
+    messages = [_train_message({}) for _ in range(4)]
+    Privacy(cfg, secure=False).ask(messages, population=10)
+    assert all(m.DP_CLIP not in msg.content[m.CONFIG] for msg in messages)
+    Privacy(cfg, secure=True).ask(messages, population=10)  # the server adds the noise
+    assert {(msg.content[m.CONFIG][m.DP_CLIP], msg.content[m.CONFIG][m.DP_STD])
+            for msg in messages} == {(0.5, 0.0)}
+
+
+def test_privacy_settings_that_cannot_protect_are_refused():
+    with pytest.raises(ConfigError, match=r"privacy\.delta = 0\.2 is not below 1 / federation"):
+        load(None, ["privacy.enabled=true", "privacy.delta=0.2", "federation.clients=10"])
+    with pytest.raises(ConfigError, match=r"privacy\.clip_norm"):
+        load(None, ["privacy.enabled=true", "privacy.clip_norm=0"])
+    assert load(None, ["privacy.enabled=true"]).privacy.noise_at == "server"
+    secure = ["privacy.enabled=true", "secure_aggregation.enabled=true"]
+    assert load(None, secure).privacy.noise_at == "clients"
