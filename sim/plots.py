@@ -1,4 +1,5 @@
-"""Plots of a results folder: accuracy over rounds against the baselines, and per client."""
+"""Plots of a results folder: accuracy over rounds against the baselines, per client, and
+the privacy spent."""
 
 from __future__ import annotations
 
@@ -18,7 +19,39 @@ def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) 
     made = [accuracy_plot(plots, summary, records)]
     if any(rec["clients"] for rec in records):  # none under secure aggregation: only sums
         made.append(clients_plot(plots, summary, records))
+    if any(_epsilon(rec) is not None for rec in records):
+        made.append(privacy_plot(plots, summary, records))
     return made
+
+
+def _epsilon(rec: dict[str, Any]) -> float | None:
+    """The round's epsilon so far; None without a release or without noise (no bound)."""
+    return (rec.get("privacy") or {}).get("epsilon")
+
+
+def privacy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    """Privacy spent round by round, beside the accuracy it bought."""
+    spent = [(rec["round"], eps) for rec in records if (eps := _epsilon(rec)) is not None]
+    rounds, eps = zip(*spent, strict=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(rounds, eps, color="C3", lw=2, marker=".", label="epsilon")
+    dp = summary.get("privacy") or {}
+    ax.set(xlabel="round", ylabel=f"epsilon at delta = {dp.get('delta', 0):g}", ylim=(0, None),
+           title=f"Privacy spent (noise multiplier {dp.get('noise_multiplier', 0):g}, clip "
+                 f"{dp.get('clip_norm', 0):g}, noise added by the {dp.get('noise_at', '?')})")
+    ax.grid(alpha=0.3)
+    acc = ax.twinx()
+    x = np.array([rec["round"] for rec in records])
+    acc.plot(x, _series(summary["cumulative_accuracy"]), color="C0", lw=2,
+             label="prequential accuracy (cumulative)")
+    acc.set(ylabel="prequential accuracy (%)", ylim=(0, 100))
+    lines = ax.get_lines()[:1] + acc.get_lines()[:1]
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right", fontsize=8)
+    path = plots / "privacy.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _x(t: float) -> float:

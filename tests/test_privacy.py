@@ -281,3 +281,19 @@ def test_privacy_settings_that_cannot_protect_are_refused():
     assert load(None, ["privacy.enabled=true"]).privacy.noise_at == "server"
     secure = ["privacy.enabled=true", "secure_aggregation.enabled=true"]
     assert load(None, secure).privacy.noise_at == "clients"
+
+
+def test_the_privacy_plot_is_drawn_only_when_an_epsilon_holds(tmp_path):
+    from fedstream.sim.plots import plot_all
+
+    def rec(r, privacy):
+        return {"round": r, "clients": {}, "privacy": privacy}
+
+    summary = {"accuracy_per_round": [0.5, 0.6], "cumulative_accuracy": [0.5, 0.55],
+               "drift_times": [], "privacy": {"delta": 1e-5, "noise_multiplier": 1.0,
+                                              "clip_norm": 0.5, "noise_at": "server"}}
+    spent = [rec(1, {"epsilon": 1.5}), rec(2, {"epsilon": 2.0})]
+    assert (tmp_path / "plots" / "privacy.png") in plot_all(tmp_path, summary, spent)
+    unbounded = [rec(1, {"epsilon": None}), rec(2, None)]  # no noise, then a failed round
+    (tmp_path / "b").mkdir()
+    assert [p.name for p in plot_all(tmp_path / "b", summary, unbounded)] == ["accuracy.png"]
