@@ -229,8 +229,10 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 
 def _privacy_line(p: dict[str, Any]) -> str:
     """What the run's models cost in differential privacy (server/privacy.py)."""
-    how = (f"noise multiplier {p['noise_multiplier']:g}, clip {p['clip_norm']:g}, "
-           f"noise added by the {p['noise_at']}")
+    z = f"noise multiplier {p['noise_multiplier']:.4g}"
+    if p.get("target_epsilon"):
+        z += f" (calibrated for epsilon {p['target_epsilon']:g})"
+    how = f"{z}, clip {p['clip_norm']:g}, noise added by the {p['noise_at']}"
     if p["epsilon"] is None:
         line = (f"Differential privacy: no guarantee ({how}): without noise, clipping "
                 "alone promises nothing.")

@@ -273,6 +273,9 @@ class PrivacyConfig(_Section):
     # The noise on the sum of a round's updates has standard deviation noise_multiplier x
     # clip_norm; 0 clips without noise (and promises nothing).
     noise_multiplier: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
+    # > 0: the noise multiplier is chosen instead, the smallest that keeps epsilon at or
+    # below this after federation.rounds rounds of the planned cohort (all clients online).
+    target_epsilon: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0
     # Bound on the L2 norm of one client's model change in one round.
     clip_norm: Annotated[float, Field(gt=0.0, le=1e6)] = 0.5
     delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5

@@ -31,6 +31,7 @@ from typing import Any
 
 from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, to_json
+from fedstream.server.app import planned_noise
 from fedstream.server.checkpoint import CHECKPOINT
 from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate
 from fedstream.server.deploy_app import RESUME, STATE_DIR
@@ -256,6 +257,8 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     (also `runtime.Stopped` from a signal)."""
     if resume:
         check_resume(agg)
+    if cfg.privacy.enabled:
+        planned_noise(cfg)  # a target epsilon out of reach is said before anything starts
     link = start_superlink(agg)  # checks credentials and port before it makes anything
     try:
         ctl = control(agg)

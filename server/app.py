@@ -7,8 +7,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedstream.protocol.config import Config
-from fedstream.server.privacy import Privacy
+from fedstream.protocol.config import Config, sampled_clients
+from fedstream.server.privacy import Privacy, calibrated
 from fedstream.server.records import History, MetricsLog
 from fedstream.server.rounds import EvaluateFn, RoundHook, RoundSettings, run_rounds
 from fedstream.server.secure import SecureAggregator
@@ -52,6 +52,18 @@ def stages(cfg: Config, seed: int | None) -> tuple[Privacy | None, SecureAggrega
     """The optional stages of the server's round, as `cfg` turns them on; `seed` draws what
     would otherwise be secret (simulation only)."""
     secure = cfg.secure_aggregation.enabled
-    privacy = Privacy(cfg.privacy, secure, seed) if cfg.privacy.enabled else None
+    privacy = None
+    if cfg.privacy.enabled:
+        privacy = Privacy(cfg.privacy, secure, seed, planned_noise(cfg))
     aggregator = SecureAggregator(cfg.secure_aggregation, seed, privacy) if secure else None
     return privacy, aggregator
+
+
+def planned_noise(cfg: Config) -> float:
+    """The noise multiplier of the run: as set, or calibrated to `privacy.target_epsilon`
+    over the planned rounds (every client online, so the cohort is Flower's sample)."""
+    dp, fed = cfg.privacy, cfg.federation
+    if dp.target_epsilon <= 0:
+        return dp.noise_multiplier
+    sampled = sampled_clients(fed, cfg.secure_aggregation.enabled)
+    return calibrated(dp.target_epsilon, dp.delta, fed.rounds, sampled, fed.clients)

@@ -23,6 +23,7 @@ with client noise, s survivors of k sampled carry z sqrt(s / k).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Iterable
@@ -47,6 +48,9 @@ _NOISE_STREAM = 0x5D9  # the server's noise, apart from the clients'
 ORDERS = tuple([1 + x / 8 for x in range(1, 16)] + list(range(3, 33)) + [40, 48, 56, 64, 96, 128])
 
 
+NOISE_RANGE = (1e-4, 1e7)  # noise multipliers a target epsilon is calibrated within
+
+
 @dataclass(frozen=True)
 class Release:
     """One round's model as the accountant sees it."""
@@ -60,14 +64,65 @@ class Release:
                 "population": self.population}
 
 
+def event(release: Release) -> Any:
+    """The round as dp-accounting's event. Replacing a client moves the sum by up to 2C
+    (its clipped change out, another in), so the noise is 1/2 of z in units of that."""
+    from dp_accounting import dp_event
+
+    gaussian = dp_event.GaussianDpEvent(release.noise_multiplier / 2)
+    return dp_event.SampledWithoutReplacementDpEvent(
+        release.population, release.sampled, gaussian
+    )
+
+
+@functools.lru_cache(maxsize=8)  # a run asks twice: before it starts, and its server
+def calibrated(target_epsilon: float, delta: float, rounds: int, sampled: int, population: int
+               ) -> float:
+    """The smallest noise multiplier whose `rounds` releases stay within `target_epsilon`
+    (dp-accounting's calibration: Brent's method on the accountant)."""
+    from dp_accounting import mechanism_calibration, privacy_accountant, rdp
+
+    def fresh() -> Any:
+        return rdp.RdpAccountant(
+            orders=ORDERS, neighboring_relation=privacy_accountant.NeighboringRelation.REPLACE_ONE
+        )
+
+    def rounds_at(z: float) -> Any:
+        from dp_accounting import dp_event
+
+        return dp_event.SelfComposedDpEvent(event(Release(z, sampled, population)), rounds)
+
+    interval = mechanism_calibration.ExplicitBracketInterval(*NOISE_RANGE)
+    try:
+        z = float(mechanism_calibration.calibrate_dp_mechanism(
+            fresh, rounds_at, target_epsilon, delta, bracket_interval=interval, tol=1e-4
+        ))
+    except ValueError:  # the target lies outside what the range of multipliers gives
+        z = math.nan
+    for _ in range(100):  # the search stops within its tolerance, on either side of the target
+        if _spent(z, delta, rounds, sampled, population) <= target_epsilon:
+            return z
+        z *= 1.0001
+    raise ValueError(
+        f"privacy.target_epsilon = {target_epsilon:g} is out of reach: {rounds} rounds of "
+        f"{sampled} of {population} clients at delta = {delta:g} need a noise multiplier "
+        f"outside {NOISE_RANGE[0]:g} to {NOISE_RANGE[1]:g}"
+    )
+
+
+def _spent(z: float, delta: float, rounds: int, sampled: int, population: int) -> float:
+    ledger = Ledger(delta)
+    ledger.add(Release(z, sampled, population), rounds)
+    return ledger.epsilon
+
+
 class Ledger:
     """Privacy spent by a sequence of releases (RDP, converted to (epsilon, delta))."""
 
     def __init__(self, delta: float, releases: Iterable[Release] = ()) -> None:
-        from dp_accounting import dp_event, privacy_accountant, rdp
+        from dp_accounting import privacy_accountant, rdp
 
         self.delta = delta
-        self._event = dp_event
         self._rdp = rdp.RdpAccountant(
             orders=ORDERS, neighboring_relation=privacy_accountant.NeighboringRelation.REPLACE_ONE
         )
@@ -76,18 +131,13 @@ class Ledger:
         for release in releases:
             self.add(release)
 
-    def add(self, release: Release) -> None:
-        self.releases += 1
+    def add(self, release: Release, count: int = 1) -> None:
+        """Compose `count` rounds of `release` (at the cost of one)."""
+        self.releases += count
         if release.noise_multiplier <= 0:
             self._unbounded = True  # a release without noise: no epsilon holds
             return
-        sensitivity = 2.0  # replace-one: in units of the clip norm
-        gaussian = self._event.GaussianDpEvent(release.noise_multiplier / sensitivity)
-        self._rdp.compose(
-            self._event.SampledWithoutReplacementDpEvent(
-                release.population, release.sampled, gaussian
-            )
-        )
+        self._rdp.compose(event(release), count)
 
     @property
     def epsilon(self) -> float:
@@ -100,8 +150,16 @@ class Ledger:
 class Privacy:
     """The privacy stage of the server's round: ask, aggregate or noise, account."""
 
-    def __init__(self, cfg: PrivacyConfig, secure: bool, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PrivacyConfig,
+        secure: bool,
+        seed: int | None = None,
+        noise_multiplier: float | None = None,
+    ) -> None:
+        """`noise_multiplier`: the one `calibrated` for `cfg.target_epsilon`, if set."""
         self.cfg, self.secure, self.seed = cfg, secure, seed
+        self.z = cfg.noise_multiplier if noise_multiplier is None else noise_multiplier
         self.client_noise = cfg.noise_at == "clients"
         self.clients_clip = secure or self.client_noise
         self.ledger = Ledger(cfg.delta)
@@ -117,7 +175,7 @@ class Privacy:
         self._pending = (len(messages), max(population, len(messages)))
         if not self.clients_clip or not messages:
             return
-        std = self.cfg.noise_multiplier * self.cfg.clip_norm / len(messages) ** 0.5
+        std = self.z * self.cfg.clip_norm / len(messages) ** 0.5
         for msg in messages:
             config = msg.content[m.CONFIG]
             config[m.DP_CLIP] = self.cfg.clip_norm
@@ -157,7 +215,7 @@ class Privacy:
         """Add the server's noise to the mean of `summed` changes (z C on their sum)."""
         if self.client_noise or summed <= 0:
             return
-        std = self.cfg.noise_multiplier * self.cfg.clip_norm / summed
+        std = self.z * self.cfg.clip_norm / summed
         dp.add_noise(mean_change, std, self._rng(server_round), dp.float_spans(arrays))
 
     def release(self, summed: int) -> dict[str, Any]:
@@ -167,13 +225,14 @@ class Privacy:
             raise RuntimeError("a release without a sampled round (call ask first)")
         sampled, population = self._pending
         self._pending = None
-        z = self.cfg.noise_multiplier
+        z = self.z
         if self.client_noise:
             z *= (summed / sampled) ** 0.5  # the missing clients' shares never came
         release = Release(z, sampled, population)
         self.ledger.add(release)
         entry: dict[str, Any] = {
-            **release.to_dict(), "summed": summed, "epsilon": self.ledger.epsilon
+            **release.to_dict(), "planned_noise_multiplier": self.z, "summed": summed,
+            "epsilon": self.ledger.epsilon,
         }
         norms, self._norms = self._norms, []
         if norms:

@@ -291,7 +291,10 @@ def privacy_summary(dp: PrivacyConfig, releases: list[dict[str, Any]]) -> dict[s
         "epsilon": releases[-1]["epsilon"] if releases else 0.0,
         "delta": dp.delta,
         "releases": len(releases),
-        "noise_multiplier": dp.noise_multiplier,
+        # as set, or as calibrated to target_epsilon (each round records the one it asked for)
+        "noise_multiplier": releases[-1].get("planned_noise_multiplier", dp.noise_multiplier)
+        if releases else dp.noise_multiplier,
+        "target_epsilon": dp.target_epsilon or None,
         "clip_norm": dp.clip_norm,
         "noise_at": dp.noise_at,
         "adjacency": ADJACENCY,

@@ -16,6 +16,7 @@ from fedstream.client.device import pick_device
 from fedstream.protocol.config import Config, sampled_clients
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server import stopping
+from fedstream.server.app import planned_noise
 from fedstream.server.records import stop_logs
 from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.detection import drifts_in_run
@@ -74,6 +75,8 @@ def preflight(cfg: Config) -> None:
     fed = federation(cfg)
     _ = fed.dataset
     fed.initial_arrays(check=True)
+    if cfg.privacy.enabled:
+        planned_noise(cfg)  # a target epsilon out of reach is said now
     if not (cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")):
         # Local virtual clients see this machine's devices; on a cluster, its nodes' may differ.
         try:

@@ -297,3 +297,29 @@ def test_the_privacy_plot_is_drawn_only_when_an_epsilon_holds(tmp_path):
     unbounded = [rec(1, {"epsilon": None}), rec(2, None)]  # no noise, then a failed round
     (tmp_path / "b").mkdir()
     assert [p.name for p in plot_all(tmp_path / "b", summary, unbounded)] == ["accuracy.png"]
+
+
+@pytest.mark.parametrize("target, sampled, population", [(8.0, 20, 20), (2.0, 10, 100)])
+def test_a_target_epsilon_is_met_by_the_smallest_noise_that_meets_it(target, sampled, population):
+    from fedstream.server.privacy import calibrated
+
+    z = calibrated(target, 1e-5, 30, sampled, population)
+
+    def spent(noise):
+        ledger = Ledger(1e-5)
+        ledger.add(Release(noise, sampled, population), 30)
+        return ledger.epsilon
+
+    assert spent(z) <= target < spent(z * 0.999)
+
+
+def test_a_run_with_a_target_epsilon_ends_within_it(tmp_path, capsys):
+    cfg = load(None, [*BASE, "privacy.target_epsilon=20"])
+    grid = LoopbackGrid(sim_client_app(cfg), 6)
+    _, history = run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path,
+                                simulated=True)
+    p = run_summary(cfg, history)["privacy"]
+    assert p["target_epsilon"] == 20 and 19.9 < p["epsilon"] <= 20
+    assert p["noise_multiplier"] == pytest.approx(history.releases[0]["noise_multiplier"])
+    print_summary({**run_summary(cfg, history), "wall_seconds": 1.0}, tmp_path)
+    assert "(calibrated for epsilon 20)" in capsys.readouterr().out
