@@ -23,6 +23,7 @@ with client noise, s survivors of k sampled carry z sqrt(s / k).
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import statistics
@@ -46,8 +47,6 @@ _NOISE_STREAM = 0x5D9  # the server's noise, apart from the clients'
 # gives a valid bound, so fewer orders can only make epsilon larger, never smaller.
 # Unsampled rounds (every client trains) cost nothing.
 ORDERS = tuple([1 + x / 8 for x in range(1, 16)] + list(range(3, 33)) + [40, 48, 56, 64, 96, 128])
-
-
 NOISE_RANGE = (1e-4, 1e7)  # noise multipliers a target epsilon is calibrated within
 
 
@@ -62,6 +61,13 @@ class Release:
     def to_dict(self) -> dict[str, Any]:
         return {"noise_multiplier": self.noise_multiplier, "sampled": self.sampled,
                 "population": self.population}
+
+
+def _accountant() -> Any:
+    from dp_accounting import privacy_accountant, rdp
+
+    replace_one = privacy_accountant.NeighboringRelation.REPLACE_ONE
+    return rdp.RdpAccountant(orders=ORDERS, neighboring_relation=replace_one)
 
 
 def event(release: Release) -> Any:
@@ -80,12 +86,7 @@ def calibrated(target_epsilon: float, delta: float, rounds: int, sampled: int, p
                ) -> float:
     """The smallest noise multiplier whose `rounds` releases stay within `target_epsilon`
     (dp-accounting's calibration: Brent's method on the accountant)."""
-    from dp_accounting import mechanism_calibration, privacy_accountant, rdp
-
-    def fresh() -> Any:
-        return rdp.RdpAccountant(
-            orders=ORDERS, neighboring_relation=privacy_accountant.NeighboringRelation.REPLACE_ONE
-        )
+    from dp_accounting import mechanism_calibration
 
     def rounds_at(z: float) -> Any:
         from dp_accounting import dp_event
@@ -95,7 +96,7 @@ def calibrated(target_epsilon: float, delta: float, rounds: int, sampled: int, p
     interval = mechanism_calibration.ExplicitBracketInterval(*NOISE_RANGE)
     try:
         z = float(mechanism_calibration.calibrate_dp_mechanism(
-            fresh, rounds_at, target_epsilon, delta, bracket_interval=interval, tol=1e-4
+            _accountant, rounds_at, target_epsilon, delta, bracket_interval=interval, tol=1e-4
         ))
     except ValueError:  # the target lies outside what the range of multipliers gives
         z = math.nan
@@ -120,16 +121,14 @@ class Ledger:
     """Privacy spent by a sequence of releases (RDP, converted to (epsilon, delta))."""
 
     def __init__(self, delta: float, releases: Iterable[Release] = ()) -> None:
-        from dp_accounting import privacy_accountant, rdp
-
         self.delta = delta
-        self._rdp = rdp.RdpAccountant(
-            orders=ORDERS, neighboring_relation=privacy_accountant.NeighboringRelation.REPLACE_ONE
-        )
+        self._rdp = _accountant()
         self.releases = 0
         self._unbounded = False
-        for release in releases:
-            self.add(release)
+        # Rényi DP adds up in any order: alike rounds are composed at once (a resumed run
+        # with a thousand rounds behind it takes one composition, not a thousand).
+        for release, count in collections.Counter(releases).items():
+            self.add(release, count)
 
     def add(self, release: Release, count: int = 1) -> None:
         """Compose `count` rounds of `release` (at the cost of one)."""
