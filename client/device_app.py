@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedstream.client.privacy import make_privacy_mod
 from fedstream.client.secure import secure_aggregation_mod
 from fedstream.client.spool import Spool
 from fedstream.protocol import messages as m
@@ -32,7 +33,9 @@ LEARNER, REPORTED_DROPS = "learner", "dropped-reported"
 
 
 def device_client_app(config: Config | None = None) -> ClientApp:
-    app = ClientApp(mods=[secure_aggregation_mod])
+    # The update pipeline, as in every fedstream ClientApp (client/app.py): privacy clips
+    # and noises the change with the OS's entropy, secure aggregation quantizes and masks it.
+    app = ClientApp(mods=[secure_aggregation_mod, make_privacy_mod()])
 
     @app.train()
     def _train(msg: Message, ctx: Context) -> Message:

@@ -6,8 +6,8 @@ norm, adds the client's share of the Gaussian noise, and replies with the global
 plus that change. It sits inside the secure-aggregation mod, which then quantizes and
 masks the privatised change: under secure aggregation the server never holds an update
 without its noise. The reply says it weighs as much as every other client's
-(`uniform-weight`), since a weight that grows with the client's examples would let one
-client move the sum by more than the clip.
+(`privatised`), since a weight that grows with the client's examples would let one
+client move the sum by more than the clip. The server checks that every reply says so.
 
 Noise comes from the operating system's entropy, so a server cannot predict it. A
 simulation (virtual clients, the server in the same program) seeds it from the config
@@ -44,7 +44,7 @@ def make_privacy_mod(seed: int | None = None) -> Mod:
             msg.content[m.ARRAYS], reply.content[m.ARRAYS],
             clip=float(config[m.DP_CLIP]), std=float(config.get(m.DP_STD, 0.0)), rng=rng,
         )
-        metrics["uniform-weight"] = 1
+        metrics[m.PRIVATISED] = 1
         return reply
 
     return privacy_mod

@@ -78,13 +78,13 @@ def masked_update(
     """The update pipeline, clip -> quantize -> mask, run one piece at a time.
 
     The model change is weighed by examples (all alike under differential privacy: the
-    report says `uniform`); the example count and metrics ride as exact
+    report says `privatised`); the example count and metrics ride as exact
     integers in the masked tail. Each piece of the change (1 MiB of ring elements) is
     clipped, quantized and masked before the next is read, so the device needs the masked
     vector and one piece besides its models, not a float64 copy of the whole change.
     """
     q = setup.quantizer
-    weight = setup.max_weight if report.uniform else min(report.examples, setup.max_weight)
+    weight = setup.max_weight if report.privatised else min(report.examples, setup.max_weight)
     rng = np.random.default_rng([setup.server_round, report.client, 0x5EC])
     encoder = Encoder(q, rng, weight=weight / setup.max_weight)
     seeds = secagg.mask_seeds(setup, mask_sk)
@@ -104,6 +104,7 @@ def masked_update(
         "clipped": encoder.clipped,
         "train-us": int(report.train_seconds * 1e6),
         "dropped": report.dropped,
+        "privatised": int(report.privatised),
     }
     y_tail = secagg.tail_words([tail[name] for name in m.TAIL])
     masks.add_tail(y_tail)

@@ -22,7 +22,7 @@ QUERY_KIND = "query"
 ROSTER = "roster"  # query asking a node which client it is
 DP_CLIP = "dp-clip"  # train config: clip the model change to this L2 norm (privacy)
 DP_STD = "dp-noise-std"  # train config: add Gaussian noise of this deviation to it (0: none)
-DP_SEED = "dp-noise-seed"  # train config, simulation only: reproducible noise
+PRIVATISED = "privatised"  # train report: the privacy mod clipped and noised the model
 
 
 @dataclass
@@ -40,9 +40,10 @@ class TrainReport:
     offset: int = 0
     train_seconds: float = 0.0
     dropped: int = 0  # samples the device's spool dropped (full) since its last report
-    # Weighs as much as every other client, whatever its examples (differential privacy
-    # bounds what one client adds to the sum, so the weights cannot depend on its data).
-    uniform: bool = False
+    # Clipped and noised as the server asked (differential privacy), and so weighs as much
+    # as every other client, whatever its examples: a weight that grew with the client's
+    # data would let it move the sum by more than the clip.
+    privatised: bool = False
 
     def to_record(self) -> MetricRecord:
         record = MetricRecord(
@@ -60,8 +61,8 @@ class TrainReport:
                 "dropped": self.dropped,
             }
         )
-        if self.uniform:  # only under differential privacy: other reports stay as they were
-            record["uniform-weight"] = 1
+        if self.privatised:  # only under differential privacy: other reports stay as they were
+            record[PRIVATISED] = 1
         return record
 
     @classmethod
@@ -78,7 +79,7 @@ class TrainReport:
             offset=int(rec.get("offset", 0)),
             train_seconds=float(rec.get("train-seconds", 0.0)),
             dropped=int(rec.get("dropped", 0)),
-            uniform=bool(rec.get("uniform-weight", 0)),
+            privatised=bool(rec.get(PRIVATISED, 0)),
         )
 
 
@@ -107,6 +108,7 @@ TAIL = (
     "clipped",
     "train-us",
     "dropped",
+    "privatised",  # under differential privacy the server checks that every client did
 )
 FIXED_POINT = 1 << 16  # loss sums travel as integers of 1/65536
 KEYS_LOST = "secure aggregation keys not held"  # in an error reason: fetch the keys again

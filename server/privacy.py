@@ -185,6 +185,10 @@ class Privacy:
         did), averaged with equal weights, with the server's noise; one message the
         strategy takes its step with, as a secure round hands it one."""
         ok = [r for r in replies if not r.has_error()]
+        if self.clients_clip:
+            self.check_privatised(
+                sum(m.PRIVATISED in r.content[m.METRICS] for r in ok), len(ok)
+            )
         total = np.zeros(updates.size(arrays))
         norms = []
         for reply in ok:
@@ -196,17 +200,18 @@ class Privacy:
             total /= len(ok)
             self.noise_onto(server_round, total, len(ok), arrays)
         self._norms = norms
-        examples = sum(int(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in ok)
-        return Message(
-            RecordDict(
-                {
-                    m.ARRAYS: updates.shifted(arrays, total),
-                    m.METRICS: MetricRecord({m.NUM_EXAMPLES: examples}),
-                }
-            ),
-            dst_node_id=0,
-            message_type=MessageType.TRAIN,
-        )
+        return aggregate_message(updates.shifted(arrays, total), len(ok))
+
+    @staticmethod
+    def check_privatised(privatised: int, summed: int) -> None:
+        """Every update in the sum must have been clipped and noised by its client (a
+        client without fedstream's privacy mod would go into the sum unbounded)."""
+        if privatised != summed:
+            raise ValueError(
+                f"differential privacy: {summed - privatised} of {summed} clients sent an "
+                "update they had not clipped and noised (a client without fedstream's "
+                "privacy mod?); the round's model is not released"
+            )
 
     def noise_onto(
         self, server_round: int, mean_change: np.ndarray, summed: int, arrays: ArrayRecord
@@ -243,6 +248,19 @@ class Privacy:
         if self.seed is None:
             return np.random.default_rng()  # OS entropy
         return np.random.default_rng([self.seed, server_round, _NOISE_STREAM])
+
+
+def aggregate_message(arrays: ArrayRecord, weight: int) -> Message:
+    """The one message a strategy steps with: an aggregate that stands for `weight`.
+
+    Under differential privacy `weight` is the number of updates summed, never their
+    examples: a round whose clients learned nothing still releases its noisy model, since
+    releasing one or not according to the clients' data would itself tell of the data."""
+    return Message(
+        RecordDict({m.ARRAYS: arrays, m.METRICS: MetricRecord({m.NUM_EXAMPLES: weight})}),
+        dst_node_id=0,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def releases_of(entries: Iterable[dict[str, Any]]) -> list[Release]:

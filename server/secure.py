@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -35,7 +35,7 @@ from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server.grid import Stragglers, send_and_collect
-from fedstream.server.privacy import Privacy
+from fedstream.server.privacy import Privacy, aggregate_message
 from fedstream.server.records import bytes_of, error_reason
 
 SILENT = "no reply before timeout"
@@ -297,21 +297,16 @@ class SecureAggregator:
         # The weighted mean of the decoded changes, added to the model block by block.
         factor = self.cfg.max_weight / (totals["weight"] * agg.q.scale)
         change = agg.q.signed(ring)
-        if self.privacy is not None and not self.privacy.client_noise:
-            change = change * factor  # the server's noise goes onto the mean
-            self.privacy.noise_onto(server_round, change, len(agg.survivors), arrays)
-            factor = 1.0
-        averaged = Message(
-            RecordDict(
-                {
-                    m.ARRAYS: updates.shifted(arrays, change, factor),
-                    m.METRICS: MetricRecord({m.NUM_EXAMPLES: totals["examples"]}),
-                }
-            ),
-            dst_node_id=0,
-            message_type=MessageType.TRAIN,
-        )
+        weight = totals["examples"]
         try:
+            if self.privacy is not None:
+                self.privacy.check_privatised(totals["privatised"], totals["contributors"])
+                weight = totals["contributors"]  # see `aggregate_message`
+                if not self.privacy.client_noise:  # the server's noise goes onto the mean
+                    change = change * factor
+                    self.privacy.noise_onto(server_round, change, len(agg.survivors), arrays)
+                    factor = 1.0
+            averaged = aggregate_message(updates.shifted(arrays, change, factor), weight)
             new, _ = strategy.aggregate_train(server_round, [averaged])
         except Exception as err:
             out.error = f"{type(err).__name__}: {err}"

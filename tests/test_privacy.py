@@ -133,15 +133,15 @@ def _handler(msg: Message, _ctx: Context) -> Message:
     return Message(RecordDict({m.ARRAYS: weights, m.METRICS: report.to_record()}), reply_to=msg)
 
 
-def test_the_mod_privatises_only_when_asked_and_marks_the_reply_uniform():
+def test_the_mod_privatises_only_when_asked_and_says_so():
     mod, ctx = make_privacy_mod(seed=0), Context(1, 1, {}, RecordDict(), {})
     plain = mod(_train_message({}), ctx, _handler)
     assert plain.content[m.ARRAYS]["w"].numpy().tolist() == [3.0, 4.0, 0.0, 0.0]
-    assert not m.TrainReport.from_record(plain.content[m.METRICS]).uniform
+    assert not m.TrainReport.from_record(plain.content[m.METRICS]).privatised
     asked = mod(_train_message({m.DP_CLIP: 1.0, m.DP_STD: 0.0}), ctx, _handler)
     assert asked.content[m.ARRAYS]["w"].numpy().tolist() == pytest.approx([0.6, 0.8, 0, 0])
     report = m.TrainReport.from_record(asked.content[m.METRICS])
-    assert report.uniform and report.examples == 7  # counted as ever, weighed as all others
+    assert report.privatised and report.examples == 7  # counted as ever, weighed as all others
 
     def failing(msg, _ctx):
         return Message(Error(1, "boom"), reply_to=msg)
@@ -323,3 +323,47 @@ def test_a_run_with_a_target_epsilon_ends_within_it(tmp_path, capsys):
     assert p["noise_multiplier"] == pytest.approx(history.releases[0]["noise_multiplier"])
     print_summary({**run_summary(cfg, history), "wall_seconds": 1.0}, tmp_path)
     assert "(calibrated for epsilon 20)" in capsys.readouterr().out
+
+
+def test_an_update_its_client_did_not_privatise_is_never_released(tmp_path):
+    """A client without the privacy mod (an old device app, say): plaintext or secure, the
+    server refuses to make a model of a sum with its unbounded update in it."""
+    from flwr.clientapp import ClientApp
+
+    from fedstream.client.app import train_round
+    from fedstream.client.secure import secure_aggregation_mod
+    from fedstream.sim.client_app import virtual_stream
+
+    cfg = load(None, [*BASE, "secure_aggregation.enabled=true"])
+
+    def unprivate(config):
+        app = ClientApp(mods=[secure_aggregation_mod])
+
+        @app.train()
+        def _train(msg, ctx):
+            return train_round(msg, ctx, config, virtual_stream(config, ctx))
+
+        @app.query()
+        def _query(msg, ctx):
+            return Message(m.roster_reply(virtual_stream(config, ctx).client), reply_to=msg)
+
+        return app
+
+    for c in (cfg, load(None, [*BASE, "privacy.noise_at=clients"])):
+        records: list[dict] = []
+        run_federation(LoopbackGrid(unprivate(c), 6), c, federation(c).initial_arrays(),
+                       tmp_path, on_round=lambda rec, _h, into=records: into.append(rec),
+                       simulated=True)
+        assert not any(r["aggregated"] for r in records)
+        assert "6 of 6 clients sent an update they had not clipped and noised" in (
+            records[0]["aggregation_error"])
+        assert all("privacy" not in r for r in records)
+
+
+def test_a_round_whose_clients_learned_nothing_still_releases_its_noisy_model(tmp_path):
+    """Whether a model comes out must not depend on the data: an empty round is released
+    (the noise alone), and accounted."""
+    _, records, models, start = _run(tmp_path, ["stream.rate=0.0001", "privacy.noise_multiplier=1"])
+    assert [r["examples"] for r in records] == [0, 0, 0]
+    assert all(r["aggregated"] and r["privacy"]["summed"] == 6 for r in records)
+    assert not np.allclose(models[0], start)  # the noise moved it

@@ -845,7 +845,7 @@ def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole(
     change = np.concatenate([(new[k].astype(np.float64) - old[k]).ravel() for k in old])
     ring, clipped = _encode(agg.q, change, np.random.default_rng([ROUND, report.client, 0x5EC]))
     assert clipped > 0  # the clipped count rides in the tail: it is checked too
-    tail = [1, 50, 1, 7, round(12.5 * m.FIXED_POINT), 1, clipped, 250_000, 2]
+    tail = [1, 50, 1, 7, round(12.5 * m.FIXED_POINT), 1, clipped, 250_000, 2, 0]
     seeds = sa.mask_seeds(setup, _sk("mask", 3))  # the same self seed: token_bytes is fixed
     want = _mask_whole(setup, _sk("enc", 3), _sk("mask", 3), ring, tail)
     np.testing.assert_array_equal(got.model, want.model)
