@@ -240,6 +240,10 @@ def _privacy_line(p: dict[str, Any]) -> str:
         line = (f"Differential privacy: epsilon = {p['epsilon']:.3g} at delta = {p['delta']:g} "
                 f"after {p['releases']} round{'s' * (p['releases'] != 1)} (one client's "
                 f"whole stream; {how}).")
+        known = p.get("epsilon_known_cohorts")
+        if known is not None and abs(known - p["epsilon"]) > 1e-3 * max(known, 1.0):
+            line += (f" For an observer who knows which clients each round drew (the "
+                     f"server does): epsilon = {known:.3g}.")
     if p.get("clipped_updates"):
         line += (f" {100 * p['clipped_updates']:.0f} % of the updates were clipped "
                  f"(median norm {p['median_norm']:.3g}).")

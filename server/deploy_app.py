@@ -23,7 +23,6 @@ from fedstream.protocol.models import build_model
 from fedstream.server import checkpoint
 from fedstream.server.app import stages
 from fedstream.server.grid import bounded_pulls
-from fedstream.server.privacy import releases_of
 from fedstream.server.records import History, MetricsLog, run_summary, write_summary
 from fedstream.server.rounds import RoundSettings, run_rounds
 from fedstream.server.strategy import make_strategy
@@ -72,7 +71,7 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
     )
     settings.privacy, settings.secure = stages(cfg, None)
     if settings.privacy is not None:
-        settings.privacy.resume(releases_of(history.releases))
+        settings.privacy.resume(history.releases, history.aggregated)
     started = time.perf_counter()
     arrays, history = run_rounds(
         grid, strategy, arrays, settings, record, history=history, after_round=save

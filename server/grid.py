@@ -186,11 +186,11 @@ class OrderedGrid(Grid):
     def __init__(self, grid: Grid, order: Callable[[Iterable[int]], list[int]]) -> None:
         self._grid = grid
         self._order = order
-        self.available = 0
+        self.last_ids: list[int] = []
 
     def get_node_ids(self) -> Iterable[int]:
         ids = self._order(self._grid.get_node_ids())
-        self.available = len(ids)  # the population the strategy last sampled from
+        self.last_ids = ids  # the nodes the strategy last sampled from
         return ids
 
     def send_and_receive(

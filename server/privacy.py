@@ -70,15 +70,35 @@ def _accountant() -> Any:
     return rdp.RdpAccountant(orders=ORDERS, neighboring_relation=replace_one)
 
 
-def event(release: Release) -> Any:
-    """The round as dp-accounting's event. Replacing a client moves the sum by up to 2C
+def gaussian(noise_multiplier: float) -> Any:
+    """The noisy sum as dp-accounting's event. Replacing a client moves the sum by up to 2C
     (its clipped change out, another in), so the noise is 1/2 of z in units of that."""
     from dp_accounting import dp_event
 
-    gaussian = dp_event.GaussianDpEvent(release.noise_multiplier / 2)
+    return dp_event.GaussianDpEvent(noise_multiplier / 2)
+
+
+def event(release: Release) -> Any:
+    """The round as dp-accounting's event: the noisy sum of a cohort drawn at random."""
+    from dp_accounting import dp_event
+
     return dp_event.SampledWithoutReplacementDpEvent(
-        release.population, release.sampled, gaussian
+        release.population, release.sampled, gaussian(release.noise_multiplier)
     )
+
+
+def known_cohort_epsilon(exposure: float, delta: float) -> float:
+    """Epsilon for one client against an observer who knows which rounds it was in (the
+    server always does): no amplification by sampling, only the rounds its update was
+    summed in. Gaussian rounds compose into one Gaussian: `exposure` is the sum of
+    1 / z^2 over those rounds."""
+    if exposure <= 0:
+        return 0.0
+    if math.isinf(exposure):
+        return math.inf
+    accountant = _accountant()
+    accountant.compose(gaussian(exposure ** -0.5))
+    return float(accountant.get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=8)  # a run asks twice: before it starts, and its server
@@ -122,7 +142,11 @@ class Ledger:
 
     def __init__(self, delta: float, releases: Iterable[Release] = ()) -> None:
         self.delta = delta
-        self._rdp = _accountant()
+        # Two bounds, and the smaller epsilon holds: dp-accounting's bound for sampling
+        # without replacement is loose when most clients are sampled (19 of 20 would read
+        # worse than 20 of 20), and a sampled round can never cost more than the same
+        # round with every client in it.
+        self._rdp, self._unsampled = _accountant(), _accountant()
         self.releases = 0
         self._unbounded = False
         # Rényi DP adds up in any order: alike rounds are composed at once (a resumed run
@@ -137,13 +161,20 @@ class Ledger:
             self._unbounded = True  # a release without noise: no epsilon holds
             return
         self._rdp.compose(event(release), count)
+        self._unsampled.compose(gaussian(release.noise_multiplier), count)
 
     @property
     def epsilon(self) -> float:
         """Epsilon at `delta` so far: 0 before any release, inf if one had no noise."""
         if self._unbounded:
             return math.inf
-        return float(self._rdp.get_epsilon(self.delta)) if self.releases else 0.0
+        if not self.releases:
+            return 0.0
+        return float(min(a.get_epsilon(self.delta) for a in (self._rdp, self._unsampled)))
+
+    def unbounded(self) -> None:
+        """Models were released without noise (rounds run before privacy was on)."""
+        self._unbounded = True
 
 
 class Privacy:
@@ -162,12 +193,32 @@ class Privacy:
         self.client_noise = cfg.noise_at == "clients"
         self.clients_clip = secure or self.client_noise
         self.ledger = Ledger(cfg.delta)
+        self.exposure: dict[str, float] = {}  # client -> sum of 1/z^2 over its rounds
         self._pending: tuple[int, int] | None = None  # this round's (sampled, population)
         self._norms: list[float] = []  # this round's change norms, where the server clips
 
-    def resume(self, releases: Iterable[Release]) -> None:
-        """Carry on from a checkpoint: its releases are already spent."""
-        self.ledger = Ledger(self.cfg.delta, releases)
+    @property
+    def secret_cohorts(self) -> bool:
+        """Draw each round's clients from the OS's entropy: amplification by sampling
+        holds only against observers who cannot know the cohort, so on real devices it
+        must not follow from the config's seed (which every client holds). A simulation
+        keeps its seeded, repeatable cohorts."""
+        return self.seed is None
+
+    def resume(self, entries: list[dict[str, Any]], aggregated: int) -> None:
+        """Carry on from a checkpoint: the rounds in its records are already spent, and
+        models it released without privacy (`aggregated` counts them too) void any bound."""
+        self.ledger = Ledger(self.cfg.delta, releases_of(entries))
+        if aggregated > len(entries):
+            self.ledger.unbounded()
+        for entry in entries:
+            self._expose(entry.get("clients", []), entry["noise_multiplier"])
+
+    def _expose(self, clients: list[str], z: float) -> None:
+        for client in clients:
+            self.exposure[client] = self.exposure.get(client, 0.0) + (
+                z ** -2 if z > 0 else math.inf
+            )
 
     def ask(self, messages: list[Message], population: int) -> None:
         """Tell the sampled clients to clip (and noise) their change, before they train."""
@@ -222,9 +273,9 @@ class Privacy:
         std = self.z * self.cfg.clip_norm / summed
         dp.add_noise(mean_change, std, self._rng(server_round), dp.float_spans(arrays))
 
-    def release(self, summed: int) -> dict[str, Any]:
-        """Account for the round's new model, made of `summed` clients' changes; its entry
-        in the round record."""
+    def release(self, summed: int, clients: list[str]) -> dict[str, Any]:
+        """Account for the round's new model, made of `summed` clients' changes (`clients`
+        names them); its entry in the round record."""
         if self._pending is None:
             raise RuntimeError("a release without a sampled round (call ask first)")
         sampled, population = self._pending
@@ -234,9 +285,12 @@ class Privacy:
             z *= (summed / sampled) ** 0.5  # the missing clients' shares never came
         release = Release(z, sampled, population)
         self.ledger.add(release)
+        self._expose(clients, z)
+        worst = max(self.exposure.values(), default=0.0)
         entry: dict[str, Any] = {
             **release.to_dict(), "planned_noise_multiplier": self.z, "summed": summed,
-            "epsilon": self.ledger.epsilon,
+            "clients": sorted(clients), "epsilon": self.ledger.epsilon,
+            "epsilon_known_cohorts": known_cohort_epsilon(worst, self.cfg.delta),
         }
         norms, self._norms = self._norms, []
         if norms:

@@ -289,6 +289,8 @@ def privacy_summary(dp: PrivacyConfig, releases: list[dict[str, Any]]) -> dict[s
     seen = [r for r in releases if "clipped" in r]  # rounds where the server clipped
     return {
         "epsilon": releases[-1]["epsilon"] if releases else 0.0,
+        # the worst client's, for an observer who knows each round's cohort (the server)
+        "epsilon_known_cohorts": releases[-1]["epsilon_known_cohorts"] if releases else 0.0,
         "delta": dp.delta,
         "releases": len(releases),
         # as set, or as calibrated to target_epsilon (each round records the one it asked for)

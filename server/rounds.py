@@ -8,6 +8,7 @@ previous global model, and write down why.
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def run_rounds(
                 server_round, sent, replies, roster.client_of, time.perf_counter() - started
             )
             contributed = [r.metadata.src_node_id for r in replies if not r.has_error()]
-            summed = len(contributed)
+            summed, in_sum = len(contributed), contributed
         else:
             sent = _sample(grid, roster, strategy, server_round, arrays, settings)
             outcome = settings.secure.round(
@@ -88,10 +89,12 @@ def run_rounds(
             contributed = [n for n in (msg.metadata.dst_node_id for msg in sent)
                            if n not in failed]
             summed = outcome.totals["contributors"]  # also those that failed after their input
+            in_sum = outcome.summed_nodes
         record["shared_client_ids"] = roster.twins(contributed)
         record["aggregated"] = error is None
         if settings.privacy is not None and error is None:
-            record["privacy"] = settings.privacy.release(summed)
+            names = [_name(n, roster.client_of) for n in in_sum]
+            record["privacy"] = settings.privacy.release(summed, names)
         if error:
             record["aggregation_error"] = _explained(error, record, settings.timeout)
         if evaluate and settings.evaluate_every and server_round % settings.evaluate_every == 0:
@@ -142,12 +145,21 @@ def _sample(
     """The strategy's train messages for this round, sampled reproducibly in client order."""
     if not settings.sample_all:  # a seeded partial sample needs every identity first
         roster.refresh(grid, timeout=min(settings.timeout, ROSTER_TIMEOUT))
-    random.seed(settings.seed * 1_000_003 + server_round)  # Flower samples with `random`
+    if settings.privacy is not None and settings.privacy.secret_cohorts:
+        random.seed(secrets.token_bytes(32))  # Flower samples with `random`
+    else:
+        random.seed(settings.seed * 1_000_003 + server_round)
     ordered = OrderedGrid(grid, roster.ordered)
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
-    if settings.privacy is not None:
-        settings.privacy.ask(messages, population=ordered.available)
+    if settings.privacy is not None:  # a restarted device's old node is the same client
+        clients = {_name(n, roster.client_of) for n in ordered.last_ids}
+        settings.privacy.ask(messages, population=len(clients))
     return messages
+
+
+def _name(node: int, client_of: dict[int, int]) -> str:
+    """A client as the privacy ledger knows it: its id, or its node until it says it."""
+    return f"client {client_of[node]}" if node in client_of else f"node {node}"
 
 
 def _aggregate(

@@ -49,6 +49,7 @@ class SecureOutcome:
     error: str | None = None
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(m.TAIL, 0))
     failures: list[dict[str, Any]] = field(default_factory=list)  # node, stage, reason
+    summed_nodes: list[int] = field(default_factory=list)  # whose inputs the sum holds
     clients_ok: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -144,6 +145,7 @@ class SecureAggregator:
             self._unmask(agg, grid, {i: n for n, i in index.items()}, timeout, out, client_of)
             clock.lap("unmask")
             ring, tail = agg.result()
+            out.summed_nodes = [parties[i - 1] for i in sorted(agg.survivors)]
             clock.lap("recover")
         except secagg.RoundFailed as err:
             out.error = f"secure aggregation failed: {err}"

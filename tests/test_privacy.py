@@ -367,3 +367,57 @@ def test_a_round_whose_clients_learned_nothing_still_releases_its_noisy_model(tm
     assert [r["examples"] for r in records] == [0, 0, 0]
     assert all(r["aggregated"] and r["privacy"]["summed"] == 6 for r in records)
     assert not np.allclose(models[0], start)  # the noise moved it
+
+
+def test_a_sampled_round_never_reads_as_costlier_than_an_unsampled_one():
+    def eps(k, n):
+        return Ledger(1e-5, [Release(1.0, k, n)] * 30).epsilon
+
+    assert eps(19, 20) <= eps(20, 20) and eps(15, 20) <= eps(20, 20)
+    assert eps(2, 20) < eps(20, 20) / 3  # where sampling amplifies, it still counts
+
+
+def test_the_server_that_knows_the_cohorts_is_accounted_for_by_the_busiest_client(tmp_path):
+    _, records, _, _ = _run(tmp_path, ["federation.fraction=0.5", "federation.rounds=4",
+                                       "privacy.noise_multiplier=2"])
+    rounds_in = {}
+    for rec in records:
+        assert len(rec["privacy"]["clients"]) == rec["privacy"]["summed"] == 3
+        for client in rec["privacy"]["clients"]:
+            rounds_in[client] = rounds_in.get(client, 0) + 1
+    last = records[-1]["privacy"]
+    busiest = max(rounds_in.values())
+    assert last["epsilon_known_cohorts"] == pytest.approx(
+        _gaussian_epsilon(2.0, busiest, 1e-3), rel=1e-6)
+
+
+def test_deployed_cohorts_are_secret_and_simulated_ones_repeat(tmp_path):
+    def cohorts(simulated, folder):
+        cfg = load(None, [*BASE, "federation.fraction=0.5", "federation.rounds=3"])
+        records: list[dict] = []
+        run_federation(LoopbackGrid(sim_client_app(cfg), 6), cfg,
+                       federation(cfg).initial_arrays(), tmp_path / folder,
+                       on_round=lambda rec, _h: records.append(rec), simulated=simulated)
+        return [r["privacy"]["clients"] for r in records]
+
+    assert cohorts(True, "a") == cohorts(True, "b")
+    assert cohorts(False, "c") != cohorts(False, "d")  # (1/20)^3 to be equal by chance
+
+
+def test_two_nodes_of_one_client_are_one_client_of_the_population(tmp_path):
+    cfg = load(None, [*BASE, "federation.fraction=0.5"])
+    grid = LoopbackGrid(sim_client_app(cfg), 6, node_config=lambda p: {"partition-id": min(p, 4)})
+    records: list[dict] = []
+    run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path,
+                   on_round=lambda rec, _h: records.append(rec), simulated=True)
+    assert {r["privacy"]["population"] for r in records} == {5}
+
+
+def test_a_checkpoint_with_models_released_before_privacy_voids_the_bound():
+    cfg = load(None, BASE).privacy
+    entries = [{**Release(1.0, 6, 6).to_dict(), "clients": ["client 1"]}]
+    kept, voided = Privacy(cfg, secure=False), Privacy(cfg, secure=False)
+    kept.resume(entries, aggregated=1)
+    voided.resume(entries, aggregated=3)  # two rounds released before privacy was on
+    assert math.isfinite(kept.ledger.epsilon) and math.isinf(voided.ledger.epsilon)
+    assert kept.exposure == {"client 1": 1.0}
