@@ -233,7 +233,9 @@ def _privacy_line(p: dict[str, Any]) -> str:
     if p.get("target_epsilon"):
         z += f" (calibrated for epsilon {p['target_epsilon']:g})"
     how = f"{z}, clip {p['clip_norm']:g}, noise added by the {p['noise_at']}"
-    if p["epsilon"] is None:
+    if p.get("void"):
+        line = f"Differential privacy: no guarantee ({how}): {p['void']}."
+    elif p["epsilon"] is None:
         line = (f"Differential privacy: no guarantee ({how}): without noise, clipping "
                 "alone promises nothing.")
     else:

@@ -26,7 +26,7 @@ from fedstream.protocol.secagg import (
     UnmaskRequest,
 )
 
-PROTOCOL = 2
+PROTOCOL = 3  # 3: the masked tail counts privatised updates
 """Version of the secure-aggregation protocol: 1 read masks as AES-128-CTR from a zero
 counter block; 2 reads them segment by segment (keyschedule.Keystream)."""
 

@@ -72,6 +72,7 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
     settings.privacy, settings.secure = stages(cfg, None)
     if settings.privacy is not None:
         settings.privacy.resume(history.releases, history.aggregated)
+        history.privacy_void = settings.privacy.void
     started = time.perf_counter()
     arrays, history = run_rounds(
         grid, strategy, arrays, settings, record, history=history, after_round=save

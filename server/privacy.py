@@ -48,6 +48,8 @@ _NOISE_STREAM = 0x5D9  # the server's noise, apart from the clients'
 # Unsampled rounds (every client trains) cost nothing.
 ORDERS = tuple([1 + x / 8 for x in range(1, 16)] + list(range(3, 33)) + [40, 48, 56, 64, 96, 128])
 NOISE_RANGE = (1e-4, 1e7)  # noise multipliers a target epsilon is calibrated within
+VOID_UNPROTECTED = "models were released without privacy before the run resumed"
+VOID_OLD_LEDGER = "the checkpoint's rounds do not say whose updates each sum held"
 
 
 @dataclass(frozen=True)
@@ -104,31 +106,25 @@ def known_cohort_epsilon(exposure: float, delta: float) -> float:
 @functools.lru_cache(maxsize=8)  # a run asks twice: before it starts, and its server
 def calibrated(target_epsilon: float, delta: float, rounds: int, sampled: int, population: int
                ) -> float:
-    """The smallest noise multiplier whose `rounds` releases stay within `target_epsilon`
-    (dp-accounting's calibration: Brent's method on the accountant)."""
-    from dp_accounting import mechanism_calibration
-
-    def rounds_at(z: float) -> Any:
-        from dp_accounting import dp_event
-
-        return dp_event.SelfComposedDpEvent(event(Release(z, sampled, population)), rounds)
-
-    interval = mechanism_calibration.ExplicitBracketInterval(*NOISE_RANGE)
-    try:
-        z = float(mechanism_calibration.calibrate_dp_mechanism(
-            _accountant, rounds_at, target_epsilon, delta, bracket_interval=interval, tol=1e-4
-        ))
-    except ValueError:  # the target lies outside what the range of multipliers gives
-        z = math.nan
-    for _ in range(100):  # the search stops within its tolerance, on either side of the target
-        if _spent(z, delta, rounds, sampled, population) <= target_epsilon:
-            return z
-        z *= 1.0001
-    raise ValueError(
-        f"privacy.target_epsilon = {target_epsilon:g} is out of reach: {rounds} rounds of "
-        f"{sampled} of {population} clients at delta = {delta:g} need a noise multiplier "
-        f"outside {NOISE_RANGE[0]:g} to {NOISE_RANGE[1]:g}"
-    )
+    """The smallest noise multiplier (to 1 part in 10^6) whose `rounds` releases stay
+    within `target_epsilon`, as the ledger reports it (the smaller of its two bounds):
+    bisection on log z, since epsilon falls as z grows."""
+    lo, hi = NOISE_RANGE
+    if _spent(hi, delta, rounds, sampled, population) > target_epsilon:
+        raise ValueError(
+            f"privacy.target_epsilon = {target_epsilon:g} is out of reach: {rounds} rounds "
+            f"of {sampled} of {population} clients at delta = {delta:g} need a noise "
+            f"multiplier above {hi:g}"
+        )
+    if _spent(lo, delta, rounds, sampled, population) <= target_epsilon:
+        return lo
+    while hi / lo > 1 + 1e-6:
+        mid = math.sqrt(lo * hi)
+        if _spent(mid, delta, rounds, sampled, population) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _spent(z: float, delta: float, rounds: int, sampled: int, population: int) -> float:
@@ -157,8 +153,8 @@ class Ledger:
     def add(self, release: Release, count: int = 1) -> None:
         """Compose `count` rounds of `release` (at the cost of one)."""
         self.releases += count
-        if release.noise_multiplier <= 0:
-            self._unbounded = True  # a release without noise: no epsilon holds
+        if not release.noise_multiplier > 0:  # no noise (or not a number): no epsilon holds
+            self._unbounded = True
             return
         self._rdp.compose(event(release), count)
         self._unsampled.compose(gaussian(release.noise_multiplier), count)
@@ -194,6 +190,7 @@ class Privacy:
         self.clients_clip = secure or self.client_noise
         self.ledger = Ledger(cfg.delta)
         self.exposure: dict[str, float] = {}  # client -> sum of 1/z^2 over its rounds
+        self.void: str | None = None  # why no bound holds, whatever comes next
         self._pending: tuple[int, int] | None = None  # this round's (sampled, population)
         self._norms: list[float] = []  # this round's change norms, where the server clips
 
@@ -206,11 +203,14 @@ class Privacy:
         return self.seed is None
 
     def resume(self, entries: list[dict[str, Any]], aggregated: int) -> None:
-        """Carry on from a checkpoint: the rounds in its records are already spent, and
-        models it released without privacy (`aggregated` counts them too) void any bound."""
+        """Carry on from a checkpoint: the rounds in its records are already spent. Models
+        it released without privacy (`aggregated` counts them too), or rounds recorded
+        before the ledger knew whose updates each sum held, void both bounds."""
         self.ledger = Ledger(self.cfg.delta, releases_of(entries))
         if aggregated > len(entries):
-            self.ledger.unbounded()
+            self.void = VOID_UNPROTECTED
+        elif any("clients" not in entry for entry in entries):
+            self.void = VOID_OLD_LEDGER
         for entry in entries:
             self._expose(entry.get("clients", []), entry["noise_multiplier"])
 
@@ -292,6 +292,8 @@ class Privacy:
             "clients": sorted(clients), "epsilon": self.ledger.epsilon,
             "epsilon_known_cohorts": known_cohort_epsilon(worst, self.cfg.delta),
         }
+        if self.void:
+            entry.update(epsilon=math.inf, epsilon_known_cohorts=math.inf, void=self.void)
         norms, self._norms = self._norms, []
         if norms:
             entry["median_norm"] = statistics.median(norms)

@@ -82,6 +82,7 @@ class History:
     errors: dict[str, list[int]] = field(default_factory=dict)  # reason -> rounds it failed
     shared_ids: set[int] = field(default_factory=set)  # client ids two devices answered as
     releases: list[dict[str, Any]] = field(default_factory=list)  # differential privacy's
+    privacy_void: str | None = None  # why no privacy bound holds (a resume after rounds without)
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -95,6 +96,7 @@ class History:
         state.setdefault("errors", {})
         state.setdefault("shared_ids", set())
         state.setdefault("releases", [])
+        state.setdefault("privacy_void", None)
         self.__dict__.update(state)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -278,19 +280,23 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
             {"reason": reason, "rounds": len(rounds), "first_rounds": rounds[:ROUNDS_LISTED]}
             for reason, rounds in sorted(history.errors.items(), key=lambda kv: kv[1][0])
         ],
-        "privacy": privacy_summary(cfg.privacy, history.releases),
+        "privacy": privacy_summary(cfg.privacy, history),
     }
 
 
-def privacy_summary(dp: PrivacyConfig, releases: list[dict[str, Any]]) -> dict[str, Any] | None:
+def privacy_summary(dp: PrivacyConfig, history: History) -> dict[str, Any] | None:
     """What the run's models cost in privacy (None: differential privacy was off)."""
     if not dp.enabled:
         return None
+    releases = history.releases
+    last = releases[-1] if releases else {"epsilon": 0.0, "epsilon_known_cohorts": 0.0}
+    void = history.privacy_void or last.get("void")
     seen = [r for r in releases if "clipped" in r]  # rounds where the server clipped
     return {
-        "epsilon": releases[-1]["epsilon"] if releases else 0.0,
+        "epsilon": math.inf if void else last["epsilon"],
         # the worst client's, for an observer who knows each round's cohort (the server)
-        "epsilon_known_cohorts": releases[-1]["epsilon_known_cohorts"] if releases else 0.0,
+        "epsilon_known_cohorts": math.inf if void else last.get("epsilon_known_cohorts", math.inf),
+        "void": void,
         "delta": dp.delta,
         "releases": len(releases),
         # as set, or as calibrated to target_epsilon (each round records the one it asked for)

@@ -88,11 +88,18 @@ def run_rounds(
             failed = {f["node"] for f in outcome.failures}
             contributed = [n for n in (msg.metadata.dst_node_id for msg in sent)
                            if n not in failed]
-            summed = outcome.totals["contributors"]  # also those that failed after their input
+            # Also those that failed after their input; under client noise, only inputs that
+            # carry their noise count towards it.
+            summed = outcome.totals["contributors"]
+            if settings.privacy is not None and settings.privacy.client_noise:
+                summed = outcome.totals["privatised"]
             in_sum = outcome.summed_nodes
         record["shared_client_ids"] = roster.twins(contributed)
         record["aggregated"] = error is None
-        if settings.privacy is not None and error is None:
+        # A secure round that failed after its sum was unmasked still showed the server the
+        # clients' noisy sum: accounted as if released.
+        seen = settings.secure is not None and bool(in_sum)
+        if settings.privacy is not None and (error is None or seen):
             names = [_name(n, roster.client_of) for n in in_sum]
             record["privacy"] = settings.privacy.release(summed, names)
         if error:

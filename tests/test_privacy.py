@@ -299,7 +299,9 @@ def test_the_privacy_plot_is_drawn_only_when_an_epsilon_holds(tmp_path):
     assert [p.name for p in plot_all(tmp_path / "b", summary, unbounded)] == ["accuracy.png"]
 
 
-@pytest.mark.parametrize("target, sampled, population", [(8.0, 20, 20), (2.0, 10, 100)])
+@pytest.mark.parametrize(
+    "target, sampled, population", [(8.0, 20, 20), (2.0, 10, 100), (111.1, 19, 20)]
+)
 def test_a_target_epsilon_is_met_by_the_smallest_noise_that_meets_it(target, sampled, population):
     from fedstream.server.privacy import calibrated
 
@@ -357,7 +359,11 @@ def test_an_update_its_client_did_not_privatise_is_never_released(tmp_path):
         assert not any(r["aggregated"] for r in records)
         assert "6 of 6 clients sent an update they had not clipped and noised" in (
             records[0]["aggregation_error"])
-        assert all("privacy" not in r for r in records)
+        if c.secure_aggregation.enabled:  # the server saw the sum, noise-free: no bound
+            assert all(math.isinf(r["privacy"]["epsilon"] or math.inf) for r in records)
+            assert records[0]["privacy"]["noise_multiplier"] == 0
+        else:  # plaintext: the sum was never made
+            assert all("privacy" not in r for r in records)
 
 
 def test_a_round_whose_clients_learned_nothing_still_releases_its_noisy_model(tmp_path):
@@ -413,11 +419,33 @@ def test_two_nodes_of_one_client_are_one_client_of_the_population(tmp_path):
     assert {r["privacy"]["population"] for r in records} == {5}
 
 
-def test_a_checkpoint_with_models_released_before_privacy_voids_the_bound():
-    cfg = load(None, BASE).privacy
-    entries = [{**Release(1.0, 6, 6).to_dict(), "clients": ["client 1"]}]
-    kept, voided = Privacy(cfg, secure=False), Privacy(cfg, secure=False)
-    kept.resume(entries, aggregated=1)
-    voided.resume(entries, aggregated=3)  # two rounds released before privacy was on
-    assert math.isfinite(kept.ledger.epsilon) and math.isinf(voided.ledger.epsilon)
-    assert kept.exposure == {"client 1": 1.0}
+@pytest.mark.parametrize(
+    "aggregated, clients, void",
+    [(1, True, None), (3, True, "released without privacy"), (1, False, "whose updates")],
+)
+def test_a_checkpoint_that_cannot_vouch_for_its_rounds_voids_both_bounds(
+    tmp_path, capsys, aggregated, clients, void
+):
+    """Rounds released before privacy was on, or recorded before the ledger kept whose
+    updates each sum held: no bound holds after the resume, and the run says why."""
+    cfg = load(None, BASE)
+    entry = {**Release(1.0, 6, 6).to_dict(), "epsilon": 5.0, "epsilon_known_cohorts": 5.0}
+    if clients:
+        entry["clients"] = ["client 1"]
+    privacy = Privacy(cfg.privacy, secure=False)
+    privacy.resume([entry], aggregated=aggregated)
+    privacy.ask([_train_message({})], population=6)
+    fresh = privacy.release(1, ["client 1"])
+    history = History(releases=[entry], privacy_void=privacy.void)
+    summary = {**run_summary(cfg, history), "wall_seconds": 1.0}
+    if void is None:
+        assert math.isfinite(fresh["epsilon"]) and privacy.exposure == {"client 1": 2.0}
+        return
+    assert void in privacy.void and math.isinf(fresh["epsilon_known_cohorts"])
+    assert math.isinf(summary["privacy"]["epsilon"]) and void in summary["privacy"]["void"]
+    print_summary(summary, tmp_path)
+    assert "no guarantee" in capsys.readouterr().out
+
+
+def test_noise_that_is_not_a_number_bounds_nothing():
+    assert math.isinf(Ledger(1e-5, [Release(math.nan, 5, 10)]).epsilon)
