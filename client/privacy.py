@@ -30,10 +30,9 @@ def make_privacy_mod(seed: int | None = None) -> Mod:
     """The mod, with noise seeded from `seed` (simulation) or from the OS (devices)."""
 
     def privacy_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-        config = m.record(msg.content, m.CONFIG, ConfigRecord)
-        if msg.metadata.message_type != MessageType.TRAIN or config is None:
-            return call_next(msg, ctx)
-        if m.DP_CLIP not in config:
+        train = msg.metadata.message_type == MessageType.TRAIN
+        config = m.record(msg.content, m.CONFIG, ConfigRecord) if train else None
+        if config is None or m.DP_CLIP not in config:
             return call_next(msg, ctx)
         reply = call_next(msg, ctx)
         if reply.has_error():

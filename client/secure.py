@@ -78,8 +78,8 @@ def masked_update(
     """The update pipeline, clip -> quantize -> mask, run one piece at a time.
 
     The model change is weighed by examples (all alike under differential privacy: the
-    report says `privatised`); the example count and metrics ride as exact
-    integers in the masked tail. Each piece of the change (1 MiB of ring elements) is
+    report says `privatised`); the example count and metrics ride as exact integers in the
+    masked tail. Each piece of the change (`keyschedule.PIECE` bytes of ring elements) is
     clipped, quantized and masked before the next is read, so the device needs the masked
     vector and one piece besides its models, not a float64 copy of the whole change.
     """

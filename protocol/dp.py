@@ -17,7 +17,7 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedstream.protocol.updates import view
+from fedstream.protocol.updates import BLOCK, delta_pieces, size, view
 
 
 def float_spans(arrays: ArrayRecord) -> list[tuple[int, int]]:
@@ -32,19 +32,16 @@ def float_spans(arrays: ArrayRecord) -> list[tuple[int, int]]:
 
 
 def model_change(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
-    """`new - old` of the float arrays, flat, in float64; zero where an array is integer."""
-    if list(new.keys()) != list(old.keys()):
-        raise ValueError(f"update has arrays {list(new.keys())}, the model {list(old.keys())}")
-    parts = []
-    for key, arr in old.items():
-        a, b = view(new[key]), view(arr)
-        if a.shape != b.shape:
-            raise ValueError(f"array {key!r} has shape {a.shape}, the model's is {b.shape}")
-        if np.issubdtype(b.dtype, np.floating):
-            parts.append(np.subtract(a.ravel(), b.ravel(), dtype=np.float64))
-        else:
-            parts.append(np.zeros(b.size, dtype=np.float64))
-    return np.concatenate(parts) if parts else np.zeros(0)
+    """`new - old` of the float arrays, flat, in float64; zero where an array is integer.
+    (`updates.delta_pieces` checks the layouts and takes the difference.)"""
+    change = np.empty(size(old))
+    for lo, piece in delta_pieces(new, old, BLOCK):
+        change[lo : lo + piece.size] = piece
+    start = 0
+    for lo, hi in [*float_spans(old), (change.size, change.size)]:
+        change[start:lo] = 0.0  # the integer arrays between float ones
+        start = hi
+    return change
 
 
 def clip_l2(change: np.ndarray, bound: float) -> float:

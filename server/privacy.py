@@ -168,10 +168,6 @@ class Ledger:
             return 0.0
         return float(min(a.get_epsilon(self.delta) for a in (self._rdp, self._unsampled)))
 
-    def unbounded(self) -> None:
-        """Models were released without noise (rounds run before privacy was on)."""
-        self._unbounded = True
-
 
 class Privacy:
     """The privacy stage of the server's round: ask, aggregate or noise, account."""
@@ -184,7 +180,7 @@ class Privacy:
         noise_multiplier: float | None = None,
     ) -> None:
         """`noise_multiplier`: the one `calibrated` for `cfg.target_epsilon`, if set."""
-        self.cfg, self.secure, self.seed = cfg, secure, seed
+        self.cfg, self.seed = cfg, seed
         self.z = cfg.noise_multiplier if noise_multiplier is None else noise_multiplier
         self.client_noise = cfg.noise_at == "clients"
         self.clients_clip = secure or self.client_noise

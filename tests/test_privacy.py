@@ -105,6 +105,9 @@ def test_integer_arrays_are_not_trained_under_privacy_and_dtypes_stay():
     change = dp.model_change(new, old)
     assert change.tolist() == [4.0] * 6 + [0.0]
     assert dp.float_spans(old) == [(0, 6)]
+    sandwich = [_model(a=np.zeros(2, np.float32), n=np.array([5, 6]), b=np.zeros(1, np.float32)),
+                _model(a=np.ones(2, np.float32), n=np.array([9, 9]), b=np.ones(1, np.float32))]
+    assert dp.model_change(sandwich[1], sandwich[0]).tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
     out = privatised(old, new, clip=3.0, std=0.0, rng=np.random.default_rng(0))
     assert out["w"].numpy().dtype == np.float32 and out["n"].numpy().tolist() == [5]
     assert np.linalg.norm(out["w"].numpy()) == pytest.approx(3.0, rel=1e-6)
