@@ -6,8 +6,9 @@ commas in a ``;`` file), quoted fields, CRLF, ``.gz``, blank lines, a trailing d
 every line; an empty or NA cell, a non-number, a ragged row, a missing key or bad JSON is an
 error naming ``file:line`` and the column. Unlike ``load_table``, which refuses a whole
 file for one bad cell, a feed reports the bad row and goes on: the good rows are sent, so a
-live stream does not stop for one garbled record. Problems with the file as a whole
-(unreadable, bad header, label column missing, not UTF-8) still stop it with a
+live stream does not stop for one garbled record, nor for one line that is not UTF-8 (a
+byte of another encoding pasted into a log). Problems with the file as a whole (unreadable,
+bad header, label column missing, a header that is not UTF-8) still stop it with a
 ``DataError``.
 
 The input is read as a stream (stdin may be a live pipe): a batch is emitted when it holds
@@ -26,6 +27,7 @@ import gzip
 import io
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -76,6 +78,15 @@ class _RowProblem(Exception):
     pass
 
 
+class _Undecodable(str):
+    """A line holding bytes its encoding cannot decode (kept as lone surrogates by
+    ``surrogateescape``, which valid text never decodes to): that row's problem, not the
+    file's, so the lines around it are still read."""
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
 TICK = None  # in the line and row streams: flush_seconds passed without a new line
 
 
@@ -107,7 +118,10 @@ def open_input(path: str) -> tuple[IO[str], str]:
         head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
     except (OSError, EOFError) as exc:
         raise DataError(f"{name}: not a valid gzip file: {exc}") from exc
-    return io.TextIOWrapper(raw, encoding=text_encoding(head), newline=""), name
+    # Undecodable bytes become lone surrogates, so that the Reader can refuse their line
+    # alone instead of the decoder stopping the whole stream there.
+    encoding = text_encoding(head)
+    return io.TextIOWrapper(raw, encoding, errors="surrogateescape", newline=""), name
 
 
 class Reader:
@@ -140,6 +154,7 @@ class Reader:
         self.decimal = "."  # the CSV's decimal mark, once its header is read
         self.marks: DecimalMarks | None = None  # numbers that read two ways (';' files)
         self.line = 0  # last line read
+        self._hinted = False  # the not-UTF-8 hint is given with the first such row only
 
     # ------------------------------------------------------------------------ lines
 
@@ -163,6 +178,8 @@ class Reader:
                 ) from None
             if not line:
                 return
+            if not line.isascii() and _ESCAPED.search(line):
+                line = _Undecodable(line)
             yield line
 
     def _pumped(self) -> Iterator[str | None]:
@@ -215,9 +232,23 @@ class Reader:
 
     def _first(self, lines: Iterator[str | None]) -> str:
         for line in lines:
+            if isinstance(line, _Undecodable):
+                raise DataError(f"{self.name}:{self.line}: {self._undecodable(line, True)}")
             if line is not TICK and line.strip():
                 return line
         raise DataError(f"{self.name}: empty input, expected a header row or a record")
+
+    def _undecodable(self, line: str, whole_file: bool = False) -> str:
+        """What is wrong with a line that does not decode; the fix, the first time."""
+        raw = line.encode("utf-8", "surrogateescape")
+        bad = _ESCAPED.search(line)
+        assert bad is not None
+        where = f"byte 0x{ord(bad.group()) - 0xDC00:02x} at character {bad.start() + 1}"
+        problem = f"not valid {self.stream.encoding} ({where})"
+        if self._hinted and not whole_file:
+            return problem
+        self._hinted = True
+        return f"{problem}: {encoding_hint(raw)}"
 
     # -------------------------------------------------------------------------- csv
 
@@ -245,6 +276,9 @@ class Reader:
         for text in lines:
             if text is TICK:
                 yield TICK
+                continue
+            if isinstance(text, _Undecodable):
+                yield self.line, self._undecodable(text)
                 continue
             try:
                 record = next(csv.reader((text,), delimiter=delimiter, skipinitialspace=True))
@@ -276,7 +310,7 @@ class Reader:
             for text in lines:
                 if text is TICK:
                     yield TICK
-                elif text.strip():
+                elif isinstance(text, _Undecodable) or text.strip():
                     yield self.line, text
 
         for record in records():
@@ -284,6 +318,9 @@ class Reader:
                 yield TICK
                 continue
             line, text = record
+            if isinstance(text, _Undecodable):
+                yield line, self._undecodable(text)
+                continue
             try:
                 obj = _json_object(text, line, self.name)
             except DataError as exc:

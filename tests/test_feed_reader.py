@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedstream.client.feed import Reader, open_input
+from fedstream.client.sources.base import DataError
 
 
 def read_all(path: Path, **kw: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -79,3 +81,31 @@ def test_a_number_that_reads_two_ways_costs_its_row_only(tmp_path: Path) -> None
     np.testing.assert_array_equal(y, [0, 1])
     assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:3", f"{path}:4"]
     assert "'1.013' reads as 1.013" in errors[0] and "'19.5' has a decimal point" in errors[1]
+
+
+def test_a_line_that_is_not_utf8_costs_its_own_row_only(tmp_path: Path) -> None:
+    # A Windows-1252 byte deep in a long file: that row is refused at its own line, and
+    # every row before and after it is read (the decoder does not stop the stream).
+    rows = [f"{i},{i % 2}" for i in range(3000)]
+    rows[2499] = "caf\xe9,1"  # line 2501
+    path = tmp_path / "big.csv"
+    path.write_bytes(("x,label\n" + "\n".join(rows) + "\n").encode("cp1252"))
+    x, y, errors = read_all(path, batch=500)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:2501: not valid utf-8-sig")
+    assert "byte 0xe9 at character 4" in errors[0] and "Windows-1252" in errors[0]
+    assert len(y) == 2999 and x[-1, 0] == 2999 and x[2498, 0] == 2498 and x[2499, 0] == 2500
+
+
+def test_the_encoding_hint_comes_once_and_a_bad_header_stops_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'{"a": 1, "label": 0}\n{"a": 2, "label": "\xff"}\n{"a": 3, "label": 1}\n'
+                     b'{"a": 4, "label": "\xfe"}\n')
+    _, y, errors = read_all(path)
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{path}:2", f"{path}:4"]
+    assert "Windows-1252" in errors[0] and errors[1].endswith("(byte 0xfe at character 20)")
+    assert y.tolist() == [0, 1]
+
+    bad = tmp_path / "h.csv"
+    bad.write_bytes(b"temp \xb0C,label\n1,0\n")
+    with pytest.raises(DataError, match=rf"{bad}:1: not valid utf-8-sig \(byte 0xb0"):
+        read_all(bad)
