@@ -32,7 +32,7 @@ from typing import Any
 from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, to_json
 from fedstream.server.app import planned_noise
-from fedstream.server.checkpoint import CHECKPOINT
+from fedstream.server.checkpoint import CHECKPOINT, changes_on_resume, remember_config
 from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate
 from fedstream.server.deploy_app import RESUME, STATE_DIR
 
@@ -250,6 +250,19 @@ def check_resume(agg: Aggregator) -> None:
         )
 
 
+def check_same_run(agg: Aggregator, cfg: Config) -> None:
+    """`--resume` continues the run it finds: refuse a config that would make it another."""
+    changes = changes_on_resume(agg.state, cfg)
+    if changes:
+        shown = "; ".join(changes)
+        raise ValueError(
+            f"--resume: the config differs from the run's in {agg.state} ({shown}). A resumed "
+            "run may only change federation.rounds, federation.round_timeout and output "
+            "settings; give the run's own config (kept in "
+            f"{agg.state / 'config.json'}), or start a new run with another --state"
+        )
+
+
 def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -> str:
     """The whole aggregator: SuperLink up, keys registered, run submitted and awaited.
 
@@ -257,6 +270,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     (also `runtime.Stopped` from a signal)."""
     if resume:
         check_resume(agg)
+        check_same_run(agg, cfg)
     if cfg.privacy.enabled:
         planned_noise(cfg)  # a target epsilon out of reach is said before anything starts
     link = start_superlink(agg)  # checks credentials and port before it makes anything
@@ -266,6 +280,8 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
             register(ctl, public_keys)
             if resume:
                 stop_previous(ctl, agg)
+            else:
+                remember_config(agg.state, cfg)
             run_id = submit(ctl, agg, cfg, resume)
             (agg.state / "run-id").write_text(f"{run_id}\n")
             return wait_run(ctl, agg, run_id)

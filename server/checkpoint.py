@@ -8,6 +8,7 @@ so a crash at any moment leaves either the previous checkpoint or the new one, w
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from dataclasses import dataclass
@@ -17,9 +18,15 @@ from typing import Any
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from fedstream.protocol.config import Config, to_dict
 from fedstream.server.records import History
 
 CHECKPOINT = "checkpoint.pkl"
+RUN_CONFIG = "config.json"  # the config a run started with: what --resume must match
+# What a resumed run may change: how long it goes on and where results are written. Any
+# other key would silently not apply (the strategy and model come from the checkpoint) or
+# break the devices mid-run (their spools hold the stream's features).
+RESUMABLE = ("federation.rounds", "federation.round_timeout", "output.", "simulation.")
 
 
 @dataclass
@@ -75,3 +82,40 @@ class _Pickler(pickle.Pickler):
 
 def _array(dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> Array:
     return Array(dtype=dtype, shape=shape, stype=stype, data=data)
+
+
+def remember_config(directory: Path, cfg: Config) -> None:
+    """Keep the config a fresh run starts with, for `changes_on_resume`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (RUN_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, directory / RUN_CONFIG)
+
+
+def changes_on_resume(directory: Path, cfg: Config) -> list[str]:
+    """The keys whose values `cfg` changes from the run's own config, besides RESUMABLE
+    ones, as "key: run's value -> given value". Empty when the run kept no config
+    (a state directory older than this check)."""
+    path = directory / RUN_CONFIG
+    if not path.is_file():
+        return []
+    try:
+        before = _flat(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: the run's config cannot be read: {exc}") from None
+    now = _flat(to_dict(cfg))
+    return [
+        f"{key}: {json.dumps(before.get(key))} in the run, {json.dumps(now.get(key))} given"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE)
+    ]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

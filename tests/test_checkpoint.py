@@ -79,3 +79,32 @@ def test_a_model_that_was_sent_is_checkpointed(tmp_path):
     assert back is not None and back.server_round == 3
     assert fingerprint(back.arrays) == fingerprint(arrays)
     np.testing.assert_array_equal(back.arrays["w"].numpy(), arrays["w"].numpy())
+
+
+def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
+    state = tmp_path / "srv"
+    base = ["stream.n_features=8", "federation.rounds=3"]
+    checkpoint.remember_config(state, load(None, base))
+    longer = load(None, [*base, "federation.rounds=9", "federation.round_timeout=30",
+                         'output.dir="elsewhere"'])
+    assert checkpoint.changes_on_resume(state, longer) == []
+    other = load(None, [*base, "stream.n_features=5", 'federation.strategy="fedadam"'])
+    changes = checkpoint.changes_on_resume(state, other)
+    assert 'federation.strategy: "fedavg" in the run, "fedadam" given' in changes
+    assert "stream.n_features: 8 in the run, 5 given" in changes
+    assert checkpoint.changes_on_resume(tmp_path / "older", other) == []  # kept no config
+
+    # The CLI says so before it starts anything, with a usage error's exit status.
+    (state / checkpoint.CHECKPOINT).write_bytes(b"")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedstream.cli.main", "server", "--state", str(state),
+         "--credentials", str(tmp_path / "creds"), "--resume", "--set", "stream.n_features=5",
+         "--set", "federation.rounds=3", "--port", "29199"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "stream.n_features: 8 in the run, 5 given" in " ".join(done.stderr.split())
+    assert not (state / "logs").exists()
