@@ -9,7 +9,17 @@ from typing import Annotated
 
 import typer
 
-from fedstream.cli.main import ConfigOpt, SetOpt, _load, _toml_str, app, err, fail, report
+from fedstream.cli.main import (
+    ConfigOpt,
+    SetOpt,
+    _load,
+    _toml_str,
+    address_problem,
+    app,
+    err,
+    fail,
+    report,
+)
 
 
 @app.command()
@@ -58,7 +68,9 @@ def server(
                      "default: every *.pub in the credentials directory."),
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port of the SuperLink.")] = 9092,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="Port of the SuperLink.")
+    ] = 9092,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last checkpoint in --state.")
     ] = False,
@@ -132,6 +144,10 @@ def client(
              2)
     if policy not in ("reject", "drop_oldest"):
         fail(f"--policy must be reject or drop_oldest, got {policy!r}", 2)
+    for problem in (address_problem(server_address, "--server"),
+                    ingest and address_problem(ingest, "--ingest", unix=True)):
+        if problem:
+            fail(problem, 2)
     if insecure and (ca is not None or key is not None):
         fail("--insecure means no TLS and no authentication: it cannot be used with --ca "
              "or --key (a SuperLink that checks them wants them)", 2)
@@ -153,6 +169,7 @@ def client(
     # here needs them: every child execs at once (the warm SuperExec's tasks fork from its
     # zygote, which has no gRPC running). Read when gRPC loads, so before the import below.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    from fedstream.client.ingest import IngestError
     from fedstream.client.node import Device, run_device
     from fedstream.client.spool import SpoolError
 
@@ -164,7 +181,7 @@ def client(
     )
     try:
         code = run_device(dev)
-    except SpoolError as e:
+    except (SpoolError, IngestError) as e:  # e.g. another device on this --state or port
         fail(e, 2)
     raise typer.Exit(code)
 

@@ -42,6 +42,19 @@ SetOpt = Annotated[
 ]
 
 
+def address_problem(address: str, option: str, unix: bool = False) -> str:
+    """What is wrong with a HOST:PORT (or, where `unix`, unix:///path) option, or ''."""
+    if unix and address.startswith("unix:"):
+        return "" if address.removeprefix("unix:").lstrip("/") else f"{option}: no socket path"
+    host, colon, port = address.rpartition(":")
+    forms = "HOST:PORT" + (" or unix:///path.sock" if unix else "")
+    if not colon or not host or not port.isdigit():
+        return f"{option} {address!r}: expected {forms}"
+    if not 1 <= int(port) <= 65535:
+        return f"{option} {address!r}: port {port} is not in 1..65535"
+    return ""
+
+
 def _load(config: Path | None, overrides: list[str] | None, extra: list[str]) -> Config:
     try:
         return load(config, [*(overrides or []), *extra])
@@ -306,9 +319,12 @@ def feed(
     from fedstream.client.feed import Reader, open_input
     from fedstream.client.ingest import IngestError, Producer
     from fedstream.client.sources import DataError
+    from fedstream.protocol.runtime import Stopped, on_signals
 
     if fmt not in ("auto", "csv", "jsonl"):
         fail(f"--format must be auto, csv or jsonl, got {fmt!r}", 2)
+    if problem := address_problem(to, "--to", unix=True):
+        fail(problem, 2)
     wanted = [f.strip() for group in features or [] for f in group.split(",") if f.strip()]
     try:
         stream, name = open_input(file)
@@ -339,10 +355,19 @@ def feed(
             fatal.append(e)
 
     try:
-        with Producer(to) as producer:
+        with on_signals(), Producer(to) as producer:
             if wait:
                 producer.wait_ready(wait)
             result = producer.append_batches(batches())
+    except Stopped as e:
+        bar.close()
+        handed = len(lines)
+        sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
+        rest = f"after {name}:{lines[-1]}" if handed else f"of {name}"
+        err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
+                  f"stop. Rows {rest} were not sent: feed them again from there (the last "
+                  "rows sent may not be stored)", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
     except IngestError as e:
         bar.close()
         if e.sent:  # it went away mid-stream: say what was sent and where to go on

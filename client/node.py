@@ -122,6 +122,9 @@ REASONS = (
      "the server's certificate is not valid yet: is this machine's clock right?"),
     ("CERTIFICATE_VERIFY_FAILED",
      "the server's certificate is not signed by the CA given with --ca (another CA?)"),
+    ("SuperNode authentication is enabled",
+     "the server authenticates devices, and this one has no key: pass --key NAME.key (made "
+     "by `fedstream certs DIR --node NAME`; the server registers NAME.pub)"),
     ("401 Unauthorized",
      "the server does not know this device's key (401 Unauthorized): a new or restarted "
      "server that has not registered it"),
@@ -141,7 +144,15 @@ REASONS = (
      "the server did not answer within --max-wait"),
 )
 CONNECTED = "SuperNode ID:"
+RECONNECTED = "Connection successful after"  # Flower's retry, once a server answers again
 RETRYING = "Connection attempt failed"
+# Without --ca the SuperNode checks the server against this machine's CA store.
+NO_CA = ("the server's certificate is not signed by a CA this machine trusts, and no --ca "
+         "was given: pass --ca with the federation's ca.crt (made by `fedstream certs`)")
+# A device that dials in while a new server is registering keys is refused once or twice:
+# said briefly, until it has happened NOT_YET times in a row.
+NOT_REGISTERED = "Failed to activate SuperNode"
+NOT_YET = 3
 
 
 LEVEL = re.compile(r"^(?:\x1b\[\d+m)?(DEBUG|INFO|WARNING|ERROR)\s*(?:\x1b\[0m)?\s*:\s*(.*)$")
@@ -158,7 +169,7 @@ SHUT_ITSELF = ("the SuperNode shut itself down, as Flower's does when the server
                "address, or the key was unregistered")
 
 
-def exit_reason(text: str, code: int | None = None) -> str:
+def exit_reason(text: str, code: int | None = None, ca_given: bool = True) -> str:
     """Why a SuperNode exited with `code`, from what it logged during its attempt: the
     meaning of the first known error, then the last few error lines themselves (Flower's
     ERROR blocks and the last line of each traceback)."""
@@ -177,7 +188,9 @@ def exit_reason(text: str, code: int | None = None) -> str:
             continue
         elif (in_error and not line.startswith("The SuperNode could not")) or RAISED.match(line):
             errors.append(line)
-    meaning = next((why for mark, why in REASONS if mark in text), "")
+    mark, meaning = next(((mark, why) for mark, why in REASONS if mark in text), ("", ""))
+    if mark == "CERTIFICATE_VERIFY_FAILED" and not ca_given:
+        meaning = NO_CA
     if not meaning and not errors and code in (0, -signal.SIGINT):
         meaning = SHUT_ITSELF
     shown = list(dict.fromkeys(errors))[-3:]
@@ -250,6 +263,7 @@ def run_device(dev: Device) -> int:
     # `since`: when a SuperNode was last connected (or the command started), for --max-wait.
     since, pause, said_waiting = time.monotonic(), RETRY_FIRST, False
     last_reason = ""  # why the previous SuperNode exited
+    refused = 0  # attempts in a row the server refused to activate this device's key
     try:
         while True:
             port = runtime.free_port()  # the Runtime API's, fixed for this SuperNode
@@ -260,8 +274,9 @@ def run_device(dev: Device) -> int:
             connected = False
             while node.poll() is None and not stopping.wait(0.2):
                 for line in tail.new_lines():
-                    if CONNECTED in line:
+                    if CONNECTED in line or (RECONNECTED in line and connected):
                         connected, said_waiting, pause = True, False, RETRY_FIRST
+                        refused = 0
                         say(f"connected to the server at {dev.server}")
                     elif RETRYING in line and not said_waiting:
                         said_waiting = True
@@ -291,8 +306,10 @@ def run_device(dev: Device) -> int:
                 return stopped()
             code = node.returncode
             tail.new_lines()
-            reason = exit_reason(tail.since_mark(), code)
+            text = tail.since_mark()
+            reason = exit_reason(text, code, ca_given=dev.ca is not None)
             why = f":\n{reason}\n" if reason else "; "
+            refused = refused + 1 if NOT_REGISTERED in text else 0
             if dev.max_wait and time.monotonic() - since > dev.max_wait:
                 say(f"the SuperNode gave up (exit {code}){why}"
                     f"not connected for {dev.max_wait:g} s (--max-wait); see {log}")
@@ -300,7 +317,11 @@ def run_device(dev: Device) -> int:
             # Refused (not registered yet, server down or replaced, TLS failure), or ended
             # for any other reason: the server may register this key in a moment, and
             # ingestion keeps serving meanwhile. The same reason again is not repeated.
-            if reason and reason == last_reason and not connected:
+            if 0 < refused < NOT_YET:
+                why = (": the server has not activated this device's key yet (a new server "
+                       "registers keys a moment after it starts; a restarted device waits for "
+                       "its old session to lapse); ")
+            elif reason and reason == last_reason and not connected:
                 why = " again, for the same reason; "
             last_reason = reason
             say(f"the SuperNode exited ({code}){why}retrying in {pause:.0f} s; see {log}")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import ssl
 import subprocess
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -213,20 +215,50 @@ def submit_app(ctl: Any, app: Path, overrides: dict[str, Any]) -> int:
     return int(ctl.StartRun(request).run_id)
 
 
-def wait_run(ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0) -> str:
-    """Wait for the run to finish; write its logs; return 'completed', 'failed' or 'stopped'."""
-    from flwr.common.serde import run_from_proto
-    from flwr.proto.control_pb2 import ListRunsRequest, StreamLogsRequest
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines
 
-    while True:
-        run = run_from_proto(ctl.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
-        if run.status.status == "finished":
-            break
-        time.sleep(poll)
-    logs = ctl.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0))
-    text = "".join(chunk.log_output for chunk in logs)
-    (agg.state / "logs" / f"run-{run_id}.log").write_text(text)
+
+def wait_run(ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0) -> str:
+    """Wait for the run to finish, writing its log as it comes (a server that crashes
+    keeps what it logged, and a running one can be read); return 'completed', 'failed'
+    or 'stopped'."""
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    path = agg.state / "logs" / f"run-{run_id}.log"
+    done = threading.Event()
+    writer = threading.Thread(target=_write_log, args=(ctl, run_id, path, done), daemon=True,
+                              name="run-log")
+    writer.start()
+    try:
+        while True:
+            run = run_from_proto(ctl.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
+            if run.status.status == "finished":
+                break
+            time.sleep(poll)
+        writer.join(timeout=10.0)  # Flower ends the stream once it sent the whole log
+    finally:
+        done.set()
     return str(run.status.sub_status)
+
+
+def _write_log(ctl: Any, run_id: int, path: Path, done: threading.Event) -> None:
+    """Append the run's log to `path` as Flower streams it, until the run finishes; a
+    stream that breaks (a read timeout in a quiet stretch) is picked up where it was."""
+    from flwr.proto.control_pb2 import StreamLogsRequest
+
+    after = 0.0
+    with path.open("a") as out:
+        while not done.is_set():
+            try:
+                for chunk in ctl.StreamLogs(StreamLogsRequest(run_id=run_id,
+                                                              after_timestamp=after)):
+                    out.write(ANSI.sub("", chunk.log_output))
+                    out.flush()
+                    after = max(after, chunk.latest_timestamp)
+                return
+            except Exception:  # a log is not worth a crash: try again while the run lasts
+                done.wait(1.0)
 
 
 def stop_previous(ctl: Any, agg: Aggregator) -> None:

@@ -120,6 +120,9 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
                 assert producer.append(x, (x[:, 0] > 0) + (x[:, 1] > 0).astype(int)).accepted == 200
 
         wait_until(lambda: checkpointed(work) >= 1, "round 1", 600)
+        # The run's log is written as the run goes, not only once it ends.
+        wait_until(lambda: any(p.stat().st_size for p in (work / "srv" / "logs").glob("run-*")),
+                   "the run's log", 60)
         kill9(clients[1])  # mid-round 2: the device and its ClientApp die
         clients[1] = client(1)
         procs.append(clients[1])
@@ -135,6 +138,12 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
         for proc in procs:
             kill9(proc)
 
+    run_logs = sorted((work / "srv" / "logs").glob("run-*.log"))
+    assert len(run_logs) == 2, run_logs  # the crashed run's log is kept, the resumed one's too
+    assert all("\x1b[" not in p.read_text() for p in run_logs)
+    for i in (0, 2):  # the devices that lived through the server's crash say they are back
+        said = (work / f"client{i}.log").read_text()
+        assert said.count("connected to the server at") >= 2, said[-3000:]
     recs = records(work)
     resumed = next(r for r in recs if "resumed_after_round" in r)
     assert resumed["resumed_after_round"] == last and resumed["model_sha256"] == sha

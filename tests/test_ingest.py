@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -346,3 +347,28 @@ def test_feed_says_what_was_sent_when_the_device_goes_away_mid_stream(
     assert "the device went away during the feed:" in said and "rows were sent (to <stdin>:" in said
     assert "Feed them again once it is up" in said
     assert len(stored(server)) >= 2  # what it stored before going away is kept
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_feed_says_what_was_sent_and_where_to_go_on(
+    start, sig: signal.Signals, code: int
+) -> None:
+    server = start(n_features=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
+         "--quiet", "--batch", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("x,y,label\n1,2,0\n3,4,1\n")  # a live pipe that stays open
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while len(stored(server)) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "rows were not stored"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    said = " ".join(err.split())
+    assert proc.returncode == code, err
+    assert f"stopped ({sig.name}): 2 rows were sent (to <stdin>:3)" in said, said
+    assert "Rows after <stdin>:3 were not sent" in said and "Traceback" not in err

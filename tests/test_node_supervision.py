@@ -193,6 +193,12 @@ REFUSED = {
         "httpcore.ReadError: [Errno 104] Connection reset by peer\n",
         ["--insecure against a TLS server?", "Connection reset by peer"],
     ),
+    "no --key for a server that authenticates": (
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the connection to "
+        "the SuperLink.\n[code: 2001] SuperNode authentication is enabled. All SuperNodes "
+        "must be registered via the CLI.\n\n",
+        ["this one has no key: pass --key", "[code: 2001]"],
+    ),
     "replaced server": (
         "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully.\nTraceback (most recent "
         "call last):\n  File \"x.py\", line 1, in f\nhttpx.HTTPStatusError: Client error '401 "
@@ -208,6 +214,12 @@ def test_exit_reason_names_the_refusal(case: str) -> None:
     why = exit_reason(text, 1)
     assert all(e in why for e in expected), why
     assert "Exit Code" not in why and "For more information" not in why
+
+
+def test_without_ca_an_unknown_issuer_is_not_blamed_on_ca() -> None:
+    text = REFUSED["wrong CA"][0]
+    why = exit_reason(text, 1, ca_given=False)
+    assert "no --ca was given: pass --ca" in why and "given with --ca" not in why
 
 
 def test_a_supernode_that_ended_itself_quietly_is_explained() -> None:
@@ -445,3 +457,42 @@ def test_a_client_outlives_a_replaced_server_and_says_why(work: Path) -> None:
     finally:
         for proc in procs:
             kill_session(proc)
+
+
+def test_addresses_and_ports_out_of_range_are_refused_before_anything_starts(
+    work: Path,
+) -> None:
+    certs(work, "n0")
+    base = ["--state", "c0", "--client-id", "0", "--config", "cfg.toml", "--ca", "creds/ca.crt",
+            "--key", "creds/n0.key"]
+    for extra, said in (
+        (["--server", "127.0.0.1:99999"], "--server '127.0.0.1:99999': port 99999 is not in"),
+        (["--server", "127.0.0.1"], "--server '127.0.0.1': expected HOST:PORT"),
+        (["--server", "127.0.0.1:9092", "--ingest", "127.0.0.1:99999"],
+         "--ingest '127.0.0.1:99999': port 99999 is not in 1..65535"),
+    ):
+        done = run("client", *extra, *base, cwd=work)
+        assert done.returncode == 2 and said in " ".join(done.stderr.split()), done.stderr
+    assert not (work / "c0").exists()
+    done = run("server", "--state", "srv", "--credentials", "creds", "--port", "99999", cwd=work)
+    assert done.returncode == 2 and "99999" in done.stderr and not (work / "srv").exists()
+    done = run("feed", "-", "--to", "127.0.0.1:99999", cwd=work)
+    assert done.returncode == 2 and "port 99999 is not in 1..65535" in done.stderr
+
+
+def test_a_second_device_on_one_state_is_one_line_and_exit_2(work: Path) -> None:
+    from fedstream.client.ingest import serve as serve_ingestion
+
+    certs(work, "n0")
+    (work / "c0").mkdir()
+    first = serve_ingestion(str(work / "c0" / "spool.db"), 8,
+                            f"unix://{(work / 'c0' / 'ingest.sock').resolve()}")
+    try:
+        done = run("client", "--server", "127.0.0.1:19799", "--state", "c0", "--client-id",
+                   "0", "--config", "cfg.toml", "--ca", "creds/ca.crt", "--key",
+                   "creds/n0.key", cwd=work)
+    finally:
+        first.stop(None).wait()
+    assert done.returncode == 2, done.stderr
+    assert "another process is serving on it" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
