@@ -142,8 +142,11 @@ def _stop_on_interrupt(out: Path) -> None:
         threading.Timer(5.0, os._exit, (128 + signum,)).start()  # if Ray will not stop
         try:
             stop_logs()  # a round the ServerApp finishes while Ray stops is not written
-            err.print(f"\ninterrupted: the rounds done so far are in {out / 'metrics.jsonl'} "
-                      "(no summary.json)", markup=False, highlight=False, soft_wrap=True)
+            metrics = out / "metrics.jsonl"
+            done = (f"the rounds done so far are in {metrics}" if metrics.exists()
+                    else "no round had finished")
+            err.print(f"\ninterrupted: {done} (no summary.json)", markup=False,
+                      highlight=False, soft_wrap=True)
             sys.stderr.flush()
             sys.stdout.flush()
             import ray

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def preflight(cfg: Config) -> None:
 
 def _check_output(out: Path) -> None:
     """The results folder must be a folder this process can write, found out now rather
-    than by the server once Ray is up; nothing is created here (bad input writes
+    than by the server once Ray is up; nothing is left behind here (bad input writes
     nothing)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output.dir: {out} is a file, not a folder")
@@ -96,6 +97,12 @@ def _check_output(out: Path) -> None:
         raise ValueError(f"output.dir: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"output.dir: cannot write to {existing} (permission denied)")
+    try:  # access() says yes to root everywhere: a folder made and removed at once tells
+        os.rmdir(tempfile.mkdtemp(prefix=".fedstream-check-", dir=existing))
+    except OSError as exc:
+        raise ValueError(
+            f"output.dir: cannot make {out} ({exc.strerror or exc} in {existing})"
+        ) from None
 
 
 def scale_hint(cfg: Config) -> str | None:
@@ -132,7 +139,7 @@ def exhaustion_hint(cfg: Config) -> str | None:
         return f"client {i}" + (f" ({names[i]!r})" if names else "")
 
     first = short[np.argsort(lasts[short], kind="stable")][:3]
-    shown = ", ".join(f"{who(i)} after about {lasts[i]:.1f}" for i in first)
+    shown = ", ".join(f"{who(i)} after about {lasts[i]:.1f} rounds" for i in first)
     more = ", ..." if len(short) > len(first) else ""
     return (
         f"fedstream: hint: {cfg.stream.path or cfg.stream.source}: the rows of "

@@ -237,6 +237,12 @@ def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
     (tmp_path / "afile").write_text("hi")
     with pytest.raises(ValueError, match=r"output\.dir: .* is a file, not a folder"):
         preflight(load(overrides=[f'output.dir="{tmp_path / "afile"}"']))
+    # A folder no one can make, even root (whom access() always answers yes), and nothing
+    # is left behind by finding that out.
+    with pytest.raises(ValueError, match=r"output\.dir: cannot make /proc/x/y \("):
+        preflight(load(overrides=['output.dir="/proc/x/y"']))
+    preflight(load(overrides=[f'output.dir="{tmp_path / "new" / "run"}"']))
+    assert list(tmp_path.iterdir()) == [tmp_path / "afile"]
     with pytest.raises(ValueError, match=r"learner.model 'os:getcwd': calling getcwd\(.*raised"):
         preflight(load(overrides=["learner.model=os:getcwd", f'output.dir="{tmp_path}"']))
     with pytest.raises(ValueError, match="client 3 is not in this federation"):
@@ -328,7 +334,8 @@ def test_partition_by_column_gives_each_site_its_own_client(tmp_path: Path) -> N
         "federation.rounds=10",
     ]))
     assert short is not None and "the rows of 2 of 3 clients" in short  # not berlin's 60
-    assert "(client 1 ('paris') after about 6.0, client 2 ('rome') after about 6.0)" in short
+    assert ("(client 1 ('paris') after about 6.0 rounds, client 2 ('rome') after about 6.0 "
+            "rounds)") in short
     twins = [*rows, "Berlin,999,0"]  # another case: a client of its own, and said so
     twinned = [*_csv(tmp_path, twins, "t.csv"), "partition.scheme=column",
                "partition.column=site", "federation.clients=4"]

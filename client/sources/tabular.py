@@ -370,7 +370,7 @@ def _csv_header(
         if "" in features:
             raise DataError(
                 f"{name}:{line}: column {header.index('') + 1} has no name; "
-                "pass features=[...] to choose columns explicitly"
+                "choose the columns with stream.features (fedstream feed: --features)"
             )
         if not features:
             raise DataError(f"{name}:{line}: no feature columns besides {cols.label!r}")
