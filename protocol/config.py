@@ -338,6 +338,11 @@ class Config(_Section):
             object.__setattr__(self, "privacy", self.privacy.model_copy(update={"noise_at": at}))
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
+        if self.stream.image and self.stream.source != "digits":
+            raise ValueError(
+                "stream.image shapes the digits source's samples as 8x8 images: with "
+                f"stream.source {self.stream.source!r} it would change nothing"
+            )
         _check_column_split(self.partition, self.stream)
         return self
 

@@ -60,6 +60,8 @@ def test_defaults_are_the_embedded_federation() -> None:
          "secure_aggregation.threshold: Input should be greater than 0.5 (got 0.3)"),
         ({"secure_aggregation": {"threshold": "x"}},
          "secure_aggregation.threshold: expected a count or a fraction"),
+        ({"stream": {"image": True}}, "stream.image shapes the digits source's samples as 8x8 "
+         "images: with stream.source 'gaussian_mixture' it would change nothing"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, needle: str) -> None:

@@ -440,7 +440,8 @@ def test_a_group_column_says_where_each_row_came_from(tmp_path: Path) -> None:
 
 def test_a_misspelt_column_gets_a_suggestion(tmp_path: Path) -> None:
     path = write(tmp_path, "s.csv", "Site,temp,label\nrome,1,x\n")
-    expect_error(path, 1, "group column 'site' not found", "did you mean 'Site'?",
+    expect_error(path, 1, "group (partition.column) column 'site' not found",
+                 "did you mean 'Site'?",
                  label="label", group="site")
     expect_error(path, 1, "label column 'lable' not found", "did you mean 'label'?", label="lable")
     jsonl = write(tmp_path, "s.jsonl", '{"Site": "rome", "temp": 1, "label": "x"}\n')

@@ -243,6 +243,7 @@ def _column_error(name: str, line: int, role: str, col: str, available: Sequence
         '; the file looks like JSON Lines: read it as jsonl (stream.source = "jsonl", or '
         "feed --format jsonl)" if json_like else ""
     )
+    role = {"group": "group (partition.column)"}.get(role, role)
     return DataError(f"{name}:{line}: {role} column {col!r} not found; available: {shown}{hint}")
 
 
