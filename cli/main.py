@@ -191,7 +191,10 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     # before the restart are not in it.
     secs = summary.get("wall_seconds", summary.get("wall_seconds_since_start"))
     Console().print(
-        f"{summary['client_updates']} client updates, {summary['client_failures']} failures, "
+        f"{summary['client_updates']} client updates"
+        + (f" ({empty} with no new samples)" if (empty := summary.get("client_updates_empty"))
+           else "")
+        + f", {summary['client_failures']} failures, "
         + (f"{secs:.1f} s, " if secs is not None else "")
         + f"{summary['bytes_up'] / 1e6:.1f} MB up, "
         f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/",

@@ -69,6 +69,7 @@ class History:
     correct: int = 0
     loss_sum: float = 0.0
     client_updates: int = 0
+    empty_updates: int = 0  # updates that trained on nothing (where the server can tell)
     failures: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -97,6 +98,7 @@ class History:
         state.setdefault("shared_ids", set())
         state.setdefault("releases", [])
         state.setdefault("privacy_void", None)
+        state.setdefault("empty_updates", 0)
         self.__dict__.update(state)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -126,6 +128,7 @@ class History:
             acc = self.per_client.setdefault(int(cid), {"seen": 0, "correct": 0})
             acc["seen"] += rep["examples"]
             acc["correct"] += rep["correct"]
+            self.empty_updates += rep["examples"] == 0
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -264,6 +267,7 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "prequential_accuracy": history.accuracy,
         "prequential_loss": history.loss_sum / history.seen if history.seen else None,
         "client_updates": history.client_updates,
+        "client_updates_empty": history.empty_updates,
         "client_failures": history.failures,
         "samples_seen": history.seen,
         "bytes_up": history.bytes_up,

@@ -271,3 +271,26 @@ def test_a_ray_workers_failure_is_recorded_as_the_exception_that_started_it() ->
     assert error_reason(reply) == "ClientUnavailable: client 0 is offline in round 2"
     plain = make_message(metadata=meta, error=Error(code=0, reason="no reply before timeout"))
     assert error_reason(plain) == "no reply before timeout"
+
+
+def test_updates_that_carried_no_samples_are_counted_apart(tmp_path: Path) -> None:
+    # 3 clients and 12 rows at 2 a round: from round 3 on the clients have nothing new.
+    from loopback_grid import LoopbackGrid
+
+    from fedstream.server.app import run_federation
+    from fedstream.sim.client_app import sim_client_app
+    from fedstream.sim.federation import federation
+
+    data = tmp_path / "tiny.csv"
+    data.write_text("a,b,label\n" + "".join(f"{i},{-i},{i % 2}\n" for i in range(12)))
+    cfg = load(None, ["federation.clients=3", "federation.rounds=4", "output.progress=false",
+                      "federation.round_timeout=5", 'stream.source="csv"',
+                      f'stream.path="{data}"', 'stream.arrival="fixed"', "stream.rate=2",
+                      'partition.scheme="iid"'])
+    grid = LoopbackGrid(sim_client_app(cfg), 3)
+    _, history = run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path / "out")
+    summary = records.run_summary(cfg, history)
+    assert summary["client_updates"] == 12 and summary["samples_seen"] == 12
+    rounds = records.read_metrics(tmp_path / "out" / "metrics.jsonl")
+    empty = sum(rep["examples"] == 0 for r in rounds for rep in r["clients"].values())
+    assert summary["client_updates_empty"] == empty >= 4  # rounds 3 and 4, at least
