@@ -318,10 +318,9 @@ def test_feed_waits_for_a_device_that_comes_up_later(start, short_dir: Path) -> 
     np.testing.assert_array_equal(server.spool.pending().x, [[1, 2], [3, 4]])
 
 
-def test_feed_says_what_was_sent_when_the_device_goes_away_mid_stream(
-    start, short_dir: Path
-) -> None:
-    server = start(n_features=2)
+def _feeding_two_rows(server) -> subprocess.Popen:
+    """`fedstream feed -` on a live pipe that stays open, once its first two rows (file
+    lines 2 and 3) are stored."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
          "--quiet", "--batch", "1"],
@@ -334,6 +333,14 @@ def test_feed_says_what_was_sent_when_the_device_goes_away_mid_stream(
     while len(stored(server)) < 2:
         assert time.monotonic() < deadline and proc.poll() is None, "rows were not stored"
         time.sleep(0.05)
+    return proc
+
+
+def test_feed_says_what_was_sent_when_the_device_goes_away_mid_stream(
+    start, short_dir: Path
+) -> None:
+    server = start(n_features=2)
+    proc = _feeding_two_rows(server)
     server.stop(None)  # the device goes down; the producer still has rows to send
     with contextlib.suppress(BrokenPipeError):
         proc.stdin.write("5,6,0\n7,8,1\n")
@@ -354,18 +361,7 @@ def test_a_stopped_feed_says_what_was_sent_and_where_to_go_on(
     start, sig: signal.Signals, code: int
 ) -> None:
     server = start(n_features=2)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
-         "--quiet", "--batch", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write("x,y,label\n1,2,0\n3,4,1\n")  # a live pipe that stays open
-    proc.stdin.flush()
-    deadline = time.monotonic() + 60
-    while len(stored(server)) < 2:
-        assert time.monotonic() < deadline and proc.poll() is None, "rows were not stored"
-        time.sleep(0.05)
+    proc = _feeding_two_rows(server)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     said = " ".join(err.split())
