@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -332,6 +333,8 @@ def feed(
     if problem := address_problem(to, "--to", unix=True):
         fail(problem, 2)
     wanted = [f.strip() for group in features or [] for f in group.split(",") if f.strip()]
+    signals = contextlib.ExitStack()  # from the first read to the device's last reply
+    signals.enter_context(on_signals())
     try:
         stream, name = open_input(file)
         reader = Reader(
@@ -340,7 +343,12 @@ def feed(
         )
         chunks = reader.open()  # the header, before connecting
     except (DataError, ValueError) as e:
+        signals.close()
         fail(e, 2)
+    except Stopped as e:  # e.g. a live pipe that has not sent its header yet
+        err.print(f"stopped ({e}) before the input's first row: nothing was sent",
+                  markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
     lines = array("q")  # file line of every row sent, by stream position
     problems: list[str] = []
     malformed = 0
@@ -360,20 +368,24 @@ def feed(
         except (DataError, ValueError) as e:  # the input as a whole; rows before it are sent
             fatal.append(e)
 
+    result, stopped = None, None
     try:
-        with on_signals(), Producer(to) as producer:
+        with Producer(to) as producer:
             if wait:
                 producer.wait_ready(wait)
             result = producer.append_batches(batches())
     except Stopped as e:
-        bar.close()
-        handed = len(lines)
-        sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
-        rest = f"after {name}:{lines[-1]}" if handed else f"of {name}"
-        err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
-                  f"stop. Rows {rest} were not sent: feed them again from there (the last "
-                  "rows sent may not be stored)", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
+        stopped = e
+        if result is None:  # the device's reply did not come: say what was handed over
+            bar.close()
+            handed = len(lines)
+            sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
+            rest = (f"Rows after {name}:{lines[-1]} were not sent: feed them again from there "
+                    "(up to a few thousand rows before it were still in flight and may not "
+                    "be stored)") if handed else f"Feed {name} again"
+            err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
+                      f"stop. {rest}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
     except IngestError as e:
         bar.close()
         if e.sent:  # it went away mid-stream: say what was sent and where to go on
@@ -386,7 +398,9 @@ def feed(
         fail(f"{e}{hint}", 1)
     finally:
         stream.close()
+        signals.close()
     bar.close()
+    assert result is not None
     for error in result.errors:
         room = max(0, 1000 - len(problems))
         for index in range(error.index, error.index + min(error.count, room)):
@@ -408,6 +422,8 @@ def feed(
             "feed them again later",
             highlight=False, soft_wrap=True,
         )
+    if stopped is not None:  # it came once the device had replied: the report is whole
+        raise typer.Exit(stopped.exit_code)
     if malformed or fatal:
         raise typer.Exit(2)
     if result.refused:

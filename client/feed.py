@@ -22,6 +22,7 @@ label).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -80,11 +81,22 @@ class _RowProblem(Exception):
 
 class _Undecodable(str):
     """A line holding bytes its encoding cannot decode (kept as lone surrogates by
-    ``surrogateescape``, which valid text never decodes to): that row's problem, not the
-    file's, so the lines around it are still read."""
+    `_escape_bytes`; valid text never decodes to one): that row's problem, not the file's,
+    so the lines around it are still read."""
 
 
-_ESCAPED = re.compile("[\udc80-\udcff]")
+_ESCAPED = re.compile("[\udc00-\udcff]")
+ESCAPE = "fedstream-escape"
+
+
+def _escape_bytes(err: UnicodeError) -> tuple[str, int]:
+    """Each undecodable byte as the lone surrogate U+DC00 + byte. Python's own
+    `surrogateescape` refuses bytes below 0x80, which a UTF-16 stream can hold."""
+    assert isinstance(err, UnicodeDecodeError)
+    return "".join(chr(0xDC00 + b) for b in err.object[err.start : err.end]), err.end
+
+
+codecs.register_error(ESCAPE, _escape_bytes)
 
 
 TICK = None  # in the line and row streams: flush_seconds passed without a new line
@@ -121,7 +133,7 @@ def open_input(path: str) -> tuple[IO[str], str]:
     # Undecodable bytes become lone surrogates, so that the Reader can refuse their line
     # alone instead of the decoder stopping the whole stream there.
     encoding = text_encoding(head)
-    return io.TextIOWrapper(raw, encoding, errors="surrogateescape", newline=""), name
+    return io.TextIOWrapper(raw, encoding, errors=ESCAPE, newline=""), name
 
 
 class Reader:
@@ -240,14 +252,19 @@ class Reader:
 
     def _undecodable(self, line: str, whole_file: bool = False) -> str:
         """What is wrong with a line that does not decode; the fix, the first time."""
-        raw = line.encode("utf-8", "surrogateescape")
         bad = _ESCAPED.search(line)
         assert bad is not None
         where = f"byte 0x{ord(bad.group()) - 0xDC00:02x} at character {bad.start() + 1}"
-        problem = f"not valid {self.stream.encoding} ({where})"
+        encoding = self.stream.encoding or "utf-8"
+        problem = f"not valid {encoding} ({where})"
         if self._hinted and not whole_file:
             return problem
         self._hinted = True
+        if "16" in encoding:
+            return (f"{problem}: the file starts with a UTF-16 byte-order mark, but this line "
+                    "does not decode as UTF-16 (pasted in from a file in another encoding?)")
+        raw = bytes(ord(c) - 0xDC00 if "\udc00" <= c <= "\udcff" else ord(c) & 0xFF
+                    for c in line if c.isascii() or "\udc00" <= c <= "\udcff")
         return f"{problem}: {encoding_hint(raw)}"
 
     # -------------------------------------------------------------------------- csv

@@ -323,7 +323,8 @@ def run_device(dev: Device) -> int:
                        "its old session to lapse); ")
             elif reason and reason == last_reason and not connected:
                 why = " again, for the same reason; "
-            last_reason = reason
+            # A reason shown only briefly has not been said: the third refusal says it whole.
+            last_reason = "" if 0 < refused < NOT_YET else reason
             say(f"the SuperNode exited ({code}){why}retrying in {pause:.0f} s; see {log}")
             if stopping.wait(pause):
                 return stopped()

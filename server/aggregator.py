@@ -34,7 +34,12 @@ from typing import Any
 from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, to_json
 from fedstream.server.app import planned_noise
-from fedstream.server.checkpoint import CHECKPOINT, changes_on_resume, remember_config
+from fedstream.server.checkpoint import (
+    CHECKPOINT,
+    RUN_CONFIG,
+    changes_on_resume,
+    remember_config,
+)
 from fedstream.server.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate
 from fedstream.server.deploy_app import RESUME, STATE_DIR
 
@@ -289,8 +294,8 @@ def check_same_run(agg: Aggregator, cfg: Config) -> None:
         shown = "; ".join(changes)
         raise ValueError(
             f"--resume: the config differs from the run's in {agg.state} ({shown}). A resumed "
-            "run may only change federation.rounds, federation.round_timeout and output "
-            "settings; give the run's own config (kept in "
+            "run may only change federation.rounds (unless privacy.target_epsilon was set), "
+            "federation.round_timeout and output settings; give the run's own config (kept in "
             f"{agg.state / 'config.json'}), or start a new run with another --state"
         )
 
@@ -312,7 +317,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
             register(ctl, public_keys)
             if resume:
                 stop_previous(ctl, agg)
-            else:
+            if not resume or not (agg.state / RUN_CONFIG).exists():  # older state: kept now
                 remember_config(agg.state, cfg)
             run_id = submit(ctl, agg, cfg, resume)
             (agg.state / "run-id").write_text(f"{run_id}\n")

@@ -94,8 +94,9 @@ def remember_config(directory: Path, cfg: Config) -> None:
 
 def changes_on_resume(directory: Path, cfg: Config) -> list[str]:
     """The keys whose values `cfg` changes from the run's own config, besides RESUMABLE
-    ones, as "key: run's value -> given value". Empty when the run kept no config
-    (a state directory older than this check)."""
+    ones (and besides `federation.rounds` only when no target epsilon was calibrated to
+    them), as "key: run's value, given value". Empty when the run kept no config (a state
+    directory older than this check)."""
     path = directory / RUN_CONFIG
     if not path.is_file():
         return []
@@ -104,10 +105,17 @@ def changes_on_resume(directory: Path, cfg: Config) -> list[str]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: the run's config cannot be read: {exc}") from None
     now = _flat(to_dict(cfg))
+    # A noise level calibrated to a target epsilon is spread over the rounds planned: more
+    # rounds would need more noise, and the rounds done had less.
+    fixed_rounds = bool(before.get("privacy.enabled") and before.get("privacy.target_epsilon"))
     return [
-        f"{key}: {json.dumps(before.get(key))} in the run, {json.dumps(now.get(key))} given"
-        for key in sorted(before.keys() | now.keys())
-        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE)
+        f"{key}: {json.dumps(before[key])} in the run, {json.dumps(now.get(key))} given"
+        + (" (the noise was calibrated to privacy.target_epsilon over the run's rounds)"
+           if key == "federation.rounds" else "")
+        # Keys the run's version did not have yet (a newer fedstream) are not differences.
+        for key in sorted(before)
+        if before[key] != now.get(key)
+        and (not key.startswith(RESUMABLE) or (key == "federation.rounds" and fixed_rounds))
     ]
 
 

@@ -267,7 +267,7 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "prequential_accuracy": history.accuracy,
         "prequential_loss": history.loss_sum / history.seen if history.seen else None,
         "client_updates": history.client_updates,
-        "client_updates_empty": history.empty_updates,
+        "client_updates_empty": None if history.secure else history.empty_updates,
         "client_failures": history.failures,
         "samples_seen": history.seen,
         "bytes_up": history.bytes_up,

@@ -93,6 +93,19 @@ def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
     assert 'federation.strategy: "fedavg" in the run, "fedadam" given' in changes
     assert "stream.n_features: 8 in the run, 5 given" in changes
     assert checkpoint.changes_on_resume(tmp_path / "older", other) == []  # kept no config
+    # A key a newer fedstream added is not a difference from a run that did not know it.
+    stored = json.loads((state / checkpoint.RUN_CONFIG).read_text())
+    del stored["stream"]["budget"]
+    (state / checkpoint.RUN_CONFIG).write_text(json.dumps(stored))
+    assert checkpoint.changes_on_resume(state, load(None, base)) == []
+    # Noise calibrated to a target epsilon over the run's rounds: more rounds would spend
+    # more than the target, so the rounds are fixed too.
+    private = [*base, "privacy.enabled=true", "privacy.target_epsilon=8"]
+    checkpoint.remember_config(tmp_path / "dp", load(None, private))
+    [change] = checkpoint.changes_on_resume(tmp_path / "dp", load(None, [*private,
+                                                                       "federation.rounds=9"]))
+    assert change.startswith("federation.rounds: 3 in the run, 9 given (the noise was")
+    checkpoint.remember_config(state, load(None, base))
 
     # The CLI says so before it starts anything, with a usage error's exit status.
     (state / checkpoint.CHECKPOINT).write_bytes(b"")

@@ -109,3 +109,18 @@ def test_the_encoding_hint_comes_once_and_a_bad_header_stops_the_file(tmp_path: 
     bad.write_bytes(b"temp \xb0C,label\n1,0\n")
     with pytest.raises(DataError, match=rf"{bad}:1: not valid utf-8-sig \(byte 0xb0"):
         read_all(bad)
+
+
+def test_a_line_that_is_not_utf16_in_a_utf16_file_costs_its_own_row_only(tmp_path: Path) -> None:
+    # A lone high surrogate before ASCII: bytes below 0x80 that surrogateescape would refuse.
+    def u16(text: str) -> bytes:
+        return text.encode("utf-16-le")
+
+    path = tmp_path / "u16.csv"
+    path.write_bytes(b"\xff\xfe" + u16("x,label\r\n1,0\r\n") + b"\x00\xd8" + u16("7,1\r\n")
+                     + u16("2,1\r\n"))
+    x, y, errors = read_all(path)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:3: not valid utf-16 (byte 0x00")
+    assert "UTF-16 byte-order mark" in errors[0]
+    np.testing.assert_allclose(x[:, 0], [1, 2])
+    assert y.tolist() == [0, 1]

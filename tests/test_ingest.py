@@ -368,3 +368,28 @@ def test_a_stopped_feed_says_what_was_sent_and_where_to_go_on(
     assert proc.returncode == code, err
     assert f"stopped ({sig.name}): 2 rows were sent (to <stdin>:3)" in said, said
     assert "Rows after <stdin>:3 were not sent" in said and "Traceback" not in err
+
+
+def test_a_feed_stopped_before_its_first_row_says_nothing_was_sent(start) -> None:
+    server = start(n_features=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
+         "--quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60  # until it catches SIGTERM: waiting for a header
+
+    def catches_term() -> bool:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(x for x in status.splitlines() if x.startswith("SigCgt:")).split()[1],
+                     16)
+        return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+    while not catches_term():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped (SIGTERM) before the input's first row: nothing was sent" in err

@@ -294,3 +294,9 @@ def test_updates_that_carried_no_samples_are_counted_apart(tmp_path: Path) -> No
     rounds = records.read_metrics(tmp_path / "out" / "metrics.jsonl")
     empty = sum(rep["examples"] == 0 for r in rounds for rep in r["clients"].values())
     assert summary["client_updates_empty"] == empty >= 4  # rounds 3 and 4, at least
+    # Under secure aggregation the server cannot tell: not 0, unknown.
+    secure = cfg.model_copy(update={"secure_aggregation": cfg.secure_aggregation.model_copy(
+        update={"enabled": True})})
+    _, history = run_federation(LoopbackGrid(sim_client_app(secure), 3), secure,
+                                federation(secure).initial_arrays(), tmp_path / "secure")
+    assert records.run_summary(secure, history)["client_updates_empty"] is None
