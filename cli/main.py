@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -333,74 +332,71 @@ def feed(
     if problem := address_problem(to, "--to", unix=True):
         fail(problem, 2)
     wanted = [f.strip() for group in features or [] for f in group.split(",") if f.strip()]
-    signals = contextlib.ExitStack()  # from the first read to the device's last reply
-    signals.enter_context(on_signals())
-    try:
-        stream, name = open_input(file)
-        reader = Reader(
-            stream, name, path=file, label=label, features=wanted or None, fmt=fmt,  # type: ignore[arg-type]
-            classes=[c.strip() for c in classes.split(",")] if classes else None, batch=batch,
-        )
-        chunks = reader.open()  # the header, before connecting
-    except (DataError, ValueError) as e:
-        signals.close()
-        fail(e, 2)
-    except Stopped as e:  # e.g. a live pipe that has not sent its header yet
-        err.print(f"stopped ({e}) before the input's first row: nothing was sent",
-                  markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-    lines = array("q")  # file line of every row sent, by stream position
-    problems: list[str] = []
-    malformed = 0
-    fatal: list[Exception] = []
-    bar = tqdm(unit=" rows", disable=True if quiet else None, file=sys.stderr)
-
-    def batches() -> Any:
-        nonlocal malformed
+    # From the first read to the device's last reply, a stop says what was sent.
+    with on_signals():
         try:
-            for chunk in chunks:
-                malformed += len(chunk.errors)
-                problems.extend(chunk.errors[: max(0, 1000 - len(problems))])
-                bar.update(len(chunk.y) + len(chunk.errors))
-                if len(chunk.y):
-                    lines.extend(chunk.lines.tolist())
-                    yield chunk.x, chunk.y, None, None
-        except (DataError, ValueError) as e:  # the input as a whole; rows before it are sent
-            fatal.append(e)
-
-    result, stopped = None, None
-    try:
-        with Producer(to) as producer:
-            if wait:
-                producer.wait_ready(wait)
-            result = producer.append_batches(batches())
-    except Stopped as e:
-        stopped = e
-        if result is None:  # the device's reply did not come: say what was handed over
-            bar.close()
-            handed = len(lines)
-            sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
-            rest = (f"Rows after {name}:{lines[-1]} were not sent: feed them again from there "
-                    "(up to a few thousand rows before it were still in flight and may not "
-                    "be stored)") if handed else f"Feed {name} again"
-            err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
-                      f"stop. {rest}", markup=False, highlight=False, soft_wrap=True)
+            stream, name = open_input(file)
+            reader = Reader(
+                stream, name, path=file, label=label, features=wanted or None, fmt=fmt,  # type: ignore[arg-type]
+                classes=[c.strip() for c in classes.split(",")] if classes else None, batch=batch,
+            )
+            chunks = reader.open()  # the header, before connecting
+        except (DataError, ValueError) as e:
+            fail(e, 2)
+        except Stopped as e:  # e.g. a live pipe that has not sent its header yet
+            err.print(f"stopped ({e}) before the input's first row: nothing was sent",
+                      markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-    except IngestError as e:
-        bar.close()
-        if e.sent:  # it went away mid-stream: say what was sent and where to go on
-            rest = f"{name}:{lines[e.sent]}" if e.sent < len(lines) else "the rest of the input"
-            fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "
-                 f"{name}:{lines[e.sent - 1]}); it stored those it had received, and rows from "
-                 f"{rest} on were not sent. Feed them again once it is up; the last rows sent "
-                 "before it went away may not be stored either", 1)
-        hint = "" if wait else " (is its device up? --wait S waits for it)"
-        fail(f"{e}{hint}", 1)
-    finally:
-        stream.close()
-        signals.close()
+        lines = array("q")  # file line of every row sent, by stream position
+        problems: list[str] = []
+        malformed = 0
+        fatal: list[Exception] = []
+        bar = tqdm(unit=" rows", disable=True if quiet else None, file=sys.stderr)
+
+        def batches() -> Any:
+            nonlocal malformed
+            try:
+                for chunk in chunks:
+                    malformed += len(chunk.errors)
+                    problems.extend(chunk.errors[: max(0, 1000 - len(problems))])
+                    bar.update(len(chunk.y) + len(chunk.errors))
+                    if len(chunk.y):
+                        lines.extend(chunk.lines.tolist())
+                        yield chunk.x, chunk.y, None, None
+            except (DataError, ValueError) as e:  # the input as a whole; rows before it are sent
+                fatal.append(e)
+
+        result, stopped = None, None
+        try:
+            with Producer(to) as producer:
+                if wait:
+                    producer.wait_ready(wait)
+                result = producer.append_batches(batches())
+        except Stopped as e:
+            stopped = e
+            if result is None:  # the device's reply did not come: say what was handed over
+                bar.close()
+                handed = len(lines)
+                sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
+                rest = (f"Rows after {name}:{lines[-1]} were not sent: feed them again from there "
+                        "(up to a few thousand rows before it were still in flight and may not "
+                        "be stored)") if handed else f"Feed {name} again"
+                err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
+                          f"stop. {rest}", markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(e.exit_code) from None
+        except IngestError as e:
+            bar.close()
+            if e.sent:  # it went away mid-stream: say what was sent and where to go on
+                rest = f"{name}:{lines[e.sent]}" if e.sent < len(lines) else "the rest of the input"
+                fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "
+                     f"{name}:{lines[e.sent - 1]}); it stored those it had received, and rows from "
+                     f"{rest} on were not sent. Feed them again once it is up; the last rows sent "
+                     "before it went away may not be stored either", 1)
+            hint = "" if wait else " (is its device up? --wait S waits for it)"
+            fail(f"{e}{hint}", 1)
+        finally:
+            stream.close()
     bar.close()
-    assert result is not None
     for error in result.errors:
         room = max(0, 1000 - len(problems))
         for index in range(error.index, error.index + min(error.count, room)):

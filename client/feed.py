@@ -263,9 +263,7 @@ class Reader:
         if "16" in encoding:
             return (f"{problem}: the file starts with a UTF-16 byte-order mark, but this line "
                     "does not decode as UTF-16 (pasted in from a file in another encoding?)")
-        raw = bytes(ord(c) - 0xDC00 if "\udc00" <= c <= "\udcff" else ord(c) & 0xFF
-                    for c in line if c.isascii() or "\udc00" <= c <= "\udcff")
-        return f"{problem}: {encoding_hint(raw)}"
+        return f"{problem}: {encoding_hint(line.encode('utf-8', 'surrogatepass'))}"
 
     # -------------------------------------------------------------------------- csv
 

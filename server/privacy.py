@@ -24,6 +24,7 @@ with client noise, s survivors of k sampled carry z sqrt(s / k).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import statistics
@@ -59,10 +60,6 @@ class Release:
     noise_multiplier: float  # of the noise that reached the round's sum, over the clip
     sampled: int  # clients asked to train
     population: int  # clients they were drawn from
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"noise_multiplier": self.noise_multiplier, "sampled": self.sampled,
-                "population": self.population}
 
 
 def _accountant() -> Any:
@@ -284,7 +281,7 @@ class Privacy:
         self._expose(clients, z)
         worst = max(self.exposure.values(), default=0.0)
         entry: dict[str, Any] = {
-            **release.to_dict(), "planned_noise_multiplier": self.z, "summed": summed,
+            **dataclasses.asdict(release), "planned_noise_multiplier": self.z, "summed": summed,
             "clients": sorted(clients), "epsilon": self.ledger.epsilon,
             "epsilon_known_cohorts": known_cohort_epsilon(worst, self.cfg.delta),
         }

@@ -12,7 +12,8 @@ from fedstream.server.records import History, run_summary
 from fedstream.sim.baselines import AccuracySeries
 from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
 
-OWNED = ("summary.json", "metrics.jsonl", "plots/accuracy.png", "plots/clients.png")
+OWNED = ("summary.json", "metrics.jsonl", "plots/accuracy.png", "plots/clients.png",
+         "plots/privacy.png")
 
 
 def prepare(cfg: Config) -> Path:

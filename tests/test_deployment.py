@@ -185,6 +185,7 @@ def test_unregistered_untrusted_and_plaintext_clients_are_refused(work: Path) ->
         cases = {  # each refused, and the device's terminal says why
             "unregistered key": (["--ca", "creds/ca.crt", "--key", "other/x.key"],
                                  "it is not registered there"),
+            "no key": (["--ca", "creds/ca.crt"], "this one has no key: pass --key"),
             "wrong CA": (["--ca", "other/ca.crt", "--key", "creds/n0.key"],
                          "CERTIFICATE_VERIFY_FAILED"),
             "no TLS": (["--insecure"], "--insecure against a TLS server?"),
@@ -198,5 +199,8 @@ def test_unregistered_untrusted_and_plaintext_clients_are_refused(work: Path) ->
             )
             assert proc.returncode != 0, name
             assert why in proc.stderr and "fork_posix" not in proc.stderr, (name, proc.stderr)
+            if name == "unregistered key":  # said briefly at first: keys may be on their way
+                first = next(x for x in proc.stderr.splitlines() if "SuperNode exited" in x)
+                assert "has not activated this device's key yet" in first, proc.stderr
     finally:
         kill9(server)

@@ -496,30 +496,3 @@ def test_a_second_device_on_one_state_is_one_line_and_exit_2(work: Path) -> None
     assert done.returncode == 2, done.stderr
     assert "another process is serving on it" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
-
-
-def test_refusals_while_keys_are_registered_are_brief_then_said_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # The supervision loop alone: each "SuperNode" logs Flower's refusal and exits 1.
-    from fedstream.client import node
-
-    refused = ("\x1b[91mERROR \x1b[0m:     Exit Code: 305\nFailed to initialize the "
-               "connection to the SuperLink.\n[code: 2004] Failed to activate SuperNode.\n\n")
-
-    def refused_node(cmd: list[str], env: object, log: Path, cwd: Path,
-                     **_: object) -> subprocess.Popen:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as out:
-            out.write(refused)
-        return subprocess.Popen(["false"])
-
-    monkeypatch.setattr(node.runtime, "spawn", refused_node)
-    monkeypatch.setattr(node, "RETRY_FIRST", 0.05)
-    monkeypatch.setattr(node, "RETRY_MAX", 0.05)
-    dev = node.Device(server="127.0.0.1:1", state=tmp_path / "dev", client_id=0, n_features=2,
-                      cold=True, max_wait=2.0, ingest=f"unix://{tmp_path / 'i.sock'}")
-    assert node.run_device(dev) == 1
-    said = [line for line in capsys.readouterr().err.splitlines() if "exited" in line]
-    assert all("has not activated this device's key yet" in line for line in said[:2]), said
-    assert "has not activated" not in said[2] and said[2].endswith("(1):"), said

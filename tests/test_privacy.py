@@ -6,6 +6,7 @@ a loopback grid, so what is checked is what a client sends and what the server m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 
@@ -188,7 +189,7 @@ def test_a_resumed_ledger_carries_on_where_the_checkpoint_stopped():
     releases = [Release(1.0, 5, 50), Release(0.8, 5, 40), Release(1.0, 5, 50)]
     history = History()
     for r in releases[:2]:
-        history.add(_record({**r.to_dict(), "summed": 5, "epsilon": 0.0}))
+        history.add(_record({**dataclasses.asdict(r), "summed": 5, "epsilon": 0.0}))
     history = pickle.loads(pickle.dumps(history))
     resumed = Ledger(1e-5, releases_of(history.releases))
     resumed.add(releases[2])
@@ -433,7 +434,7 @@ def test_a_checkpoint_that_cannot_vouch_for_its_rounds_voids_both_bounds(
     """Rounds released before privacy was on, or recorded before the ledger kept whose
     updates each sum held: no bound holds after the resume, and the run says why."""
     cfg = load(None, BASE)
-    entry = {**Release(1.0, 6, 6).to_dict(), "epsilon": 5.0, "epsilon_known_cohorts": 5.0}
+    entry = {**dataclasses.asdict(Release(1.0, 6, 6)), "epsilon": 5.0, "epsilon_known_cohorts": 5.0}
     if clients:
         entry["clients"] = ["client 1"]
     privacy = Privacy(cfg.privacy, secure=False)
