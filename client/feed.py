@@ -224,7 +224,12 @@ class Reader:
         """Read up to the header (CSV) or the first record (JSONL), raising ``DataError``
         for a bad one now, and return the iterator of the chunks that follow."""
         lines = self._lines()
-        first = self._first(lines)
+        # A JSONL file has no header: when its name or --format says JSONL, a first record
+        # that does not decode costs that row only, as any later one does.
+        jsonl = detect_format(self.path, "", self.fmt) == "jsonl"
+        first = self._first(lines, undecodable_ok=jsonl)
+        if isinstance(first, _Undecodable):
+            return self._chunks(self._jsonl_rows(first, self.line, lines))
         if "\x00" in first:
             hint = encoding_hint(first.encode())
             raise DataError(f"{self.name}:{self.line}: {hint}")
@@ -242,9 +247,9 @@ class Reader:
     def __iter__(self) -> Iterator[Chunk]:
         return self.open()
 
-    def _first(self, lines: Iterator[str | None]) -> str:
+    def _first(self, lines: Iterator[str | None], undecodable_ok: bool = False) -> str:
         for line in lines:
-            if isinstance(line, _Undecodable):
+            if isinstance(line, _Undecodable) and not undecodable_ok:
                 raise DataError(f"{self.name}:{self.line}: {self._undecodable(line, True)}")
             if line is not TICK and line.strip():
                 return line

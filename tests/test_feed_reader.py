@@ -105,6 +105,12 @@ def test_the_encoding_hint_comes_once_and_a_bad_header_stops_the_file(tmp_path: 
     assert "Windows-1252" in errors[0] and errors[1].endswith("(byte 0xfe at character 20)")
     assert y.tolist() == [0, 1]
 
+    first = tmp_path / "f.jsonl"  # JSONL has no header: its first record is a row like any
+    first.write_bytes(b'{"a": 1, "label": "\xff"}\n{"a": 2, "label": 0}\n{"a": 3, "label": 1}\n')
+    x, y, errors = read_all(first)
+    assert [e.split(": ", 1)[0] for e in errors] == [f"{first}:1"] and "Windows-1252" in errors[0]
+    assert y.tolist() == [0, 1] and x[:, 0].tolist() == [2, 3]
+
     bad = tmp_path / "h.csv"
     bad.write_bytes(b"temp \xb0C,label\n1,0\n")
     with pytest.raises(DataError, match=rf"{bad}:1: not valid utf-8-sig \(byte 0xb0"):
