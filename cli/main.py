@@ -243,11 +243,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
                 "(clipped_coordinates per round in metrics.jsonl)", highlight=False
             )
     if summary.get("privacy"):
-        Console().print(_privacy_line(summary["privacy"]), highlight=False, soft_wrap=True)
+        line = _privacy_line(summary["privacy"], bool(summary.get("secure_aggregation")))
+        Console().print(line, highlight=False, soft_wrap=True)
 
 
-def _privacy_line(p: dict[str, Any]) -> str:
-    """What the run's models cost in differential privacy (server/privacy.py)."""
+def _privacy_line(p: dict[str, Any], secure: bool) -> str:
+    """What the run's models cost in differential privacy (server/privacy.py), and against
+    whom: in plaintext the server sees every update, so no bound holds against it."""
     z = f"noise multiplier {p['noise_multiplier']:.4g}"
     if p.get("target_epsilon"):
         z += f" (calibrated for epsilon {p['target_epsilon']:g})"
@@ -263,8 +265,14 @@ def _privacy_line(p: dict[str, Any]) -> str:
                 f"whole stream; {how}).")
         known = p.get("epsilon_known_cohorts")
         if known is not None and abs(known - p["epsilon"]) > 1e-3 * max(known, 1.0):
-            line += (f" For an observer who knows which clients each round drew (the "
-                     f"server does): epsilon = {known:.3g}.")
+            who = "(the server does)" if secure else "and sees only the models"
+            line += (f" For an observer who knows which clients each round drew {who}: "
+                     f"epsilon = {known:.3g}.")
+        if not secure:
+            seen = ("without noise" if p["noise_at"] == "server"
+                    else "with only its own client's share of the noise")
+            line += (f" The server sees each update {seen}: no bound holds against it "
+                     "(secure aggregation gives one).")
     if p.get("clipped_updates"):
         line += (f" {100 * p['clipped_updates']:.0f} % of the updates were clipped "
                  f"(median norm {p['median_norm']:.3g}).")

@@ -377,6 +377,33 @@ def least_clients(fed: FederationConfig, secure: bool) -> int:
     return max(fed.min_clients, 2) if secure else fed.min_clients
 
 
+def ignored_settings(cfg: Config) -> list[str]:
+    """Settings the run will not use: keys of a section that is off (a study would compare
+    a non-private run with itself, none the wiser), and a noise multiplier that a target
+    epsilon replaces. Hints, not errors: a config written out by a run keeps every key."""
+    notes = []
+    for name, what in (("privacy", "differential privacy"),
+                       ("secure_aggregation", "secure aggregation")):
+        section = getattr(cfg, name)
+        if section.enabled:
+            continue
+        changed = [
+            f"{name}.{key}" for key, spec in type(section).model_fields.items()
+            if key not in ("enabled", "noise_at") and getattr(section, key) != spec.default
+        ]
+        if changed:
+            verb = "is" if len(changed) == 1 else "are"
+            notes.append(f"{', '.join(changed)} {verb} set, but {name}.enabled is false: "
+                         f"this run has no {what}")
+    dp = cfg.privacy
+    if dp.enabled and dp.target_epsilon > 0 and (
+        dp.noise_multiplier != PrivacyConfig.model_fields["noise_multiplier"].default
+    ):
+        notes.append(f"privacy.noise_multiplier = {dp.noise_multiplier:g} is not used: "
+                     f"privacy.target_epsilon = {dp.target_epsilon:g} chooses the multiplier")
+    return notes
+
+
 def sampled_clients(fed: FederationConfig, secure: bool = False) -> int:
     """Clients a round trains when all are online: Flower's sample size."""
     return min(fed.clients, max(int(fed.clients * fed.fraction), least_clients(fed, secure)))

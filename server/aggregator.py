@@ -24,6 +24,7 @@ import hashlib
 import re
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -32,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fedstream.protocol import runtime
-from fedstream.protocol.config import Config, to_json
-from fedstream.server.app import planned_noise
+from fedstream.protocol.config import Config, ignored_settings, to_json
+from fedstream.server.app import privacy_plan
 from fedstream.server.checkpoint import (
     CHECKPOINT,
     RUN_CONFIG,
@@ -308,8 +309,11 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     if resume:
         check_resume(agg)
         check_same_run(agg, cfg)
-    if cfg.privacy.enabled:
-        planned_noise(cfg)  # a target epsilon out of reach is said before anything starts
+    for note in ignored_settings(cfg):
+        print(f"fedstream: hint: {note}", file=sys.stderr)
+    plan = privacy_plan(cfg)  # a target epsilon out of reach is said before anything starts
+    if plan:
+        print(f"fedstream: {plan}", file=sys.stderr)
     link = start_superlink(agg)  # checks credentials and port before it makes anything
     try:
         ctl = control(agg)

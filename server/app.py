@@ -59,6 +59,22 @@ def stages(cfg: Config, seed: int | None) -> tuple[Privacy | None, SecureAggrega
     return privacy, aggregator
 
 
+def privacy_plan(cfg: Config) -> str | None:
+    """The noise a private run will add, said before it starts (a calibrated multiplier
+    decides what the run is worth, so it should not first appear in the summary)."""
+    dp = cfg.privacy
+    if not dp.enabled:
+        return None
+    z = planned_noise(cfg)
+    how = f"noise multiplier {z:.4g}"
+    if dp.target_epsilon > 0:
+        sampled = sampled_clients(cfg.federation, cfg.secure_aggregation.enabled)
+        how += (f" (calibrated for epsilon {dp.target_epsilon:g} at delta {dp.delta:g} over "
+                f"{cfg.federation.rounds} rounds of {sampled} of {cfg.federation.clients} "
+                "clients)")
+    return f"privacy: {how}, clip {dp.clip_norm:g}, noise added by the {dp.noise_at}"
+
+
 def planned_noise(cfg: Config) -> float:
     """The noise multiplier of the run: as set, or calibrated to `privacy.target_epsilon`
     over the planned rounds (every client online, so the cohort is Flower's sample)."""

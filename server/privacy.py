@@ -49,6 +49,13 @@ _NOISE_STREAM = 0x5D9  # the server's noise, apart from the clients'
 # Unsampled rounds (every client trains) cost nothing.
 ORDERS = tuple([1 + x / 8 for x in range(1, 16)] + list(range(3, 33)) + [40, 48, 56, 64, 96, 128])
 NOISE_RANGE = (1e-4, 1e7)  # noise multipliers a target epsilon is calibrated within
+# Secure aggregation's fixed point clips every coordinate to a range. Under privacy the
+# range covers a clipped change (no coordinate beyond the L2 clip) plus this many standard
+# deviations of a client's noise: a coordinate of noise reaches it with probability
+# 3.6e-33, so a run of 10^12 coordinate updates cuts any with probability below 1e-20, far
+# below any delta. Cutting the noise would leave less of it in the sum than the ledger
+# counts, and the reported epsilon would not hold.
+NOISE_SIGMAS = 12.0
 VOID_UNPROTECTED = "models were released without privacy before the run resumed"
 VOID_OLD_LEDGER = "the checkpoint's rounds do not say whose updates each sum held"
 
@@ -60,6 +67,12 @@ class Release:
     noise_multiplier: float  # of the noise that reached the round's sum, over the clip
     sampled: int  # clients asked to train
     population: int  # clients they were drawn from
+
+
+def secure_clip(clip: float, clip_norm: float, client_std: float) -> float:
+    """Secure aggregation's per-coordinate range for privatised changes: `clip` as set,
+    raised where needed to cut neither the clipped change nor its noise."""
+    return max(clip, clip_norm + NOISE_SIGMAS * client_std)
 
 
 def _accountant() -> Any:
@@ -200,6 +213,7 @@ class Privacy:
         self.exposure: dict[str, float] = {}  # client -> sum of 1/z^2 over its rounds
         self.void: str | None = None  # why no bound holds, whatever comes next
         self._pending: tuple[int, int] | None = None  # this round's (sampled, population)
+        self.client_std = 0.0  # the noise each client of this round adds, per coordinate
         self._norms: list[float] = []  # this round's change norms, where the server clips
 
     @property
@@ -231,9 +245,11 @@ class Privacy:
     def ask(self, messages: list[Message], population: int) -> None:
         """Tell the sampled clients to clip (and noise) their change, before they train."""
         self._pending = (len(messages), max(population, len(messages)))
+        self.client_std = 0.0
         if not self.clients_clip or not messages:
             return
         std = self.z * self.cfg.clip_norm / len(messages) ** 0.5
+        self.client_std = std if self.client_noise else 0.0
         for msg in messages:
             config = msg.content[m.CONFIG]
             config[m.DP_CLIP] = self.cfg.clip_norm
@@ -253,7 +269,9 @@ class Privacy:
         for reply in ok:
             change = dp.model_change(reply.content[m.ARRAYS], arrays)
             if not self.clients_clip:
-                norms.append(dp.clip_l2(change, self.cfg.clip_norm))
+                norm = dp.clip_l2(change, self.cfg.clip_norm)
+                if reply.content[m.METRICS].get(m.NUM_EXAMPLES, 1):  # no new samples: no size
+                    norms.append(norm)
             total += change
         if ok:
             total /= len(ok)
@@ -306,6 +324,7 @@ class Privacy:
         if norms:
             entry["median_norm"] = statistics.median(norms)
             entry["clipped"] = sum(n > self.cfg.clip_norm for n in norms)
+            entry["measured"] = len(norms)  # of the summed updates, those with new samples
         return entry
 
     def _rng(self, server_round: int) -> np.random.Generator:

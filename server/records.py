@@ -243,6 +243,7 @@ def secure_round_record(
         # small, and the updates lost their size (a fact of the sum, not of one client)
         "summed_coordinates": summed,
         "clipped_fraction": _ratio(t["clipped"], summed),
+        "coordinate_clip": outcome.coordinate_clip,  # above secure_aggregation.clip under privacy
         "dropped": t["dropped"],
         "drift_count": t["drift-count"],
         "drifts": [],  # who drifted is a client's own business under secure aggregation
@@ -312,7 +313,8 @@ def privacy_summary(dp: PrivacyConfig, history: History) -> dict[str, Any] | Non
         "adjacency": ADJACENCY,
         "sampling": SAMPLING,
         "accountant": "Renyi DP (dp-accounting)",
-        "clipped_updates": _ratio(sum(r["clipped"] for r in seen), sum(r["summed"] for r in seen)),
+        "clipped_updates": _ratio(sum(r["clipped"] for r in seen),
+                                  sum(r.get("measured", r["summed"]) for r in seen)),
         "median_norm": _median([r["median_norm"] for r in seen]),
     }
 

@@ -35,7 +35,7 @@ from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server.grid import Stragglers, send_and_collect
-from fedstream.server.privacy import Privacy, aggregate_message
+from fedstream.server.privacy import Privacy, aggregate_message, secure_clip
 from fedstream.server.records import bytes_of, error_reason
 
 SILENT = "no reply before timeout"
@@ -54,6 +54,7 @@ class SecureOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     round_trips: int = 0
+    coordinate_clip: float = 0.0  # the range the round's fixed point clipped coordinates to
     # Wall seconds per stage: "keys", "train" (trip 1, folding included), "unmask" (trip 2),
     # "recover" (shares -> seeds -> masks removed), "finish" (decode, strategy): where the
     # cost of privacy goes, round by round.
@@ -102,6 +103,7 @@ class SecureAggregator:
         except (ValueError, secagg.RoundFailed) as err:
             out.error = str(err)
             return out
+        out.coordinate_clip = agg.q.clip
         index = {node: i for i, node in enumerate(parties, start=1)}
         messages = [
             _with_setup(msg, agg.setup_for(index[msg.metadata.dst_node_id]))
@@ -170,7 +172,7 @@ class SecureAggregator:
         return secagg.Aggregation(
             session=self.session,
             server_round=server_round,
-            quantizer=Quantizer(self.cfg.bits, self.cfg.clip, n),
+            quantizer=Quantizer(self.cfg.bits, self._clip(), n),
             threshold=threshold,
             graph=secagg.neighbour_graph(n, degree, rng),
             peers=peers,
@@ -179,6 +181,14 @@ class SecureAggregator:
             max_weight=self.cfg.max_weight,
             name=lambda i: _named(parties[i - 1], client_of),
         )
+
+    def _clip(self) -> float:
+        """The fixed point's range: as set, or under privacy wide enough that it cuts none
+        of the noise the clients were asked to add (`privacy.secure_clip`)."""
+        if self.privacy is None:
+            return self.cfg.clip
+        p = self.privacy
+        return secure_clip(self.cfg.clip, p.cfg.clip_norm, p.client_std)
 
     def _fetch_keys(
         self, nodes: list[int], grid: Grid, timeout: float, out: SecureOutcome

@@ -14,10 +14,11 @@ import numpy as np
 from flwr.simulation import run_simulation
 
 from fedstream.client.device import pick_device
-from fedstream.protocol.config import Config, sampled_clients
+from fedstream.protocol.config import Config, ignored_settings, sampled_clients
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server import stopping
-from fedstream.server.app import planned_noise
+from fedstream.server.app import planned_noise, privacy_plan
+from fedstream.server.privacy import secure_clip
 from fedstream.server.records import stop_logs
 from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.detection import drifts_in_run
@@ -232,23 +233,32 @@ def precision_hint(cfg: Config) -> str | None:
     max_weight and rounded (without bias) to ring steps of parties x clip / 2^(bits - 1),
     so a small ring, a huge clip or a max_weight far above a round's examples make every
     round add noise to the model, with no error anywhere."""
-    sa = cfg.secure_aggregation
+    sa, dp = cfg.secure_aggregation, cfg.privacy
     if not sa.enabled:
         return None
     examples = min(cfg.stream.rate, cfg.stream.budget or cfg.stream.rate)
-    weight = min(examples, sa.max_weight) / sa.max_weight
     parties = sampled_clients(cfg.federation, secure=True)
-    step = 1.0 / (Quantizer(sa.bits, sa.clip, parties).scale * weight)
+    if dp.enabled:  # every update weighs in full, and the range covers the clients' noise
+        weight = 1.0
+        client_std = planned_noise(cfg) * dp.clip_norm / parties**0.5
+        clip = secure_clip(sa.clip, dp.clip_norm, client_std if dp.noise_at == "clients" else 0)
+        why = f"clip = {clip:.3g}, raised to cover the clients' noise"
+        fix = "secure_aggregation.bits"
+    else:
+        weight = min(examples, sa.max_weight) / sa.max_weight
+        clip = sa.clip
+        why = f"clip = {clip:g}, about {examples:g} examples each against max_weight = " \
+              f"{sa.max_weight}"
+        fix = ("secure_aggregation.bits, lower secure_aggregation.clip, or lower "
+               "secure_aggregation.max_weight towards stream.rate")
+    step = 1.0 / (Quantizer(sa.bits, clip, parties).scale * weight)
     noise = step / 2 / parties**0.5  # at most, per coordinate of a round's mean change
     if noise <= NOISE_LIMIT:
         return None
     return (
         f"fedstream: hint: secure aggregation's rounding adds noise of up to {noise:.2g} to "
         f"every coordinate of the model each round (steps of {step:.2g}: bits = {sa.bits}, "
-        f"clip = {sa.clip:g}, {parties} clients a round, about {examples:g} examples each "
-        f"against max_weight = {sa.max_weight}), enough to drown the updates: raise "
-        "secure_aggregation.bits, lower secure_aggregation.clip, or lower "
-        "secure_aggregation.max_weight towards stream.rate"
+        f"{parties} clients a round, {why}), enough to drown the updates: raise {fix}"
     )
 
 
@@ -269,9 +279,13 @@ def prepare(cfg: Config) -> Config:
     for hint in (
         scale_hint(cfg), label_hint(cfg), group_hint(cfg), drift_hint(cfg),
         exhaustion_hint(cfg), precision_hint(cfg),
+        *(f"fedstream: hint: {note}" for note in ignored_settings(cfg)),
     ):
         if hint:
             print(hint, file=sys.stderr)
+    plan = privacy_plan(cfg)
+    if plan:
+        print(f"fedstream: {plan}", file=sys.stderr)
     return cfg
 
 

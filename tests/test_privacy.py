@@ -239,6 +239,33 @@ def test_secure_aggregation_sums_the_clients_noise_as_plaintext_would(tmp_path):
     assert [r["privacy"]["epsilon"] for r in secure] == [r["privacy"]["epsilon"] for r in plain]
 
 
+def test_secure_aggregations_range_never_cuts_the_clients_noise(tmp_path):
+    # A target epsilon over few clients asks each for noise above secure_aggregation.clip:
+    # clipping that noise per coordinate would leave less of it in the sum than the ledger
+    # counts (a new user's run clipped 46 % of the coordinates and still reported epsilon).
+    noise = ["privacy.noise_at=clients", "privacy.noise_multiplier=10", "privacy.clip_norm=0.5"]
+    _, _, plain_models, start = _run(tmp_path / "p", noise)
+    _, secure, secure_models, _ = _run(tmp_path / "s", [*noise, "secure_aggregation.enabled=true"])
+    std = 10 * 0.5 / math.sqrt(6)  # each client's noise, per coordinate: twice the set clip
+    assert [r["coordinate_clip"] for r in secure] == pytest.approx([0.5 + 12 * std] * 3)
+    assert {r["clipped_fraction"] for r in secure} == {0.0}
+    assert np.abs(secure_models[-1] - plain_models[-1]).max() < 1e-4 * std
+    assert (plain_models[0] - start).std() > 10 * 0.5 / 6 / 2  # the noise is all there
+
+
+def test_without_privacy_the_range_is_the_one_set(tmp_path):
+    from fedstream.server.privacy import secure_clip
+
+    assert secure_clip(1.0, 0.5, 0.0) == 1.0 and secure_clip(0.1, 0.5, 0.0) == 0.5
+    cfg = load(None, [*BASE, "privacy.enabled=false", "secure_aggregation.enabled=true",
+                      "secure_aggregation.clip=0.25"])
+    grid = LoopbackGrid(sim_client_app(cfg), 6)
+    records: list[dict] = []
+    run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path, simulated=True,
+                   on_round=lambda rec, _h: records.append(rec))
+    assert {r["coordinate_clip"] for r in records} == {0.25}
+
+
 def test_clients_that_drop_out_take_their_noise_with_them(tmp_path):
     def drop_one(node, reply):
         return None if node == 1000 else reply
@@ -264,7 +291,20 @@ def test_summary_and_cli_say_what_the_run_cost(tmp_path, capsys):
     print_summary(summary, tmp_path)
     out = capsys.readouterr().out
     assert f"Differential privacy: epsilon = {p['epsilon']:.3g} at delta = 0.001 after 3" in out
+    # In plaintext the bound is for those who see the models, never for the server.
+    assert "The server sees each update without noise: no bound holds against it" in out
     assert run_summary(load(None, BASE[:-2]), history)["privacy"] is None
+
+
+def test_the_printed_bound_says_whom_it_holds_against(capsys):
+    from fedstream.cli.main import _privacy_line
+
+    p = {"noise_multiplier": 1.0, "clip_norm": 0.5, "noise_at": "clients", "epsilon": 5.0,
+         "epsilon_known_cohorts": 9.0, "delta": 1e-5, "releases": 3}
+    plain, secure = _privacy_line(p, secure=False), _privacy_line(p, secure=True)
+    assert "(the server does): epsilon = 9" in secure and "The server sees" not in secure
+    assert "and sees only the models: epsilon = 9" in plain and "(the server does)" not in plain
+    assert "with only its own client's share of the noise: no bound holds against it" in plain
 
 
 def test_server_asks_clients_to_clip_only_where_it_cannot_clip_itself():
@@ -378,6 +418,19 @@ def test_a_round_whose_clients_learned_nothing_still_releases_its_noisy_model(tm
     assert [r["examples"] for r in records] == [0, 0, 0]
     assert all(r["aggregated"] and r["privacy"]["summed"] == 6 for r in records)
     assert not np.allclose(models[0], start)  # the noise moved it
+    # Updates without new samples have no size to measure: they do not pull the median
+    # norm, nor the share clipped, towards zero.
+    assert all("median_norm" not in r["privacy"] for r in records)
+
+
+def test_the_norms_the_server_measures_leave_out_updates_without_samples(tmp_path):
+    def no_samples(node, reply):
+        if node in (1000, 1001):
+            reply.content[m.METRICS][m.NUM_EXAMPLES] = 0
+        return reply
+
+    _, records, _, _ = _run(tmp_path, ["privacy.noise_multiplier=1"], no_samples)
+    assert {(r["privacy"]["summed"], r["privacy"]["measured"]) for r in records} == {(6, 4)}
 
 
 def test_a_sampled_round_never_reads_as_costlier_than_an_unsampled_one():
@@ -455,3 +508,23 @@ def test_a_checkpoint_that_cannot_vouch_for_its_rounds_voids_both_bounds(
 
 def test_noise_that_is_not_a_number_bounds_nothing():
     assert math.isinf(Ledger(1e-5, [Release(math.nan, 5, 10)]).epsilon)
+
+
+def test_settings_a_run_will_not_use_are_named_before_it_starts():
+    from fedstream.protocol.config import ignored_settings
+    from fedstream.server.app import privacy_plan
+
+    off = load(None, ["privacy.target_epsilon=5", "secure_aggregation.threshold=3",
+                      "federation.clients=6"])
+    notes = ignored_settings(off)
+    assert notes[0].startswith("privacy.target_epsilon is set, but privacy.enabled is false")
+    assert "secure_aggregation.threshold is set, but secure_aggregation.enabled" in notes[1]
+    assert privacy_plan(off) is None
+    both = load(None, [*BASE, "privacy.noise_multiplier=3", "privacy.target_epsilon=50"])
+    assert ignored_settings(both) == [
+        "privacy.noise_multiplier = 3 is not used: privacy.target_epsilon = 50 chooses the "
+        "multiplier"]
+    plan = privacy_plan(both)
+    assert plan is not None and "(calibrated for epsilon 50 at delta 0.001 over 3 rounds" in plan
+    # A config a run wrote out holds every key at its value: defaults say nothing.
+    assert ignored_settings(load(None, ["privacy.noise_multiplier=1.0"])) == []
