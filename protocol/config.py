@@ -330,7 +330,8 @@ class Config(_Section):
                 f"federation.clients ({self.federation.clients})"
             )
         if self.secure_aggregation.enabled:
-            _check_secure(self.secure_aggregation, sampled_clients(self.federation, True))
+            sa = self.secure_aggregation
+            _check_secure(sa, sampled_clients(self.federation, sa))
         if self.privacy.enabled:
             _check_privacy(self.privacy, self.federation.clients)
         if self.privacy.noise_at == "auto":  # a copy: the default instance is shared
@@ -370,11 +371,26 @@ def _check_column_split(p: PartitionConfig, stream: StreamConfig) -> None:
         raise ValueError(f"partition.column {p.column!r} is also one of stream.features")
 
 
-def least_clients(fed: FederationConfig, secure: bool) -> int:
-    """Clients a round waits for: min_clients, and two for a secure sum, since a round
-    sampled while one node is connected (the first device of a deployment to come up)
-    could only fail."""
-    return max(fed.min_clients, 2) if secure else fed.min_clients
+def least_clients(fed: FederationConfig, sa: SecureAggregationConfig) -> int:
+    """Clients a round waits for: min_clients, and under secure aggregation as many as its
+    shares need: two for any sum (a round sampled while one node is connected, the first
+    device of a deployment to come up, could only fail), and for a count threshold the
+    fewest clients whose share groups hold that many shares. A round sampled below that
+    could only fail, at once, and a run whose devices are down would spend its remaining
+    rounds in a second instead of waiting for them."""
+    if not sa.enabled:
+        return fed.min_clients
+    least = max(fed.min_clients, 2)
+    if isinstance(sa.threshold, int):
+        from fedstream.protocol import secagg  # numpy and cryptography: only when enabled
+
+        for n in range(least, max(fed.clients, least) + 1):
+            try:
+                secagg.round_shape(n, sa.degree, sa.threshold)
+            except ValueError:
+                continue
+            return n
+    return least
 
 
 def ignored_settings(cfg: Config) -> list[str]:
@@ -404,9 +420,9 @@ def ignored_settings(cfg: Config) -> list[str]:
     return notes
 
 
-def sampled_clients(fed: FederationConfig, secure: bool = False) -> int:
+def sampled_clients(fed: FederationConfig, sa: SecureAggregationConfig) -> int:
     """Clients a round trains when all are online: Flower's sample size."""
-    return min(fed.clients, max(int(fed.clients * fed.fraction), least_clients(fed, secure)))
+    return min(fed.clients, max(int(fed.clients * fed.fraction), least_clients(fed, sa)))
 
 
 def _check_privacy(dp: PrivacyConfig, clients: int) -> None:

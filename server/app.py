@@ -68,7 +68,7 @@ def privacy_plan(cfg: Config) -> str | None:
     z = planned_noise(cfg)
     how = f"noise multiplier {z:.4g}"
     if dp.target_epsilon > 0:
-        sampled = sampled_clients(cfg.federation, cfg.secure_aggregation.enabled)
+        sampled = sampled_clients(cfg.federation, cfg.secure_aggregation)
         how += (f" (calibrated for epsilon {dp.target_epsilon:g} at delta {dp.delta:g} over "
                 f"{cfg.federation.rounds} rounds of {sampled} of {cfg.federation.clients} "
                 "clients)")
@@ -81,5 +81,5 @@ def planned_noise(cfg: Config) -> float:
     dp, fed = cfg.privacy, cfg.federation
     if dp.target_epsilon <= 0:
         return dp.noise_multiplier
-    sampled = sampled_clients(fed, cfg.secure_aggregation.enabled)
+    sampled = sampled_clients(fed, cfg.secure_aggregation)
     return calibrated(dp.target_epsilon, dp.delta, fed.rounds, sampled, fed.clients)

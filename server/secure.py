@@ -162,7 +162,13 @@ class SecureAggregator:
         n = len(parties)
         if n < 2:
             raise secagg.RoundFailed(f"{n} client(s) ready: a secure sum needs at least 2")
-        degree, threshold = secagg.round_shape(n, self.cfg.degree, self.cfg.threshold)
+        try:
+            degree, threshold = secagg.round_shape(n, self.cfg.degree, self.cfg.threshold)
+        except ValueError as err:  # a count threshold, and clients offline since sampling
+            raise secagg.RoundFailed(
+                f"{n} clients ready, too few for secure_aggregation.threshold = "
+                f"{self.cfg.threshold} ({err})"
+            ) from None
         seeded = self.graph_seed is not None
         rng = random.Random(f"fedstream/graph/{self.graph_seed}/{server_round}") if seeded else None
         peers = {

@@ -109,7 +109,7 @@ class StreamFedYogi(_SkipEmpty, _KeepDtypes, FedYogi):
 
 def make_strategy(cfg: Config) -> Strategy:
     fed = cfg.federation
-    least = least_clients(fed, cfg.secure_aggregation.enabled)
+    least = least_clients(fed, cfg.secure_aggregation)
     common = {
         "fraction_train": fed.fraction,
         "fraction_evaluate": 0.0,

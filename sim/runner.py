@@ -237,7 +237,7 @@ def precision_hint(cfg: Config) -> str | None:
     if not sa.enabled:
         return None
     examples = min(cfg.stream.rate, cfg.stream.budget or cfg.stream.rate)
-    parties = sampled_clients(cfg.federation, secure=True)
+    parties = sampled_clients(cfg.federation, sa)
     if dp.enabled:  # every update weighs in full, and the range covers the clients' noise
         weight = 1.0
         client_std = planned_noise(cfg) * dp.clip_norm / parties**0.5

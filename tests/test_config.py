@@ -248,3 +248,26 @@ def test_server_lr_defaults_to_the_strategys_own(strategy: str, lr: float) -> No
     assert load(overrides=[f"federation.strategy={strategy}"]).federation.server_lr == lr
     explicit = [f"federation.strategy={strategy}", "federation.server_lr=0.5"]
     assert load(overrides=explicit).federation.server_lr == 0.5
+
+
+def test_a_secure_round_waits_for_as_many_clients_as_a_count_threshold_needs() -> None:
+    # With two of four devices down, a count threshold of 3 cannot be met: rounds sampled
+    # from the two left failed in milliseconds and used up the run before the others came
+    # back. The strategy now waits for the fewest clients whose share groups hold 3 shares.
+    from fedstream.protocol import secagg
+    from fedstream.protocol.config import least_clients, sampled_clients
+    from fedstream.server.strategy import make_strategy
+
+    cfg = load(None, ["federation.clients=4", "federation.min_clients=2",
+                      "secure_aggregation.enabled=true", "secure_aggregation.threshold=3"])
+    assert least_clients(cfg.federation, cfg.secure_aggregation) == 3
+    assert make_strategy(cfg).min_available_nodes == 3
+    big = load(None, ["federation.clients=100", "federation.fraction=0.1",
+                      "secure_aggregation.enabled=true", "secure_aggregation.threshold=12"])
+    least = least_clients(big.federation, big.secure_aggregation)
+    secagg.round_shape(least, 0, 12)
+    with pytest.raises(ValueError):
+        secagg.round_shape(least - 1, 0, 12)
+    assert sampled_clients(big.federation, big.secure_aggregation) == max(10, least)
+    fraction = load(None, ["federation.clients=4", "secure_aggregation.enabled=true"])
+    assert least_clients(fraction.federation, fraction.secure_aggregation) == 2
