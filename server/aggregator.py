@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import ssl
 import subprocess
@@ -34,6 +35,7 @@ from typing import Any
 
 from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, ignored_settings, to_json
+from fedstream.server import checkpoint
 from fedstream.server.app import privacy_plan
 from fedstream.server.checkpoint import (
     CHECKPOINT,
@@ -301,6 +303,25 @@ def check_same_run(agg: Aggregator, cfg: Config) -> None:
         )
 
 
+def check_rounds_left(agg: Aggregator, cfg: Config) -> None:
+    """`--resume` of a run that has done `federation.rounds` would end at once, having run
+    nothing, and write its summary again: say so, and what to give instead."""
+    ckpt = checkpoint.load(agg.state)
+    done = ckpt.server_round if ckpt is not None else 0
+    if done < cfg.federation.rounds:
+        return
+    last = ""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        rounds = int(json.loads((agg.state / RUN_CONFIG).read_text())["federation"]["rounds"])
+        if rounds > done:
+            last = f" (it was last started with federation.rounds = {rounds})"
+    raise ValueError(
+        f"--resume: the run in {agg.state} has done {done} rounds, and federation.rounds is "
+        f"{cfg.federation.rounds}: nothing is left to run{last}. To go on, pass --set "
+        f"federation.rounds=N with N above {done}"
+    )
+
+
 def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -> str:
     """The whole aggregator: SuperLink up, keys registered, run submitted and awaited.
 
@@ -309,6 +330,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     if resume:
         check_resume(agg)
         check_same_run(agg, cfg)
+        check_rounds_left(agg, cfg)
     for note in ignored_settings(cfg):
         print(f"fedstream: hint: {note}", file=sys.stderr)
     plan = privacy_plan(cfg)  # a target epsilon out of reach is said before anything starts
@@ -321,8 +343,8 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
             register(ctl, public_keys)
             if resume:
                 stop_previous(ctl, agg)
-            if not resume or not (agg.state / RUN_CONFIG).exists():  # older state: kept now
-                remember_config(agg.state, cfg)
+            # A resume keeps its rounds and timeout too, for the next resume to say.
+            remember_config(agg.state, cfg)
             run_id = submit(ctl, agg, cfg, resume)
             (agg.state / "run-id").write_text(f"{run_id}\n")
             return wait_run(ctl, agg, run_id)

@@ -48,6 +48,19 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, strategy):
     assert resumed["model_sha256"] == fingerprint(saved.arrays)
     assert summary["rounds"] == 4 and summary["samples_seen"] == 4 * CLIENTS * 10
     assert checkpoint.load(state).server_round == 4
+    if strategy != "fedavg":
+        return
+    # A resume that has no round left to run is refused, naming the rounds a run was last
+    # started with (an operator resuming after a crash forgot the --set that extended it).
+    from fedstream.server.aggregator import Aggregator, check_rounds_left
+
+    agg = Aggregator(state, tmp_path / "creds", "127.0.0.1", 1)
+    checkpoint.remember_config(state, _cfg(tmp_path, 6, strategy))
+    check_rounds_left(agg, _cfg(tmp_path, 5, strategy))
+    with pytest.raises(ValueError, match=r"has done 4 rounds, and federation.rounds is 4: "
+                       r"nothing is left to run \(it was last started with federation.rounds "
+                       r"= 6\). To go on, pass --set federation.rounds=N with N above 4"):
+        check_rounds_left(agg, again)
 
 
 def test_without_a_checkpoint_resume_starts_at_round_one(tmp_path):
