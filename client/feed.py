@@ -324,6 +324,7 @@ class Reader:
     def _jsonl_rows(self, first: str, first_line: int, lines: Iterator[str | None]) -> Iterator:
         exact: set[str] | None = None
         names = self.wanted
+        hinted = False
 
         def records() -> Iterator[tuple[int, str] | None]:
             yield first_line, first
@@ -344,7 +345,13 @@ class Reader:
             try:
                 obj = _json_object(text, line, self.name)
             except DataError as exc:
-                yield line, str(exc).removeprefix(f"{self.name}:{line}: ")
+                problem = str(exc).removeprefix(f"{self.name}:{line}: ")
+                if names is None and not hinted and not text.lstrip().startswith("{"):
+                    hinted = True  # a CSV file read as JSONL: say so once, not per row
+                    problem += (" (read as JSONL, one JSON object a line, because of "
+                                f"{'--format jsonl' if self.fmt == 'jsonl' else 'its name'}"
+                                ": is it CSV?)")
+                yield line, problem
                 continue
             if names is None:
                 names = [k for k in obj if k != self.label]
@@ -429,7 +436,7 @@ class Reader:
             assert x is not None
         errors.sort(key=lambda e: e[0])
         return Chunk(
-            x=x.reshape(-1, len(self.features)),
+            x=x.reshape(int(keep.sum()), len(self.features)),  # no features yet: no rows
             y=np.asarray(labels, dtype=np.int64)[keep],
             lines=np.asarray(lines, dtype=np.int64)[keep],
             errors=[f"{self.name}:{line}: {text}" for line, text in errors],

@@ -130,3 +130,17 @@ def test_a_line_that_is_not_utf16_in_a_utf16_file_costs_its_own_row_only(tmp_pat
     assert "UTF-16 byte-order mark" in errors[0]
     np.testing.assert_allclose(x[:, 0], [1, 2])
     assert y.tolist() == [0, 1]
+
+
+def test_a_csv_file_read_as_jsonl_costs_its_rows_with_one_hint(tmp_path: Path) -> None:
+    # `--format jsonl` on a CSV file ended the feed with "cannot reshape array of size 0".
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b,status\n1,2,0\n3,4,1\n")
+    stream, name = open_input(str(path))
+    with stream:
+        chunks = list(Reader(stream, name, path=str(path), fmt="jsonl", label="status"))
+    errors = [e for c in chunks for e in c.errors]
+    assert sum(len(c.y) for c in chunks) == 0 and len(errors) == 3
+    assert errors[0].startswith(f"{path}:1: invalid JSON")
+    assert "--format jsonl: is it CSV?" in errors[0]
+    assert all("is it CSV" not in e for e in errors[1:])
