@@ -66,7 +66,7 @@ def _load(config: Path | None, overrides: list[str] | None, extra: list[str]) ->
 def sim(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Results folder.")] = None,
     baselines: Annotated[
         bool, typer.Option("--baselines", help="Also run the local and centralized baselines.")
     ] = False,
@@ -79,7 +79,7 @@ def sim(
     """Simulate a federation of streaming clients (the embedded default without --config)."""
     extra = []
     if out is not None:
-        extra.append(f"output.dir={_toml_str(str(out))}")
+        extra.append(f"output.dir={_toml_str(out)}")
     if baselines:
         extra.append('simulation.baselines=["local", "centralized"]')
     if ray_address:

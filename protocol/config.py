@@ -292,6 +292,15 @@ class OutputConfig(_Section):
     plots: bool = True
     progress: bool = True
 
+    @field_validator("dir")
+    @classmethod
+    def _a_folder(cls, value: str) -> str:
+        # An empty path is the current folder to pathlib: `--out "$OUT"` with OUT unset
+        # would clear the run files there.
+        if not value.strip():
+            raise ValueError("is empty: give a folder (. for the current one)")
+        return value
+
 
 class Config(_Section):
     """A whole federation. `fedstream config show` prints it with every default."""

@@ -4,28 +4,65 @@ and plots. Its layout is a contract other tools read; see the README.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedstream.protocol.config import Config, to_toml
+from fedstream.protocol.config import Config, ConfigError, to_toml, validate
 from fedstream.server.records import History, run_summary
 from fedstream.sim.baselines import AccuracySeries
 from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
 
 OWNED = ("summary.json", "metrics.jsonl", "plots/accuracy.png", "plots/clients.png",
          "plots/privacy.png")
+MARK = "# The config of the run whose results are in this folder: `fedstream sim --config "
 
 
 def prepare(cfg: Config) -> Path:
     """The results folder, holding nothing of an earlier run: a file this run does not
     write (a plot it does not draw) would otherwise sit beside its results as if it
-    were one of them. Files fedstream does not write are left alone."""
+    were one of them. Files fedstream does not write are left alone.
+
+    Its config.toml names the folder by its absolute path, so that running it again from
+    anywhere writes into this same folder."""
+    check_config_file(cfg)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in OWNED:
         (out / name).unlink(missing_ok=True)
-    (out / "config.toml").write_text(to_toml(cfg))
+    own = cfg.model_copy(update={
+        "output": cfg.output.model_copy(update={"dir": str(out.resolve())})
+    })
+    (out / "config.toml").write_text(
+        f"{MARK}{out.resolve() / 'config.toml'}` runs it again, into this folder.\n"
+        + to_toml(own)
+    )
     return out
+
+
+def check_config_file(cfg: Config) -> None:
+    """A config.toml in the results folder that fedstream did not write is someone's own
+    (a config kept beside its results, `--out` its folder): a run must not replace it."""
+    path = Path(cfg.output.dir) / "config.toml"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeError):
+        return
+    if text.startswith(MARK) or _canonical(text):
+        return
+    raise ValueError(
+        f"output.dir: {path} is not a config a run wrote (your own config?), and a run "
+        "writes its config there: give another output.dir (--out), or move the file"
+    )
+
+
+def _canonical(text: str) -> bool:
+    """Written by an earlier fedstream (before the header line): a whole config, exactly
+    as it dumps one."""
+    try:
+        return to_toml(validate(tomllib.loads(text))) == text
+    except (ConfigError, ValueError):  # TOMLDecodeError is a ValueError
+        return False
 
 
 def summarize(

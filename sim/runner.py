@@ -25,6 +25,7 @@ from fedstream.sim.detection import drifts_in_run
 from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
+from fedstream.sim.results import check_config_file
 from fedstream.sim.server_app import sim_server_app
 from fedstream.sim.table_cache import content_digest
 
@@ -74,6 +75,7 @@ def preflight(cfg: Config) -> None:
     failed rounds.
     """
     _check_output(Path(cfg.output.dir))
+    check_config_file(cfg)
     fed = federation(cfg)
     _ = fed.dataset
     fed.initial_arrays(check=True)

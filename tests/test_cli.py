@@ -150,6 +150,31 @@ def test_a_run_pins_its_data_file_and_a_rerun_refuses_it_edited(
     assert not (tmp_path / "b").exists()
 
 
+def test_a_run_never_replaces_a_config_it_did_not_write(tmp_path: Path) -> None:
+    # A config kept beside its results, run with --out its own folder, lost its comments
+    # to the run's config; an empty --out (an unset shell variable) cleared the cwd's runs.
+    from fedstream.protocol.config import load
+    from fedstream.sim.results import MARK, prepare
+
+    own = tmp_path / "exp" / "config.toml"
+    own.parent.mkdir()
+    own.write_text("# my experiment\nseed = 4  # lucky\n[federation]\nclients = 2\n")
+    proc = fedstream("sim", "--config", str(own), "--out", str(own.parent), "--quiet")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is not a config a run wrote (your own config?)" in " ".join(proc.stderr.split())
+    assert own.read_text().startswith("# my experiment") and len(list(own.parent.iterdir())) == 1
+    proc = fedstream("sim", "--out", "", "--quiet")
+    assert proc.returncode == 2 and "output.dir" in proc.stderr and "is empty" in proc.stderr
+
+    # What a run writes it may write again; its config names the folder absolutely, so a
+    # rerun from anywhere lands in the same folder.
+    out = tmp_path / "runs" / "a"
+    prepare(load(None, [f'output.dir="{out}"']))
+    text = (out / "config.toml").read_text()
+    assert text.startswith(MARK) and load(out / "config.toml").output.dir == str(out.resolve())
+    prepare(load(out / "config.toml"))  # the run's own config: replaced, no complaint
+
+
 def test_a_run_whose_model_diverged_is_told_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
