@@ -291,8 +291,12 @@ class SecureAggregator:
 
         # Stop at the first answers that unmask the sum (t honest holders of each secret):
         # the last holders' answers would only be waited for.
-        _collect(grid, queries, timeout, take, enough=agg.ready, late=self.late.trip())
+        answered = _collect(grid, queries, timeout, take, enough=agg.ready,
+                            late=self.late.trip())
         out.round_trips += 1
+        if not agg.ready():  # the holders that were waited for in vain: the round's failures
+            out.failures.extend(_failure(node_of[i], "unmask", SILENT)
+                                for i in sorted(agg.survivors) if node_of[i] not in answered)
 
     def _finish(
         self,

@@ -145,6 +145,24 @@ def test_below_threshold_the_round_fails_and_the_model_is_kept(tmp_path):
     assert not np.array_equal(models[2], models[1])
 
 
+def test_holders_silent_in_a_failed_unmask_trip_are_named_as_failures(tmp_path):
+    # Devices killed between their masked input and the unmask trip: the round failed on
+    # a timeout with no failures listed, so nothing named them.
+    def no_answers_from_three(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        unmask = rec is not None and m.MASKED not in reply.content and "enc-pub" not in rec
+        return None if unmask and node > 1002 else reply
+
+    _, records, _ = _run(tmp_path, ["secure_aggregation.enabled=true", "federation.rounds=1"],
+                         no_answers_from_three)
+    [first] = records
+    assert not first["aggregated"] and "shares" in first["aggregation_error"]
+    silent = [f for f in first["failures"] if f["stage"] == "unmask"]
+    assert sorted(f["node"] for f in silent) == [1003, 1004, 1005]
+    assert {f["reason"] for f in silent} == {"no reply before timeout"}
+    assert all(f["client"] is not None for f in silent)
+
+
 def test_a_client_unmasks_a_round_only_once(tmp_path):
     grid, _, _ = _run(tmp_path, ["secure_aggregation.enabled=true"])
     unmask = [
