@@ -108,11 +108,13 @@ def send_and_collect(
     are added to `late`: see `Stragglers`.
     """
     messages = list(messages)
+    # The timeout counts from before the push: pushing a model to every node of a busy
+    # SuperLink can take seconds, and a round must not last its timeout on top of them.
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
     ids = list(grid.push_messages(messages))
     sent_to = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
     pending = set(ids)
-    start = time.monotonic()
-    deadline = None if timeout is None else start + timeout
     replies: list[Message] = []
     with _pulls_until(deadline):
         while pending:
