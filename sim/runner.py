@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -81,12 +82,31 @@ def preflight(cfg: Config) -> None:
     fed.initial_arrays(check=True)
     if cfg.privacy.enabled:
         planned_noise(cfg)  # a target epsilon out of reach is said now
-    if not (cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS")):
+    address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _check_cluster(address)
+    else:
         # Local virtual clients see this machine's devices; on a cluster, its nodes' may differ.
         try:
             pick_device(cfg.learner.device)
         except RuntimeError as err:
             raise ValueError(str(err)) from None
+
+
+def _check_cluster(address: str, wait: float = 5.0) -> None:
+    """A cluster's HOST:PORT (or ray://HOST:PORT) must answer now: Ray itself retries an
+    unreachable one for minutes, saying only that it cannot reach its GCS."""
+    where = "simulation.ray_address" if not os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # "auto", "local": Ray's own names, resolved by Ray
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=wait).close()
+    except OSError as err:
+        raise ValueError(
+            f"{where}: no Ray cluster answers at {address} ({err.strerror or err}); start "
+            "one (`ray start --head`) or leave the address out to run on this machine"
+        ) from None
 
 
 def _check_output(out: Path) -> None:

@@ -380,3 +380,21 @@ def test_the_clients_plot_names_each_site(tmp_path: Path, monkeypatch) -> None:
     summary = {"client_names": ["berlin", "paris"], "drift_times": []}
     assert clients_plot(tmp_path, summary, records).exists()
     assert ticks[-1] == ["0 berlin", "1 paris"]
+
+
+def test_a_ray_cluster_that_does_not_answer_is_refused_at_once() -> None:
+    # Ray retries an unreachable GCS for minutes, printing only its own warnings.
+    import socket
+
+    from fedstream.sim.runner import _check_cluster
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    with pytest.raises(ValueError, match=rf"no Ray cluster answers at 127.0.0.1:{port}"):
+        _check_cluster(f"127.0.0.1:{port}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _check_cluster(f"ray://127.0.0.1:{s.getsockname()[1]}")  # one that answers
+    _check_cluster("auto")  # Ray's own names are Ray's to resolve
