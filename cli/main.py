@@ -196,8 +196,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
            else "")
         + f", {summary['client_failures']} failures, "
         + (f"{secs:.1f} s, " if secs is not None else "")
-        + f"{summary['bytes_up'] / 1e6:.1f} MB up, "
-        f"{summary['bytes_down'] / 1e6:.1f} MB down. Results: {out}/",
+        + f"{_size(summary['bytes_up'])} up, {_size(summary['bytes_down'])} down. "
+        f"Results: {out}/",
         markup=False,
         soft_wrap=True,  # a long path stays on its line, whole, for copying
     )
@@ -245,6 +245,14 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     if summary.get("privacy"):
         line = _privacy_line(summary["privacy"], bool(summary.get("secure_aggregation")))
         Console().print(line, highlight=False, soft_wrap=True)
+
+
+def _size(n: float) -> str:
+    """Bytes as a reader wants them: 30.5 kB, not 0.0 MB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _privacy_line(p: dict[str, Any], secure: bool) -> str:
@@ -386,9 +394,11 @@ def feed(
                 bar.close()
                 handed = len(lines)
                 sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
-                rest = (f"Rows after {name}:{lines[-1]} were not sent: feed them again from there "
-                        "(up to a few thousand rows before it were still in flight and may not "
-                        "be stored)") if handed else f"Feed {name} again"
+                header = " after the header" if reader.kind == "csv" else ""
+                rest = (f"Rows after {name}:{lines[-1]} were not sent: feed again its lines "
+                        f"from {lines[-1] + 1} on{header} (up to a few thousand rows before "
+                        "them were still in flight and may not be stored)"
+                        ) if handed else f"Feed {name} again"
                 err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
                           f"stop. {rest}", markup=False, highlight=False, soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None

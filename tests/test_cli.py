@@ -175,6 +175,13 @@ def test_a_run_never_replaces_a_config_it_did_not_write(tmp_path: Path) -> None:
     prepare(load(out / "config.toml"))  # the run's own config: replaced, no complaint
 
 
+def test_sizes_are_printed_in_units_that_show_them() -> None:
+    from fedstream.cli.main import _size
+
+    assert [_size(n) for n in (30_515, 5_200_000, 999, 2.5e9)] == [
+        "30.5 kB", "5.2 MB", "999 B", "2.5 GB"]
+
+
 def test_a_run_whose_model_diverged_is_told_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -368,6 +368,7 @@ def test_a_stopped_feed_says_what_was_sent_and_where_to_go_on(
     assert proc.returncode == code, err
     assert f"stopped ({sig.name}): 2 rows were sent (to <stdin>:3)" in said, said
     assert "Rows after <stdin>:3 were not sent" in said and "Traceback" not in err
+    assert "feed again its lines from 4 on after the header" in said  # not "from there"
 
 
 def test_a_feed_stopped_before_its_first_row_says_nothing_was_sent(start) -> None:
