@@ -85,6 +85,9 @@ class History:
     releases: list[dict[str, Any]] = field(default_factory=list)  # differential privacy's
     privacy_void: str | None = None  # why no privacy bound holds (a resume after rounds without)
     per_client: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Which client each node said it is: checkpointed with the rest, so a resumed server
+    # names the devices it knew in its failures instead of their bare node ids.
+    client_of: dict[int, int] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float | None:
@@ -99,6 +102,7 @@ class History:
         state.setdefault("releases", [])
         state.setdefault("privacy_void", None)
         state.setdefault("empty_updates", 0)
+        state.setdefault("client_of", {})
         self.__dict__.update(state)
 
     def add(self, record: dict[str, Any]) -> None:

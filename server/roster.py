@@ -21,8 +21,8 @@ log = logging.getLogger("fedstream")
 
 
 class Roster:
-    def __init__(self) -> None:
-        self.client_of: dict[int, int] = {}
+    def __init__(self, client_of: dict[int, int] | None = None) -> None:
+        self.client_of: dict[int, int] = {} if client_of is None else client_of
         self.refused: dict[int, str] = {}  # node -> why it could not say which client it is
         self.twins_told: set[int] = set()  # clients claimed by two live nodes, warned about
 

@@ -54,9 +54,9 @@ def run_rounds(
     history: History | None = None,
     after_round: ModelHook | None = None,
 ) -> tuple[ArrayRecord, History]:
-    roster = Roster()
     late = Stragglers()  # plaintext replies that came after their round: pulled off, unread
     history = history or History()
+    roster = Roster(history.client_of)  # the history's own map: a checkpoint keeps it
     bar = tqdm(
         total=settings.rounds, initial=settings.first_round - 1,
         disable=not settings.progress, unit="round", leave=True,

@@ -37,6 +37,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, strategy):
     run_aggregator(grid(first), first, state, resume=False)
     saved = checkpoint.load(state)
     assert saved is not None and saved.server_round == 2 and saved.history.rounds == 2
+    # Which client each node is comes back with the checkpoint: a resumed server's
+    # failures name the devices it knew, not bare node ids.
+    assert sorted(saved.history.client_of.values()) == list(range(CLIENTS))
 
     again = _cfg(tmp_path, 4, strategy)
     summary = run_aggregator(grid(again), again, state, resume=True)
