@@ -226,10 +226,12 @@ def submit_app(ctl: Any, app: Path, overrides: dict[str, Any]) -> int:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines
 
 
-def wait_run(ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0) -> str:
+def wait_run(
+    ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0, rounds: RoundLines | None = None
+) -> str:
     """Wait for the run to finish, writing its log as it comes (a server that crashes
-    keeps what it logged, and a running one can be read); return 'completed', 'failed'
-    or 'stopped'."""
+    keeps what it logged, and a running one can be read) and saying each round's outcome
+    (`rounds`); return 'completed', 'failed' or 'stopped'."""
     from flwr.common.serde import run_from_proto
     from flwr.proto.control_pb2 import ListRunsRequest
 
@@ -241,13 +243,61 @@ def wait_run(ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0) -> str:
     try:
         while True:
             run = run_from_proto(ctl.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
+            if rounds is not None:
+                rounds.say_new()
             if run.status.status == "finished":
                 break
             time.sleep(poll)
+        if rounds is not None:
+            rounds.say_new()
         writer.join(timeout=10.0)  # Flower ends the stream once it sent the whole log
     finally:
         done.set()
     return str(run.status.sub_status)
+
+
+class RoundLines:
+    """One line per round on the operator's terminal, read from the run's metrics.jsonl as
+    the ServerApp writes it: the rounds' outcomes (a round that failed, and why) would
+    otherwise be only in files."""
+
+    def __init__(self, metrics: Path, rounds: int) -> None:
+        self.path, self.rounds = metrics, rounds
+        self.offset = metrics.stat().st_size if metrics.exists() else 0  # a resume's earlier
+
+    def say_new(self) -> None:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return
+        done = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        self.offset += done
+        for raw in data[:done].splitlines():
+            with contextlib.suppress(ValueError):
+                line = round_line(json.loads(raw), self.rounds)
+                if line:
+                    print(line, file=sys.stderr, flush=True)
+
+
+def round_line(rec: dict[str, Any], rounds: int) -> str | None:
+    """A round record in a line: who took part, and whether the model moved."""
+    if "round" not in rec:
+        return None
+    head = (f"round {rec['round']}/{rounds}: {rec.get('clients_ok', 0)} of "
+            f"{rec.get('clients_sampled', 0)} devices")
+    if rec.get("aggregated", True):
+        acc = rec.get("accuracy")
+        outcome = "aggregated" + (f", accuracy {100 * acc:.1f} %" if acc is not None else "")
+    else:
+        outcome = f"not aggregated ({rec.get('aggregation_error') or 'no update'})"
+    failures = rec.get("failures", [])
+    if failures:
+        first = failures[0]
+        who = f"client {first['client']}" if first.get("client") is not None else "a node"
+        outcome += (f"; {len(failures)} failed, first {who}: {first['reason']}")
+    return f"{head}, {outcome}, {rec.get('seconds', 0.0):.1f} s"
 
 
 def _write_log(ctl: Any, run_id: int, path: Path, done: threading.Event) -> None:
@@ -336,6 +386,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     plan = privacy_plan(cfg)  # a target epsilon out of reach is said before anything starts
     if plan:
         print(f"fedstream: {plan}", file=sys.stderr)
+    lines = RoundLines(Path(cfg.output.dir) / "metrics.jsonl", cfg.federation.rounds)
     link = start_superlink(agg)  # checks credentials and port before it makes anything
     try:
         ctl = control(agg)
@@ -347,7 +398,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
             remember_config(agg.state, cfg)
             run_id = submit(ctl, agg, cfg, resume)
             (agg.state / "run-id").write_text(f"{run_id}\n")
-            return wait_run(ctl, agg, run_id)
+            return wait_run(ctl, agg, run_id, rounds=lines)
         finally:
             ctl.close()
     finally:

@@ -157,7 +157,9 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     assert summary["privacy"]["releases"] == spent.releases == 3
     assert summary["privacy"]["noise_at"] == "clients"
     assert summary["privacy"]["epsilon"] == pytest.approx(spent.epsilon)
-    assert "client updates" in (work / "server.log").read_text()  # the server prints it
+    said = (work / "server.log").read_text()
+    assert "client updates" in said  # the server prints it, and a line a round as it goes
+    assert "round 3/3: " in said and "devices, aggregated" in said
     for i in range(3):
         spool = Spool(work / f"c{i}" / "spool.db", 8)
         stats, ledger = spool.stats(), spool.ledger()

@@ -300,3 +300,33 @@ def test_updates_that_carried_no_samples_are_counted_apart(tmp_path: Path) -> No
     _, history = run_federation(LoopbackGrid(sim_client_app(secure), 3), secure,
                                 federation(secure).initial_arrays(), tmp_path / "secure")
     assert records.run_summary(secure, history)["client_updates_empty"] is None
+
+
+def test_the_operator_sees_a_line_a_round_as_the_server_writes_them(tmp_path, capsys):
+    import json
+
+    from fedstream.server.aggregator import RoundLines
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"round": 1, "clients_sampled": 3, "clients_ok": 3,
+                                   "aggregated": True, "accuracy": 0.5, "seconds": 1.0}) + "\n")
+    lines = RoundLines(metrics, rounds=4)  # a resume: what was there is not said again
+    with metrics.open("a") as fh:
+        fh.write(json.dumps({"resumed_after_round": 1}) + "\n")
+        fh.write(json.dumps({
+            "round": 2, "clients_sampled": 3, "clients_ok": 1, "aggregated": False,
+            "aggregation_error": "secure aggregation failed: 1 client(s) ready", "seconds": 20.0,
+            "failures": [{"client": 2, "node": 9, "reason": "no reply before timeout"},
+                         {"client": None, "node": 7, "reason": "no reply before timeout"}],
+        }) + "\n")
+        fh.write('{"round": 3, "clients_')  # still being written: said once it is whole
+    lines.say_new()
+    said = capsys.readouterr().err.splitlines()
+    assert said == [
+        "round 2/4: 1 of 3 devices, not aggregated (secure aggregation failed: 1 client(s) "
+        "ready); 2 failed, first client 2: no reply before timeout, 20.0 s"]
+    with metrics.open("a") as fh:
+        fh.write('sampled": 3, "clients_ok": 3, "accuracy": 0.75, "seconds": 2.5}\n')
+    lines.say_new()
+    said = capsys.readouterr().err
+    assert said == "round 3/4: 3 of 3 devices, aggregated, accuracy 75.0 %, 2.5 s\n"
