@@ -14,16 +14,19 @@ config: `--node-config "spool='/path/spool.db' client-id=3"`.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedstream.client.privacy import make_privacy_mod
 from fedstream.client.secure import secure_aggregation_mod
 from fedstream.client.spool import Spool
 from fedstream.protocol import messages as m
+from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, from_run_config
 
 SPOOL = "spool"  # node config: path of this device's spool file
@@ -35,7 +38,7 @@ LEARNER, REPORTED_DROPS = "learner", "dropped-reported"
 def device_client_app(config: Config | None = None) -> ClientApp:
     # The update pipeline, as in every fedstream ClientApp (client/app.py): privacy clips
     # and noises the change with the OS's entropy, secure aggregation quantizes and masks it.
-    app = ClientApp(mods=[secure_aggregation_mod, make_privacy_mod()])
+    app = ClientApp(mods=[said_on_failure, secure_aggregation_mod, make_privacy_mod()])
 
     @app.train()
     def _train(msg: Message, ctx: Context) -> Message:
@@ -47,6 +50,18 @@ def device_client_app(config: Config | None = None) -> ClientApp:
         return Message(m.roster_reply(client_of(ctx)), reply_to=msg)
 
     return app
+
+
+def said_on_failure(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+    """A round this device fails is said in its log too, where `fedstream client` reads it
+    and tells the operator (a device whose config differs from the server's run would
+    otherwise look healthy on its own terminal while every round failed on it)."""
+    try:
+        return call_next(msg, ctx)
+    except Exception as err:
+        print(f"{runtime.ROUND_FAILED} {type(err).__name__}: {err}", file=sys.stderr,
+              flush=True)
+        raise
 
 
 def train_from_spool(msg: Message, ctx: Context, cfg: Config) -> Message:

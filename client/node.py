@@ -263,6 +263,7 @@ def run_device(dev: Device) -> int:
     # `since`: when a SuperNode was last connected (or the command started), for --max-wait.
     since, pause, said_waiting = time.monotonic(), RETRY_FIRST, False
     last_reason = ""  # why the previous SuperNode exited
+    last_failure = ""  # why the last round failed here (said when it changes)
     refused = 0  # attempts in a row the server refused to activate this device's key
     try:
         while True:
@@ -278,6 +279,11 @@ def run_device(dev: Device) -> int:
                         connected, said_waiting, pause = True, False, RETRY_FIRST
                         refused = 0
                         say(f"connected to the server at {dev.server}")
+                    elif runtime.ROUND_FAILED in line:
+                        failure = line.split(runtime.ROUND_FAILED, 1)[1].strip()
+                        if failure != last_failure:  # each new reason once, not every round
+                            last_failure = failure
+                            say(f"a round failed on this device: {failure}")
                     elif RETRYING in line and not said_waiting:
                         said_waiting = True
                         if connected:

@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 PR_SET_PDEATHSIG = 1
+ROUND_FAILED = "fedstream: a round failed on this device:"  # device app -> its log -> client
 TASK_POLL = "0.05"  # seconds: how often a SuperExec looks for new app processes to start
 
 

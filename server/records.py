@@ -138,6 +138,7 @@ class History:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.MULTILINE)
 _WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+_DEPLOYED = re.compile(r"<class '(?P<name>[\w.]+)'>:<'(?P<message>.*)'>", re.DOTALL)
 
 
 def error_reason(reply: Message) -> str:
@@ -147,6 +148,9 @@ def error_reason(reply: Message) -> str:
     runs of one seed differ in metrics.jsonl.
     """
     reason = _ANSI.sub("", reply.error.reason or "")
+    deployed = _DEPLOYED.fullmatch(reason.strip())  # a SuperNode's "<class 'x.E'>:<'msg'>"
+    if deployed:
+        return f"{deployed['name'].rsplit('.', 1)[-1]}: {deployed['message']}"
     for name, message in _RAISED.findall(reason):
         if not any(w in name for w in _WRAPPERS):
             return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"

@@ -271,6 +271,26 @@ def test_a_ray_workers_failure_is_recorded_as_the_exception_that_started_it() ->
     assert error_reason(reply) == "ClientUnavailable: client 0 is offline in round 2"
     plain = make_message(metadata=meta, error=Error(code=0, reason="no reply before timeout"))
     assert error_reason(plain) == "no reply before timeout"
+    # A SuperNode's ClientApp error, as a deployed server receives it.
+    deployed = ("<class 'fedstream.client.spool.SpoolError'>:<'/d/spool.db: the spool stores "
+                "samples of 5 features, opened with n_features=4'>")
+    reply = make_message(metadata=meta, error=Error(code=0, reason=deployed))
+    assert error_reason(reply) == ("SpoolError: /d/spool.db: the spool stores samples of 5 "
+                                   "features, opened with n_features=4")
+
+
+def test_a_round_a_device_fails_is_said_in_its_log(capsys):
+    # `fedstream client` reads the SuperNode's log, and tells the operator.
+    from fedstream.client.device_app import said_on_failure
+    from fedstream.protocol.runtime import ROUND_FAILED
+
+    def failing(_msg, _ctx):
+        raise ValueError("the spool stores samples of 5 features")
+
+    with pytest.raises(ValueError):
+        said_on_failure(None, None, failing)  # type: ignore[arg-type]
+    assert capsys.readouterr().err == (
+        f"{ROUND_FAILED} ValueError: the spool stores samples of 5 features\n")
 
 
 def test_updates_that_carried_no_samples_are_counted_apart(tmp_path: Path) -> None:
