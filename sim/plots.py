@@ -128,7 +128,8 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
         _mark_drifts(ax, summary.get("drift_times", []))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8)
-    ax.set(xlabel="round", ylabel="client", title="Per-client accuracy (blank: not sampled)")
+    ax.set(xlabel="round", ylabel="client",
+           title="Per-client accuracy (blank: not sampled, or no new samples)")
     names = summary.get("client_names") or []  # partition.column: each client's site
     labels = [f"{c} {names[c]}" if c < len(names) else str(c) for c in clients]
     ax.set_yticks(range(len(clients)), labels, fontsize=6)
