@@ -164,11 +164,17 @@ def exhaustion_hint(cfg: Config) -> str | None:
     first = short[np.argsort(lasts[short], kind="stable")][:3]
     shown = ", ".join(f"{who(i)} after about {lasts[i]:.1f} rounds" for i in first)
     more = ", ..." if len(short) > len(first) else ""
+    fix = "lower stream.rate or federation.rounds"
+    sizes = np.array([len(p) for p in dataset.parts])
+    if cfg.partition.scheme == "dirichlet" and sizes.min() < 0.25 * sizes.mean():
+        # The partition, not the rate, starves them: a small alpha gives some clients few rows.
+        fix += (f", or raise partition.alpha (now {cfg.partition.alpha:g}; clients hold "
+                f"{sizes.min()} to {sizes.max()} rows)")
     return (
         f"fedstream: hint: {cfg.stream.path or cfg.stream.source}: the rows of "
         f"{len(short)} of {n} clients at stream.rate = {cfg.stream.rate:g} a round run out "
         f"well before the last of the {rounds} rounds ({shown}{more}), and from then on "
-        "they have nothing new to train on: lower stream.rate or federation.rounds"
+        f"they have nothing new to train on: {fix}"
     )
 
 

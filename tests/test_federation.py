@@ -206,6 +206,11 @@ def test_hints_for_rows_that_run_out_and_for_labels_with_fractions(tmp_path: Pat
     assert hint is not None and "the rows of 2 of 2 clients" in hint
     assert "before the last of the 30 rounds (client " in hint
     assert exhaustion_hint(load(overrides=[*base, "stream.rate=1", "federation.rounds=30"])) is None
+    assert "partition.alpha" not in hint  # an even split: the rate is what to change
+    skewed = _csv(tmp_path, ["a,label"] + [f"{i},{i % 2}" for i in range(600)], "s.csv")
+    hint = exhaustion_hint(load(overrides=[*skewed, "stream.rate=10", "federation.rounds=30",
+                                           "federation.clients=4", "partition.alpha=0.05"]))
+    assert hint is not None and "or raise partition.alpha (now 0.05; clients hold" in hint
     assert label_hint(load(overrides=base)) is None
     graded = _csv(tmp_path, ["a,label"] + [f"{i},{1 + i % 3 / 2}" for i in range(60)], "g.csv")
     hint = label_hint(load(overrides=graded))
