@@ -36,6 +36,11 @@ class ClientStream:
         return n if self.source.length is None else min(n, self.source.length)
 
     def take(self, start: int, stop: int) -> Batch:
+        """Samples [start, stop), as a slice would: a finite stream (a file's rows) gives
+        what it has of them."""
+        if self.source.length is not None:
+            stop = min(stop, self.source.length)
+            start = min(start, stop)
         index = np.arange(start, stop, dtype=np.int64)
         t = self.arrival.times(start, stop)
         x, y = self.source.draw(index, t)

@@ -448,3 +448,18 @@ def test_a_misspelt_column_gets_a_suggestion(tmp_path: Path) -> None:
     message = expect_error(jsonl, 1, "missing key 'site'", "did you mean 'Site'?", label="label",
                            group="site")
     assert "the first record has it" not in message  # it is the first record, and has not
+
+
+def test_a_file_stream_gives_what_it_has_as_a_slice_would(tmp_path: Path) -> None:
+    # The README's `stream.take(0, 100)` raised a bare IndexError on a client of 45 rows.
+    from fedstream.protocol.config import load
+    from fedstream.sim.federation import federation
+
+    path = tmp_path / "small.csv"
+    path.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(90)))
+    cfg = load(None, ["stream.source=csv", f'stream.path="{path}"', "federation.clients=2",
+                      'partition.scheme="iid"'])
+    stream = federation(cfg).stream(0)
+    n = stream.source.length
+    assert n is not None and n < 100
+    assert len(stream.take(0, 100)) == n and len(stream.take(n + 5, n + 10)) == 0
