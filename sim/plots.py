@@ -46,12 +46,21 @@ def privacy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
              label="prequential accuracy (cumulative)")
     acc.set(ylabel="prequential accuracy (%)", ylim=(0, 100))
     lines = ax.get_lines()[:1] + acc.get_lines()[:1]
-    ax.legend(lines, [line.get_label() for line in lines], loc="lower right", fontsize=8)
+    _legend_below(ax, lines, [line.get_label() for line in lines])
     path = plots / "privacy.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _legend_below(ax: Any, *handles_labels: Any) -> None:
+    """The legend under the axes, where it covers no data (inside, it hid a drift's dip)."""
+    handles, labels = handles_labels or ax.get_legend_handles_labels()
+    # Anchored at the figure's bottom edge and hanging below it: savefig's tight bounding
+    # box takes it in, whatever the axes' height.
+    ax.figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
+                     fontsize=8, frameon=False)
 
 
 def _x(t: float) -> float:
@@ -92,10 +101,10 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
     ax.set(xlabel="round", ylabel="prequential accuracy (%)", ylim=(0, 100),
            title="Prequential accuracy (thin: per round, thick: cumulative)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_below(ax)
     path = plots / "accuracy.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -127,7 +136,7 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
     else:
         _mark_drifts(ax, summary.get("drift_times", []))
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=8)
+        _legend_below(ax)
     ax.set(xlabel="round", ylabel="client",
            title="Per-client accuracy (blank: not sampled, or no new samples)")
     names = summary.get("client_names") or []  # partition.column: each client's site
@@ -135,6 +144,6 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
     ax.set_yticks(range(len(clients)), labels, fontsize=6)
     path = plots / "clients.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
