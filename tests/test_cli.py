@@ -220,6 +220,7 @@ def test_devices_sharing_a_client_id_and_the_detection_score_are_printed(
     assert "Drift detection: 3 alarms; the stream has no drift set (drift.kind)" in out
 
 
+@pytest.mark.slow  # a whole run: Ray's workers must import the module too
 def test_a_model_module_beside_the_user_is_found(tmp_path: Path) -> None:
     (tmp_path / "mymodels.py").write_text(
         "import torch.nn as nn\n"
