@@ -339,8 +339,11 @@ class Config(_Section):
                 f"federation.clients ({self.federation.clients})"
             )
         if self.secure_aggregation.enabled:
-            sa = self.secure_aggregation
-            _check_secure(sa, sampled_clients(self.federation, sa))
+            # At the sample fraction and min_clients give: a count threshold too large for
+            # it is refused here, not met by quietly sampling more clients.
+            fed = self.federation
+            planned = max(int(fed.clients * fed.fraction), fed.min_clients, 2)
+            _check_secure(self.secure_aggregation, min(fed.clients, planned))
         if self.privacy.enabled:
             _check_privacy(self.privacy, self.federation.clients)
         if self.privacy.noise_at == "auto":  # a copy: the default instance is shared

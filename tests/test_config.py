@@ -262,12 +262,17 @@ def test_a_secure_round_waits_for_as_many_clients_as_a_count_threshold_needs() -
                       "secure_aggregation.enabled=true", "secure_aggregation.threshold=3"])
     assert least_clients(cfg.federation, cfg.secure_aggregation) == 3
     assert make_strategy(cfg).min_available_nodes == 3
-    big = load(None, ["federation.clients=100", "federation.fraction=0.1",
+    big = load(None, ["federation.clients=100", "federation.fraction=0.2",
                       "secure_aggregation.enabled=true", "secure_aggregation.threshold=12"])
     least = least_clients(big.federation, big.secure_aggregation)
     secagg.round_shape(least, 0, 12)
     with pytest.raises(ValueError):
         secagg.round_shape(least - 1, 0, 12)
-    assert sampled_clients(big.federation, big.secure_aggregation) == max(10, least)
+    assert least == 12 and sampled_clients(big.federation, big.secure_aggregation) == 20
+    # A count too large for the sample the config asks for is refused, not met by quietly
+    # sampling more clients.
+    with pytest.raises(ConfigError, match="at 10 clients a round: a threshold of 12"):
+        load(None, ["federation.clients=100", "federation.fraction=0.1",
+                    "secure_aggregation.enabled=true", "secure_aggregation.threshold=12"])
     fraction = load(None, ["federation.clients=4", "secure_aggregation.enabled=true"])
     assert least_clients(fraction.federation, fraction.secure_aggregation) == 2
