@@ -326,7 +326,8 @@ def run_device(dev: Device) -> int:
             if 0 < refused < NOT_YET:
                 why = (": the server has not activated this device's key yet (a new server "
                        "registers keys a moment after it starts; a restarted device waits for "
-                       "its old session to lapse); ")
+                       "its old session to lapse; a key the server never registered is named "
+                       f"as such after {NOT_YET - 1} refusals); ")
             elif reason and reason == last_reason and not connected:
                 why = " again, for the same reason; "
             # A reason shown only briefly has not been said: the third refusal says it whole.
