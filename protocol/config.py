@@ -342,8 +342,7 @@ class Config(_Section):
             # At the sample fraction and min_clients give: a count threshold too large for
             # it is refused here, not met by quietly sampling more clients.
             fed = self.federation
-            planned = max(int(fed.clients * fed.fraction), fed.min_clients, 2)
-            _check_secure(self.secure_aggregation, min(fed.clients, planned))
+            _check_secure(self.secure_aggregation, _sample(fed, max(fed.min_clients, 2)))
         if self.privacy.enabled:
             _check_privacy(self.privacy, self.federation.clients)
         if self.privacy.noise_at == "auto":  # a copy: the default instance is shared
@@ -434,7 +433,12 @@ def ignored_settings(cfg: Config) -> list[str]:
 
 def sampled_clients(fed: FederationConfig, sa: SecureAggregationConfig) -> int:
     """Clients a round trains when all are online: Flower's sample size."""
-    return min(fed.clients, max(int(fed.clients * fed.fraction), least_clients(fed, sa)))
+    return _sample(fed, least_clients(fed, sa))
+
+
+def _sample(fed: FederationConfig, least: int) -> int:
+    """Flower's sample size: the fraction of the clients, at least `least`."""
+    return min(fed.clients, max(int(fed.clients * fed.fraction), least))
 
 
 def _check_privacy(dp: PrivacyConfig, clients: int) -> None:

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from fedstream.protocol import runtime
-from fedstream.protocol.config import Config, ignored_settings, to_json
+from fedstream.protocol.config import Config, to_json
 from fedstream.server import checkpoint
-from fedstream.server.app import privacy_plan
+from fedstream.server.app import before_run
 from fedstream.server.checkpoint import (
     CHECKPOINT,
-    RUN_CONFIG,
     changes_on_resume,
     remember_config,
 )
@@ -227,11 +226,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines
 
 
 def wait_run(
-    ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0, rounds: RoundLines | None = None
+    ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0, lines: RoundLines | None = None
 ) -> str:
     """Wait for the run to finish, writing its log as it comes (a server that crashes
     keeps what it logged, and a running one can be read) and saying each round's outcome
-    (`rounds`); return 'completed', 'failed' or 'stopped'."""
+    (`lines`); return 'completed', 'failed' or 'stopped'."""
     from flwr.common.serde import run_from_proto
     from flwr.proto.control_pb2 import ListRunsRequest
 
@@ -243,13 +242,13 @@ def wait_run(
     try:
         while True:
             run = run_from_proto(ctl.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
-            if rounds is not None:
-                rounds.say_new()
+            if lines is not None:
+                lines.say_new()
             if run.status.status == "finished":
                 break
             time.sleep(poll)
-        if rounds is not None:
-            rounds.say_new()
+        if lines is not None:
+            lines.say_new()
         writer.join(timeout=10.0)  # Flower ends the stream once it sent the whole log
     finally:
         done.set()
@@ -360,11 +359,8 @@ def check_rounds_left(agg: Aggregator, cfg: Config) -> None:
     done = ckpt.server_round if ckpt is not None else 0
     if done < cfg.federation.rounds:
         return
-    last = ""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        rounds = int(json.loads((agg.state / RUN_CONFIG).read_text())["federation"]["rounds"])
-        if rounds > done:
-            last = f" (it was last started with federation.rounds = {rounds})"
+    rounds = (checkpoint.run_config(agg.state) or {}).get("federation.rounds", 0)
+    last = f" (it was last started with federation.rounds = {rounds})" if rounds > done else ""
     raise ValueError(
         f"--resume: the run in {agg.state} has done {done} rounds, and federation.rounds is "
         f"{cfg.federation.rounds}: nothing is left to run{last}. To go on, pass --set "
@@ -381,11 +377,8 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
         check_resume(agg)
         check_same_run(agg, cfg)
         check_rounds_left(agg, cfg)
-    for note in ignored_settings(cfg):
-        print(f"fedstream: hint: {note}", file=sys.stderr)
-    plan = privacy_plan(cfg)  # a target epsilon out of reach is said before anything starts
-    if plan:
-        print(f"fedstream: {plan}", file=sys.stderr)
+    for line in before_run(cfg):  # a target epsilon out of reach raises before anything starts
+        print(line, file=sys.stderr)
     lines = RoundLines(Path(cfg.output.dir) / "metrics.jsonl", cfg.federation.rounds)
     link = start_superlink(agg)  # checks credentials and port before it makes anything
     try:
@@ -398,7 +391,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
             remember_config(agg.state, cfg)
             run_id = submit(ctl, agg, cfg, resume)
             (agg.state / "run-id").write_text(f"{run_id}\n")
-            return wait_run(ctl, agg, run_id, rounds=lines)
+            return wait_run(ctl, agg, run_id, lines=lines)
         finally:
             ctl.close()
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedstream.protocol.config import Config, sampled_clients
+from fedstream.protocol.config import Config, ignored_settings, sampled_clients
 from fedstream.server.privacy import Privacy, calibrated
 from fedstream.server.records import History, MetricsLog
 from fedstream.server.rounds import EvaluateFn, RoundHook, RoundSettings, run_rounds
@@ -57,6 +57,14 @@ def stages(cfg: Config, seed: int | None) -> tuple[Privacy | None, SecureAggrega
         privacy = Privacy(cfg.privacy, secure, seed, planned_noise(cfg))
     aggregator = SecureAggregator(cfg.secure_aggregation, seed, privacy) if secure else None
     return privacy, aggregator
+
+
+def before_run(cfg: Config) -> list[str]:
+    """What `fedstream sim` and `fedstream server` say before a run starts: settings it
+    will not use, and the noise a private run adds."""
+    lines = [f"fedstream: hint: {note}" for note in ignored_settings(cfg)]
+    plan = privacy_plan(cfg)
+    return [*lines, f"fedstream: {plan}"] if plan else lines
 
 
 def privacy_plan(cfg: Config) -> str | None:

@@ -92,18 +92,26 @@ def remember_config(directory: Path, cfg: Config) -> None:
     os.replace(tmp, directory / RUN_CONFIG)
 
 
+def run_config(directory: Path) -> dict[str, Any] | None:
+    """The config the run in `directory` was last started with, as flat dotted keys; None
+    when it kept none (a state directory older than `remember_config`)."""
+    path = directory / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return _flat(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: the run's config cannot be read: {exc}") from None
+
+
 def changes_on_resume(directory: Path, cfg: Config) -> list[str]:
     """The keys whose values `cfg` changes from the run's own config, besides RESUMABLE
     ones (and besides `federation.rounds` only when no target epsilon was calibrated to
     them), as "key: run's value, given value". Empty when the run kept no config (a state
     directory older than this check)."""
-    path = directory / RUN_CONFIG
-    if not path.is_file():
+    before = run_config(directory)
+    if before is None:
         return []
-    try:
-        before = _flat(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: the run's config cannot be read: {exc}") from None
     now = _flat(to_dict(cfg))
     # A noise level calibrated to a target epsilon is spread over the rounds planned: more
     # rounds would need more noise, and the rounds done had less.

@@ -69,6 +69,12 @@ class Release:
     population: int  # clients they were drawn from
 
 
+def client_std(noise_multiplier: float, clip_norm: float, cohort: int) -> float:
+    """Each client's share of the noise, per coordinate: z C / sqrt(k), so that k shares
+    sum to z C."""
+    return noise_multiplier * clip_norm / cohort**0.5
+
+
 def secure_clip(clip: float, clip_norm: float, client_std: float) -> float:
     """Secure aggregation's per-coordinate range for privatised changes: `clip` as set,
     raised where needed to cut neither the clipped change nor its noise."""
@@ -248,12 +254,12 @@ class Privacy:
         self.client_std = 0.0
         if not self.clients_clip or not messages:
             return
-        std = self.z * self.cfg.clip_norm / len(messages) ** 0.5
-        self.client_std = std if self.client_noise else 0.0
+        if self.client_noise:
+            self.client_std = client_std(self.z, self.cfg.clip_norm, len(messages))
         for msg in messages:
             config = msg.content[m.CONFIG]
             config[m.DP_CLIP] = self.cfg.clip_norm
-            config[m.DP_STD] = std if self.client_noise else 0.0
+            config[m.DP_STD] = self.client_std
 
     def mean(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> Message:
         """The plaintext aggregate: every reply's change (clipped here, unless the clients

@@ -15,11 +15,11 @@ import numpy as np
 from flwr.simulation import run_simulation
 
 from fedstream.client.device import pick_device
-from fedstream.protocol.config import Config, ignored_settings, sampled_clients
+from fedstream.protocol.config import Config, sampled_clients
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server import stopping
-from fedstream.server.app import planned_noise, privacy_plan
-from fedstream.server.privacy import secure_clip
+from fedstream.server.app import before_run, planned_noise
+from fedstream.server.privacy import client_std, secure_clip
 from fedstream.server.records import stop_logs
 from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.detection import drifts_in_run
@@ -268,8 +268,9 @@ def precision_hint(cfg: Config) -> str | None:
     parties = sampled_clients(cfg.federation, sa)
     if dp.enabled:  # every update weighs in full, and the range covers the clients' noise
         weight = 1.0
-        client_std = planned_noise(cfg) * dp.clip_norm / parties**0.5
-        clip = secure_clip(sa.clip, dp.clip_norm, client_std if dp.noise_at == "clients" else 0)
+        noisy = dp.noise_at == "clients"
+        std = client_std(planned_noise(cfg), dp.clip_norm, parties) if noisy else 0.0
+        clip = secure_clip(sa.clip, dp.clip_norm, std)
         why = f"clip = {clip:.3g}, raised to cover the clients' noise"
         fix = "secure_aggregation.bits"
     else:
@@ -306,14 +307,10 @@ def prepare(cfg: Config) -> Config:
     preflight(cfg)
     for hint in (
         scale_hint(cfg), label_hint(cfg), group_hint(cfg), drift_hint(cfg),
-        exhaustion_hint(cfg), precision_hint(cfg),
-        *(f"fedstream: hint: {note}" for note in ignored_settings(cfg)),
+        exhaustion_hint(cfg), precision_hint(cfg), *before_run(cfg),
     ):
         if hint:
             print(hint, file=sys.stderr)
-    plan = privacy_plan(cfg)
-    if plan:
-        print(f"fedstream: {plan}", file=sys.stderr)
     return cfg
 
 
