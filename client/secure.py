@@ -7,9 +7,11 @@ unmask queries itself. A message without a secure-aggregation record passes thro
 untouched, so one ClientApp serves both plaintext and secure federations.
 
 Secrets live in `Context.state` (the device), never in a reply: the long-lived encryption
-key, the last few mask keys it offered (a new one with every masked reply), and the rounds
-this client already unmasked (it answers once per round, so no server can ask twice with
-different survivor sets).
+key, the last few mask keys it offered (a new one with every masked reply), and a memo of
+each recent round it masked in. An unmask request is answered only against such a memo,
+which the answer uses up: once per round, with the round's threshold, about the round's
+parties (so no server can ask twice with different survivor sets, or ask about a round
+this device never took part in).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fedstream.protocol.fixedpoint import Encoder
 
 STATE_KEY = "fedstream-secagg"
 PENDING_KEYS = 4  # mask keys kept; the server only ever assigns one of the latest
-ANSWERED_KEPT = 16
+ROUNDS_KEPT = 16  # rounds masked in whose unmask request may still come (older: refused)
 
 
 class SecureAggregationError(RuntimeError):
@@ -63,6 +65,9 @@ def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
     )
     del reply  # the trained model's memory, freed, is reused for the masked reply's bytes
     next_pub = _new_mask_key(state)
+    memo = secagg.RoundMemo.of(setup)
+    rounds = [r for r in state["rounds"] if (r.session, r.server_round) != _round_of(memo)]
+    state["rounds"] = [*rounds, memo][-ROUNDS_KEPT:]
     _save(ctx, state)
     return Message(wire.masked_content(masked, report.client, next_pub), reply_to=msg)
 
@@ -129,41 +134,49 @@ def _unmask(rec: ConfigRecord, ctx: Context) -> ConfigRecord:
     except secagg.Rejected as err:
         raise SecureAggregationError(f"bad unmask request: {err}") from err
     state = _state(ctx)
-    answered = (request.session, request.server_round)
-    if answered in state["answered"]:
-        raise SecureAggregationError(f"round {request.server_round} was already unmasked")
+    memo = next((r for r in state["rounds"] if _round_of(r) == _round_of(request)), None)
+    if memo is None or memo.index != index:
+        raise SecureAggregationError(
+            f"round {request.server_round} is not a round this device masked in as party "
+            f"{index}, or it was already unmasked"
+        )
     try:
-        answer = secagg.answer(request, index, state["enc-sk"])
+        answer = secagg.answer(request, memo, state["enc-sk"])
     except secagg.Rejected as err:
         raise SecureAggregationError(str(err)) from err
-    state["answered"] = [*state["answered"], answered][-ANSWERED_KEPT:]
+    state["rounds"] = [r for r in state["rounds"] if r is not memo]  # answered once only
     _save(ctx, state)
     return wire.answer_record(answer)
+
+
+def _round_of(x: secagg.RoundMemo | secagg.UnmaskRequest) -> tuple[bytes, int]:
+    return x.session, x.server_round
 
 
 # --- device state -----------------------------------------------------------------------
 
 
+_MEMO_FIELDS = ("session", "server_round", "index", "threshold", "parties")
+
+
 def _state(ctx: Context) -> dict:
     if STATE_KEY not in ctx.state:
-        return {"enc-sk": ks.new_private_key(), "mask-sks": [], "answered": []}
+        return {"enc-sk": ks.new_private_key(), "mask-sks": [], "rounds": []}
     rec = ctx.state[STATE_KEY]
-    sessions, rounds = rec["answered-sessions"], rec["answered-rounds"]
+    columns = [rec.get(f"rounds-{name}", []) for name in _MEMO_FIELDS]
     return {
         "enc-sk": rec["enc-sk"],
         "mask-sks": list(rec["mask-sks"]),
-        "answered": list(zip(sessions, rounds, strict=True)),
+        "rounds": [secagg.RoundMemo(*row) for row in zip(*columns, strict=True)],
     }
 
 
 def _save(ctx: Context, state: dict) -> None:
+    columns = {
+        f"rounds-{name}": [getattr(r, name) for r in state["rounds"]] for name in _MEMO_FIELDS
+    }
     ctx.state[STATE_KEY] = ConfigRecord(
-        {
-            "enc-sk": state["enc-sk"],
-            "mask-sks": state["mask-sks"],
-            "answered-sessions": [s for s, _ in state["answered"]],
-            "answered-rounds": [r for _, r in state["answered"]],
-        }
+        {"enc-sk": state["enc-sk"], "mask-sks": state["mask-sks"], **columns}
     )
 
 

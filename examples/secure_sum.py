@@ -41,11 +41,14 @@ def main() -> None:
     # Trip 1, parties: train (here: a random model change), then clip -> quantize -> mask.
     model = updates.record({"w": np.zeros(SIZE, dtype=np.float32)})
     plain = np.zeros(SIZE)
+    memo = {}  # what each party keeps of the round, to check the unmask request against
     for u in range(1, PARTIES + 1):
         change = rng.normal(0, 0.01, SIZE).astype(np.float32)
         trained = updates.record({"w": change})
         report = m.TrainReport(client=u, examples=100, correct=60, loss_sum=40.0)
-        masked = masked_update(model, trained, report, agg.setup_for(u), enc[u], mask[u])
+        setup = agg.setup_for(u)
+        masked = masked_update(model, trained, report, setup, enc[u], mask[u])
+        memo[u] = secagg.RoundMemo.of(setup)
         if u == DROPPED:
             continue  # its masked input never arrives
         agg.accept(masked)  # the server folds it into one ring-sized sum
@@ -55,7 +58,7 @@ def main() -> None:
     # seeds of survivors, pair seeds with the dropped party), nothing more.
     agg.check_survivors()
     for h in sorted(agg.survivors):
-        agg.take(secagg.answer(agg.request_for(h), h, enc[h]))
+        agg.take(secagg.answer(agg.request_for(h), memo[h], enc[h]))
     assert agg.ready()
 
     ring, tail = agg.result()  # the unmasked sum: the only thing the server learns

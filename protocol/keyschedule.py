@@ -64,6 +64,22 @@ def agree(private: bytes, peer_public: bytes) -> bytes:
     return _private(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
 
 
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def usable_public_key(public: bytes) -> bool:
+    """Whether X25519 with this public key gives a shared secret (not a low-order point).
+
+    OpenSSL refuses an agreement whose result is all zeros. A key offer that fails here
+    would make every honest neighbour's round fail, so the server refuses it at once.
+    """
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 @lru_cache(maxsize=64)
 def _private(raw: bytes) -> X25519PrivateKey:
     # Loading a raw key derives its public point (a scalar multiplication, as costly as an

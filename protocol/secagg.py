@@ -86,6 +86,30 @@ class RoundSetup:
         return sorted([*self.peers, self.index])
 
 
+@dataclass(frozen=True)
+class RoundMemo:
+    """What a holder keeps of a round it masked in, to check that round's unmask request.
+
+    A holder answers a request only for a round it holds a memo of, and only once (the
+    memo goes with the answer), with the threshold it masked under, and about parties of
+    that round: a request for another round, for the same round again, with a lowered
+    threshold or with made-up survivors is refused.
+    """
+
+    session: bytes
+    server_round: int
+    index: int
+    threshold: int
+    parties: int
+
+    @classmethod
+    def of(cls, setup: RoundSetup) -> RoundMemo:
+        return cls(
+            setup.session, setup.server_round, setup.index, setup.threshold,
+            setup.quantizer.parties,
+        )
+
+
 @dataclass
 class MaskedInput:
     """What a party uploads in trip 1 besides its identity."""
@@ -272,13 +296,28 @@ def sealed(
     )
 
 
-def answer(request: UnmaskRequest, index: int, enc_sk: bytes) -> UnmaskAnswer:
+def answer(request: UnmaskRequest, memo: RoundMemo, enc_sk: bytes) -> UnmaskAnswer:
     """Trip 2, holder side: the shares this holder may reveal, and nothing more.
 
     Self-mask shares only for survivors; pair-seed shares only towards parties that are not
-    survivors. A survivor set below the threshold, or without this holder, is refused.
+    survivors. The request must be for the round of `memo`, with its threshold, and name
+    only parties of that round; a survivor set below the threshold, or without this holder,
+    is refused. A sender whose share bundle holds anything but one share per tag of the
+    round is refused whole.
     """
-    survivors, threshold = request.survivors, max(2, request.threshold)
+    index, survivors = memo.index, request.survivors
+    if (request.session, request.server_round) != (memo.session, memo.server_round):
+        raise Rejected(
+            f"unmask request for round {request.server_round}, this holder masked in round "
+            f"{memo.server_round}"
+        )
+    if request.threshold != memo.threshold:
+        raise Rejected(
+            f"unmask request with threshold {request.threshold}, the round's is {memo.threshold}"
+        )
+    if not survivors <= frozenset(range(1, memo.parties + 1)):
+        raise Rejected(f"survivors outside the round's parties 1..{memo.parties}")
+    threshold = max(2, memo.threshold)
     if index not in survivors:
         raise Rejected(f"holder {index} is not among the survivors it is asked to unmask")
     if len(survivors) < threshold:
@@ -298,7 +337,7 @@ def answer(request: UnmaskRequest, index: int, enc_sk: bytes) -> UnmaskAnswer:
                 index,
             )
             plain = ks.open_(key, ciphertext, ks.share_info(request.server_round, sender, index))
-            entries = _parse_entries(plain)
+            entries = _parse_entries(plain, memo.parties)
         except (KeyError, ValueError) as err:
             out.rejected[sender] = str(err) or type(err).__name__
             continue
@@ -308,13 +347,15 @@ def answer(request: UnmaskRequest, index: int, enc_sk: bytes) -> UnmaskAnswer:
     return out
 
 
-def _parse_entries(plain: bytes) -> dict[int, bytes]:
+def _parse_entries(plain: bytes, parties: int) -> dict[int, bytes]:
     size = _ENTRY.size + shamir.SHARE_BYTES
     if len(plain) % size:
         raise ValueError("share payload has a partial entry")
     entries = {}
     for off in range(0, len(plain), size):
         (tag,) = _ENTRY.unpack_from(plain, off)
+        if tag > parties or tag in entries:
+            raise ValueError(f"share payload has a tag ({tag}) outside the round, or twice")
         entries[tag] = plain[off + _ENTRY.size : off + size]
     return entries
 
@@ -434,23 +475,35 @@ class Aggregation:
             sender_enc_pubs={u: self.peers[u].enc_pub for u in senders},
         )
 
-    def take(self, ans: UnmaskAnswer) -> None:
-        """Keep the shares of one holder's answer; a malformed answer is refused whole."""
+    def take(self, ans: UnmaskAnswer) -> list[tuple[int, int]]:
+        """Keep the shares of one holder's answer; a malformed answer is refused whole.
+
+        One kind of share is left out instead, and returned: a pair seed of a survivor
+        with a dropped party that is not its neighbour. An honest holder passes it on when
+        the sender's own bundle carried it (the holder cannot know the sender's
+        neighbours), so it is the sender's doing, and must not cost the holder its answer.
+        Every other unasked-for share is one that no honest holder sends.
+        """
         h = ans.index
         if ans.session != self.session or ans.server_round != self.server_round:
             raise Rejected("unmask answer for another round or session")
         if h not in self.survivors:
             raise Rejected(f"holder {h} is not a survivor")
+        ignored = []
         for (sender, tag), share in ans.shares.items():
-            wanted = sender in self.survivors and (
-                tag == SELF or (tag in self.graph[sender] and tag not in self.survivors)
-            )
-            if not wanted or h not in (sender, *self.graph[sender]):
+            if sender not in self.survivors or h not in (sender, *self.graph[sender]):
+                raise Rejected(f"holder {h} sent a share it should not have ({sender}, {tag})")
+            if tag != SELF and tag not in self.graph[sender] and tag not in self.survivors:
+                ignored.append((sender, tag))
+                continue
+            if tag != SELF and tag in self.survivors:
                 raise Rejected(f"holder {h} sent a share it should not have ({sender}, {tag})")
             if not isinstance(share, bytes) or len(share) != shamir.SHARE_BYTES:
                 raise Rejected(f"share ({sender}, {tag}) from holder {h} is malformed")
         for key, share in ans.shares.items():
-            self.shares.setdefault(key, {})[h] = share
+            if key not in ignored:
+                self.shares.setdefault(key, {})[h] = share
+        return ignored
 
     def needed(self) -> list[tuple[int, int]]:
         """The secrets that unmask the sum: every survivor's self-mask seed, and its pair

@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedstream.protocol import keyschedule as ks
 from fedstream.protocol import messages as m
 from fedstream.protocol import updates
 from fedstream.protocol.fixedpoint import Quantizer
@@ -159,7 +160,11 @@ def read_masked(content: RecordDict) -> tuple[MaskedInput, bytes]:
         commitments=dict(zip(tags, _blobs(rec, "commits", len(tags)), strict=True)),
         shares=dict(zip(holders, _blobs(rec, "shares", len(holders)), strict=True)),
     )
-    return mi, _get(rec, "next-mask-pub", bytes)
+    next_pub = _get(rec, "next-mask-pub", bytes)
+    if len(next_pub) != 32 or not ks.usable_public_key(next_pub):
+        # Handed to its neighbours next round, it would fail their rounds, not its own.
+        raise Rejected("the mask key offered for next time is not a usable X25519 key")
+    return mi, next_pub
 
 
 def request_record(req: UnmaskRequest, index: int) -> ConfigRecord:

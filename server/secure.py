@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedstream.protocol import keyschedule as ks
 from fedstream.protocol import messages as m
 from fedstream.protocol import secagg, updates
 from fedstream.protocol import secagg_wire as wire
@@ -252,6 +253,8 @@ class SecureAggregator:
         enc, mask = (rec or {}).get("enc-pub"), (rec or {}).get("mask-pub")
         if not all(isinstance(k, bytes) and len(k) == 32 for k in (enc, mask)):
             return "malformed key offer"
+        if not all(ks.usable_public_key(k) for k in (enc, mask)):
+            return "key offer refused: a public key of low order (no shared secret)"
         node = reply.metadata.src_node_id
         self.enc_pub[node], self.mask_pub[node] = enc, mask
         return None
@@ -274,6 +277,7 @@ class SecureAggregator:
             for i in sorted(agg.survivors)
         ]
         out.bytes_down += sum(bytes_of(q) for q in queries)
+        blamed: dict[int, list[str]] = {}  # sender -> what holders found in its bundles
 
         def take(reply: Message) -> None:
             node = reply.metadata.src_node_id
@@ -285,15 +289,28 @@ class SecureAggregator:
                 answer = wire.read_answer(reply.content[m.SECAGG])
                 if node_of.get(answer.index) != node:
                     raise secagg.Rejected(f"answers as holder {answer.index}")
-                agg.take(answer)
+                ignored = agg.take(answer)
             except (secagg.Rejected, KeyError) as err:
                 out.failures.append(_failure(node, "unmask", f"rejected: {err}"))
+                return
+            for sender, why in answer.rejected.items():
+                blamed.setdefault(sender, []).append(why)
+            for sender, tag in ignored:
+                blamed.setdefault(sender, []).append(f"a share of a pair with {agg.name(tag)}, "
+                                                     "not its neighbour")
 
         # Stop at the first answers that unmask the sum (t honest holders of each secret):
         # the last holders' answers would only be waited for.
         answered = _collect(grid, queries, timeout, take, enough=agg.ready,
                             late=self.late.trip())
         out.round_trips += 1
+        # A bundle's contents are read only now, by its holders: a sender whose bundles
+        # they refuse is named, whether or not the others' shares still rebuild its secrets.
+        out.failures.extend(
+            _failure(node_of[u], "shares", f"{len(why)} holder(s) refused its share bundle: "
+                     f"{why[0]}")
+            for u, why in sorted(blamed.items()) if u in agg.survivors
+        )
         if not agg.ready():  # the holders that were waited for in vain: the round's failures
             out.failures.extend(_failure(node_of[i], "unmask", SILENT)
                                 for i in sorted(agg.survivors) if node_of[i] not in answered)

@@ -267,3 +267,11 @@ def test_shamir_share_format() -> None:
     shares = {x: ((s + c * x) % shamir.PRIME).to_bytes(32, "big") for x in (3, 5, 9)}
     assert shamir.reconstruct({3: shares[3], 9: shares[9]}) == seed
     assert shamir.reconstruct(shares) == seed
+
+
+def test_low_order_public_keys_are_not_usable() -> None:
+    # Points of small order on Curve25519 (and their non-canonical forms): X25519 with
+    # any of them gives all zeros, which OpenSSL refuses.
+    for point in (0, 1, 2**255 - 19, 2**255 - 18, 2**255 - 20 + 2**255):
+        assert not ks.usable_public_key((point % 2**256).to_bytes(32, "little"))
+    assert ks.usable_public_key(ks.public_key(ks.new_private_key()))

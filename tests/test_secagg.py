@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fedstream.client import secure
 from fedstream.protocol import keyschedule as ks
 from fedstream.protocol import messages as m
 from fedstream.protocol import secagg as sa
@@ -44,6 +45,11 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 def _sk(kind: str, u: int) -> bytes:
     """A fixed X25519 private key per (kind, party), so runs are reproducible."""
     return hashlib.sha256(f"{kind}/{u}".encode()).digest()
+
+
+def _memo(agg: sa.Aggregation, u: int) -> sa.RoundMemo:
+    """What party u kept of the round when it masked (its check on the unmask request)."""
+    return sa.RoundMemo.of(agg.setup_for(u))
 
 
 _PUB: dict[tuple[str, int], bytes] = {}
@@ -179,7 +185,7 @@ def _state(agg: sa.Aggregation) -> tuple:
 def _unmask_all(agg: sa.Aggregation, answering: Sequence[int] | None = None) -> None:
     agg.check_survivors()
     for h in sorted(agg.survivors if answering is None else answering):
-        agg.take(sa.answer(agg.request_for(h), h, _sk("enc", h)))
+        agg.take(sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h)))
 
 
 def _other_dtype(mi: sa.MaskedInput) -> np.ndarray:
@@ -288,7 +294,7 @@ def test_sum_of_survivors_or_round_failed(fed: dict) -> None:
     # stop waiting (`ready`) exactly once t of each survivor's holders have answered.
     answered: set[int] = set()
     for h in sorted(answering):
-        ans = sa.answer(agg.request_for(h), h, _sk("enc", h))
+        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
         assert not ans.rejected
         agg.take(ans)
         answered.add(h)
@@ -465,7 +471,7 @@ def test_tampered_share_is_caught_by_the_commitment(tamper: str, extra_honest: b
     agg.check_survivors()
     answering = [1, 2, 3, 4] if extra_honest else [1, 2, 3]
     for h in answering:
-        ans = sa.answer(agg.request_for(h), h, _sk("enc", h))
+        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
         if h == 1:
             share = ans.shares[(2, SELF)]
             if tamper == "commitment":
@@ -494,7 +500,7 @@ def test_one_tampered_share_among_many_honest_ones_does_not_fail_the_round() -> 
         agg.accept(_mask(agg, u))
     agg.check_survivors()
     for h in range(1, n + 1):
-        ans = sa.answer(agg.request_for(h), h, _sk("enc", h))
+        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
         if h == 1:
             ans.shares[(5, SELF)] = bytes(shamir.SHARE_BYTES - 1) + b"\x01"
         agg.take(ans)
@@ -621,11 +627,11 @@ def test_answer_refuses_survivor_sets_without_the_holder_or_below_threshold() ->
     request = agg.request_for(4)
     enc = _sk("enc", 4)
     with pytest.raises(sa.Rejected, match="not among the survivors"):
-        sa.answer(replace(request, survivors=request.survivors - {4}), 4, enc)
+        sa.answer(replace(request, survivors=request.survivors - {4}), _memo(agg, 4), enc)
     with pytest.raises(sa.Rejected, match="threshold"):
-        sa.answer(replace(request, survivors=frozenset({4, 5})), 4, enc)
+        sa.answer(replace(request, survivors=frozenset({4, 5})), _memo(agg, 4), enc)
     with pytest.raises(sa.Rejected, match="threshold"):  # a lone holder, whatever t says
-        sa.answer(replace(request, survivors=frozenset({4}), threshold=1), 4, enc)
+        sa.answer(replace(request, survivors=frozenset({4}), threshold=1), _memo(agg, 4), enc)
 
 
 def test_answer_reports_ciphertexts_that_do_not_authenticate() -> None:
@@ -642,12 +648,14 @@ def test_answer_reports_ciphertexts_that_do_not_authenticate() -> None:
     ct[6] = ct[4]  # re-labelled: 4's ciphertext claimed to come from 6
     ct[8] = b"short"  # not even a nonce and a tag
     pubs = {**request.sender_enc_pubs, 8: _pub("enc", 8)}
-    ans = sa.answer(replace(request, ciphertexts=ct, sender_enc_pubs=pubs), 4, _sk("enc", 4))
+    tampered = replace(request, ciphertexts=ct, sender_enc_pubs=pubs)
+    ans = sa.answer(tampered, _memo(agg, 4), _sk("enc", 4))
     assert set(ans.rejected) == {2, 5, 6, 8}
     assert all(u not in (2, 5, 6, 8) for u, _ in ans.shares)
     assert {u for u, _ in ans.shares} == {4}
     re_addressed = agg.request_for(5).ciphertexts[4]  # 4's shares for holder 5, given to 6
-    ans = sa.answer(replace(agg.request_for(6), ciphertexts={4: re_addressed}), 6, _sk("enc", 6))
+    misaddressed = replace(agg.request_for(6), ciphertexts={4: re_addressed})
+    ans = sa.answer(misaddressed, _memo(agg, 6), _sk("enc", 6))
     assert set(ans.rejected) == {4} and not ans.shares
 
 
@@ -655,7 +663,7 @@ def test_holder_reveals_self_masks_of_survivors_and_pair_seeds_towards_the_dropp
     agg = _round_with_dropouts(n=8, degree=4, t=3, absent=(3, 6))
     survivors, graph = agg.survivors, agg.graph
     for h in sorted(survivors):
-        ans = sa.answer(agg.request_for(h), h, _sk("enc", h))
+        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
         assert not ans.rejected
         senders = [u for u in survivors if h in (u, *graph[u])]
         expected = {(u, SELF) for u in senders} | {
@@ -669,10 +677,104 @@ def test_holder_reveals_self_masks_of_survivors_and_pair_seeds_towards_the_dropp
 def test_holder_reveals_nothing_for_a_sender_the_server_calls_dropped() -> None:
     agg = _round_with_dropouts(absent=())
     request = agg.request_for(4)  # 3 sent, but the server now says it dropped
-    ans = sa.answer(replace(request, survivors=request.survivors - {3}), 4, _sk("enc", 4))
+    without_3 = replace(request, survivors=request.survivors - {3})
+    ans = sa.answer(without_3, _memo(agg, 4), _sk("enc", 4))
     assert ans.rejected.keys() == {3}
     assert all(u != 3 for u, _ in ans.shares)
     assert {(u, w) for u, w in ans.shares if w != SELF} == {(2, 3), (4, 3), (5, 3)}
+
+
+def test_answer_checks_the_request_against_the_round_the_holder_masked_in() -> None:
+    agg = _round_with_dropouts()
+    request, memo, enc = agg.request_for(4), _memo(agg, 4), _sk("enc", 4)
+    assert sa.answer(request, memo, enc).shares  # the honest request
+    with pytest.raises(sa.Rejected, match="masked in round"):
+        sa.answer(replace(request, server_round=ROUND + 1), memo, enc)
+    with pytest.raises(sa.Rejected, match="masked in round"):
+        sa.answer(replace(request, session=bytes(16)), memo, enc)
+    with pytest.raises(sa.Rejected, match="threshold 2, the round's is 3"):
+        sa.answer(replace(request, threshold=2), memo, enc)
+    # Made-up parties, counted towards the threshold, would let a server that tells each
+    # holder a different survivor set collect a client's self mask and pair seeds at once.
+    fake = frozenset({4, 2, 100, 101})
+    with pytest.raises(sa.Rejected, match=r"outside the round's parties 1\.\.8"):
+        sa.answer(replace(request, survivors=fake), memo, enc)
+
+
+def _resealed(agg: sa.Aggregation, sender: int, holder: int, extra: bytes) -> bytes:
+    """The sender's share bundle for a holder, opened and sealed again with `extra` appended:
+    what a misbehaving sender could have sent."""
+    info = ks.share_info(ROUND, sender, holder)
+    key = ks.share_key(_sk("enc", sender), _pub("enc", holder), SESSION, ROUND, sender, holder)
+    plain = ks.open_(key, agg.ciphertexts[holder][sender], info)
+    return ks.seal(key, plain + extra, info)
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ((99).to_bytes(4, "big") + bytes(32), "a tag of no party"),
+        (SELF.to_bytes(4, "big") + bytes(32), "the self-mask share twice"),
+    ],
+    ids=["unknown tag", "duplicate tag"],
+)
+def test_a_share_bundle_with_a_tag_outside_the_round_or_twice_is_refused_whole(
+    extra: bytes, why: str
+) -> None:
+    # Passed on, a share the server never asked for would get the honest holder's whole
+    # answer refused (the sender's fault, the holder's blame).
+    agg = _round_with_dropouts()
+    request = agg.request_for(4)
+    ciphertexts = {**request.ciphertexts, 5: _resealed(agg, 5, 4, extra)}
+    ans = sa.answer(replace(request, ciphertexts=ciphertexts), _memo(agg, 4), _sk("enc", 4))
+    assert set(ans.rejected) == {5}, why
+    assert "tag" in ans.rejected[5]
+    assert all(u != 5 for u, _ in ans.shares)
+    agg.take(ans)  # the rest of the answer is good
+
+
+# --- the holder's memo of its rounds, in the client mod -----------------------------------
+
+
+def _holder(agg: sa.Aggregation, h: int) -> Context:
+    """Holder h's device state right after it masked in `agg`'s round."""
+    ctx = Context(1, h, {}, RecordDict(), {})
+    secure._save(ctx, {"enc-sk": _sk("enc", h), "mask-sks": [], "rounds": [_memo(agg, h)]})
+    return ctx
+
+
+def _ask(ctx: Context, request: sa.UnmaskRequest, h: int) -> sa.UnmaskAnswer:
+    return wire.read_answer(secure._unmask(wire.request_record(request, h), ctx))
+
+
+def test_a_holder_answers_its_round_once_and_no_flood_of_requests_reopens_it() -> None:
+    agg = _round_with_dropouts()
+    ctx, request = _holder(agg, 4), agg.request_for(4)
+    # Requests for rounds it never masked in are refused, and leave no trace: they cannot
+    # push the real round out of the device's memory.
+    for r in range(2 * secure.ROUNDS_KEPT):
+        with pytest.raises(secure.SecureAggregationError, match="not a round this device"):
+            _ask(ctx, replace(request, server_round=ROUND + 1 + r), 4)
+    # A bad request for the real round is refused without using the round up...
+    with pytest.raises(secure.SecureAggregationError, match="threshold"):
+        _ask(ctx, replace(request, threshold=2), 4)
+    with pytest.raises(secure.SecureAggregationError, match="not a round this device"):
+        _ask(ctx, request, 5)  # asked as another party
+    assert _ask(ctx, request, 4).shares  # ...which is answered once,
+    later = replace(request, survivors=request.survivors - {2})  # then never again
+    with pytest.raises(secure.SecureAggregationError, match="already unmasked"):
+        _ask(ctx, later, 4)
+
+
+def test_the_holder_memos_survive_the_device_state_round_trip() -> None:
+    agg = _round_with_dropouts()
+    memo = _memo(agg, 4)
+    ctx = _holder(agg, 4)
+    state = secure._state(ctx)
+    state["rounds"] = [replace(memo, server_round=r) for r in range(1, 40)]
+    secure._save(ctx, state)
+    kept = secure._state(ctx)["rounds"]
+    assert kept == [replace(memo, server_round=r) for r in range(1, 40)]  # state round trip
 
 
 # --- take: what the server keeps of an answer --------------------------------------------
@@ -690,7 +792,7 @@ def _bad_answers(good: sa.UnmaskAnswer) -> dict[str, sa.UnmaskAnswer]:
         "self mask of a dropped party": plus((3, SELF)),
         "pair seed of a dropped party": plus((3, 4)),
         "share it does not hold": plus((8, SELF)),  # 4 is not among 8's holders
-        "pair seed with a non-neighbour": plus((4, 8)),
+        "pair seed with a non-neighbour that survived": plus((4, 8)),
         "short share": plus((4, SELF), share[:-1]),
         "long share": plus((4, SELF), share + b"\0"),
         "share not bytes": plus((4, SELF), "x" * shamir.SHARE_BYTES),
@@ -707,13 +809,23 @@ BAD_ANSWERS = sorted(_bad_answers(sa.UnmaskAnswer(SESSION, ROUND, 4, {(4, SELF):
 @pytest.mark.parametrize("how", BAD_ANSWERS)
 def test_take_rejects_and_keeps_nothing(how: str) -> None:
     agg = _round_with_dropouts()  # 8 parties on a ring, 2 either side; 3 absent
-    agg.take(sa.answer(agg.request_for(2), 2, _sk("enc", 2)))
-    good = sa.answer(agg.request_for(4), 4, _sk("enc", 4))
+    agg.take(sa.answer(agg.request_for(2), _memo(agg, 2), _sk("enc", 2)))
+    good = sa.answer(agg.request_for(4), _memo(agg, 4), _sk("enc", 4))
     before = _state(agg)
     with pytest.raises(sa.Rejected):
         agg.take(_bad_answers(good)[how])
     assert _state(agg) == before
     agg.take(good)
+
+
+def test_take_leaves_out_a_pair_seed_with_a_non_neighbour_and_keeps_the_rest() -> None:
+    # An honest holder passes on what a sender's bundle carried; a share of a pair the
+    # sender does not have is the sender's doing: left out, and named, not the answer lost.
+    agg = _round_with_dropouts(absent=(3, 8))  # 8 is not among 4's neighbours (2, 3, 5, 6)
+    good = sa.answer(agg.request_for(4), _memo(agg, 4), _sk("enc", 4))
+    odd = replace(good, shares={**good.shares, (4, 8): good.shares[(4, SELF)]})
+    assert agg.take(odd) == [(4, 8)]
+    assert (4, 8) not in agg.shares and agg.shares[(4, SELF)] == {4: good.shares[(4, SELF)]}
 
 
 # --- fixed point -------------------------------------------------------------------------
@@ -1022,7 +1134,7 @@ def test_request_and_answer_round_trip_and_still_unmask() -> None:
     for h in sorted(agg.survivors):
         request, index = wire.read_request(wire.request_record(agg.request_for(h), h))
         assert (request, index) == (agg.request_for(h), h)
-        ans = sa.answer(request, index, _sk("enc", index))
+        ans = sa.answer(request, _memo(agg, index), _sk("enc", index))
         assert wire.read_answer(wire.answer_record(ans)) == ans
         agg.take(wire.read_answer(wire.answer_record(ans)))
     agg.result()
@@ -1052,7 +1164,8 @@ MISSING = object()
 def _base() -> dict[str, dict]:
     agg = _round_with_dropouts()
     request = agg.request_for(4)
-    ans = sa.answer(replace(request, survivors=request.survivors - {5}), 4, _sk("enc", 4))
+    without_5 = replace(request, survivors=request.survivors - {5})
+    ans = sa.answer(without_5, _memo(agg, 4), _sk("enc", 4))
     assert ans.rejected and ans.shares
     return {
         "setup": dict(wire.setup_record(agg.setup_for(4))),
@@ -1202,7 +1315,7 @@ def test_a_secret_that_failed_is_retried_only_when_a_share_comes_in(monkeypatch)
         agg.accept(_mask(agg, u))
     agg.check_survivors()
     for h in (1, 2, 3):
-        ans = sa.answer(agg.request_for(h), h, _sk("enc", h))
+        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
         if h == 1:
             ans.shares[(2, SELF)] = bytes(shamir.SHARE_BYTES - 1) + b"\x01"
         agg.take(ans)
@@ -1213,7 +1326,7 @@ def test_a_secret_that_failed_is_retried_only_when_a_share_comes_in(monkeypatch)
     tried = len(calls)
     assert tried > 0
     assert not agg.ready() and len(calls) == tried  # nothing new: nothing rebuilt
-    agg.take(sa.answer(agg.request_for(4), 4, _sk("enc", 4)))
+    agg.take(sa.answer(agg.request_for(4), _memo(agg, 4), _sk("enc", 4)))
     assert agg.ready() and len(calls) > tried
 
 

@@ -104,6 +104,10 @@ def _bad_share(reply, _earlier):
     reply.content[m.SECAGG]["shares"] = reply.content[m.SECAGG]["shares"][:-1]
 
 
+def _low_order_next_key(reply, _earlier):
+    reply.content[m.SECAGG]["next-mask-pub"] = bytes(32)  # X25519 with it has no secret
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -111,6 +115,7 @@ def _bad_share(reply, _earlier):
         (_wrong_round, "round 1"),
         (_truncate, "shape"),
         (_bad_share, "shares"),
+        (_low_order_next_key, "not a usable X25519 key"),
     ],
 )
 def test_a_bad_masked_input_is_rejected_and_the_round_goes_on(tmp_path, change, reason):
@@ -125,6 +130,45 @@ def test_a_bad_masked_input_is_rejected_and_the_round_goes_on(tmp_path, change, 
     assert "rejected" in failure["reason"] and reason in failure["reason"]
     # The client is back next round, with the key it had: no extra trip.
     assert records[2]["clients_ok"] == 6 and records[2]["round_trips"] == 2
+
+
+def _garbage_bundles(reply, _earlier):
+    rec = reply.content[m.SECAGG]
+    rec["shares"] = [bytes(len(c)) for c in rec["shares"]]  # right sizes, nothing inside
+
+
+def test_a_sender_whose_share_bundles_do_not_open_is_named(tmp_path):
+    # The bundles are opened only by their holders, after the masked input was summed: the
+    # round cannot take it out again, so it fails, but it names the sender, not nobody.
+    _, records, _ = _run(
+        tmp_path, ["secure_aggregation.enabled=true"], _tamper_in_round(2, 3, _garbage_bundles)
+    )
+    second = records[1]
+    assert not second["aggregated"] and "client 3" in second["aggregation_error"]
+    [failure] = [f for f in second["failures"] if f["stage"] == "shares"]
+    assert failure["client"] == 3
+    assert "refused its share bundle: share does not authenticate" in failure["reason"]
+    assert records[2]["aggregated"]  # the next round goes on
+
+
+def test_a_low_order_key_offer_is_refused_and_fails_no_honest_neighbour(tmp_path):
+    # Handed to its neighbours, a key with no shared secret failed every one of their
+    # rounds (and named them, not the offender).
+    def low_order(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        if node == 1003 and rec is not None and "enc-pub" in rec:
+            rec["mask-pub"] = (1).to_bytes(32, "little")  # a point of small order
+        return reply
+
+    _, records, _ = _run(
+        tmp_path, ["secure_aggregation.enabled=true", "federation.rounds=2"], low_order
+    )
+    for rec in records:
+        assert rec["aggregated"], rec.get("aggregation_error")
+        assert rec["clients_ok"] == 5
+        [failure] = rec["failures"]
+        assert failure["node"] == 1003 and failure["stage"] == "keys"
+        assert "low order" in failure["reason"]
 
 
 def test_below_threshold_the_round_fails_and_the_model_is_kept(tmp_path):
