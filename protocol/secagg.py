@@ -49,7 +49,7 @@ from fedstream.protocol.fixedpoint import Quantizer
 TAIL_DTYPE = np.dtype("<u8")  # counts and metrics are summed exactly in Z / 2^64
 SELF = 0  # share tag of the self-mask seed; tag w > 0 is the pair seed with party w
 _ENTRY = struct.Struct(">I")
-MAX_RECOVERY_TRIES = 64
+MAX_RECOVERY_TRIES = 256  # t-subsets tried per secret (each an interpolation and a hash)
 UNMASK_THREADS = 2  # mask expansion threads on the server (see Aggregation.result)
 
 
@@ -395,6 +395,7 @@ class Aggregation:
         self.shares: dict[tuple[int, int], dict[int, bytes]] = {}  # (sender, tag) -> x -> y
         self.seeds: dict[tuple[int, int], bytes] = {}  # (sender, tag) -> recovered, checked
         self._tried: dict[tuple[int, int], int] = {}  # secret -> shares it failed to recover from
+        self.tamperers: set[int] = set()  # holders with a share off a rebuilt secret's polynomial
         self._unmasked = False
 
     def setup_for(self, index: int) -> RoundSetup:
@@ -570,12 +571,19 @@ class Aggregation:
                 f"only {len(shares)} of {self.threshold} shares of {self.name(sender)}'s {what}"
             )
         expected = self.commitments[sender][tag]
-        for combo in itertools.islice(_subsets(sorted(shares), self.threshold), MAX_RECOVERY_TRIES):
+        trusted = [x for x in sorted(shares) if x not in self.tamperers]
+        pool = trusted if len(trusted) >= self.threshold else sorted(shares)
+        combos = itertools.islice(_subsets(pool, self.threshold), MAX_RECOVERY_TRIES)
+        for tries, combo in enumerate(combos):
             try:
                 secret = shamir.reconstruct({x: shares[x] for x in combo})
             except ValueError:
                 continue
             if ks.commitment(secret) == expected:
+                if tries:  # some share was off: find whose, and leave them out from now on
+                    points = {x: shares[x] for x in combo}
+                    rest = {x: y for x, y in shares.items() if x not in points}
+                    self.tamperers |= shamir.misfits(points, rest)
                 return secret
         raise RoundFailed(f"shares of {self.name(sender)}'s masks do not match its commitment")
 
@@ -586,9 +594,19 @@ class Aggregation:
 
 def _subsets(holders: list[int], t: int) -> Iterator[tuple[int, ...]]:
     """t-subsets to try: every cyclic window first (one bad holder is always left out of
-    some window when more than t answered), then the rest in order."""
+    some window when more than t answered), then the rest: all of them in order when they
+    are few, else random ones, so that bad holders spread over the windows (which leave
+    none of them out) do not stop the search in the subsets that all start alike."""
     m = len(holders)
     windows = [tuple(sorted(holders[(i + j) % m] for j in range(t))) for i in range(m)]
     yield from dict.fromkeys(windows)
     tried = set(windows)
-    yield from (c for c in itertools.combinations(holders, t) if c not in tried)
+    if math.comb(m, t) <= MAX_RECOVERY_TRIES:
+        yield from (c for c in itertools.combinations(holders, t) if c not in tried)
+        return
+    rng = random.Random(f"fedstream/subsets/{m}/{t}")
+    while True:
+        combo = tuple(sorted(rng.sample(holders, t)))
+        if combo not in tried:
+            tried.add(combo)
+            yield combo

@@ -63,6 +63,28 @@ def reconstruct(shares: Mapping[int, bytes]) -> bytes:
     return secret.to_bytes(SHARE_BYTES, "big")
 
 
+def misfits(points: Mapping[int, bytes], others: Mapping[int, bytes]) -> set[int]:
+    """The holders in `others` whose shares do not lie on the polynomial through `points`.
+
+    Once `points` rebuilt a secret that matched its commitment, they are the polynomial:
+    a share off it was tampered with, so its holder need not be tried for other secrets.
+    """
+    known = [(x, int.from_bytes(y, "big")) for x, y in points.items()]
+    bad = set()
+    for x, y in others.items():
+        value = 0
+        for i, (xi, yi) in enumerate(known):
+            num, den = 1, 1
+            for j, (xj, _) in enumerate(known):
+                if i != j:
+                    num = num * (x - xj) % PRIME
+                    den = den * (xi - xj) % PRIME
+            value = (value + yi * num * pow(den, -1, PRIME)) % PRIME
+        if value.to_bytes(SHARE_BYTES, "big") != y:
+            bad.add(x)
+    return bad
+
+
 def _evaluate(coeffs: Sequence[int], x: int) -> int:
     acc = 0
     for c in reversed(coeffs):

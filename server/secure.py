@@ -314,6 +314,10 @@ class SecureAggregator:
         if not agg.ready():  # the holders that were waited for in vain: the round's failures
             out.failures.extend(_failure(node_of[i], "unmask", SILENT)
                                 for i in sorted(agg.survivors) if node_of[i] not in answered)
+        out.failures.extend(  # found by `ready`, which rebuilt the secrets
+            _failure(node_of[h], "unmask", "sent shares off the secrets' polynomials (tampered)")
+            for h in sorted(agg.tamperers)
+        )
 
     def _finish(
         self,

@@ -507,6 +507,36 @@ def test_one_tampered_share_among_many_honest_ones_does_not_fail_the_round() -> 
     agg.result()
 
 
+def test_holders_that_tamper_with_every_share_are_found_and_left_out() -> None:
+    # 15 parties (a share group of 15, t = 9) and three holders spread so that every cyclic
+    # window of 9 holds one of them: each secret needs a subset beyond the windows, and once
+    # one is rebuilt the three are known and left out of the others.
+    n, t, bad = 15, 9, {1, 6, 11}
+    agg = _aggregation(n, t)
+    xs = {u: np.full(agg.size, 0.01 * u) for u in range(1, n + 1)}
+    for u in range(1, n + 1):
+        agg.accept(_mask(agg, u, xs[u]))
+    agg.check_survivors()
+    for h in range(1, n + 1):
+        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
+        if h in bad:
+            ans.shares = {k: bytes(a ^ 1 for a in v[:1]) + v[1:] for k, v in ans.shares.items()}
+        agg.take(ans)
+    assert agg.ready()
+    assert agg.tamperers == bad
+    ring_sum, _ = agg.result()
+    assert _within(agg.q, agg.q.decode(ring_sum), sum(xs.values()), n)
+
+
+def test_misfits_are_the_shares_off_the_polynomial() -> None:
+    shares = shamir.split(bytes(31) + b"\x07", list(range(1, 8)), 4)
+    points = {x: shares[x] for x in (1, 2, 3, 4)}
+    others = {x: shares[x] for x in (5, 6, 7)}
+    assert shamir.misfits(points, others) == set()
+    others[6] = bytes(31) + b"\x01"
+    assert shamir.misfits(points, others) == {6}
+
+
 # --- what the server sees of one client --------------------------------------------------
 
 CHI2_255_AT_1E3 = 330.52  # chi-square critical value, 255 degrees of freedom, alpha = 1e-3

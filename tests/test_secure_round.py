@@ -151,6 +151,23 @@ def test_a_sender_whose_share_bundles_do_not_open_is_named(tmp_path):
     assert records[2]["aggregated"]  # the next round goes on
 
 
+def test_a_holder_that_tampers_with_its_shares_is_named_and_the_round_goes_on(tmp_path):
+    def tampered_answers(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        if node == 1000 and rec is not None and "tags" in rec:  # the first unmask answer
+            rec["shares"] = [bytes([v[0] ^ 1]) + v[1:] for v in rec["shares"]]
+        return reply
+
+    # Its answer comes among the first, so the shares it tampered with are among those tried.
+    _, [record], _ = _run(
+        tmp_path, ["secure_aggregation.enabled=true", "federation.rounds=1"], tampered_answers
+    )
+    assert record["aggregated"], record.get("aggregation_error")
+    [failure] = record["failures"]
+    assert failure["node"] == 1000 and failure["stage"] == "unmask"
+    assert "tampered" in failure["reason"]
+
+
 def test_a_low_order_key_offer_is_refused_and_fails_no_honest_neighbour(tmp_path):
     # Handed to its neighbours, a key with no shared secret failed every one of their
     # rounds (and named them, not the offender).
