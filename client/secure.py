@@ -104,7 +104,7 @@ def masked_update(
         "examples": report.examples,
         "weight": weight,
         "correct": report.correct,
-        "loss-sum-fp": round(_bounded(report.loss_sum) * m.FIXED_POINT),
+        "loss-sum-fp": round(_bounded(report.loss_sum, q.parties) * m.FIXED_POINT),
         "drift-count": len(report.drifts),
         "clipped": encoder.clipped,
         "train-us": int(report.train_seconds * 1e6),
@@ -116,9 +116,11 @@ def masked_update(
     return secagg.sealed(setup, enc_sk, seeds, y, y_tail)
 
 
-def _bounded(loss_sum: float) -> float:
-    """A loss sum that fits the tail: a diverged (inf/NaN) loss counts as very large."""
-    return float(np.nan_to_num(min(loss_sum, 2.0**40), nan=2.0**40))
+def _bounded(loss_sum: float, parties: int) -> float:
+    """A loss sum whose fixed point, summed over the round's parties, fits the signed tail:
+    a diverged (inf/NaN) loss counts as the largest that does."""
+    cap = 2.0**61 / (parties * m.FIXED_POINT)  # half the signed range: rounding has room
+    return float(np.clip(np.nan_to_num(loss_sum, nan=cap, posinf=cap, neginf=-cap), -cap, cap))
 
 
 def _offer_keys(ctx: Context) -> ConfigRecord:

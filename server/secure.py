@@ -333,6 +333,10 @@ class SecureAggregator:
         if totals["contributors"] != len(agg.survivors):
             out.error = "secure aggregation failed: the unmasked sum did not pass its check"
             return
+        odd = _odd_totals(totals, self.cfg.max_weight)
+        if odd:
+            out.error = f"secure aggregation failed: the unmasked totals are inconsistent ({odd})"
+            return
         out.totals = totals
         if totals["weight"] <= 0:
             out.error = "no client update to aggregate"
@@ -358,6 +362,27 @@ class SecureAggregator:
             out.error = "no client update to aggregate"
         else:
             out.arrays = new
+
+
+def _odd_totals(totals: dict[str, int], max_weight: int) -> str | None:
+    """What no set of honest clients could sum to, if anything.
+
+    Each client weighs min(examples, max_weight), or max_weight when privatised, and every
+    count is non-negative. A tail forged to a small weight would scale the whole mean up;
+    this catches such a forgery unless its counts agree with it (see the threat model).
+    """
+    n, weight, examples = totals["contributors"], totals["weight"], totals["examples"]
+    negative = [f"{k} = {v}" for k, v in totals.items() if v < 0 and k != "loss-sum-fp"]
+    if negative:
+        return "a negative count: " + ", ".join(negative)
+    if totals["privatised"] > n:
+        return f"privatised = {totals['privatised']} of {n} clients"
+    private, plain = totals["privatised"], n - totals["privatised"]
+    low = private * max_weight + (min(examples, max_weight) if plain == n else 0)
+    high = private * max_weight + min(examples, plain * max_weight)
+    if not low <= weight <= high:
+        return f"weight = {weight} for {n} clients and {examples} examples"
+    return None
 
 
 class _Stages:

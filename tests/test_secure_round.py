@@ -152,20 +152,25 @@ def test_a_sender_whose_share_bundles_do_not_open_is_named(tmp_path):
 
 
 def test_a_holder_that_tampers_with_its_shares_is_named_and_the_round_goes_on(tmp_path):
-    def tampered_answers(node, reply):
+    # 8 clients, t = 5. Holder 1 tampers with every share and holders 7 and 8 never answer:
+    # whatever order the answers are pulled in, the sum needs 5 of the 6 that came, and
+    # the first subset tried (1 to 5) holds the tampered shares.
+    def answers(_node, reply):
         rec = reply.content.config_records.get(m.SECAGG)
-        if node == 1000 and rec is not None and "tags" in rec:  # the first unmask answer
+        if rec is None or "tags" not in rec:  # not an unmask answer
+            return reply
+        if rec["index"] in (7, 8):
+            return None
+        if rec["index"] == 1:
             rec["shares"] = [bytes([v[0] ^ 1]) + v[1:] for v in rec["shares"]]
         return reply
 
-    # Its answer comes among the first, so the shares it tampered with are among those tried.
-    _, [record], _ = _run(
-        tmp_path, ["secure_aggregation.enabled=true", "federation.rounds=1"], tampered_answers
-    )
-    assert record["aggregated"], record.get("aggregation_error")
-    [failure] = record["failures"]
-    assert failure["node"] == 1000 and failure["stage"] == "unmask"
-    assert "tampered" in failure["reason"]
+    overrides = ["secure_aggregation.enabled=true", "federation.rounds=2", "federation.clients=8"]
+    _, records, _ = _run(tmp_path, overrides, answers)
+    for record in records:
+        assert record["aggregated"], record.get("aggregation_error")
+        [failure] = record["failures"]
+        assert failure["stage"] == "unmask" and "tampered" in failure["reason"]
 
 
 def test_a_low_order_key_offer_is_refused_and_fails_no_honest_neighbour(tmp_path):
@@ -450,3 +455,33 @@ def test_sparse_rings_with_dropouts_repeat_and_failed_rounds_name_real_clients(t
         assert int(named.group(2)) not in {
             f["client"] for f in r["failures"] if f["stage"] != "unmask"
         }
+
+
+def _totals(**changes: int) -> dict[str, int]:
+    """The tail totals of 5 honest clients with 100 examples each (max_weight 1000)."""
+    honest = dict.fromkeys(m.TAIL, 0) | {"contributors": 5, "examples": 500, "weight": 500}
+    return honest | changes
+
+
+def test_unmasked_totals_that_no_honest_clients_could_sum_to_fail_the_round():
+    from fedstream.server.secure import _odd_totals
+
+    assert _odd_totals(_totals(), 1000) is None
+    assert _odd_totals(_totals(weight=0, examples=0), 1000) is None  # nothing new anywhere
+    assert _odd_totals(_totals(privatised=5, weight=5000), 1000) is None  # all weigh in full
+    # A client that took 499 off the weight would have scaled the whole mean up 500 times.
+    assert "weight = 1" in _odd_totals(_totals(weight=1), 1000)
+    assert "weight = 900" in _odd_totals(_totals(weight=900), 1000)  # above the examples
+    assert "weight = 4999" in _odd_totals(_totals(privatised=5, weight=4999), 1000)
+    assert "examples = -3" in _odd_totals(_totals(examples=-3), 1000)
+    assert "privatised = 6" in _odd_totals(_totals(privatised=6), 1000)
+    assert _odd_totals(_totals(**{"loss-sum-fp": -7}), 1000) is None  # a loss may be negative
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf"), 1e300, -1e300])
+def test_a_diverged_loss_cannot_wrap_the_summed_tail(loss):
+    from fedstream.client.secure import _bounded
+
+    for parties in (2, 128, 10_000):
+        fp = round(_bounded(loss, parties) * m.FIXED_POINT)
+        assert parties * abs(fp) <= 2**62
