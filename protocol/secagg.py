@@ -25,8 +25,10 @@ that vanishes after trip 1 costs nothing as long as t of the holders answer, and
 server need not wait for more than the first t honest answers (`Aggregation.ready`).
 
 A holder reveals a self-mask share only for a survivor and pair-seed shares only towards
-dropped parties, and answers once per round; with t > (degree + 1) / 2 the server can never
-hold both the self-mask and the pair masks of one party.
+dropped parties, once per round, and only for a round it masked in (`RoundMemo`); with
+t > (degree + 1) / 2 a server that asks every holder with one survivor set can never hold
+both the self-mask and the pair masks of one party. (One that tells holders different sets
+can: that takes a consistency round, which this protocol does not have.)
 """
 
 from __future__ import annotations
