@@ -178,6 +178,7 @@ def client(
         n_features=cfg.stream.n_features, n_classes=cfg.stream.n_classes, ca=ca, key=key,
         ingest=ingest, capacity=capacity,
         policy=policy, insecure=insecure, max_wait=max_wait, cold=cold,  # type: ignore[arg-type]
+        secure_only=cfg.secure_aggregation.enabled,
     )
     try:
         code = run_device(dev)

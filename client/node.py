@@ -63,6 +63,7 @@ class Device:
     insecure: bool = False  # plaintext to the server: only for a SuperLink without TLS
     max_wait: float = 0.0  # give up connecting after this many seconds (0: keep trying)
     cold: bool = False  # Flower's default isolation: a new flwr-clientapp process per message
+    secure_only: bool = False  # refuse to train in a round without secure aggregation
 
     @property
     def spool(self) -> Path:
@@ -76,6 +77,8 @@ class Device:
 def supernode_command(dev: Device, runtime_port: int) -> list[str]:
     """Flower's SuperNode; its Runtime API on 127.0.0.1:`runtime_port`."""
     node_config = f"spool='{dev.spool.resolve()}' client-id={dev.client_id}"
+    if dev.secure_only:
+        node_config += " secure-only=true"  # client.secure.SECURE_ONLY
     cmd = [
         "flower-supernode",
         "--superlink", dev.server,

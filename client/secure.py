@@ -27,6 +27,7 @@ from fedstream.protocol import secagg_wire as wire
 from fedstream.protocol.fixedpoint import Encoder
 
 STATE_KEY = "fedstream-secagg"
+SECURE_ONLY = "secure-only"  # node config: a device whose config enables secure aggregation
 PENDING_KEYS = 4  # mask keys kept; the server only ever assigns one of the latest
 ROUNDS_KEPT = 16  # rounds masked in whose unmask request may still come (older: refused)
 
@@ -40,6 +41,12 @@ def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCalla
     kind = msg.metadata.message_type
     if kind == MessageType.TRAIN and m.record(content, m.SECAGG, ConfigRecord) is not None:
         return _train(msg, ctx, call_next)
+    if kind == MessageType.TRAIN and ctx.node_config.get(SECURE_ONLY):
+        # A server that drops the setup would otherwise get this device's update in clear.
+        raise SecureAggregationError(
+            "this device trains only under secure aggregation (its config enables it), and "
+            "the round came without a secure-aggregation setup"
+        )
     if kind == MessageType.QUERY and m.record(content, m.CONFIG, ConfigRecord) is not None:
         query = content[m.CONFIG].get(m.QUERY_KIND)
         if query == m.KEYS:

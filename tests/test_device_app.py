@@ -45,9 +45,11 @@ def _spools(tmp_path, per_client: int = 50, capacity: int = 1_000_000, policy: s
 
 
 def _grid(cfg, paths, tamper=None):
+    # Devices configured as the server is: under secure aggregation they refuse plaintext.
+    secure_only = {"secure-only": True} if cfg.secure_aggregation.enabled else {}
     return LoopbackGrid(
         device_client_app(cfg), CLIENTS, tamper,
-        node_config=lambda p: {"spool": str(paths[p]), "client-id": p},
+        node_config=lambda p: {"spool": str(paths[p]), "client-id": p, **secure_only},
     )
 
 
@@ -188,3 +190,27 @@ def test_devices_clip_and_noise_their_updates_under_differential_privacy(tmp_pat
     assert moved[0.01] <= 0.01 * 1.001 < moved[0.5]  # the mean of changes clipped to 0.01
     if not secure:  # plaintext replies show it; secure ones carry it in the masked tail
         assert all(r.content["metrics"]["privatised"] == 1 for r in replies if not r.has_error())
+
+
+def test_a_device_configured_for_secure_aggregation_refuses_a_plaintext_round(tmp_path):
+    # A server that leaves the secure-aggregation setup out of a round would otherwise get
+    # the device's model and counts in the clear.
+    from fedstream.client import secure
+    from fedstream.client.node import Device, supernode_command
+
+    cfg = _cfg("federation.rounds=1")  # the server runs in plaintext
+    paths = _spools(tmp_path, per_client=20)
+    grid = LoopbackGrid(
+        device_client_app(cfg), CLIENTS,
+        node_config=lambda p: {"spool": str(paths[p]), "client-id": p, secure.SECURE_ONLY: True},
+    )
+    records: list[dict] = []
+    run_federation(grid, cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert not records[0]["aggregated"] and records[0]["clients_ok"] == 0
+    assert all("trains only under secure aggregation" in f["reason"]
+               for f in records[0]["failures"])
+    dev = Device(server="127.0.0.1:9092", state=tmp_path, client_id=0, n_features=FEATURES,
+                 n_classes=CLASSES, secure_only=True)
+    config = supernode_command(dev, 9094)
+    assert f"{secure.SECURE_ONLY}=true" in config[config.index("--node-config") + 1]
