@@ -370,6 +370,15 @@ def test_an_unterminated_quote_mid_file_is_named_at_its_line(tmp_path: Path) -> 
     expect_error(path, 3, "unterminated quoted field", label="label")
 
 
+def test_a_quote_closed_lines_later_is_refused_not_read_into_a_new_class(tmp_path: Path) -> None:
+    # The quote opened on line 3 closes on line 4: one record, as many fields as a row, and a
+    # label "b;5;6\n7;8;c" that would have been a new class, the row between lost.
+    path = write(tmp_path, "m.csv", 'a;b;label\n1;2;a\n3;4;"b;5;6\n7;8;c"\n9;10;a\n')
+    expect_error(path, 3, "column 'label'", "unterminated quoted field", label="label")
+    feature = write(tmp_path, "f.csv", 'a,b,label\n1,"2\n3",a\n4,5,b\n')
+    expect_error(feature, 2, "column 'b'", "unterminated quoted field", label="label")
+
+
 def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     # Excel's "Unicode text" export: UTF-16LE with a BOM, tab-separated.
     text = "Temperatur °C\tKlasse\r\n19.5\tja\r\n20\tnein\r\n"

@@ -331,6 +331,20 @@ def _csv_records(text: str, name: str, delimiter: str) -> Iterator[tuple[int, li
         raise DataError(f"{name}:{last[0]}: {UNTERMINATED}")
 
 
+def _no_line_breaks(
+    fields: list[str], positions: list[int], header: list[str], name: str, line: int
+) -> None:
+    """Refuse a used value that spans lines: a quote left open on one line and closed on a
+    later one reads the rows between into one value (a new class, or a number that is
+    not), with as many fields as a row. A text column that is not read may hold them."""
+    for i in positions:
+        if "\n" in fields[i] or "\r" in fields[i]:
+            raise DataError(
+                f"{name}:{line}: column '{header[i]}': {UNTERMINATED} (close the quote on "
+                "its line, or take the line break out of the value)"
+            )
+
+
 def _unterminated(text: str, start: int, record: list[str], delimiter: str) -> bool:
     """Did the final record swallow the end of the file through an unclosed quote?
 
@@ -405,6 +419,7 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
     text_columns: list[list[str]] = [[] for _ in cols.roles]  # label, time?, group?
     offset = len(text_columns)
     cells = _Cells(names, "column", decimal_mark(delimiter), name)
+    quoted = '"' in text  # only a quoted value can hold a line break
     for line, fields in records:
         if trailing and len(fields) == n_fields + 1 and not fields[-1].strip():
             fields.pop()
@@ -414,6 +429,8 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
             raise DataError(
                 f"{name}:{line}: expected {n_fields} fields as in the header, found {len(fields)}"
             )
+        if quoted:
+            _no_line_breaks(fields, positions, header, name, line)
         lines.append(line)
         for values, i in zip(text_columns, positions, strict=False):
             values.append(fields[i].strip())
