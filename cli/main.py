@@ -121,6 +121,15 @@ def _import_from_here() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([here, *paths])
 
 
+def _done_so_far(out: Path) -> str:
+    """Where an interrupted run's finished rounds are, if any: metrics.jsonl is made empty
+    when the run starts, so it existing says nothing."""
+    metrics = out / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        return f"the rounds done so far are in {metrics}"
+    return "no round had finished"
+
+
 def _stop_on_interrupt(out: Path) -> None:
     """Ctrl-C ends `fedstream sim` at once, with exit 130.
 
@@ -142,10 +151,7 @@ def _stop_on_interrupt(out: Path) -> None:
         threading.Timer(5.0, os._exit, (128 + signum,)).start()  # if Ray will not stop
         try:
             stop_logs()  # a round the ServerApp finishes while Ray stops is not written
-            metrics = out / "metrics.jsonl"
-            done = (f"the rounds done so far are in {metrics}" if metrics.exists()
-                    else "no round had finished")
-            err.print(f"\ninterrupted: {done} (no summary.json)", markup=False,
+            err.print(f"\ninterrupted: {_done_so_far(out)} (no summary.json)", markup=False,
                       highlight=False, soft_wrap=True)
             sys.stderr.flush()
             sys.stdout.flush()
@@ -281,6 +287,9 @@ def _privacy_line(p: dict[str, Any], secure: bool) -> str:
                     else "with only its own client's share of the noise")
             line += (f" The server sees each update {seen}: no bound holds against it "
                      "(secure aggregation gives one).")
+        elif p["noise_at"] == "server":
+            line += (" The server sees each round's sum without noise: no bound holds against "
+                     'it (noise_at = "clients" gives one).')
     if p.get("clipped_updates"):
         line += (f" {100 * p['clipped_updates']:.0f} % of the updates were clipped "
                  f"(median norm {p['median_norm']:.3g}).")

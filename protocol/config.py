@@ -7,6 +7,7 @@ dotted key path, before any process or Ray worker starts.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -431,6 +432,26 @@ def ignored_settings(cfg: Config) -> list[str]:
     return notes
 
 
+def risky_settings(cfg: Config) -> list[str]:
+    """Settings the run will use, but that work against what it is likely meant to do."""
+    notes = []
+    fed = cfg.federation
+    if fed.strategy != "fedavg" and fed.server_lr > 1:
+        notes.append(
+            f"federation.server_lr = {fed.server_lr:g} with {fed.strategy}: an adaptive "
+            f"server step this large diverges (its own is {SERVER_LR[fed.strategy]:g}; "
+            "server_lr = 0 picks the strategy's own)"
+        )
+    dp = cfg.privacy
+    if dp.enabled and cfg.secure_aggregation.enabled and dp.noise_at == "server":
+        notes.append(
+            'privacy.noise_at = "server" under secure aggregation: the server adds the noise '
+            "to a sum it sees exactly, so epsilon holds against those who see the models, not "
+            'against the server ("clients", or "auto", noises each update before it is masked)'
+        )
+    return notes
+
+
 def sampled_clients(fed: FederationConfig, sa: SecureAggregationConfig) -> int:
     """Clients a round trains when all are online: Flower's sample size."""
     return _sample(fed, least_clients(fed, sa))
@@ -507,7 +528,7 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"  {msg}")
             continue
         if item["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(loc)
         elif item["type"] in ("model_type", "dict_type") and len(loc) == 1:
             msg = f"is a section, not a value: set one of its keys ({path}.KEY=VALUE)"
         elif "input" in item and item["type"] not in ("missing",):
@@ -517,6 +538,22 @@ def _format_errors(err: ValidationError) -> str:
         if path not in unions:
             lines.append(f"  {path}: expected a count or a fraction (got {value!r})")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _unknown_key(loc: list[str]) -> str:
+    """'unknown key', with the likeliest key meant and the keys its section has."""
+    model: Any = Config
+    for part in loc[:-1]:  # down to the section the unknown key sits in
+        field = model.model_fields.get(part)
+        model = getattr(field, "annotation", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return "unknown key"
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], keys, n=1, cutoff=0.6)
+    where = ".".join(loc[:-1])
+    named = [f"{where}.{k}" if where else k for k in keys]
+    meant = f"; did you mean '{named[keys.index(close[0])]}'?" if close else ""
+    return f"unknown key{meant} ({where or 'the top level'} has: {', '.join(keys)})"
 
 
 def _quoting_hint(item: Any) -> str:
@@ -617,7 +654,21 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def to_toml(cfg: Config) -> str:
-    return tomli_w.dumps(to_dict(cfg))
+    """The config as a file to edit and run again (`config show`, a run's results folder).
+
+    Values the config derives are written as their "derive it" settings when they are what
+    would be derived: a server step that is the strategy's own as 0, a noise placement that
+    follows secure aggregation as "auto". Loaded back, the file is the same config; edited
+    (another strategy, secure aggregation switched on), it derives them again instead of
+    carrying FedAvg's step of 3 into FedAdam, or server-side noise into a secure run.
+    """
+    data = to_dict(cfg)
+    fed = data["federation"]
+    if fed["server_lr"] == SERVER_LR[fed["strategy"]]:
+        fed["server_lr"] = 0.0
+    if data["privacy"]["noise_at"] == ("clients" if cfg.secure_aggregation.enabled else "server"):
+        data["privacy"]["noise_at"] = "auto"
+    return tomli_w.dumps(data)
 
 
 def to_json(cfg: Config) -> str:

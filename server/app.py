@@ -7,7 +7,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedstream.protocol.config import Config, ignored_settings, sampled_clients
+from fedstream.protocol.config import Config, ignored_settings, risky_settings, sampled_clients
 from fedstream.server.privacy import Privacy, calibrated
 from fedstream.server.records import History, MetricsLog
 from fedstream.server.rounds import EvaluateFn, RoundHook, RoundSettings, run_rounds
@@ -62,7 +62,8 @@ def stages(cfg: Config, seed: int | None) -> tuple[Privacy | None, SecureAggrega
 def before_run(cfg: Config) -> list[str]:
     """What `fedstream sim` and `fedstream server` say before a run starts: settings it
     will not use, and the noise a private run adds."""
-    lines = [f"fedstream: hint: {note}" for note in ignored_settings(cfg)]
+    notes = [*ignored_settings(cfg), *risky_settings(cfg)]
+    lines = [f"fedstream: hint: {note}" for note in notes]
     plan = privacy_plan(cfg)
     return [*lines, f"fedstream: {plan}"] if plan else lines
 

@@ -17,6 +17,9 @@ _NOISE = (
     "An exception was raised when processing a message by",
     # Each Ray actor says so as the engine shuts it down at the end of every run.
     "Manually terminating",
+    # Ray starts in the engine's own thread (`sim.runner.run`); the command handles
+    # SIGTERM itself, and a script's Ray ends with the run.
+    "SIGTERM handler is not set because current thread is not the main thread",
 )
 
 
@@ -53,4 +56,7 @@ def quiet_flower() -> None:
     if not any(isinstance(f, _KnownNoise) for f in logger.filters):
         logger.addFilter(_KnownNoise())
         logger.addFilter(_EachErrorOnce())
+    ray_worker = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, _KnownNoise) for f in ray_worker.filters):
+        ray_worker.addFilter(_KnownNoise())
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,7 @@ def precision_hint(cfg: Config) -> str | None:
     )
 
 
+ENGINE_STOP_SECONDS = 60.0  # for a stopped run's engine to end (its workers finish a round)
 NOISE_LIMIT = 0.01  # rounding noise per coordinate and round above which precision_hint speaks
 
 
@@ -326,20 +328,43 @@ def run(cfg: Config) -> dict[str, Any]:
             file=sys.stderr,
         )
     stopping.start()
+    failed: list[BaseException] = []
+    ended = threading.Event()
+
+    def engine() -> None:
+        try:
+            run_simulation(
+                server_app=sim_server_app(cfg),
+                client_app=sim_client_app(cfg),
+                num_supernodes=cfg.federation.clients,
+                backend_config=backend_config(cfg),
+            )
+        except BaseException as err:  # handed to the caller's thread below
+            failed.append(err)
+        finally:
+            ended.set()
+
+    # Flower's engine runs in a thread of its own and the caller's waits in short waits, so
+    # that an interrupt (Ctrl-C, or `_thread.interrupt_main`, which no blocking wait sees)
+    # lands here at once, and not inside the engine: interrupted there, it left its worker
+    # threads waiting on Ray for good, and the next run in the process crashed or hung.
+    # (An Event, not Thread.join: a join that an interrupt cut short returns at once after.)
+    threading.Thread(target=engine, name="fedstream-simulation", daemon=True).start()
     try:
-        run_simulation(
-            server_app=sim_server_app(cfg),
-            client_app=sim_client_app(cfg),
-            num_supernodes=cfg.federation.clients,
-            backend_config=backend_config(cfg),
-        )
+        while not ended.wait(0.2):
+            pass
     except BaseException:
-        # Ctrl-C (KeyboardInterrupt) or a failure here: the engine's ServerApp thread would
-        # go on polling and writing rounds, into a folder a next run may own.
+        # The ServerApp's next poll raises `Stopped`; the engine then ends as after a
+        # last round: its workers finish the messages they hold, and it stops Ray.
+        stop_logs()
+        if not ended.wait(ENGINE_STOP_SECONDS):
+            print("fedstream: the stopped run's engine is still ending", file=sys.stderr)
+        raise
+    if failed:  # the ServerApp's thread may outlive the engine: stop it writing rounds
         stop_logs()
         if not stopping.join(timeout=30.0):
-            print("fedstream: the stopped run's ServerApp is still ending", file=sys.stderr)
-        raise
+            print("fedstream: the failed run's ServerApp is still ending", file=sys.stderr)
+        raise failed[0]
     if not summary_path.exists():
         raise RuntimeError(
             f"the simulation ended without a summary in {summary_path.parent}: see the log above"

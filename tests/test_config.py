@@ -30,7 +30,10 @@ def test_defaults_are_the_embedded_federation() -> None:
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        ({"federation": {"clientz": 3}}, "federation.clientz: unknown key"),
+        ({"federation": {"clientz": 3}}, "federation.clientz: unknown key; did you mean "
+         "'federation.clients'? (federation has: clients, rounds, "),
+        ({"privacy": {"enable": True}}, "did you mean 'privacy.enabled'?"),
+        ({"federaton": {"rounds": 3}}, "federaton: unknown key; did you mean 'federation'?"),
         ({"federation": {"clients": "ten"}}, "federation.clients"),
         ({"federation": {"fraction": 1.5}}, "federation.fraction"),
         ({"federation": {"clients": 0}}, "federation.clients"),

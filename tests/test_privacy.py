@@ -305,6 +305,32 @@ def test_the_printed_bound_says_whom_it_holds_against(capsys):
     assert "(the server does): epsilon = 9" in secure and "The server sees" not in secure
     assert "and sees only the models: epsilon = 9" in plain and "(the server does)" not in plain
     assert "with only its own client's share of the noise: no bound holds against it" in plain
+    server = _privacy_line({**p, "noise_at": "server"}, secure=True)
+    assert "sees each round's sum without noise: no bound holds against it" in server
+
+
+def test_settings_that_work_against_the_run_are_named_before_it_starts(tmp_path):
+    from fedstream.protocol.config import risky_settings, to_toml
+
+    assert risky_settings(load(None, [])) == []
+    adam = load(None, ["federation.strategy=fedadam", "federation.server_lr=3"])
+    assert risky_settings(adam) == [
+        "federation.server_lr = 3 with fedadam: an adaptive server step this large diverges "
+        "(its own is 0.1; server_lr = 0 picks the strategy's own)"]
+    server_noise = load(None, [*BASE, "secure_aggregation.enabled=true",
+                               'privacy.noise_at="server"'])
+    [note] = risky_settings(server_noise)
+    assert "not against the server" in note
+    # A config written out says "derive it" where the value is the derived one, so editing
+    # the strategy or switching secure aggregation on derives them anew.
+    text = to_toml(load(None, ["privacy.enabled=true"]))
+    assert "server_lr = 0.0" in text and 'noise_at = "auto"' in text
+    assert "server_lr = 1.0" in to_toml(load(None, BASE))  # a choice is kept as made
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    edited = load(path, ["federation.strategy=fedadam", "secure_aggregation.enabled=true"])
+    assert edited.federation.server_lr == 0.1 and edited.privacy.noise_at == "clients"
+    assert 'noise_at = "server"' in to_toml(server_noise)  # a choice is kept as made
 
 
 def test_server_asks_clients_to_clip_only_where_it_cannot_clip_itself():

@@ -216,12 +216,22 @@ def test_ctrl_c_stops_the_run_at_once_and_keeps_the_rounds_done(tmp_path: Path) 
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 130 and "interrupted: the rounds done so far are in" in err
     assert metrics.read_text().count("\n") >= 2 and not (out / "summary.json").exists()
 
 
+def test_an_interrupt_before_any_round_says_none_finished(tmp_path: Path) -> None:
+    from fedstream.cli.main import _done_so_far
+
+    assert _done_so_far(tmp_path) == "no round had finished"
+    (tmp_path / "metrics.jsonl").write_text("")  # made at the start of every run
+    assert _done_so_far(tmp_path) == "no round had finished"
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    assert _done_so_far(tmp_path).startswith("the rounds done so far are in")
+
+
 INTERRUPTED_SCRIPT = """
-import os, signal, sys, threading, time
+import _thread, os, signal, sys, threading, time
 from pathlib import Path
 from fedstream.protocol.config import load
 from fedstream.sim.runner import simulate
@@ -232,7 +242,10 @@ metrics = out / "metrics.jsonl"
 def ctrl_c():
     while not (metrics.exists() and metrics.read_text().count("\\n") >= 2):
         time.sleep(0.1)
-    os.kill(os.getpid(), signal.SIGINT)
+    if sys.argv[2] == "signal":
+        os.kill(os.getpid(), signal.SIGINT)
+    else:  # what a notebook's interrupt button or a watchdog thread does
+        _thread.interrupt_main()
 
 threading.Thread(target=ctrl_c, daemon=True).start()
 base = [f'output.dir="{out}"', "output.progress=false", "federation.clients=2"]
@@ -242,18 +255,23 @@ except KeyboardInterrupt:
     print("interrupted", flush=True)
 summary = simulate(load(None, [*base, "federation.rounds=3"]))
 print("second run", summary["rounds"], flush=True)
+print("left", [t.name for t in threading.enumerate() if not t.daemon], flush=True)
 """
 
 
-def test_a_python_script_can_stop_a_run_and_start_another(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["signal", "interrupt_main"])
+def test_a_python_script_can_stop_a_run_and_start_another(tmp_path: Path, how: str) -> None:
     # The engine leaves the ServerApp's thread running after a KeyboardInterrupt: it used
     # to write the stopped run's next round into the second run's metrics.jsonl, and to
-    # keep the script from ending for up to a round timeout.
+    # keep the script from ending for up to a round timeout. Interrupted inside the engine,
+    # its workers waited on Ray for good: the next run could crash, or the script hang at
+    # its end; and `_thread.interrupt_main` was not seen until the whole run was over.
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_SCRIPT, str(out)],
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_SCRIPT, str(out), how],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "interrupted" in proc.stdout and "second run 3" in proc.stdout, proc.stdout
+    assert "left ['MainThread']" in proc.stdout  # no engine thread outlives its run
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").open()]
     assert rounds == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3
