@@ -379,6 +379,17 @@ def test_a_quote_closed_lines_later_is_refused_not_read_into_a_new_class(tmp_pat
     expect_error(feature, 2, "column 'b'", "unterminated quoted field", label="label")
 
 
+def test_text_in_a_feature_column_says_what_to_do(tmp_path: Path) -> None:
+    joined = write(tmp_path, "joined.csv", "x,y\n1,a\n2,b\nx,y\n3,a\n")  # cat a.csv b.csv
+    expect_error(joined, 4, "column 'x': 'x' is not a number; this row repeats the header",
+                 label="y")
+    timed = write(tmp_path, "t.csv", "when,x,y\n2024-03-01T00:00:00,1,a\n2024-03-01 01:00,2,b\n")
+    expect_error(timed, 2, "a time column? name it: stream.time = \"when\"", label="y")
+    missing = write(tmp_path, "na.csv", "x,y\n1,a\nNA,b\n")
+    expect_error(missing, 3, "missing value 'NA'; values are not imputed: drop or fill that row",
+                 label="y")
+
+
 def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     # Excel's "Unicode text" export: UTF-16LE with a BOM, tab-separated.
     text = "Temperatur °C\tKlasse\r\n19.5\tja\r\n20\tnein\r\n"

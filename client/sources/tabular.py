@@ -682,13 +682,35 @@ class _Cells:
                 problem = _cell_problem(cell, self.what, self.decimal)
                 if problem:
                     where = f"{self.what} {self.features[j]!r}"
-                    if first and i == 0 and problem.endswith("is not a number"):  # an ID?
-                        problem += (
-                            "; to leave a text column out, name it in stream.exclude"
-                        )
+                    if problem.endswith("is not a number"):
+                        problem += _column_hint(cell, self.features[j], first and i == 0)
                     self.error = _row_error(self.name, lines[i], f"{where}: {problem}")
                     return
         raise AssertionError("unreachable: conversion failed but every cell is fine")
+
+
+def _column_hint(cell: Any, column: str, first_row: bool) -> str:
+    """What to do about a text cell in a feature column: a repeated header (files joined
+    with `cat`), a time column not named as one, or a text column to leave out."""
+    text = str(cell).strip()
+    if text == column:
+        return "; this row repeats the header (files joined whole?): keep one header row"
+    if _looks_like_time(text):
+        return f'; a time column? name it: stream.time = "{column}"'
+    if first_row:  # an ID, a name
+        return "; to leave a text column out, name it in stream.exclude"
+    return ""
+
+
+def _looks_like_time(text: str) -> bool:
+    """An ISO date or date and time, as `stream.time` reads them."""
+    if "-" not in text[1:]:  # a bare year, or a number, is not one
+        return False
+    try:
+        np.datetime64(text.replace(" ", "T", 1))
+    except ValueError:
+        return False
+    return True
 
 
 class DecimalMarks:
@@ -790,7 +812,7 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
     the file's `decimal` mark, as `_text_to_float` reads it)."""
     if what == "key":
         if cell is None:
-            return "missing value (null); values are not imputed"
+            return "missing value (null); values are not imputed: drop or fill that record"
         if isinstance(cell, bool):
             return f"{json.dumps(cell)} is a boolean, not a number"
         if isinstance(cell, str):
@@ -804,7 +826,7 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
     else:
         cell = cell.strip()
         if cell.lower() in MISSING:
-            return f"missing value {cell!r}; values are not imputed"
+            return f"missing value {cell!r}; values are not imputed: drop or fill that row"
         values = _text_to_float(np.asarray([cell]), decimal)  # the bulk parser, one cell
         if values is None:
             if decimal == "." and cell.replace(",", "", 1).lstrip("+-").isdigit():
@@ -814,7 +836,7 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
             return f"{cell!r} is not a number"
         number = float(values[0])
     if math.isnan(number):
-        return f"missing value ({cell!r}); values are not imputed"
+        return f"missing value ({cell!r}); values are not imputed: drop or fill that row"
     if not abs(number) <= _F32_MAX:
         return f"{cell!r} is not a finite float32 number"
     return None
