@@ -22,6 +22,7 @@ from fedstream.protocol import messages as m
 from fedstream.protocol.updates import size
 from fedstream.server import stopping
 from fedstream.server.privacy import ADJACENCY, SAMPLING
+from fedstream.server.strategy import flower_strategy
 
 if TYPE_CHECKING:
     from fedstream.protocol.config import Config, PrivacyConfig
@@ -272,6 +273,8 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "rounds": history.rounds,
         "clients": cfg.federation.clients,
         "strategy": cfg.federation.strategy,
+        "flower_strategy": flower_strategy(cfg),  # e.g. FedAvgM for fedavg with a server step
+        "server_lr": cfg.federation.server_lr,
         "seed": cfg.seed,
         "prequential_accuracy": history.accuracy,
         "prequential_loss": history.loss_sum / history.seen if history.seen else None,

@@ -107,6 +107,14 @@ class StreamFedYogi(_SkipEmpty, _KeepDtypes, FedYogi):
     pass
 
 
+def flower_strategy(cfg: Config) -> str:
+    """The Flower strategy `make_strategy` builds for `cfg`, by name."""
+    fed = cfg.federation
+    if fed.strategy == "fedavg":
+        return "FedAvg" if fed.server_lr == 1.0 and fed.server_momentum == 0.0 else "FedAvgM"
+    return {"fedadam": "FedAdam", "fedyogi": "FedYogi"}[fed.strategy]
+
+
 def make_strategy(cfg: Config) -> Strategy:
     fed = cfg.federation
     least = least_clients(fed, cfg.secure_aggregation)
@@ -118,7 +126,7 @@ def make_strategy(cfg: Config) -> Strategy:
         "train_metrics_aggr_fn": _no_metric_average,
     }
     if fed.strategy == "fedavg":
-        if fed.server_lr == 1.0 and fed.server_momentum == 0.0:
+        if flower_strategy(cfg) == "FedAvg":
             return StreamFedAvg(**common)
         # FedAvg with a server step size (and momentum): Flower's FedAvgM.
         return StreamFedAvgM(

@@ -350,3 +350,18 @@ def test_the_operator_sees_a_line_a_round_as_the_server_writes_them(tmp_path, ca
     lines.say_new()
     said = capsys.readouterr().err
     assert said == "round 3/4: 3 of 3 devices, aggregated, accuracy 75.0 %, 2.5 s\n"
+
+
+def test_the_summary_names_the_flower_strategy_that_ran():
+    from fedstream.server.strategy import flower_strategy, make_strategy
+
+    for overrides, name in [
+        ([], "FedAvgM"),  # fedavg with its own server step of 3
+        (["federation.server_lr=1.0"], "FedAvg"),
+        (["federation.server_lr=1.0", "federation.server_momentum=0.9"], "FedAvgM"),
+        (["federation.strategy=fedadam"], "FedAdam"),
+        (["federation.strategy=fedyogi"], "FedYogi"),
+    ]:
+        cfg = load(None, overrides)
+        assert flower_strategy(cfg) == name
+        assert name in [k.__name__ for k in type(make_strategy(cfg)).__mro__]
