@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
@@ -39,7 +40,12 @@ def privacy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
     ax.set(xlabel="round", ylabel=f"epsilon at delta = {dp.get('delta', 0):g}", ylim=(0, None),
            title=f"Privacy spent (noise multiplier {dp.get('noise_multiplier', 0):g}, clip "
                  f"{dp.get('clip_norm', 0):g}, noise added by the {dp.get('noise_at', '?')})")
+    if dp.get("noise_at") == "server" or not summary.get("secure_aggregation"):
+        # The server saw each update, or each exact sum: the bound is for everyone else.
+        ax.set_title(ax.get_title() + "\nepsilon holds for those who see the models, not "
+                     "for the server", fontsize=10)
     ax.grid(alpha=0.3)
+    _round_axis(ax)
     acc = ax.twinx()
     x = np.array([rec["round"] for rec in records])
     acc.plot(x, _series(summary["cumulative_accuracy"]), color="C0", lw=2,
@@ -52,6 +58,11 @@ def privacy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _round_axis(ax: Any) -> None:
+    """Whole rounds only on the x axis (a short run got ticks at 0.5, 1.5, ...)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _legend_below(ax: Any, *handles_labels: Any) -> None:
@@ -101,6 +112,7 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
     ax.set(xlabel="round", ylabel="prequential accuracy (%)", ylim=(0, 100),
            title="Prequential accuracy (thin: per round, thick: cumulative)")
     ax.grid(alpha=0.3)
+    _round_axis(ax)
     _legend_below(ax)
     path = plots / "accuracy.png"
     fig.tight_layout()
@@ -139,6 +151,7 @@ def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
         _legend_below(ax)
     ax.set(xlabel="round", ylabel="client",
            title="Per-client accuracy (blank: not sampled, or no new samples)")
+    _round_axis(ax)
     names = summary.get("client_names") or []  # partition.column: each client's site
     labels = [f"{c} {names[c]}" if c < len(names) else str(c) for c in clients]
     ax.set_yticks(range(len(clients)), labels, fontsize=6)

@@ -369,6 +369,28 @@ def test_the_privacy_plot_is_drawn_only_when_an_epsilon_holds(tmp_path):
     assert [p.name for p in plot_all(tmp_path / "b", summary, unbounded)] == ["accuracy.png"]
 
 
+def test_the_privacy_plot_says_whom_epsilon_holds_against_in_whole_rounds(monkeypatch, tmp_path):
+    from fedstream.sim import plots
+
+    drawn: list = []
+    monkeypatch.setattr(plots.plt, "close", drawn.append)
+    summary = {"cumulative_accuracy": [0.5, 0.55], "secure_aggregation": True,
+               "privacy": {"delta": 1e-5, "noise_multiplier": 1.0, "clip_norm": 0.5,
+                           "noise_at": "clients"}}
+    records = [{"round": 1, "privacy": {"epsilon": 1.5}}, {"round": 2, "privacy": {"epsilon": 2}}]
+    plots.privacy_plot(tmp_path, summary, records)
+    summary["privacy"]["noise_at"] = "server"  # the server sees each sum exactly
+    plots.privacy_plot(tmp_path, summary, records)
+    secure, server = (fig.axes[0] for fig in drawn)
+    assert "not for the server" not in secure.get_title()
+    assert "not for the server" in server.get_title()
+    ticks = [t for t in secure.get_xticks() if 1 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    monkeypatch.undo()
+    for fig in drawn:
+        plots.plt.close(fig)
+
+
 @pytest.mark.parametrize(
     "target, sampled, population",
     [(8.0, 20, 20), (2.0, 10, 100), (111.1, 19, 20), (300.0, 20, 20), (8.0, 10, 20)],
