@@ -15,13 +15,34 @@ from rich.table import Table
 from fedstream.protocol.config import Config, ConfigError, load, to_toml
 
 app = typer.Typer(
-    help="Federated online training on data streams, built on Flower.",
+    help="Federated online training on data streams, built on Flower.\n\n"
+    "Exit codes: 0 done; 1 the run failed; 2 bad input (a config, a file, an option), "
+    "nothing run; 130 / 143 stopped by Ctrl-C / SIGTERM. `fedstream config show` prints "
+    "every config key with its default.",
     no_args_is_help=True,
     add_completion=False,
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fedstream {version('fedstream')} (flwr {version('flwr')}, "
+                   f"torch {version('torch')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                    help="Print the versions of fedstream, Flower and torch.")]
+    = False,
+) -> None:
+    """The options before a command (its help is the app's)."""
 
 
 def fail(message: object, code: int) -> NoReturn:

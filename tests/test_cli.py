@@ -46,6 +46,14 @@ def test_relative_csv_path_is_resolved(csv_file: Path) -> None:
     assert f'path = "{csv_file}"' in proc.stdout
 
 
+def test_version_and_exit_codes_are_told() -> None:
+    proc = fedstream("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("fedstream 0.")
+    assert "flwr 1." in proc.stdout
+    assert "Exit codes: 0 done; 1 the run failed; 2 bad input" in " ".join(
+        fedstream("--help").stdout.split())
+
+
 def test_unknown_key_in_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "fed.toml"
     cfg.write_text("[federation]\nclients = 5\n\n[learner]\nlearning_rate = 0.1\n")
