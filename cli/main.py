@@ -285,6 +285,8 @@ def _size(n: float) -> str:
 def _privacy_line(p: dict[str, Any], secure: bool) -> str:
     """What the run's models cost in differential privacy (server/privacy.py), and against
     whom: in plaintext the server sees every update, so no bound holds against it."""
+    from fedstream.server.privacy import holds_against_server
+
     z = f"noise multiplier {p['noise_multiplier']:.4g}"
     if p.get("target_epsilon"):
         z += f" (calibrated for epsilon {p['target_epsilon']:g})"
@@ -303,14 +305,15 @@ def _privacy_line(p: dict[str, Any], secure: bool) -> str:
             who = "(the server does)" if secure else "and sees only the models"
             line += (f" For an observer who knows which clients each round drew {who}: "
                      f"epsilon = {known:.3g}.")
-        if not secure:
-            seen = ("without noise" if p["noise_at"] == "server"
-                    else "with only its own client's share of the noise")
-            line += (f" The server sees each update {seen}: no bound holds against it "
-                     "(secure aggregation gives one).")
-        elif p["noise_at"] == "server":
-            line += (" The server sees each round's sum without noise: no bound holds against "
-                     'it (noise_at = "clients" gives one).')
+        if not holds_against_server(p["noise_at"], secure):
+            if secure:  # noise_at = "server"
+                seen, fix = "each round's sum without noise", 'noise_at = "clients"'
+            elif p["noise_at"] == "server":
+                seen, fix = "each update without noise", "secure aggregation"
+            else:
+                seen = "each update with only its own client's share of the noise"
+                fix = "secure aggregation"
+            line += f" The server sees {seen}: no bound holds against it ({fix} gives one)."
     if p.get("clipped_updates"):
         line += (f" {100 * p['clipped_updates']:.0f} % of the updates were clipped "
                  f"(median norm {p['median_norm']:.3g}).")

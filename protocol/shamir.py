@@ -52,15 +52,7 @@ def reconstruct(shares: Mapping[int, bytes]) -> bytes:
         if len(y) != SHARE_BYTES or int.from_bytes(y, "big") >= PRIME:
             raise ValueError(f"share of holder {x} is not a {SHARE_BYTES}-byte field element")
         points.append((x, int.from_bytes(y, "big")))
-    secret = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
-            if i != j:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
-    return secret.to_bytes(SHARE_BYTES, "big")
+    return _interpolate(points, 0).to_bytes(SHARE_BYTES, "big")
 
 
 def misfits(points: Mapping[int, bytes], others: Mapping[int, bytes]) -> set[int]:
@@ -70,19 +62,21 @@ def misfits(points: Mapping[int, bytes], others: Mapping[int, bytes]) -> set[int
     a share off it was tampered with, so its holder need not be tried for other secrets.
     """
     known = [(x, int.from_bytes(y, "big")) for x, y in points.items()]
-    bad = set()
-    for x, y in others.items():
-        value = 0
-        for i, (xi, yi) in enumerate(known):
-            num, den = 1, 1
-            for j, (xj, _) in enumerate(known):
-                if i != j:
-                    num = num * (x - xj) % PRIME
-                    den = den * (xi - xj) % PRIME
-            value = (value + yi * num * pow(den, -1, PRIME)) % PRIME
-        if value.to_bytes(SHARE_BYTES, "big") != y:
-            bad.add(x)
-    return bad
+    return {x for x, y in others.items()
+            if _interpolate(known, x).to_bytes(SHARE_BYTES, "big") != y}
+
+
+def _interpolate(points: Sequence[tuple[int, int]], x: int) -> int:
+    """The value at `x` of the polynomial through `points` (Lagrange)."""
+    value = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num = num * (x - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        value = (value + yi * num * pow(den, -1, PRIME)) % PRIME
+    return value
 
 
 def _evaluate(coeffs: Sequence[int], x: int) -> int:

@@ -75,6 +75,12 @@ def client_std(noise_multiplier: float, clip_norm: float, cohort: int) -> float:
     return noise_multiplier * clip_norm / cohort**0.5
 
 
+def holds_against_server(noise_at: str, secure: bool) -> bool:
+    """Whether a run's epsilon binds the server too: only when each update is noised
+    before it is masked. Otherwise the server sees each update, or each exact sum."""
+    return secure and noise_at == "clients"
+
+
 def secure_clip(clip: float, clip_norm: float, client_std: float) -> float:
     """Secure aggregation's per-coordinate range for privatised changes: `clip` as set,
     raised where needed to cut neither the clipped change nor its noise."""

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from fedstream.server.privacy import holds_against_server
+
 
 def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[Path]:
     plots = out / "plots"
@@ -40,8 +42,7 @@ def privacy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, A
     ax.set(xlabel="round", ylabel=f"epsilon at delta = {dp.get('delta', 0):g}", ylim=(0, None),
            title=f"Privacy spent (noise multiplier {dp.get('noise_multiplier', 0):g}, clip "
                  f"{dp.get('clip_norm', 0):g}, noise added by the {dp.get('noise_at', '?')})")
-    if dp.get("noise_at") == "server" or not summary.get("secure_aggregation"):
-        # The server saw each update, or each exact sum: the bound is for everyone else.
+    if not holds_against_server(dp.get("noise_at", "server"), summary.get("secure_aggregation")):
         ax.set_title(ax.get_title() + "\nepsilon holds for those who see the models, not "
                      "for the server", fontsize=10)
     ax.grid(alpha=0.3)

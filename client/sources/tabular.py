@@ -695,19 +695,17 @@ def _column_hint(cell: Any, column: str, first_row: bool) -> str:
     text = str(cell).strip()
     if text == column:
         return "; this row repeats the header (files joined whole?): keep one header row"
-    if _looks_like_time(text):
+    if "-" in text[1:] and _iso_time(text):  # a bare year, or a number, is not one
         return f'; a time column? name it: stream.time = "{column}"'
     if first_row:  # an ID, a name
         return "; to leave a text column out, name it in stream.exclude"
     return ""
 
 
-def _looks_like_time(text: str) -> bool:
-    """An ISO date or date and time, as `stream.time` reads them."""
-    if "-" not in text[1:]:  # a bare year, or a number, is not one
-        return False
+def _iso_time(text: str) -> bool:
+    """Whether `stream.time` would read `text` as a date-time."""
     try:
-        np.datetime64(text.replace(" ", "T", 1))
+        _iso_seconds(text)
     except ValueError:
         return False
     return True
