@@ -1,5 +1,8 @@
 """The aggregator's ServerApp in deployment: rounds, live records, a checkpoint every round.
 
+The latest global model is also written as `model.pt` in the results folder every round,
+for use outside fedstream while the federation goes on.
+
 `fedstream server` submits this app to its SuperLink with the federation config and its
 state directory. After every round the global model, the strategy with its optimizer state,
 the round number and the running totals are checkpointed; with `resume`, the app starts
@@ -17,7 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedstream.protocol import updates
+from fedstream.protocol import model_file, updates
 from fedstream.protocol.config import Config, from_run_config
 from fedstream.protocol.models import build_model
 from fedstream.server import checkpoint
@@ -60,6 +63,10 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
     def save(server_round: int, model: ArrayRecord, hist: History) -> None:
         checkpoint.save(state_dir, checkpoint.Checkpoint(server_round, model, strategy, hist))
         log.write({"checkpoint_round": server_round, "model_sha256": fingerprint(model)})
+        # The devices name their classes (`fedstream feed --classes`): here, their indices.
+        classes = model_file.class_labels((), cfg.stream.n_classes)
+        model_file.save(out, model, cfg, (cfg.stream.n_features,), classes,
+                        server_round=server_round)
 
     settings = RoundSettings(
         rounds=cfg.federation.rounds,

@@ -1,5 +1,5 @@
-"""The results folder: config.toml, metrics.jsonl (written live by the server), summary.json
-and plots. Its layout is a contract other tools read; see the README.
+"""The results folder: config.toml, metrics.jsonl (written live by the server), summary.json,
+the final model and plots. Its layout is a contract other tools read; see the README.
 """
 
 from __future__ import annotations
@@ -8,13 +8,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord
+
+from fedstream.protocol import model_file
 from fedstream.protocol.config import Config, ConfigError, to_toml, validate
 from fedstream.server.records import History, run_summary
 from fedstream.sim.baselines import AccuracySeries
 from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
 
-OWNED = ("summary.json", "metrics.jsonl", "plots/accuracy.png", "plots/clients.png",
-         "plots/privacy.png")
+OWNED = ("summary.json", "metrics.jsonl", model_file.FILE, "plots/accuracy.png",
+         "plots/clients.png", "plots/privacy.png")
 MARK = "# The config of the run whose results are in this folder: `fedstream sim --config "
 
 
@@ -97,6 +100,23 @@ def summarize(
     if baselines:
         summary["baselines"] = {name: b.to_dict() for name, b in baselines.items()}
     return summary
+
+
+def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
+    """The final global model, with its classes in output order and its input columns."""
+    from fedstream.sim.federation import federation
+
+    fed = federation(cfg)
+    data = fed.dataset
+    return model_file.save(
+        Path(cfg.output.dir),
+        arrays,
+        cfg,
+        fed.feature_shape,
+        model_file.class_labels(data.classes if data else (), fed.n_classes),
+        data.features if data else (),
+        server_round=history.rounds,
+    )
 
 
 def _client_names(cfg: Config) -> tuple[str, ...]:

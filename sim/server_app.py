@@ -41,6 +41,7 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
         grid, cfg, fed.initial_arrays(), out, evaluate, simulated=simulated
     )
     wall = time.perf_counter() - started
+    results.save_model(cfg, arrays, history)
     baselines = run_baselines(cfg)
     final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
     records = read_metrics(out / "metrics.jsonl")

@@ -21,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord
 from waiting import wait_until
 
 from fedstream.client.ingest import Producer
 from fedstream.client.spool import Spool
+from fedstream.protocol import model_file
 from fedstream.protocol.runtime import free_port
+from fedstream.server.deploy_app import fingerprint
 from fedstream.server.privacy import Ledger, releases_of
 
 pytestmark = pytest.mark.slow
@@ -151,6 +154,9 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     summary = json.loads((work / "srv" / "results" / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["secure_aggregation"] is True
     assert summary["rounds_aggregated"] == 3
+    saved = model_file.load(work / "srv" / "results")  # the latest global model, as a file
+    assert saved.server_round == 3 and saved.classes == ("0", "1", "2")
+    assert fingerprint(ArrayRecord(saved.state_dict)) == summary["model_sha256"]
     # Differential privacy's ledger came back with the checkpoint: round 3's epsilon is
     # that of all three rounds (the clients added the noise, as under secure aggregation).
     spent = Ledger(0.01, releases_of(r["privacy"] for r in recs if "round" in r))

@@ -274,13 +274,15 @@ def test_a_rerun_in_the_same_folder_leaves_nothing_of_the_first(tmp_path: Path) 
     from fedstream.sim.results import prepare, summarize
 
     (tmp_path / "plots").mkdir()
-    for name in ("plots/clients.png", "plots/privacy.png", "summary.json", "notes.txt"):
+    for name in ("plots/clients.png", "plots/privacy.png", "summary.json", "model.pt",
+                 "notes.txt"):
         (tmp_path / name).write_text("old")
     cfg = load(overrides=[f'output.dir="{tmp_path}"', "federation.rounds=3"])
     prepare(cfg)
     assert not (tmp_path / "plots/clients.png").exists()
     assert not (tmp_path / "plots/privacy.png").exists()  # an earlier private run's
     assert not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "model.pt").exists()  # an earlier run's model, not this one's
     assert (tmp_path / "notes.txt").read_text() == "old"  # not fedstream's: left alone
     from fedstream.server.records import History
 

@@ -83,6 +83,22 @@ def test_results_folder_has_the_contract(small_run: Path) -> None:
         assert (small_run / "plots" / plot).stat().st_size > 10_000
 
 
+def test_the_final_model_is_saved_and_scores_as_the_run_said(small_run: Path) -> None:
+    from flwr.app import ArrayRecord
+
+    from fedstream.protocol import model_file
+    from fedstream.protocol.config import load
+    from fedstream.sim.evaluation import make_evaluate
+
+    saved = model_file.load(small_run)
+    assert saved.server_round == 3 and saved.model == "mlp" and saved.hidden == (16,)
+    assert saved.classes == tuple(str(i) for i in range(10))  # the synthetic default's
+    cfg = load(small_run / "config.toml")
+    again = make_evaluate(cfg)(3, ArrayRecord(saved.state_dict))
+    summary = json.loads((small_run / "summary.json").read_text())
+    assert again == pytest.approx(summary["global_eval"])  # the model it evaluated last
+
+
 def test_same_seed_same_results(small_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "again"
     proc = fedstream("sim", *SMALL, "--set", "evaluation.every=1", "--quiet", "--out", str(out))
