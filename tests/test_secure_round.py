@@ -485,3 +485,35 @@ def test_a_diverged_loss_cannot_wrap_the_summed_tail(loss):
     for parties in (2, 128, 10_000):
         fp = round(_bounded(loss, parties) * m.FIXED_POINT)
         assert parties * abs(fp) <= 2**62
+
+
+def test_a_device_keeps_memos_of_its_latest_rounds_only(tmp_path):
+    # A server that never asks to unmask leaves a memo per round behind on the device. It
+    # keeps the latest ROUNDS_KEPT; a request about an older round is refused (an evicted
+    # memo can only make a device refuse, never answer twice).
+    from fedstream.client import secure
+
+    grid, _, _ = _run(tmp_path, ["secure_aggregation.enabled=true", "federation.rounds=1"])
+    train = next(msg for msg in grid.sent if m.SECAGG in msg.content)
+    node, ctx = train.metadata.dst_node_id, grid.contexts[train.metadata.dst_node_id]
+    unmask = next(
+        msg for msg in grid.sent
+        if msg.metadata.dst_node_id == node and m.CONFIG in msg.content
+        and msg.content[m.CONFIG].get(m.QUERY_KIND) == m.UNMASK
+    )
+    assert secure._state(ctx)["rounds"] == []  # round 1: answered, its memo used up
+    mask_pub = train.content[m.SECAGG]["mask-pub"]
+    last = 2 + secure.ROUNDS_KEPT
+    for server_round in range(2, last + 1):  # rounds the server never unmasks
+        msg = copy.deepcopy(train)
+        msg.content[m.SECAGG]["round"] = server_round
+        msg.content[m.SECAGG]["mask-pub"] = mask_pub  # the key this device offered last
+        reply = grid.app(msg, ctx)
+        assert not reply.has_error(), reply.error
+        mask_pub = reply.content[m.SECAGG]["next-mask-pub"]
+    kept = [memo.server_round for memo in secure._state(ctx)["rounds"]]
+    assert kept == list(range(last - secure.ROUNDS_KEPT + 1, last + 1))
+    evicted = copy.deepcopy(unmask)
+    evicted.content[m.CONFIG]["round"] = 2
+    with pytest.raises(Exception, match="round 2 is not a round this device masked in"):
+        grid.app(evicted, ctx)
