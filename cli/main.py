@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -498,7 +499,19 @@ def main() -> None:
     import fedstream.cli.deploy  # noqa: F401  (registers certs, server and client)
     from fedstream.cli import main as cli  # this module, also when run as __main__
 
-    cli.app(prog_name="fedstream")
+    try:
+        cli.app(prog_name="fedstream")
+    except SystemExit as done:
+        feed_module = sys.modules.get("fedstream.client.feed")  # loaded by `feed` only
+        if feed_module is not None and feed_module.still_reading():
+            # `feed -` from a pipe that is still open (`tail -f ... |`): its reader thread
+            # is blocked in a read holding stdin's lock, and the interpreter's shutdown
+            # would abort on that lock (exit 134) instead of exiting with this code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            code = done.code
+            os._exit(code if isinstance(code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

@@ -136,6 +136,15 @@ def open_input(path: str) -> tuple[IO[str], str]:
     return io.TextIOWrapper(raw, encoding, errors=ESCAPE, newline=""), name
 
 
+PUMP = "feed-input"  # the thread reading a live input
+
+
+def still_reading() -> bool:
+    """Whether a live input is still being read (its thread blocked on a pipe that the
+    writer has not closed)."""
+    return any(t.name == PUMP and t.is_alive() for t in threading.enumerate())
+
+
 class Reader:
     """Iterate ``Chunk``s of a CSV/JSONL text stream (see the module docstring)."""
 
@@ -207,7 +216,7 @@ class Reader:
                 lines.put(exc)
             lines.put(end)
 
-        threading.Thread(target=pump, name="feed-input", daemon=True).start()
+        threading.Thread(target=pump, name=PUMP, daemon=True).start()
         while True:
             try:
                 item = lines.get(timeout=self.flush_seconds)

@@ -238,3 +238,24 @@ def test_a_model_module_beside_the_user_is_found(tmp_path: Path) -> None:
                      "learner.model=mymodels:wide", "--set", "federation.clients=2",
                      "--set", "federation.rounds=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_feed_from_a_pipe_still_open_exits_2_on_a_bad_header(tmp_path: Path) -> None:
+    # `tail -f live.csv | fedstream feed -`: the writer never closes the pipe. The error
+    # must end the command with its code, not abort the interpreter on stdin's lock.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--label", "state",
+         "--to", f"unix://{tmp_path}/none.sock"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("temp,humidity,label\n21.5,40,ok\n")
+    proc.stdin.flush()  # and kept open
+    try:
+        code = proc.wait(timeout=60)
+        stderr = proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    assert code == 2, stderr
+    assert "label column 'state' not found" in stderr and "Fatal Python error" not in stderr
