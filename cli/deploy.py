@@ -89,7 +89,8 @@ def server(
              "it; to start a new run, give another --state (starting over here would replace "
              "its checkpoint and results)", 2)
     try:
-        with on_signals():  # Ctrl-C or SIGTERM: serve() stops the SuperLink and its apps
+        # Ctrl-C or SIGTERM: serve() stops the SuperLink and its apps
+        with on_signals("stopping the SuperLink and its apps (a few seconds) ..."):
             status = serve(Aggregator(state.resolve(), credentials, host, port), cfg, keys,
                            resume)
     except Stopped as e:

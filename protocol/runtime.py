@@ -94,25 +94,45 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """`stop(proc)`, then the same for every process it had started and left running.
+    """Stop every process `proc` started, then `proc`, then anything they left behind.
 
-    The tree is read before `proc` is stopped: once it is gone, its children belong to
-    init and can no longer be found by parent. Their own later children still can."""
-    tree = descendants(proc.pid) if proc.poll() is None else []
+    What it started goes first: a SuperLink asked to stop waits for its apps' connections
+    to close, and its apps keep retrying it, so stopping it first cost its whole grace
+    period (then SIGKILL) where its apps end in a few seconds and it at once after them.
+    The tree is read while `proc` runs: once it is gone, its children belong to init and
+    can no longer be found by parent."""
+    _stop_all(descendants(proc.pid) if proc.poll() is None else [], grace)
+    late = descendants(proc.pid) if proc.poll() is None else []  # started meanwhile
     stop(proc, grace)
-    left = {p.pid: p for p in tree if p.is_running()}
-    for p in list(left.values()):
+    _stop_all([p for p in late if _running(p)], grace)
+
+
+def _stop_all(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM them all at once, then SIGKILL those still running after `grace`; what
+    they started in turn (found while they run) goes the same way."""
+    left = {p.pid: p for p in procs}
+    for p in procs:
         left.update((c.pid, c) for c in descendants(p.pid))
-    if not left:
-        return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not left:
+            return
         for p in left.values():
             with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
-        _, alive = psutil.wait_procs(list(left.values()), timeout=wait)
-        if not alive:
-            return
-        left = {p.pid: p for p in alive}
+        deadline = time.monotonic() + wait
+        while (left := {pid: p for pid, p in left.items() if _running(p)}) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+
+
+def _running(p: psutil.Process) -> bool:
+    """Not ended, and not a zombie: a child of another process (the SuperLink's SuperExec)
+    stays a zombie until that process reaps it, which it may not do before it ends."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -158,15 +178,18 @@ def exit_code(signum: int) -> int:
 
 
 @contextlib.contextmanager
-def on_signals() -> Iterator[None]:
+def on_signals(notice: str = "") -> Iterator[None]:
     """Within: the first SIGINT or SIGTERM raises `Stopped`; later ones are ignored, so
-    they cannot cut the clean-up short. The previous handlers come back on exit."""
+    they cannot cut the clean-up short. `notice` is printed at once, so that a clean-up
+    of a few seconds does not look like a hang. The previous handlers come back on exit."""
     fired = False
 
     def handler(signum: int, _frame: object) -> None:
         nonlocal fired
         if not fired:
             fired = True
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
             raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

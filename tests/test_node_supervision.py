@@ -125,6 +125,31 @@ def test_stop_tree_stops_descendants_in_other_sessions(tmp_path: Path) -> None:
     wait_until(lambda: not any(alive(p) for p in tree), "the tree to go", 10)
 
 
+UNREAPED = textwrap.dedent("""\
+    import signal, subprocess, sys, time
+    # As a SuperLink: it never reaps its app, and it stops only once the app has gone
+    # (had it been asked first, it would wait for the app's connection, then be killed).
+    app = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    def stop(*_):
+        while open(f"/proc/{app.pid}/stat").read().split()[2] != "Z":
+            time.sleep(0.05)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    time.sleep(600)
+""")
+
+
+def test_stop_tree_stops_the_apps_first_and_does_not_wait_on_their_zombies(
+    tmp_path: Path,
+) -> None:
+    proc = runtime.spawn([sys.executable, "-c", UNREAPED], None, tmp_path / "log", tmp_path)
+    wait_until(lambda: len(runtime.descendants(proc.pid)) == 1, "the app", 30)
+    started = time.monotonic()
+    runtime.stop_tree(proc, grace=60.0)
+    # Stopped by SIGTERM in turn (exit 0), not by SIGKILL once a grace period ran out.
+    assert proc.returncode == 0 and time.monotonic() - started < 30
+
+
 def test_port_in_use_sees_a_listener_not_a_closed_port() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
