@@ -24,7 +24,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedstream.client.privacy import make_privacy_mod
 from fedstream.client.secure import secure_aggregation_mod
-from fedstream.client.spool import Spool
+from fedstream.client.spool import FeatureCountMismatch, Spool
 from fedstream.protocol import messages as m
 from fedstream.protocol import runtime
 from fedstream.protocol.config import Config, from_run_config
@@ -108,7 +108,15 @@ def open_spool(ctx: Context, cfg: Config) -> Spool:
     path = ctx.node_config.get(SPOOL)
     if not path:
         raise ValueError(f"this SuperNode has no '{SPOOL}' in its node config")
-    return Spool(str(path), cfg.stream.n_features)
+    try:
+        return Spool(str(path), cfg.stream.n_features)
+    except FeatureCountMismatch as err:  # the run's config is the server's, not the device's
+        raise FeatureCountMismatch(
+            f"this device's spool ({path}) holds samples of {err.stored} features, and the "
+            f"server's run has stream.n_features = {err.requested}: start the device with "
+            "the server's config (fedstream client --config), or the server with this one's",
+            err.stored, err.requested,
+        ) from None
 
 
 def client_of(ctx: Context) -> int:

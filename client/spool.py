@@ -77,6 +77,14 @@ class SpoolError(Exception):
     """A spool that cannot be opened as asked, or a call that breaks its rules."""
 
 
+class FeatureCountMismatch(SpoolError):
+    """The spool holds samples of another width than it was opened for."""
+
+    def __init__(self, message: str, stored: int, requested: int) -> None:
+        super().__init__(message)
+        self.stored, self.requested = stored, requested
+
+
 @dataclass(frozen=True)
 class AppendResult:
     accepted: int  # samples of this call stored (drop_oldest: all of them)
@@ -156,9 +164,10 @@ class Spool:
             )
             stored = cur.execute("SELECT value FROM meta WHERE key = 'n_features'").fetchone()[0]
         if stored != self.n_features:
-            raise SpoolError(
+            raise FeatureCountMismatch(
                 f"{self.path}: the spool stores samples of {stored} features, "
-                f"opened with n_features={self.n_features}"
+                f"opened with n_features={self.n_features}",
+                stored, self.n_features,
             )
 
     # ------------------------------------------------------------------ transactions

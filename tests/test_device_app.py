@@ -111,6 +111,18 @@ def test_a_node_without_a_spool_says_so(tmp_path):
     assert all(device_app.SPOOL in f["reason"] for f in records[0]["failures"])
 
 
+def test_a_device_whose_config_disagrees_with_the_servers_is_told_whose_is_whose(tmp_path):
+    # The device stored 8-feature samples; the server's run says 5.
+    cfg = _cfg("federation.rounds=1", "stream.n_features=5")
+    records: list[dict] = []
+    run_federation(_grid(cfg, _spools(tmp_path)), cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    reasons = {f["reason"] for f in records[0]["failures"]}
+    assert len(records[0]["failures"]) == CLIENTS and len(reasons) == CLIENTS  # one per spool
+    assert all(f"spool-{f['client']}.db) holds samples of 8 features, and the server's run "
+               "has stream.n_features = 5" in f["reason"] for f in records[0]["failures"])
+
+
 def test_labels_the_model_cannot_output_are_skipped_not_trained_forever(tmp_path):
     # A spool filled by a service that did not know the class count (or before the config
     # lost a class) holds a label of 3 in a 3-class federation: skipped and reported as
