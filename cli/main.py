@@ -425,6 +425,7 @@ def feed(
             with Producer(to) as producer:
                 if wait:
                     producer.wait_ready(wait)
+                _check_width(reader.features, producer.stats()["n_features"], name, to)
                 result = producer.append_batches(batches())
         except Stopped as e:
             stopped = e
@@ -432,10 +433,9 @@ def feed(
                 bar.close()
                 handed = len(lines)
                 sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
-                header = " after the header" if reader.kind == "csv" else ""
-                rest = (f"Rows after {name}:{lines[-1]} were not sent: feed again its lines "
-                        f"from {lines[-1] + 1} on{header} (up to a few thousand rows before "
-                        "them were still in flight and may not be stored)"
+                rest = (f"Rows after {name}:{lines[-1]} were not sent: feed again from "
+                        f"{_resume_from(reader.kind, lines[-1] + 1)} (up to a few thousand "
+                        "rows before them were still in flight and may not be stored)"
                         ) if handed else f"Feed {name} again"
                 err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
                           f"stop. {rest}", markup=False, highlight=False, soft_wrap=True)
@@ -443,11 +443,12 @@ def feed(
         except IngestError as e:
             bar.close()
             if e.sent:  # it went away mid-stream: say what was sent and where to go on
-                rest = f"{name}:{lines[e.sent]}" if e.sent < len(lines) else "the rest of the input"
+                last = lines[e.sent - 1]
                 fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "
-                     f"{name}:{lines[e.sent - 1]}); it stored those it had received, and rows from "
-                     f"{rest} on were not sent. Feed them again once it is up; the last rows sent "
-                     "before it went away may not be stored either", 1)
+                     f"{name}:{last}); it stored those it had received, and rows after "
+                     f"{name}:{last} were not sent. Once it is up, feed again from "
+                     f"{_resume_from(reader.kind, last + 1)}; the last rows sent before it went "
+                     "away may not be stored either", 1)
             hint = "" if wait else " (is its device up? --wait S waits for it)"
             fail(f"{e}{hint}", 1)
         finally:
@@ -480,6 +481,24 @@ def feed(
         raise typer.Exit(2)
     if result.refused:
         raise typer.Exit(3)
+
+
+def _resume_from(kind: str, line: int) -> str:
+    """Where a stopped feed goes on, said so that a CSV's header is not mistaken for a row
+    (its line numbers count the header, as an editor's do)."""
+    if kind == "csv":
+        return f"line {line} (the header is line 1: e.g. `(head -n 1 FILE; tail -n +{line} FILE)`)"
+    return f"line {line} (`tail -n +{line} FILE`)"
+
+
+def _check_width(features: list[str], width: int, name: str, to: str) -> None:
+    """Columns that cannot fit the device: said once, before any row is sent (the device
+    would refuse every row). JSONL keys are known only row by row, and checked there."""
+    if features and len(features) != width:
+        shown = ", ".join(repr(f) for f in features[:8]) + (", ..." if len(features) > 8 else "")
+        fail(f"{name}: its rows have {len(features)} features ({shown}), and the device at "
+             f"{to} stores samples of {width}: name the {width} feature columns, in the "
+             "order the device's other producers use, with --features (nothing was sent)", 2)
 
 
 def _line_of(problem: str) -> int:

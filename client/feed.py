@@ -50,6 +50,7 @@ from fedstream.client.sources.tabular import (
     _cell_problem,
     _csv_header,
     _is_blank,
+    _iso_time,
     _json_object,
     _json_text,
     _json_to_float,
@@ -77,6 +78,14 @@ class Chunk:
 
 class _RowProblem(Exception):
     pass
+
+
+class _NamedLabel(_RowProblem):
+    """A label that is a name where a class index was expected (no --classes)."""
+
+    def __init__(self, message: str, label: str) -> None:
+        super().__init__(message)
+        self.label = label
 
 
 class _Undecodable(str):
@@ -176,6 +185,8 @@ class Reader:
         self.marks: DecimalMarks | None = None  # numbers that read two ways (';' files)
         self.line = 0  # last line read
         self._hinted = False  # the not-UTF-8 hint is given with the first such row only
+        self._indexed = False  # some label was a class index (so names are row errors)
+        self._numeric = False  # some row's features were numbers (so text is a row error)
 
     # ------------------------------------------------------------------------ lines
 
@@ -413,17 +424,24 @@ class Reader:
         lines: list[int] = []
         labels: list[int] = []
         cells: list[list[Any]] = []
+        named: dict[str, None] = {}  # label names met where indices were expected
         for line, row in rows:
             if isinstance(row, str):  # a problem found while reading
                 errors.append((line, row))
                 continue
             try:
                 labels.append(self._label(row[0], what))
+            except _NamedLabel as exc:
+                errors.append((line, str(exc)))
+                named[exc.label] = None
+                continue
             except _RowProblem as exc:
                 errors.append((line, str(exc)))
                 continue
             lines.append(line)
             cells.append(row[1])
+        if named and not self._indexed:  # no label so far was an index, and some named one
+            self._names_not_indices(list(named), what)
         if self.marks is not None and cells and what == "column":
             ambiguous = self.marks.problems(np.asarray(cells, dtype=np.str_), lines)
             errors.extend((lines[i], text) for i, text in ambiguous.items())
@@ -432,17 +450,22 @@ class Reader:
         keep = np.ones(len(cells), dtype=bool)
         x = self._floats(cells, what, self.decimal)
         if x is None or not np.isfinite(x).all():
+            failed: dict[int, Any] = {}  # column -> its first cell that is no number
             for i, row in enumerate(cells):
                 for j, cell in enumerate(row):
                     with np.errstate(over="ignore"):
                         problem = _cell_problem(cell, what, self.decimal)
                     if problem is not None:
                         errors.append((lines[i], f"{what} {self.features[j]!r}: {problem}"))
+                        failed.setdefault(j, cell)
                         keep[i] = False
                         break
+            if len(failed) == 1 and not keep.any() and not self._numeric:
+                self._not_a_feature(*failed.popitem(), what)
             kept = [row for row, k in zip(cells, keep, strict=True) if k]
             x = self._floats(kept, what, self.decimal)
             assert x is not None
+        self._numeric = self._numeric or bool(keep.any())
         errors.sort(key=lambda e: e[0])
         return Chunk(
             x=x.reshape(int(keep.sum()), len(self.features)),  # no features yet: no rows
@@ -464,6 +487,31 @@ class Reader:
         with np.errstate(over="ignore"):
             return values.astype(np.float32)
 
+    def _not_a_feature(self, column: int, cell: Any, what: str) -> None:
+        """No row so far had numbers for features, and in every row here one column was
+        the one that was not: a text or time column, not a bad row. Said once."""
+        name = self.features[column]
+        kind = "date-times" if isinstance(cell, str) and _iso_time(cell) else "no numbers"
+        others = [f for f in self.features if f != name]
+        raise DataError(
+            f"{self.name}: {what} {name!r} holds {kind} ({str(cell)[:40]!r}), in every row so "
+            f"far, and features must be numbers: leave it out with --features "
+            f"{','.join(others[:8])}{',...' if len(others) > 8 else ''} (a device's samples "
+            "keep their arrival order; nothing of this input was stored)"
+        )
+
+    def _names_not_indices(self, names: list[str], what: str) -> None:
+        """No label so far was a class index, and every row here named one: the input
+        names its classes. Said once, for the input, not once a row."""
+        shown = ",".join(sorted(names)[:20])
+        raise DataError(
+            f"{self.name}: the labels in {what} {self.label!r} are class names "
+            f"({', '.join(repr(n) for n in names[:5])}{', ...' if len(names) > 5 else ''}), "
+            "and without --classes labels are class indices (0, 1, ...): give every class, "
+            f"in index order, e.g. --classes {shown} (the names seen so far, sorted; add any "
+            "class these rows lack, and keep one order for every device)"
+        )
+
     def _label(self, text: str, what: str) -> int:
         where = f"{what} {self.label!r}"
         if text.lower() in MISSING:
@@ -476,8 +524,10 @@ class Reader:
                 )
             return self.classes[canon]
         if not _INT_RE.fullmatch(canon):
-            raise _RowProblem(
+            raise _NamedLabel(
                 f"{where}: label {text!r} is not an integer class index "
-                "(name the classes with --classes)"
+                "(name the classes with --classes)",
+                text,
             )
+        self._indexed = True
         return int(canon)

@@ -144,3 +144,40 @@ def test_a_csv_file_read_as_jsonl_costs_its_rows_with_one_hint(tmp_path: Path) -
     assert errors[0].startswith(f"{path}:1: invalid JSON")
     assert "--format jsonl: is it CSV?" in errors[0]
     assert all("is it CSV" not in e for e in errors[1:])
+
+
+def test_labels_that_are_all_names_stop_the_input_once_with_the_classes_to_give(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "named.csv"
+    path.write_text("temp,hum,state\n" + "1,2,ok\n3,4,alarm\n5,6,ok\n" * 100)
+    with pytest.raises(DataError) as raised:
+        read_all(path, label="state")
+    said = str(raised.value)
+    assert said.startswith(f"{path}: the labels in column 'state' are class names ('ok', "
+                           "'alarm')")
+    assert "--classes alarm,ok" in said
+    # Indices with the odd name among them: that row alone is refused, as before.
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("temp,state\n1,0\n2,oops\n3,1\n")
+    _, y, errors = read_all(mixed, label="state")
+    assert len(errors) == 1 and "label 'oops' is not an integer class index" in errors[0]
+    np.testing.assert_array_equal(y, [0, 1])
+
+
+def test_a_time_column_stops_the_input_once_with_the_columns_to_keep(tmp_path: Path) -> None:
+    path = tmp_path / "timed.csv"
+    path.write_text("timestamp,temp,hum,label\n"
+                    + "".join(f"2024-05-01T10:{i:02d}:00,21.{i},40,{i % 2}\n" for i in range(50)))
+    with pytest.raises(DataError) as raised:
+        read_all(path)
+    said = str(raised.value)
+    assert said.startswith(f"{path}: column 'timestamp' holds date-times "
+                           "('2024-05-01T10:00:00'), in every row so far")
+    assert "--features temp,hum" in said
+    # Once rows have gone through, a text value is that row's problem only.
+    later = tmp_path / "later.csv"
+    later.write_text("temp,label\n21,0\n22,1\nwarm,0\n23,1\n")
+    x, _, errors = read_all(later)
+    assert len(errors) == 1 and "'warm' is not a number" in errors[0]
+    np.testing.assert_array_equal(x[:, 0], [21, 22, 23])

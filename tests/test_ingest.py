@@ -261,6 +261,18 @@ def test_feed_csv_with_quirks_reports_bad_rows(start, tmp_path: Path) -> None:
     np.testing.assert_array_equal(pending.y, [0, 1, 0])
 
 
+def test_feed_refuses_columns_the_device_cannot_store_before_sending(start, tmp_path) -> None:
+    server = start(n_features=3)
+    path = tmp_path / "two.csv"
+    path.write_text("temp,hum,label\n" + "21,40,1\n" * 30)
+    proc = feed(str(path), "--to", server.address)
+    assert proc.returncode == 2, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert f"{path}: its rows have 2 features ('temp', 'hum'), and the device at " in said
+    assert "stores samples of 3: name the 3 feature columns" in said
+    assert server.spool.stats()["accepted"] == 0
+
+
 def test_feed_jsonl_from_stdin(start) -> None:
     server = start("tcp", n_features=2, n_classes=3)
     lines = [
@@ -352,7 +364,7 @@ def test_feed_says_what_was_sent_when_the_device_goes_away_mid_stream(
     said = " ".join(err.split())
     assert proc.returncode == 1, err
     assert "the device went away during the feed:" in said and "rows were sent (to <stdin>:" in said
-    assert "Feed them again once it is up" in said
+    assert "Once it is up, feed again from line " in said and "tail -n +" in said
     assert len(stored(server)) >= 2  # what it stored before going away is kept
 
 
@@ -368,7 +380,8 @@ def test_a_stopped_feed_says_what_was_sent_and_where_to_go_on(
     assert proc.returncode == code, err
     assert f"stopped ({sig.name}): 2 rows were sent (to <stdin>:3)" in said, said
     assert "Rows after <stdin>:3 were not sent" in said and "Traceback" not in err
-    assert "feed again its lines from 4 on after the header" in said  # not "from there"
+    assert "feed again from line 4 (the header is line 1: e.g. `(head -n 1 FILE; tail -n +4 " \
+        "FILE)`)" in said  # not "from there"
 
 
 def test_a_feed_stopped_before_its_first_row_says_nothing_was_sent(start) -> None:
