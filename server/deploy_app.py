@@ -26,7 +26,14 @@ from fedstream.protocol.models import build_model
 from fedstream.server import checkpoint
 from fedstream.server.app import stages
 from fedstream.server.grid import bounded_pulls
-from fedstream.server.records import History, MetricsLog, run_summary, write_summary
+from fedstream.server.records import (
+    History,
+    MetricsLog,
+    federated_series,
+    read_metrics,
+    run_summary,
+    write_summary,
+)
 from fedstream.server.rounds import RoundSettings, run_rounds
 from fedstream.server.strategy import make_strategy
 
@@ -84,8 +91,11 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
     arrays, history = run_rounds(
         grid, strategy, arrays, settings, record, history=history, after_round=save
     )
+    federated = federated_series(read_metrics(out / "metrics.jsonl"))  # resumed runs too
     summary = {
         **run_summary(cfg, history),
+        "accuracy_per_round": federated.per_round,
+        "cumulative_accuracy": federated.cumulative,
         "samples_dropped": history.dropped,
         "wall_seconds_since_start": time.perf_counter() - started,
         "model_sha256": fingerprint(arrays),

@@ -263,6 +263,47 @@ def secure_round_record(
 ROUNDS_LISTED = 10  # failed rounds named per reason in summary.json; all are in metrics.jsonl
 
 
+@dataclass
+class AccuracySeries:
+    """One run's prequential accuracy, round by round: a baseline's, or the federation's
+    as its round records tell it, so that both reach summary.json in the same form."""
+
+    name: str
+    seen: int = 0
+    correct: int = 0
+    per_round: list[float | None] = field(default_factory=list)  # accuracy in each round
+    cumulative: list[float | None] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.seen if self.seen else None
+
+    def add_round(self, seen: int, correct: int) -> None:
+        self.seen += seen
+        self.correct += correct
+        self.per_round.append(correct / seen if seen else None)
+        self.cumulative.append(self.accuracy)
+
+    def to_dict(self) -> dict:
+        return {
+            "prequential_accuracy": self.accuracy,
+            "samples_seen": self.seen,
+            "accuracy_per_round": self.per_round,
+            "cumulative_accuracy": self.cumulative,
+        }
+
+
+def federated_series(records: Iterable[dict[str, Any]]) -> AccuracySeries:
+    """The federation's accuracy round by round, from its metrics.jsonl records: the last
+    record of each round (a round redone after a crash, before its checkpoint, is written
+    twice), in round order."""
+    rounds = {rec["round"]: rec for rec in records if "round" in rec}
+    series = AccuracySeries("federated")
+    for _, rec in sorted(rounds.items()):
+        series.add_round(rec["examples"], rec["correct"])
+    return series
+
+
 def run_summary(cfg: Config, history: History) -> dict[str, Any]:
     """The summary.json keys every run has, simulated or deployed (see the README)."""
     per_client = {

@@ -7,44 +7,13 @@ close to `centralized`, which pools the raw data federated learning never moves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from fedstream.client.learner import Learner, Spec
 from fedstream.protocol.config import Config
 from fedstream.server import stopping
+from fedstream.server.records import AccuracySeries
 from fedstream.sim.federation import Federation, federation
-
-
-@dataclass
-class AccuracySeries:
-    """One run's prequential accuracy, round by round: a baseline's, or the federation's
-    as its round records tell it, so that both reach summary.json in the same form."""
-
-    name: str
-    seen: int = 0
-    correct: int = 0
-    per_round: list[float | None] = field(default_factory=list)  # accuracy in each round
-    cumulative: list[float | None] = field(default_factory=list)
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.seen if self.seen else None
-
-    def add_round(self, seen: int, correct: int) -> None:
-        self.seen += seen
-        self.correct += correct
-        self.per_round.append(correct / seen if seen else None)
-        self.cumulative.append(self.accuracy)
-
-    def to_dict(self) -> dict:
-        return {
-            "prequential_accuracy": self.accuracy,
-            "samples_seen": self.seen,
-            "accuracy_per_round": self.per_round,
-            "cumulative_accuracy": self.cumulative,
-        }
 
 
 def _spec(cfg: Config, fed: Federation) -> Spec:

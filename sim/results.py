@@ -12,8 +12,7 @@ from flwr.app import ArrayRecord
 
 from fedstream.protocol import model_file
 from fedstream.protocol.config import Config, ConfigError, to_toml, validate
-from fedstream.server.records import History, run_summary
-from fedstream.sim.baselines import AccuracySeries
+from fedstream.server.records import AccuracySeries, History, federated_series, run_summary
 from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
 
 OWNED = ("summary.json", "metrics.jsonl", model_file.FILE, "plots/accuracy.png",
@@ -77,9 +76,7 @@ def summarize(
     records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     records = records or []
-    federated = AccuracySeries("federated")  # per round, as the baselines have it
-    for rec in records:
-        federated.add_round(rec["examples"], rec["correct"])
+    federated = federated_series(records)  # per round, as the baselines have it
     summary: dict[str, Any] = {
         **run_summary(cfg, history),
         "wall_seconds": wall_seconds,

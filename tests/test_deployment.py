@@ -154,6 +154,8 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     summary = json.loads((work / "srv" / "results" / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["secure_aggregation"] is True
     assert summary["rounds_aggregated"] == 3
+    assert len(summary["accuracy_per_round"]) == 3  # across the crash and the resume
+    assert summary["cumulative_accuracy"][-1] == pytest.approx(summary["prequential_accuracy"])
     saved = model_file.load(work / "srv" / "results")  # the latest global model, as a file
     assert saved.server_round == 3 and saved.classes == ("0", "1", "2")
     assert fingerprint(ArrayRecord(saved.state_dict)) == summary["model_sha256"]
