@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import re
 import ssl
@@ -169,10 +170,12 @@ def control(agg: Aggregator) -> Any:  # Flower's Control API client
     from flwr.cli.typing import SuperLinkConnection
     from flwr.cli.utils import init_http_client_from_connection
 
-    return init_http_client_from_connection(
-        SuperLinkConnection(name="fedstream", address=f"127.0.0.1:{agg.port}",
-                            root_certificates=str(agg.ca))
-    )
+    # Flower's CLI helper prints "Using SuperLink: ..." to stdout, which is the run's here.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return init_http_client_from_connection(
+            SuperLinkConnection(name="fedstream", address=f"127.0.0.1:{agg.port}",
+                                root_certificates=str(agg.ca))
+        )
 
 
 def register(ctl: Any, public_keys: list[Path]) -> list[int]:
