@@ -20,10 +20,12 @@ import time
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.serde import config_record_from_proto, config_record_to_proto
+from flwr.proto.recorddict_pb2 import ConfigRecord as ProtoConfigRecord
 
 from fedstream.client.privacy import make_privacy_mod
-from fedstream.client.secure import secure_aggregation_mod
+from fedstream.client.secure import STATE_KEY, secure_aggregation_mod
 from fedstream.client.spool import FeatureCountMismatch, Spool
 from fedstream.protocol import messages as m
 from fedstream.protocol import runtime
@@ -33,12 +35,14 @@ SPOOL = "spool"  # node config: path of this device's spool file
 CLIENT_ID = "client-id"  # node config: this device's stable client id
 MAX_ROUND_SAMPLES = 100_000  # a round never loads more than this (stream.budget lowers it)
 LEARNER, REPORTED_DROPS = "learner", "dropped-reported"
+SECRETS = "secure-aggregation"  # the spool's copy of the secure-aggregation secrets
 
 
 def device_client_app(config: Config | None = None) -> ClientApp:
     # The update pipeline, as in every fedstream ClientApp (client/app.py): privacy clips
     # and noises the change with the OS's entropy, secure aggregation quantizes and masks it.
-    app = ClientApp(mods=[said_on_failure, secure_aggregation_mod, make_privacy_mod()])
+    app = ClientApp(mods=[said_on_failure, secrets_in_spool(config), secure_aggregation_mod,
+                          make_privacy_mod()])
 
     @app.train()
     def _train(msg: Message, ctx: Context) -> Message:
@@ -62,6 +66,44 @@ def said_on_failure(msg: Message, ctx: Context, call_next: ClientAppCallable) ->
         print(f"{runtime.ROUND_FAILED} {type(err).__name__}: {err}", file=sys.stderr,
               flush=True)
         raise
+
+
+def secrets_in_spool(config: Config | None) -> Mod:
+    """A mod that keeps the device's secure-aggregation secrets in its spool.
+
+    They live in `Context.state` (`client.secure`), which a SuperNode holds in memory only:
+    a restarted device would come back without the mask key it offered, miss the round the
+    server assigned it in, and forget which rounds it had already answered. Kept here, the
+    secrets come back with the device: it masks the next round, and answers a round once
+    even across restarts. They are written before the reply that depends on them leaves.
+    """
+
+    def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        if SPOOL not in ctx.node_config or not _secure(msg):
+            return call_next(msg, ctx)
+        cfg = config or from_run_config(dict(ctx.run_config))
+        with open_spool(ctx, cfg) as spool:
+            kept = spool.state(SECRETS)
+        if kept is not None:
+            ctx.state[STATE_KEY] = config_record_from_proto(ProtoConfigRecord.FromString(kept))
+        reply = call_next(msg, ctx)
+        if STATE_KEY in ctx.state:
+            blob = config_record_to_proto(ctx.state[STATE_KEY]).SerializeToString()
+            if blob != kept:
+                with open_spool(ctx, cfg) as spool:
+                    spool.put_state(SECRETS, blob)
+        return reply
+
+    return mod
+
+
+def _secure(msg: Message) -> bool:
+    """A message the secure-aggregation mod answers or masks: the only ones that read or
+    change its secrets."""
+    if m.SECAGG in msg.content.config_records:
+        return True
+    query = msg.content.config_records.get(m.CONFIG)
+    return query is not None and query.get(m.QUERY_KIND) in (m.KEYS, m.UNMASK)
 
 
 def train_from_spool(msg: Message, ctx: Context, cfg: Config) -> Message:

@@ -375,6 +375,12 @@ class Spool:
         with self._read() as cur:
             return [tuple(r) for r in cur.execute("SELECT * FROM ledger ORDER BY rowid")]
 
+    def put_state(self, key: str, blob: bytes) -> None:
+        """Store one state value on its own, durably, leaving the samples as they are."""
+        with self._write() as cur:
+            cur.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                        (key, bytes(blob)))
+
     def state(self, key: str) -> bytes | None:
         with self._read() as cur:
             row = cur.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()

@@ -144,6 +144,8 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     run_logs = sorted((work / "srv" / "logs").glob("run-*.log"))
     assert len(run_logs) == 2, run_logs  # the crashed run's log is kept, the resumed one's too
     assert all("\x1b[" not in p.read_text() for p in run_logs)
+    # The restarted device still held the mask key it had offered (kept in its spool).
+    assert "keys not held" not in (work / "client1.log").read_text()
     for i in (0, 2):  # the devices that lived through the server's crash say they are back
         said = (work / f"client{i}.log").read_text()
         assert said.count("connected to the server at") >= 2, said[-3000:]

@@ -9,6 +9,7 @@ from loopback_grid import LoopbackGrid
 from fedstream.client import device_app
 from fedstream.client.device_app import device_client_app
 from fedstream.client.spool import Spool
+from fedstream.protocol import messages as m
 from fedstream.protocol.config import load
 from fedstream.protocol.models import build_model
 from fedstream.server.app import run_federation
@@ -68,6 +69,34 @@ def test_rounds_train_each_spooled_sample_once(tmp_path, secure):
         assert stats["trained"] == 50 and stats["pending"] == 0
         assert [(a, b, n) for a, b, n, _ in ledger] == [(0, 20, 20), (20, 40, 20), (40, 50, 10)]
         assert [tag for *_, tag in ledger] == ["round 1", "round 2", "round 3"]
+
+
+def test_a_restarted_device_keeps_its_secure_aggregation_keys(tmp_path):
+    # A restarted SuperNode starts with an empty Context; the server assigns the device the
+    # mask key it offered before. The device still holds it (in its spool), so it takes part
+    # in the very next round, and still answers a round's unmask request once only.
+    from flwr.app import Context, RecordDict
+
+    cfg = _cfg("secure_aggregation.enabled=true", "stream.budget=10", "federation.rounds=4")
+    paths = _spools(tmp_path)
+    records: list[dict] = []
+    grid = _grid(cfg, paths)
+
+    def restart_device_1(rec: dict, _history: object) -> None:
+        records.append(rec)
+        if rec["round"] in (1, 2):
+            old = grid.contexts[1001]
+            grid.contexts[1001] = Context(1, 1001, old.node_config, RecordDict(), {})
+
+    run_federation(grid, cfg, _initial(cfg), tmp_path / "out", on_round=restart_device_1)
+    assert [r["failures"] for r in records] == [[]] * 4
+    assert [r["clients_ok"] for r in records] == [CLIENTS] * 4
+    last_unmask = [msg for msg in grid.sent if msg.metadata.dst_node_id == 1001
+                   and m.CONFIG in msg.content
+                   and msg.content[m.CONFIG].get(m.QUERY_KIND) == m.UNMASK][-1]
+    fresh = Context(1, 1001, grid.contexts[1001].node_config, RecordDict(), {})
+    with pytest.raises(Exception, match="already unmasked"):  # restarted again: still once
+        grid.app(last_unmask, fresh)
 
 
 def test_a_round_that_dies_before_its_commit_is_trained_again(tmp_path, monkeypatch):
