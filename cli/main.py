@@ -376,7 +376,7 @@ def feed(
 
     from tqdm import tqdm
 
-    from fedstream.client.feed import Reader, open_input
+    from fedstream.client.feed import Reader, open_input, still_reading
     from fedstream.client.ingest import IngestError, Producer
     from fedstream.client.sources import DataError
     from fedstream.protocol.runtime import Stopped, on_signals
@@ -452,7 +452,8 @@ def feed(
             hint = "" if wait else " (is its device up? --wait S waits for it)"
             fail(f"{e}{hint}", 1)
         finally:
-            stream.close()
+            if not still_reading():  # else closing waits on the reader's lock (see main)
+                stream.close()
     bar.close()
     for error in result.errors:
         room = max(0, 1000 - len(problems))
@@ -529,7 +530,7 @@ def main() -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             code = done.code
-            os._exit(code if isinstance(code, int) else 1)
+            os._exit(0 if code is None else code if isinstance(code, int) else 1)
         raise
 
 

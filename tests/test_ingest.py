@@ -384,6 +384,38 @@ def test_a_stopped_feed_says_what_was_sent_and_where_to_go_on(
         "FILE)`)" in said  # not "from there"
 
 
+@pytest.mark.parametrize("how", ["sigterm", "width"])
+def test_a_feed_from_a_pipe_left_open_exits_after_what_it_says(start, how: str) -> None:
+    # `tail -f live.csv | fedstream feed -`: the writer keeps the pipe open, and the
+    # reader thread is blocked in a read. Whatever ends the feed, it must exit.
+    server = start(n_features=3 if how == "width" else 2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
+         "--quiet", "--batch", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write("x,y,label\n1,2,0\n3,4,1\n")
+    proc.stdin.flush()  # and left open
+    try:
+        if how == "sigterm":
+            deadline = time.monotonic() + 60
+            while len(stored(server)) < 2:
+                assert time.monotonic() < deadline, "rows were not stored"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        said = " ".join(proc.stderr.read().split())
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    if how == "sigterm":
+        assert code == 143 and "stopped (SIGTERM): 2 rows were sent" in said, said
+    else:
+        assert code == 2 and "its rows have 2 features ('x', 'y')" in said, said
+    assert "Fatal Python error" not in said
+
+
 def test_a_feed_stopped_before_its_first_row_says_nothing_was_sent(start) -> None:
     server = start(n_features=2)
     proc = subprocess.Popen(
