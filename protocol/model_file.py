@@ -23,6 +23,7 @@ from fedstream.protocol.config import Config
 from fedstream.protocol.models import build_model
 
 FILE = "model.pt"
+TMP = f".{FILE}.tmp"  # beside it while it is written
 FORMAT = "fedstream-model/1"
 
 
@@ -71,8 +72,11 @@ def save(
         "server_round": int(server_round),
     }
     path = out_dir / FILE
-    tmp = path.with_name(f".{FILE}.tmp")
-    torch.save(record, tmp)
+    tmp = out_dir / TMP
+    with tmp.open("wb") as fh:
+        torch.save(record, fh)
+        fh.flush()
+        os.fsync(fh.fileno())  # the rename must not land before the bytes (a power cut)
     os.replace(tmp, path)
     return path
 

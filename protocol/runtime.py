@@ -188,8 +188,9 @@ def on_signals(notice: str = "") -> Iterator[None]:
         nonlocal fired
         if not fired:
             fired = True
-            if notice:
-                print(notice, file=sys.stderr, flush=True)
+            if notice:  # os.write: a print here could re-enter one the signal interrupted
+                with contextlib.suppress(OSError):
+                    os.write(2, f"{notice}\n".encode())
             raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -15,8 +15,8 @@ from fedstream.protocol.config import Config, ConfigError, to_toml, validate
 from fedstream.server.records import AccuracySeries, History, federated_series, run_summary
 from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
 
-OWNED = ("summary.json", "metrics.jsonl", model_file.FILE, "plots/accuracy.png",
-         "plots/clients.png", "plots/privacy.png")
+OWNED = ("summary.json", "metrics.jsonl", model_file.FILE, model_file.TMP,
+         "plots/accuracy.png", "plots/clients.png", "plots/privacy.png")
 MARK = "# The config of the run whose results are in this folder: `fedstream sim --config "
 
 

@@ -41,12 +41,12 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
         grid, cfg, fed.initial_arrays(), out, evaluate, simulated=simulated
     )
     wall = time.perf_counter() - started
-    results.save_model(cfg, arrays, history)
     baselines = run_baselines(cfg)
     final_eval = evaluate(cfg.federation.rounds, arrays) if evaluate else None
     records = read_metrics(out / "metrics.jsonl")
     summary = results.summarize(cfg, history, wall, baselines, final_eval, records)
-    stopping.check()  # a stopped run leaves no summary: its folder says it did not finish
+    stopping.check()  # a stopped run leaves no summary or model: it did not finish
+    results.save_model(cfg, arrays, history)
     write_summary(out, summary)
     if cfg.output.plots:
         plot_all(out, summary, records)
