@@ -404,6 +404,8 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not append or not path.exists():
             path.write_text("")
+        else:
+            _drop_partial_line(path)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(_finite(record)) + "\n"
@@ -412,6 +414,15 @@ class MetricsLog:
                 return
             with self.path.open("a") as fh:
                 fh.write(line)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line that a crash left half-written: appended to, it would make one line
+    no JSON reader (ours, or pandas') can parse, in the middle of the file."""
+    with path.open("rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -210,6 +210,17 @@ def test_summary_and_metrics_files_hold_no_nan(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics.jsonl").read_text(), **strict) == {"accuracy": None}
 
 
+def test_a_resumed_log_drops_the_half_line_a_crash_left(tmp_path: Path) -> None:
+    # kill -9 in the middle of a large record: the server resumes and appends after it.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1, "examples": 10, "correct": 5}\n{"round": 2, "exam')
+    MetricsLog(path, append=True).write({"round": 2, "examples": 10, "correct": 7})
+    assert [r["round"] for r in read_metrics(path)] == [1, 2]
+    assert records.federated_series(read_metrics(path)).per_round == [0.5, 0.7]
+    MetricsLog(path, append=True)  # a whole file is left as it is
+    assert len(read_metrics(path)) == 2
+
+
 @pytest.fixture
 def fresh_run():
     stopping.start()
