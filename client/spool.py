@@ -41,6 +41,8 @@ a power cut may lose the latest transactions, never the file's consistency).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -71,6 +73,22 @@ CREATE TABLE IF NOT EXISTS ledger (
     start INTEGER NOT NULL, stop INTEGER NOT NULL, trained INTEGER NOT NULL, tag TEXT NOT NULL
 );
 """
+
+
+def _owner_only(path: Path) -> None:
+    """Make the spool readable by its owner only, before SQLite opens it (its WAL and
+    shared-memory files take the database's mode): it holds the device's raw samples and
+    its secure-aggregation keys. A spool someone else owns is left as it is."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        with contextlib.suppress(OSError):  # not ours to change: SQLite says if unusable
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+        return
+    except OSError:
+        return  # a missing folder, a read-only place: SQLite's own error names it
+    os.close(fd)
 
 
 class SpoolError(Exception):
@@ -130,6 +148,7 @@ class Spool:
         self.policy: Policy = policy
         self.synchronous: Synchronous = synchronous
         self._lock = threading.Lock()
+        _owner_only(self.path)
         try:
             self._db = sqlite3.connect(
                 self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False

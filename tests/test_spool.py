@@ -228,3 +228,16 @@ def test_invariant_survives_sigkill_of_concurrent_writers(tmp_path: Path) -> Non
     if len(pending):
         assert pending.start >= stats["offset"]
         assert pending.stop - pending.start == len(pending), "pending rows are contiguous"
+
+
+def test_a_spool_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # It holds the device's raw samples and its secure-aggregation keys.
+    path = tmp_path / "spool.db"
+    spool = Spool(path, 2)
+    spool.append(np.zeros((3, 2), np.float32), np.array([0, 1, 0]))
+    files = [path, path.with_name("spool.db-wal"), path.with_name("spool.db-shm")]
+    assert [oct(p.stat().st_mode & 0o777) for p in files] == ["0o600"] * 3
+    spool.close()
+    path.chmod(0o644)  # made by an older fedstream, or copied in
+    Spool(path, 2).close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
