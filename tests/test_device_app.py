@@ -72,31 +72,43 @@ def test_rounds_train_each_spooled_sample_once(tmp_path, secure):
 
 
 def test_a_restarted_device_keeps_its_secure_aggregation_keys(tmp_path):
-    # A restarted SuperNode starts with an empty Context; the server assigns the device the
-    # mask key it offered before. The device still holds it (in its spool), so it takes part
-    # in the very next round, and still answers a round's unmask request once only.
+    # A restarted SuperNode starts with an empty Context. Device 1 restarts after rounds 1
+    # and 2 (the server then assigns it the mask key it offered before), and in round 3
+    # between its masked reply and the unmask request. Its spool kept its secrets: it
+    # takes part in every round, and answers round 3's request once, across restarts.
     from flwr.app import Context, RecordDict
 
     cfg = _cfg("secure_aggregation.enabled=true", "stream.budget=10", "federation.rounds=4")
-    paths = _spools(tmp_path)
-    records: list[dict] = []
-    grid = _grid(cfg, paths)
 
-    def restart_device_1(rec: dict, _history: object) -> None:
+    def restart(node: int) -> None:
+        grid.contexts[node] = Context(1, node, grid.contexts[node].node_config, RecordDict(),
+                                      {})
+
+    def mid_round_3(node: int, reply):
+        if (node == 1001 and reply.has_content() and m.MASKED in reply.content
+                and reply.content[m.SECAGG]["round"] == 3):
+            restart(node)
+        return reply
+
+    grid = _grid(cfg, _spools(tmp_path), tamper=mid_round_3)
+    records: list[dict] = []
+
+    def after(rec: dict, _history: object) -> None:
         records.append(rec)
         if rec["round"] in (1, 2):
-            old = grid.contexts[1001]
-            grid.contexts[1001] = Context(1, 1001, old.node_config, RecordDict(), {})
+            restart(1001)
 
-    run_federation(grid, cfg, _initial(cfg), tmp_path / "out", on_round=restart_device_1)
+    run_federation(grid, cfg, _initial(cfg), tmp_path / "out", on_round=after)
     assert [r["failures"] for r in records] == [[]] * 4
     assert [r["clients_ok"] for r in records] == [CLIENTS] * 4
-    last_unmask = [msg for msg in grid.sent if msg.metadata.dst_node_id == 1001
-                   and m.CONFIG in msg.content
-                   and msg.content[m.CONFIG].get(m.QUERY_KIND) == m.UNMASK][-1]
-    fresh = Context(1, 1001, grid.contexts[1001].node_config, RecordDict(), {})
-    with pytest.raises(Exception, match="already unmasked"):  # restarted again: still once
-        grid.app(last_unmask, fresh)
+    round_3_unmask = next(
+        msg for msg in grid.sent if msg.metadata.dst_node_id == 1001
+        and m.CONFIG in msg.content and msg.content[m.CONFIG].get(m.QUERY_KIND) == m.UNMASK
+        and msg.content[m.CONFIG]["round"] == 3
+    )
+    restart(1001)
+    with pytest.raises(Exception, match="already unmasked"):  # answered once, kept so
+        grid.app(round_3_unmask, grid.contexts[1001])
 
 
 def test_a_round_that_dies_before_its_commit_is_trained_again(tmp_path, monkeypatch):
