@@ -425,7 +425,8 @@ def feed(
             with Producer(to) as producer:
                 if wait:
                     producer.wait_ready(wait)
-                _check_width(reader.features, producer.stats()["n_features"], name, to)
+                width = producer.stats()["n_features"]
+                _check_width(reader.features or wanted, width, name, to)
                 result = producer.append_batches(batches())
         except Stopped as e:
             stopped = e
@@ -434,7 +435,7 @@ def feed(
                 handed = len(lines)
                 sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
                 rest = (f"Rows after {name}:{lines[-1]} were not sent: feed again from "
-                        f"{_resume_from(reader.kind, lines[-1] + 1)} (up to a few thousand "
+                        f"{_resume_from(reader, stream, lines[-1] + 1)} (up to a few thousand "
                         "rows before them were still in flight and may not be stored)"
                         ) if handed else f"Feed {name} again"
                 err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
@@ -447,7 +448,7 @@ def feed(
                 fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "
                      f"{name}:{last}); it stored those it had received, and rows after "
                      f"{name}:{last} were not sent. Once it is up, feed again from "
-                     f"{_resume_from(reader.kind, last + 1)}; the last rows sent before it went "
+                     f"{_resume_from(reader, stream, last + 1)}; the last rows sent before it went "
                      "away may not be stored either", 1)
             hint = "" if wait else " (is its device up? --wait S waits for it)"
             fail(f"{e}{hint}", 1)
@@ -484,17 +485,24 @@ def feed(
         raise typer.Exit(3)
 
 
-def _resume_from(kind: str, line: int) -> str:
-    """Where a stopped feed goes on, said so that a CSV's header is not mistaken for a row
-    (its line numbers count the header, as an editor's do)."""
-    if kind == "csv":
-        return f"line {line} (the header is line 1: e.g. `(head -n 1 FILE; tail -n +{line} FILE)`)"
-    return f"line {line} (`tail -n +{line} FILE`)"
+def _resume_from(reader: Any, stream: Any, line: int) -> str:
+    """Where a stopped feed goes on, with a command that keeps a CSV's header (line
+    numbers count every line of the input, as an editor's do)."""
+    import gzip
+
+    cat = "zcat FILE" if isinstance(getattr(stream, "buffer", None), gzip.GzipFile) else (
+        "cat FILE")
+    if reader.kind == "csv":
+        head = reader.header_line
+        return (f"line {line}, after the header (line {head}): e.g. "
+                f"`{cat} | sed -n '{head}p;{line},$p'`")
+    return f"line {line}: e.g. `{cat} | tail -n +{line}`"
 
 
 def _check_width(features: list[str], width: int, name: str, to: str) -> None:
     """Columns that cannot fit the device: said once, before any row is sent (the device
-    would refuse every row). JSONL keys are known only row by row, and checked there."""
+    would refuse every row). A JSONL input's keys are known here only from --features;
+    without it, each row's are checked as it comes."""
     if features and len(features) != width:
         shown = ", ".join(repr(f) for f in features[:8]) + (", ..." if len(features) > 8 else "")
         fail(f"{name}: its rows have {len(features)} features ({shown}), and the device at "

@@ -146,6 +146,7 @@ def open_input(path: str) -> tuple[IO[str], str]:
 
 
 PUMP = "feed-input"  # the thread reading a live input
+EVIDENCE = 8  # rows alike in a mistake before it is the input's, said once, not each row's
 
 
 def still_reading() -> bool:
@@ -184,6 +185,7 @@ class Reader:
         self.decimal = "."  # the CSV's decimal mark, once its header is read
         self.marks: DecimalMarks | None = None  # numbers that read two ways (';' files)
         self.line = 0  # last line read
+        self.header_line = 0  # a CSV's header (after blank lines, or Excel's `sep=` line)
         self._hinted = False  # the not-UTF-8 hint is given with the first such row only
         self._indexed = False  # some label was a class index (so names are row errors)
         self._numeric = False  # some row's features were numbers (so text is a row error)
@@ -256,7 +258,7 @@ class Reader:
         delimiter = excel_delimiter(first)
         if delimiter is not None:  # Excel's `sep=;` line: the header comes next
             first = self._first(lines)
-        start = self.line
+        start = self.header_line = self.line
         self.kind = "csv" if delimiter else detect_format(self.path, first, self.fmt)
         if self.kind == "csv":
             rows = self._csv_rows(lines, *self._csv_header(first, start, delimiter))
@@ -424,7 +426,7 @@ class Reader:
         lines: list[int] = []
         labels: list[int] = []
         cells: list[list[Any]] = []
-        named: dict[str, None] = {}  # label names met where indices were expected
+        named: dict[str, int] = {}  # label names met where indices were expected: rows
         for line, row in rows:
             if isinstance(row, str):  # a problem found while reading
                 errors.append((line, row))
@@ -433,14 +435,16 @@ class Reader:
                 labels.append(self._label(row[0], what))
             except _NamedLabel as exc:
                 errors.append((line, str(exc)))
-                named[exc.label] = None
+                named[exc.label] = named.get(exc.label, 0) + 1
                 continue
             except _RowProblem as exc:
                 errors.append((line, str(exc)))
                 continue
             lines.append(line)
             cells.append(row[1])
-        if named and not self._indexed:  # no label so far was an index, and some named one
+        # No label so far was an index, and enough rows named one that it is the input's
+        # way, not one row's slip (a live input's first chunk may be a single row).
+        if sum(named.values()) >= EVIDENCE and not self._indexed:
             self._names_not_indices(list(named), what)
         if self.marks is not None and cells and what == "column":
             ambiguous = self.marks.problems(np.asarray(cells, dtype=np.str_), lines)
@@ -460,7 +464,9 @@ class Reader:
                         failed.setdefault(j, cell)
                         keep[i] = False
                         break
-            if len(failed) == 1 and not keep.any() and not self._numeric:
+            if len(failed) == 1 and len(cells) >= EVIDENCE and not keep.any() and not (
+                self._numeric
+            ):
                 self._not_a_feature(*failed.popitem(), what)
             kept = [row for row, k in zip(cells, keep, strict=True) if k]
             x = self._floats(kept, what, self.decimal)

@@ -181,3 +181,13 @@ def test_a_time_column_stops_the_input_once_with_the_columns_to_keep(tmp_path: P
     x, _, errors = read_all(later)
     assert len(errors) == 1 and "'warm' is not a number" in errors[0]
     np.testing.assert_array_equal(x[:, 0], [21, 22, 23])
+
+
+def test_a_few_odd_first_rows_are_their_own_problem(tmp_path: Path) -> None:
+    # A live input's first chunk may be one row: one slip there must not stop the feed.
+    path = tmp_path / "slips.csv"
+    path.write_text("temp,label\n21,oops\nwarm,1\n" + "22,0\n23,1\n" * 5)
+    _, y, errors = read_all(path, batch=1)
+    assert len(errors) == 2 and len(y) == 10
+    assert "label 'oops' is not an integer class index" in errors[0]
+    assert "'warm' is not a number" in errors[1]
