@@ -76,6 +76,8 @@ def secrets_in_spool(config: Config | None) -> Mod:
     server assigned it in, and forget which rounds it had already answered. Kept here, the
     secrets come back with the device: it masks the next round, and answers a round once
     even across restarts. They are written before the reply that depends on them leaves.
+    Two secure messages handled at once on one device would write last-wins, as Flower's
+    own Context does; the server sends a device one trip's message at a time.
     """
 
     def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
