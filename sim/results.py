@@ -101,18 +101,18 @@ def summarize(
 
 def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
     """The final global model, with its classes in output order and its input columns."""
-    from fedstream.sim.federation import federation
+    from fedstream.client.sources.relabel import Relabel
+    from fedstream.sim.federation import HOLDOUT_CLIENT, federation
 
     fed = federation(cfg)
     data = fed.dataset
+    classes = model_file.class_labels(data.classes if data else (), fed.n_classes)
+    source = fed.source(HOLDOUT_CLIENT)
+    if isinstance(source, Relabel):  # a file's drift renames the classes: as they end
+        classes = tuple(source.label_names(classes, float(history.rounds)))
     return model_file.save(
-        Path(cfg.output.dir),
-        arrays,
-        cfg,
-        fed.feature_shape,
-        model_file.class_labels(data.classes if data else (), fed.n_classes),
-        data.features if data else (),
-        server_round=history.rounds,
+        Path(cfg.output.dir), arrays, cfg, fed.feature_shape, classes,
+        data.features if data else (), server_round=history.rounds,
     )
 
 

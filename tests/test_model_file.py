@@ -85,3 +85,23 @@ def test_a_replaced_model_leaves_no_temporary_beside_it(tmp_path: Path) -> None:
                         server_round=server_round)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     assert model_file.load(tmp_path).server_round == 2
+
+
+def test_after_a_files_drift_the_classes_are_named_as_the_run_ended(tmp_path: Path) -> None:
+    # Drift on a recorded file renames its classes: the final model scores the renamed
+    # ones, and `classes` must say which original class each output now stands for.
+    cfg = load(overrides=["stream.source=csv", f'stream.path="{_csv(tmp_path)}"',
+                          "stream.label=state", f'output.dir="{tmp_path}"',
+                          "drift.kind=abrupt", "drift.at=[2.0]", "drift.stagger=0"])
+    fed = federation(cfg)
+    save_model(cfg, fed.initial_arrays(), History(rounds=3))
+    saved = model_file.load(tmp_path)
+    original = fed.dataset.classes
+    assert sorted(saved.classes) == sorted(original) and saved.classes != original
+    source = fed.source(0)  # a client's stream, in round 3
+    index = np.arange(source.length)
+    t = np.full(len(index), 3.0)
+    renamed, truth = source.draw(index, t)[1], source.base.draw(index, t)[1]
+    assert [saved.classes[j] for j in renamed] == [original[c] for c in truth]
+    save_model(cfg, fed.initial_arrays(), History(rounds=1))  # before the drift
+    assert model_file.load(tmp_path).classes == original

@@ -7,6 +7,8 @@ distribution stays real. No drift configured: labels pass through untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from fedstream.client.sources.base import Source
@@ -56,3 +58,13 @@ class Relabel:
 
     def concept(self, t: np.ndarray) -> np.ndarray:
         return self.drift.assign(t, np.full(len(t), 0.5))
+
+    def label_names(self, names: Sequence[str], t: float) -> list[str]:
+        """The class each label stands for at time `t` (the concept then): a model trained
+        on the renamed stream scores `names` in this order."""
+        if self.drift.kind == "none" or not self.drift.at:
+            return list(names)
+        perm = self._perms[int(self.concept(np.array([float(t)]))[0])]
+        out = np.empty(len(names), dtype=object)
+        out[perm] = list(names)  # class c is given label perm[c]
+        return [str(name) for name in out]
