@@ -98,9 +98,15 @@ def _check_cluster(address: str, wait: float = 5.0) -> None:
     """A cluster's HOST:PORT (or ray://HOST:PORT) must answer now: Ray itself retries an
     unreachable one for minutes, saying only that it cannot reach its GCS."""
     where = "simulation.ray_address" if not os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+    if address in ("auto", "local"):
+        return  # Ray's own names, resolved by Ray
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit():
-        return  # "auto", "local": Ray's own names, resolved by Ray
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"{where}: {address!r} is not a Ray cluster address: give HOST:PORT of its head "
+            "(e.g. 10.0.0.5:6379, or ray://HOST:PORT), 'auto' for the cluster this machine "
+            "is part of, or leave it out to run on this machine"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=wait).close()
     except OSError as err:

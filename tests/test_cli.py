@@ -259,3 +259,12 @@ def test_feed_from_a_pipe_still_open_exits_2_on_a_bad_header(tmp_path: Path) -> 
         proc.stdin.close()
     assert code == 2, stderr
     assert "label column 'state' not found" in stderr and "Fatal Python error" not in stderr
+
+
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1:abc", ":6379", "10.0.0.5:70000"])
+def test_a_malformed_ray_address_is_refused_before_ray_starts(tmp_path: Path, address: str) -> None:
+    proc = fedstream("sim", "--ray-address", address, "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert f"simulation.ray_address: '{address}' is not a Ray cluster address" in said
+    assert "Traceback" not in proc.stderr
