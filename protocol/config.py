@@ -637,15 +637,17 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A config file's data, its relative `stream.path` taken from the file's own folder
-    (a config that sits beside its data runs from any directory); `--set` paths stay
-    relative to where the command runs."""
+    """A config file's data, its relative `stream.path` and `output.dir` taken from the
+    file's own folder (a config that sits beside its data runs from any directory, and
+    writes where it says); `--set` and `--out` paths stay relative to where the command
+    runs."""
     raw = read_toml(path)
-    stream = raw.get("stream")
-    if isinstance(stream, dict) and isinstance(stream.get("path"), str) and stream["path"]:
-        data = Path(stream["path"])
-        if not data.expanduser().is_absolute():
-            stream["path"] = str(Path(path).parent / data)
+    for section, key in (("stream", "path"), ("output", "dir")):
+        table = raw.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
+            given = Path(table[key])
+            if not given.expanduser().is_absolute():
+                table[key] = str(Path(path).parent / given)
     return raw
 
 

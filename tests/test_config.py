@@ -223,6 +223,21 @@ def test_a_data_path_in_a_config_file_is_relative_to_that_file(tmp_path: Path, m
         load(config, ["stream.path=d.csv"])
 
 
+def test_an_output_folder_in_a_config_file_is_relative_to_that_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # `cd /tmp && fedstream sim --config /work/cfgs/fed.toml` with dir = "../runs/a" wrote
+    # to /runs/a: the file's data path was read beside it, its output was not.
+    (tmp_path / "cfgs").mkdir()
+    config = tmp_path / "cfgs" / "fed.toml"
+    config.write_text('[output]\ndir = "../runs/a"\n')
+    monkeypatch.chdir(tmp_path / "cfgs")
+    assert Path(load(config).output.dir).resolve() == tmp_path / "runs" / "a"
+    monkeypatch.chdir("/")
+    assert Path(load(config).output.dir).resolve() == tmp_path / "runs" / "a"
+    assert load(config, ["output.dir=here"]).output.dir == "here"  # --set: from the cwd
+
+
 def test_a_data_path_expands_home_and_refuses_a_folder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "d.csv").write_text("a,label\n1,0\n2,1\n")
