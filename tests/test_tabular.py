@@ -483,3 +483,26 @@ def test_a_file_stream_gives_what_it_has_as_a_slice_would(tmp_path: Path) -> Non
     n = stream.source.length
     assert n is not None and n < 100
     assert len(stream.take(0, 100)) == n and len(stream.take(n + 5, n + 10)) == 0
+
+
+def test_every_unreadable_feature_column_is_said_at_once_with_what_to_do(tmp_path: Path) -> None:
+    rows = ["device_id,site,temp,humidity %,comment,label"]
+    for i in range(40):
+        hum = "" if i % 7 == 3 else "40.5"
+        rows.append(f"A-{i % 4},north,21.5,{hum},{'fan noisy' if i == 10 else ''},ok")
+    path = write(tmp_path, "s.csv", "\n".join(rows) + "\n")
+    message = expect_error(path, 2, "column 'device_id': 'A-0' is not a number", label="label")
+    lines = message.splitlines()
+    assert "all the feature columns with such cells, in lines 2 to 41:" in lines[1]
+    assert lines[2].strip() == ("column 'device_id': 40 not numbers (e.g. 'A-0') of 40 rows, "
+                                "first at line 2; no feature: leave it out (stream.exclude)")
+    assert lines[4].strip() == ("column 'humidity %': 6 missing of 40 rows, first at line 5; "
+                                "drop or fix those rows (values are not imputed)")
+    assert lines[5].strip().startswith("column 'comment': 39 missing, 1 not numbers "
+                                       "(e.g. 'fan noisy') of 40 rows")
+    assert lines[-1].strip() == (
+        """to leave those out: --set 'stream.exclude=["device_id", "site", "comment"]'""")
+    assert "temp" not in message  # a column that reads is not listed
+    # One bad cell in one column: the first line says it all, no report.
+    one = write(tmp_path, "one.csv", "temp,label\n21,ok\nwarm,ok\n22,ok\n")
+    assert "\n" not in expect_error(one, 3, "'warm' is not a number", label="label")

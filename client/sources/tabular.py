@@ -684,9 +684,61 @@ class _Cells:
                     where = f"{self.what} {self.features[j]!r}"
                     if problem.endswith("is not a number"):
                         problem += _column_hint(cell, self.features[j], first and i == 0)
-                    self.error = _row_error(self.name, lines[i], f"{where}: {problem}")
+                    report = self._columns_report(rows, lines)
+                    self.error = _row_error(self.name, lines[i], f"{where}: {problem}{report}")
                     return
         raise AssertionError("unreachable: conversion failed but every cell is fine")
+
+    def _columns_report(self, rows: list[list[Any]], lines: list[int]) -> str:
+        """Every feature column in these rows with cells that are no number, at once, with
+        what to do about each: fixing a file one error a run takes as many runs as it has
+        bad columns. Empty when the first problem is the only one."""
+        said, leave_out = [], []
+        total = 0
+        for j, name in enumerate(self.features):
+            column = [row[j] for row in rows]
+            if self.what == "column":
+                parsed = _text_to_float(np.asarray(column, dtype=np.str_)[:, None], self.decimal)
+                if parsed is not None and np.isfinite(parsed).all():
+                    continue  # the common case: the whole column reads, at numpy's speed
+            problems = [(i, _cell_problem(cell, self.what, self.decimal))
+                        for i, cell in enumerate(column)]
+            bad = [(i, p) for i, p in problems if p]
+            if not bad:
+                continue
+            total += len(bad)
+            missing = sum(p.startswith("missing") for _, p in bad)
+            text = [i for i, p in bad if not p.startswith("missing")]
+            kinds = ", ".join(filter(None, [
+                f"{missing} missing" if missing else "",
+                f"{len(text)} not numbers (e.g. {str(column[text[0]])[:30]!r})" if text else "",
+            ]))
+            advice = _column_advice(column, bad, len(rows), name)
+            if advice == NO_FEATURE:
+                leave_out.append(name)
+            said.append(f"{self.what} {name!r}: {kinds} of {len(rows)} rows, first at line "
+                        f"{lines[bad[0][0]]}; {advice}")
+        if len(said) < 2 and total < 2:
+            return ""
+        if leave_out:
+            said.append("to leave those out: --set 'stream.exclude=[" + ", ".join(
+                json.dumps(name) for name in leave_out) + "]'")
+        return (f"\n  all the feature columns with such cells, in lines {lines[0]} to "
+                f"{lines[-1]}:\n    " + "\n    ".join(said))
+
+
+NO_FEATURE = "no feature: leave it out (stream.exclude)"
+
+
+def _column_advice(column: list[Any], bad: list[tuple[int, str]], rows: int, name: str) -> str:
+    """What to do about a column's unreadable cells: a column that is mostly text or
+    mostly empty is no feature (leave it out); a few bad cells are those rows' to fix."""
+    text = [column[i] for i, p in bad if not p.startswith("missing")]
+    if text and isinstance(text[0], str) and _iso_time(text[0].strip()):
+        return f'a time column? name it: stream.time = "{name}"'
+    if 2 * len(bad) >= rows:
+        return NO_FEATURE
+    return "drop or fix those rows (values are not imputed)"
 
 
 def _column_hint(cell: Any, column: str, first_row: bool) -> str:
