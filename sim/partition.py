@@ -93,8 +93,9 @@ def dirichlet(
         if np.bincount(owner, minlength=n_clients).min() >= min_size:
             return _group(owner, n_clients)
     raise ValueError(
-        f"dirichlet: no split with min_size={min_size} for every one of {n_clients} clients "
-        f"after {_MAX_TRIES} draws with alpha={alpha}; increase alpha or lower min_size"
+        f"partition.alpha = {alpha}: no dirichlet split gave every one of {n_clients} "
+        f"clients at least {min_size} sample(s) in {_MAX_TRIES} draws; raise "
+        "partition.alpha, use fewer clients, or partition.scheme = \"iid\""
     )
 
 

@@ -31,7 +31,7 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
     if nodes < cfg.federation.clients:
         print(
             f"warning: {nodes} SuperNodes for federation.clients = {cfg.federation.clients}; "
-            f"clients {nodes}..{cfg.federation.clients - 1} will not take part",
+            f"{_ids(nodes, cfg.federation.clients - 1)} will not take part",
             file=sys.stderr,
         )
     fed = federation(cfg)
@@ -51,6 +51,10 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
     if cfg.output.plots:
         plot_all(out, summary, records)
     return summary
+
+
+def _ids(first: int, last: int) -> str:
+    return f"client {first}" if first == last else f"clients {first} to {last}"
 
 
 def _registered(grid: Grid, want: int, timeout: float = 10.0) -> int:

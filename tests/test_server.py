@@ -238,6 +238,7 @@ def test_no_round_record_is_written_once_the_command_is_stopped(
     records.stop_logs()
     log.write({"round": 2})
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"round": 1}]
+    assert read_metrics(tmp_path) == [{"round": 1}]  # the results folder names it too
 
 
 def test_a_stopped_run_stops_waiting_for_replies(fresh_run: None) -> None:

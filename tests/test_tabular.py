@@ -506,3 +506,10 @@ def test_every_unreadable_feature_column_is_said_at_once_with_what_to_do(tmp_pat
     # One bad cell in one column: the first line says it all, no report.
     one = write(tmp_path, "one.csv", "temp,label\n21,ok\nwarm,ok\n22,ok\n")
     assert "\n" not in expect_error(one, 3, "'warm' is not a number", label="label")
+
+
+def test_a_label_column_left_at_its_default_says_which_key_names_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "d.csv", "temp,state\n1,ok\n2,alarm\n")
+    expect_error(path, 1, "label column 'label' not found; available: 'temp', 'state'",
+                 "name the column of classes: stream.label (fedstream feed: --label)",
+                 label="label")

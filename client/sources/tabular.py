@@ -243,6 +243,8 @@ def _column_error(name: str, line: int, role: str, col: str, available: Sequence
         '; the file looks like JSON Lines: read it as jsonl (stream.source = "jsonl", or '
         "feed --format jsonl)" if json_like else ""
     )
+    if role == "label" and not _did_you_mean(col, available):
+        hint += "; name the column of classes: stream.label (fedstream feed: --label)"
     role = {"group": "group (partition.column)"}.get(role, role)
     return DataError(f"{name}:{line}: {role} column {col!r} not found; available: {shown}{hint}")
 
