@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
+from fedstream.server import stopping
 from fedstream.server.grid import OrderedGrid, Stragglers, send_and_collect
 from fedstream.server.privacy import Privacy
 from fedstream.server.records import History, round_record, secure_round_record
@@ -110,6 +111,8 @@ def run_rounds(
         on_round(record, history)
         if after_round:
             after_round(server_round, arrays, history)
+        if stopping.requested():  # Ctrl-C has said where the rounds end: no redraw after it
+            bar.disable = True
         bar.set_postfix(_postfix(record, history), refresh=False)
         bar.update(1)
     bar.close()

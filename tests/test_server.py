@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -377,3 +378,28 @@ def test_the_summary_names_the_flower_strategy_that_ran():
         cfg = load(None, overrides)
         assert flower_strategy(cfg) == name
         assert name in [k.__name__ for k in type(make_strategy(cfg)).__mro__]
+
+
+def test_the_progress_bar_does_not_redraw_after_a_stop(
+    tmp_path: Path, fresh_run: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C prints where the rounds end; a round finishing after it must not draw the
+    # bar again below that line.
+    from loopback_grid import LoopbackGrid
+
+    from fedstream.server.app import run_federation
+    from fedstream.sim.client_app import sim_client_app
+    from fedstream.sim.federation import federation
+
+    cfg = load(None, ["federation.clients=2", "federation.rounds=3", "output.progress=true"])
+    grid = LoopbackGrid(sim_client_app(cfg), 2)
+
+    def stop_in_round_2(rec: dict, _history: object) -> None:
+        if rec["round"] == 2:
+            records.stop_logs()  # as the Ctrl-C handler does, while round 2 ends
+
+    with contextlib.suppress(stopping.Stopped):
+        run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path / "out",
+                       on_round=stop_in_round_2)
+    drawn = capsys.readouterr().err
+    assert "1/3" in drawn and "2/3" not in drawn and "3/3" not in drawn
