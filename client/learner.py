@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from fedstream.client.detectors import DriftDetector, make_detector
@@ -56,6 +57,10 @@ class Learner:
         self.window_x: torch.Tensor | None = None  # batch mode: recent samples
         self.window_y: torch.Tensor | None = None
         self._scored: list[tuple[torch.Tensor, torch.Tensor]] = []  # this round's outcomes
+        # BatchNorm cannot train on one sample (no variance): such a model never gets a
+        # batch of one, and a lone sample is only scored.
+        self._batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                for m in self.model.modules())
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -88,16 +93,26 @@ class Learner:
         return outcome
 
     def _online(self, x: torch.Tensor, y: torch.Tensor, outcome: RoundOutcome) -> None:
-        bs = self.spec.learner.batch_size
-        self.model.train()
-        for start in range(0, len(y), bs):
-            xb, yb = x[start : start + bs], y[start : start + bs]
+        for start, stop in self._spans(len(y)):
+            xb, yb = x[start:stop], y[start:stop]
+            lone = self._batch_stats and len(yb) == 1
+            self.model.train(not lone)
             # One forward serves both: the prediction is taken before this batch's update.
             logits = self.model(self._scaled(xb))
             losses = F.cross_entropy(logits, yb, reduction="none")
             correct = logits.argmax(1) == yb
             self._record(correct, losses, outcome, self.offset + start)
-            self._step(losses.mean())
+            if not lone:
+                self._step(losses.mean())
+
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        """Mini-batch bounds over `n` samples; with batch statistics, a last batch of one
+        joins the batch before it."""
+        bs = self.spec.learner.batch_size
+        spans = [(start, min(start + bs, n)) for start in range(0, n, bs)]
+        if self._batch_stats and len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+            spans[-2:] = [(spans[-2][0], n)]
+        return spans
 
     def _batch(self, x: torch.Tensor, y: torch.Tensor, outcome: RoundOutcome) -> None:
         cfg = self.spec.learner
@@ -115,10 +130,12 @@ class Learner:
         n = len(self.window_y)
         # Shuffles are seeded by stream position, so they need no state of their own.
         rng = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self.offset)
+        if self._batch_stats and n == 1:
+            return  # nothing a BatchNorm model can train on yet
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=rng).to(self.device)
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
+            for start, stop in self._spans(n):
+                idx = order[start:stop]
                 logits = self.model(self._scaled(self.window_x[idx]))  # raw in the window
                 self._step(F.cross_entropy(logits, self.window_y[idx]))
 

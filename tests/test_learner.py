@@ -171,3 +171,22 @@ def test_user_model_factory(tmp_path, monkeypatch) -> None:
         _learner(model="my_models:broken")
     with pytest.raises(ValueError, match="cannot load factory"):
         _learner(model="my_models:missing")
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_a_batchnorm_model_never_trains_on_a_lone_sample(tmp_path, monkeypatch, mode) -> None:
+    # BatchNorm raises on a training batch of one: 33 samples in batches of 32 left one.
+    (tmp_path / "bn_models.py").write_text(
+        "from torch import nn\n"
+        "def bn(shape, n_classes):\n"
+        "    return nn.Sequential(nn.Linear(shape[0], 8), nn.BatchNorm1d(8), nn.ReLU(),"
+        " nn.Linear(8, n_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    learner = _learner(model="bn_models:bn", mode=mode, batch_size=32)
+    x, y = _data(n=34)
+    assert learner.learn(x[:1], y[:1]).seen == 1  # a round of one sample: scored only
+    assert learner.learn(x[1:], y[1:]).seen == 33  # 32 + 1: the last joins the batch before
+    plain = _learner(model="logreg", mode=mode, batch_size=32)
+    assert [b - a for a, b in plain._spans(33)] == [32, 1]  # no batch statistics: as given
+    assert [b - a for a, b in learner._spans(33)] == [33]
