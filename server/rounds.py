@@ -61,6 +61,7 @@ def run_rounds(
     bar = tqdm(
         total=settings.rounds, initial=settings.first_round - 1,
         disable=not settings.progress, unit="round", leave=True,
+        mininterval=0, miniters=1,  # a round is coarse: draw every one, even fast ones
     )
     for server_round in range(settings.first_round, settings.rounds + 1):
         started = time.perf_counter()
