@@ -19,7 +19,7 @@ from flwr.clientapp.typing import Mod
 
 from fedstream.client.learner import Learner, Spec
 from fedstream.client.privacy import make_privacy_mod
-from fedstream.client.secure import secure_aggregation_mod
+from fedstream.client.secure import make_secure_aggregation_mod
 from fedstream.client.stream import ClientStream
 from fedstream.protocol import messages as m
 from fedstream.protocol import updates
@@ -34,19 +34,19 @@ def make_client_app(
     config: Config | None = None,
     mods: Sequence[Mod] = (),
     app_class: type[ClientApp] = ClientApp,
-    noise_seed: int | None = None,
+    seed: int | None = None,
 ) -> ClientApp:
     """A ClientApp whose clients read their streams from `stream_for`.
 
     `config` binds the federation config (Python API); without it the app reads it from the
     Flower run config, which is how `flwr run` and deployments hand it over. `app_class`
     lets a runtime choose how the app travels (see `fedstream.sim.client_app`).
-    `noise_seed` makes differential privacy's noise repeat (simulation only: a device's
-    noise must be unpredictable, so it comes from the OS).
+    `seed` makes differential privacy's noise and secure aggregation's stochastic rounding
+    repeat (simulation only: a device's must be unpredictable, so they come from the OS).
     """
     # The update pipeline, outermost last: the handler trains, privacy clips and noises the
     # change, secure aggregation quantizes and masks it.
-    app = app_class(mods=[*mods, secure_aggregation_mod, make_privacy_mod(noise_seed)])
+    app = app_class(mods=[*mods, make_secure_aggregation_mod(seed), make_privacy_mod(seed)])
 
     @app.train()
     def _train(msg: Message, ctx: Context) -> Message:

@@ -146,6 +146,7 @@ REASONS = (
     ("Giving up reconnection",
      "the server did not answer within --max-wait"),
 )
+APP_RAISED = "ClientApp raised an exception"  # Flower's words for a round's error, to INFO
 CONNECTED = "SuperNode ID:"
 RECONNECTED = "Connection successful after"  # Flower's retry, once a server answers again
 RETRYING = "Connection attempt failed"
@@ -178,9 +179,16 @@ def exit_reason(text: str, code: int | None = None, ca_given: bool = True) -> st
     ERROR blocks and the last line of each traceback)."""
     errors: list[str] = []
     in_error = False  # Flower's ERROR message goes on, unprefixed, to a blank line
+    in_round = False  # a round that failed on the device: already said, not why it exited
     for raw in text.splitlines():
         line = raw.strip()
         level = LEVEL.match(line)
+        if runtime.ROUND_FAILED in line or APP_RAISED in line:
+            in_round = True
+        elif level and level[1] == "INFO":
+            in_round = False
+        if in_round:
+            continue
         if level:
             in_error = level[1] == "ERROR"
             if in_error and level[2] and not level[2].startswith("Exit Code"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedstream.protocol import keyschedule as ks
 from fedstream.protocol import messages as m
@@ -29,6 +29,7 @@ from fedstream.protocol.fixedpoint import Encoder
 STATE_KEY = "fedstream-secagg"
 SECURE_ONLY = "secure-only"  # node config: a device whose config enables secure aggregation
 PENDING_KEYS = 4  # mask keys kept; the server only ever assigns one of the latest
+_ROUNDING_STREAM = 0x5EC  # keeps a simulation's rounding apart from its other seeded streams
 ROUNDS_KEPT = 16  # rounds masked in whose unmask request may still come (older: refused)
 
 
@@ -36,27 +37,39 @@ class SecureAggregationError(RuntimeError):
     """The client cannot take part in this secure round (the server will see it as dropped)."""
 
 
-def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-    content = msg.content
-    kind = msg.metadata.message_type
-    if kind == MessageType.TRAIN and m.record(content, m.SECAGG, ConfigRecord) is not None:
-        return _train(msg, ctx, call_next)
-    if kind == MessageType.TRAIN and ctx.node_config.get(SECURE_ONLY):
-        # A server that drops the setup would otherwise get this device's update in clear.
-        raise SecureAggregationError(
-            "this device trains only under secure aggregation (its config enables it), and "
-            "the round came without a secure-aggregation setup"
-        )
-    if kind == MessageType.QUERY and m.record(content, m.CONFIG, ConfigRecord) is not None:
-        query = content[m.CONFIG].get(m.QUERY_KIND)
-        if query == m.KEYS:
-            return Message(RecordDict({m.SECAGG: _offer_keys(ctx)}), reply_to=msg)
-        if query == m.UNMASK:
-            return Message(RecordDict({m.SECAGG: _unmask(content[m.CONFIG], ctx)}), reply_to=msg)
-    return call_next(msg, ctx)
+def make_secure_aggregation_mod(seed: int | None = None) -> Mod:
+    """The mod, its stochastic rounding seeded from `seed` (simulation, so that a run
+    repeats) or from the OS (devices: no server can predict a device's rounding)."""
+
+    def secure_aggregation_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        content = msg.content
+        kind = msg.metadata.message_type
+        if kind == MessageType.TRAIN and m.record(content, m.SECAGG, ConfigRecord) is not None:
+            return _train(msg, ctx, call_next, seed)
+        if kind == MessageType.TRAIN and ctx.node_config.get(SECURE_ONLY):
+            # A server that drops the setup would otherwise get this device's update in clear.
+            raise SecureAggregationError(
+                "this device trains only under secure aggregation (its config enables it), "
+                "and the round came without a secure-aggregation setup"
+            )
+        if kind == MessageType.QUERY and m.record(content, m.CONFIG, ConfigRecord) is not None:
+            query = content[m.CONFIG].get(m.QUERY_KIND)
+            if query == m.KEYS:
+                return Message(RecordDict({m.SECAGG: _offer_keys(ctx)}), reply_to=msg)
+            if query == m.UNMASK:
+                answer = _unmask(content[m.CONFIG], ctx)
+                return Message(RecordDict({m.SECAGG: answer}), reply_to=msg)
+        return call_next(msg, ctx)
+
+    return secure_aggregation_mod
 
 
-def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+secure_aggregation_mod = make_secure_aggregation_mod()  # a device's: rounding from the OS
+
+
+def _train(
+    msg: Message, ctx: Context, call_next: ClientAppCallable, seed: int | None
+) -> Message:
     try:
         setup = wire.read_setup(msg.content[m.SECAGG])
     except secagg.Rejected as err:
@@ -67,8 +80,12 @@ def _train(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
     if reply.has_error():
         return reply
     report = m.TrainReport.from_record(reply.content[m.METRICS])
+    rng = np.random.default_rng(
+        None if seed is None else [seed, setup.server_round, report.client, _ROUNDING_STREAM]
+    )
     masked = masked_update(
-        msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], mask_sk
+        msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], mask_sk,
+        rng,
     )
     del reply  # the trained model's memory, freed, is reused for the masked reply's bytes
     next_pub = _new_mask_key(state)
@@ -86,6 +103,7 @@ def masked_update(
     setup: secagg.RoundSetup,
     enc_sk: bytes,
     mask_sk: bytes,
+    rng: np.random.Generator | None = None,
 ) -> secagg.MaskedInput:
     """The update pipeline, clip -> quantize -> mask, run one piece at a time.
 
@@ -97,8 +115,7 @@ def masked_update(
     """
     q = setup.quantizer
     weight = setup.max_weight if report.privatised else min(report.examples, setup.max_weight)
-    rng = np.random.default_rng([setup.server_round, report.client, 0x5EC])
-    encoder = Encoder(q, rng, weight=weight / setup.max_weight)
+    encoder = Encoder(q, rng or np.random.default_rng(), weight=weight / setup.max_weight)
     seeds = secagg.mask_seeds(setup, mask_sk)
     masks = secagg.Masks(q, secagg.signed(setup, seeds))
     y = np.empty(updates.size(local_arrays), dtype=q.dtype)
@@ -108,6 +125,7 @@ def masked_update(
         masks.add(piece)
     tail = {
         "contributors": 1,
+        "with-samples": int(report.examples > 0),
         "examples": report.examples,
         "weight": weight,
         "correct": report.correct,

@@ -343,7 +343,9 @@ class Config(_Section):
             # At the sample fraction and min_clients give: a count threshold too large for
             # it is refused here, not met by quietly sampling more clients.
             fed = self.federation
-            _check_secure(self.secure_aggregation, _sample(fed, max(fed.min_clients, 2)))
+            _check_secure(
+                self.secure_aggregation, _sample(fed, max(fed.min_clients, 2)), fed.clients
+            )
         if self.privacy.enabled:
             _check_privacy(self.privacy, self.federation.clients)
         if self.privacy.noise_at == "auto":  # a copy: the default instance is shared
@@ -473,7 +475,7 @@ def _check_privacy(dp: PrivacyConfig, clients: int) -> None:
         )
 
 
-def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
+def _check_secure(sa: SecureAggregationConfig, parties: int, clients: int) -> None:
     """Settings that would fail every secure round, refused before anything runs.
 
     A round with fewer parties (clients offline before it starts) can still fail, and
@@ -498,9 +500,11 @@ def _check_secure(sa: SecureAggregationConfig, parties: int) -> None:
     try:
         secagg.round_shape(parties, sa.degree, sa.threshold)
     except ValueError as err:
+        more = (f", or sample more of the {clients} clients (federation.min_clients or "
+                "federation.fraction)") if parties < clients else ""
         raise ValueError(
             f"secure_aggregation.threshold = {sa.threshold}, at {parties} clients a round: "
-            f"{err}; or give a fraction above 0.5"
+            f"{err}; or give a fraction above 0.5{more}"
         ) from None
 
 

@@ -97,9 +97,11 @@ MASKED = "masked"  # ArrayRecord up: the masked model vector and tail
 KEYS = "secagg-keys"  # query: advertise your encryption key and a fresh mask key
 UNMASK = "secagg-unmask"  # query: reveal the shares you hold for this round
 # The exact integers summed under the masks, besides the model: nothing here travels in the
-# clear. "contributors" (1 per client) lets the server check the unmasking worked.
+# clear. "contributors" (1 per client) lets the server check the unmasking worked;
+# "with-samples" (1 per client that learned from any) that the sum is not one client's.
 TAIL = (
     "contributors",
+    "with-samples",
     "examples",
     "weight",
     "correct",
@@ -126,9 +128,10 @@ def record(content: RecordDict, key: str, kind: type[R]) -> R | None:
 
 
 def client_id(reply: RecordDict) -> int | None:
-    """The client a train reply comes from: its report, or its secure envelope."""
-    if (metrics := record(reply, METRICS, MetricRecord)) is not None:
-        return int(metrics["client-id"])  # type: ignore[arg-type]
-    if (envelope := record(reply, SECAGG, ConfigRecord)) is not None:
-        return int(envelope["client-id"])  # type: ignore[arg-type]
+    """The client a train reply comes from (its report, or its secure envelope), or None
+    when it names none: no `client-id`, or one that is not a whole number 0 or more."""
+    rec = record(reply, METRICS, MetricRecord) or record(reply, SECAGG, ConfigRecord)
+    value = None if rec is None else rec.get("client-id")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
     return None

@@ -496,13 +496,15 @@ class Aggregation:
         for (sender, tag), share in ans.shares.items():
             if sender not in self.survivors or h not in (sender, *self.graph[sender]):
                 raise Rejected(f"holder {h} sent a share it should not have ({sender}, {tag})")
+            if tag != SELF and tag not in self.graph:  # an honest holder refuses such a bundle
+                raise Rejected(f"holder {h} sent a share of a party outside the round ({tag})")
             if tag != SELF and tag not in self.graph[sender] and tag not in self.survivors:
                 ignored.append((sender, tag))
                 continue
             if tag != SELF and tag in self.survivors:
                 raise Rejected(f"holder {h} sent a share it should not have ({sender}, {tag})")
-            if not isinstance(share, bytes) or len(share) != shamir.SHARE_BYTES:
-                raise Rejected(f"share ({sender}, {tag}) from holder {h} is malformed")
+            if not shamir.is_share(share):
+                raise Rejected(f"share ({sender}, {tag}) from holder {h} is not a field element")
         for key, share in ans.shares.items():
             if key not in ignored:
                 self.shares.setdefault(key, {})[h] = share
@@ -576,16 +578,17 @@ class Aggregation:
         trusted = [x for x in sorted(shares) if x not in self.tamperers]
         pool = trusted if len(trusted) >= self.threshold else sorted(shares)
         combos = itertools.islice(_subsets(pool, self.threshold), MAX_RECOVERY_TRIES)
-        for tries, combo in enumerate(combos):
+        for combo in combos:
             try:
                 secret = shamir.reconstruct({x: shares[x] for x in combo})
             except ValueError:
                 continue
             if ks.commitment(secret) == expected:
-                if tries:  # some share was off: find whose, and leave them out from now on
-                    points = {x: shares[x] for x in combo}
-                    rest = {x: y for x, y in shares.items() if x not in points}
-                    self.tamperers |= shamir.misfits(points, rest)
+                # Every other share must lie on the same polynomial: name those that do not,
+                # and leave them out from now on (also when the first t were all honest).
+                points = {x: shares[x] for x in combo}
+                rest = {x: y for x, y in shares.items() if x not in points}
+                self.tamperers |= shamir.misfits(points, rest)
                 return secret
         raise RoundFailed(f"shares of {self.name(sender)}'s masks do not match its commitment")
 

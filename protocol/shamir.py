@@ -35,6 +35,11 @@ def split(secret: bytes, holders: Sequence[int], threshold: int) -> dict[int, by
     return {x: _evaluate(coeffs, x).to_bytes(SHARE_BYTES, "big") for x in holders}
 
 
+def is_share(y: object) -> bool:
+    """Whether `y` can be a share at all: SHARE_BYTES bytes holding a field element."""
+    return isinstance(y, bytes) and len(y) == SHARE_BYTES and int.from_bytes(y, "big") < PRIME
+
+
 def reconstruct(shares: Mapping[int, bytes]) -> bytes:
     """The secret behind `shares` (x -> share), by Lagrange interpolation at 0.
 
@@ -49,7 +54,7 @@ def reconstruct(shares: Mapping[int, bytes]) -> bytes:
     for x, y in shares.items():
         if not 0 < x < PRIME:
             raise ValueError(f"share holder {x} is outside 1..2^255 - 20")
-        if len(y) != SHARE_BYTES or int.from_bytes(y, "big") >= PRIME:
+        if not is_share(y):
             raise ValueError(f"share of holder {x} is not a {SHARE_BYTES}-byte field element")
         points.append((x, int.from_bytes(y, "big")))
     return _interpolate(points, 0).to_bytes(SHARE_BYTES, "big")

@@ -127,13 +127,14 @@ class SecureAggregator:
                     raise secagg.Rejected(
                         f"claims index {masked.index}, was given {index.get(node)}"
                     )
+                client = m.client_id(reply.content)
+                if client is None:
+                    raise secagg.Rejected("it names no client (a whole number as 'client-id')")
                 agg.accept(masked)
             except secagg.Rejected as err:
                 out.failures.append(_failure(node, "masked input", f"rejected: {err}"))
                 return
-            client = m.client_id(reply.content)
-            if client is not None:
-                client_of[node] = client
+            client_of[node] = client
             self.mask_pub[node] = next_pub
 
         answered = _collect(grid, messages, timeout, fold, late=self.late.trip())
@@ -341,6 +342,15 @@ class SecureAggregator:
         if totals["weight"] <= 0:
             out.error = "no client update to aggregate"
             return
+        if totals["with-samples"] == 1 and totals["privatised"] < totals["contributors"]:
+            # The others' changes are zero: the sum is one client's update, which the new
+            # model would hand every client. Only client noise would have hidden it.
+            out.error = (
+                "secure aggregation held back the sum: only 1 of its "
+                f"{totals['contributors']} clients had new samples, so it is that client's "
+                "update alone (the previous model is kept)"
+            )
+            return
         # The weighted mean of the decoded changes, added to the model block by block.
         factor = self.cfg.max_weight / (totals["weight"] * agg.q.scale)
         change = agg.q.signed(ring)
@@ -375,6 +385,9 @@ def _odd_totals(totals: dict[str, int], max_weight: int) -> str | None:
     negative = [f"{k} = {v}" for k, v in totals.items() if v < 0 and k != "loss-sum-fp"]
     if negative:
         return "a negative count: " + ", ".join(negative)
+    with_samples = totals["with-samples"]
+    if with_samples > n or (with_samples == 0) != (examples == 0) or with_samples > examples:
+        return f"{with_samples} of {n} clients with samples, {examples} examples"
     if totals["privatised"] > n:
         return f"privatised = {totals['privatised']} of {n} clients"
     private, plain = totals["privatised"], n - totals["privatised"]

@@ -50,7 +50,7 @@ def _bound_client_app(cfg_json: str) -> ClientApp:
     quiet_flower()  # in the Ray worker that unpickles it: the actor logs through flwr too
     mods = [threads_mod(cfg), availability_mod(cfg)]
     app = make_client_app(
-        virtual_stream, cfg, mods=mods, app_class=_PicklesAsConfig, noise_seed=cfg.seed
+        virtual_stream, cfg, mods=mods, app_class=_PicklesAsConfig, seed=cfg.seed
     )
     app.cfg_json = cfg_json  # type: ignore[attr-defined]
     return app

@@ -85,7 +85,9 @@ SECURE = {"enabled": True}
         # Half of the 20 clients a round: a complete graph of 10, t from 6 to 10.
         ({"federation": {"fraction": 0.5}, "secure_aggregation": {**SECURE, "threshold": 5}},
          "at 10 clients a round: a threshold of 5 shares does not fit a share group of 10 "
-         "(a client and its 9 neighbours): it must be from 6 to 10"),
+         "(a client and its 9 neighbours): it must be from 6 to 10, more than half so that "
+         "no server can collect both masks of a client; or give a fraction above 0.5, or "
+         "sample more of the 20 clients (federation.min_clients or federation.fraction)"),
         ({"federation": {"clients": 1}, "secure_aggregation": SECURE},
          "needs 2 or more clients a round; federation.clients = 1 gives fewer"),
         ({"federation": {"clients": 200}, "secure_aggregation": {**SECURE, "bits": 8}},

@@ -259,6 +259,25 @@ def test_a_supernode_that_ended_itself_quietly_is_explained() -> None:
     assert "401 Unauthorized" in why and "race condition" not in why
 
 
+def test_a_round_that_failed_on_the_device_is_not_why_its_supernode_exited() -> None:
+    # The round's error was said when it happened; the SuperNode exited later, when the
+    # server went away (a log as a secure-only device against a plaintext server wrote it).
+    round_failed = (
+        "fedstream: a round failed on this device: SecureAggregationError: this device "
+        "trains only under secure aggregation\n"
+        "\x1b[91mERROR \x1b[0m:     ClientApp raised an exception\n"
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+        "fedstream.client.secure.SecureAggregationError: this device trains only under "
+        "secure aggregation\n"
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 800\n\nAn unhandled exception occurred in a "
+        "task process.\n\n"
+        "\x1b[92mINFO \x1b[0m:      [RUN 1690]\n"
+    )
+    why = exit_reason(round_failed + REFUSED["replaced server"][0], 0)
+    assert "401 Unauthorized" in why and "SecureAggregationError" not in why, why
+    assert exit_reason(round_failed, 1) == ""
+
+
 # -- the commands, before they start anything -----------------------------------------------
 
 

@@ -507,6 +507,23 @@ def test_one_tampered_share_among_many_honest_ones_does_not_fail_the_round() -> 
     agg.result()
 
 
+def test_a_tampered_share_outside_the_first_t_is_still_named() -> None:
+    # The first t holders rebuild every secret at once; the last holder's shares, off the
+    # polynomials, are checked against them all the same.
+    n, t = 8, 5
+    agg = _aggregation(n, t)
+    for u in range(1, n + 1):
+        agg.accept(_mask(agg, u))
+    agg.check_survivors()
+    for h in range(1, n + 1):
+        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
+        if h == n:
+            ans.shares = {k: bytes(a ^ 1 for a in v[:1]) + v[1:] for k, v in ans.shares.items()}
+        agg.take(ans)
+    assert agg.ready() and agg.tamperers == {n}
+    agg.result()
+
+
 def test_holders_that_tamper_with_every_share_are_found_and_left_out() -> None:
     # 15 parties (a share group of 15, t = 9) and three holders spread so that every cyclic
     # window of 9 holds one of them: each secret needs a subset beyond the windows, and once
@@ -981,13 +998,14 @@ def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole(
         dropped=2,
     )
     got = masked_update(
-        updates.record(old), updates.record(new), report, setup, _sk("enc", 3), _sk("mask", 3)
+        updates.record(old), updates.record(new), report, setup, _sk("enc", 3), _sk("mask", 3),
+        np.random.default_rng(5),
     )
 
     change = np.concatenate([(new[k].astype(np.float64) - old[k]).ravel() for k in old])
-    ring, clipped = _encode(agg.q, change, np.random.default_rng([ROUND, report.client, 0x5EC]))
+    ring, clipped = _encode(agg.q, change, np.random.default_rng(5))
     assert clipped > 0  # the clipped count rides in the tail: it is checked too
-    tail = [1, 50, 1, 7, round(12.5 * m.FIXED_POINT), 1, clipped, 250_000, 2, 0]
+    tail = [1, 1, 50, 1, 7, round(12.5 * m.FIXED_POINT), 1, clipped, 250_000, 2, 0]
     seeds = sa.mask_seeds(setup, _sk("mask", 3))  # the same self seed: token_bytes is fixed
     want = _mask_whole(setup, _sk("enc", 3), _sk("mask", 3), ring, tail)
     np.testing.assert_array_equal(got.model, want.model)

@@ -108,6 +108,16 @@ def _low_order_next_key(reply, _earlier):
     reply.content[m.SECAGG]["next-mask-pub"] = bytes(32)  # X25519 with it has no secret
 
 
+def _client_id(value):
+    def change(reply, _earlier):
+        if value is None:
+            del reply.content[m.SECAGG]["client-id"]
+        else:
+            reply.content[m.SECAGG]["client-id"] = value
+
+    return change
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -116,6 +126,10 @@ def _low_order_next_key(reply, _earlier):
         (_truncate, "shape"),
         (_bad_share, "shares"),
         (_low_order_next_key, "not a usable X25519 key"),
+        (_client_id(None), "names no client"),
+        (_client_id("abc"), "names no client"),
+        (_client_id(1.5), "names no client"),
+        (_client_id(-1), "names no client"),
     ],
 )
 def test_a_bad_masked_input_is_rejected_and_the_round_goes_on(tmp_path, change, reason):
@@ -171,6 +185,73 @@ def test_a_holder_that_tampers_with_its_shares_is_named_and_the_round_goes_on(tm
         assert record["aggregated"], record.get("aggregation_error")
         [failure] = record["failures"]
         assert failure["stage"] == "unmask" and "tampered" in failure["reason"]
+
+
+def _extra_share(tag=None, share=None):
+    """Holder 2's unmask answer with one more share: of party `tag` or a given value. The
+    tamperer's node goes into the hook's `nodes`, round by round."""
+    def answers(node, reply):
+        rec = reply.content.config_records.get(m.SECAGG)
+        if rec is None or "tags" not in rec or rec["index"] != 2:
+            return reply
+        answers.nodes.append(node)
+        rec["senders"] = [*rec["senders"], rec["senders"][0]]
+        rec["tags"] = [*rec["tags"], rec["tags"][0] if tag is None else tag]
+        rec["shares"] = [*rec["shares"], share or rec["shares"][0]]
+        if share is not None:  # instead of its first share: the same key twice is refused
+            rec["senders"], rec["tags"], rec["shares"] = (
+                rec["senders"][1:], rec["tags"][1:], rec["shares"][1:]
+            )
+        return reply
+
+    answers.nodes = []
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("answers", "reason"),
+    [
+        (_extra_share(tag=999), "a share of a party outside the round (999)"),
+        (_extra_share(tag=-1), "a share of a party outside the round (-1)"),
+        (_extra_share(share=b"\xff" * 32), "is not a field element"),
+    ],
+)
+def test_a_malformed_unmask_answer_names_its_holder_and_the_round_goes_on(
+    tmp_path, answers, reason
+):
+    # Holder 2's answer is refused whole and it is named, not a sender; the other holders'
+    # shares still unmask the sum (6 clients, t = 4). An answer pulled after the sum could
+    # be unmasked is not read, so a round may name nobody; most name the holder.
+    _, records, _ = _run(tmp_path, ["secure_aggregation.enabled=true"], answers)
+    named = 0
+    for record, node in zip(records, answers.nodes, strict=True):
+        assert record["aggregated"], record.get("aggregation_error")
+        for failure in record["failures"]:
+            assert failure["node"] == node and failure["stage"] == "unmask"
+            assert "rejected" in failure["reason"] and reason in failure["reason"]
+            named += 1
+    assert named >= 2
+
+
+def test_a_sum_of_one_clients_samples_is_held_back(tmp_path):
+    # At one sample a second over 3 clients, some rounds bring samples to one client only:
+    # the others' changes are zero, so the sum would be that client's update, handed to all
+    # in the next model. Client noise (differential privacy on the clients) hides it.
+    slow = ["federation.clients=3", "federation.rounds=8", "stream.rate=1.0"]
+    _, plain, _ = _run(tmp_path / "p", slow)
+    _, secure, _ = _run(tmp_path / "s", [*slow, "secure_aggregation.enabled=true"])
+    alone = [p["round"] for p in plain
+             if sum(c["examples"] > 0 for c in p["clients"].values()) == 1]
+    assert alone, "the scenario should have a round where only one client had samples"
+    for p, s in zip(plain, secure, strict=True):
+        if p["round"] in alone:
+            assert not s["aggregated"]
+            assert "only 1 of its 3 clients had new samples" in s["aggregation_error"]
+        else:
+            assert s["aggregated"] == p["aggregated"], s.get("aggregation_error")
+    noised = ["privacy.enabled=true", "privacy.noise_multiplier=0.5"]
+    _, private, _ = _run(tmp_path / "n", [*slow, "secure_aggregation.enabled=true", *noised])
+    assert all(r["aggregated"] for r in private if r["round"] in alone)
 
 
 def test_a_low_order_key_offer_is_refused_and_fails_no_honest_neighbour(tmp_path):
@@ -459,7 +540,9 @@ def test_sparse_rings_with_dropouts_repeat_and_failed_rounds_name_real_clients(t
 
 def _totals(**changes: int) -> dict[str, int]:
     """The tail totals of 5 honest clients with 100 examples each (max_weight 1000)."""
-    honest = dict.fromkeys(m.TAIL, 0) | {"contributors": 5, "examples": 500, "weight": 500}
+    honest = dict.fromkeys(m.TAIL, 0) | {
+        "contributors": 5, "with-samples": 5, "examples": 500, "weight": 500
+    }
     return honest | changes
 
 
@@ -467,7 +550,8 @@ def test_unmasked_totals_that_no_honest_clients_could_sum_to_fail_the_round():
     from fedstream.server.secure import _odd_totals
 
     assert _odd_totals(_totals(), 1000) is None
-    assert _odd_totals(_totals(weight=0, examples=0), 1000) is None  # nothing new anywhere
+    assert _odd_totals(_totals(weight=0, examples=0, **{"with-samples": 0}), 1000) is None
+    assert _odd_totals(_totals(**{"with-samples": 2}), 1000) is None  # three had nothing new
     assert _odd_totals(_totals(privatised=5, weight=5000), 1000) is None  # all weigh in full
     # A client that took 499 off the weight would have scaled the whole mean up 500 times.
     assert "weight = 1" in _odd_totals(_totals(weight=1), 1000)
@@ -476,6 +560,10 @@ def test_unmasked_totals_that_no_honest_clients_could_sum_to_fail_the_round():
     assert "examples = -3" in _odd_totals(_totals(examples=-3), 1000)
     assert "privatised = 6" in _odd_totals(_totals(privatised=6), 1000)
     assert _odd_totals(_totals(**{"loss-sum-fp": -7}), 1000) is None  # a loss may be negative
+    # Clients with samples: no more than the clients, none exactly when no examples.
+    assert "6 of 5 clients with samples" in _odd_totals(_totals(**{"with-samples": 6}), 1000)
+    assert "0 of 5 clients with samples" in _odd_totals(_totals(**{"with-samples": 0}), 1000)
+    assert "3 of 5" in _odd_totals(_totals(weight=0, examples=0, **{"with-samples": 3}), 1000)
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf"), 1e300, -1e300])
