@@ -257,6 +257,10 @@ class SecureAggregationConfig(_Section):
             )
         return value
     degree: Annotated[int, Field(ge=0)] = 0  # neighbours per client; 0 = O(log n), Bell et al.
+    # The fraction of a round's clients expected to drop: degree 0 widens the share groups
+    # until dropouts alone fail a round with probability below 1 % (a simulation's own
+    # simulation.dropout, if higher, is used instead).
+    dropout: Annotated[float, Field(ge=0.0, le=0.9)] = 0.1
     bits: Annotated[int, Field(ge=8, le=53)] = 32  # ring Z / 2^bits of each model coordinate
     # Per-coordinate range of the model change; bounded so that the ring's scale (steps per
     # unit, ~2^bits / clip) is a finite, nonzero float.
@@ -339,6 +343,9 @@ class Config(_Section):
                 f"federation.min_clients ({self.federation.min_clients}) exceeds "
                 f"federation.clients ({self.federation.clients})"
             )
+        if self.simulation.dropout > self.secure_aggregation.dropout:  # a copy, as below
+            sa = self.secure_aggregation.model_copy(update={"dropout": self.simulation.dropout})
+            object.__setattr__(self, "secure_aggregation", sa)
         if self.secure_aggregation.enabled:
             # At the sample fraction and min_clients give: a count threshold too large for
             # it is refused here, not met by quietly sampling more clients.
@@ -400,7 +407,7 @@ def least_clients(fed: FederationConfig, sa: SecureAggregationConfig) -> int:
 
         for n in range(least, max(fed.clients, least) + 1):
             try:
-                secagg.round_shape(n, sa.degree, sa.threshold)
+                secagg.round_shape(n, sa.degree, sa.threshold, sa.dropout)
             except ValueError:
                 continue
             return n
@@ -498,7 +505,7 @@ def _check_secure(sa: SecureAggregationConfig, parties: int, clients: int) -> No
             f"updates: use at least {need} (32 keeps the rounding error below float32's)"
         ) from None
     try:
-        secagg.round_shape(parties, sa.degree, sa.threshold)
+        secagg.round_shape(parties, sa.degree, sa.threshold, sa.dropout)
     except ValueError as err:
         more = (f", or sample more of the {clients} clients (federation.min_clients or "
                 "federation.fraction)") if parties < clients else ""

@@ -33,6 +33,7 @@ can: that takes a consistency round, which this protocol does not have.)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -51,6 +52,7 @@ from fedstream.protocol.fixedpoint import Quantizer
 TAIL_DTYPE = np.dtype("<u8")  # counts and metrics are summed exactly in Z / 2^64
 SELF = 0  # share tag of the self-mask seed; tag w > 0 is the pair seed with party w
 _ENTRY = struct.Struct(">I")
+ROUND_FAILURE = 0.01  # chance of a round failing from dropouts that degree 0 aims below
 MAX_RECOVERY_TRIES = 256  # t-subsets tried per secret (each an interpolation and a hash)
 UNMASK_THREADS = 2  # mask expansion threads on the server (see Aggregation.result)
 
@@ -145,19 +147,61 @@ class UnmaskAnswer:
     rejected: dict[int, str] = field(default_factory=dict)  # sender -> why its share failed
 
 
-def round_shape(parties: int, degree: int, threshold: int | float) -> tuple[int, int]:
+@functools.lru_cache(maxsize=256)  # asked every round, with the same few arguments
+def round_shape(
+    parties: int, degree: int, threshold: int | float, dropout: float = 0.0
+) -> tuple[int, int]:
     """(neighbours per party, shares that unmask a party) for a round of `parties`, from the
-    config's `degree` (0: O(log n), as Bell et al.) and `threshold` (a count, or a fraction
-    of the share group, never half of it or less). ValueError when the threshold is unsafe
-    or does not fit."""
-    auto = min(parties - 1, 2 * math.ceil(1.5 * math.log2(max(parties, 2))))
-    k = effective_degree(parties, degree or auto)
-    group = k + 1
-    t = threshold if isinstance(threshold, int) else max(
-        group // 2 + 1, math.ceil(threshold * group)
-    )
-    check_threshold(t, group)
+    config's `degree` and `threshold` (a count, or a fraction of the share group, never half
+    of it or less). ValueError when the threshold is unsafe or does not fit.
+
+    Degree 0 is O(log n), as Bell et al., raised (towards all others) until parties that
+    drop at rate `dropout` fail a round with probability below ROUND_FAILURE: a survivor
+    whose share group keeps fewer than t members cannot be unmasked, and the round fails.
+    """
+    log_degree = 2 * math.ceil(1.5 * math.log2(max(parties, 2)))
+    k = effective_degree(parties, degree or min(parties - 1, log_degree))
+    t = _shares_needed(threshold, k + 1)
+    check_threshold(t, k + 1)  # a count that does not fit is refused, not widened for
+    while (
+        not degree and k < parties - 1 and dropout_failure(parties, k, t, dropout) > ROUND_FAILURE
+    ):
+        wider = effective_degree(parties, k + max(2, k // 8 * 2))
+        t_wider = _shares_needed(threshold, wider + 1)
+        if t_wider <= (wider + 1) // 2:
+            break  # a count threshold that a wider group would no longer keep above half
+        k, t = wider, t_wider
     return k, t
+
+
+def _shares_needed(threshold: int | float, group: int) -> int:
+    if isinstance(threshold, int):
+        return threshold
+    return max(group // 2 + 1, math.ceil(threshold * group))
+
+
+def dropout_failure(parties: int, degree: int, threshold: int, dropout: float) -> float:
+    """The chance that a round of `parties`, each dropping at rate `dropout` on its own,
+    leaves some survivor with fewer than `threshold` surviving members of its share group
+    (itself and `degree` neighbours). In a complete graph every group is the survivors;
+    on a ring, survivors' groups are taken as independent, which errs high (it does not
+    count that overlapping groups fail together)."""
+    if dropout <= 0 or dropout >= 1:
+        return float(dropout >= 1)
+    stay = 1.0 - dropout
+    if degree >= parties - 1:
+        return _binomial_below(parties, stay, threshold)
+    short = _binomial_below(degree, stay, threshold - 1)  # surviving neighbours too few
+    return 1.0 - (1.0 - short) ** (parties * stay)
+
+
+def _binomial_below(n: int, p: float, k: int) -> float:
+    """P[Binomial(n, p) < k], summed in logs: no overflow at any n."""
+    return min(1.0, sum(
+        math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                 + i * math.log(p) + (n - i) * math.log1p(-p))
+        for i in range(min(k, n + 1))
+    ))
 
 
 def effective_degree(parties: int, degree: int) -> int:

@@ -165,7 +165,9 @@ class SecureAggregator:
         if n < 2:
             raise secagg.RoundFailed(f"{n} client(s) ready: a secure sum needs at least 2")
         try:
-            degree, threshold = secagg.round_shape(n, self.cfg.degree, self.cfg.threshold)
+            degree, threshold = secagg.round_shape(
+                n, self.cfg.degree, self.cfg.threshold, self.cfg.dropout
+            )
         except ValueError as err:  # a count threshold, and clients offline since sampling
             raise secagg.RoundFailed(
                 f"{n} clients ready, too few for secure_aggregation.threshold = "

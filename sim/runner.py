@@ -298,7 +298,35 @@ def precision_hint(cfg: Config) -> str | None:
     )
 
 
+def dropout_hint(cfg: Config) -> str | None:
+    """What to say when dropouts alone would fail many secure rounds: a survivor whose
+    share group keeps fewer than t members cannot be unmasked. Degree 0 widens the groups
+    for `secure_aggregation.dropout`, but a threshold fraction near the survival rate
+    leaves too little margin, even with every other client a neighbour."""
+    from fedstream.protocol import secagg
+
+    sa = cfg.secure_aggregation
+    if not sa.enabled or sa.dropout <= 0:
+        return None
+    parties = sampled_clients(cfg.federation, sa)
+    degree, t = secagg.round_shape(parties, sa.degree, sa.threshold, sa.dropout)
+    failing = secagg.dropout_failure(parties, degree, t, sa.dropout)
+    if failing <= DROPOUT_FAILURE_LIMIT:
+        return None
+    lowest = secagg.round_shape(parties, sa.degree, 0.51, sa.dropout)
+    better = secagg.dropout_failure(parties, *lowest, sa.dropout)
+    fix = ("lower secure_aggregation.threshold towards 0.51 (about "
+           f"{better:.0%} then), or sample more clients a round") if better < failing / 2 else \
+        "more clients a round make it rarer"
+    return (
+        f"fedstream: hint: with {sa.dropout:.0%} of clients dropping, up to about "
+        f"{failing:.0%} of secure rounds fail from dropouts alone ({parties} clients a "
+        f"round, {degree} neighbours each, {t} of {degree + 1} shares needed): {fix}"
+    )
+
+
 ENGINE_STOP_SECONDS = 60.0  # for a stopped run's engine to end (its workers finish a round)
+DROPOUT_FAILURE_LIMIT = 0.05  # share of secure rounds failing from dropouts worth a hint
 NOISE_LIMIT = 0.01  # rounding noise per coordinate and round above which precision_hint speaks
 
 
@@ -315,7 +343,7 @@ def prepare(cfg: Config) -> Config:
     preflight(cfg)
     for hint in (
         scale_hint(cfg), label_hint(cfg), group_hint(cfg), drift_hint(cfg),
-        exhaustion_hint(cfg), precision_hint(cfg), *before_run(cfg),
+        exhaustion_hint(cfg), precision_hint(cfg), dropout_hint(cfg), *before_run(cfg),
     ):
         if hint:
             print(hint, file=sys.stderr)

@@ -361,6 +361,43 @@ def test_effective_degree(parties: int, degree: int, expected: int) -> None:
     assert sa.effective_degree(parties, degree) == expected
 
 
+def _failed_rounds(parties: int, degree: int, t: int, dropout: float, trials: int) -> float:
+    """The share of rounds, drawn here, where some survivor keeps fewer than t of its group."""
+    rng, failed = random.Random(3), 0
+    for _ in range(trials):
+        graph = sa.neighbour_graph(parties, degree, rng)
+        alive = {u for u in graph if rng.random() >= dropout}
+        failed += any(1 + sum(w in alive for w in graph[u]) < t for u in alive)
+    return failed / trials
+
+
+def test_degree_0_widens_the_share_groups_for_the_dropout_expected() -> None:
+    # At the default 10 % the O(log n) degree already keeps failures below 1 %: unchanged.
+    for n, k in [(10, 9), (20, 14), (50, 18), (100, 20), (1000, 30)]:
+        assert sa.round_shape(n, 0, 0.6, 0.0)[0] == sa.round_shape(n, 0, 0.6, 0.1)[0] == k
+    # At 30 %, 20 clients on the log degree (14) lost 7 of 15 rounds in a trial; the groups
+    # widen, and the rounds that still fail are the ones no degree can save at t = 0.6.
+    k, t = sa.round_shape(20, 0, 0.6, 0.3)
+    assert (k, t) == (19, 12)
+    assert _failed_rounds(20, 14, 9, 0.3, 2000) > 0.25
+    assert _failed_rounds(20, k, t, 0.3, 2000) < 0.15
+    k, t = sa.round_shape(1000, 0, 0.6, 0.3)
+    assert 30 < k < 999 and sa.dropout_failure(1000, k, t, 0.3) <= sa.ROUND_FAILURE
+    # A set degree is kept, and a count threshold is never left at half a wider group.
+    assert sa.round_shape(100, 10, 0.6, 0.3)[0] == 10
+    assert sa.round_shape(100, 0, 12, 0.3) == (20, 12)
+
+
+@pytest.mark.parametrize(("parties", "degree", "t"), [(20, 19, 12), (20, 14, 9), (50, 18, 12)])
+def test_the_dropout_failure_estimate_errs_high(parties: int, degree: int, t: int) -> None:
+    # Exact for a complete graph (every group is the survivors), high on a ring.
+    estimate = sa.dropout_failure(parties, degree, t, 0.3)
+    seen = _failed_rounds(parties, degree, t, 0.3, 1500)
+    assert seen - 0.03 <= estimate and (degree < parties - 1 or estimate <= seen + 0.03)
+    assert sa.dropout_failure(parties, degree, t, 0.0) == 0.0
+    assert sa.dropout_failure(parties, degree, t, 1.0) == 1.0
+
+
 @pytest.mark.parametrize("parties", [2, 3, 5, 8, 13, 30])
 def test_neighbour_graph_is_regular_symmetric_and_connected(parties: int) -> None:
     for degree in range(parties + 1):
