@@ -7,6 +7,7 @@ dotted key path, before any process or Ray worker starts.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import itertools
 import json
@@ -260,7 +261,7 @@ class SecureAggregationConfig(_Section):
     # The fraction of a round's clients expected to drop: degree 0 widens the share groups
     # until dropouts alone fail a round with probability below 1 % (a simulation's own
     # simulation.dropout, if higher, is used instead).
-    dropout: Annotated[float, Field(ge=0.0, le=0.9)] = 0.1
+    dropout: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     bits: Annotated[int, Field(ge=8, le=53)] = 32  # ring Z / 2^bits of each model coordinate
     # Per-coordinate range of the model change; bounded so that the ring's scale (steps per
     # unit, ~2^bits / clip) is a finite, nonzero float.
@@ -589,8 +590,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file, turning I/O and syntax errors into ConfigError with the file name."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        text = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # as Windows editors save
+        return tomllib.loads(text.decode())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -657,8 +658,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         table = raw.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
             given = Path(table[key])
-            if not given.expanduser().is_absolute():
-                table[key] = str(Path(path).parent / given)
+            if not given.expanduser().is_absolute():  # absolute: a saved copy moves freely
+                table[key] = str(Path(path).parent.absolute() / given)
     return raw
 
 
@@ -670,10 +671,12 @@ def to_toml(cfg: Config) -> str:
     """The config as a file to edit and run again (`config show`, a run's results folder).
 
     Values the config derives are written as their "derive it" settings when they are what
-    would be derived: a server step that is the strategy's own as 0, a noise placement that
-    follows secure aggregation as "auto". Loaded back, the file is the same config; edited
-    (another strategy, secure aggregation switched on), it derives them again instead of
-    carrying FedAvg's step of 3 into FedAdam, or server-side noise into a secure run.
+    would be derived: a server step that is the strategy's own as 0, a detector's own delta
+    as 0, a noise placement that follows secure aggregation as "auto", a dropout for
+    secure aggregation that is the simulation's as the default. Loaded back, the file is
+    the same config; edited (another strategy, secure aggregation switched on), it derives
+    them again instead of carrying FedAvg's step of 3 into FedAdam, or server-side noise
+    into a secure run.
     """
     data = to_dict(cfg)
     fed = data["federation"]
@@ -681,6 +684,12 @@ def to_toml(cfg: Config) -> str:
         fed["server_lr"] = 0.0
     if data["privacy"]["noise_at"] == ("clients" if cfg.secure_aggregation.enabled else "server"):
         data["privacy"]["noise_at"] = "auto"
+    detector = data["detector"]
+    if detector["delta"] == DETECTOR_DELTA.get(detector["kind"]):
+        detector["delta"] = 0.0
+    sa, least = data["secure_aggregation"], SecureAggregationConfig().dropout
+    if sa["dropout"] == data["simulation"]["dropout"] > least:  # the simulation's, derived
+        sa["dropout"] = least
     return tomli_w.dumps(data)
 
 

@@ -27,7 +27,7 @@ from fedstream.protocol.secagg import (
     UnmaskRequest,
 )
 
-PROTOCOL = 3  # 3: the masked tail counts privatised updates
+PROTOCOL = 4  # 3: the tail counts privatised updates; 4: and clients with samples
 """Version of the secure-aggregation protocol: 1 read masks as AES-128-CTR from a zero
 counter block; 2 reads them segment by segment (keyschedule.Keystream)."""
 

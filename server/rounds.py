@@ -197,13 +197,18 @@ def _explained(error: str, record: dict[str, Any], timeout: float) -> str:
     """A round that no client's update reached says why, when the clients agree on it:
     "no client update to aggregate" alone reads like a data problem, and the cause (a
     timeout too short, an exception in every client) is otherwise only in metrics.jsonl."""
-    reasons = {f["reason"] for f in record["failures"]}
-    if record["clients_ok"] or len(reasons) != 1:
+    reasons = sorted({f["reason"] for f in record["failures"]})
+    kinds = {r.split(":", 1)[0] for r in reasons}  # an exception's name, before its words
+    if record["clients_ok"] or not reasons or len(kinds) != 1:
         return error
-    (reason,) = reasons
-    if reason == SILENT:
+    if reasons == [SILENT]:
         return f"{error}: no client replied within federation.round_timeout ({timeout:g} s)"
-    return f"{error}: every client failed with {reason}"
+    if len(reasons) == 1:
+        return f"{error}: every client failed with {reasons[0]}"
+    (kind,) = kinds  # the same error, in words that name each client (e.g. offline)
+    if not kind.isidentifier():
+        return error
+    return f"{error}: every client failed with {kind}, e.g. {reasons[0]}"
 
 
 def _postfix(record: dict[str, Any], history: History) -> dict[str, str]:

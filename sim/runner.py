@@ -305,21 +305,21 @@ def dropout_hint(cfg: Config) -> str | None:
     leaves too little margin, even with every other client a neighbour."""
     from fedstream.protocol import secagg
 
-    sa = cfg.secure_aggregation
-    if not sa.enabled or sa.dropout <= 0:
+    sa, dropout = cfg.secure_aggregation, cfg.simulation.dropout  # the rate this run has
+    if not sa.enabled or dropout <= 0:
         return None
     parties = sampled_clients(cfg.federation, sa)
     degree, t = secagg.round_shape(parties, sa.degree, sa.threshold, sa.dropout)
-    failing = secagg.dropout_failure(parties, degree, t, sa.dropout)
+    failing = secagg.dropout_failure(parties, degree, t, dropout)
     if failing <= DROPOUT_FAILURE_LIMIT:
         return None
     lowest = secagg.round_shape(parties, sa.degree, 0.51, sa.dropout)
-    better = secagg.dropout_failure(parties, *lowest, sa.dropout)
+    better = secagg.dropout_failure(parties, *lowest, dropout)
     fix = ("lower secure_aggregation.threshold towards 0.51 (about "
            f"{better:.0%} then), or sample more clients a round") if better < failing / 2 else \
         "more clients a round make it rarer"
     return (
-        f"fedstream: hint: with {sa.dropout:.0%} of clients dropping, up to about "
+        f"fedstream: hint: with {dropout:.0%} of clients dropping, up to about "
         f"{failing:.0%} of secure rounds fail from dropouts alone ({parties} clients a "
         f"round, {degree} neighbours each, {t} of {degree + 1} shares needed): {fix}"
     )

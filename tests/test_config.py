@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedstream.protocol.config import (
+    DETECTOR_DELTA,
     ConfigError,
     apply_overrides,
     from_json,
@@ -238,6 +239,51 @@ def test_an_output_folder_in_a_config_file_is_relative_to_that_file(
     monkeypatch.chdir("/")
     assert Path(load(config).output.dir).resolve() == tmp_path / "runs" / "a"
     assert load(config, ["output.dir=here"]).output.dir == "here"  # --set: from the cwd
+
+
+def test_a_config_shown_from_a_relative_config_file_runs_alike_from_elsewhere(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # `fedstream config show --config col/col.toml > other/mine.toml` wrote dir = "col/out"
+    # (relative to the shell's folder), so mine.toml wrote into other/col/out.
+    import tomllib
+
+    (tmp_path / "col").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "col" / "col.toml").write_text('[output]\ndir = "out"\n')
+    monkeypatch.chdir(tmp_path)
+    shown = tmp_path / "other" / "mine.toml"
+    shown.write_text(to_toml(load(Path("col/col.toml"))))
+    assert Path(load(shown).output.dir) == tmp_path / "col" / "out"
+    assert tomllib.loads(shown.read_text())["output"]["dir"] == str(tmp_path / "col" / "out")
+
+
+@pytest.mark.parametrize("kind", ["adwin", "page_hinkley"])
+def test_a_shown_config_keeps_deriving_what_it_derived(kind: str) -> None:
+    # A detector's own delta is written as 0, so that another kind picks its own again;
+    # a dropout taken from the simulation is written as the default, derived again.
+    import tomllib
+
+    cfg = load(overrides=[f"detector.kind={kind}", "simulation.dropout=0.3"])
+    data = tomllib.loads(to_toml(cfg))
+    assert data["detector"]["delta"] == 0.0
+    assert data["secure_aggregation"]["dropout"] == 0.1
+    assert validate(data) == cfg
+    other = "adwin" if kind == "page_hinkley" else "page_hinkley"
+    data["detector"]["kind"] = other
+    assert validate(data).detector.delta == DETECTOR_DELTA[other]
+    kept = load(overrides=["detector.delta=0.01", "secure_aggregation.dropout=0.2"])
+    assert validate(tomllib.loads(to_toml(kept))) == kept
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    # Notepad's "UTF-8 with BOM": tomllib refused it as "Invalid statement (at line 1)".
+    config = tmp_path / "fed.toml"
+    config.write_bytes(b"\xef\xbb\xbf[federation]\r\nrounds = 4\r\n")
+    assert load(config).federation.rounds == 4
+    config.write_bytes(b"\xff\xfe[\x00")  # UTF-16: not read as text, and said so
+    with pytest.raises(ConfigError, match="cannot be read as a config file"):
+        load(config)
 
 
 def test_a_data_path_expands_home_and_refuses_a_folder(tmp_path: Path, monkeypatch) -> None:

@@ -514,6 +514,18 @@ def test_a_round_every_client_failed_in_names_their_common_error(tmp_path, monke
     )
 
 
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_round_every_client_dropped_from_names_the_kind_of_failure(tmp_path, secure):
+    # Each dropout's reason names its own client, so no two were "the same reason", and
+    # a round in which all dropped said only "no client update to aggregate".
+    overrides = ["federation.rounds=1", "federation.clients=3", "simulation.dropout=1.0",
+                 *(["secure_aggregation.enabled=true"] * secure)]
+    _, records, _ = _run(tmp_path, overrides)
+    error = records[0]["aggregation_error"]
+    assert "every client failed with ClientUnavailable, e.g. ClientUnavailable: client 0 " \
+           "is offline in round 1" in error, error
+
+
 def test_sparse_rings_with_dropouts_repeat_and_failed_rounds_name_real_clients(tmp_path):
     # 12 clients on a ring of 4 neighbours: which rounds can be unmasked depends on the
     # ring, which a simulation draws from the seed. A round that cannot be unmasked names
