@@ -529,35 +529,37 @@ def test_tampered_share_is_caught_by_the_commitment(tamper: str, extra_honest: b
     assert _within(agg.q, agg.q.decode(ring_sum), sum(xs.values()), n)
 
 
-def test_one_tampered_share_among_many_honest_ones_does_not_fail_the_round() -> None:
-    # Default config with 10 clients: complete graph, t = 6; 9 honest holders answer.
-    n, t = 10, 6
+def _answered(n: int, t: int, tamper: Callable[[int, sa.UnmaskAnswer], None]) -> sa.Aggregation:
+    """A round of n parties, all surviving, whose holders' answers `tamper` may change."""
     agg = _aggregation(n, t)
     for u in range(1, n + 1):
         agg.accept(_mask(agg, u))
     agg.check_survivors()
     for h in range(1, n + 1):
         ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
+        tamper(h, ans)
+        agg.take(ans)
+    return agg
+
+
+def test_one_tampered_share_among_many_honest_ones_does_not_fail_the_round() -> None:
+    # Default config with 10 clients: complete graph, t = 6; 9 honest holders answer.
+    def one_share(h: int, ans: sa.UnmaskAnswer) -> None:
         if h == 1:
             ans.shares[(5, SELF)] = bytes(shamir.SHARE_BYTES - 1) + b"\x01"
-        agg.take(ans)
-    agg.result()
+
+    _answered(10, 6, one_share).result()
 
 
 def test_a_tampered_share_outside_the_first_t_is_still_named() -> None:
     # The first t holders rebuild every secret at once; the last holder's shares, off the
     # polynomials, are checked against them all the same.
-    n, t = 8, 5
-    agg = _aggregation(n, t)
-    for u in range(1, n + 1):
-        agg.accept(_mask(agg, u))
-    agg.check_survivors()
-    for h in range(1, n + 1):
-        ans = sa.answer(agg.request_for(h), _memo(agg, h), _sk("enc", h))
-        if h == n:
+    def last_holder(h: int, ans: sa.UnmaskAnswer) -> None:
+        if h == 8:
             ans.shares = {k: bytes(a ^ 1 for a in v[:1]) + v[1:] for k, v in ans.shares.items()}
-        agg.take(ans)
-    assert agg.ready() and agg.tamperers == {n}
+
+    agg = _answered(8, 5, last_holder)
+    assert agg.ready() and agg.tamperers == {8}
     agg.result()
 
 
