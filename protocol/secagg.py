@@ -147,7 +147,7 @@ class UnmaskAnswer:
     rejected: dict[int, str] = field(default_factory=dict)  # sender -> why its share failed
 
 
-@functools.lru_cache(maxsize=256)  # asked every round, with the same few arguments
+@functools.lru_cache(maxsize=256, typed=True)  # asked every round; a count is no fraction
 def round_shape(
     parties: int, degree: int, threshold: int | float, dropout: float = 0.0
 ) -> tuple[int, int]:
