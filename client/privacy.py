@@ -38,7 +38,7 @@ def make_privacy_mod(seed: int | None = None) -> Mod:
         if reply.has_error():
             return reply
         metrics = reply.content[m.METRICS]
-        rng = _rng(seed, int(config[m.ROUND]), int(metrics["client-id"]))
+        rng = round_rng(seed, int(config[m.ROUND]), int(metrics["client-id"]), _NOISE_STREAM)
         reply.content[m.ARRAYS] = privatised(
             msg.content[m.ARRAYS], reply.content[m.ARRAYS],
             clip=float(config[m.DP_CLIP]), std=float(config.get(m.DP_STD, 0.0)), rng=rng,
@@ -63,7 +63,9 @@ def privatised(
     return updates.shifted(global_arrays, change)
 
 
-def _rng(seed: int | None, server_round: int, client: int) -> np.random.Generator:
+def round_rng(seed: int | None, server_round: int, client: int, stream: int) -> np.random.Generator:
+    """A client's randomness for one round: from the OS on a device (no server can predict
+    it), or from `seed` in a simulation (a run repeats); `stream` keeps uses apart."""
     if seed is None:
-        return np.random.default_rng()  # OS entropy
-    return np.random.default_rng([seed, server_round, client, _NOISE_STREAM])
+        return np.random.default_rng()
+    return np.random.default_rng([seed, server_round, client, stream])

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from fedstream.client.privacy import round_rng
 from fedstream.protocol import keyschedule as ks
 from fedstream.protocol import messages as m
 from fedstream.protocol import secagg, updates
@@ -80,9 +81,7 @@ def _train(
     if reply.has_error():
         return reply
     report = m.TrainReport.from_record(reply.content[m.METRICS])
-    rng = np.random.default_rng(
-        None if seed is None else [seed, setup.server_round, report.client, _ROUNDING_STREAM]
-    )
+    rng = round_rng(seed, setup.server_round, report.client, _ROUNDING_STREAM)
     masked = masked_update(
         msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], mask_sk,
         rng,

@@ -687,9 +687,10 @@ def to_toml(cfg: Config) -> str:
     detector = data["detector"]
     if detector["delta"] == DETECTOR_DELTA.get(detector["kind"]):
         detector["delta"] = 0.0
-    sa, least = data["secure_aggregation"], SecureAggregationConfig().dropout
-    if sa["dropout"] == data["simulation"]["dropout"] > least:  # the simulation's, derived
-        sa["dropout"] = least
+    sa, default = data["secure_aggregation"], SecureAggregationConfig().dropout
+    simulated = data["simulation"]["dropout"]
+    if simulated > default and sa["dropout"] == simulated:  # the simulation's, derived
+        sa["dropout"] = default
     return tomli_w.dumps(data)
 
 

@@ -159,8 +159,7 @@ def round_shape(
     drop at rate `dropout` fail a round with probability below ROUND_FAILURE: a survivor
     whose share group keeps fewer than t members cannot be unmasked, and the round fails.
     """
-    log_degree = 2 * math.ceil(1.5 * math.log2(max(parties, 2)))
-    k = effective_degree(parties, degree or min(parties - 1, log_degree))
+    k = effective_degree(parties, degree or 2 * math.ceil(1.5 * math.log2(max(parties, 2))))
     t = _shares_needed(threshold, k + 1)
     check_threshold(t, k + 1)  # a count that does not fit is refused, not widened for
     while (

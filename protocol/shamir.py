@@ -10,6 +10,7 @@ commitment to the secret (secure aggregation publishes SHA-256 commitments).
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping, Sequence
 
@@ -66,9 +67,19 @@ def misfits(points: Mapping[int, bytes], others: Mapping[int, bytes]) -> set[int
     Once `points` rebuilt a secret that matched its commitment, they are the polynomial:
     a share off it was tampered with, so its holder need not be tried for other secrets.
     """
-    known = [(x, int.from_bytes(y, "big")) for x, y in points.items()]
-    return {x for x, y in others.items()
-            if _interpolate(known, x).to_bytes(SHARE_BYTES, "big") != y}
+    xs = list(points)
+    ys = [int.from_bytes(points[x], "big") for x in xs]
+    # Barycentric form: the weights once per polynomial, then O(t) per share checked (the
+    # server checks every share it took, and a share group can hold hundreds).
+    weights = [pow(math.prod(xi - xj for xj in xs if xj != xi) % PRIME, -1, PRIME)
+               for xi in xs]
+    off = set()
+    for x, y in others.items():
+        gaps = [(x - xi) % PRIME for xi in xs]  # never 0: x is not one of the points
+        total = sum(w * yi * pow(g, -1, PRIME) for w, yi, g in zip(weights, ys, gaps, strict=True))
+        if (math.prod(gaps) * total % PRIME).to_bytes(SHARE_BYTES, "big") != y:
+            off.add(x)
+    return off
 
 
 def _interpolate(points: Sequence[tuple[int, int]], x: int) -> int:

@@ -124,7 +124,7 @@ def send_and_collect(
                 pending.difference_update(m.metadata.reply_to_message_id for m in got)
                 replies.extend(got)
             else:
-                _pull_each(grid, pending, lambda r: on_reply(_charged(r, sent_to)), enough)
+                _pull_each(grid, ids, pending, lambda r: on_reply(_charged(r, sent_to)), enough)
             if pending and enough is not None and enough():
                 break
             now = time.monotonic()
@@ -170,11 +170,12 @@ class Stragglers:
 
 def _pull_each(
     grid: Grid,
+    pushed: list[str],
     pending: set[str],
     on_reply: Callable[[Message], None],
     enough: Callable[[], bool] | None,
 ) -> None:
-    ids = list(pending)
+    ids = [i for i in pushed if i in pending]  # in push order: a set's order is the hash's
     for start in range(0, len(ids), PULL_GROUP):
         for reply in grid.pull_messages(ids[start : start + PULL_GROUP]):
             pending.discard(reply.metadata.reply_to_message_id)

@@ -593,6 +593,22 @@ def test_misfits_are_the_shares_off_the_polynomial() -> None:
     assert shamir.misfits(points, others) == {6}
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 40), st.integers(0, 2**255 - 20), st.data())
+def test_misfits_agree_with_reconstruction_from_any_other_points(
+    t: int, secret: int, data: st.DataObject
+) -> None:
+    # The checked shares are exactly those that, swapped in for a point, change the secret.
+    holders = list(range(1, t + 6))
+    shares = shamir.split(secret.to_bytes(32, "big"), holders, t)
+    bad = data.draw(st.sets(st.sampled_from(holders[t:]), max_size=5))
+    for x in bad:
+        shares[x] = ((int.from_bytes(shares[x], "big") + 1) % shamir.PRIME).to_bytes(32, "big")
+    points = {x: shares[x] for x in holders[:t]}
+    others = {x: shares[x] for x in holders[t:]}
+    assert shamir.misfits(points, others) == bad
+
+
 # --- what the server sees of one client --------------------------------------------------
 
 CHI2_255_AT_1E3 = 330.52  # chi-square critical value, 255 degrees of freedom, alpha = 1e-3
