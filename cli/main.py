@@ -294,13 +294,10 @@ def _privacy_line(p: dict[str, Any], secure: bool) -> str:
     how = f"{z}, clip {p['clip_norm']:g}, noise added by the {p['noise_at']}"
     if p.get("void"):
         line = f"Differential privacy: no guarantee ({how}): {p['void']}."
-    elif p["epsilon"] is None:
-        line = (f"Differential privacy: no guarantee ({how}): without noise, clipping "
-                "alone promises nothing.")
-    else:
+    else:  # releases: the rounds whose sum was seen (a failed round costs nothing)
         line = (f"Differential privacy: epsilon = {p['epsilon']:.3g} at delta = {p['delta']:g} "
-                f"after {p['releases']} round{'s' * (p['releases'] != 1)} (one client's "
-                f"whole stream; {how}).")
+                f"after {p['releases']} released round{'s' * (p['releases'] != 1)} (one "
+                f"client's whole stream; {how}).")
         known = p.get("epsilon_known_cohorts")
         if known is not None and abs(known - p["epsilon"]) > 1e-3 * max(known, 1.0):
             who = "(the server does)" if secure else "and sees only the models"

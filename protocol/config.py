@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -289,6 +297,12 @@ class PrivacyConfig(_Section):
     # secure aggregation the server never sees an update without it), "server" (to the
     # aggregate, exactly), or "auto": clients with secure aggregation, else the server.
     noise_at: Literal["auto", "clients", "server"] = "auto"
+    # Whether noise_at was "auto" and derived (a saved config writes "auto" back), or chosen.
+    _derived_noise_at: bool = PrivateAttr(default=False)
+
+    @property
+    def noise_at_derived(self) -> bool:
+        return self._derived_noise_at
 
 
 class OutputConfig(_Section):
@@ -358,7 +372,9 @@ class Config(_Section):
             _check_privacy(self.privacy, self.federation.clients)
         if self.privacy.noise_at == "auto":  # a copy: the default instance is shared
             at = "clients" if self.secure_aggregation.enabled else "server"
-            object.__setattr__(self, "privacy", self.privacy.model_copy(update={"noise_at": at}))
+            derived = self.privacy.model_copy(update={"noise_at": at})
+            derived._derived_noise_at = True
+            object.__setattr__(self, "privacy", derived)
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
         if self.stream.image and self.stream.source != "digits":
@@ -519,6 +535,19 @@ def _check_secure(sa: SecureAggregationConfig, parties: int, clients: int) -> No
 # --------------------------------------------------------------------------- loading
 
 
+_BOUNDS = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+
+
+def _bound(item: Any) -> str | None:
+    """A range error with its bound written as a number reads (pydantic spells 1e-12 out
+    to twelve decimals)."""
+    ctx = item.get("ctx") or {}
+    for key, words in _BOUNDS.items():
+        if isinstance(ctx.get(key), int | float):
+            return f"must be {words} {ctx[key]:g}"
+    return None
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     unions: set[str] = set()  # a count-or-fraction key: one line, for the input's kind
@@ -542,9 +571,10 @@ def _format_errors(err: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             msg = _unknown_key(loc)
         elif item["type"] in ("model_type", "dict_type") and len(loc) == 1:
-            msg = f"is a section, not a value: set one of its keys ({path}.KEY=VALUE)"
+            msg = (f"is a section, not a value: set one of its keys ([{path}] and KEY = VALUE "
+                   f"in a file, --set {path}.KEY=VALUE on the command line)")
         elif "input" in item and item["type"] not in ("missing",):
-            msg = f"{msg} (got {item['input']!r}){_quoting_hint(item)}"
+            msg = f"{_bound(item) or msg} (got {item['input']!r}){_quoting_hint(item)}"
         lines.append(f"  {path}: {msg}")
     for path, value in skipped.items():
         if path not in unions:
@@ -672,18 +702,17 @@ def to_toml(cfg: Config) -> str:
 
     Values the config derives are written as their "derive it" settings when they are what
     would be derived: a server step that is the strategy's own as 0, a detector's own delta
-    as 0, a noise placement that follows secure aggregation as "auto", a dropout for
-    secure aggregation that is the simulation's as the default. Loaded back, the file is
+    as 0, a noise placement derived from secure aggregation as "auto" (one chosen stays as
+    chosen), a dropout for secure aggregation that is the simulation's as the default.
+    Loaded back, the file is
     the same config; edited (another strategy, secure aggregation switched on), it derives
     them again instead of carrying FedAvg's step of 3 into FedAdam, or server-side noise
     into a secure run.
     """
-    data = to_dict(cfg)
+    data = _as_chosen(cfg)
     fed = data["federation"]
     if fed["server_lr"] == SERVER_LR[fed["strategy"]]:
         fed["server_lr"] = 0.0
-    if data["privacy"]["noise_at"] == ("clients" if cfg.secure_aggregation.enabled else "server"):
-        data["privacy"]["noise_at"] = "auto"
     detector = data["detector"]
     if detector["delta"] == DETECTOR_DELTA.get(detector["kind"]):
         detector["delta"] = 0.0
@@ -696,7 +725,16 @@ def to_toml(cfg: Config) -> str:
 
 def to_json(cfg: Config) -> str:
     """Compact form carried inside Flower run configs (whose values must be scalars)."""
-    return json.dumps(to_dict(cfg), separators=(",", ":"))
+    return json.dumps(_as_chosen(cfg), separators=(",", ":"))
+
+
+def _as_chosen(cfg: Config) -> dict[str, Any]:
+    """The config's values, with a derived noise placement as "auto": read back, it derives
+    the same placement and remembers it as derived, so the copy equals the config."""
+    data = to_dict(cfg)
+    if cfg.privacy.noise_at_derived:
+        data["privacy"]["noise_at"] = "auto"
+    return data
 
 
 def from_json(text: str) -> Config:

@@ -3,6 +3,7 @@ the privacy spent."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,31 @@ def plot_all(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) 
 
 
 def _epsilon(rec: dict[str, Any]) -> float | None:
-    """The round's epsilon so far; None without a release or without noise (no bound)."""
-    return (rec.get("privacy") or {}).get("epsilon")
+    """The round's epsilon so far; None without a release or without a bound (no noise:
+    infinite in memory, null in metrics.jsonl)."""
+    eps = (rec.get("privacy") or {}).get("epsilon")
+    return eps if eps is not None and math.isfinite(eps) else None
+
+
+def _spent(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """Epsilon after every round: a round that released nothing (it failed) spent nothing,
+    so it carries the last value on; a line drawn only through releases would slope up
+    across such rounds as if they had cost something. Ends where no bound holds."""
+    spent, eps = [], 0.0
+    for rec in records:
+        if rec.get("privacy"):
+            eps = _epsilon(rec)
+        if eps is None:
+            break
+        spent.append((rec["round"], eps))
+    return spent
 
 
 def privacy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     """Privacy spent round by round, beside the accuracy it bought."""
-    spent = [(rec["round"], eps) for rec in records if (eps := _epsilon(rec)) is not None]
-    rounds, eps = zip(*spent, strict=True)
+    rounds, eps = zip(*_spent(records), strict=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(rounds, eps, color="C3", lw=2, marker=".", label="epsilon")
+    ax.plot(rounds, eps, color="C3", lw=2, marker=".", label="epsilon", drawstyle="steps-post")
     dp = summary.get("privacy") or {}
     ax.set(xlabel="round", ylabel=f"epsilon at delta = {dp.get('delta', 0):g}", ylim=(0, None),
            title=f"Privacy spent (noise multiplier {dp.get('noise_multiplier', 0):g}, clip "

@@ -51,17 +51,19 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"secure_aggregation": {"clip": float("inf")}}, "secure_aggregation.clip: Input "
          "should be a finite number"),
         ({"drift": {"at": [8, 3, 3]}}, "drift.at: drift times must increase, each once"),
-        ({"secure_aggregation": {"clip": 1e-320}}, "secure_aggregation.clip: Input should be "
-         "greater than or equal to 0.000000000001"),
+        ({"secure_aggregation": {"clip": 1e-320}}, "secure_aggregation.clip: must be at least "
+         "1e-12 (got 1e-320)"),
         ({"secure_aggregation": {"max_weight": 2**64}}, "secure_aggregation.max_weight"),
         ({"stream": {"sha256": "abc"}}, "stream.sha256: must be the file's SHA-256 as 64 hex "
          "digits, or empty"),
         ({"secure_aggregation": {"threshold": 1}}, "a count of shares must be at least 2; "
          "a fraction of the share group is written with a point (1.0 = all of it) (got 1)"),
         ({"secure_aggregation": True}, "secure_aggregation: is a section, not a value: set "
-         "one of its keys (secure_aggregation.KEY=VALUE)"),
+         "one of its keys ([secure_aggregation] and KEY = VALUE in a file, --set "
+         "secure_aggregation.KEY=VALUE on the command line)"),
         ({"secure_aggregation": {"threshold": 0.3}},
-         "secure_aggregation.threshold: Input should be greater than 0.5 (got 0.3)"),
+         "secure_aggregation.threshold: must be greater than 0.5 (got 0.3)"),
+        ({"federation": {"rounds": 0}}, "federation.rounds: must be greater than 0 (got 0)"),
         ({"secure_aggregation": {"threshold": "x"}},
          "secure_aggregation.threshold: expected a count or a fraction"),
         ({"stream": {"image": True}}, "stream.image shapes the digits source's samples as 8x8 "

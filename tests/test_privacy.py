@@ -23,9 +23,16 @@ from fedstream.cli.main import print_summary
 from fedstream.client.privacy import make_privacy_mod, privatised
 from fedstream.protocol import dp, updates
 from fedstream.protocol import messages as m
-from fedstream.protocol.config import ConfigError, load
+from fedstream.protocol.config import ConfigError, from_json, load, to_json
 from fedstream.server.app import run_federation
-from fedstream.server.privacy import ORDERS, Ledger, Privacy, Release, releases_of
+from fedstream.server.privacy import (
+    ORDERS,
+    VOID_NO_NOISE,
+    Ledger,
+    Privacy,
+    Release,
+    releases_of,
+)
 from fedstream.server.records import History, run_summary
 from fedstream.sim.client_app import sim_client_app
 from fedstream.sim.federation import federation
@@ -216,7 +223,7 @@ def test_server_noise_goes_onto_the_mean_of_the_changes_it_clipped(tmp_path):
     entry = records[0]["privacy"]
     assert entry["clipped"] == sum(np.linalg.norm(c) > 0.05 for c in changes) > 0
     assert entry["median_norm"] == pytest.approx(np.median([np.linalg.norm(c) for c in changes]))
-    assert entry["epsilon"] is None or math.isinf(entry["epsilon"])
+    assert math.isinf(entry["epsilon"]) and entry["void"] == VOID_NO_NOISE  # null in JSON
 
     _, noisy, noisy_models, _ = _run(tmp_path / "n", ["privacy.noise_multiplier=2",
                                                        "privacy.clip_norm=0.05"])
@@ -331,6 +338,10 @@ def test_settings_that_work_against_the_run_are_named_before_it_starts(tmp_path)
     edited = load(path, ["federation.strategy=fedadam", "secure_aggregation.enabled=true"])
     assert edited.federation.server_lr == 0.1 and edited.privacy.noise_at == "clients"
     assert 'noise_at = "server"' in to_toml(server_noise)  # a choice is kept as made
+    # Also one that auto would have made: switching secure aggregation on later must not
+    # quietly move a chosen placement.
+    chosen = load(None, ["privacy.enabled=true", 'privacy.noise_at="server"'])
+    assert 'noise_at = "server"' in to_toml(chosen) and from_json(to_json(chosen)) == chosen
 
 
 def test_server_asks_clients_to_clip_only_where_it_cannot_clip_itself():
@@ -367,6 +378,19 @@ def test_the_privacy_plot_is_drawn_only_when_an_epsilon_holds(tmp_path):
     unbounded = [rec(1, {"epsilon": None}), rec(2, None)]  # no noise, then a failed round
     (tmp_path / "b").mkdir()
     assert [p.name for p in plot_all(tmp_path / "b", summary, unbounded)] == ["accuracy.png"]
+    in_memory = [rec(1, {"epsilon": math.inf}), rec(2, None)]  # held so until JSON: null
+    (tmp_path / "c").mkdir()
+    assert [p.name for p in plot_all(tmp_path / "c", summary, in_memory)] == ["accuracy.png"]
+
+
+def test_a_round_that_released_nothing_spends_nothing_on_the_plot():
+    from fedstream.sim.plots import _spent
+
+    records = [{"round": 1, "privacy": {"epsilon": 1.0}}, {"round": 2, "privacy": None},
+               {"round": 3}, {"round": 4, "privacy": {"epsilon": 1.5}}]
+    assert _spent(records) == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.5)]
+    assert _spent([{"round": 1}, *records[3:]]) == [(1, 0.0), (4, 1.5)]  # none spent before
+    assert _spent([*records[:1], {"round": 2, "privacy": {"epsilon": None}}]) == [(1, 1.0)]
 
 
 def test_the_privacy_plot_says_whom_epsilon_holds_against_in_whole_rounds(monkeypatch, tmp_path):
@@ -406,6 +430,30 @@ def test_a_target_epsilon_is_met_by_the_smallest_noise_that_meets_it(target, sam
         return ledger.epsilon
 
     assert spent(z) <= target < spent(z * (1 - 1e-5))
+
+
+@pytest.mark.parametrize("z", [100.0, 300.0, 1000.0, 5000.0])
+def test_much_noise_is_accounted_as_tightly_as_dp_accountings_own_orders_allow(z):
+    """Large noise reaches its small epsilon only at large Renyi orders: capped at 128, no
+    epsilon fell below 0.045 and a target of 0.03 was met with 700 times its noise."""
+    from dp_accounting import dp_event, privacy_accountant, rdp
+
+    reference = rdp.RdpAccountant(  # dp-accounting's default orders, to 1024
+        neighboring_relation=privacy_accountant.NeighboringRelation.REPLACE_ONE)
+    reference.compose(dp_event.GaussianDpEvent(z / 2), 3)
+    ours = Ledger(1e-5, [Release(z, 6, 6)] * 3).epsilon
+    assert 0 < ours <= reference.get_epsilon(1e-5) * (1 + 1e-9)
+    assert Ledger(1e-5, [Release(2 * z, 6, 6)] * 3).epsilon < ours  # always falling
+
+
+@pytest.mark.parametrize("target", [0.001, 0.03])
+def test_a_small_target_epsilon_gets_the_noise_it_needs_not_far_more(target):
+    from fedstream.server.privacy import calibrated
+
+    z = calibrated(target, 1e-5, 2, 6, 6)
+    spent = Ledger(1e-5, [Release(z, 6, 6)] * 2).epsilon
+    assert target * 0.999 < spent <= target  # not 2e5 and an epsilon of 0
+    assert z < 10_000
 
 
 def test_a_run_with_a_target_epsilon_ends_within_it(tmp_path, capsys):
