@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -109,7 +110,7 @@ class StreamConfig(_Section):
         return digest
 
     @model_validator(mode="after")
-    def _file_sources_need_a_readable_path(self) -> StreamConfig:
+    def _file_sources_need_a_readable_path(self, info: ValidationInfo) -> StreamConfig:
         if self.exclude and self.features:
             raise ValueError(
                 "stream.exclude leaves columns out of all the others; with stream.features "
@@ -117,9 +118,17 @@ class StreamConfig(_Section):
             )
         if self.label in self.exclude:  # the time column may be listed: it is no feature
             raise ValueError(f"stream.exclude names the label column {self.label!r}")
+        if self.path and self.source not in ("csv", "jsonl"):
+            raise ValueError(
+                f"stream.path is set, but stream.source {self.source!r} is synthetic and reads "
+                f'no file: set stream.source = "{_source_of(self.path)}" (or leave '
+                "stream.source out: a path alone picks csv or jsonl from its name)"
+            )
         if self.source in ("csv", "jsonl"):
             if not self.path:
                 raise ValueError(f"stream.path is required for source '{self.source}'")
+            if not (info.context or {}).get("check_files", True):
+                return self  # a config checked before: its file may be gone, not its cache
             path = Path(self.path).expanduser()
             if path.is_dir():
                 raise ValueError(f"stream.path: {path.resolve()} is a directory, not a file")
@@ -129,6 +138,12 @@ class StreamConfig(_Section):
             # Absolute, so Ray workers with another working directory find the same file.
             object.__setattr__(self, "path", str(path.resolve()))
         return self
+
+
+def _source_of(path: str) -> str:
+    """The file source a path's name implies: JSON Lines by its suffix, else CSV."""
+    name = Path(path).name.lower().removesuffix(".gz")
+    return "jsonl" if name.endswith((".jsonl", ".ndjson", ".json")) else "csv"
 
 
 class PartitionConfig(_Section):
@@ -346,6 +361,10 @@ class Config(_Section):
         if not isinstance(raw, dict):
             return raw
         stream = raw.get("stream")
+        if isinstance(stream, dict) and stream.get("path") and "source" not in stream:
+            # A file named and no source: that file, not the default synthetic stream.
+            stream = {**stream, "source": _source_of(str(stream["path"]))}
+            raw = {**raw, "stream": stream}
         source = stream.get("source") if isinstance(stream, dict) else getattr(stream, "source", "")
         if source in ("csv", "jsonl") and not raw.get("drift"):  # no drift key: not asked for
             return {**raw, "drift": {"kind": "none"}}
@@ -605,13 +624,25 @@ def _quoting_hint(item: Any) -> str:
         words = [w.strip() for w in value.strip("[]").split(",") if w.strip()]
         quoted = ", ".join(f'"{w}"' for w in words) if words else '"a", "b"'
         return f"; a list of names needs quotes: [{quoted}]"
+    if item["type"] == "string_type" and isinstance(value, int | float):  # bool is an int
+        text = json.dumps(str(value).lower() if isinstance(value, bool) else str(value))
+        *section, last = [str(p) for p in item["loc"]]
+        if isinstance(item["loc"][-1], int):  # an item of a list of names
+            return f"; a name that reads as a number or true/false needs quotes: {text}"
+        key = ".".join([*section, last])
+        return (f"; a name that reads as a number or true/false needs quotes: "
+                f"--set '{key}={text}' (in a file: {last} = {text})")
     return ""
 
 
-def validate(raw: dict[str, Any]) -> Config:
-    """Build a Config from plain data, or raise ConfigError naming each bad key."""
+def validate(raw: dict[str, Any], check_files: bool = True) -> Config:
+    """Build a Config from plain data, or raise ConfigError naming each bad key.
+
+    `check_files=False` takes `stream.path` as given, for a config that was checked where
+    it was loaded and is passed on: a Ray worker reads a pinned file's table from the
+    cache, so a file moved or deleted during a run must not fail every round there."""
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw, context={"check_files": check_files})
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
 
@@ -738,7 +769,8 @@ def _as_chosen(cfg: Config) -> dict[str, Any]:
 
 
 def from_json(text: str) -> Config:
-    return validate(json.loads(text))
+    """The config `to_json` passed on (to Ray workers, a ServerApp): its file was checked."""
+    return validate(json.loads(text), check_files=False)
 
 
 def from_run_config(run_config: dict[str, Any]) -> Config:

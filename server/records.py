@@ -137,7 +137,9 @@ class History:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.MULTILINE)
+# "Name: message", and the message's indented lines after it (a ConfigError lists each bad
+# key on one), but not a traceback's `File "..."` lines or its ^^^ markers.
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.+(?:\n[ \t]+(?!File \")[^\s^].*)*)$", re.MULTILINE)
 _WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
 _DEPLOYED = re.compile(r"<class '(?P<name>[\w.]+)'>:<'(?P<message>.*)'>", re.DOTALL)
 
@@ -154,7 +156,8 @@ def error_reason(reply: Message) -> str:
         return f"{deployed['name'].rsplit('.', 1)[-1]}: {deployed['message']}"
     for name, message in _RAISED.findall(reason):
         if not any(w in name for w in _WRAPPERS):
-            return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"
+            words = " ".join(line.strip() for line in message.splitlines())
+            return f"{name.rsplit('.', 1)[-1]}: {words.removesuffix(chr(39) + '>').strip()}"
     return reason
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import ArrayRecord
 from torch.nn import functional as F
@@ -20,7 +22,10 @@ def make_evaluate(cfg: Config) -> EvaluateFn:
     )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        x, y = fed.holdout(float(server_round))
+        # Round r trains on samples that arrived in [r - 1, r): the model is scored under
+        # the concept of the round's last instant, not of time r, where the next round's
+        # drift (one at r exactly) would already be in force.
+        x, y = fed.holdout(math.nextafter(float(server_round), -math.inf))
         inputs = torch.as_tensor(x)
         if cfg.learner.standardize:
             # The clients feed the model standardised features, with statistics the server

@@ -58,6 +58,24 @@ class Dataset:
         return [(self.features[j], float(rms[j])) for j in order if rms[j] > limit]
 
 
+    def identifiers(self, least: int = 50) -> list[str]:
+        """File columns of whole numbers that look like a row ID or a timestamp, not a
+        measurement: ever increasing down the file, or a different number in every row.
+        Fed as features, they tell the model each row's place, which no other client and
+        no later row shares."""
+        x = self.x
+        if not self.features or len(x) < least:
+            return []
+        whole = np.all(x == np.round(x), axis=0)
+        rising = np.all(np.diff(x, axis=0) >= 0, axis=0)
+        distinct = np.array([len(np.unique(x[:, j])) if whole[j] else 0
+                             for j in range(x.shape[1])])
+        # float32 holds epoch seconds in steps of 128 (ms in steps of 131 s), so rows of
+        # a timestamp may share values: rising through ten or more is enough
+        marked = whole & ((rising & (distinct >= 10)) | (distinct == len(x)))
+        return [self.features[j] for j in np.flatnonzero(marked)]
+
+
 class Federation:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -45,10 +45,20 @@ def prepare(cfg: Config) -> Path:
 def check_config_file(cfg: Config) -> None:
     """A config.toml in the results folder that fedstream did not write is someone's own
     (a config kept beside its results, `--out` its folder): a run must not replace it."""
-    path = Path(cfg.output.dir) / "config.toml"
+    out = Path(cfg.output.dir)
+    path = out / "config.toml"
     try:
         text = path.read_text()
     except (OSError, UnicodeError):
+        # No config of a run: a results file here is someone else's (every run writes its
+        # config.toml first), and replacing it would lose it.
+        theirs = [name for name in OWNED if (out / name).exists()]
+        if theirs and not path.exists():
+            raise ValueError(
+                f"output.dir: {out.resolve()} holds {', '.join(theirs)} but no config.toml "
+                "of a run: files fedstream did not write, which a run would replace. Give "
+                "another output.dir (--out), or move them"
+            ) from None
         return
     if text.startswith(MARK) or _canonical(text):
         return

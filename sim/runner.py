@@ -149,6 +149,24 @@ def scale_hint(cfg: Config) -> str | None:
     )
 
 
+def identifier_hint(cfg: Config) -> str | None:
+    """What to say when a file's feature columns look like row IDs or timestamps: fed to
+    the model as numbers, they say only where a row sits in the file."""
+    dataset = federation(cfg).dataset
+    names = [] if dataset is None else dataset.identifiers()
+    if not names:
+        return None
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    leave_out = json.dumps([*cfg.stream.exclude, *names])
+    time = "" if cfg.stream.time else ", or, for a time, order the rows by it (stream.time)"
+    return (
+        f"fedstream: hint: feature column{'s' * (len(names) > 1)} {shown} "
+        f"{'hold' if len(names) > 1 else 'holds'} whole numbers that rise down the file "
+        f"or differ in every row, like a row ID or a timestamp: leave "
+        f"{'them' if len(names) > 1 else 'it'} out (--set 'stream.exclude={leave_out}'){time}"
+    )
+
+
 def exhaustion_hint(cfg: Config) -> str | None:
     """What to say when clients' rows run out long before the last round: the rounds
     after it train on nothing, and would otherwise just show as unaggregated rounds or
@@ -342,7 +360,7 @@ def prepare(cfg: Config) -> Config:
     cfg = pin_data(cfg)
     preflight(cfg)
     for hint in (
-        scale_hint(cfg), label_hint(cfg), group_hint(cfg), drift_hint(cfg),
+        identifier_hint(cfg), scale_hint(cfg), label_hint(cfg), group_hint(cfg), drift_hint(cfg),
         exhaustion_hint(cfg), precision_hint(cfg), dropout_hint(cfg), *before_run(cfg),
     ):
         if hint:

@@ -181,6 +181,14 @@ def test_a_run_never_replaces_a_config_it_did_not_write(tmp_path: Path) -> None:
     text = (out / "config.toml").read_text()
     assert text.startswith(MARK) and load(out / "config.toml").output.dir == str(out.resolve())
     prepare(load(out / "config.toml"))  # the run's own config: replaced, no complaint
+    # Results files without a run's config.toml are someone else's: kept, and refused.
+    theirs = tmp_path / "theirs"
+    (theirs / "plots").mkdir(parents=True)
+    (theirs / "summary.json").write_text("{}")
+    (theirs / "plots" / "accuracy.png").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"holds summary.json, plots/accuracy.png but no "):
+        prepare(load(None, [f'output.dir="{theirs}"']))
+    assert (theirs / "summary.json").read_text() == "{}"
 
 
 def test_sizes_are_printed_in_units_that_show_them() -> None:

@@ -64,6 +64,13 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"secure_aggregation": {"threshold": 0.3}},
          "secure_aggregation.threshold: must be greater than 0.5 (got 0.3)"),
         ({"federation": {"rounds": 0}}, "federation.rounds: must be greater than 0 (got 0)"),
+        ({"stream": {"label": 400}}, "a name that reads as a number or true/false needs "
+         """quotes: --set 'stream.label="400"' (in a file: label = "400")"""),
+        ({"stream": {"features": [1, "a"]}}, 'stream.features.0: Input should be a valid '
+         'string (got 1); a name that reads as a number or true/false needs quotes: "1"'),
+        ({"stream": {"path": "x.csv", "source": "hyperplane"}}, "stream.path is set, but "
+         "stream.source 'hyperplane' is synthetic and reads no file: set stream.source = "
+         '"csv"'),
         ({"secure_aggregation": {"threshold": "x"}},
          "secure_aggregation.threshold: expected a count or a fraction"),
         ({"stream": {"image": True}}, "stream.image shapes the digits source's samples as 8x8 "
@@ -344,3 +351,30 @@ def test_a_secure_round_waits_for_as_many_clients_as_a_count_threshold_needs() -
                     "secure_aggregation.enabled=true", "secure_aggregation.threshold=12"])
     fraction = load(None, ["federation.clients=4", "secure_aggregation.enabled=true"])
     assert least_clients(fraction.federation, fraction.secure_aggregation) == 2
+
+
+@pytest.mark.parametrize(
+    "name, source",
+    [("s.csv", "csv"), ("s.tsv.gz", "csv"), ("s.jsonl", "jsonl"), ("S.NDJSON.GZ", "jsonl"),
+     ("export", "csv")],
+)
+def test_a_path_alone_reads_that_file_not_the_synthetic_default(
+    tmp_path: Path, name: str, source: str
+) -> None:
+    """A user who names a file and forgets stream.source meant the file: the default
+    synthetic stream would have trained on other data and said nothing."""
+    (tmp_path / name).write_text("a,label\n1,x\n")
+    cfg = validate({"stream": {"path": str(tmp_path / name)}})
+    assert cfg.stream.source == source and cfg.drift.kind == "none"  # replayed as it is
+
+
+def test_a_config_passed_on_does_not_need_its_file_again(tmp_path: Path) -> None:
+    """Ray workers get the driver's checked config: a file deleted during the run is read
+    from the table cache there, not refused by every worker's config check."""
+    path = tmp_path / "d.csv"
+    path.write_text("a,label\n1,x\n")
+    cfg = validate({"stream": {"path": str(path)}})
+    path.unlink()
+    assert from_json(to_json(cfg)) == cfg
+    with pytest.raises(ConfigError, match="file not found"):  # loading it anew still checks
+        validate({"stream": {"path": str(path)}})

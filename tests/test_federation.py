@@ -273,11 +273,12 @@ def test_preflight_refuses_a_model_with_another_number_of_outputs(
 def test_a_rerun_in_the_same_folder_leaves_nothing_of_the_first(tmp_path: Path) -> None:
     from fedstream.sim.results import prepare, summarize
 
+    cfg = load(overrides=[f'output.dir="{tmp_path}"', "federation.rounds=3"])
+    prepare(cfg)  # the first run's config.toml: what it wrote, a rerun may replace
     (tmp_path / "plots").mkdir()
     for name in ("plots/clients.png", "plots/privacy.png", "summary.json", "model.pt",
                  "notes.txt"):
         (tmp_path / name).write_text("old")
-    cfg = load(overrides=[f'output.dir="{tmp_path}"', "federation.rounds=3"])
     prepare(cfg)
     assert not (tmp_path / "plots/clients.png").exists()
     assert not (tmp_path / "plots/privacy.png").exists()  # an earlier private run's
@@ -445,3 +446,50 @@ def test_a_simulations_own_dropout_sizes_the_share_groups() -> None:
     assert load(overrides=["simulation.dropout=0.05"]).secure_aggregation.dropout == 0.1
     with pytest.raises(ConfigError, match=r"secure_aggregation.dropout: .*1.5"):
         load(overrides=["secure_aggregation.dropout=1.5"])
+
+
+def test_global_evaluation_scores_a_round_under_the_concept_its_clients_trained_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Round r trains on samples that arrived in [r - 1, r): a drift at time r is the next
+    round's, and the evaluation after round r must not see it either."""
+    from fedstream.sim.evaluation import make_evaluate
+
+    cfg = load(overrides=["evaluation.every=1", "drift.kind=abrupt", "drift.at=[2.0]",
+                          "drift.stagger=0", "federation.clients=2"])
+    fed = federation(cfg)
+    asked: list[float] = []
+    holdout = Federation.holdout
+
+    def spy(self: Federation, t: float) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(t)
+        return holdout(self, t)
+
+    monkeypatch.setattr(Federation, "holdout", spy)
+    make_evaluate(cfg)(2, fed.initial_arrays())
+    assert len(asked) == 1 and 1.999 < asked[0] < 2.0
+    # The stream agrees: what arrives just before time 2 follows the old concept.
+    src, index = fed.source(0), np.arange(200)
+    before, old, new = (src.draw(index, np.full(200, t))[0] for t in (asked[0], 1.5, 2.0))
+    assert np.array_equal(before, old) and not np.array_equal(new, old)
+
+
+def test_row_ids_and_timestamps_among_the_features_get_a_hint(tmp_path: Path) -> None:
+    from fedstream.sim.runner import identifier_hint
+
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(300) + 1000  # shuffled: a different number in every row
+    rows = ["id,epoch,temp,count,label"] + [
+        f"{ids[i]},{1_700_000_000 + 60 * i},{rng.normal():.3f},{rng.integers(0, 9)},"
+        f"{'ab'[i % 2]}" for i in range(300)
+    ]
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(rows) + "\n")
+    base = ["stream.source=csv", f'stream.path="{path}"', 'partition.scheme="iid"']
+    hint = identifier_hint(load(overrides=base))
+    assert hint is not None and "columns 'id', 'epoch' hold whole numbers" in hint, hint
+    assert """--set 'stream.exclude=["id", "epoch"]'""" in hint and "stream.time" in hint
+    kept = identifier_hint(load(overrides=[*base, 'stream.exclude=["id"]']))
+    assert kept is not None and """stream.exclude=["id", "epoch"]""" in kept
+    assert identifier_hint(load(overrides=[*base, 'stream.exclude=["id", "epoch"]'])) is None
+    assert identifier_hint(load(overrides=["federation.clients=3"])) is None  # synthetic

@@ -290,6 +290,20 @@ def test_a_ray_workers_failure_is_recorded_as_the_exception_that_started_it() ->
     reply = make_message(metadata=meta, error=Error(code=0, reason=deployed))
     assert error_reason(reply) == ("SpoolError: /d/spool.db: the spool stores samples of 5 "
                                    "features, opened with n_features=4")
+    # A worker that cannot even build the ClientApp: the message's indented lines are the
+    # cause, the traceback's are not.
+    unbuilt = (
+        "<class 'ray.exceptions.RayTaskError(RaySystemError)'>:<'ray::ClientAppActor.run() "
+        "(pid=5027)\n  At least one of the input arguments for this task could not be "
+        "computed:\nray.exceptions.RaySystemError: System error: invalid config:\n  "
+        "stream.path: file not found: /d/v.csv\ntraceback: Traceback (most recent call "
+        "last):\n          ^^^^^^^\n  File \"/x/config.py\", line 640, in validate\n    raise "
+        "ConfigError(_format_errors(err)) from None\nfedstream.protocol.config.ConfigError: "
+        "invalid config:\n  stream.path: file not found: /d/v.csv'>"
+    )
+    reply = make_message(metadata=meta, error=Error(code=0, reason=unbuilt))
+    assert error_reason(reply) == ("RaySystemError: System error: invalid config: stream.path: "
+                                   "file not found: /d/v.csv")
 
 
 def test_a_round_a_device_fails_is_said_in_its_log(capsys):

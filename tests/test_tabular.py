@@ -316,7 +316,6 @@ def test_jsonl_extra_key_when_features_inferred(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "value, fragment",
     [
-        ("true", "boolean, not a number"),
         ('"1.5"', "'1.5' is not a number"),
         ("null", "missing value"),
         ("NaN", "missing value"),
@@ -503,6 +502,10 @@ def test_every_unreadable_feature_column_is_said_at_once_with_what_to_do(tmp_pat
     assert lines[-1].strip() == (
         """to leave those out: --set 'stream.exclude=["device_id", "site", "comment"]'""")
     assert "temp" not in message  # a column that reads is not listed
+    # Columns already left out stay in the suggestion: run after run, it only grows.
+    again = expect_error(path, 2, "column 'site'", label="label", exclude=["device_id"])
+    assert again.splitlines()[-1].strip() == (
+        """to leave those out: --set 'stream.exclude=["device_id", "site", "comment"]'""")
     # One bad cell in one column: the first line says it all, no report.
     one = write(tmp_path, "one.csv", "temp,label\n21,ok\nwarm,ok\n22,ok\n")
     assert "\n" not in expect_error(one, 3, "'warm' is not a number", label="label")
@@ -513,3 +516,16 @@ def test_a_label_column_left_at_its_default_says_which_key_names_it(tmp_path: Pa
     expect_error(path, 1, "label column 'label' not found; available: 'temp', 'state'",
                  "name the column of classes: stream.label (fedstream feed: --label)",
                  label="label")
+
+
+def test_true_and_false_are_one_and_zero_in_csv_and_jsonl(tmp_path: Path) -> None:
+    """Exports write booleans as True/False (pandas), TRUE/FALSE (spreadsheets) or JSON's
+    true/false: a feature column of them is 1 and 0, not a column to leave out."""
+    csv = write(tmp_path, "b.csv", "x,weekend,y\n1.5,True,a\n2,FALSE,b\n3, true ,a\n4,0,b\n")
+    assert load_table(csv, label="y").x[:, 1].tolist() == [1.0, 0.0, 1.0, 0.0]
+    jsonl = write(tmp_path, "b.jsonl",
+                  '{"x": 1, "w": true, "y": "a"}\n{"x": 2.5, "w": false, "y": "b"}\n')
+    assert load_table(jsonl, label="y").x.tolist() == [[1.0, 1.0], [2.5, 0.0]]
+    # Anything else in such a column is still named, as in any other.
+    bad = write(tmp_path, "c.csv", "x,weekend,y\n1,True,a\n2,yes,b\n")
+    expect_error(bad, 3, "column 'weekend': 'yes' is not a number", label="y")

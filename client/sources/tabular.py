@@ -420,7 +420,7 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
     lines: list[int] = []
     text_columns: list[list[str]] = [[] for _ in cols.roles]  # label, time?, group?
     offset = len(text_columns)
-    cells = _Cells(names, "column", decimal_mark(delimiter), name)
+    cells = _Cells(names, "column", decimal_mark(delimiter), name, cols.exclude)
     quoted = '"' in text  # only a quoted value can hold a line break
     for line, fields in records:
         if trailing and len(fields) == n_fields + 1 and not fields[-1].strip():
@@ -545,7 +545,7 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
             groups.append(_json_text(obj[group], name, line, group))
     if names is None:
         raise DataError(f"{name}: no records (the file is empty or blank)")
-    block = _Cells(names, "key", ".", name)
+    block = _Cells(names, "key", ".", name, cols.exclude)
     for line, row in zip(lines, cells, strict=True):
         block.add(line, row)
     x, x_error = block.done()
@@ -637,8 +637,12 @@ class _Cells:
 
     BLOCK = 1 << 15  # rows
 
-    def __init__(self, features: list[str], what: str, decimal: str, name: str) -> None:
+    def __init__(
+        self, features: list[str], what: str, decimal: str, name: str,
+        excluded: Sequence[str] = (),
+    ) -> None:
         self.features, self.what, self.decimal, self.name = features, what, decimal, name
+        self.excluded = list(excluded)  # already left out: a suggested exclude keeps them
         self.marks = DecimalMarks(features) if decimal == "," else None
         self.blocks: list[np.ndarray] = []
         self.rows: list[list[Any]] = []
@@ -724,7 +728,7 @@ class _Cells:
             return ""
         if leave_out:
             said.append("to leave those out: --set 'stream.exclude=[" + ", ".join(
-                json.dumps(name) for name in leave_out) + "]'")
+                json.dumps(name) for name in [*self.excluded, *leave_out]) + "]'")
         return (f"\n  all the feature columns with such cells, in lines {lines[0]} to "
                 f"{lines[-1]}:\n    " + "\n    ".join(said))
 
@@ -846,12 +850,27 @@ def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
     try:
         return cells.astype(np.float64)
     except ValueError:
+        return _booleans_to_float(cells)
+
+
+def _booleans_to_float(cells: np.ndarray) -> np.ndarray | None:
+    """A block that is numbers and true/false (any case: pandas writes True, spreadsheets
+    TRUE) with true as 1 and false as 0, or None. Only tried once the fast parse fails."""
+    words = np.char.lower(np.char.strip(cells))
+    truth = words == "true"
+    untruth = words == "false"
+    if not (truth.any() or untruth.any()):
+        return None
+    try:
+        return np.where(truth, "1", np.where(untruth, "0", cells)).astype(np.float64)
+    except ValueError:
         return None
 
 
 def _json_to_float(cells: list[list[Any]]) -> np.ndarray | None:
-    """Fast path: plain ints and floats only (bools, strings and nulls take the slow path)."""
-    if not set(map(type, chain.from_iterable(cells))) <= {int, float}:
+    """Fast path: plain ints, floats and booleans (true is 1) only (strings and nulls take
+    the slow path)."""
+    if not set(map(type, chain.from_iterable(cells))) <= {int, float, bool}:
         return None
     try:
         return np.asarray(cells, dtype=np.float64)
@@ -865,8 +884,6 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
     if what == "key":
         if cell is None:
             return "missing value (null); values are not imputed: drop or fill that record"
-        if isinstance(cell, bool):
-            return f"{json.dumps(cell)} is a boolean, not a number"
         if isinstance(cell, str):
             return f"{cell!r} is not a number (it is a JSON string)"
         if not isinstance(cell, int | float):
