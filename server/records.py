@@ -415,8 +415,19 @@ class MetricsLog:
         with _WRITES:
             if stopping.requested():
                 return
-            with self.path.open("a") as fh:
+            try:
+                fh = self.path.open("a")
+            except FileNotFoundError:
+                raise ResultsFolderGone(
+                    f"{self.path.parent}: the results folder was removed or moved during "
+                    f"the run; round {record.get('round', '?')} and later are not recorded"
+                ) from None
+            with fh:
                 fh.write(line)
+
+
+class ResultsFolderGone(RuntimeError):
+    """The run's output folder vanished under it: nothing more can be recorded."""
 
 
 def _drop_partial_line(path: Path) -> None:

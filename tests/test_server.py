@@ -222,6 +222,18 @@ def test_a_resumed_log_drops_the_half_line_a_crash_left(tmp_path: Path) -> None:
     assert len(read_metrics(path)) == 2
 
 
+def test_a_results_folder_removed_during_the_run_is_said_so(tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "runs" / "mid"
+    log = MetricsLog(out / "metrics.jsonl")
+    log.write({"round": 1})
+    shutil.rmtree(out)
+    with pytest.raises(records.ResultsFolderGone, match=r"mid: the results folder was removed "
+                       r"or moved during the run; round 2 and later are not recorded"):
+        log.write({"round": 2})
+
+
 @pytest.fixture
 def fresh_run():
     stopping.start()

@@ -215,6 +215,10 @@ def test_csv_missing_label_and_time(tmp_path: Path) -> None:
     expect_error(path, 3, "column 't'", "missing", label="y", time="t")  # earliest line wins
     bad_time = write(tmp_path, "bt.csv", "x,y,t\n1,a,1\n2,b,soon\n")
     expect_error(bad_time, 3, "column 't'", "'soon' is not a number", label="y", time="t")
+    mixed = write(tmp_path, "mt.csv", "x,y,t\n1,a,1704067200\n2,b,2024-01-01T00:01:00\n")
+    expect_error(mixed, 3, "column 't': '2024-01-01T00:01:00' is an ISO-8601 date-time, where "
+                 "line 2 has a number ('1704067200'): a time column takes one kind",
+                 label="y", time="t")
 
 
 def test_csv_ragged_row(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ held as millions of Python strings at once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import gzip
@@ -981,18 +982,24 @@ def _parse_times(values: list[str], lines: np.ndarray, name: str, where: str) ->
     for i, value in enumerate(values):
         if value.lower() in MISSING:
             raise _row_error(name, lines[i], f"{where}: missing time {value!r}")
+    kinds = {float: "a number", _iso_seconds: "an ISO-8601 date-time"}
     try:
         float(values[0])
     except ValueError:
-        parse, kind = _iso_seconds, "an ISO-8601 date-time"
+        parse, other = _iso_seconds, float
     else:
-        parse, kind = float, "a number"
+        parse, other = float, _iso_seconds
     stamps = np.empty(len(values), dtype=np.float64)
     for i, value in enumerate(values):
         try:
             stamps[i] = parse(value)
         except ValueError:
-            raise _row_error(name, lines[i], f"{where}: {value!r} is not {kind}") from None
+            problem = f"{value!r} is not {kinds[parse]}"
+            with contextlib.suppress(ValueError):
+                other(value)
+                problem = (f"{value!r} is {kinds[other]}, where line {lines[0]} has "
+                           f"{kinds[parse]} ({values[0]!r}): a time column takes one kind")
+            raise _row_error(name, lines[i], f"{where}: {problem}") from None
     if not np.all(np.isfinite(stamps)):
         i = int(np.argmax(~np.isfinite(stamps)))
         raise _row_error(name, lines[i], f"{where}: {values[i]!r} is not a finite time")
