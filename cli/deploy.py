@@ -172,6 +172,7 @@ def client(
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     from fedstream.client.ingest import IngestError
     from fedstream.client.node import Device, run_device
+    from fedstream.client.privacy import requirement
     from fedstream.client.spool import SpoolError
 
     dev = Device(
@@ -180,6 +181,7 @@ def client(
         ingest=ingest, capacity=capacity,
         policy=policy, insecure=insecure, max_wait=max_wait, cold=cold,  # type: ignore[arg-type]
         secure_only=cfg.secure_aggregation.enabled,
+        private_only=requirement(cfg.privacy, cfg.secure_aggregation.enabled),
     )
     try:
         code = run_device(dev)

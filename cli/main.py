@@ -292,8 +292,9 @@ def _privacy_line(p: dict[str, Any], secure: bool) -> str:
     if p.get("target_epsilon"):
         z += f" (calibrated for epsilon {p['target_epsilon']:g})"
     how = f"{z}, clip {p['clip_norm']:g}, noise added by the {p['noise_at']}"
-    if p.get("void"):
-        line = f"Differential privacy: no guarantee ({how}): {p['void']}."
+    if p.get("void") or p["epsilon"] is None:  # null: a deployment's older records
+        why = p.get("void") or "no epsilon holds (a round was released without noise)"
+        line = f"Differential privacy: no guarantee ({how}): {why}."
     else:  # releases: the rounds whose sum was seen (a failed round costs nothing)
         line = (f"Differential privacy: epsilon = {p['epsilon']:.3g} at delta = {p['delta']:g} "
                 f"after {p['releases']} released round{'s' * (p['releases'] != 1)} (one "

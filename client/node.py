@@ -64,6 +64,7 @@ class Device:
     max_wait: float = 0.0  # give up connecting after this many seconds (0: keep trying)
     cold: bool = False  # Flower's default isolation: a new flwr-clientapp process per message
     secure_only: bool = False  # refuse to train in a round without secure aggregation
+    private_only: str = ""  # "clip" or "noise": refuse a round that asks less of it
 
     @property
     def spool(self) -> Path:
@@ -79,6 +80,8 @@ def supernode_command(dev: Device, runtime_port: int) -> list[str]:
     node_config = f"spool='{dev.spool.resolve()}' client-id={dev.client_id}"
     if dev.secure_only:
         node_config += " secure-only=true"  # client.secure.SECURE_ONLY
+    if dev.private_only:
+        node_config += f" private-only='{dev.private_only}'"  # client.privacy.PRIVATE_ONLY
     cmd = [
         "flower-supernode",
         "--superlink", dev.server,
@@ -150,6 +153,7 @@ APP_RAISED = "ClientApp raised an exception"  # Flower's words for a round's err
 CONNECTED = "SuperNode ID:"
 RECONNECTED = "Connection successful after"  # Flower's retry, once a server answers again
 RETRYING = "Connection attempt failed"
+GAVE_UP = "Giving up reconnection"  # Flower's retry at --max-wait-time; its process lives on
 # Without --ca the SuperNode checks the server against this machine's CA store.
 NO_CA = ("the server's certificate is not signed by a CA this machine trusts, and no --ca "
          "was given: pass --ca with the federation's ca.crt (made by `fedstream certs`)")
@@ -283,24 +287,28 @@ def run_device(dev: Device) -> int:
             node = procs["node"] = runtime.spawn(supernode_command(dev, port), env, log,
                                                  dev.state)
             executor = None if dev.cold else start_exec(port, node)
-            connected = False
+            connected = ever = gave_up = False  # now; ever, with this SuperNode
             while node.poll() is None and not stopping.wait(0.2):
                 for line in tail.new_lines():
-                    if CONNECTED in line or (RECONNECTED in line and connected):
-                        connected, said_waiting, pause = True, False, RETRY_FIRST
-                        refused = 0
+                    if CONNECTED in line or (RECONNECTED in line and ever):
+                        connected = ever = True
+                        said_waiting, pause, refused = False, RETRY_FIRST, 0
                         say(f"connected to the server at {dev.server}")
+                    elif GAVE_UP in line:
+                        gave_up = True
                     elif runtime.ROUND_FAILED in line:
                         failure = line.split(runtime.ROUND_FAILED, 1)[1].strip()
                         if failure != last_failure:  # each new reason once, not every round
                             last_failure = failure
                             say(f"a round failed on this device: {failure}")
-                    elif RETRYING in line and not said_waiting:
+                    elif RETRYING in line and connected:  # --max-wait counts from here
+                        connected, since = False, time.monotonic()
                         said_waiting = True
-                        if connected:
-                            say(f"lost the server at {dev.server}; the SuperNode keeps "
-                                "trying to reach it")
-                        elif not _reachable(dev.server):
+                        say(f"lost the server at {dev.server}; the SuperNode keeps "
+                            "trying to reach it")
+                    elif RETRYING in line and not said_waiting:  # not connected yet
+                        said_waiting = True
+                        if not _reachable(dev.server):
                             say(f"waiting for the server at {dev.server}: nothing answers "
                                 "there yet")
                         else:
@@ -310,6 +318,9 @@ def run_device(dev: Device) -> int:
                                 f"{log}")
                 if connected:
                     since = time.monotonic()
+                elif dev.max_wait and (gave_up or time.monotonic() - since > dev.max_wait + 30):
+                    gave_up = True  # Flower's SuperNode said so (and lives on), or hangs
+                    break
                 if executor is None or executor.poll() is None:
                     continue
                 # The SuperExec died under a live SuperNode: no task would run. Start another
@@ -327,10 +338,11 @@ def run_device(dev: Device) -> int:
             reason = exit_reason(text, code, ca_given=dev.ca is not None)
             why = f":\n{reason}\n" if reason else "; "
             refused = refused + 1 if NOT_REGISTERED in text else 0
-            if dev.max_wait and time.monotonic() - since > dev.max_wait:
-                say(f"the SuperNode gave up (exit {code}){why}"
+            if dev.max_wait and (gave_up or time.monotonic() - since > dev.max_wait):
+                exited = "" if gave_up else f" (exit {code})"
+                say(f"the SuperNode gave up{exited}{why}"
                     f"not connected for {dev.max_wait:g} s (--max-wait); see {log}")
-                return code if code > 0 else 1
+                return code if code > 0 and not gave_up else 1
             # Refused (not registered yet, server down or replaced, TLS failure), or ended
             # for any other reason: the server may register this key in a moment, and
             # ingestion keeps serving meanwhile. The same reason again is not repeated.
@@ -339,7 +351,7 @@ def run_device(dev: Device) -> int:
                        "registers keys a moment after it starts; a restarted device waits for "
                        "its old session to lapse; a key the server never registered is named "
                        f"as such after {NOT_YET - 1} refusals); ")
-            elif reason and reason == last_reason and not connected:
+            elif reason and reason == last_reason and not ever:
                 why = " again, for the same reason; "
             # A reason shown only briefly has not been said: the third refusal says it whole.
             last_reason = "" if 0 < refused < NOT_YET else reason

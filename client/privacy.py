@@ -22,8 +22,26 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedstream.protocol import dp, updates
 from fedstream.protocol import messages as m
+from fedstream.protocol.config import PrivacyConfig
 
 _NOISE_STREAM = 0xD9  # keeps the noise apart from every other seeded stream of the client
+PRIVATE_ONLY = "private-only"  # node config: what a device's own config has it do ("clip", "noise")
+
+
+class PrivacyRequired(RuntimeError):
+    """The round asks less privacy of this device than its own config does."""
+
+
+def requirement(cfg: PrivacyConfig, secure: bool) -> str:
+    """What a device whose config is `cfg` must be asked to do in every round: "noise" (clip
+    and add its share: the noise is the clients'), "clip" (the server adds the noise to a
+    masked sum), or "" (nothing it could check: the server clips and noises in plaintext,
+    or privacy is off). A server that asks less would train on its update unprotected."""
+    if not cfg.enabled:
+        return ""
+    if cfg.noise_at == "clients" and (cfg.noise_multiplier > 0 or cfg.target_epsilon > 0):
+        return "noise"
+    return "clip" if secure or cfg.noise_at == "clients" else ""
 
 
 def make_privacy_mod(seed: int | None = None) -> Mod:
@@ -32,6 +50,8 @@ def make_privacy_mod(seed: int | None = None) -> Mod:
     def privacy_mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
         train = msg.metadata.message_type == MessageType.TRAIN
         config = m.record(msg.content, m.CONFIG, ConfigRecord) if train else None
+        if train:
+            _check_asked(config, str(ctx.node_config.get(PRIVATE_ONLY, "")))
         if config is None or m.DP_CLIP not in config:
             return call_next(msg, ctx)
         reply = call_next(msg, ctx)
@@ -47,6 +67,21 @@ def make_privacy_mod(seed: int | None = None) -> Mod:
         return reply
 
     return privacy_mod
+
+
+def _check_asked(config: ConfigRecord | None, need: str) -> None:
+    if not need:
+        return
+    clip = config is not None and m.DP_CLIP in config
+    noise = clip and float(config.get(m.DP_STD, 0.0)) > 0  # type: ignore[union-attr]
+    if not clip or (need == "noise" and not noise):
+        asked = "neither clipping nor noise" if not clip else "clipping but no noise"
+        raise PrivacyRequired(
+            f"this device trains only under differential privacy (its config enables it, "
+            f"the {'noise added by the clients' if need == 'noise' else 'clients clipping'}"
+            f"), and the round asked {asked}: the server's config has privacy.enabled = "
+            "false, or another noise_at"
+        )
 
 
 def privatised(

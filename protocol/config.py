@@ -120,9 +120,10 @@ class StreamConfig(_Section):
             raise ValueError(f"stream.exclude names the label column {self.label!r}")
         if self.path and self.source not in ("csv", "jsonl"):
             raise ValueError(
-                f"stream.path is set, but stream.source {self.source!r} is synthetic and reads "
-                f'no file: set stream.source = "{_source_of(self.path)}" (or leave '
-                "stream.source out: a path alone picks csv or jsonl from its name)"
+                f"stream.path is set, but stream.source {self.source!r} is built in and "
+                f'reads no file: for the file, set stream.source = "{_source_of(self.path)}" '
+                "(or leave stream.source out: a path alone picks csv or jsonl from its "
+                f"name); for {self.source!r}, clear the path (--set 'stream.path=\"\"')"
             )
         if self.source in ("csv", "jsonl"):
             if not self.path:
@@ -625,7 +626,13 @@ def _quoting_hint(item: Any) -> str:
         quoted = ", ".join(f'"{w}"' for w in words) if words else '"a", "b"'
         return f"; a list of names needs quotes: [{quoted}]"
     if item["type"] == "string_type" and isinstance(value, int | float):  # bool is an int
-        text = json.dumps(str(value).lower() if isinstance(value, bool) else str(value))
+        # TOML has parsed it: 1.50 is 1.5 now, and 0x10 is 16. Only these read back alike.
+        if isinstance(value, bool):
+            text = json.dumps(str(value).lower())
+        elif isinstance(value, int):
+            text = json.dumps(str(value))
+        else:
+            text = '"..."'  # the name as the file spells it
         *section, last = [str(p) for p in item["loc"]]
         if isinstance(item["loc"][-1], int):  # an item of a list of names
             return f"; a name that reads as a number or true/false needs quotes: {text}"

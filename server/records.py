@@ -154,10 +154,12 @@ def error_reason(reply: Message) -> str:
     deployed = _DEPLOYED.fullmatch(reason.strip())  # a SuperNode's "<class 'x.E'>:<'msg'>"
     if deployed:
         return f"{deployed['name'].rsplit('.', 1)[-1]}: {deployed['message']}"
+    if reason.startswith("<class '") and reason.endswith("'>"):  # the wrapper's own close
+        reason = reason[:-2]
     for name, message in _RAISED.findall(reason):
         if not any(w in name for w in _WRAPPERS):
             words = " ".join(line.strip() for line in message.splitlines())
-            return f"{name.rsplit('.', 1)[-1]}: {words.removesuffix(chr(39) + '>').strip()}"
+            return f"{name.rsplit('.', 1)[-1]}: {words}"
     return reason
 
 

@@ -59,21 +59,25 @@ class Dataset:
 
 
     def identifiers(self, least: int = 50) -> list[str]:
-        """File columns of whole numbers that look like a row ID or a timestamp, not a
-        measurement: ever increasing down the file, or a different number in every row.
-        Fed as features, they tell the model each row's place, which no other client and
-        no later row shares."""
+        """File columns that look like a row ID or a timestamp, not a measurement: whole
+        numbers, one per row, from a range about as wide as the rows are many (an ID); or
+        epoch-sized numbers (10^8 and up: seconds since 1973, or milliseconds) that only
+        rise, or only fall, down the file (a time). Fed as features, they tell the model
+        each row's place, which no other client and no later row shares."""
         x = self.x
-        if not self.features or len(x) < least:
+        n = len(x)
+        if not self.features or n < least:
             return []
-        whole = np.all(x == np.round(x), axis=0)
-        rising = np.all(np.diff(x, axis=0) >= 0, axis=0)
-        distinct = np.array([len(np.unique(x[:, j])) if whole[j] else 0
-                             for j in range(x.shape[1])])
-        # float32 holds epoch seconds in steps of 128 (ms in steps of 131 s), so rows of
-        # a timestamp may share values: rising through ten or more is enough
-        marked = whole & ((rising & (distinct >= 10)) | (distinct == len(x)))
-        return [self.features[j] for j in np.flatnonzero(marked)]
+        low, high = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
+        # float32 is whole above 2^24 whatever the file said: IDs are told below it only
+        whole = np.all(x == np.round(x), axis=0) & (np.abs(low) < 2**24) & (high < 2**24)
+        dense = whole & (high - low < 2 * n)
+        step = np.diff(x, axis=0)
+        monotone = np.all(step >= 0, axis=0) | np.all(step <= 0, axis=0)
+        epochs = monotone & (low >= 1e8) & (high > low)
+        marked = [j for j in np.flatnonzero(dense | epochs)
+                  if epochs[j] or len(np.unique(x[:, j])) == n]
+        return [self.features[j] for j in marked]
 
 
 class Federation:

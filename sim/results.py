@@ -4,6 +4,7 @@ the final model and plots. Its layout is a contract other tools read; see the RE
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,9 @@ def check_config_file(cfg: Config) -> None:
         if theirs and not path.exists():
             raise ValueError(
                 f"output.dir: {out.resolve()} holds {', '.join(theirs)} but no config.toml "
-                "of a run: files fedstream did not write, which a run would replace. Give "
-                "another output.dir (--out), or move them"
+                "of a `fedstream sim` run (a `fedstream server` results folder, or files of "
+                "your own), which a run would replace. Give another output.dir (--out), or "
+                "move them"
             ) from None
         return
     if text.startswith(MARK) or _canonical(text):
@@ -119,7 +121,9 @@ def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
     classes = model_file.class_labels(data.classes if data else (), fed.n_classes)
     source = fed.source(HOLDOUT_CLIENT)
     if isinstance(source, Relabel):  # a file's drift renames the classes: as they end
-        classes = tuple(source.label_names(classes, float(history.rounds)))
+        # the concept of the last round's last instant, as the global evaluation scores it
+        end = math.nextafter(float(history.rounds), -math.inf)
+        classes = tuple(source.label_names(classes, end))
     return model_file.save(
         Path(cfg.output.dir), arrays, cfg, fed.feature_shape, classes,
         data.features if data else (), server_round=history.rounds,

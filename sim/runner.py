@@ -157,13 +157,17 @@ def identifier_hint(cfg: Config) -> str | None:
     if not names:
         return None
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-    leave_out = json.dumps([*cfg.stream.exclude, *names])
+    if cfg.stream.features:  # named features: the fix is a shorter list, not an exclude
+        kept = [f for f in cfg.stream.features if f not in names]
+        fix = f"stream.features={json.dumps(kept)}"
+    else:
+        fix = f"stream.exclude={json.dumps([*cfg.stream.exclude, *names])}"
     time = "" if cfg.stream.time else ", or, for a time, order the rows by it (stream.time)"
+    many = len(names) > 1
     return (
-        f"fedstream: hint: feature column{'s' * (len(names) > 1)} {shown} "
-        f"{'hold' if len(names) > 1 else 'holds'} whole numbers that rise down the file "
-        f"or differ in every row, like a row ID or a timestamp: leave "
-        f"{'them' if len(names) > 1 else 'it'} out (--set 'stream.exclude={leave_out}'){time}"
+        f"fedstream: hint: feature column{'s' * many} {shown} look{'s' * (not many)} like "
+        f"a row ID or a timestamp (a different whole number in every row, or epoch-sized "
+        f"times in order): leave {'them' if many else 'it'} out (--set '{fix}'){time}"
     )
 
 

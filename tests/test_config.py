@@ -69,8 +69,9 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"stream": {"features": [1, "a"]}}, 'stream.features.0: Input should be a valid '
          'string (got 1); a name that reads as a number or true/false needs quotes: "1"'),
         ({"stream": {"path": "x.csv", "source": "hyperplane"}}, "stream.path is set, but "
-         "stream.source 'hyperplane' is synthetic and reads no file: set stream.source = "
-         '"csv"'),
+         "stream.source 'hyperplane' is built in and reads no file: for the file, set "
+         'stream.source = "csv"'),
+        ({"stream": {"label": 1.5}}, """needs quotes: --set 'stream.label="..."'"""),
         ({"secure_aggregation": {"threshold": "x"}},
          "secure_aggregation.threshold: expected a count or a fraction"),
         ({"stream": {"image": True}}, "stream.image shapes the digits source's samples as 8x8 "

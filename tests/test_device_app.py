@@ -46,11 +46,16 @@ def _spools(tmp_path, per_client: int = 50, capacity: int = 1_000_000, policy: s
 
 
 def _grid(cfg, paths, tamper=None):
-    # Devices configured as the server is: under secure aggregation they refuse plaintext.
-    secure_only = {"secure-only": True} if cfg.secure_aggregation.enabled else {}
+    # Devices configured as the server is: under secure aggregation they refuse plaintext,
+    # and under privacy a round that asks less of them (as `fedstream client` sets them).
+    from fedstream.client.privacy import PRIVATE_ONLY, requirement
+
+    own = {"secure-only": True} if cfg.secure_aggregation.enabled else {}
+    if need := requirement(cfg.privacy, cfg.secure_aggregation.enabled):
+        own[PRIVATE_ONLY] = need
     return LoopbackGrid(
         device_client_app(cfg), CLIENTS, tamper,
-        node_config=lambda p: {"spool": str(paths[p]), "client-id": p, **secure_only},
+        node_config=lambda p: {"spool": str(paths[p]), "client-id": p, **own},
     )
 
 
@@ -267,3 +272,40 @@ def test_a_device_configured_for_secure_aggregation_refuses_a_plaintext_round(tm
                  n_classes=CLASSES, secure_only=True)
     config = supernode_command(dev, 9094)
     assert f"{secure.SECURE_ONLY}=true" in config[config.index("--node-config") + 1]
+
+
+@pytest.mark.parametrize(
+    ("device", "need"),
+    [(["privacy.noise_at=clients"], "noise"),
+     (["secure_aggregation.enabled=true"], "noise"),  # auto: the clients, under masks
+     (["secure_aggregation.enabled=true", "privacy.noise_at=server"], "clip")],
+)
+def test_a_device_configured_for_privacy_refuses_a_round_that_asks_less(
+    tmp_path, device, need
+):
+    """A server run without privacy (or with another noise_at) would otherwise train on the
+    device's update without the noise its operator asked for, and nobody would say so."""
+    from fedstream.client.node import Device, supernode_command
+    from fedstream.client.privacy import PRIVATE_ONLY, requirement
+    from fedstream.protocol.config import load
+
+    own = load(None, ["privacy.enabled=true", *device])
+    assert requirement(own.privacy, own.secure_aggregation.enabled) == need
+    assert requirement(load(None, ["privacy.enabled=true"]).privacy, False) == ""  # server's
+    cfg = _cfg("federation.rounds=1")  # the server runs without privacy
+    paths = _spools(tmp_path, per_client=20)
+    grid = LoopbackGrid(
+        device_client_app(cfg), CLIENTS,
+        node_config=lambda p: {"spool": str(paths[p]), "client-id": p, PRIVATE_ONLY: need},
+    )
+    records: list[dict] = []
+    run_federation(grid, cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert not records[0]["aggregated"] and records[0]["clients_ok"] == 0
+    assert all("trains only under differential privacy" in f["reason"]
+               and "asked neither clipping nor noise" in f["reason"]
+               for f in records[0]["failures"])
+    dev = Device(server="127.0.0.1:9092", state=tmp_path, client_id=0, n_features=FEATURES,
+                 n_classes=CLASSES, private_only=need)
+    config = supernode_command(dev, 9094)
+    assert f"{PRIVATE_ONLY}='{need}'" in config[config.index("--node-config") + 1]

@@ -479,17 +479,24 @@ def test_row_ids_and_timestamps_among_the_features_get_a_hint(tmp_path: Path) ->
 
     rng = np.random.default_rng(0)
     ids = rng.permutation(300) + 1000  # shuffled: a different number in every row
-    rows = ["id,epoch,temp,count,label"] + [
+    age = np.sort(rng.integers(18, 90, 300))  # a file sorted by a measurement
+    income = rng.permutation(np.arange(20_000, 200_000, 600))  # distinct, but not dense
+    rows = ["id,epoch,temp,count,age,income,pop,label"] + [
         f"{ids[i]},{1_700_000_000 + 60 * i},{rng.normal():.3f},{rng.integers(0, 9)},"
-        f"{'ab'[i % 2]}" for i in range(300)
+        f"{age[i]},{income[i]},{34_567_890.12 + 1000 * rng.normal():.2f},{'ab'[i % 2]}"
+        for i in range(300)
     ]
     path = tmp_path / "log.csv"
     path.write_text("\n".join(rows) + "\n")
     base = ["stream.source=csv", f'stream.path="{path}"', 'partition.scheme="iid"']
     hint = identifier_hint(load(overrides=base))
-    assert hint is not None and "columns 'id', 'epoch' hold whole numbers" in hint, hint
+    assert hint is not None and "columns 'id', 'epoch' look like a row ID" in hint, hint
     assert """--set 'stream.exclude=["id", "epoch"]'""" in hint and "stream.time" in hint
     kept = identifier_hint(load(overrides=[*base, 'stream.exclude=["id"]']))
     assert kept is not None and """stream.exclude=["id", "epoch"]""" in kept
     assert identifier_hint(load(overrides=[*base, 'stream.exclude=["id", "epoch"]'])) is None
+    named = identifier_hint(load(overrides=[*base, 'stream.features=["id", "temp"]']))
+    assert named is not None and """--set 'stream.features=["temp"]'""" in named
     assert identifier_hint(load(overrides=["federation.clients=3"])) is None  # synthetic
+    digits = load(overrides=["stream.source=digits", "learner.standardize=true"])
+    assert identifier_hint(digits) is None

@@ -105,3 +105,6 @@ def test_after_a_files_drift_the_classes_are_named_as_the_run_ended(tmp_path: Pa
     assert [saved.classes[j] for j in renamed] == [original[c] for c in truth]
     save_model(cfg, fed.initial_arrays(), History(rounds=1))  # before the drift
     assert model_file.load(tmp_path).classes == original
+    # A drift at time 2 is round 3's: a run of 2 rounds ended before it.
+    save_model(cfg, fed.initial_arrays(), History(rounds=2))
+    assert model_file.load(tmp_path).classes == original

@@ -543,3 +543,41 @@ def test_a_second_device_on_one_state_is_one_line_and_exit_2(work: Path) -> None
     assert done.returncode == 2, done.stderr
     assert "another process is serving on it" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
+
+
+# Flower 1.42's SuperNode logs that it gives up at --max-wait-time, then lives on: the
+# device must end all the same. The SuperNode's side is played by a script that writes
+# what Flower writes (the real one is in test_deployment's refusals), so the test
+# controls when the connection goes.
+GIVES_UP = r"""
+import os, sys, time
+from pathlib import Path
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"  # as `fedstream client` sets it
+from fedstream.client import node
+
+state = Path(sys.argv[1])
+lines = [
+    "\x1b[92mINFO \x1b[0m:      SuperNode ID: 17",
+    "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.50 seconds",
+    "\x1b[93mWARNING \x1b[0m:   Giving up reconnection after 2.00 seconds and 3 tries.",
+]
+script = (f"import time\nfor line in {lines!r}:\n    print(line, flush=True)\n"
+          "    time.sleep(1.0)\ntime.sleep(600)\n")
+node.supernode_command = lambda dev, port: [sys.executable, "-c", script]
+dev = node.Device(server="127.0.0.1:9", state=state, client_id=0, n_features=2,
+                  max_wait=2.0, cold=True)
+started = time.monotonic()
+code = node.run_device(dev)
+print(f"exit {code} after {time.monotonic() - started:.0f} s")
+sys.exit(code)
+"""
+
+
+def test_a_device_that_was_connected_gives_up_at_max_wait(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", GIVES_UP, str(tmp_path / "dev")],
+                          capture_output=True, text=True, timeout=120)
+    said = done.stderr
+    assert done.returncode == 1, (done.stdout, said)
+    assert said.index("connected to the server") < said.index("lost the server")
+    assert "the SuperNode gave up" in said and "not connected for 2 s (--max-wait)" in said
+    assert float(done.stdout.split()[-2]) < 30  # not Flower's endless wait

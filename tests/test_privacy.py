@@ -144,6 +144,19 @@ def _handler(msg: Message, _ctx: Context) -> Message:
     return Message(RecordDict({m.ARRAYS: weights, m.METRICS: report.to_record()}), reply_to=msg)
 
 
+def test_a_device_that_must_add_noise_refuses_a_round_that_asks_only_for_clipping():
+    from fedstream.client.privacy import PRIVATE_ONLY, PrivacyRequired
+
+    mod = make_privacy_mod(seed=0)
+    ctx = Context(1, 1, {PRIVATE_ONLY: "noise"}, RecordDict(), {})
+    with pytest.raises(PrivacyRequired, match="asked clipping but no noise"):
+        mod(_train_message({m.DP_CLIP: 1.0, m.DP_STD: 0.0}), ctx, _handler)
+    noised = mod(_train_message({m.DP_CLIP: 1.0, m.DP_STD: 0.1}), ctx, _handler)
+    assert m.TrainReport.from_record(noised.content[m.METRICS]).privatised
+    clip_only = Context(1, 1, {PRIVATE_ONLY: "clip"}, RecordDict(), {})
+    assert not mod(_train_message({m.DP_CLIP: 1.0}), clip_only, _handler).has_error()
+
+
 def test_the_mod_privatises_only_when_asked_and_says_so():
     mod, ctx = make_privacy_mod(seed=0), Context(1, 1, {}, RecordDict(), {})
     plain = mod(_train_message({}), ctx, _handler)
@@ -314,6 +327,9 @@ def test_the_printed_bound_says_whom_it_holds_against(capsys):
     assert "with only its own client's share of the noise: no bound holds against it" in plain
     server = _privacy_line({**p, "noise_at": "server"}, secure=True)
     assert "sees each round's sum without noise: no bound holds against it" in server
+    # A deployment's summary read back from records made before `void` said why.
+    older = _privacy_line({**p, "epsilon": None, "void": None}, secure=True)
+    assert older.startswith("Differential privacy: no guarantee") and "without noise" in older
 
 
 def test_settings_that_work_against_the_run_are_named_before_it_starts(tmp_path):

@@ -314,6 +314,10 @@ def test_a_ray_workers_failure_is_recorded_as_the_exception_that_started_it() ->
         "invalid config:\n  stream.path: file not found: /d/v.csv'>"
     )
     reply = make_message(metadata=meta, error=Error(code=0, reason=unbuilt))
+    typed = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::run()\n"
+             "TypeError: expected a list, got <class 'dict'>'>")
+    assert error_reason(make_message(metadata=meta, error=Error(code=0, reason=typed))) == (
+        "TypeError: expected a list, got <class 'dict'>")
     assert error_reason(reply) == ("RaySystemError: System error: invalid config: stream.path: "
                                    "file not found: /d/v.csv")
 

@@ -856,16 +856,26 @@ def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
 
 def _booleans_to_float(cells: np.ndarray) -> np.ndarray | None:
     """A block that is numbers and true/false (any case: pandas writes True, spreadsheets
-    TRUE) with true as 1 and false as 0, or None. Only tried once the fast parse fails."""
-    words = np.char.lower(np.char.strip(cells))
-    truth = words == "true"
-    untruth = words == "false"
-    if not (truth.any() or untruth.any()):
-        return None
-    try:
-        return np.where(truth, "1", np.where(untruth, "0", cells)).astype(np.float64)
-    except ValueError:
-        return None
+    TRUE) with true as 1 and false as 0, or None. Only tried once the fast parse fails,
+    and column by column: the text work runs on the columns that need it, not the block."""
+    columns = cells.reshape(len(cells), -1)
+    out = np.empty(columns.shape, dtype=np.float64)
+    for j in range(columns.shape[1]):
+        column = columns[:, j]
+        try:
+            out[:, j] = column.astype(np.float64)
+            continue
+        except ValueError:
+            pass
+        words = np.char.lower(np.char.strip(column))
+        truth, untruth = words == "true", words == "false"
+        if not (truth.any() or untruth.any()):
+            return None
+        try:
+            out[:, j] = np.where(truth, "1", np.where(untruth, "0", column)).astype(np.float64)
+        except ValueError:
+            return None
+    return out.reshape(cells.shape)
 
 
 def _json_to_float(cells: list[list[Any]]) -> np.ndarray | None:
