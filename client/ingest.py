@@ -42,6 +42,7 @@ import numpy as np
 from fedstream.client.spool import Policy, Spool, SpoolError, Synchronous
 from fedstream.protocol import ingest_pb2 as pb
 from fedstream.protocol import ingest_pb2_grpc as pb_grpc
+from fedstream.protocol.runtime import port_in_use
 
 SERVICE = "fedstream.ingest.v1.Ingest"
 MAX_MESSAGE_BYTES = 4 << 20  # a larger batch is refused as "oversized message"
@@ -357,6 +358,11 @@ def serve(
     once. ``address`` is ``unix:///path/to.sock`` (a stale socket file is replaced) or
     ``HOST:PORT`` (port 0 picks a free one). The returned server has two extra attributes:
     ``address`` (with the bound port) and ``spool``. Stop it with ``server.stop(grace)``."""
+    host, _, port_text = address.rpartition(":")
+    tcp = not address.startswith("unix:") and port_text.isdigit() and int(port_text) > 0
+    # Asked first: gRPC's own failed bind prints a C-core error line on the terminal.
+    if tcp and port_in_use(host.strip("[]") or "127.0.0.1", int(port_text)):
+        raise IngestError(f"cannot listen on {address}: the port is in use")
     spool = Spool(spool_path, n_features, capacity, policy, synchronous)
     servicer = _Servicer(spool, n_classes, max_message_bytes, max_batch)
     transport = TRANSPORT_FACTOR * max_message_bytes

@@ -380,6 +380,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
         check_resume(agg)
         check_same_run(agg, cfg)
         check_rounds_left(agg, cfg)
+    superlink_command(agg)  # missing credentials: said before the run's plan is printed
     for line in before_run(cfg):  # a target epsilon out of reach raises before anything starts
         print(line, file=sys.stderr)
     lines = RoundLines(Path(cfg.output.dir) / "metrics.jsonl", cfg.federation.rounds)

@@ -439,3 +439,16 @@ def test_a_feed_stopped_before_its_first_row_says_nothing_was_sent(start) -> Non
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "stopped (SIGTERM) before the input's first row: nothing was sent" in err
+
+
+def test_a_tcp_port_in_use_is_refused_before_grpc_or_the_spool_is_touched(tmp_path: Path) -> None:
+    """gRPC's own failed bind prints a C-core error line on the device's terminal."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(IngestError, match=f"127.0.0.1:{port}: the port is in use"):
+            serve(tmp_path / "spool.db", 3, f"127.0.0.1:{port}")
+    assert not (tmp_path / "spool.db").exists()
