@@ -108,7 +108,7 @@ class PoissonArrival:
         n = int(rng.poisson(self.rate))  # same draw as _round_count: keeps the two consistent
         stamps = (r - 1) + np.sort(rng.random(n))
         # (r-1) + u can round up to r for u close to 1; the round must stay half-open.
-        return np.minimum(stamps, np.nextafter(float(r), -math.inf))
+        return np.minimum(stamps, round_end(r))
 
     def _extend_rounds(self, rounds: int) -> None:
         """Make ``_cum`` cover rounds 1..rounds (at least), growing geometrically."""
@@ -154,6 +154,12 @@ class PoissonArrival:
         stamps = np.concatenate([self._round_times(r) for r in rounds])
         skip = start - int(self._cum[first - 1])
         return stamps[skip : skip + stop - start]
+
+
+def round_end(server_round: int) -> float:
+    """The last instant of round r, whose samples arrive in [r - 1, r): the concept in
+    force at r itself (a drift at r exactly) is already the next round's."""
+    return math.nextafter(float(server_round), -math.inf)
 
 
 def make_arrival(kind: Literal["fixed", "poisson"], rate: float, seed: int, client: int) -> Arrival:

@@ -332,12 +332,13 @@ class Privacy:
         self.ledger.add(release)
         self._expose(clients, z)
         worst = max(self.exposure.values(), default=0.0)
+        epsilon = self.ledger.epsilon  # composed once: each read converts every order
         entry: dict[str, Any] = {
             **dataclasses.asdict(release), "planned_noise_multiplier": self.z, "summed": summed,
-            "clients": sorted(clients), "epsilon": self.ledger.epsilon,
+            "clients": sorted(clients), "epsilon": epsilon,
             "epsilon_known_cohorts": known_cohort_epsilon(worst, self.cfg.delta),
         }
-        void = self.void or (VOID_NO_NOISE if math.isinf(self.ledger.epsilon) else None)
+        void = self.void or (VOID_NO_NOISE if math.isinf(epsilon) else None)
         if void:
             entry.update(epsilon=math.inf, epsilon_known_cohorts=math.inf, void=void)
         norms, self._norms = self._norms, []

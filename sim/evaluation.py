@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from flwr.app import ArrayRecord
 from torch.nn import functional as F
 
+from fedstream.client.arrival import round_end
 from fedstream.client.scaling import RunningScaler
 from fedstream.protocol.config import Config
 from fedstream.protocol.models import build_model
@@ -22,10 +21,7 @@ def make_evaluate(cfg: Config) -> EvaluateFn:
     )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        # Round r trains on samples that arrived in [r - 1, r): the model is scored under
-        # the concept of the round's last instant, not of time r, where the next round's
-        # drift (one at r exactly) would already be in force.
-        x, y = fed.holdout(math.nextafter(float(server_round), -math.inf))
+        x, y = fed.holdout(round_end(server_round))  # the concept the round trained on
         inputs = torch.as_tensor(x)
         if cfg.learner.standardize:
             # The clients feed the model standardised features, with statistics the server

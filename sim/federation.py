@@ -57,7 +57,6 @@ class Dataset:
         order = np.argsort(-rms, kind="stable")
         return [(self.features[j], float(rms[j])) for j in order if rms[j] > limit]
 
-
     def identifiers(self, least: int = 50) -> list[str]:
         """File columns that look like a row ID or a timestamp, not a measurement: whole
         numbers, one per row, from a range about as wide as the rows are many (an ID); or

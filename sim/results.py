@@ -4,7 +4,6 @@ the final model and plots. Its layout is a contract other tools read; see the RE
 
 from __future__ import annotations
 
-import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -113,6 +112,7 @@ def summarize(
 
 def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
     """The final global model, with its classes in output order and its input columns."""
+    from fedstream.client.arrival import round_end
     from fedstream.client.sources.relabel import Relabel
     from fedstream.sim.federation import HOLDOUT_CLIENT, federation
 
@@ -121,9 +121,7 @@ def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
     classes = model_file.class_labels(data.classes if data else (), fed.n_classes)
     source = fed.source(HOLDOUT_CLIENT)
     if isinstance(source, Relabel):  # a file's drift renames the classes: as they end
-        # the concept of the last round's last instant, as the global evaluation scores it
-        end = math.nextafter(float(history.rounds), -math.inf)
-        classes = tuple(source.label_names(classes, end))
+        classes = tuple(source.label_names(classes, round_end(history.rounds)))
     return model_file.save(
         Path(cfg.output.dir), arrays, cfg, fed.feature_shape, classes,
         data.features if data else (), server_round=history.rounds,
