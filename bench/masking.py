@@ -84,7 +84,7 @@ def timer(inputs: dict[str, Any]) -> Callable[[], float]:
         started = time.perf_counter()
         secure.masked_update(
             inputs["old"], inputs["new"], inputs["report"], inputs["setup"],
-            inputs["enc_sk"], inputs["mask_sk"],
+            inputs["enc_sk"], secagg.mask_seeds(inputs["setup"], inputs["mask_sk"]),
         )
         return time.perf_counter() - started
 

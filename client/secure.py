@@ -7,11 +7,13 @@ unmask queries itself. A message without a secure-aggregation record passes thro
 untouched, so one ClientApp serves both plaintext and secure federations.
 
 Secrets live in `Context.state` (the device), never in a reply: the long-lived encryption
-key, the last few mask keys it offered (a new one with every masked reply), and a memo of
-each recent round it masked in. An unmask request is answered only against such a memo,
-which the answer uses up: once per round, with the round's threshold, about the round's
-parties (so no server can ask twice with different survivor sets, or ask about a round
-this device never took part in).
+key, the last few mask keys it offered (a new one with every masked reply), the last round
+it masked in, and a memo of each recent round it masked in. An unmask request is answered
+only against such a memo, which the answer uses up: once per round, with the round's
+threshold, about the round's parties (so no server can ask twice with different survivor
+sets, or ask about a round this device never took part in). A round is masked in only if
+it comes after the last one: a server that sent a round again would get a second memo of
+it, and with it a second answer (the self mask from one, the pair masks from the other).
 """
 
 from __future__ import annotations
@@ -76,21 +78,28 @@ def _train(
     except secagg.Rejected as err:
         raise SecureAggregationError(f"bad round setup: {err}") from err
     state = _state(ctx)
-    mask_sk = _mask_key(state, setup.mask_pub)  # before training: a failure trains nothing
+    if setup.server_round <= state["last-round"]:
+        raise SecureAggregationError(
+            f"round {setup.server_round} does not come after round {state['last-round']}, the last "
+            "this device masked in: masking a round twice would let the server unmask it"
+        )
+    try:  # all of the setup is checked before training: a failure trains nothing
+        seeds = secagg.mask_seeds(setup, _mask_key(state, setup.mask_pub))
+    except ValueError as err:
+        raise SecureAggregationError(f"bad round setup: {err}") from err
     reply = call_next(msg, ctx)
     if reply.has_error():
         return reply
     report = m.TrainReport.from_record(reply.content[m.METRICS])
     rng = round_rng(seed, setup.server_round, report.client, _ROUNDING_STREAM)
     masked = masked_update(
-        msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], mask_sk,
+        msg.content[m.ARRAYS], reply.content[m.ARRAYS], report, setup, state["enc-sk"], seeds,
         rng,
     )
     del reply  # the trained model's memory, freed, is reused for the masked reply's bytes
     next_pub = _new_mask_key(state)
-    memo = secagg.RoundMemo.of(setup)
-    rounds = [r for r in state["rounds"] if (r.session, r.server_round) != _round_of(memo)]
-    state["rounds"] = [*rounds, memo][-ROUNDS_KEPT:]
+    state["last-round"] = setup.server_round
+    state["rounds"] = [*state["rounds"], secagg.RoundMemo.of(setup)][-ROUNDS_KEPT:]
     _save(ctx, state)
     return Message(wire.masked_content(masked, report.client, next_pub), reply_to=msg)
 
@@ -101,7 +110,7 @@ def masked_update(
     report: m.TrainReport,
     setup: secagg.RoundSetup,
     enc_sk: bytes,
-    mask_sk: bytes,
+    seeds: dict[int, bytes],
     rng: np.random.Generator | None = None,
 ) -> secagg.MaskedInput:
     """The update pipeline, clip -> quantize -> mask, run one piece at a time.
@@ -115,7 +124,6 @@ def masked_update(
     q = setup.quantizer
     weight = setup.max_weight if report.privatised else min(report.examples, setup.max_weight)
     encoder = Encoder(q, rng or np.random.default_rng(), weight=weight / setup.max_weight)
-    seeds = secagg.mask_seeds(setup, mask_sk)
     masks = secagg.Masks(q, secagg.signed(setup, seeds))
     y = np.empty(updates.size(local_arrays), dtype=q.dtype)
     for lo, change in updates.delta_pieces(local_arrays, global_arrays, masks.step):
@@ -187,12 +195,13 @@ _MEMO_FIELDS = ("session", "server_round", "index", "threshold", "parties")
 
 def _state(ctx: Context) -> dict:
     if STATE_KEY not in ctx.state:
-        return {"enc-sk": ks.new_private_key(), "mask-sks": [], "rounds": []}
+        return {"enc-sk": ks.new_private_key(), "mask-sks": [], "last-round": 0, "rounds": []}
     rec = ctx.state[STATE_KEY]
     columns = [rec.get(f"rounds-{name}", []) for name in _MEMO_FIELDS]
     return {
         "enc-sk": rec["enc-sk"],
         "mask-sks": list(rec["mask-sks"]),
+        "last-round": int(rec.get("last-round", 0)),
         "rounds": [secagg.RoundMemo(*row) for row in zip(*columns, strict=True)],
     }
 
@@ -202,7 +211,8 @@ def _save(ctx: Context, state: dict) -> None:
         f"rounds-{name}": [getattr(r, name) for r in state["rounds"]] for name in _MEMO_FIELDS
     }
     ctx.state[STATE_KEY] = ConfigRecord(
-        {"enc-sk": state["enc-sk"], "mask-sks": state["mask-sks"], **columns}
+        {"enc-sk": state["enc-sk"], "mask-sks": state["mask-sks"],
+         "last-round": state["last-round"], **columns}
     )
 
 

@@ -47,7 +47,9 @@ def main() -> None:
         trained = updates.record({"w": change})
         report = m.TrainReport(client=u, examples=100, correct=60, loss_sum=40.0)
         setup = agg.setup_for(u)
-        masked = masked_update(model, trained, report, setup, enc[u], mask[u])
+        masked = masked_update(
+            model, trained, report, setup, enc[u], secagg.mask_seeds(setup, mask[u])
+        )
         memo[u] = secagg.RoundMemo.of(setup)
         if u == DROPPED:
             continue  # its masked input never arrives

@@ -293,6 +293,11 @@ def mask_seeds(setup: RoundSetup, mask_sk: bytes) -> dict[int, bytes]:
     neighbour (tag = the neighbour's index)."""
     if ks.public_key(mask_sk) != setup.mask_pub:
         raise ValueError("mask key does not match the one the server assigned")
+    if not setup.peers or setup.index in setup.peers:
+        # Alone, its update would be masked by its self mask only, whose shares (one each,
+        # at a threshold of 1) the server may ask for.
+        raise ValueError(f"party {setup.index} has no neighbours but itself: nothing to hide "
+                         "its update in")
     # A threshold of half the group or less would let a server collect both masks of a party.
     check_threshold(setup.threshold, len(setup.holders))
     seeds = {SELF: field_seed(secrets.token_bytes(32))}

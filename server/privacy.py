@@ -65,6 +65,10 @@ NOISE_SIGMAS = 12.0
 VOID_UNPROTECTED = "models were released without privacy before the run resumed"
 VOID_OLD_LEDGER = "the checkpoint's rounds do not say whose updates each sum held"
 VOID_NO_NOISE = "a round was released without noise: clipping alone promises nothing"
+VOID_UNCHECKED = (
+    "a round's unmasked sum failed its checks: how many of its updates carried their noise "
+    "is unknown"
+)
 
 
 @dataclass(frozen=True)
@@ -318,15 +322,19 @@ class Privacy:
         std = self.z * self.cfg.clip_norm / summed
         dp.add_noise(mean_change, std, self._rng(server_round), dp.float_spans(arrays))
 
-    def release(self, summed: int, clients: list[str]) -> dict[str, Any]:
+    def release(self, summed: int, clients: list[str], unchecked: bool = False) -> dict[str, Any]:
         """Account for the round's new model, made of `summed` clients' changes (`clients`
-        names them); its entry in the round record."""
+        names them); its entry in the round record. `unchecked`: the server saw a secure
+        sum whose tail failed its checks, so `summed` is not known; with the noise on the
+        clients, no bound holds from then on (one client's bad tail is enough)."""
         if self._pending is None:
             raise RuntimeError("a release without a sampled round (call ask first)")
         sampled, population = self._pending
         self._pending = None
         z = self.z
-        if self.client_noise:
+        if self.client_noise and unchecked:
+            z, self.void = 0.0, self.void or VOID_UNCHECKED
+        elif self.client_noise:
             z *= (summed / sampled) ** 0.5  # the missing clients' shares never came
         release = Release(z, sampled, population)
         self.ledger.add(release)

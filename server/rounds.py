@@ -75,7 +75,7 @@ def run_rounds(
                 server_round, sent, replies, roster.client_of, time.perf_counter() - started
             )
             contributed = [r.metadata.src_node_id for r in replies if not r.has_error()]
-            summed, in_sum = len(contributed), contributed
+            summed, in_sum, unchecked = len(contributed), contributed, False
         else:
             sent = _sample(grid, roster, strategy, server_round, arrays, settings)
             outcome = settings.secure.round(
@@ -96,6 +96,7 @@ def run_rounds(
             if settings.privacy is not None and settings.privacy.client_noise:
                 summed = outcome.totals["privatised"]
             in_sum = outcome.summed_nodes
+            unchecked = bool(in_sum) and not outcome.totals_checked  # zeros: counts unknown
         record["shared_client_ids"] = roster.twins(contributed)
         record["aggregated"] = error is None
         # A secure round that failed after its sum was unmasked still showed the server the
@@ -103,7 +104,7 @@ def run_rounds(
         seen = settings.secure is not None and bool(in_sum)
         if settings.privacy is not None and (error is None or seen):
             names = [_name(n, roster.client_of) for n in in_sum]
-            record["privacy"] = settings.privacy.release(summed, names)
+            record["privacy"] = settings.privacy.release(summed, names, unchecked)
         if error:
             record["aggregation_error"] = _explained(error, record, settings.timeout)
         if evaluate and settings.evaluate_every and server_round % settings.evaluate_every == 0:

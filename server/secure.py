@@ -49,6 +49,7 @@ class SecureOutcome:
     arrays: ArrayRecord
     error: str | None = None
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(m.TAIL, 0))
+    totals_checked: bool = False  # the unmasked tail passed its checks (else: zeros)
     failures: list[dict[str, Any]] = field(default_factory=list)  # node, stage, reason
     summed_nodes: list[int] = field(default_factory=list)  # whose inputs the sum holds
     clients_ok: int = 0
@@ -340,7 +341,7 @@ class SecureAggregator:
         if odd:
             out.error = f"secure aggregation failed: the unmasked totals are inconsistent ({odd})"
             return
-        out.totals = totals
+        out.totals, out.totals_checked = totals, True
         if totals["weight"] <= 0:
             out.error = "no client update to aggregate"
             return

@@ -841,7 +841,8 @@ def test_a_share_bundle_with_a_tag_outside_the_round_or_twice_is_refused_whole(
 def _holder(agg: sa.Aggregation, h: int) -> Context:
     """Holder h's device state right after it masked in `agg`'s round."""
     ctx = Context(1, h, {}, RecordDict(), {})
-    secure._save(ctx, {"enc-sk": _sk("enc", h), "mask-sks": [], "rounds": [_memo(agg, h)]})
+    secure._save(ctx, {"enc-sk": _sk("enc", h), "mask-sks": [], "last-round": ROUND,
+                       "rounds": [_memo(agg, h)]})
     return ctx
 
 
@@ -1053,8 +1054,8 @@ def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole(
         dropped=2,
     )
     got = masked_update(
-        updates.record(old), updates.record(new), report, setup, _sk("enc", 3), _sk("mask", 3),
-        np.random.default_rng(5),
+        updates.record(old), updates.record(new), report, setup, _sk("enc", 3),
+        sa.mask_seeds(setup, _sk("mask", 3)), np.random.default_rng(5),
     )
 
     change = np.concatenate([(new[k].astype(np.float64) - old[k]).ravel() for k in old])

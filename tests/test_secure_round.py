@@ -146,6 +146,27 @@ def test_a_bad_masked_input_is_rejected_and_the_round_goes_on(tmp_path, change, 
     assert records[2]["clients_ok"] == 6 and records[2]["round_trips"] == 2
 
 
+def _forged_count(reply, _earlier):
+    tail = reply.content[m.MASKED]["tail"].numpy().copy()
+    tail[list(m.TAIL).index("dropped")] -= np.uint64(1)  # the unmasked sum says -1 dropped
+    reply.content[m.MASKED]["tail"] = type(reply.content[m.MASKED]["tail"])(tail)
+
+
+def test_a_sum_whose_tail_fails_its_checks_voids_client_noise_accounting(tmp_path):
+    # The server has seen the noisy sum, but how many of its updates carried noise is not
+    # known: no bound holds, and the ledger says why (not "released without noise").
+    from fedstream.server.privacy import VOID_UNCHECKED
+
+    overrides = ["secure_aggregation.enabled=true", "privacy.enabled=true",
+                 "privacy.noise_at=clients", "federation.rounds=3"]
+    _, records, _ = _run(tmp_path, overrides, _tamper_in_round(2, 3, _forged_count))
+    assert records[0]["aggregated"] and 0 < records[0]["privacy"]["epsilon"] < 1e9
+    assert "a negative count: dropped = -1" in records[1]["aggregation_error"]
+    for r in records[1:]:
+        assert r["privacy"]["epsilon"] == float("inf") and r["privacy"]["void"] == VOID_UNCHECKED
+    assert records[2]["aggregated"]
+
+
 def _garbage_bundles(reply, _earlier):
     rec = reply.content[m.SECAGG]
     rec["shares"] = [bytes(len(c)) for c in rec["shares"]]  # right sizes, nothing inside
@@ -322,6 +343,45 @@ def test_a_client_unmasks_a_round_only_once(tmp_path):
     node = unmask.metadata.dst_node_id
     with pytest.raises(Exception, match="already unmasked"):
         grid.app(unmask, grid.contexts[node])
+
+
+def test_a_round_sent_again_is_not_masked_in_again(tmp_path):
+    # A second memo of a round would buy a second unmask answer: the self mask from one
+    # survivor set, the pair masks from another, and the client's update in clear.
+    grid, _, _ = _run(tmp_path, ["secure_aggregation.enabled=true"])
+    train = [msg for msg in grid.sent if m.SECAGG in msg.content.config_records][-1]
+    node, calls = train.metadata.dst_node_id, len(grid.sent)
+    with pytest.raises(Exception, match="round 4 does not come after round 4, the last this "
+                       "device masked in"):
+        grid.app(train, grid.contexts[node])
+    assert len(grid.sent) == calls
+
+
+def test_a_setup_that_cannot_be_masked_under_is_refused_before_training():
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedstream.client.secure import SecureAggregationError, make_secure_aggregation_mod
+    from fedstream.protocol import keyschedule as ks
+    from fedstream.protocol import secagg_wire as wire
+
+    mod, ctx = make_secure_aggregation_mod(seed=0), Context(1, 1, {}, RecordDict(), {})
+    keys = mod(Message(RecordDict({m.CONFIG: ConfigRecord({m.QUERY_KIND: m.KEYS})}), dst_node_id=1,
+                       message_type=MessageType.QUERY), ctx, None)
+    trained: list[Message] = []
+    low_order = bytes(32)  # an X25519 point of small order: no key agreement with it
+    for peers, why in (({}, "no neighbours but itself"), ({2: low_order}, "bad round setup")):
+        setup = ConfigRecord({
+            "protocol": wire.PROTOCOL, "session": b"s" * 16, "round": 1, "index": 1,
+            "threshold": 2, "bits": 32, "clip": 1.0, "parties": 2, "tail-len": len(m.TAIL),
+            "peers": list(peers), "peer-enc": [ks.public_key(ks.new_private_key())] * len(peers),
+            "peer-mask": list(peers.values()), "mask-pub": keys.content[m.SECAGG]["mask-pub"],
+            "max-weight": 1,
+        })
+        msg = Message(RecordDict({m.SECAGG: setup}), dst_node_id=1,
+                      message_type=MessageType.TRAIN)
+        with pytest.raises(SecureAggregationError, match=why):
+            mod(msg, ctx, lambda msg, _ctx: trained.append(msg))
+    assert trained == []  # the device spent none of its samples
 
 
 def test_dropouts_before_training_are_survived(tmp_path):
