@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
@@ -47,8 +49,7 @@ class _MeanOfOne:
     FedAvg would arrive at the same values by copying the model five times (to numpy,
     times a weight of 1.0, back through `np.save`): a few milliseconds on every secure
     round, spent while every client waits for the next model. Flower's checks and log
-    lines stay. One difference: an integer array (a BatchNorm counter) keeps its dtype,
-    where Flower's product with 1.0 turns it into float64.
+    lines stay.
     """
 
     def aggregate_train(
@@ -64,39 +65,46 @@ class _MeanOfOne:
         return arrays, metrics
 
 
-class StreamFedAvg(_SkipEmpty, _MeanOfOne, FedAvg):
-    pass
-
-
-class StreamFedAvgM(_SkipEmpty, FedAvgM):
-    pass
-
-
 class _KeepDtypes:
-    """Mixin for FedAdam and FedYogi: the new model keeps the dtypes of the model sent.
+    """Mixin: the new model keeps the dtypes the clients trained in.
 
-    Flower takes the server step with numpy float64 scalars, which (NEP 50) turn a float32
-    model into float64: every client would download twice the bytes from round 2 on, and
-    the dtype would no longer match what the clients train. Only the arrays whose dtype
-    changed are rebuilt.
+    Flower averages with Python floats and steps with numpy float64 scalars, which (NEP 50)
+    turn a float32 model into float64, so every client would download twice the bytes from
+    round 2 on, and an integer array (a BatchNorm counter) into float64, which differential
+    privacy would then clip and noise as a weight. Only the arrays whose dtype changed are
+    rebuilt; integers are rounded, not truncated.
     """
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        sent = self.current_arrays  # type: ignore[attr-defined]
-        if arrays is None or not sent:
+        trained = next((r.content[m.ARRAYS] for r in replies
+                        if not r.has_error() and m.ARRAYS in r.content), None)
+        if arrays is None or trained is None:
             return arrays, metrics
         changed = {
-            key: values.astype(sent[key].dtype)
+            key: _as(values, np.dtype(trained[key].dtype))
             for key, arr in arrays.items()
-            if (values := view(arr)).dtype != sent[key].dtype
+            if key in trained and (values := view(arr)).dtype != np.dtype(trained[key].dtype)
         }
         if not changed:
             return arrays, metrics
         kept = {k: array(changed[k]) if k in changed else a for k, a in arrays.items()}
         return ArrayRecord(kept), metrics
+
+
+def _as(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return (np.rint(values) if dtype.kind in "iu" else values).astype(dtype)
+
+
+class StreamFedAvg(_SkipEmpty, _KeepDtypes, _MeanOfOne, FedAvg):
+    pass
+
+
+class StreamFedAvgM(_SkipEmpty, _KeepDtypes, FedAvgM):
+    pass
 
 
 class StreamFedAdam(_SkipEmpty, _KeepDtypes, FedAdam):

@@ -126,6 +126,31 @@ def test_adaptive_strategies_move_towards_the_clients(kind: str) -> None:
     assert arrays["w"].numpy().dtype == np.float32
 
 
+@pytest.mark.parametrize("kind", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+def test_every_strategy_keeps_the_dtypes_the_clients_trained_in(kind: str) -> None:
+    # A float64 counter (Flower's mean and step make one of an int64) would be clipped and
+    # noised as a weight under differential privacy, and a float64 weight doubles downloads.
+    overrides = {"fedavg": ["federation.server_lr=1"], "fedavgm": []}.get(
+        kind, [f"federation.strategy={kind}"])
+    strategy = make_strategy(load(overrides=overrides))
+    sent = [_sent(1), _sent(2)]
+    model = {"w": np.zeros(3, np.float32), "n": np.array([7], np.int64)}
+    strategy.current_arrays = (
+        ArrayRecord({k: Array(v) for k, v in model.items()}) if kind == "fedavgm" else model
+    )
+    for server_round in (1, 2):
+        replies = [
+            Message(RecordDict({
+                m.ARRAYS: ArrayRecord({"w": Array(np.full(3, v, np.float32)),
+                                       "n": Array(np.array([7 + server_round], np.int64))}),
+                m.METRICS: m.TrainReport(c, 4, 2, 1.0).to_record()}), reply_to=msg)
+            for c, (v, msg) in enumerate(zip((1.0, 2.0), sent, strict=True))
+        ]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays["w"].numpy().dtype == np.float32
+        assert arrays["n"].numpy().dtype == np.int64
+
+
 def test_a_failed_aggregation_keeps_the_model_and_says_why() -> None:
     sent = [_sent(1), _sent(2)]
     odd = Message(
