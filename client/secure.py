@@ -7,13 +7,14 @@ unmask queries itself. A message without a secure-aggregation record passes thro
 untouched, so one ClientApp serves both plaintext and secure federations.
 
 Secrets live in `Context.state` (the device), never in a reply: the long-lived encryption
-key, the last few mask keys it offered (a new one with every masked reply), the last round
-it masked in, and a memo of each recent round it masked in. An unmask request is answered
-only against such a memo, which the answer uses up: once per round, with the round's
-threshold, about the round's parties (so no server can ask twice with different survivor
-sets, or ask about a round this device never took part in). A round is masked in only if
-it comes after the last one: a server that sent a round again would get a second memo of
-it, and with it a second answer (the self mask from one, the pair masks from the other).
+key, the last few mask keys it offered (a new one with every masked reply), and a memo of
+each recent round it masked in. An unmask request is answered only against such a memo,
+which the answer uses up: once per round, with the round's threshold, about the round's
+parties (so no server can ask twice with different survivor sets, or ask about a round
+this device never took part in). A mask key masks once: the shares sent to this device are
+bound to its key of the round, so a server that sent a round again, for a second memo and
+a second answer (the self mask from one, the pair masks from the other), would find the
+first round's shares sealed to a key that no memo holds any more.
 """
 
 from __future__ import annotations
@@ -78,13 +79,9 @@ def _train(
     except secagg.Rejected as err:
         raise SecureAggregationError(f"bad round setup: {err}") from err
     state = _state(ctx)
-    if setup.server_round <= state["last-round"]:
-        raise SecureAggregationError(
-            f"round {setup.server_round} does not come after round {state['last-round']}, the last "
-            "this device masked in: masking a round twice would let the server unmask it"
-        )
+    mask_sk = _mask_key(state, setup.mask_pub)
     try:  # all of the setup is checked before training: a failure trains nothing
-        seeds = secagg.mask_seeds(setup, _mask_key(state, setup.mask_pub))
+        seeds = secagg.mask_seeds(setup, mask_sk)
     except ValueError as err:
         raise SecureAggregationError(f"bad round setup: {err}") from err
     reply = call_next(msg, ctx)
@@ -97,9 +94,11 @@ def _train(
         rng,
     )
     del reply  # the trained model's memory, freed, is reused for the masked reply's bytes
+    state["mask-sks"] = [sk for sk in state["mask-sks"] if sk != mask_sk]  # it masks once
     next_pub = _new_mask_key(state)
-    state["last-round"] = setup.server_round
-    state["rounds"] = [*state["rounds"], secagg.RoundMemo.of(setup)][-ROUNDS_KEPT:]
+    memo = secagg.RoundMemo.of(setup)
+    rounds = [r for r in state["rounds"] if (r.session, r.server_round) != _round_of(memo)]
+    state["rounds"] = [*rounds, memo][-ROUNDS_KEPT:]
     _save(ctx, state)
     return Message(wire.masked_content(masked, report.client, next_pub), reply_to=msg)
 
@@ -190,18 +189,19 @@ def _round_of(x: secagg.RoundMemo | secagg.UnmaskRequest) -> tuple[bytes, int]:
 # --- device state -----------------------------------------------------------------------
 
 
-_MEMO_FIELDS = ("session", "server_round", "index", "threshold", "parties")
+_MEMO_FIELDS = ("session", "server_round", "index", "threshold", "parties", "mask_pub")
 
 
 def _state(ctx: Context) -> dict:
     if STATE_KEY not in ctx.state:
-        return {"enc-sk": ks.new_private_key(), "mask-sks": [], "last-round": 0, "rounds": []}
+        return {"enc-sk": ks.new_private_key(), "mask-sks": [], "rounds": []}
     rec = ctx.state[STATE_KEY]
     columns = [rec.get(f"rounds-{name}", []) for name in _MEMO_FIELDS]
+    if len({len(column) for column in columns}) > 1:
+        columns = [[] for _ in columns]  # memos of an older protocol: none can be answered
     return {
         "enc-sk": rec["enc-sk"],
         "mask-sks": list(rec["mask-sks"]),
-        "last-round": int(rec.get("last-round", 0)),
         "rounds": [secagg.RoundMemo(*row) for row in zip(*columns, strict=True)],
     }
 
@@ -211,8 +211,7 @@ def _save(ctx: Context, state: dict) -> None:
         f"rounds-{name}": [getattr(r, name) for r in state["rounds"]] for name in _MEMO_FIELDS
     }
     ctx.state[STATE_KEY] = ConfigRecord(
-        {"enc-sk": state["enc-sk"], "mask-sks": state["mask-sks"],
-         "last-round": state["last-round"], **columns}
+        {"enc-sk": state["enc-sk"], "mask-sks": state["mask-sks"], **columns}
     )
 
 
@@ -223,7 +222,8 @@ def _new_mask_key(state: dict) -> bytes:
 
 
 def _mask_key(state: dict, pub: bytes) -> bytes:
-    """The secret of the mask key the server assigned (kept: a dropped round may reuse it)."""
+    """The secret of the mask key the server assigned (kept until it masks: a round this
+    device dropped out of before masking may reuse it)."""
     for sk in state["mask-sks"]:
         if ks.public_key(sk) == pub:
             return sk

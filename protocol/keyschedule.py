@@ -8,8 +8,10 @@ tests alone. Integers are big-endian; `||` is concatenation.
 - `share_key`: HKDF-SHA256(ikm=agree(c_u, c_v), salt=session, info=b"fedstream/secagg/v1/share"
   || u64(round) || u32(sender) || u32(receiver), 32 bytes); one key per direction and round.
 - `seal` / `open_`: ChaCha20-Poly1305 with that key, a random 12-byte nonce prepended to the
-  ciphertext, and the same info bytes as associated data, so a share can neither be replayed
-  into another round nor re-addressed.
+  ciphertext, and as associated data the same info bytes || the receiver's mask public key
+  of the round (`share_ad`), so a share can neither be replayed into another round nor
+  re-addressed, and opens only in the receiver's memo of the round it masked in with that
+  key: a mask key masks once, so a holder answers about a share once.
 - `pair_seed`: HKDF-SHA256(ikm=agree(s_u, s_v), salt=session, info=b"fedstream/secagg/v1/pair"
   || u64(round), 32 bytes); symmetric in u and v.
 - `Keystream(seed)`: AES-128 in counter mode keyed with the last 16 bytes of the 32-byte
@@ -93,6 +95,10 @@ def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
 
 def share_info(server_round: int, sender: int, receiver: int) -> bytes:
     return LABEL + b"share" + struct.pack(">QII", server_round, sender, receiver)
+
+
+def share_ad(server_round: int, sender: int, receiver: int, receiver_mask_pub: bytes) -> bytes:
+    return share_info(server_round, sender, receiver) + receiver_mask_pub
 
 
 def share_key(

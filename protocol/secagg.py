@@ -97,7 +97,9 @@ class RoundMemo:
     A holder answers a request only for a round it holds a memo of, and only once (the
     memo goes with the answer), with the threshold it masked under, and about parties of
     that round: a request for another round, for the same round again, with a lowered
-    threshold or with made-up survivors is refused.
+    threshold or with made-up survivors is refused. The shares it opens are those sealed
+    to `mask_pub`, which masked only this round: a server that sent the round again would
+    get a memo with another key, under which none of the first round's shares open.
     """
 
     session: bytes
@@ -105,12 +107,13 @@ class RoundMemo:
     index: int
     threshold: int
     parties: int
+    mask_pub: bytes  # the holder's mask key of the round: its shares are bound to it
 
     @classmethod
     def of(cls, setup: RoundSetup) -> RoundMemo:
         return cls(
             setup.session, setup.server_round, setup.index, setup.threshold,
-            setup.quantizer.parties,
+            setup.quantizer.parties, setup.mask_pub,
         )
 
 
@@ -333,7 +336,9 @@ def sealed(
         pub = own_pub if h == setup.index else setup.peers[h].enc_pub
         plain = b"".join(_ENTRY.pack(tag) + per_secret[tag][h] for tag in sorted(seeds))
         key = ks.share_key(enc_sk, pub, setup.session, setup.server_round, setup.index, h)
-        shares[h] = ks.seal(key, plain, ks.share_info(setup.server_round, setup.index, h))
+        mask_pub = setup.mask_pub if h == setup.index else setup.peers[h].mask_pub
+        ad = ks.share_ad(setup.server_round, setup.index, h, mask_pub)
+        shares[h] = ks.seal(key, plain, ad)
     return MaskedInput(
         session=setup.session,
         server_round=setup.server_round,
@@ -386,7 +391,8 @@ def answer(request: UnmaskRequest, memo: RoundMemo, enc_sk: bytes) -> UnmaskAnsw
                 sender,
                 index,
             )
-            plain = ks.open_(key, ciphertext, ks.share_info(request.server_round, sender, index))
+            ad = ks.share_ad(request.server_round, sender, index, memo.mask_pub)
+            plain = ks.open_(key, ciphertext, ad)
             entries = _parse_entries(plain, memo.parties)
         except (KeyError, ValueError) as err:
             out.rejected[sender] = str(err) or type(err).__name__

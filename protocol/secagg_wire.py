@@ -27,9 +27,11 @@ from fedstream.protocol.secagg import (
     UnmaskRequest,
 )
 
-PROTOCOL = 4  # 3: the tail counts privatised updates; 4: and clients with samples
+PROTOCOL = 5
 """Version of the secure-aggregation protocol: 1 read masks as AES-128-CTR from a zero
-counter block; 2 reads them segment by segment (keyschedule.Keystream)."""
+counter block; 2 reads them segment by segment (keyschedule.Keystream); 3 counts privatised
+updates in the tail; 4 counts clients with samples too; 5 binds each share to its
+receiver's mask key (keyschedule.share_ad)."""
 
 
 def _check_protocol(rec: ConfigRecord, sender: str) -> None:

@@ -134,6 +134,7 @@ class SecureAggregator:
                 agg.accept(masked)
             except secagg.Rejected as err:
                 out.failures.append(_failure(node, "masked input", f"rejected: {err}"))
+                self.mask_pub.pop(node, None)  # it masked with it: a key masks once
                 return
             client_of[node] = client
             self.mask_pub[node] = next_pub
@@ -144,6 +145,7 @@ class SecureAggregator:
         for node in parties:
             if node not in answered:
                 out.failures.append(_failure(node, "train", SILENT))
+                self.mask_pub.pop(node, None)  # it may have masked with it (a lost reply)
         out.clients_ok = len(agg.survivors)
         try:
             agg.check_survivors()

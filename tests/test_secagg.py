@@ -736,6 +736,23 @@ def test_answer_refuses_survivor_sets_without_the_holder_or_below_threshold() ->
         sa.answer(replace(request, survivors=frozenset({4}), threshold=1), _memo(agg, 4), enc)
 
 
+def test_a_round_sent_again_opens_none_of_the_first_rounds_shares() -> None:
+    # A server that sends a round again gets each holder to mask in it with a new mask key
+    # (a key masks once), and so to hold a second memo of the round. Its shares of the
+    # first round are sealed to the first key: the second answer opens none of them, so the
+    # server cannot collect the self mask under one survivor set and the pair masks under
+    # another.
+    agg = _round_with_dropouts()
+    request, memo = agg.request_for(4), _memo(agg, 4)
+    assert sa.answer(request, memo, _sk("enc", 4)).shares
+    again = replace(memo, mask_pub=_pub("other mask", 4))
+    later = replace(request, survivors=request.survivors - {2})
+    answer = sa.answer(later, again, _sk("enc", 4))
+    assert not answer.shares
+    assert {answer.rejected[u] for u in later.survivors if u in later.ciphertexts} == {
+        "share does not authenticate"}
+
+
 def test_answer_reports_ciphertexts_that_do_not_authenticate() -> None:
     agg = _round_with_dropouts()
     request = agg.request_for(4)
@@ -806,7 +823,7 @@ def test_answer_checks_the_request_against_the_round_the_holder_masked_in() -> N
 def _resealed(agg: sa.Aggregation, sender: int, holder: int, extra: bytes) -> bytes:
     """The sender's share bundle for a holder, opened and sealed again with `extra` appended:
     what a misbehaving sender could have sent."""
-    info = ks.share_info(ROUND, sender, holder)
+    info = ks.share_ad(ROUND, sender, holder, _pub("mask", holder))
     key = ks.share_key(_sk("enc", sender), _pub("enc", holder), SESSION, ROUND, sender, holder)
     plain = ks.open_(key, agg.ciphertexts[holder][sender], info)
     return ks.seal(key, plain + extra, info)
@@ -841,8 +858,7 @@ def test_a_share_bundle_with_a_tag_outside_the_round_or_twice_is_refused_whole(
 def _holder(agg: sa.Aggregation, h: int) -> Context:
     """Holder h's device state right after it masked in `agg`'s round."""
     ctx = Context(1, h, {}, RecordDict(), {})
-    secure._save(ctx, {"enc-sk": _sk("enc", h), "mask-sks": [], "last-round": ROUND,
-                       "rounds": [_memo(agg, h)]})
+    secure._save(ctx, {"enc-sk": _sk("enc", h), "mask-sks": [], "rounds": [_memo(agg, h)]})
     return ctx
 
 
@@ -1364,7 +1380,7 @@ def test_malformed_record_is_rejected_naming_the_key(
 
 
 @pytest.mark.parametrize("kind", ["setup", "masked"])
-@pytest.mark.parametrize("version", [MISSING, 1, 2, 3, 5, "4"])
+@pytest.mark.parametrize("version", [MISSING, 1, 2, 3, 4, 6, "5"])
 def test_a_record_of_another_protocol_version_is_rejected(kind: str, version: object) -> None:
     # Version 1 clients and servers sent no version; they expand masks differently, so
     # mixing them would sum to noise. Each side names the other's version instead.
