@@ -176,7 +176,7 @@ def run_fedstream(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_stock(args: argparse.Namespace) -> dict[str, Any]:
+def run_stock(_args: argparse.Namespace) -> dict[str, Any]:
     """The stock Flower app on the same Ray resources; the ServerApp times its own loop."""
     import stock_app  # on PYTHONPATH (set by the parent) so Ray workers import it too
     from flwr.simulation import run_simulation

@@ -126,11 +126,6 @@ class PageHinkley:
     def drift_detected(self) -> bool:
         return self._drift_detected
 
-    @property
-    def n_seen(self) -> int:
-        """Observations since the last reset; alarms are suppressed until ``min_instances``."""
-        return self._n
-
     def update(self, x: float) -> None:
         value = _as_finite(x)
         self._n += 1

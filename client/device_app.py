@@ -18,7 +18,7 @@ import sys
 import time
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.serde import config_record_from_proto, config_record_to_proto
@@ -102,9 +102,9 @@ def secrets_in_spool(config: Config | None) -> Mod:
 def _secure(msg: Message) -> bool:
     """A message the secure-aggregation mod answers or masks: the only ones that read or
     change its secrets."""
-    if m.SECAGG in msg.content.config_records:
+    if m.record(msg.content, m.SECAGG, ConfigRecord) is not None:
         return True
-    query = msg.content.config_records.get(m.CONFIG)
+    query = m.record(msg.content, m.CONFIG, ConfigRecord)
     return query is not None and query.get(m.QUERY_KIND) in (m.KEYS, m.UNMASK)
 
 

@@ -388,13 +388,16 @@ def serve(
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    if address.startswith("unix:"):
-        _clear_stale_socket(address)
     try:
+        if address.startswith("unix:"):
+            _clear_stale_socket(address)
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
         spool.close()
         raise IngestError(f"cannot listen on {address}: is it in use?") from exc
+    except BaseException:
+        spool.close()
+        raise
     if not address.startswith("unix:") and address.rsplit(":", 1)[-1] == "0":
         address = f"{address.rsplit(':', 1)[0]}:{port}"
     server.start()

@@ -362,3 +362,4 @@ def run_device(dev: Device) -> int:
     finally:
         stop_all()
         ingestion.stop(grace=2.0).wait()
+        ingestion.spool.close()  # type: ignore[attr-defined]

@@ -596,10 +596,12 @@ class Aggregation:
         Every seed is recovered (and checked) first; then the masks are taken out of the
         sum in place (a fresh model-sized copy would cost its page faults, as much as the
         copying), each thread expanding every mask over its own range of coordinates, since
-        the clients wait for this step. So it succeeds once a round; a failure leaves the
-        sum as it was, for a retry when more shares come in. numpy's additions release the
-        GIL, and so do `cryptography`'s cipher updates from version 50 on; whether two
-        threads beat one depends on the aggregator's free cores (README, "Cost").
+        the clients wait for this step. So it succeeds once a round; a seed that cannot be
+        recovered leaves the sum as it was, for a retry when more shares come in (an error
+        while the masks are taken out leaves it spoilt, and the round failed). numpy's
+        additions release the GIL, and so do `cryptography`'s cipher updates from version
+        50 on; whether two threads beat one depends on the aggregator's free cores (README,
+        "Cost").
         """
         masks: list[tuple[bytes, int]] = []  # (seed, minus the sign the party added it with)
         for u, tag in self.needed():

@@ -1,6 +1,6 @@
 """The Grid as fedstream's round loop sees it.
 
-Three things change against the Grid Flower hands a ServerApp, nothing else:
+Four things change against the Grid Flower hands a ServerApp, nothing else:
 - nodes are listed in client order (the roster's), so Flower's seeded samplers pick the
   same clients in every run;
 - replies are collected promptly: Flower pulls every 100 ms, which on short streaming

@@ -26,6 +26,7 @@ from fedstream.server.strategy import flower_strategy
 
 if TYPE_CHECKING:
     from fedstream.protocol.config import Config, PrivacyConfig
+    from fedstream.server.secure import SecureOutcome
 
 
 def bytes_of(msg: Message) -> int:
@@ -47,6 +48,13 @@ def _config_bytes(rec: Any) -> int:
 
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
+
+
+def client_name(node: int, client_of: dict[int, int]) -> str:
+    """A node as the privacy ledger and failure reasons name it: its client id once it has
+    said it (a masked input says it, so by the time a round fails every survivor has), else
+    its node id."""
+    return f"client {client_of[node]}" if node in client_of else f"node {node}"
 
 
 def _failure(
@@ -224,12 +232,13 @@ def round_record(
 
 
 def secure_round_record(
-    server_round: int, sampled: int, outcome: Any, client_of: dict[int, int], seconds: float
+    server_round: int,
+    sampled: int,
+    outcome: SecureOutcome,
+    client_of: dict[int, int],
+    seconds: float,
 ) -> dict[str, Any]:
-    """A round record from a secure sum: totals only, since no single client's report exists.
-
-    `outcome` is a `fedstream.server.secure.SecureOutcome`.
-    """
+    """A round record from a secure sum: totals only, since no single client's report exists."""
     t = outcome.totals
     loss_sum = t["loss-sum-fp"] / m.FIXED_POINT
     summed = size(outcome.arrays) * t["contributors"]  # 0 when the sum stayed sealed
@@ -252,6 +261,7 @@ def secure_round_record(
         "secure": True,
         "round_trips": outcome.round_trips,
         "stage_seconds": outcome.stage_seconds,
+        "train_seconds": t["train-us"] / 1e6,  # the clients', summed
         "clipped_coordinates": t["clipped"],
         # of the coordinates summed: a large share means secure_aggregation.clip is too
         # small, and the updates lost their size (a fact of the sum, not of one client)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from fedstream.server import stopping
 from fedstream.server.grid import OrderedGrid, Stragglers, send_and_collect
 from fedstream.server.privacy import Privacy
-from fedstream.server.records import History, round_record, secure_round_record
+from fedstream.server.records import History, client_name, round_record, secure_round_record
 from fedstream.server.roster import Roster
 from fedstream.server.secure import SILENT, SecureAggregator
 
@@ -103,7 +103,7 @@ def run_rounds(
         # clients' noisy sum: accounted as if released.
         seen = settings.secure is not None and bool(in_sum)
         if settings.privacy is not None and (error is None or seen):
-            names = [_name(n, roster.client_of) for n in in_sum]
+            names = [client_name(n, roster.client_of) for n in in_sum]
             record["privacy"] = settings.privacy.release(summed, names, unchecked)
         if error:
             record["aggregation_error"] = _explained(error, record, settings.timeout)
@@ -164,14 +164,9 @@ def _sample(
     ordered = OrderedGrid(grid, roster.ordered)
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), ordered))
     if settings.privacy is not None:  # a restarted device's old node is the same client
-        clients = {_name(n, roster.client_of) for n in ordered.last_ids}
+        clients = {client_name(n, roster.client_of) for n in ordered.last_ids}
         settings.privacy.ask(messages, population=len(clients))
     return messages
-
-
-def _name(node: int, client_of: dict[int, int]) -> str:
-    """A client as the privacy ledger knows it: its id, or its node until it says it."""
-    return f"client {client_of[node]}" if node in client_of else f"node {node}"
 
 
 def _aggregate(

@@ -37,7 +37,7 @@ from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server.grid import Stragglers, send_and_collect
 from fedstream.server.privacy import Privacy, aggregate_message, secure_clip
-from fedstream.server.records import bytes_of, error_reason
+from fedstream.server.records import bytes_of, client_name, error_reason
 
 SILENT = "no reply before timeout"
 
@@ -149,7 +149,7 @@ class SecureAggregator:
         out.clients_ok = len(agg.survivors)
         try:
             agg.check_survivors()
-            self._unmask(agg, grid, {i: n for n, i in index.items()}, timeout, out, client_of)
+            self._unmask(agg, grid, {i: n for n, i in index.items()}, timeout, out)
             clock.lap("unmask")
             ring, tail = agg.result()
             out.summed_nodes = [parties[i - 1] for i in sorted(agg.survivors)]
@@ -192,7 +192,7 @@ class SecureAggregator:
             size=size,
             tail_len=len(m.TAIL),
             max_weight=self.cfg.max_weight,
-            name=lambda i: _named(parties[i - 1], client_of),
+            name=lambda i: client_name(parties[i - 1], client_of),
         )
 
     def _clip(self) -> float:
@@ -272,7 +272,6 @@ class SecureAggregator:
         node_of: dict[int, int],
         timeout: float,
         out: SecureOutcome,
-        client_of: dict[int, int],
     ) -> None:
         queries = [
             Message(
@@ -435,12 +434,6 @@ def _collect(
 
     send_and_collect(grid, messages, timeout, on_reply=on_reply, enough=enough, late=late)
     return answered
-
-
-def _named(node: int, client_of: dict[int, int]) -> str:
-    """A node as the results name it: its client id once it has said it (a masked input
-    says it, so by the time a round fails every survivor has), else its node id."""
-    return f"client {client_of[node]}" if node in client_of else f"node {node}"
 
 
 def _failure(node: int, stage: str, reason: str) -> dict[str, Any]:

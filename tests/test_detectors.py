@@ -261,8 +261,9 @@ def test_any_unit_interval_stream_keeps_invariants(
         adwin.update(x)
         for detector in others:
             detector.update(x)
-            assert isinstance(detector.drift_detected, bool)
-        assert isinstance(adwin.drift_detected, bool)
+        assert not others[1].drift_detected  # NoDetector
+        if n < 5:  # Page-Hinkley is silent before min_instances
+            assert not others[0].drift_detected
         assert 0 < adwin.width <= n
         assert 0.0 <= adwin.estimation <= 1.0
-        assert adwin.variance >= 0.0
+        assert adwin.variance <= 0.25 + 1e-9  # the largest of any variable in [0, 1]

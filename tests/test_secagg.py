@@ -548,7 +548,11 @@ def test_one_tampered_share_among_many_honest_ones_does_not_fail_the_round() -> 
         if h == 1:
             ans.shares[(5, SELF)] = bytes(shamir.SHARE_BYTES - 1) + b"\x01"
 
-    _answered(10, 6, one_share).result()
+    agg = _answered(10, 6, one_share)
+    ring_sum, _ = agg.result()
+    plain = sum(np.full(agg.size, 0.25 * u / 10) for u in range(1, 11))  # `_mask`'s inputs
+    assert _within(agg.q, agg.q.decode(ring_sum), plain, 10)
+    assert agg.tamperers == {1}
 
 
 def test_a_tampered_share_outside_the_first_t_is_still_named() -> None:
