@@ -172,8 +172,9 @@ def client(
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     from fedstream.client.ingest import IngestError
     from fedstream.client.node import Device, run_device
-    from fedstream.client.privacy import requirement
+    from fedstream.client.privacy import bounds, requirement
     from fedstream.client.spool import SpoolError
+    from fedstream.server.app import planned_noise  # the z its own config calibrates to
 
     dev = Device(
         server=server_address, state=state.resolve(), client_id=client_id,
@@ -182,6 +183,7 @@ def client(
         policy=policy, insecure=insecure, max_wait=max_wait, cold=cold,  # type: ignore[arg-type]
         secure_only=cfg.secure_aggregation.enabled,
         private_only=requirement(cfg.privacy, cfg.secure_aggregation.enabled),
+        private_bounds=bounds(cfg.privacy, planned_noise(cfg), cfg.federation.clients),
     )
     try:
         code = run_device(dev)

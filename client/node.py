@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedstream.client.ingest import serve as serve_ingestion
@@ -65,6 +65,7 @@ class Device:
     cold: bool = False  # Flower's default isolation: a new flwr-clientapp process per message
     secure_only: bool = False  # refuse to train in a round without secure aggregation
     private_only: str = ""  # "clip" or "noise": refuse a round that asks less of it
+    private_bounds: dict[str, float] = field(default_factory=dict)  # client.privacy.bounds
 
     @property
     def spool(self) -> Path:
@@ -82,6 +83,7 @@ def supernode_command(dev: Device, runtime_port: int) -> list[str]:
         node_config += " secure-only=true"  # client.secure.SECURE_ONLY
     if dev.private_only:
         node_config += f" private-only='{dev.private_only}'"  # client.privacy.PRIVATE_ONLY
+        node_config += "".join(f" {key}={value!r}" for key, value in dev.private_bounds.items())
     cmd = [
         "flower-supernode",
         "--superlink", dev.server,

@@ -16,6 +16,10 @@ instead, so that a run repeats exactly.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -26,6 +30,8 @@ from fedstream.protocol.config import PrivacyConfig
 
 _NOISE_STREAM = 0xD9  # keeps the noise apart from every other seeded stream of the client
 PRIVATE_ONLY = "private-only"  # node config: what a device's own config has it do ("clip", "noise")
+PRIVATE_CLIP = "private-clip"  # node config: the largest clip it accepts (its clip_norm)
+PRIVATE_NOISE = "private-noise"  # node config: the least noise std it accepts, per unit of clip
 
 
 class PrivacyRequired(RuntimeError):
@@ -44,6 +50,19 @@ def requirement(cfg: PrivacyConfig, secure: bool) -> str:
     return "clip" if secure or cfg.noise_at == "clients" else ""
 
 
+def bounds(cfg: PrivacyConfig, noise_multiplier: float, clients: int) -> dict[str, float]:
+    """The node config that holds a server to how much privacy a device's config asks for,
+    not only to the kind: a clip no larger than its `clip_norm`, and (where the clients add
+    the noise) a share of at least z / sqrt(clients) of the clip, the least an honest server
+    of that config asks of a full cohort (a smaller cohort gets more)."""
+    if not cfg.enabled:
+        return {}
+    limits = {PRIVATE_CLIP: cfg.clip_norm}
+    if cfg.noise_at == "clients" and noise_multiplier > 0:
+        limits[PRIVATE_NOISE] = noise_multiplier / clients**0.5
+    return limits
+
+
 def make_privacy_mod(seed: int | None = None) -> Mod:
     """The mod, with noise seeded from `seed` (simulation) or from the OS (devices)."""
 
@@ -51,7 +70,7 @@ def make_privacy_mod(seed: int | None = None) -> Mod:
         train = msg.metadata.message_type == MessageType.TRAIN
         config = m.record(msg.content, m.CONFIG, ConfigRecord) if train else None
         if train:
-            _check_asked(config, str(ctx.node_config.get(PRIVATE_ONLY, "")))
+            _check_asked(config, ctx.node_config)
         if config is None or m.DP_CLIP not in config:
             return call_next(msg, ctx)
         reply = call_next(msg, ctx)
@@ -69,18 +88,36 @@ def make_privacy_mod(seed: int | None = None) -> Mod:
     return privacy_mod
 
 
-def _check_asked(config: ConfigRecord | None, need: str) -> None:
+def _check_asked(config: ConfigRecord | None, own: Mapping[str, Any]) -> None:
+    """Refuse a round that asks less privacy of this device than its node config (`own`,
+    from `requirement` and `bounds`) holds it to."""
+    need = str(own.get(PRIVATE_ONLY, ""))
     if not need:
         return
-    clip = config is not None and m.DP_CLIP in config
-    noise = clip and float(config.get(m.DP_STD, 0.0)) > 0  # type: ignore[union-attr]
-    if not clip or (need == "noise" and not noise):
-        asked = "neither clipping nor noise" if not clip else "clipping but no noise"
+    clipped = config is not None and m.DP_CLIP in config
+    std = float(config.get(m.DP_STD, 0.0)) if clipped else 0.0  # type: ignore[union-attr]
+    if not clipped or (need == "noise" and not std > 0):
+        asked = "neither clipping nor noise" if not clipped else "clipping but no noise"
         raise PrivacyRequired(
             f"this device trains only under differential privacy (its config enables it, "
             f"the {'noise added by the clients' if need == 'noise' else 'clients clipping'}"
             f"), and the round asked {asked}: the server's config has privacy.enabled = "
             "false, or another noise_at"
+        )
+    clip = float(config[m.DP_CLIP])  # type: ignore[index]
+    most = float(own.get(PRIVATE_CLIP, math.inf))
+    if not clip <= most * (1 + 1e-9):
+        raise PrivacyRequired(
+            f"the round asked this device to clip its update at {clip:g}, above its own "
+            f"config's privacy.clip_norm = {most:g}: the server's config has another clip_norm"
+        )
+    least = float(own.get(PRIVATE_NOISE, 0.0))
+    if need == "noise" and not std >= least * clip * (1 - 1e-9):
+        raise PrivacyRequired(
+            f"the round asked this device for noise of std {std:g} at clip {clip:g} "
+            f"({std / clip:g} of the clip), less than its own config asks: {least:g} of the "
+            "clip, its noise multiplier (privacy.noise_multiplier, or the one calibrated "
+            "to privacy.target_epsilon) over the square root of federation.clients"
         )
 
 

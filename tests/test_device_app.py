@@ -48,11 +48,13 @@ def _spools(tmp_path, per_client: int = 50, capacity: int = 1_000_000, policy: s
 def _grid(cfg, paths, tamper=None):
     # Devices configured as the server is: under secure aggregation they refuse plaintext,
     # and under privacy a round that asks less of them (as `fedstream client` sets them).
-    from fedstream.client.privacy import PRIVATE_ONLY, requirement
+    from fedstream.client.privacy import PRIVATE_ONLY, bounds, requirement
+    from fedstream.server.app import planned_noise
 
     own = {"secure-only": True} if cfg.secure_aggregation.enabled else {}
     if need := requirement(cfg.privacy, cfg.secure_aggregation.enabled):
         own[PRIVATE_ONLY] = need
+        own.update(bounds(cfg.privacy, planned_noise(cfg), cfg.federation.clients))
     return LoopbackGrid(
         device_client_app(cfg), CLIENTS, tamper,
         node_config=lambda p: {"spool": str(paths[p]), "client-id": p, **own},
@@ -285,6 +287,8 @@ def test_a_device_configured_for_privacy_refuses_a_round_that_asks_less(
 ):
     """A server run without privacy (or with another noise_at) would otherwise train on the
     device's update without the noise its operator asked for, and nobody would say so."""
+    from flwr.common.config import parse_config_args
+
     from fedstream.client.node import Device, supernode_command
     from fedstream.client.privacy import PRIVATE_ONLY, requirement
     from fedstream.protocol.config import load
@@ -306,6 +310,9 @@ def test_a_device_configured_for_privacy_refuses_a_round_that_asks_less(
                and "asked neither clipping nor noise" in f["reason"]
                for f in records[0]["failures"])
     dev = Device(server="127.0.0.1:9092", state=tmp_path, client_id=0, n_features=FEATURES,
-                 n_classes=CLASSES, private_only=need)
+                 n_classes=CLASSES, private_only=need,
+                 private_bounds={"private-clip": 0.5, "private-noise": 0.1})
     config = supernode_command(dev, 9094)
-    assert f"{PRIVATE_ONLY}='{need}'" in config[config.index("--node-config") + 1]
+    node_config = parse_config_args([config[config.index("--node-config") + 1]])
+    assert node_config[PRIVATE_ONLY] == need  # as Flower reads it
+    assert node_config["private-clip"] == 0.5 and node_config["private-noise"] == 0.1

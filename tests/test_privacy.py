@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,34 @@ def test_a_device_that_must_add_noise_refuses_a_round_that_asks_only_for_clippin
     assert m.TrainReport.from_record(noised.content[m.METRICS]).privatised
     clip_only = Context(1, 1, {PRIVATE_ONLY: "clip"}, RecordDict(), {})
     assert not mod(_train_message({m.DP_CLIP: 1.0}), clip_only, _handler).has_error()
+
+
+def test_a_device_refuses_a_round_that_asks_less_privacy_than_its_config():
+    # The kind is not enough: a server whose config clips at 1e6, or noises at z = 1e-6,
+    # asks for clipping and noise all the same.
+    from fedstream.client.privacy import PRIVATE_ONLY, PrivacyRequired, bounds
+
+    own = load(None, ["privacy.enabled=true", "privacy.noise_at=clients",
+                      "privacy.clip_norm=2", "privacy.noise_multiplier=1.5",
+                      "federation.clients=9"])
+    limits = bounds(own.privacy, 1.5, 9)
+    assert limits == {"private-clip": 2.0, "private-noise": 0.5}  # z / sqrt(9)
+    mod = make_privacy_mod(seed=0)
+    ctx = Context(1, 1, {PRIVATE_ONLY: "noise", **limits}, RecordDict(), {})
+    honest = {m.DP_CLIP: 2.0, m.DP_STD: 1.5 * 2.0 / 9**0.5}  # the server of that config
+    assert not mod(_train_message(honest), ctx, _handler).has_error()
+    smaller = {m.DP_CLIP: 1.0, m.DP_STD: 0.5}  # a smaller clip, as much noise per unit
+    assert not mod(_train_message(smaller), ctx, _handler).has_error()
+    with pytest.raises(PrivacyRequired, match=re.escape(
+            "clip its update at 1e+06, above its own config's privacy.clip_norm = 2")):
+        mod(_train_message({m.DP_CLIP: 1e6, m.DP_STD: 1e6}), ctx, _handler)
+    with pytest.raises(PrivacyRequired, match=r"noise of std 0\.999 at clip 2 .* less than its "
+                       r"own config asks: 0\.5 of the clip"):
+        mod(_train_message({m.DP_CLIP: 2.0, m.DP_STD: 0.999}), ctx, _handler)
+    # Noise on the server: only the clip is the device's to check.
+    server = load(None, ["privacy.enabled=true", "privacy.noise_at=server"])
+    assert bounds(server.privacy, 1.0, 9) == {"private-clip": server.privacy.clip_norm}
+    assert bounds(load(None, []).privacy, 1.0, 9) == {}
 
 
 def test_the_mod_privatises_only_when_asked_and_says_so():
