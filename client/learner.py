@@ -61,6 +61,10 @@ class Learner:
         # batch of one, and a lone sample is only scored.
         self._batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                 for m in self.model.modules())
+        # Dropout in a training forward would score a random sub-network: such a model
+        # scores in a forward of its own, in eval mode, before the one it learns from.
+        self._dropout = any(isinstance(m, nn.modules.dropout._DropoutNd)
+                            for m in self.model.modules())
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -96,14 +100,24 @@ class Learner:
         for start, stop in self._spans(len(y)):
             xb, yb = x[start:stop], y[start:stop]
             lone = self._batch_stats and len(yb) == 1
+            scored = self._predicted(xb) if self._dropout else None
             self.model.train(not lone)
-            # One forward serves both: the prediction is taken before this batch's update.
+            # Without dropout one forward serves both: the prediction is taken before this
+            # batch's update.
             logits = self.model(self._scaled(xb))
             losses = F.cross_entropy(logits, yb, reduction="none")
-            correct = logits.argmax(1) == yb
-            self._record(correct, losses, outcome, self.offset + start)
+            if scored is None:
+                self._record(logits.argmax(1) == yb, losses, outcome, self.offset + start)
+            else:
+                scored_losses = F.cross_entropy(scored, yb, reduction="none")
+                self._record(scored.argmax(1) == yb, scored_losses, outcome, self.offset + start)
             if not lone:
                 self._step(losses.mean())
+
+    def _predicted(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(self._scaled(x))
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
         """Mini-batch bounds over `n` samples; with batch statistics, a last batch of one

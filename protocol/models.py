@@ -72,6 +72,12 @@ def build_model(
 
 def _user_model(spec: str, feature_shape: Sequence[int], n_classes: int) -> nn.Module:
     module_name, _, attr = spec.partition(":")
+    if module_name == "__main__":  # found in the script that starts the run, not in a worker
+        raise ValueError(
+            f"learner.model '{spec}': a factory in the script being run cannot be imported by "
+            "the clients' worker processes; put it in a module of its own (mymodels.py, "
+            f"next to the script) and name it 'mymodels:{attr}'"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:  # ValueError: no module name
@@ -105,6 +111,16 @@ def check_outputs(
         ) from None
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"learner.model '{spec}' returns a {type(out).__name__} for a batch: its forward "
+            f"must return one tensor of class scores, of shape (2, {n_classes})"
+        )
+    if not out.is_floating_point():
+        raise ValueError(
+            f"learner.model '{spec}' gives {out.dtype} outputs: class scores (logits) must be "
+            "floating point, for the softmax and its gradient"
+        )
     if tuple(out.shape) != (2, n_classes):
         raise ValueError(
             f"learner.model '{spec}' gives outputs of shape {tuple(out.shape)} for a batch of "

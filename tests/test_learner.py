@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -171,6 +173,59 @@ def test_user_model_factory(tmp_path, monkeypatch) -> None:
         _learner(model="my_models:broken")
     with pytest.raises(ValueError, match="cannot load factory"):
         _learner(model="my_models:missing")
+
+
+def test_a_factory_whose_outputs_are_no_class_scores_is_named_before_any_client_runs(
+    tmp_path, monkeypatch
+) -> None:
+    from fedstream.protocol.models import build_model, check_outputs
+
+    (tmp_path / "odd_models.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Pair(nn.Module):\n"
+        "    def __init__(self, n, k):\n"
+        "        super().__init__(); self.lin = nn.Linear(n, k)\n"
+        "    def forward(self, x):\n"
+        "        return self.lin(x), x\n"
+        "class Rounded(Pair):\n"
+        "    def forward(self, x):\n"
+        "        return self.lin(x).round().long()\n"
+        "def pair(shape, k):\n"
+        "    return Pair(shape[0], k)\n"
+        "def rounded(shape, k):\n"
+        "    return Rounded(shape[0], k)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, why in (("pair", "returns a tuple for a batch: its forward must return one "
+                               "tensor of class scores, of shape (2, 3)"),
+                      ("rounded", "gives torch.int64 outputs: class scores (logits) must be "
+                                  "floating point")):
+        spec = f"odd_models:{name}"
+        with pytest.raises(ValueError, match=re.escape(f"learner.model '{spec}' {why}")):
+            check_outputs(build_model(spec, (5,), 3), spec, (5,), 3)
+    with pytest.raises(ValueError, match="cannot be imported by the clients' worker processes; "
+                       "put it in a module of its own"):
+        build_model("__main__:make", (5,), 3)
+
+
+def test_a_dropout_model_is_scored_whole_not_as_a_random_sub_network(
+    tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "drop_models.py").write_text(
+        "from torch import nn\n"
+        "def drop(shape, n_classes):\n"
+        "    return nn.Sequential(nn.Linear(shape[0], 64), nn.ReLU(), nn.Dropout(0.9),"
+        " nn.Linear(64, n_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, y = _data(n=256)
+    learner = _learner(model="drop_models:drop", lr=1e-12, batch_size=16)
+    learner.model.eval()
+    with torch.no_grad():
+        whole = int((learner.model(torch.from_numpy(x)).argmax(1).numpy() == y).sum())
+    # The weights barely move: each pass scores what the whole network predicts.
+    assert learner.learn(x, y).correct == whole == learner.learn(x, y).correct
 
 
 @pytest.mark.parametrize("mode", ["online", "batch"])
