@@ -321,11 +321,12 @@ def _privacy_line(p: dict[str, Any], secure: bool) -> str:
 
 def _detection_line(d: dict[str, Any]) -> str:
     """The simulation's drift-detection score in one line (sim/detection.py)."""
+    if d["false_alarms"] is None:  # a file's own drifts, if any, are unknown to fedstream
+        n = d["alarms"]
+        return (f"Drift detection: {n} alarm{'s' * (n != 1)}; the file's own drifts are "
+                "unknown and none was put in (drift.kind), so none can be scored as found "
+                "or false.")
     alarms = f"{d['false_alarms']} false alarm{'s' * (d['false_alarms'] != 1)}"
-    if not d.get("per_drift", True):  # a file's own drifts, if any, are unknown to fedstream
-        n = d["false_alarms"]
-        return (f"Drift detection: {n} alarm{'s' * (n != 1)}; the stream has no drift set "
-                "(drift.kind), so none can be scored as found or false.")
     if not d["client_drifts"]:
         return f"Drift detection: no client reached a drift; {alarms}."
     line = f"Drift detection: {d['detected']} of {d['client_drifts']} client drifts found"

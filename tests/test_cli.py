@@ -230,10 +230,11 @@ def test_devices_sharing_a_client_id_and_the_detection_score_are_printed(
     assert "same client" not in out
     assert "Drift detection: no client reached a drift; 1 false alarm." in out
     print_summary(_summary(shared_client_ids=[], drift_detection={
-        **score, "client_drifts": 0, "detected": 0, "missed": 0, "false_alarms": 3,
-        "per_drift": []}), tmp_path)  # a file's stream: no drift set, none to score against
+        **score, "client_drifts": 0, "detected": 0, "missed": 0, "false_alarms": None,
+        "alarms": 3, "per_drift": []}), tmp_path)  # a file's stream: none to score against
     out = " ".join(capsys.readouterr().out.split())
-    assert "Drift detection: 3 alarms; the stream has no drift set (drift.kind)" in out
+    assert ("Drift detection: 3 alarms; the file's own drifts are unknown and none was put "
+            "in (drift.kind)") in out
 
 
 @pytest.mark.slow  # a whole run: Ray's workers must import the module too

@@ -65,7 +65,15 @@ def test_a_gradual_drift_starts_at_the_start_of_its_ramp() -> None:
 
 def test_without_drift_every_detection_is_a_false_alarm() -> None:
     r = report(["drift.kind=none"], [rec(5, {0: 50, 1: 50}, ((0, 10), (1, 30)))])
-    assert (r["client_drifts"], r["false_alarms"], r["per_drift"]) == (0, 2, [])
+    assert (r["client_drifts"], r["false_alarms"], r["alarms"], r["per_drift"]) == (0, 2, 2, [])
+
+
+def test_on_a_file_without_drift_put_in_no_alarm_is_called_false(tmp_path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("a,label\n" + "".join(f"{i % 7},{i % 2}\n" for i in range(40)))
+    r = report(["drift.kind=none", "stream.source=csv", f'stream.path="{data}"'],
+               [rec(5, {0: 50, 1: 50}, ((0, 10), (1, 30)))])
+    assert (r["false_alarms"], r["alarms"], r["per_drift"]) == (None, 2, [])
 
 
 def test_nothing_to_score_without_a_detector_or_under_secure_aggregation() -> None:
