@@ -263,17 +263,20 @@ def group_hint(cfg: Config) -> str | None:
 def drift_hint(cfg: Config) -> str | None:
     """A file is replayed as it is unless a drift key is set; setting one (even only
     drift.stagger) turns on relabelling, which changes the user's own data: say so, and
-    say when the drift times lie beyond the run."""
-    if cfg.stream.source not in ("csv", "jsonl") or cfg.drift.kind == "none":
+    say when the drift times lie beyond the run (on any source)."""
+    if cfg.drift.kind == "none":
         return None
     d, rounds = cfg.drift, cfg.federation.rounds
     reached = drifts_in_run(cfg)
     if not reached:
         at = ", ".join(f"{t:g}" for t in d.at)
+        what = cfg.stream.path if cfg.stream.source in ("csv", "jsonl") else "the streams"
         return (
             f"fedstream: note: no client meets drift.at = [{at}] within the {rounds} rounds: "
-            f"the classes of {cfg.stream.path} do not change during this run"
+            f"the classes of {what} do not change during this run"
         )
+    if cfg.stream.source not in ("csv", "jsonl"):
+        return None
     how = "relabels" if d.kind == "abrupt" else f"blends, over drift.width = {d.width:g} rounds,"
     at = ", ".join(f"{t:g}" for t in reached)
     return (

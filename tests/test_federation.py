@@ -232,6 +232,10 @@ def test_hints_for_labels_alike_but_for_case_and_for_drift_on_a_file(tmp_path: P
     assert gradual is not None and "over drift.width = 3 rounds" in gradual
     never = drift_hint(load(overrides=[*base, "drift.stagger=0", "federation.rounds=3"]))
     assert never is not None and "no client meets drift.at = [15] within the 3 rounds" in never
+    # A built-in source says so too, and only then (its drift needs no note).
+    built_in = drift_hint(load(overrides=["drift.at=[40.0]", "federation.rounds=2"]))
+    assert built_in is not None and "the classes of the streams do not change" in built_in
+    assert drift_hint(load(overrides=["federation.rounds=30"])) is None
 
 
 def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
