@@ -33,6 +33,7 @@ from fedstream.sim.partition import class_priors, partition
 from fedstream.sim.table_cache import cached_table
 
 HOLDOUT_CLIENT = -1  # stream id of the held-back evaluation slice
+HELD_AT_LEAST = 50  # held-back rows a round of a user's file is evaluated on, if it has them
 
 
 @dataclass(frozen=True)
@@ -176,11 +177,40 @@ class Federation:
         return self._streams[client]
 
     def holdout(self, t: float) -> tuple[np.ndarray, np.ndarray]:
-        """The held-back slice as it looks at time `t` (the concept in force then)."""
+        """The held-back slice as it looks at time `t`, the end of a round: under the
+        concept in force then, and, from the user's own file, only its held-back rows
+        among those the round brought (`_held_in_round`)."""
         src = self.source(HOLDOUT_CLIENT)
-        size = self.cfg.evaluation.holdout if src.length is None else src.length
-        index = np.arange(size, dtype=np.int64)
-        return src.draw(index, np.full(size, float(t)))
+        if src.length is None:
+            index = np.arange(self.cfg.evaluation.holdout, dtype=np.int64)
+        elif self.cfg.stream.source in ("csv", "jsonl"):
+            index = self._held_in_round(t)
+        else:
+            index = np.arange(src.length, dtype=np.int64)
+        return src.draw(index, np.full(len(index), float(t)))
+
+    def _held_in_round(self, t: float) -> np.ndarray:
+        """Positions, among a file's held-back rows, of those in the stretch of the file
+        that the clients' streams brought in the round ending at `t` (widened back to the
+        HELD_AT_LEAST nearest before its end). A file's own drifts lie in the order of its
+        rows, which the streams replay: rows from the whole file would score every round
+        on a mix of every concept it goes through."""
+        assert self.dataset is not None
+        held, start = self.dataset.holdout, float(np.floor(t))  # the round spans [start, t]
+        first, last = len(self.dataset.y), -1
+        for c, part in enumerate(self.dataset.parts):
+            stream = self.stream(c)
+            a, b = stream.arrived(start), stream.arrived(t)
+            if b:  # rows a..b-1 of its part came in this round (none if a == b)
+                last = max(last, int(part[b - 1]))
+                first = min(first, int(part[a])) if a < b else first
+        first = min(first, last)  # a round that brought nothing: the point reached so far
+        lo = int(np.searchsorted(held, first))
+        hi = int(np.searchsorted(held, last, side="right"))
+        lo = min(lo, max(0, hi - HELD_AT_LEAST))
+        if hi <= lo:  # nothing arrived yet: the file's first held-back rows
+            lo, hi = 0, min(len(held), HELD_AT_LEAST)
+        return np.arange(lo, hi, dtype=np.int64)
 
     def initial_arrays(self, check: bool = False) -> ArrayRecord:
         """The global model's first weights; `check`: also that it gives one score per

@@ -109,6 +109,37 @@ def test_global_evaluation_holdout_is_held_back() -> None:
     assert len(y) == len(x) == 100
 
 
+def test_a_files_global_evaluation_follows_the_rows_its_round_brought(tmp_path: Path) -> None:
+    # The label flips halfway through the file: each round must be scored on held-back
+    # rows of its own stretch, not on a mix of both concepts.
+    from fedstream.client.arrival import round_end
+    from fedstream.sim.federation import HELD_AT_LEAST
+
+    x = np.random.default_rng(0).normal(size=4000)
+    label = np.where(np.arange(4000) < 2000, x > 0, x <= 0).astype(int)
+    path = tmp_path / "flip.csv"
+    path.write_text("x,label\n" + "".join(f"{a:.4f},{b}\n" for a, b in zip(x, label,
+                                                                          strict=True)))
+    cfg = load(overrides=["stream.source=csv", f'stream.path="{path}"', "federation.clients=2",
+                          "partition.scheme=iid", "stream.arrival=fixed", "stream.rate=100",
+                          "stream.rate_spread=0", "evaluation.every=1", "federation.rounds=16",
+                          "drift.kind=none"])
+    fed = federation(cfg)
+    rows = fed.dataset.holdout
+    for r in range(1, 17):
+        xs, ys = fed.holdout(round_end(r))
+        brought = np.concatenate([part[fed.stream(c).arrived(r - 1):fed.stream(c).arrived(
+            round_end(r))] for c, part in enumerate(fed.dataset.parts)])
+        before = int(np.searchsorted(rows, brought.max(), side="right"))  # held so far
+        assert min(HELD_AT_LEAST, before) <= len(ys) < len(rows)
+        # The newest held-back row scored is no later than the round's last row.
+        newest = rows[np.searchsorted(rows, brought.max(), side="right") - 1]
+        assert newest <= brought.max()
+        concept = (xs[:, 0] > 0) if brought.max() < 1800 else (xs[:, 0] <= 0)
+        if brought.max() < 1800 or brought.min() > 2500:
+            assert (ys == concept).mean() > 0.9, r
+
+
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
 def test_baselines_see_the_same_samples(scheme: str) -> None:
     cfg = load(overrides=["federation.clients=3", "federation.rounds=3", "stream.rate=10.0",
