@@ -251,6 +251,11 @@ class ADWIN:
 
     def update(self, x: float) -> None:
         value = _as_finite(x)
+        if self._drift_detected:
+            # After a reported change the window starts afresh, as River's ADWIN does: what
+            # a cut kept of it still straddles the change, and would be cut again at the
+            # next checks, reporting one change three or four times.
+            self.reset()
         self._add_to_window_stats(value)
         self._insert_bucket(value)
         self._tick += 1

@@ -40,9 +40,16 @@ class SavedModel:
     standardize: bool  # the clients standardised inputs with their own running statistics
     server_round: int  # the last round aggregated into it (0: the initial model)
 
-    def build(self, device: str | torch.device = "cpu") -> nn.Module:
+    def build(self, device: str | torch.device = "cpu", trust_code: bool = False) -> nn.Module:
         """The module with these weights, in eval mode: `module(x).argmax(1)` indexes
-        `classes`."""
+        `classes`. A file that names a factory of yours (`package.module:factory`) is
+        built only with `trust_code=True`: building imports that module and runs it, and
+        the file, not its reader, names the module (loading the tensors runs no code)."""
+        if ":" in self.model and not trust_code:
+            raise ValueError(
+                f"this model file names the factory {self.model!r}: building it imports and "
+                "runs that module's code. If you trust the file, pass trust_code=True"
+            )
         module = build_model(self.model, self.feature_shape, len(self.classes),
                              hidden=self.hidden)
         module.load_state_dict(self.state_dict)

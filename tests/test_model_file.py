@@ -64,6 +64,26 @@ def test_a_synthetic_run_labels_outputs_by_class_index(tmp_path: Path) -> None:
     assert saved.build()(torch.zeros(3, 6)).shape == (3, 4)
 
 
+def test_a_file_naming_a_factory_builds_only_when_its_code_is_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file names the module; building imports it and runs it.
+    (tmp_path / "own_models.py").write_text(
+        "from torch import nn\n"
+        "def make(shape, n_classes):\n"
+        "    return nn.Sequential(nn.Linear(shape[0], n_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "out").mkdir()
+    cfg = load(overrides=[f'output.dir="{tmp_path / "out"}"', "stream.n_classes=3",
+                          "stream.n_features=4", "learner.model=own_models:make"])
+    save_model(cfg, federation(cfg).initial_arrays(), History(rounds=1))
+    saved = model_file.load(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"names the factory 'own_models:make'.*trust_code=True"):
+        saved.build()
+    assert saved.build(trust_code=True)(torch.zeros(2, 4)).shape == (2, 3)
+
+
 def test_a_missing_or_foreign_file_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/model.pt: no such model file"):
         model_file.load(tmp_path)
