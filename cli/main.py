@@ -111,6 +111,7 @@ def sim(
     cfg = _load(config, set_, extra)
     # heavy imports only once the config is good
     from fedstream.client.sources import DataError
+    from fedstream.sim.results import ResultsFolderBusy
     from fedstream.sim.runner import prepare, run
 
     _import_from_here()
@@ -121,6 +122,8 @@ def sim(
     _stop_on_interrupt(Path(cfg.output.dir))
     try:
         summary = run(cfg)
+    except ResultsFolderBusy as e:  # another run took the folder since the check
+        fail(e, 2)
     except Exception as e:
         # A Ctrl-C takes Ray's workers down at once, and the engine may end the run with
         # an error before the driver's own handler has run: let it end the run as stopped.

@@ -4,7 +4,11 @@ the final model and plots. Its layout is a contract other tools read; see the RE
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,50 @@ from fedstream.sim.detection import client_drift_times, detection_report, drifts
 OWNED = ("summary.json", "metrics.jsonl", model_file.FILE, model_file.TMP,
          "plots/accuracy.png", "plots/clients.png", "plots/privacy.png")
 MARK = "# The config of the run whose results are in this folder: `fedstream sim --config "
+
+
+LOCK = ".fedstream.lock"  # held (flock) by the run writing into the folder, with its pid
+
+
+class ResultsFolderBusy(ValueError):
+    """Another run is writing into this results folder."""
+
+
+@contextlib.contextmanager
+def claimed(out: Path) -> Iterator[None]:
+    """Hold the results folder for one run: a second run into it at the same time would
+    mix both runs' rounds in one metrics.jsonl and leave one's summary beside the other's
+    config. The lock goes with the process, however it ends (kill -9 included)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _lock(fd, out)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_free(out: Path) -> None:
+    """Refuse now, before any data is read, a folder another run is writing into."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(out / LOCK, os.O_RDONLY)
+        try:
+            _lock(fd, out)
+        finally:
+            os.close(fd)
+
+
+def _lock(fd: int, out: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise ResultsFolderBusy(
+            f"output.dir: {out} is in use by another fedstream run (pid {pid}): wait for it "
+            "to end, or give this run another --out"
+        ) from None
 
 
 def prepare(cfg: Config) -> Path:

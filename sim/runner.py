@@ -27,7 +27,7 @@ from fedstream.sim.detection import drifts_in_run
 from fedstream.sim.dispatch import set_dispatch_interval
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
-from fedstream.sim.results import check_config_file
+from fedstream.sim.results import check_config_file, check_free, claimed
 from fedstream.sim.server_app import sim_server_app
 from fedstream.sim.table_cache import content_digest
 
@@ -122,6 +122,8 @@ def _check_output(out: Path) -> None:
     nothing)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output.dir: {out} is a file, not a folder")
+    if out.is_dir():
+        check_free(out)
     existing = next(p for p in (out, *out.resolve().parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"output.dir: {existing} is a file, not a folder")
@@ -376,7 +378,13 @@ def prepare(cfg: Config) -> Config:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run a config `prepare` returned, on Flower's simulation engine; its summary."""
+    """Run a config `prepare` returned, on Flower's simulation engine; its summary. The
+    results folder is held for the run (`results.claimed`): another run into it fails."""
+    with claimed(Path(cfg.output.dir)):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict[str, Any]:
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
     quiet_flower()

@@ -79,6 +79,25 @@ def test_a_device_this_machine_lacks_stops_before_ray(tmp_path: Path) -> None:
     assert "ray::" not in proc.stderr  # no virtual client was started
 
 
+def test_a_results_folder_another_run_is_writing_into_is_refused(tmp_path: Path) -> None:
+    # Two runs into one folder mixed their rounds in one metrics.jsonl, and one printed the
+    # other's figures.
+    import os
+
+    from fedstream.sim.results import ResultsFolderBusy, claimed
+
+    out = tmp_path / "res"
+    with claimed(out):
+        proc = fedstream("sim", "--quiet", "--out", str(out))
+        assert proc.returncode == 2, proc.stderr
+        assert f"is in use by another fedstream run (pid {os.getpid()})" in proc.stderr
+        assert not (out / "metrics.jsonl").exists()
+        with pytest.raises(ResultsFolderBusy), claimed(out):
+            pass
+    with claimed(out):  # released when its run ends
+        pass
+
+
 def test_brackets_in_names_are_printed_as_they_are(tmp_path: Path) -> None:
     # Units in brackets are common in spreadsheet headers; the error printer must not read
     # "[hPa]" as a style tag and drop it.
