@@ -84,7 +84,11 @@ def server(
     from fedstream.server.aggregator import Aggregator, serve
     from fedstream.server.checkpoint import CHECKPOINT
 
-    if not resume and (state / CHECKPOINT).exists():
+    try:
+        held = (state / CHECKPOINT).exists()
+    except PermissionError:  # a folder on the way cannot be entered
+        fail(f"--state {state}: permission denied on the way to it", 2)
+    if not resume and held:
         fail(f"--state {state} holds a run already ({state / CHECKPOINT}): --resume continues "
              "it; to start a new run, give another --state (starting over here would replace "
              "its checkpoint and results)", 2)
@@ -99,6 +103,8 @@ def server(
         err.print(f"stopped ({e}): the SuperLink and its apps are stopped{again}",
                   markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except PermissionError as e:
+        fail(f"--state {state}: cannot write there ({e.strerror}: {e.filename})", 2)
     except (FileNotFoundError, TimeoutError, RuntimeError, ValueError) as e:
         fail(e, 2 if isinstance(e, FileNotFoundError | ValueError) else 1)
     typer.echo(f"run {status}; results in {out}/, logs in {state / 'logs'}/")

@@ -131,6 +131,13 @@ class StreamConfig(_Section):
             if not (info.context or {}).get("check_files", True):
                 return self  # a config checked before: its file may be gone, not its cache
             path = Path(self.path).expanduser()
+            try:
+                path.is_dir()
+            except PermissionError:  # Path.is_dir() raises where a folder on the way is closed
+                raise ValueError(
+                    f"stream.path: cannot reach {self.path} (permission denied on a folder "
+                    "on the way)"
+                ) from None
             if path.is_dir():
                 raise ValueError(f"stream.path: {path.resolve()} is a directory, not a file")
             if not path.is_file():

@@ -120,6 +120,15 @@ def _check_output(out: Path) -> None:
     """The results folder must be a folder this process can write, found out now rather
     than by the server once Ray is up; nothing is left behind here (bad input writes
     nothing)."""
+    try:
+        _check_output_path(out)
+    except PermissionError:  # Path.exists() raises where a folder on the way is closed
+        raise ValueError(
+            f"output.dir: cannot reach {out} (permission denied on a folder on the way)"
+        ) from None
+
+
+def _check_output_path(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"output.dir: {out} is a file, not a folder")
     if out.is_dir():
@@ -127,6 +136,8 @@ def _check_output(out: Path) -> None:
     existing = next(p for p in (out, *out.resolve().parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"output.dir: {existing} is a file, not a folder")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise ValueError(f"output.dir: cannot write to {existing} (a read-only file system)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"output.dir: cannot write to {existing} (permission denied)")
     try:  # access() says yes to root everywhere: a folder made and removed at once tells

@@ -98,6 +98,35 @@ def test_a_results_folder_another_run_is_writing_into_is_refused(tmp_path: Path)
         pass
 
 
+def _as_a_user(*args: str) -> subprocess.CompletedProcess:
+    """`fedstream` without root's override of file permissions (as most users run it)."""
+    import os
+    import shutil
+
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv: permissions cannot be tested")
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    return subprocess.run([*prefix, sys.executable, "-m", "fedstream.cli.main", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_paths_through_a_closed_folder_are_named_not_a_traceback(tmp_path: Path) -> None:
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0)
+    try:
+        proc = _as_a_user("sim", "--quiet", "--out", str(closed / "sub"))
+        assert proc.returncode == 2, proc.stderr
+        assert f"output.dir: cannot reach {closed / 'sub'} (permission denied" in proc.stderr
+        proc = _as_a_user("sim", "--quiet", "--set", f'stream.path="{closed / "d.csv"}"')
+        assert proc.returncode == 2, proc.stderr
+        assert "stream.path: cannot reach" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        closed.chmod(0o755)
+
+
 def test_brackets_in_names_are_printed_as_they_are(tmp_path: Path) -> None:
     # Units in brackets are common in spreadsheet headers; the error printer must not read
     # "[hPa]" as a style tag and drop it.
