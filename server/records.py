@@ -6,8 +6,10 @@ is derived from the replies here, once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import statistics
 import threading
@@ -428,14 +430,24 @@ class MetricsLog:
             if stopping.requested():
                 return
             try:
-                fh = self.path.open("a")
+                fh = self.path.open("ab", buffering=0)
             except FileNotFoundError:
                 raise ResultsFolderGone(
                     f"{self.path.parent}: the results folder was removed or moved during "
                     f"the run; round {record.get('round', '?')} and later are not recorded"
                 ) from None
             with fh:
-                fh.write(line)
+                start, data = fh.seek(0, os.SEEK_END), memoryview(line.encode())
+                try:
+                    while data:
+                        data = data[fh.write(data) :]
+                except OSError as err:  # a full disk: no half record is left behind
+                    with contextlib.suppress(OSError):
+                        fh.truncate(start)
+                    raise OSError(
+                        err.errno, f"{self.path}: round {record.get('round', '?')} could not "
+                        f"be recorded ({err.strerror}); the rounds before it are kept"
+                    ) from None
 
 
 class ResultsFolderGone(RuntimeError):
@@ -457,7 +469,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    if not text.endswith("\n"):  # a last line a crash cut off: not a record
+        text = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _finite(value: Any) -> Any:

@@ -6,6 +6,8 @@ import contextlib
 import json
 import math
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +247,33 @@ def test_a_resumed_log_drops_the_half_line_a_crash_left(tmp_path: Path) -> None:
     assert records.federated_series(read_metrics(path)).per_round == [0.5, 0.7]
     MetricsLog(path, append=True)  # a whole file is left as it is
     assert len(read_metrics(path)) == 2
+
+
+def test_a_record_the_disk_has_no_room_for_leaves_no_half_line(tmp_path: Path) -> None:
+    # A file-size limit fails the write as a full disk does (EFBIG for ENOSPC), for real.
+    path = tmp_path / "metrics.jsonl"
+    script = (
+        "import resource, signal, sys\n"
+        "from fedstream.server.records import MetricsLog\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        f"log = MetricsLog(__import__('pathlib').Path({str(path)!r}))\n"
+        "for r in range(1, 100):\n"
+        "    try:\n"
+        "        log.write({'round': r, 'examples': 10, 'note': 'x' * 60})\n"
+        "    except OSError as err:\n"
+        "        print(err); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    kept = read_metrics(path)
+    assert path.read_bytes().endswith(b"\n") and kept
+    assert f"{path}: round {len(kept) + 1} could not be recorded" in proc.stdout
+    assert "the rounds before it are kept" in proc.stdout
+    with path.open("a") as fh:  # a half line a crash left: the reader skips it
+        fh.write('{"round": 99, "ex')
+    assert read_metrics(path) == kept
 
 
 def test_a_results_folder_removed_during_the_run_is_said_so(tmp_path: Path) -> None:
