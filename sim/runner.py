@@ -92,6 +92,27 @@ def preflight(cfg: Config) -> None:
             pick_device(cfg.learner.device)
         except RuntimeError as err:
             raise ValueError(str(err)) from None
+        _check_resources(cfg)
+
+
+def _check_resources(cfg: Config) -> None:
+    """A client that needs more CPUs or GPUs than this machine has: Ray would start no
+    actor, and Flower end the run in a page of tracebacks."""
+    sim, cpus = cfg.simulation, os.cpu_count() or 1
+    if sim.client_cpus > cpus:
+        raise ValueError(
+            f"simulation.client_cpus = {sim.client_cpus:g}, but this machine has {cpus} CPUs: "
+            f"each virtual client needs that many to start (at most {cpus})"
+        )
+    if sim.client_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if sim.client_gpus > gpus:
+            raise ValueError(
+                f"simulation.client_gpus = {sim.client_gpus:g}, but this machine has {gpus} "
+                "CUDA GPUs: each virtual client needs that many to start"
+            )
 
 
 def _check_cluster(address: str, wait: float = 5.0) -> None:

@@ -269,6 +269,19 @@ def test_hints_for_labels_alike_but_for_case_and_for_drift_on_a_file(tmp_path: P
     assert drift_hint(load(overrides=["federation.rounds=30"])) is None
 
 
+def test_preflight_refuses_clients_bigger_than_this_machine(tmp_path: Path) -> None:
+    import os
+
+    from fedstream.sim.runner import preflight
+
+    cpus = os.cpu_count() or 1
+    cfg = load(overrides=[f"simulation.client_cpus={cpus + 1}", f'output.dir="{tmp_path}"'])
+    with pytest.raises(ValueError, match=f"simulation.client_cpus = {cpus + 1}, but this "
+                       f"machine has {cpus} CPUs"):
+        preflight(cfg)
+    preflight(load(overrides=[f"simulation.client_cpus={cpus}", f'output.dir="{tmp_path}"']))
+
+
 def test_preflight_refuses_an_output_that_is_a_file_and_a_factory_that_raises(
     tmp_path: Path,
 ) -> None:
