@@ -348,7 +348,7 @@ class OutputConfig(_Section):
 class Config(_Section):
     """A whole federation. `fedstream config show` prints it with every default."""
 
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0  # derived seeds (seed x 1_000_003 + n) fit 64 bits
     federation: FederationConfig = FederationConfig()
     stream: StreamConfig = StreamConfig()
     partition: PartitionConfig = PartitionConfig()
@@ -570,8 +570,11 @@ def _bound(item: Any) -> str | None:
     to twelve decimals)."""
     ctx = item.get("ctx") or {}
     for key, words in _BOUNDS.items():
-        if isinstance(ctx.get(key), int | float):
-            return f"must be {words} {ctx[key]:g}"
+        bound = ctx.get(key)
+        if isinstance(bound, int) and not isinstance(bound, bool):
+            return f"must be {words} {bound}"  # a count, in full (2**32: 4294967296)
+        if isinstance(bound, float):
+            return f"must be {words} {bound:g}"
     return None
 
 

@@ -64,6 +64,7 @@ def test_defaults_are_the_embedded_federation() -> None:
         ({"secure_aggregation": {"threshold": 0.3}},
          "secure_aggregation.threshold: must be greater than 0.5 (got 0.3)"),
         ({"federation": {"rounds": 0}}, "federation.rounds: must be greater than 0 (got 0)"),
+        ({"seed": 2**64}, "seed: must be less than 4294967296 (got 18446744073709551616)"),
         ({"stream": {"label": 400}}, "a name that reads as a number or true/false needs "
          """quotes: --set 'stream.label="400"' (in a file: label = "400")"""),
         ({"stream": {"features": [1, "a"]}}, 'stream.features.0: Input should be a valid '
