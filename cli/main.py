@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -109,6 +110,7 @@ def sim(
     if quiet:
         extra.append("output.progress=false")
     cfg = _load(config, set_, extra)
+    started = _stop_on_interrupt(Path(cfg.output.dir))  # a large file's parse takes a while
     # heavy imports only once the config is good
     from fedstream.client.sources import DataError
     from fedstream.sim.results import ResultsFolderBusy
@@ -119,7 +121,7 @@ def sim(
         cfg = prepare(cfg)  # the file pinned, data and model loaded once, hints printed
     except (DataError, ValueError) as e:
         fail(e, 2)
-    _stop_on_interrupt(Path(cfg.output.dir))
+    started.set()
     try:
         summary = run(cfg)
     except ResultsFolderBusy as e:  # another run took the folder since the check
@@ -155,19 +157,22 @@ def _done_so_far(out: Path) -> str:
     return "no round had finished"
 
 
-def _stop_on_interrupt(out: Path) -> None:
-    """Ctrl-C ends `fedstream sim` at once, with exit 130.
+def _stop_on_interrupt(out: Path) -> threading.Event:
+    """Ctrl-C ends `fedstream sim` at once, with exit 130 (SIGTERM: 143); set the returned
+    event once the run starts writing into `out`.
 
     Flower's simulation engine stops its Ray workers on SIGINT but leaves the driver
     waiting on its own threads, so without this the first Ctrl-C hangs with nothing
     printed. Rounds already done are in metrics.jsonl (written as they finish); Ray's
-    workers go down with their driver.
+    workers go down with their driver. Before the run starts, the folder still holds an
+    earlier run's files, which are not this run's rounds.
     """
     import os
     import signal
-    import threading
 
     from fedstream.server.records import stop_logs
+
+    started = threading.Event()
 
     def interrupted(signum: int, _frame: object) -> None:
         # Whatever happens below, the command ends here with 128 + signum: an exception
@@ -176,8 +181,9 @@ def _stop_on_interrupt(out: Path) -> None:
         threading.Timer(5.0, os._exit, (128 + signum,)).start()  # if Ray will not stop
         try:
             stop_logs()  # a round the ServerApp finishes while Ray stops is not written
-            err.print(f"\ninterrupted: {_done_so_far(out)} (no summary.json)", markup=False,
-                      highlight=False, soft_wrap=True)
+            said = (f"{_done_so_far(out)} (no summary.json)" if started.is_set() else
+                    "before the run started: nothing was written")
+            err.print(f"\ninterrupted: {said}", markup=False, highlight=False, soft_wrap=True)
             sys.stderr.flush()
             sys.stdout.flush()
             import ray
@@ -188,6 +194,7 @@ def _stop_on_interrupt(out: Path) -> None:
 
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
+    return started
 
 
 def report(summary: dict[str, Any], out: Path) -> None:

@@ -348,7 +348,7 @@ class OutputConfig(_Section):
 class Config(_Section):
     """A whole federation. `fedstream config show` prints it with every default."""
 
-    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0  # derived seeds (seed x 1_000_003 + n) fit 64 bits
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0  # seed x 1_000_003 + n fits 64 bits
     federation: FederationConfig = FederationConfig()
     stream: StreamConfig = StreamConfig()
     partition: PartitionConfig = PartitionConfig()

@@ -236,6 +236,33 @@ def test_ctrl_c_stops_the_run_at_once_and_keeps_the_rounds_done(tmp_path: Path) 
     assert metrics.read_text().count("\n") >= 2 and not (out / "summary.json").exists()
 
 
+@pytest.mark.slow  # a file large enough to still be read when the signal comes
+def test_an_interrupt_while_the_data_is_read_says_nothing_was_written(tmp_path: Path) -> None:
+    import numpy as np
+
+    data = tmp_path / "big.csv"
+    rows = np.random.default_rng(0).normal(size=(1_500_000, 4))
+    np.savetxt(data, np.c_[rows, rows[:, 0] > 0], fmt="%.3f", delimiter=",",
+               header="a,b,c,d,label", comments="")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"round": 1}\n')  # an earlier run's, not this one's
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "sim", "--quiet", "--out", str(out),
+         "--set", f'stream.path="{data}"', "--set", "federation.clients=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        time.sleep(4.0)  # the config is read; the file's 1.5M rows take longer
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert "interrupted: before the run started: nothing was written" in err
+
+
 def test_an_interrupt_before_any_round_says_none_finished(tmp_path: Path) -> None:
     from fedstream.cli.main import _done_so_far
 
