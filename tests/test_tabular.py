@@ -413,6 +413,20 @@ def test_a_file_in_another_encoding_gets_a_hint(tmp_path: Path, data: bytes, fra
     assert fragment in message and "UTF-8" in message
 
 
+def test_a_stray_nul_byte_is_no_utf16_and_arrays_and_headerless_files_are_named(
+    tmp_path: Path,
+) -> None:
+    nul = write(tmp_path, "nul.csv", b"a,label\n" + b"1,0\n" * 5 + b"2,\x001\n" + b"1,0\n" * 9)
+    message = expect_error(nul, 7, "stray NUL bytes: it is damaged, or not a text file",
+                           label="label")
+    assert "UTF-16" not in message
+    for text in ('[{"a": 1, "label": 0}]\n', '[\n{"a": 1, "label": 0}\n]\n'):
+        expect_error(write(tmp_path, "arr.json", text), 1, "a JSON array of records is not "
+                     "JSON Lines", label="label", fmt="jsonl")
+    expect_error(write(tmp_path, "nohead.csv", "0.5,1.2,cold\n0.7,1.1,warm\n"), 1,
+                 "the first row looks like data, not a header", label="label")
+
+
 def test_a_huge_number_is_refused_without_a_numpy_warning(tmp_path: Path) -> None:
     import warnings
 

@@ -201,11 +201,13 @@ def text_encoding(head: bytes) -> str:
 
 def encoding_hint(sample: bytes) -> str:
     """What to tell someone whose file is not UTF-8: the likely encoding and the fix."""
-    if b"\x00" in sample:
+    if sample.count(b"\x00") > len(sample) // 4:  # every other byte, in Latin text
         return (
             "the file has NUL bytes, so it is probably UTF-16 without a byte-order mark: "
             "save it as UTF-8 (in Excel: 'CSV UTF-8')"
         )
+    if b"\x00" in sample:
+        return "the file has stray NUL bytes: it is damaged, or not a text file"
     return (
         "it is probably Windows-1252 / Latin-1 (Excel's plain 'CSV' on Windows): save it as "
         "UTF-8 (in Excel: 'CSV UTF-8'), or convert it: iconv -f cp1252 -t utf-8"
@@ -246,6 +248,8 @@ def _column_error(name: str, line: int, role: str, col: str, available: Sequence
     )
     if role == "label" and not _did_you_mean(col, available):
         hint += "; name the column of classes: stream.label (fedstream feed: --label)"
+    if sum(_a_number(c) for c in available) > len(available) // 2:
+        hint += "; the first row looks like data, not a header: add a row naming the columns"
     role = {"group": "group (partition.column)"}.get(role, role)
     return DataError(f"{name}:{line}: {role} column {col!r} not found; available: {shown}{hint}")
 
@@ -464,12 +468,31 @@ def _json_object(raw: str, line: int, name: str) -> dict[str, Any]:
         obj = json.loads(raw, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         detail = f"{exc.msg} (at character {exc.colno})"
+        if line == 1 and raw.lstrip().startswith("["):
+            detail += f"; {_ARRAY_HINT}"
         raise DataError(f"{name}:{line}: invalid JSON: {detail}") from exc
     except _DuplicateKey as exc:
         raise DataError(f"{name}:{line}: key {exc.args[0]!r} appears twice in one record") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{name}:{line}: expected a JSON object, got {type(obj).__name__}")
+        hint = f"; {_ARRAY_HINT}" if isinstance(obj, list) else ""
+        raise DataError(
+            f"{name}:{line}: expected a JSON object, got {type(obj).__name__}{hint}"
+        )
     return obj
+
+
+_ARRAY_HINT = (
+    "a JSON array of records is not JSON Lines, which holds one object per line: convert "
+    "it, e.g. jq -c '.[]' data.json > data.jsonl"
+)
+
+
+def _a_number(text: str) -> bool:
+    try:
+        float(text.replace(",", "."))
+    except ValueError:
+        return False
+    return True
 
 
 class _DuplicateKey(ValueError):
