@@ -427,6 +427,13 @@ def test_a_stray_nul_byte_is_no_utf16_and_arrays_and_headerless_files_are_named(
                  "the first row looks like data, not a header", label="label")
 
 
+def test_numbers_written_with_a_decimal_comma_are_not_advised_away(tmp_path: Path) -> None:
+    rows = "".join(f'"0,{i}4",{i},x{i % 2}\n' for i in range(40))
+    message = expect_error(write(tmp_path, "comma.csv", "a,b,label\n" + rows), 2,
+                           "write them plainly (1013.33)", label="label")
+    assert "stream.exclude" not in message
+
+
 def test_a_huge_number_is_refused_without_a_numpy_warning(tmp_path: Path) -> None:
     import warnings
 

@@ -758,6 +758,7 @@ class _Cells:
 
 
 NO_FEATURE = "no feature: leave it out (stream.exclude)"
+_WRITTEN_NUMBER = re.compile(r"^[-+]?\d{1,3}([.,\u00a0' ]\d{3})*,\d+$|^[-+]?\d+,\d+$")
 
 
 def _column_advice(column: list[Any], bad: list[tuple[int, str]], rows: int, name: str) -> str:
@@ -766,6 +767,10 @@ def _column_advice(column: list[Any], bad: list[tuple[int, str]], rows: int, nam
     text = [column[i] for i, p in bad if not p.startswith("missing")]
     if text and isinstance(text[0], str) and _iso_time(text[0].strip()):
         return f'a time column? name it: stream.time = "{name}"'
+    if text and isinstance(text[0], str) and _WRITTEN_NUMBER.match(text[0].strip()):
+        # Numbers, written with a decimal comma or thousands marks: no reason to drop them.
+        return ("numbers written with a decimal comma or thousands marks: write them plainly "
+                "(1013.33) rather than leave the column out")
     if 2 * len(bad) >= rows:
         return NO_FEATURE
     return "drop or fix those rows (values are not imputed)"
