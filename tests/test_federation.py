@@ -194,8 +194,9 @@ def test_global_evaluation_feeds_the_model_standardised_features(tmp_path: Path)
     for _ in range(3):
         learner.learn(batch.x, batch.y)
     assert learner.metric.accuracy > 0.8
-    result = make_evaluate(cfg)(1, ArrayRecord(learner.get_weights()))
-    assert result["examples"] == 200 and result["accuracy"] > 0.85, result
+    # Round 20: the streams have brought most of the file, and its held-back rows with it.
+    result = make_evaluate(cfg)(20, ArrayRecord(learner.get_weights()))
+    assert result["examples"] >= 50 and result["accuracy"] > 0.85, result
 
 
 def _csv(tmp_path: Path, rows: list[str], name: str = "d.csv") -> list[str]:
