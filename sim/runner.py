@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from flwr.simulation import run_simulation
 
@@ -135,6 +136,19 @@ def _check_cluster(address: str, wait: float = 5.0) -> None:
             f"{where}: no Ray cluster answers at {address} ({err.strerror or err}); start "
             "one (`ray start --head`) or leave the address out to run on this machine"
         ) from None
+    # Something listens there; a Ray head (its GCS, or the Ray Client server) speaks gRPC.
+    # Anything else (a web server, say) would have Ray retry it for many minutes.
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=wait)
+    except grpc.FutureTimeoutError:
+        raise ValueError(
+            f"{where}: something listens at {address}, but it is no Ray head (it does not "
+            f"speak gRPC within {wait:g} s): give the port `ray start --head` printed "
+            "(6379 by default), or leave the address out to run on this machine"
+        ) from None
+    finally:
+        channel.close()
 
 
 def _check_output(out: Path) -> None:

@@ -450,10 +450,22 @@ def test_a_ray_cluster_that_does_not_answer_is_refused_at_once() -> None:
         port = s.getsockname()[1]  # free once closed: nothing listens there
     with pytest.raises(ValueError, match=rf"no Ray cluster answers at 127.0.0.1:{port}"):
         _check_cluster(f"127.0.0.1:{port}")
-    with socket.socket() as s:
+    with socket.socket() as s:  # it accepts connections, but no gRPC: a web server, say
         s.bind(("127.0.0.1", 0))
         s.listen()
-        _check_cluster(f"ray://127.0.0.1:{s.getsockname()[1]}")  # one that answers
+        with pytest.raises(ValueError, match=r"something listens at .* but it is no Ray head"):
+            _check_cluster(f"127.0.0.1:{s.getsockname()[1]}", wait=1.0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))  # speaks gRPC, as a Ray head
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        _check_cluster(f"ray://127.0.0.1:{port}")
+    finally:
+        server.stop(None)
     _check_cluster("auto")  # Ray's own names are Ray's to resolve
 
 
