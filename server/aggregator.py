@@ -357,12 +357,19 @@ def check_same_run(agg: Aggregator, cfg: Config) -> None:
 
 def check_rounds_left(agg: Aggregator, cfg: Config) -> None:
     """`--resume` of a run that has done `federation.rounds` would end at once, having run
-    nothing, and write its summary again: say so, and what to give instead."""
+    nothing, and write its summary again: say so, and what to give instead. A config whose
+    rounds differ from the run's is allowed, and said (a config file without the --set
+    the run was started with would quietly make it longer)."""
     ckpt = checkpoint.load(agg.state)
     done = ckpt.server_round if ckpt is not None else 0
-    if done < cfg.federation.rounds:
-        return
     rounds = (checkpoint.run_config(agg.state) or {}).get("federation.rounds", 0)
+    if done < cfg.federation.rounds:
+        if rounds and rounds != cfg.federation.rounds:
+            more = cfg.federation.rounds - done
+            print(f"--resume: federation.rounds is {cfg.federation.rounds}, the run was started "
+                  f"with {rounds}: {more} more round{'s' * (more != 1)} after the {done} done",
+                  file=sys.stderr, flush=True)
+        return
     last = f" (it was last started with federation.rounds = {rounds})" if rounds > done else ""
     raise ValueError(
         f"--resume: the run in {agg.state} has done {done} rounds, and federation.rounds is "

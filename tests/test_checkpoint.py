@@ -25,7 +25,7 @@ def _cfg(tmp_path, rounds: int, strategy: str):
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
-def test_resume_continues_from_the_last_checkpoint(tmp_path, strategy):
+def test_resume_continues_from_the_last_checkpoint(tmp_path, strategy, capsys):
     paths = _spools(tmp_path)
 
     def grid(cfg):
@@ -60,6 +60,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, strategy):
     agg = Aggregator(state, tmp_path / "creds", "127.0.0.1", 1)
     checkpoint.remember_config(state, _cfg(tmp_path, 6, strategy))
     check_rounds_left(agg, _cfg(tmp_path, 5, strategy))
+    assert ("--resume: federation.rounds is 5, the run was started with 6: 1 more round "
+            "after the 4 done") in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"has done 4 rounds, and federation.rounds is 4: "
                        r"nothing is left to run \(it was last started with federation.rounds "
                        r"= 6\). To go on, pass --set federation.rounds=N with N above 4"):
