@@ -9,7 +9,6 @@ label each output is (the order fedstream gave the classes when it read the data
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedstream.protocol.config import Config
+from fedstream.protocol.durable import write_durably
 from fedstream.protocol.models import build_model
 
 FILE = "model.pt"
@@ -78,14 +78,7 @@ def save(
         "standardize": bool(cfg.learner.standardize),
         "server_round": int(server_round),
     }
-    path = out_dir / FILE
-    tmp = out_dir / TMP
-    with tmp.open("wb") as fh:
-        torch.save(record, fh)
-        fh.flush()
-        os.fsync(fh.fileno())  # the rename must not land before the bytes (a power cut)
-    os.replace(tmp, path)
-    return path
+    return write_durably(out_dir / FILE, out_dir / TMP, lambda fh: torch.save(record, fh))
 
 
 def load(path: str | Path) -> SavedModel:

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -237,7 +237,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check, what: str, timeout: float, every: float = 0.25) -> None:
+def wait_for(check: Callable[[], object], what: str, timeout: float, every: float = 0.25) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:

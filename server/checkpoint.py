@@ -9,7 +9,6 @@ so a crash at any moment leaves either the previous checkpoint or the new one, w
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedstream.protocol.config import Config, to_dict
+from fedstream.protocol.durable import write_durably
 from fedstream.server.records import History
 
 CHECKPOINT = "checkpoint.pkl"
@@ -40,18 +40,10 @@ class Checkpoint:
 def save(directory: Path, ckpt: Checkpoint) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / CHECKPOINT
-    tmp = final.with_suffix(".tmp")
-    with tmp.open("wb") as fh:
-        _Pickler(fh, protocol=pickle.HIGHEST_PROTOCOL).dump(ckpt)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return final
+    return write_durably(
+        final, final.with_suffix(".tmp"),
+        lambda fh: _Pickler(fh, protocol=pickle.HIGHEST_PROTOCOL).dump(ckpt),
+    )
 
 
 def load(directory: Path) -> Checkpoint | None:
@@ -87,9 +79,9 @@ def _array(dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> Array
 def remember_config(directory: Path, cfg: Config) -> None:
     """Keep the config a fresh run starts with, for `changes_on_resume`."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (RUN_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, directory / RUN_CONFIG)
+    text = json.dumps(to_dict(cfg), indent=1, sort_keys=True) + "\n"
+    write_durably(directory / RUN_CONFIG, directory / (RUN_CONFIG + ".tmp"),
+                  lambda fh: fh.write(text.encode()))
 
 
 def run_config(directory: Path) -> dict[str, Any] | None:
