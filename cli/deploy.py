@@ -189,7 +189,10 @@ def client(
         policy=policy, insecure=insecure, max_wait=max_wait, cold=cold,  # type: ignore[arg-type]
         secure_only=cfg.secure_aggregation.enabled,
         private_only=requirement(cfg.privacy, cfg.secure_aggregation.enabled),
-        private_bounds=bounds(cfg.privacy, planned_noise(cfg), cfg.federation.clients),
+        private_bounds=bounds(
+            cfg.privacy, planned_noise(cfg) if cfg.privacy.enabled else 0.0,
+            cfg.federation.clients,
+        ),
     )
     try:
         code = run_device(dev)

@@ -71,7 +71,12 @@ def build_model(
 
 
 def _user_model(spec: str, feature_shape: Sequence[int], n_classes: int) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:  # checked before anything is imported
+        raise ValueError(
+            f"learner.model '{spec}': not a built-in model (logreg, mlp, cnn) nor a "
+            "'package.module:factory' of yours"
+        )
     if module_name == "__main__":  # found in the script that starts the run, not in a worker
         raise ValueError(
             f"learner.model '{spec}': a factory in the script being run cannot be imported by "

@@ -252,6 +252,8 @@ class Privacy:
         it released without privacy (`aggregated` counts them too), or rounds recorded
         before the ledger knew whose updates each sum held, void both bounds."""
         self.ledger = Ledger(self.cfg.delta, releases_of(entries))
+        # A reason recorded before the stop holds on (the unbounded round is in the ledger).
+        self.void = next((e["void"] for e in entries if e.get("void")), None)
         if aggregated > len(entries):
             self.void = VOID_UNPROTECTED
         elif any("clients" not in entry for entry in entries):
@@ -272,7 +274,11 @@ class Privacy:
         if not self.clients_clip or not messages:
             return
         if self.client_noise:
-            self.client_std = client_std(self.z, self.cfg.clip_norm, len(messages))
+            # A restarted device's old node (the same client, still listed) is sampled too:
+            # the shares are sized for the clients, so the devices' own floor (z / sqrt of
+            # their clients) holds; the extra share only adds noise.
+            cohort = min(len(messages), max(population, 1))
+            self.client_std = client_std(self.z, self.cfg.clip_norm, cohort)
         for msg in messages:
             config = msg.content[m.CONFIG]
             config[m.DP_CLIP] = self.cfg.clip_norm

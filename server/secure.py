@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -61,6 +62,9 @@ class SecureOutcome:
     # "recover" (shares -> seeds -> masks removed), "finish" (decode, strategy): where the
     # cost of privacy goes, round by round.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+KEY_STILL_UNUSED = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
 
 
 class SecureAggregator:
@@ -118,7 +122,12 @@ class SecureAggregator:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 out.failures.append(_failure(node, "train", error_reason(reply)))
-                if m.KEYS_LOST in (reply.error.reason or ""):  # e.g. a device that lost its state
+                # The key is still unused only where the ClientApp raised (before it masked,
+                # or with its reply never sent); a reply Flower could not fetch (an upload
+                # cut off), or a crash, may have used it; a device that lost its state has
+                # none.
+                if m.KEYS_LOST in (reply.error.reason or "") or (
+                        reply.error.code not in KEY_STILL_UNUSED):
                     self.mask_pub.pop(node, None)
                 return
             out.bytes_up += bytes_of(reply)

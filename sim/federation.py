@@ -197,14 +197,16 @@ class Federation:
         on a mix of every concept it goes through."""
         assert self.dataset is not None
         held, start = self.dataset.holdout, float(np.floor(t))  # the round spans [start, t]
-        first, last = len(self.dataset.y), -1
+        first, last, reached = len(self.dataset.y), -1, -1
         for c, part in enumerate(self.dataset.parts):
             stream = self.stream(c)
             a, b = stream.arrived(start), stream.arrived(t)
-            if b:  # rows a..b-1 of its part came in this round (none if a == b)
-                last = max(last, int(part[b - 1]))
-                first = min(first, int(part[a])) if a < b else first
-        first = min(first, last)  # a round that brought nothing: the point reached so far
+            if b:  # the furthest row it has brought so far
+                reached = max(reached, int(part[b - 1]))
+            if a < b:  # rows a..b-1 of its part came in this round (a stream run dry: none)
+                first, last = min(first, int(part[a])), max(last, int(part[b - 1]))
+        if last < 0:  # a round that brought nothing: the point reached so far
+            first = last = reached
         lo = int(np.searchsorted(held, first))
         hi = int(np.searchsorted(held, last, side="right"))
         lo = min(lo, max(0, hi - HELD_AT_LEAST))

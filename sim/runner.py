@@ -137,7 +137,10 @@ def _check_cluster(address: str, wait: float = 5.0) -> None:
             "one (`ray start --head`) or leave the address out to run on this machine"
         ) from None
     # Something listens there; a Ray head (its GCS, or the Ray Client server) speaks gRPC.
-    # Anything else (a web server, say) would have Ray retry it for many minutes.
+    # Anything else (a web server, say) would have Ray retry it for many minutes. (A head
+    # with TLS, RAY_USE_TLS, is left to Ray: this probe speaks plaintext.)
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
     channel = grpc.insecure_channel(f"{host}:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=wait)
@@ -433,6 +436,8 @@ def run(cfg: Config) -> dict[str, Any]:
 def _run(cfg: Config) -> dict[str, Any]:
     summary_path = Path(cfg.output.dir) / "summary.json"
     summary_path.unlink(missing_ok=True)
+    # An interrupt while Ray starts must not point at an earlier run's rounds.
+    (summary_path.parent / "metrics.jsonl").unlink(missing_ok=True)
     quiet_flower()
     if not set_dispatch_interval(cfg.simulation.dispatch_interval):
         print(

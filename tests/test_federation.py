@@ -140,6 +140,28 @@ def test_a_files_global_evaluation_follows_the_rows_its_round_brought(tmp_path: 
             assert (ys == concept).mean() > 0.9, r
 
 
+def test_a_stream_run_dry_does_not_stretch_the_evaluation_to_the_end_of_the_file(
+    tmp_path: Path,
+) -> None:
+    from fedstream.client.arrival import round_end
+
+    # Site b has a row in ten: at the same rate it runs dry early, its last row near the end.
+    path = tmp_path / "sites.csv"
+    path.write_text("site,x,label\n" + "".join(
+        f"{'b' if i % 10 == 0 else 'a'},{i % 7},{i % 2}\n" for i in range(5000)))
+    cfg = load(overrides=["stream.source=csv", f'stream.path="{path}"', "federation.clients=2",
+                          "partition.scheme=column", "partition.column=site",
+                          "stream.arrival=fixed", "stream.rate=100", "stream.rate_spread=0",
+                          "evaluation.every=1", "federation.rounds=30", "drift.kind=none"])
+    fed = federation(cfg)
+    a, b = fed.dataset.parts
+    dry = next(r for r in range(1, 31) if fed.stream(1).arrived(r - 1) >= len(b))
+    for r in range(dry + 1, dry + 4):
+        rows = fed.dataset.holdout[fed._held_in_round(round_end(r))]
+        brought = a[fed.stream(0).arrived(r - 1):fed.stream(0).arrived(round_end(r))]
+        assert rows.max() <= brought.max() < int(b[-1])
+
+
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
 def test_baselines_see_the_same_samples(scheme: str) -> None:
     cfg = load(overrides=["federation.clients=3", "federation.rounds=3", "stream.rate=10.0",

@@ -82,6 +82,17 @@ def test_a_file_naming_a_factory_builds_only_when_its_code_is_trusted(
     with pytest.raises(ValueError, match=r"names the factory 'own_models:make'.*trust_code=True"):
         saved.build()
     assert saved.build(trust_code=True)(torch.zeros(2, 4)).shape == (2, 3)
+    # A bare module name is no built-in either: refused before anything is imported.
+    (tmp_path / "side_effect.py").write_text("import builtins\nbuiltins.IMPORTED = True\n")
+    import builtins
+    import dataclasses
+
+    bare = dataclasses.replace(saved, model="side_effect")
+    with pytest.raises(ValueError, match="trust_code=True"):
+        bare.build()
+    with pytest.raises(ValueError, match="not a built-in model"):
+        bare.build(trust_code=True)
+    assert not hasattr(builtins, "IMPORTED")
 
 
 def test_a_missing_or_foreign_file_is_refused_by_name(tmp_path: Path) -> None:

@@ -186,6 +186,20 @@ def test_a_device_refuses_a_round_that_asks_less_privacy_than_its_config():
     assert bounds(load(None, []).privacy, 1.0, 9) == {}
 
 
+def test_a_clients_old_node_sampled_beside_its_new_one_keeps_the_shares_client_sized():
+    # A restarted device's old node is still listed, and sampled: 11 nodes of 10 clients.
+    # Shares sized for 11 would fall below the devices' floor, z / sqrt(10) of the clip.
+    from fedstream.server.privacy import Privacy, client_std
+
+    privacy = Privacy(load(None, ["privacy.enabled=true", "privacy.noise_at=clients"]).privacy,
+                      secure=False, seed=0)
+    messages = [_train_message({}) for _ in range(11)]
+    privacy.ask(messages, population=10)
+    assert privacy.client_std == client_std(privacy.z, privacy.cfg.clip_norm, 10)
+    privacy.ask(messages[:4], population=10)
+    assert privacy.client_std == client_std(privacy.z, privacy.cfg.clip_norm, 4)
+
+
 def test_the_mod_privatises_only_when_asked_and_says_so():
     mod, ctx = make_privacy_mod(seed=0), Context(1, 1, {}, RecordDict(), {})
     plain = mod(_train_message({}), ctx, _handler)

@@ -168,6 +168,30 @@ def test_a_sum_whose_tail_fails_its_checks_voids_client_noise_accounting(tmp_pat
     assert records[2]["aggregated"]
 
 
+def test_a_masked_reply_flower_could_not_fetch_costs_its_key_not_a_round(tmp_path):
+    # The device masked with its key, and the upload was cut off: Flower makes up an error
+    # reply. The key is used: assigned again, it would fail the client's next round.
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    cfg = load(None, [*BASE, "secure_aggregation.enabled=true"])
+    grids: list[LoopbackGrid] = []
+
+    def cut_off(node, reply):
+        sent = grids[0].sent[-1]
+        if (node == 1003 and not reply.has_error() and m.MASKED in reply.content
+                and int(reply.content[m.SECAGG]["round"]) == 2):
+            return Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "cut off"), reply_to=sent)
+        return reply
+
+    grids.append(LoopbackGrid(sim_client_app(cfg), cfg.federation.clients, cut_off))
+    records: list[dict] = []
+    run_federation(grids[0], cfg, federation(cfg).initial_arrays(), tmp_path,
+                   on_round=lambda rec, _h: records.append(rec), simulated=True)
+    assert records[1]["clients_ok"] == 5
+    assert records[2]["clients_ok"] == 6 and records[2]["round_trips"] == 3  # a key trip
+
+
 def _garbage_bundles(reply, _earlier):
     rec = reply.content[m.SECAGG]
     rec["shares"] = [bytes(len(c)) for c in rec["shares"]]  # right sizes, nothing inside

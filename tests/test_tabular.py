@@ -434,6 +434,18 @@ def test_numbers_written_with_a_decimal_comma_are_not_advised_away(tmp_path: Pat
     assert "stream.exclude" not in message
 
 
+def test_a_text_column_with_one_number_in_it_is_still_advised_out(tmp_path: Path) -> None:
+    words = ["red", "blue", "green"]
+    rows = '"3,5",1,x0\n' + "".join(f"{words[i % 3]},{i},x{i % 2}\n" for i in range(40))
+    message = expect_error(write(tmp_path, "words.csv", "a,b,label\n" + rows), 2,
+                           "no feature: leave it out", label="label")
+    assert "decimal comma" not in message.split("\n", 1)[1]
+    # Column names that are numbers (pandas' 0, 1, 2) are a header all the same.
+    expect_error(write(tmp_path, "idx.csv", "0,1,2\n5,6,x\n"), 1, label="label")
+    assert "looks like data" not in expect_error(
+        write(tmp_path, "idx.csv", "0,1,2\n5,6,x\n"), 1, label="label")
+
+
 def test_a_huge_number_is_refused_without_a_numpy_warning(tmp_path: Path) -> None:
     import warnings
 

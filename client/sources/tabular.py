@@ -488,11 +488,11 @@ _ARRAY_HINT = (
 
 
 def _a_number(text: str) -> bool:
-    try:
-        float(text.replace(",", "."))
-    except ValueError:
-        return False
-    return True
+    """Written as a measurement is (not 'nan', 'inf' or a pandas column index like '0')."""
+    return bool(_MEASUREMENT.match(text.strip()))
+
+
+_MEASUREMENT = re.compile(r"^[-+]?\d*[.,]\d+$|^[-+]?\d+[.,]\d*$")
 
 
 class _DuplicateKey(ValueError):
@@ -758,7 +758,11 @@ class _Cells:
 
 
 NO_FEATURE = "no feature: leave it out (stream.exclude)"
-_WRITTEN_NUMBER = re.compile(r"^[-+]?\d{1,3}([.,\u00a0' ]\d{3})*,\d+$|^[-+]?\d+,\d+$")
+_WRITTEN_NUMBER = re.compile(
+    r"^[-+]?\d{1,3}([.,\u00a0' ]\d{3})*,\d+$"  # 1.013,33  12 345,5
+    r"|^[-+]?\d+,\d+$"  # 0,94
+    r"|^[-+]?\d{1,3}([.\u00a0' ]\d{3})+$"  # 1.234.567  12 345
+)
 
 
 def _column_advice(column: list[Any], bad: list[tuple[int, str]], rows: int, name: str) -> str:
@@ -767,7 +771,8 @@ def _column_advice(column: list[Any], bad: list[tuple[int, str]], rows: int, nam
     text = [column[i] for i, p in bad if not p.startswith("missing")]
     if text and isinstance(text[0], str) and _iso_time(text[0].strip()):
         return f'a time column? name it: stream.time = "{name}"'
-    if text and isinstance(text[0], str) and _WRITTEN_NUMBER.match(text[0].strip()):
+    written = [v for v in text if isinstance(v, str) and _WRITTEN_NUMBER.match(v.strip())]
+    if text and len(written) >= 0.9 * len(text):
         # Numbers, written with a decimal comma or thousands marks: no reason to drop them.
         return ("numbers written with a decimal comma or thousands marks: write them plainly "
                 "(1013.33) rather than leave the column out")
