@@ -245,8 +245,6 @@ def test_an_interrupt_while_the_data_is_read_says_nothing_was_written(tmp_path: 
     np.savetxt(data, np.c_[rows, rows[:, 0] > 0], fmt="%.3f", delimiter=",",
                header="a,b,c,d,label", comments="")
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text('{"round": 1}\n')  # an earlier run's, not this one's
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedstream.cli.main", "sim", "--quiet", "--out", str(out),
          "--set", f'stream.path="{data}"', "--set", "federation.clients=2"],
