@@ -17,11 +17,12 @@ tests alone. Integers are big-endian; `||` is concatenation.
 - `Keystream(seed)`: AES-128 in counter mode keyed with the last 16 bytes of the 32-byte
   seed, in segments of 2^16 blocks (1 MiB): block i of the stream is
   AES-128(seed[16:], u96(i // 2^16) || u32(2 + i % 2^16)), so segment j is exactly
-  AES-128-GCM's ciphertext of zeros under the nonce u96(j) (its tag unused), which is how
-  it is computed: OpenSSL runs GCM with vector AES instructions, twice as fast as its CTR
-  mode on this machine. AES rather than ChaCha20 because masks are the hot path (one
-  model-sized stream per neighbour) and AES-NI/ARMv8-AES run it two to three times as
-  fast; a 128-bit key because X25519, which every seed comes from, gives 128-bit security,
+  AES-128-GCM's ciphertext of zeros under the nonce u96(j) (its tag unused), and also
+  AES-CTR from the block u96(j) || u32(2). It is computed in whichever of the two modes
+  OpenSSL runs faster on the CPU (`_faster_segment_mode`): GCM has vector-AES code on some
+  x86-64 CPUs, twice CTR's speed there; on others CTR is faster. AES rather than ChaCha20
+  because masks are the hot path (one model-sized stream per neighbour) and
+  AES-NI/ARMv8-AES run it two to three times as fast; a 128-bit key because X25519, which every seed comes from, gives 128-bit security,
   so AES-256's four extra rounds would buy nothing. The last 16 bytes because a Shamir
   field seed has the top bit of its first byte cleared.
 - `commitment(b)`: SHA-256(b"fedstream/secagg/v1/commit" || b), published with a self-mask
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import os
 import struct
+import time
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -169,8 +172,7 @@ class Keystream:
         start = 0
         while start < out.nbytes:
             if not self._left:
-                nonce = self._segment.to_bytes(12, "big")
-                self._ctx = Cipher(self._aes, modes.GCM(nonce)).encryptor()
+                self._ctx = Cipher(self._aes, _segment_mode(self._segment)).encryptor()
                 self._segment, self._left = self._segment + 1, SEGMENT
             n = min(self._left, out.nbytes - start)
             self._ctx.update_into(_ZEROS[:n], out[start : start + n])
@@ -181,6 +183,35 @@ SEGMENT = 1 << 20  # keystream bytes under one GCM nonce (2^16 blocks)
 PIECE = 1 << 18  # bytes a caller reads at a time (see README: Cost)
 _ZEROS = np.zeros(SEGMENT, dtype=np.uint8)  # only ever read (CTR encrypts zeros to the stream)
 _ZEROS.flags.writeable = False
+
+
+def _gcm(segment: int) -> modes.Mode:
+    return modes.GCM(segment.to_bytes(12, "big"))
+
+
+def _ctr(segment: int) -> modes.Mode:
+    return modes.CTR(segment.to_bytes(12, "big") + (2).to_bytes(4, "big"))
+
+
+def _faster_segment_mode() -> Callable[[int], modes.Mode]:
+    """GCM or CTR, whichever OpenSSL runs faster on this CPU: the same bytes either way
+    (segment j is AES-CTR from the block u96(j) || u32(2)), but OpenSSL has vector-AES
+    code for GCM and not for CTR on some x86-64 CPUs (twice as fast there), and the
+    reverse holds on others (CTR 2.4 times GCM's speed on one this was measured on).
+    Timed once per process, on 1 MiB each, the best of three: about a millisecond."""
+    aes, out = algorithms.AES(bytes(16)), np.empty(SEGMENT, dtype=np.uint8)
+    best = {}
+    for name, mode in (("gcm", _gcm), ("ctr", _ctr)):
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            Cipher(aes, mode(0)).encryptor().update_into(_ZEROS, out)
+            times.append(time.perf_counter() - started)
+        best[name] = min(times)
+    return _ctr if best["ctr"] < best["gcm"] else _gcm
+
+
+_segment_mode = _faster_segment_mode()
 
 
 def commitment(seed: bytes) -> bytes:

@@ -275,3 +275,15 @@ def test_low_order_public_keys_are_not_usable() -> None:
     for point in (0, 1, 2**255 - 19, 2**255 - 18, 2**255 - 20 + 2**255):
         assert not ks.usable_public_key((point % 2**256).to_bytes(32, "little"))
     assert ks.usable_public_key(ks.public_key(ks.new_private_key()))
+
+
+def test_gcm_and_ctr_segments_give_the_same_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Which one runs is timed per CPU: the bytes must not depend on it.
+    streams = []
+    for mode in (ks._gcm, ks._ctr):
+        monkeypatch.setattr(ks, "_segment_mode", mode)
+        out = np.empty(2 * ks.SEGMENT + 48, dtype=np.uint8)
+        ks.Keystream(bytes(32)).into(out)
+        streams.append(out.tobytes())
+    assert streams[0] == streams[1]
+    assert streams[0][:16].hex() == "0388dace60b6a392f328c2b971b2fe78"  # GCM test case 2
