@@ -22,8 +22,9 @@ tests alone. Integers are big-endian; `||` is concatenation.
   OpenSSL runs faster on the CPU (`_faster_segment_mode`): GCM has vector-AES code on some
   x86-64 CPUs, twice CTR's speed there; on others CTR is faster. AES rather than ChaCha20
   because masks are the hot path (one model-sized stream per neighbour) and
-  AES-NI/ARMv8-AES run it two to three times as fast; a 128-bit key because X25519, which every seed comes from, gives 128-bit security,
-  so AES-256's four extra rounds would buy nothing. The last 16 bytes because a Shamir
+  AES-NI/ARMv8-AES run it two to three times as fast; a 128-bit key because X25519,
+  which every seed comes from, gives 128-bit security, so AES-256's four extra rounds
+  would buy nothing. The last 16 bytes because a Shamir
   field seed has the top bit of its first byte cleared.
 - `commitment(b)`: SHA-256(b"fedstream/secagg/v1/commit" || b), published with a self-mask
   seed so the server can check the seed it reconstructs.
