@@ -62,6 +62,10 @@ def _lock(fd: int, out: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        if pid == str(os.getpid()):
+            # This process's own earlier run (stopped): a child it forked may still hold
+            # the inherited lock for a moment. One process runs one simulation at a time.
+            return
         raise ResultsFolderBusy(
             f"output.dir: {out} is in use by another fedstream run (pid {pid}): wait for it "
             "to end, or give this run another --out"
