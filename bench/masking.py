@@ -134,7 +134,7 @@ def main() -> None:
     for k in kinds:
         print(f"  {k}: {1e3 * med[k]:6.2f} ms per update")
     print(f"  ctr / segments: {med['ctr'] / med['segments']:.2f}x (segments here: "
-          f"{ks._segment_mode.__name__.strip('_').upper()})")
+          f"{ks.segment_mode().__name__.strip('_').upper()})")
     gcm, ctr = throughput("gcm"), throughput("ctr")
     print(
         f"keystream alone, 1 MiB calls: GCM {gcm:.1f} GB/s, CTR {ctr:.1f} GB/s "

@@ -19,7 +19,7 @@ tests alone. Integers are big-endian; `||` is concatenation.
   AES-128(seed[16:], u96(i // 2^16) || u32(2 + i % 2^16)), so segment j is exactly
   AES-128-GCM's ciphertext of zeros under the nonce u96(j) (its tag unused), and also
   AES-CTR from the block u96(j) || u32(2). It is computed in whichever of the two modes
-  OpenSSL runs faster on the CPU (`_faster_segment_mode`): GCM has vector-AES code on some
+  OpenSSL runs faster on the CPU (`segment_mode`): GCM has vector-AES code on some
   x86-64 CPUs, twice CTR's speed there; on others CTR is faster. AES rather than ChaCha20
   because masks are the hot path (one model-sized stream per neighbour) and
   AES-NI/ARMv8-AES run it two to three times as fast; a 128-bit key because X25519,
@@ -161,8 +161,7 @@ class Keystream:
         self._segment = segment  # the next segment to open in GCM mode
         if skip:
             block, extra = divmod(skip, 16)
-            counter = segment.to_bytes(12, "big") + (2 + block).to_bytes(4, "big")
-            self._ctx = Cipher(self._aes, modes.CTR(counter)).encryptor()
+            self._ctx = Cipher(self._aes, _ctr(segment, block)).encryptor()
             self._ctx.update(bytes(extra))
             self._segment, self._left = segment + 1, SEGMENT - skip
         else:
@@ -173,7 +172,7 @@ class Keystream:
         start = 0
         while start < out.nbytes:
             if not self._left:
-                self._ctx = Cipher(self._aes, _segment_mode(self._segment)).encryptor()
+                self._ctx = Cipher(self._aes, segment_mode()(self._segment)).encryptor()
                 self._segment, self._left = self._segment + 1, SEGMENT
             n = min(self._left, out.nbytes - start)
             self._ctx.update_into(_ZEROS[:n], out[start : start + n])
@@ -190,11 +189,12 @@ def _gcm(segment: int) -> modes.Mode:
     return modes.GCM(segment.to_bytes(12, "big"))
 
 
-def _ctr(segment: int) -> modes.Mode:
-    return modes.CTR(segment.to_bytes(12, "big") + (2).to_bytes(4, "big"))
+def _ctr(segment: int, block: int = 0) -> modes.Mode:
+    return modes.CTR(segment.to_bytes(12, "big") + (2 + block).to_bytes(4, "big"))
 
 
-def _faster_segment_mode() -> Callable[[int], modes.Mode]:
+@lru_cache(maxsize=1)  # timed on the first mask of a process, not when it imports this
+def segment_mode() -> Callable[[int], modes.Mode]:
     """GCM or CTR, whichever OpenSSL runs faster on this CPU: the same bytes either way
     (segment j is AES-CTR from the block u96(j) || u32(2)), but OpenSSL has vector-AES
     code for GCM and not for CTR on some x86-64 CPUs (twice as fast there), and the
@@ -210,9 +210,6 @@ def _faster_segment_mode() -> Callable[[int], modes.Mode]:
             times.append(time.perf_counter() - started)
         best[name] = min(times)
     return _ctr if best["ctr"] < best["gcm"] else _gcm
-
-
-_segment_mode = _faster_segment_mode()
 
 
 def commitment(seed: bytes) -> bytes:

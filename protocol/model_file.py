@@ -20,12 +20,11 @@ from torch import nn
 
 from fedstream.protocol.config import Config
 from fedstream.protocol.durable import write_durably
-from fedstream.protocol.models import build_model
+from fedstream.protocol.models import BUILT_IN, build_model
 
 FILE = "model.pt"
 TMP = f".{FILE}.tmp"  # beside it while it is written
 FORMAT = "fedstream-model/1"
-BUILT_IN = ("logreg", "mlp", "cnn")  # built without importing anything the file names
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value

@@ -44,6 +44,9 @@ def small_cnn(feature_shape: Sequence[int], n_classes: int, channels: int = 16) 
     )
 
 
+BUILT_IN = ("logreg", "mlp", "cnn")  # built without importing anything a name names
+
+
 def build_model(
     name: str,
     feature_shape: Sequence[int],
