@@ -99,7 +99,7 @@ def preflight(cfg: Config) -> None:
 def _check_resources(cfg: Config) -> None:
     """A client that needs more CPUs or GPUs than this machine has: Ray would start no
     actor, and Flower end the run in a page of tracebacks."""
-    sim, cpus = cfg.simulation, os.cpu_count() or 1
+    sim, cpus = cfg.simulation, machine_cpus()
     if sim.client_cpus > cpus:
         raise ValueError(
             f"simulation.client_cpus = {sim.client_cpus:g}, but this machine has {cpus} CPUs: "
@@ -114,6 +114,19 @@ def _check_resources(cfg: Config) -> None:
                 f"simulation.client_gpus = {sim.client_gpus:g}, but this machine has {gpus} "
                 "CUDA GPUs: each virtual client needs that many to start"
             )
+
+
+def machine_cpus() -> int:
+    """The CPUs Ray will give a local run: a container's CPU quota, not the host's
+    cores that `os.cpu_count()` reports (a 2-CPU pod on a 64-core node)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return max(1, int(get_num_cpus(override_docker_cpu_warning=True)))
+    except Exception:  # a Ray without this helper: the cores this process may run on
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
 
 def _check_cluster(address: str, wait: float = 5.0) -> None:

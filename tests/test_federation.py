@@ -293,11 +293,9 @@ def test_hints_for_labels_alike_but_for_case_and_for_drift_on_a_file(tmp_path: P
 
 
 def test_preflight_refuses_clients_bigger_than_this_machine(tmp_path: Path) -> None:
-    import os
+    from fedstream.sim.runner import machine_cpus, preflight
 
-    from fedstream.sim.runner import preflight
-
-    cpus = os.cpu_count() or 1
+    cpus = machine_cpus()
     cfg = load(overrides=[f"simulation.client_cpus={cpus + 1}", f'output.dir="{tmp_path}"'])
     with pytest.raises(ValueError, match=f"simulation.client_cpus = {cpus + 1}, but this "
                        f"machine has {cpus} CPUs"):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedstream.client.feed import Reader, open_input
 from fedstream.client.sources import DataError, load_table
@@ -566,3 +568,60 @@ def test_true_and_false_are_one_and_zero_in_csv_and_jsonl(tmp_path: Path) -> Non
     # Anything else in such a column is still named, as in any other.
     bad = write(tmp_path, "c.csv", "x,weekend,y\n1,True,a\n2,yes,b\n")
     expect_error(bad, 3, "column 'weekend': 'yes' is not a number", label="y")
+
+
+# ------------------------------------------------------------ the two CSV readers agree
+
+_GOOD_CELLS = st.one_of(
+    st.floats(-1e6, 1e6, allow_nan=False, width=32).map(repr),
+    st.integers(-10**6, 10**6).map(str),
+    st.sampled_from([" 1.5", "2 ", "1e3", "+4", "-.5", "7.", "0"]),
+)
+_ODD_CELLS = st.sampled_from(["1_0", "true", "", "NA", "x", "1e99", "nan", "inf"])
+# Mostly numbers, so that many files are clean and take the fast path whole.
+_CELLS = st.integers(0, 39).flatmap(lambda k: _ODD_CELLS if k == 0 else _GOOD_CELLS)
+_LABELS = st.sampled_from(["0", "1", "007", "7", "7.0", "UP", "DOWN", " up ", "0", "1", "",
+                           "?"])
+
+
+@given(
+    rows=st.lists(st.tuples(st.lists(_CELLS, min_size=2, max_size=2), _LABELS,
+                            st.sampled_from(["", "   ", None, None]),
+                            st.sampled_from([0] * 12 + [-1, 1])),
+                  min_size=1, max_size=12),
+    delimiter=st.sampled_from([",", "\t", "|"]),
+    end=st.sampled_from(["\n", "\r\n"]),
+    final=st.booleans(),
+    times=st.none() | st.lists(_CELLS, min_size=12, max_size=12),
+)
+@settings(max_examples=150, deadline=None)
+def test_the_fast_and_the_careful_csv_reader_agree(
+    tmp_path_factory: pytest.TempPathFactory, rows: list, delimiter: str, end: str,
+    final: bool, times: list[str] | None,
+) -> None:
+    """A file without quotes is read by numpy's C parser, and falls back to the careful
+    row-by-row reader for anything it cannot take: both must give the same table, or
+    the same error at the same line. A quoted header name sends the careful reader."""
+    lines = []
+    for i, (cells, label, blank, ragged) in enumerate(rows):
+        if blank is not None:
+            lines.append(blank)  # a blank line, or one of spaces, between rows
+        stamp = [] if times is None else [times[i]]
+        fields = [*cells, *stamp, label] + (["9"] if ragged > 0 else [])
+        lines.append(delimiter.join(fields[: len(fields) - (ragged < 0)]))
+    body = end.join(lines) + (end if final else "")
+    folder = tmp_path_factory.mktemp("readers")
+    header = ["a", "b", *([] if times is None else ["t"]), "label"]
+    plain = write(folder, "plain.csv", delimiter.join(header) + end + body)
+    quoted = write(folder, "quoted.csv", delimiter.join(['"a"', *header[1:]]) + end + body)
+    outcomes = []
+    for path in (plain, quoted):
+        try:
+            table = load_table(path, label="label", time=None if times is None else "t")
+        except DataError as exc:
+            outcomes.append(("error", str(exc).replace(str(path), "FILE")))
+        else:
+            stamps = None if table.time is None else table.time.tolist()
+            outcomes.append((table.x.tobytes(), table.x.shape, table.y.tolist(), table.classes,
+                             table.features, stamps))
+    assert outcomes[0] == outcomes[1]
