@@ -92,6 +92,10 @@ class StreamConfig(_Section):
     sha256: str = ""
     n_features: PositiveInt = 20
     n_classes: Annotated[int, Field(ge=2)] = 10
+    # The classes' names, in index order. A file source then takes exactly these labels, in
+    # this order (another is an error, naming its line); a built-in source and a deployment
+    # name the model file's outputs with them (as `fedstream feed --classes` maps them).
+    classes: list[str] = []
     centers_per_class: PositiveInt = 2
     spread: Annotated[float, Field(gt=0.0)] = 1.0
     noise: Probability = 0.05
@@ -116,6 +120,19 @@ class StreamConfig(_Section):
                 "stream.exclude leaves columns out of all the others; with stream.features "
                 "naming the columns to use, list only those"
             )
+        if self.classes:
+            names = [c.strip() for c in self.classes]
+            if "" in names or len(set(names)) != len(names):
+                raise ValueError(
+                    f"stream.classes = {self.classes}: each class needs a name of its own"
+                )
+            object.__setattr__(self, "classes", names)
+            fixed = {"digits": 10}.get(self.source, self.n_classes)
+            if self.source not in ("csv", "jsonl") and len(names) != fixed:
+                raise ValueError(
+                    f"stream.classes names {len(names)} classes, but the {self.source} stream "
+                    f"has {fixed}" + (" (stream.n_classes)" if self.source != "digits" else "")
+                )
         if self.label in self.exclude:  # the time column may be listed: it is no feature
             raise ValueError(f"stream.exclude names the label column {self.label!r}")
         if self.path and self.source not in ("csv", "jsonl"):

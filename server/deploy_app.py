@@ -70,9 +70,9 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
     def save(server_round: int, model: ArrayRecord, hist: History) -> None:
         checkpoint.save(state_dir, checkpoint.Checkpoint(server_round, model, strategy, hist))
         log.write({"checkpoint_round": server_round, "model_sha256": fingerprint(model)})
-        # The devices name their classes (`fedstream feed --classes`): here, their indices.
-        # Their columns, if the config lists them as the feeds' order (`stream.features`).
-        classes = model_file.class_labels((), cfg.stream.n_classes)
+        # The feeds name the classes (`fedstream feed --classes`), the server only if the
+        # config does too (`stream.classes`); the columns likewise (`stream.features`).
+        classes = model_file.class_labels(cfg.stream.classes, cfg.stream.n_classes)
         named = cfg.stream.features if len(cfg.stream.features) == cfg.stream.n_features else []
         model_file.save(out, model, cfg, (cfg.stream.n_features,), classes, named,
                         server_round=server_round)

@@ -106,6 +106,7 @@ class Federation:
                 exclude=cfg.stream.exclude,
                 group=cfg.partition.column or None,
                 sha256=cfg.stream.sha256,
+                classes=cfg.stream.classes or None,
             )
             _check_classes(table.classes, len(table), cfg)
             x, y, n_classes = table.x, table.y, len(table.classes)

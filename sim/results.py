@@ -170,7 +170,8 @@ def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
 
     fed = federation(cfg)
     data = fed.dataset
-    classes = model_file.class_labels(data.classes if data else (), fed.n_classes)
+    named = data.classes if data and data.classes else cfg.stream.classes
+    classes = model_file.class_labels(named, fed.n_classes)
     source = fed.source(HOLDOUT_CLIENT)
     if isinstance(source, Relabel):  # a file's drift renames the classes: as they end
         classes = tuple(source.label_names(classes, round_end(history.rounds)))

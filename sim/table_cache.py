@@ -65,6 +65,7 @@ def cached_table(
     exclude: Sequence[str] = (),
     group: str | None = None,
     sha256: str = "",
+    classes: Sequence[str] | None = None,
 ) -> Table:
     """`load_table`'s result for these arguments, from the cache when it holds it.
 
@@ -73,7 +74,8 @@ def cached_table(
     the file no longer has that content. A cached table has no `time` array: its rows are
     already in that column's order, which is all a replay needs of it."""
     args = {"label": label, "features": features, "time": time, "fmt": fmt,
-            "exclude": list(exclude), "group": group}
+            "exclude": list(exclude), "group": group,
+            "classes": None if classes is None else list(classes)}
     root = cache_dir()
     try:
         content = sha256 or (content_digest(path) if root is not None else "")

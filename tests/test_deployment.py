@@ -42,6 +42,7 @@ round_timeout = 120.0
 [stream]
 n_features = 8
 n_classes = 3
+classes = ["low", "mid", "high"]  # as the feeds' --classes: names for model.pt
 features = ["f0", "f1", "f2", "f3", "f4", "f5", "f6", "f7"]  # the feeds' column order
 budget = 20
 [learner]
@@ -160,7 +161,7 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
     assert len(summary["accuracy_per_round"]) == 3  # across the crash and the resume
     assert summary["cumulative_accuracy"][-1] == pytest.approx(summary["prequential_accuracy"])
     saved = model_file.load(work / "srv" / "results")  # the latest global model, as a file
-    assert saved.server_round == 3 and saved.classes == ("0", "1", "2")
+    assert saved.server_round == 3 and saved.classes == ("low", "mid", "high")
     assert saved.features == tuple(f"f{j}" for j in range(8))
     assert fingerprint(ArrayRecord(saved.state_dict)) == summary["model_sha256"]
     # Differential privacy's ledger came back with the checkpoint: round 3's epsilon is

@@ -64,6 +64,39 @@ def test_a_synthetic_run_labels_outputs_by_class_index(tmp_path: Path) -> None:
     assert saved.build()(torch.zeros(3, 6)).shape == (3, 4)
 
 
+def test_stream_classes_fix_a_files_labels_and_name_a_synthetic_models_outputs(
+    tmp_path: Path,
+) -> None:
+    from fedstream.client.sources import DataError
+
+    path = _csv(tmp_path)
+    base = ["stream.source=csv", f'stream.path="{path}"', "stream.label=state",
+            f'output.dir="{tmp_path}"']
+    # A file's labels take the listed order (not sorted), and a class the file lacks keeps
+    # its output.
+    cfg = load(overrides=[*base, 'stream.classes=["stormy", " dry", "calm", "foggy"]'])
+    data = federation(cfg).dataset
+    assert data.classes == ("stormy", "dry", "calm", "foggy")
+    save_model(cfg, federation(cfg).initial_arrays(), History(rounds=1))
+    assert model_file.load(tmp_path).classes == ("stormy", "dry", "calm", "foggy")
+    # A label the list lacks is named with its line.
+    with pytest.raises(DataError, match=r"weather\.csv:\d+: column 'state': unknown label"):
+        _ = federation(load(overrides=[*base, 'stream.classes=["calm", "dry"]'])).dataset
+    # A built-in source: the names must match its classes, and name the model's outputs.
+    cfg = load(overrides=[f'output.dir="{tmp_path / "syn"}"', "stream.n_classes=3",
+                          'stream.classes=["a", "b", "c"]'])
+    (tmp_path / "syn").mkdir()
+    save_model(cfg, federation(cfg).initial_arrays(), History(rounds=1))
+    assert model_file.load(tmp_path / "syn").classes == ("a", "b", "c")
+    with pytest.raises(ValueError, match=r"stream.classes names 2 classes, but the "
+                       r"gaussian_mixture stream has 3 \(stream.n_classes\)"):
+        load(overrides=["stream.n_classes=3", 'stream.classes=["a", "b"]'])
+    with pytest.raises(ValueError, match="the digits stream has 10"):
+        load(overrides=["stream.source=digits", 'stream.classes=["a", "b"]'])
+    with pytest.raises(ValueError, match="each class needs a name of its own"):
+        load(overrides=["stream.n_classes=2", 'stream.classes=["a", " a"]'])
+
+
 def test_a_file_naming_a_factory_builds_only_when_its_code_is_trusted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
