@@ -1,16 +1,17 @@
 """Concept-drift detectors fed with a client's prequential (test-then-train) error.
 
 A client calls ``update(error)`` once per observation and reads ``drift_detected``
-right after; a detection is the client's cue to adapt (e.g. reset or re-weight its
-local model). Detectors must survive between federated rounds, where the client
-process may be recreated, so each one can be flattened to plain picklable data
-with ``state_dict()`` and rebuilt exactly with ``load_state_dict()``.
+right after, or hands a batch's errors to ``detections``; a detection is the client's
+cue to adapt (e.g. reset or re-weight its local model). Detectors must survive between
+federated rounds, where the client process may be recreated, so each one can be
+flattened to plain picklable data with ``state_dict()`` and rebuilt exactly with
+``load_state_dict()``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "DriftDetector",
     "NoDetector",
     "PageHinkley",
+    "detections",
     "make_detector",
 ]
 
@@ -263,6 +265,40 @@ class ADWIN:
         if self._tick % self.clock == 0 and self._width >= 2 * self.min_window:
             self._drift_detected = self._shrink_while_cut()
 
+    def update_many(self, values: Sequence[float]) -> list[int]:
+        """`update` for each value, in order: the offsets of the values after which a
+        change was reported. Exactly what calling `update` one value at a time gives (the
+        same buckets, the same floats), about three times faster: a round's errors are
+        taken a clock period at a time, and the histogram's merges run once a period."""
+        found: list[int] = []
+        start = 0
+        while start < len(values):
+            if self._drift_detected:
+                self.reset()
+            chunk = [_as_finite(v) for v in values[start: start + self.clock - self._tick
+                                                    % self.clock]]
+            width, total, m2 = self._width, self._total, self._m2
+            for value in chunk:  # Welford, as _add_to_window_stats, inlined
+                mean = total / width if width else 0.0
+                width += 1
+                total += value
+                m2 += (value - mean) * (value - total / width)
+            self._width, self._total, self._m2 = width, total, m2
+            if not self._totals:
+                self._totals.append([])
+                self._m2s.append([])
+            self._totals[0].extend(chunk)
+            self._m2s[0].extend([0.0] * len(chunk))
+            self._compress()
+            self._tick += len(chunk)
+            self._drift_detected = False
+            if self._tick % self.clock == 0 and self._width >= 2 * self.min_window:
+                self._drift_detected = self._shrink_while_cut()
+            start += len(chunk)
+            if self._drift_detected:
+                found.append(start - 1)
+        return found
+
     def _add_to_window_stats(self, value: float) -> None:
         """Welford update: the window variance feeds the cut bound."""
         old_mean = self.estimation
@@ -279,18 +315,24 @@ class ADWIN:
         self._compress()
 
     def _compress(self) -> None:
-        """Merge the two oldest buckets of any overfull row into one of the next row up."""
+        """Merge the two oldest buckets of an overfull row into one of the next row up, until
+        it holds `max_buckets` or one fewer (several pairs at once after `update_many`:
+        the same pairs, in the same order, as merging after every value)."""
         row = 0
         while row < len(self._totals) and len(self._totals[row]) > self.max_buckets:
-            size = float(2**row)
-            t1, t2 = self._totals[row].pop(0), self._totals[row].pop(0)
-            v1, v2 = self._m2s[row].pop(0), self._m2s[row].pop(0)
-            merged_m2 = v1 + v2 + (t1 - t2) ** 2 / (2.0 * size)  # equal sizes n: n/2 * dmean^2
+            totals, m2s, size = self._totals[row], self._m2s[row], float(2**row)
+            pairs = (len(totals) - self.max_buckets + 1) // 2
+            t1, t2 = totals[0 : 2 * pairs : 2], totals[1 : 2 * pairs : 2]
+            v1, v2 = m2s[0 : 2 * pairs : 2], m2s[1 : 2 * pairs : 2]
+            # Equal sizes n: the merged deviations gain n/2 * (the means' difference)^2.
+            merged = [a + b + (c - d) ** 2 / (2.0 * size)
+                      for a, b, c, d in zip(v1, v2, t1, t2, strict=True)]
+            del totals[: 2 * pairs], m2s[: 2 * pairs]
             if row + 1 == len(self._totals):
                 self._totals.append([])
                 self._m2s.append([])
-            self._totals[row + 1].append(t1 + t2)
-            self._m2s[row + 1].append(merged_m2)
+            self._totals[row + 1].extend(a + b for a, b in zip(t1, t2, strict=True))
+            self._m2s[row + 1].extend(merged)
             row += 1
 
     def _buckets_oldest_first(self) -> list[tuple[int, float]]:
@@ -340,8 +382,8 @@ class ADWIN:
         row = len(self._totals) - 1
         self._totals[row].pop(0)
         self._m2s[row].pop(0)
-        if not self._totals[row]:
-            self._totals.pop()
+        while self._totals and not self._totals[-1]:  # rows below may be empty too
+            self._totals.pop()  # (max_buckets = 1 empties a row at every merge)
             self._m2s.pop()
         self._recompute_window_stats()
 
@@ -389,6 +431,20 @@ class ADWIN:
         self._m2 = float(state["m2"])
         self._tick = int(state["tick"])
         self._drift_detected = bool(state["drift_detected"])
+
+
+def detections(detector: DriftDetector, values: Sequence[float]) -> list[int]:
+    """Feed `values` in order; the offsets of those after which a change was reported.
+    A detector with an `update_many` (ADWIN) takes them at once; any other, one by one."""
+    many = getattr(detector, "update_many", None)
+    if many is not None:
+        return list(many(values))
+    found = []
+    for i, value in enumerate(values):
+        detector.update(value)
+        if detector.drift_detected:
+            found.append(i)
+    return found
 
 
 _REGISTRY: dict[str, Callable[..., DriftDetector]] = {

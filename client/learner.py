@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedstream.client.detectors import DriftDetector, make_detector
+from fedstream.client.detectors import DriftDetector, detections, make_detector
 from fedstream.client.device import pick_device
 from fedstream.client.metrics import Prequential, RoundOutcome
 from fedstream.client.optim import make_optimizer, make_schedule
@@ -183,13 +183,9 @@ class Learner:
             return
         # Detectors are sequential by nature: one 0/1 error per prediction gives them the
         # statistical power that a per-batch mean would throw away.
-        detected = False
-        for i, err in enumerate((~correct).tolist()):
-            self.detector.update(float(err))
-            if self.detector.drift_detected:
-                outcome.drifts.append(position + i)
-                detected = True
-        if detected:
+        found = detections(self.detector, (~correct).float().tolist())
+        outcome.drifts.extend(position + i for i in found)
+        if found:
             self._react()
 
     def _react(self) -> None:

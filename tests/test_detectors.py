@@ -16,6 +16,7 @@ from fedstream.client.detectors import (
     DriftDetector,
     NoDetector,
     PageHinkley,
+    detections,
     make_detector,
 )
 
@@ -33,7 +34,8 @@ def piecewise(seed: int, *segments: tuple[float, int]) -> np.ndarray:
     return np.concatenate([bernoulli(rng, p, n) for p, n in segments])
 
 
-def detections(detector: DriftDetector, stream: np.ndarray) -> list[int]:
+def one_by_one(detector: DriftDetector, stream: np.ndarray | list[float]) -> list[int]:
+    """The samples after which `detector`, fed one value at a time, reported a change."""
     found = []
     for i, x in enumerate(stream):
         detector.update(x)
@@ -52,19 +54,19 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_page_hinkley_no_false_alarm_on_stationary_stream(seed: int) -> None:
-    assert detections(PageHinkley(), piecewise(seed, (0.1, 5000))) == []
+    assert one_by_one(PageHinkley(), piecewise(seed, (0.1, 5000))) == []
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_adwin_at_most_one_false_alarm_on_stationary_stream(seed: int) -> None:
     adwin = ADWIN()
-    assert len(detections(adwin, piecewise(seed, (0.1, 5000)))) <= 1
+    assert len(one_by_one(adwin, piecewise(seed, (0.1, 5000)))) <= 1
     assert abs(adwin.estimation - 0.1) < 0.03
 
 
 def test_no_detector_never_detects() -> None:
     stream = piecewise(0, (0.1, CHANGE_AT), (0.9, CHANGE_AT))
-    assert detections(NoDetector(), stream) == []
+    assert one_by_one(NoDetector(), stream) == []
 
 
 # --- abrupt changes ----------------------------------------------------------------------
@@ -73,7 +75,7 @@ def test_no_detector_never_detects() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_abrupt_increase_detected_with_bounded_delay(kind: str, seed: int) -> None:
     stream = piecewise(seed, (0.1, CHANGE_AT), (0.6, CHANGE_AT))
-    found = detections(make_detector(kind), stream)
+    found = one_by_one(make_detector(kind), stream)
     assert found, "increase not detected"
     assert CHANGE_AT <= found[0] < CHANGE_AT + MAX_DELAY
 
@@ -81,7 +83,7 @@ def test_abrupt_increase_detected_with_bounded_delay(kind: str, seed: int) -> No
 def test_drift_flag_clears_on_next_update(kind: str) -> None:
     detector = make_detector(kind)
     stream = piecewise(0, (0.1, CHANGE_AT), (0.6, CHANGE_AT))
-    first = detections(detector, stream[: CHANGE_AT + MAX_DELAY])[0]
+    first = one_by_one(detector, stream[: CHANGE_AT + MAX_DELAY])[0]
     detector = make_detector(kind)
     for x in stream[: first + 1]:
         detector.update(x)
@@ -107,7 +109,7 @@ def test_adwin_reports_one_abrupt_change_once(seed: int) -> None:
 def test_adwin_shrinks_window_and_tracks_new_mean() -> None:
     """After the change ADWIN should have dropped (nearly) all pre-change history."""
     adwin = ADWIN()
-    detections(adwin, piecewise(0, (0.1, CHANGE_AT), (0.6, CHANGE_AT)))
+    one_by_one(adwin, piecewise(0, (0.1, CHANGE_AT), (0.6, CHANGE_AT)))
     stale = adwin.width - CHANGE_AT
     assert stale < 0.1 * CHANGE_AT
     assert abs(adwin.estimation - 0.6) < 0.05
@@ -115,7 +117,7 @@ def test_adwin_shrinks_window_and_tracks_new_mean() -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_adwin_detects_decrease(seed: int) -> None:
-    found = detections(ADWIN(), piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT)))
+    found = one_by_one(ADWIN(), piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT)))
     assert found
     assert CHANGE_AT <= found[0] < CHANGE_AT + MAX_DELAY
 
@@ -125,11 +127,11 @@ def test_adwin_on_rises_ignores_a_fall_but_forgets_the_old_errors(seed: int) -> 
     # A learner's error falls as it learns, then rises at a drift: only the rise is drift.
     stream = piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT), (0.5, CHANGE_AT))
     both, rise = ADWIN(), ADWIN(direction="rise")
-    assert [i for i in detections(both, stream) if i < 2 * CHANGE_AT]  # the fall, reported
-    found = detections(rise, stream)
+    assert [i for i in one_by_one(both, stream) if i < 2 * CHANGE_AT]  # the fall, reported
+    found = one_by_one(rise, stream)
     assert found and 2 * CHANGE_AT <= found[0] < 2 * CHANGE_AT + MAX_DELAY
     # Both cut the window the same way: the rise is found as fast as by the paper's ADWIN.
-    assert found[0] == next(i for i in detections(ADWIN(), stream) if i >= 2 * CHANGE_AT)
+    assert found[0] == next(i for i in one_by_one(ADWIN(), stream) if i >= 2 * CHANGE_AT)
     assert abs(rise.estimation - 0.5) < 0.05
 
 
@@ -150,13 +152,13 @@ def test_adwin_direction_is_checked_and_kept_in_its_state() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_page_hinkley_ignores_decrease(seed: int) -> None:
     """A falling error means the model improved: by design no alarm."""
-    assert detections(PageHinkley(), piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT))) == []
+    assert one_by_one(PageHinkley(), piecewise(seed, (0.6, CHANGE_AT), (0.1, CHANGE_AT))) == []
 
 
 def test_detects_each_of_successive_increases(kind: str) -> None:
     """Post-detection reset/shrink must leave the detector able to catch the next drift."""
     stream = piecewise(3, (0.1, 1000), (0.5, 1000), (0.1, 1000), (0.9, 1000))
-    found = detections(make_detector(kind), stream)
+    found = one_by_one(make_detector(kind), stream)
     for start in (1000, 3000):
         assert any(start <= i < start + MAX_DELAY for i in found), (start, found)
     assert not [i for i in found if i < 1000]
@@ -177,7 +179,7 @@ def test_state_dict_round_trip_behaves_identically(kind: str, split: int) -> Non
     assert restored.drift_detected == original.drift_detected
 
     rest = stream[split:]
-    assert detections(restored, rest) == detections(original, rest)
+    assert one_by_one(restored, rest) == one_by_one(original, rest)
     assert restored.state_dict() == original.state_dict()
 
 
@@ -198,7 +200,7 @@ def test_load_state_dict_rejects_other_kind() -> None:
 
 def test_reset_restores_fresh_state(kind: str) -> None:
     detector = make_detector(kind)
-    detections(detector, piecewise(0, (0.1, 500), (0.8, 500)))
+    one_by_one(detector, piecewise(0, (0.1, 500), (0.8, 500)))
     detector.reset()
     assert detector.state_dict() == make_detector(kind).state_dict()
 
@@ -281,3 +283,43 @@ def test_any_unit_interval_stream_keeps_invariants(
         assert 0 < adwin.width <= n
         assert 0.0 <= adwin.estimation <= 1.0
         assert adwin.variance <= 0.25 + 1e-9  # the largest of any variable in [0, 1]
+
+
+@given(
+    segments=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 400)), min_size=1,
+                      max_size=4),
+    batches=st.lists(st.integers(1, 70), min_size=1, max_size=30),
+    clock=st.integers(1, 40),
+    max_buckets=st.integers(1, 6),
+    min_window=st.integers(1, 12),
+    direction=st.sampled_from(["both", "rise"]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_adwin_in_batches_is_adwin_one_value_at_a_time(
+    segments: list[tuple[float, int]], batches: list[int], clock: int, max_buckets: int,
+    min_window: int, direction: str, seed: int,
+) -> None:
+    """`update_many` (what a learner uses for a batch's errors) must report the same
+    changes at the same samples, and leave the very same state, as `update` per value."""
+    stream = piecewise(seed, *segments).tolist()
+    params = {"clock": clock, "max_buckets": max_buckets, "min_window": min_window,
+              "direction": direction, "delta": 0.05}
+    one, many = ADWIN(**params), ADWIN(**params)
+    reported_one, reported_many, start = one_by_one(one, stream), [], 0
+    for size in batches * (len(stream) // sum(batches) + 1):
+        if start >= len(stream):
+            break
+        reported_many += [start + i for i in many.update_many(stream[start : start + size])]
+        start += size
+    assert reported_many == reported_one
+    assert many.state_dict() == one.state_dict()
+
+
+def test_detections_feeds_any_detector_one_value_at_a_time() -> None:
+    stream = piecewise(3, (0.05, 600), (0.6, 600)).tolist()
+    expected = one_by_one(PageHinkley(), stream)
+    assert expected and detections(PageHinkley(), stream) == expected
+    assert detections(NoDetector(), stream) == []
+    with pytest.raises(ValueError, match="must be finite"):
+        detections(ADWIN(), [0.0, math.nan])
