@@ -89,7 +89,8 @@ def _load(config: Path | None, overrides: list[str] | None, extra: list[str]) ->
 def sim(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Results folder.")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", "-o", help="Results folder (default: output.dir, results/latest).")] = None,
     baselines: Annotated[
         bool, typer.Option("--baselines", help="Also run the local and centralized baselines.")
     ] = False,

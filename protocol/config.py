@@ -8,10 +8,12 @@ dotted key path, before any process or Ray worker starts.
 from __future__ import annotations
 
 import codecs
+import datetime
 import difflib
 import itertools
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -232,7 +234,7 @@ class LearnerConfig(_Section):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "mps") or value.startswith("cuda"):
+        if value in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", value):
             return value
         raise ValueError(f"unknown device '{value}': use auto, cpu, cuda[:N] or mps")
 
@@ -485,9 +487,11 @@ def ignored_settings(cfg: Config) -> list[str]:
         section = getattr(cfg, name)
         if section.enabled:
             continue
+        derived = {"dropout": cfg.simulation.dropout}  # copied there, not set by the user
         changed = [
             f"{name}.{key}" for key, spec in type(section).model_fields.items()
             if key not in ("enabled", "noise_at") and getattr(section, key) != spec.default
+            and not (name == "secure_aggregation" and getattr(section, key) == derived.get(key))
         ]
         if changed:
             verb = "is" if len(changed) == 1 else "are"
@@ -621,7 +625,9 @@ def _format_errors(err: ValidationError) -> str:
             msg = (f"is a section, not a value: set one of its keys ([{path}] and KEY = VALUE "
                    f"in a file, --set {path}.KEY=VALUE on the command line)")
         elif "input" in item and item["type"] not in ("missing",):
-            msg = f"{_bound(item) or msg} (got {item['input']!r}){_quoting_hint(item)}"
+            got = item["input"]  # a TOML date as the file wrote it, not as Python's repr
+            shown = got.isoformat() if isinstance(got, datetime.date | datetime.time) else repr(got)
+            msg = f"{_bound(item) or msg} (got {shown}){_quoting_hint(item)}"
         lines.append(f"  {path}: {msg}")
     for path, value in skipped.items():
         if path not in unions:
@@ -652,19 +658,20 @@ def _quoting_hint(item: Any) -> str:
         words = [w.strip() for w in value.strip("[]").split(",") if w.strip()]
         quoted = ", ".join(f'"{w}"' for w in words) if words else '"a", "b"'
         return f"; a list of names needs quotes: [{quoted}]"
-    if item["type"] == "string_type" and isinstance(value, int | float):  # bool is an int
+    dated = isinstance(value, datetime.date | datetime.time)  # TOML reads 2024-01-01 so
+    if item["type"] == "string_type" and (isinstance(value, int | float) or dated):
         # TOML has parsed it: 1.50 is 1.5 now, and 0x10 is 16. Only these read back alike.
         if isinstance(value, bool):
             text = json.dumps(str(value).lower())
-        elif isinstance(value, int):
-            text = json.dumps(str(value))
+        elif isinstance(value, int) or dated:
+            text = json.dumps(value.isoformat() if dated else str(value))
         else:
             text = '"..."'  # the name as the file spells it
         *section, last = [str(p) for p in item["loc"]]
         if isinstance(item["loc"][-1], int):  # an item of a list of names
-            return f"; a name that reads as a number or true/false needs quotes: {text}"
+            return f"; a name that reads as a number, a date or true/false needs quotes: {text}"
         key = ".".join([*section, last])
-        return (f"; a name that reads as a number or true/false needs quotes: "
+        return (f"; a name that reads as a number, a date or true/false needs quotes: "
                 f"--set '{key}={text}' (in a file: {last} = {text})")
     return ""
 

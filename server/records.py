@@ -138,6 +138,8 @@ class History:
             self.aggregated += 1
         else:
             reason = record.get("aggregation_error") or "not aggregated"
+            # "offline in round 7": one reason for every round it failed, not one a round.
+            reason = re.sub(rf"\bround {record['round']}\b", "this round", reason)
             self.errors.setdefault(reason, []).append(record["round"])
         for cid, rep in record["clients"].items():
             acc = self.per_client.setdefault(int(cid), {"seen": 0, "correct": 0})

@@ -236,6 +236,20 @@ def test_a_run_never_replaces_a_config_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"holds summary.json, plots/accuracy.png but no "):
         prepare(load(None, [f'output.dir="{theirs}"']))
     assert (theirs / "summary.json").read_text() == "{}"
+    # `fedstream config show` dumps a config exactly as an old run (no header line) wrote
+    # one: alone in its folder, it is someone's own, and refused.
+    from fedstream.protocol.config import to_toml
+    from fedstream.sim.results import check_config_file
+
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    dumped = to_toml(load(None, ["seed=1"]))
+    (shown / "config.toml").write_text(dumped)
+    with pytest.raises(ValueError, match="is not a config a run wrote"):
+        check_config_file(load(None, [f'output.dir="{shown}"']))
+    (shown / "metrics.jsonl").write_text("")  # beside an old run's records: that run's
+    check_config_file(load(None, [f'output.dir="{shown}"']))
+    assert (shown / "config.toml").read_text() == dumped
 
 
 def test_sizes_are_printed_in_units_that_show_them() -> None:

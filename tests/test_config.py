@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +66,16 @@ def test_defaults_are_the_embedded_federation() -> None:
          "secure_aggregation.threshold: must be greater than 0.5 (got 0.3)"),
         ({"federation": {"rounds": 0}}, "federation.rounds: must be greater than 0 (got 0)"),
         ({"seed": 2**64}, "seed: must be less than 4294967296 (got 18446744073709551616)"),
-        ({"stream": {"label": 400}}, "a name that reads as a number or true/false needs "
+        ({"stream": {"label": 400}}, "a name that reads as a number, a date or true/false needs "
          """quotes: --set 'stream.label="400"' (in a file: label = "400")"""),
         ({"stream": {"features": [1, "a"]}}, 'stream.features.0: Input should be a valid '
-         'string (got 1); a name that reads as a number or true/false needs quotes: "1"'),
+         'string (got 1); a name that reads as a number, a date or true/false needs quotes: '
+         '"1"'),
+        ({"output": {"dir": datetime.date(2024, 1, 1)}}, "output.dir: Input should be a "
+         "valid string (got 2024-01-01); a name that reads as a number, a date or "
+         """true/false needs quotes: --set 'output.dir="2024-01-01"'"""),
+        ({"learner": {"device": "cudafoo"}}, "learner.device: unknown device 'cudafoo': use "
+         "auto, cpu, cuda[:N] or mps"),
         ({"stream": {"path": "x.csv", "source": "hyperplane"}}, "stream.path is set, but "
          "stream.source 'hyperplane' is built in and reads no file: for the file, set "
          'stream.source = "csv"'),

@@ -683,3 +683,7 @@ def test_settings_a_run_will_not_use_are_named_before_it_starts():
     assert plan is not None and "(calibrated for epsilon 50 at delta 0.001 over 3 rounds" in plan
     # A config a run wrote out holds every key at its value: defaults say nothing.
     assert ignored_settings(load(None, ["privacy.noise_multiplier=1.0"])) == []
+    # A simulated dropout is copied into secure_aggregation.dropout: not set by the user.
+    assert ignored_settings(load(None, ["simulation.dropout=0.2"])) == []
+    assert "secure_aggregation.dropout is set" in ignored_settings(
+        load(None, ["simulation.dropout=0.2", "secure_aggregation.dropout=0.3"]))[0]

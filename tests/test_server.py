@@ -181,17 +181,22 @@ def test_round_record_names_failures_and_counts() -> None:
 
 def test_summary_says_which_rounds_were_not_aggregated_and_why() -> None:
     history = History()
-    for server_round, error in [(1, None), (2, "too few"), (3, "too few"), (4, "bad sum")]:
+    offline = "client 0: ClientUnavailable: client 0 is offline in round {}"
+    for server_round, error in [(1, None), (2, "too few"), (3, "too few"), (4, "bad sum"),
+                                (5, offline.format(5)), (6, offline.format(6))]:
         rec = round_record(server_round, [], [], {}, seconds=0.1)
         rec["aggregated"] = error is None
         if error:
             rec["aggregation_error"] = error
         history.add(rec)
     summary = run_summary(load(), history)
-    assert summary["rounds"] == 4 and summary["rounds_aggregated"] == 1
+    assert summary["rounds"] == 6 and summary["rounds_aggregated"] == 1
     assert summary["aggregation_errors"] == [
         {"reason": "too few", "rounds": 2, "first_rounds": [2, 3]},
         {"reason": "bad sum", "rounds": 1, "first_rounds": [4]},
+        # A reason naming its round is one reason for all of them.
+        {"reason": "client 0: ClientUnavailable: client 0 is offline in this round",
+         "rounds": 2, "first_rounds": [5, 6]},
     ]
 
 
