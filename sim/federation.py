@@ -7,6 +7,7 @@ sample for sample. Building is cached per process: it is derived data, not clien
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -339,11 +340,25 @@ def _check_split(y: np.ndarray, cfg: Config, what: str, held: int) -> None:
 
 
 @lru_cache(maxsize=4)
-def _cached(cfg_json: str) -> Federation:
+def _cached(cfg_json: str, _file: tuple[int, int] | None) -> Federation:
     return Federation(from_json(cfg_json))
 
 
-_by_identity: dict[int, tuple[Config, Federation]] = {}
+_by_identity: dict[int, tuple[Config, tuple[int, int] | None, Federation]] = {}
+
+
+def _file_mark(cfg: Config) -> tuple[int, int] | None:
+    """An unpinned data file's size and modification time: a file edited between two
+    calls in one process (a notebook) is read again, not served from the cache. A pinned
+    file (`stream.sha256`, set when a run starts) is that content, whatever the disk says."""
+    stream = cfg.stream
+    if stream.source not in ("csv", "jsonl") or stream.sha256:
+        return None
+    try:
+        stat = os.stat(stream.path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def federation(cfg: Config) -> Federation:
@@ -352,11 +367,12 @@ def federation(cfg: Config) -> Federation:
     Looked up first by the config object itself, which saves serialising the config on
     every message; equal configs built apart still share one federation.
     """
+    mark = _file_mark(cfg)
     hit = _by_identity.get(id(cfg))
-    if hit is not None and hit[0] is cfg:
-        return hit[1]
-    fed = _cached(to_json(cfg))
+    if hit is not None and hit[0] is cfg and hit[1] == mark:
+        return hit[2]
+    fed = _cached(to_json(cfg), mark)
     if len(_by_identity) > 16:
         _by_identity.clear()
-    _by_identity[id(cfg)] = (cfg, fed)
+    _by_identity[id(cfg)] = (cfg, mark, fed)
     return fed

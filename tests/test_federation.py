@@ -581,3 +581,21 @@ def test_row_ids_and_timestamps_among_the_features_get_a_hint(tmp_path: Path) ->
     assert identifier_hint(load(overrides=["federation.clients=3"])) is None  # synthetic
     digits = load(overrides=["stream.source=digits", "learner.standardize=true"])
     assert identifier_hint(digits) is None
+
+
+def test_a_file_edited_in_the_same_process_is_read_again(tmp_path: Path) -> None:
+    """A notebook edits its CSV and loads the config again: the federation must be the
+    new file's, as the run it then starts will be (the pinned run reads the file anew)."""
+    import os
+
+    path = tmp_path / "nb.csv"
+    rows = "\n".join(f"{i % 7},{i % 3},{'cat' if i % 2 else 'dog'}" for i in range(60))
+    path.write_text("a,b,label\n" + rows + "\n")
+    overrides = [f'stream.path="{path}"', "federation.clients=2", f'output.dir="{tmp_path}"']
+    cfg = load(None, overrides)
+    assert federation(cfg).dataset.classes == ("cat", "dog")
+    path.write_text("a,b,label\n" + rows.replace("cat", "hi").replace("dog", "lo") + "\n")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock's tick
+    assert federation(load(None, overrides)).dataset.classes == ("hi", "lo")
+    assert federation(cfg).dataset.classes == ("hi", "lo")  # the same config object too

@@ -142,7 +142,18 @@ def test_a_jsonl_key_can_be_excluded(tmp_path: Path) -> None:
     table = load_table(path, label="label", exclude=["id"])
     assert table.features == ["t"]
     np.testing.assert_array_equal(table.x, [[1.5], [2.5]])
-    expect_error(path, 1, "excluded key 'ID' not found", label="label", exclude=["ID"])
+    expect_error(path, 1, "excluded key 'ID' not found in any record; did you mean 'id'?",
+                 label="label", exclude=["ID"])
+    # An optional key (in some records only) is what exclude is for: its absence from the
+    # first record, or from any other, is no error.
+    text = ('{"id": "a", "t": 1, "label": "x"}\n{"t": 2, "label": "y"}\n'
+            '{"t": 3, "label": "x", "note": "n"}\n')
+    path = write(tmp_path, "opt.jsonl", text)
+    table = load_table(path, label="label", exclude=["id", "note"])
+    assert table.features == ["t"] and table.x[:, 0].tolist() == [1, 2, 3]
+    expect_error(path, 2, "missing key 'id' (the first record has it", label="label")
+    expect_error(path, 3, "unexpected key 'note' (not in the first record): to leave it out, "
+                 """--set 'stream.exclude=["id", "note"]'""", label="label", exclude=["id"])
 
 
 def test_selected_features_and_quoted_newline(tmp_path: Path) -> None:
@@ -311,6 +322,37 @@ def test_jsonl_missing_key(tmp_path: Path) -> None:
     expect_error(path, 2, "missing key 'z' (the first record has it", "'x', 'y'", label="y")
     expect_error(path, 1, "missing key 'w'", label="y", features=["x", "w"])
     expect_error(path, 1, "missing key 'ts'", label="y", time="ts")
+
+
+def test_a_spreadsheet_workbook_is_named_as_one(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "b.xlsx", "w") as book:
+        book.writestr("xl/workbook.xml", "<workbook/>" * 50)
+    expect_error(tmp_path / "b.xlsx", 1, "probably a spreadsheet workbook (.xlsx, .ods): "
+                 "export the sheet as CSV", label="label")
+    path = write(tmp_path, "old.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)))
+    expect_error(path, 1, "an Excel 97-2003 workbook (.xls)", label="label")
+
+
+def test_rows_of_empty_cells_are_skipped_like_empty_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, "x.csv", "a,b,label\r\n1,2,p\r\n,,\r\n3,4,q\r\n , ,\r\n,,\r\n")
+    table = load_table(path, label="label")
+    assert table.x.tolist() == [[1, 2], [3, 4]] and table.classes == ["p", "q"]
+    expect_error(write(tmp_path, "y.csv", "a,b,label\n1,2,p\n,,q\n"), 3,
+                 "missing value", label="label")  # a row with a label is not empty
+
+
+def test_numbers_only_python_reads_are_refused(tmp_path: Path) -> None:
+    """float() takes '1_000' and Arabic-Indic digits; a spreadsheet writes neither, and a
+    text cell read as 1000 would be a silent feature. No-break spaces around a number pad it."""
+    path = write(tmp_path, "u.csv", "a,b,label\n0.5,1,p\n1_000,2,q\n")
+    expect_error(path, 3, "column 'a': '1_000' is not a number: write it without the '_'",
+                 label="label")
+    path = write(tmp_path, "ar.csv", "a,b,label\n0.5,1,p\n\u0661\u0662,2,q\n")
+    expect_error(path, 3, "is not a number: write its digits as 0-9", label="label")
+    path = write(tmp_path, "nb.csv", "a;b;label\n\u00a00,5\u00a0;1;p\n2;2;q\n")
+    assert load_table(path, label="label").x[:, 0].tolist() == [0.5, 2.0]
 
 
 def test_jsonl_extra_key_when_features_inferred(tmp_path: Path) -> None:
@@ -577,7 +619,8 @@ _GOOD_CELLS = st.one_of(
     st.integers(-10**6, 10**6).map(str),
     st.sampled_from([" 1.5", "2 ", "1e3", "+4", "-.5", "7.", "0"]),
 )
-_ODD_CELLS = st.sampled_from(["1_0", "true", "", "NA", "x", "1e99", "nan", "inf"])
+_ODD_CELLS = st.sampled_from(["1_0", "true", "", "NA", "x", "1e99", "nan", "inf", "١٢",
+                              "\xa03"])
 # Mostly numbers, so that many files are clean and take the fast path whole.
 _CELLS = st.integers(0, 39).flatmap(lambda k: _ODD_CELLS if k == 0 else _GOOD_CELLS)
 _LABELS = st.sampled_from(["0", "1", "007", "7", "7.0", "UP", "DOWN", " up ", "0", "1", "",

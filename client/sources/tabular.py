@@ -204,6 +204,11 @@ def text_encoding(head: bytes) -> str:
 
 def encoding_hint(sample: bytes) -> str:
     """What to tell someone whose file is not UTF-8: the likely encoding and the fix."""
+    if sample.startswith(b"PK\x03\x04"):  # a zip: .xlsx, .ods and .numbers are zips
+        return ("the file is a zip archive, probably a spreadsheet workbook (.xlsx, .ods): "
+                "export the sheet as CSV (in Excel: 'CSV UTF-8'), or unzip the archive")
+    if sample.startswith(b"\xd0\xcf\x11\xe0"):  # an OLE2 compound file: Excel 97-2003
+        return "the file is an Excel 97-2003 workbook (.xls): export the sheet as 'CSV UTF-8'"
     if sample.count(b"\x00") > len(sample) // 4:  # every other byte, in Latin text
         return (
             "the file has NUL bytes, so it is probably UTF-16 without a byte-order mark: "
@@ -261,7 +266,9 @@ def _column_error(name: str, line: int, role: str, col: str, available: Sequence
 
 
 def _is_blank(record: list[str]) -> bool:
-    return len(record) <= 1 and not "".join(record).strip()
+    """An empty line, or a row of empty cells (`,,,`: how spreadsheets export the blank
+    rows under a table): nothing in it to learn, or to lose."""
+    return not "".join(record).strip()
 
 
 def _sniff_delimiter(text: str) -> str:
@@ -442,7 +449,9 @@ def _read_csv(text: str, name: str, cols: Columns) -> _Raw:
             if any("\n" in field or "\r" in field for field in fields):
                 raise DataError(f"{name}:{line}: {UNTERMINATED}")
             raise DataError(
-                f"{name}:{line}: expected {n_fields} fields as in the header, found {len(fields)}"
+                f"{name}:{line}: expected {n_fields} fields as in the header, found "
+                f"{len(fields)} (a value holding the delimiter {delimiter!r} needs quotes; "
+                "else a cell is missing or extra in this row)"
             )
         if quoted:
             _no_line_breaks(fields, positions, header, name, line)
@@ -587,18 +596,16 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
     groups: list[str] = []
     names: list[str] | None = list(features) if features is not None else None
     exact: set[str] | None = None  # with features=None every record must have these keys
+    unseen = set(exclude)  # excluded keys no record has had yet: misspelt, if none ever has
+    first_keys: list[str] = []
     for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         obj = _json_object(raw, line, name)
         if names is None:
-            for key in exclude:
-                if key not in obj:
-                    shown = ", ".join(repr(k) for k in obj)
-                    raise DataError(f"{name}:{line}: excluded key {key!r} not found; "
-                                    f"available: {shown}")
             names = [k for k in obj if k not in (label, time, group, *exclude)]
-            exact = set(obj)
+            exact = set(obj) - set(exclude)  # an excluded key may come and go
+            first_keys = list(obj)
             if not names:
                 raise DataError(f"{name}:{line}: no feature keys besides {label!r}")
         required = [col for _, col in cols.roles] + names
@@ -610,9 +617,17 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
                 raise DataError(
                     f"{name}:{line}: missing key {key!r}{first}; available: {shown}"
                 )
+        if unseen:
+            unseen.difference_update(obj)
         if exact is not None and len(obj) != len(exact):
-            extra = next(k for k in obj if k not in exact)
-            raise DataError(f"{name}:{line}: unexpected key {extra!r} (not in the first record)")
+            extra = [k for k in obj if k not in exact and k not in exclude]
+            if extra:
+                leave = json.dumps([*exclude, *extra])
+                raise DataError(
+                    f"{name}:{line}: unexpected key {extra[0]!r} (not in the first record): "
+                    f"to leave it out, --set 'stream.exclude={leave}' (every record needs "
+                    "the keys it uses)"
+                )
         lines.append(line)
         labels.append(_json_text(obj[label], name, line, label))
         cells.append([obj[k] for k in names])
@@ -622,6 +637,11 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
             groups.append(_json_text(obj[group], name, line, group))
     if names is None:
         raise DataError(f"{name}: no records (the file is empty or blank)")
+    if unseen:
+        key = next(k for k in exclude if k in unseen)
+        shown = ", ".join(repr(k) for k in first_keys)
+        raise DataError(f"{name}:{lines[0]}: excluded key {key!r} not found in any record"
+                        f"{_did_you_mean(key, first_keys)}; the first has: {shown}")
     block = _Cells(names, "key", ".", name, cols.exclude)
     for line, row in zip(lines, cells, strict=True):
         block.add(line, row)
@@ -935,9 +955,25 @@ def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
         if one.any():
             cells = np.where(one, np.char.replace(cells, ",", "."), cells)
     try:
-        return cells.astype(np.float64)
+        values = cells.astype(np.float64)
     except ValueError:
-        return _booleans_to_float(cells)
+        values = _booleans_to_float(cells)
+    return None if values is None or _python_only_numbers(cells) else values
+
+
+_SPACES = np.array([0xA0, 0x2007, 0x202F], dtype=np.uint32)  # no-break spaces: padding
+
+
+def _python_only_numbers(cells: np.ndarray) -> bool:
+    """Cells that only Python's float() reads as numbers: '1_000' (its digit grouping) and
+    digits of other scripts ('١٢' is 12). No spreadsheet writes either; read, a '1_000'
+    that was meant as text would silently become a feature of 1000. Checked on the
+    characters' code points, in one pass over the block's buffer."""
+    if not cells.size or cells.dtype.kind != "U" or cells.dtype.itemsize == 0:
+        return False
+    codes = np.ascontiguousarray(cells).view(np.uint32)
+    odd = (codes == ord("_")) | ((codes > 127) & ~np.isin(codes, _SPACES))
+    return bool(odd.any())
 
 
 def _booleans_to_float(cells: np.ndarray) -> np.ndarray | None:
@@ -995,7 +1031,12 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
             return f"missing value {cell!r}; values are not imputed: drop or fill that row"
         values = _text_to_float(np.asarray([cell]), decimal)  # the bulk parser, one cell
         if values is None:
-            if decimal == "." and cell.replace(",", "", 1).lstrip("+-").isdigit():
+            if "_" in cell and cell.replace("_", "").replace(".", "", 1).isdigit():
+                return f"{cell!r} is not a number: write it without the '_'"
+            if any(ch.isdigit() and not ch.isascii() for ch in cell):
+                return f"{cell!r} is not a number: write its digits as 0-9"
+            plain = cell.replace(",", "", 1).lstrip("+-")
+            if decimal == "." and plain.isascii() and plain.isdigit():
                 return f"{cell!r} is not a number (a decimal comma is read in ';' files only)"
             if _THOUSANDS[decimal].fullmatch(cell):
                 return f"{cell!r} has thousands separators; write numbers without them"
@@ -1043,7 +1084,8 @@ def _encode_labels(
     if missing.any():
         i = int(np.argmax(missing))
         raise _row_error(
-            name, raw.lines[i], f"{raw.what} {label!r}: missing {role} {texts[i]!r}"
+            name, raw.lines[i], f"{raw.what} {label!r}: missing {role} {texts[i]!r}; rows "
+            "are not imputed: drop that row, or give it its value"
         )
     found, inverse = np.unique(canon, return_inverse=True)
     if given is None:
@@ -1098,6 +1140,8 @@ def _parse_times(values: list[str], lines: np.ndarray, name: str, where: str) ->
             stamps[i] = parse(value)
         except ValueError:
             problem = f"{value!r} is not {kinds[parse]}"
+            if parse is _iso_seconds:
+                problem += " (write times as 2021-01-31T10:00:00, a zone optional, or as numbers)"
             with contextlib.suppress(ValueError):
                 other(value)
                 problem = (f"{value!r} is {kinds[other]}, where line {lines[0]} has "
