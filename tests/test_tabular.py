@@ -324,6 +324,14 @@ def test_jsonl_missing_key(tmp_path: Path) -> None:
     expect_error(path, 1, "missing key 'ts'", label="y", time="ts")
 
 
+def test_whole_number_labels_with_a_decimal_comma_are_one_class(tmp_path: Path) -> None:
+    path = write(tmp_path, "dc.csv", "a;label\n1,5;1,0\n2;1\n3;2,00\n4;2\n5;1,5\n")
+    table = load_table(path, label="label")
+    assert table.classes == ["1", "1,5", "2"] and table.y.tolist() == [0, 0, 2, 2, 1]
+    path = write(tmp_path, "pt.csv", 'a,label\n1,"3,000"\n2,3\n')  # there a thousand
+    assert load_table(path, label="label").classes == ["3", "3,000"]
+
+
 def test_a_spreadsheet_workbook_is_named_as_one(tmp_path: Path) -> None:
     import zipfile
 

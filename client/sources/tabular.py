@@ -473,6 +473,8 @@ def _raw_csv(
     by_role = dict(zip((role for role, _ in cols.roles), text_columns, strict=True))
     if "time" in by_role and decimal == ",":  # '5,6' seconds, as the features read
         by_role["time"] = [_point_decimal(t) for t in by_role["time"]]
+    if decimal == ",":
+        by_role["label"] = _comma_wholes(by_role["label"])
     return _Raw(
         lines=lines,
         labels=by_role["label"],
@@ -656,6 +658,18 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
         what="key",
         groups=groups if group is not None else None,
     )
+
+
+_COMMA_WHOLE = re.compile(r"[+-]?\d+,0*")
+
+
+def _comma_wholes(values: Sequence[str]) -> Sequence[str]:
+    """'1,0' in a decimal-comma file is the class 1, as '1.0' is elsewhere (a label column
+    that passed through a float column). Checked once per distinct value."""
+    distinct, where = np.unique(np.asarray(values, dtype=np.str_), return_inverse=True)
+    texts = distinct.tolist()
+    fixed = [v.replace(",", ".") if _COMMA_WHOLE.fullmatch(v) else v for v in texts]
+    return values if fixed == texts else np.asarray(fixed, dtype=np.str_)[where].tolist()
 
 
 def _point_decimal(text: str) -> str:
