@@ -298,6 +298,26 @@ def label_hint(cfg: Config) -> str | None:
     )
 
 
+def order_hint(cfg: Config) -> str | None:
+    """A file sorted (or grouped) by its label replays one class after another: the
+    stream is then a chain of abrupt drifts, and a model that predicts the last label it
+    saw scores near 100 %, which reads as learning. Said when every class sits in one
+    block of rows and no time column orders them."""
+    dataset = federation(cfg).dataset
+    if dataset is None or not dataset.features or cfg.stream.time or len(dataset.y) < 50:
+        return None
+    changes = int(np.count_nonzero(np.diff(dataset.y)))
+    if changes != len(np.unique(dataset.y)) - 1:
+        return None
+    return (
+        f"fedstream: hint: {cfg.stream.path}: the rows are sorted by {cfg.stream.label!r} "
+        f"(each class in one block, {changes + 1} blocks): replayed in order, each client "
+        "sees one class after another, and repeating the last label scores near 100 %. If "
+        "that order is not the stream's, shuffle the rows, or order them by a time column "
+        "(stream.time)"
+    )
+
+
 def alike(names: Sequence[str]) -> list[list[str]]:
     """Groups of names that differ only in case or surrounding spaces ('yes', 'Yes ')."""
     groups: dict[str, list[str]] = {}
@@ -431,7 +451,8 @@ def prepare(cfg: Config) -> Config:
     cfg = pin_data(cfg)
     preflight(cfg)
     for hint in (
-        identifier_hint(cfg), scale_hint(cfg), label_hint(cfg), group_hint(cfg), drift_hint(cfg),
+        identifier_hint(cfg), scale_hint(cfg), label_hint(cfg), order_hint(cfg), group_hint(cfg),
+        drift_hint(cfg),
         exhaustion_hint(cfg), precision_hint(cfg), dropout_hint(cfg), *before_run(cfg),
     ):
         if hint:

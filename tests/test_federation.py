@@ -599,3 +599,26 @@ def test_a_file_edited_in_the_same_process_is_read_again(tmp_path: Path) -> None
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock's tick
     assert federation(load(None, overrides)).dataset.classes == ("hi", "lo")
     assert federation(cfg).dataset.classes == ("hi", "lo")  # the same config object too
+
+
+def test_a_file_sorted_by_its_label_gets_a_hint(tmp_path: Path) -> None:
+    from fedstream.sim.runner import order_hint
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b", "c"], 40)
+    x = rng.normal(size=(120, 2)).round(3)
+
+    def write(name: str, order: np.ndarray) -> list[str]:
+        path = tmp_path / name
+        lines = [f"{x[i, 0]},{x[i, 1]},{i},{labels[i]}" for i in order]
+        path.write_text("f0,f1,t,label\n" + "\n".join(lines) + "\n")
+        return [f'stream.path="{path}"', 'stream.exclude=["t"]', "federation.clients=2",
+                f'output.dir="{tmp_path}"']
+
+    hint = order_hint(load(overrides=write("sorted.csv", np.arange(120))))
+    assert hint is not None and "the rows are sorted by 'label' (each class in one block, " \
+        "3 blocks)" in hint
+    assert order_hint(load(overrides=write("mixed.csv", rng.permutation(120)))) is None
+    # Ordered by a time column, the blocks are the stream's own.
+    timed = [o for o in write("timed.csv", np.arange(120)) if "exclude" not in o]
+    assert order_hint(load(overrides=[*timed, 'stream.time="t"'])) is None
