@@ -453,6 +453,14 @@ def feed(
                 raise typer.Exit(e.exit_code) from None
         except IngestError as e:
             bar.close()
+            if e.handled is not None:  # its spool could not store (a full disk): from where
+                if not lines:
+                    fail(f"{e}\nno row was stored: feed {name} again once the device has room",
+                         3)
+                first = lines[e.handled] if e.handled < len(lines) else lines[-1] + 1
+                fail(f"{e}\nrows before {name}:{first} were stored (or refused, as said); "
+                     f"{name}:{first} and the rows after it were not. Once the device has room, "
+                     f"feed again from {_resume_from(reader, stream, first)}", 3)
             if e.sent:  # it went away mid-stream: say what was sent and where to go on
                 last = lines[e.sent - 1]
                 fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "

@@ -29,6 +29,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,12 @@ class IngestError(Exception):
     went down mid-stream stored those it received; the rest were never sent)."""
 
     sent: int = 0
+    # Samples of the call the device handled (stored or refused) before it failed, when it
+    # said so: a spool that could not store (a full disk). Feed again from there.
+    handled: int | None = None
+
+
+HANDLED = "fedstream-handled"  # the trailer that carries `IngestError.handled`
 
 
 # ------------------------------------------------------------------------------ server
@@ -115,13 +122,23 @@ class _Servicer:
                     f"SampleBatch ({len(raw)} bytes); samples before it were handled: "
                     f"{call.accepted} stored, {call.rejected} malformed",
                 )
+            start = call.received
             try:
                 more = self._batch(batch, raw, call)
             except (SpoolError, sqlite3.Error) as exc:  # e.g. the disk is full
+                # A batch is stored whole or not at all: the producer goes on from its first
+                # sample (the trailer says which), and loses none.
+                text = str(exc).lower()
+                full = (" (is the disk full?)" if "full" in text else
+                        " (is the disk full, or failing?)" if "i/o" in text else "")
+                print(f"ingestion: the spool could not store samples: {self.spool.path}: "
+                      f"{exc}{full}", file=sys.stderr, flush=True)
+                context.set_trailing_metadata(((HANDLED, str(start)),))
                 context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"spool error at stream position {call.received}: {exc}; "
-                    f"{call.accepted} samples of this call were stored before it",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the device's spool could not store the samples from stream position "
+                    f"{start} on: {exc}{full}; the {call.accepted} samples of this call "
+                    "before them were stored",
                 )
             if not more:
                 break  # spool full: end the call now (back-pressure)
@@ -544,6 +561,9 @@ class Producer:
             # connection was made (then broke), not when none could be.
             never = "failed to connect" in (exc.details() if isinstance(exc, grpc.Call) else "")
             error.sent = 0 if never else sent
+            trailer = dict(exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else {}
+            if HANDLED in trailer:
+                error.handled = int(trailer[HANDLED])
             raise error from None
         first = reply.first_refused if reply.full else None
         refused = reply.refused

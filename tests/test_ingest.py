@@ -452,3 +452,45 @@ def test_a_tcp_port_in_use_is_refused_before_grpc_or_the_spool_is_touched(tmp_pa
         with pytest.raises(IngestError, match=f"127.0.0.1:{port}: the port is in use"):
             serve(tmp_path / "spool.db", 3, f"127.0.0.1:{port}")
     assert not (tmp_path / "spool.db").exists()
+
+
+DEVICE_WITH_A_SMALL_DISK = """
+import resource, signal, sys, time
+from fedstream.client.ingest import serve
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+server = serve(sys.argv[1], address=sys.argv[2], n_features=2)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_feed_into_a_full_disk_says_the_line_to_go_on_from_and_loses_none(
+    short_dir: Path,
+) -> None:
+    """The device's disk fills mid-feed (a real file-size limit: writes fail with EFBIG as
+    with ENOSPC): the feed must name the first row not stored, and feeding again from
+    it must give every row once."""
+    spool, address = short_dir / "spool.db", f"unix://{short_dir}/ingest.sock"
+    device = subprocess.Popen(
+        [sys.executable, "-c", DEVICE_WITH_A_SMALL_DISK, str(spool), address, str(200_000)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert device.stdout is not None and device.stdout.readline() == "ready\n"
+        path = short_dir / "rows.csv"
+        path.write_text("x,y,label\n" + "".join(f"{i},{i % 5},{i % 3}\n" for i in range(20_000)))
+        full = feed(str(path), "--to", address, "--batch", "500")
+        said = " ".join(full.stderr.split())
+        assert full.returncode == 3, full.stderr
+        assert "could not store the samples from stream position" in said
+        first = int(said.split("feed again from line ")[1].split(",")[0])
+        assert f"rows before {path}:{first} were stored" in said
+    finally:
+        device.kill()
+        _, device_said = device.communicate(timeout=30)
+    assert "the spool could not store samples" in device_said
+    assert "(is the disk full" in device_said
+    with Spool(spool, 2) as kept:
+        ids = kept.pending().x[:, 0].astype(int).tolist()
+    assert 0 < len(ids) < 20_000 and ids == list(range(first - 2))  # lines 2 .. first-1
