@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedstream.protocol import runtime
-from fedstream.protocol.config import Config, to_json
+from fedstream.protocol.config import Config, least_clients, to_json
 from fedstream.server import checkpoint
 from fedstream.server.app import before_run
 from fedstream.server.checkpoint import (
@@ -196,6 +196,29 @@ def register(ctl: Any, public_keys: list[Path]) -> list[int]:
     return ids
 
 
+def registered(ctl: Any, public_keys: list[Path]) -> int:
+    """Register the keys; how many devices may then connect (a resumed run's state keeps
+    the keys it registered before)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    register(ctl, public_keys)
+    nodes = ctl.ListNodes(ListNodesRequest()).nodes_info
+    return sum(1 for n in nodes if n.status != "unregistered")
+
+
+def check_enough_nodes(count: int, need: int, cfg: Config) -> None:
+    """A round waits for `need` devices (`least_clients`): with fewer keys registered, the
+    run would wait for ever, saying only in its log that too few nodes are connected."""
+    if count < need:
+        why = ("federation.min_clients" if need == cfg.federation.min_clients else
+               "federation.min_clients, and as many as the secure sum's threshold needs")
+        raise ValueError(
+            f"{count} device key{'s' * (count != 1)} registered, but a round waits for {need} "
+            f"devices ({why}): no round could start. Register more (every *.pub in "
+            "--credentials, or --node-key KEY.pub for each), or lower federation.min_clients"
+        )
+
+
 def submit(ctl: Any, agg: Aggregator, cfg: Config, resume: bool) -> int:
     """Start the deployment run on the SuperLink; returns its run id."""
     app = agg.state / "app"
@@ -229,24 +252,34 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines
 
 
 def wait_run(
-    ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0, lines: RoundLines | None = None
+    ctl: Any, agg: Aggregator, run_id: int, poll: float = 1.0, lines: RoundLines | None = None,
+    need: int = 0,
 ) -> str:
     """Wait for the run to finish, writing its log as it comes (a server that crashes
-    keeps what it logged, and a running one can be read) and saying each round's outcome
-    (`lines`); return 'completed', 'failed' or 'stopped'."""
+    keeps what it logged, and a running one can be read), saying each round's outcome
+    (`lines`) and, while fewer than `need` devices are connected, how many are; return
+    'completed', 'failed' or 'stopped'."""
     from flwr.common.serde import run_from_proto
-    from flwr.proto.control_pb2 import ListRunsRequest
+    from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest
 
     path = agg.state / "logs" / f"run-{run_id}.log"
     done = threading.Event()
     writer = threading.Thread(target=_write_log, args=(ctl, run_id, path, done), daemon=True,
                               name="run-log")
     writer.start()
+    started, said = time.monotonic(), need
     try:
         while True:
             run = run_from_proto(ctl.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id])
             if lines is not None:
                 lines.say_new()
+            if need and time.monotonic() - started > WAIT_QUIET:
+                nodes = ctl.ListNodes(ListNodesRequest()).nodes_info
+                online = sum(1 for n in nodes if n.status == "online")
+                line = waiting_line(online, need, said)
+                if line:
+                    print(line, file=sys.stderr, flush=True)
+                    said = online
             if run.status.status == "finished":
                 break
             time.sleep(poll)
@@ -256,6 +289,20 @@ def wait_run(
     finally:
         done.set()
     return str(run.status.sub_status)
+
+
+WAIT_QUIET = 10.0  # seconds devices get to connect before the terminal hears of it
+
+
+def waiting_line(online: int, need: int, said: int) -> str | None:
+    """What to tell the operator when the connected devices change (`said`: how many the
+    last line counted, `need` at first): too few for a round, or enough again."""
+    if online == said or (online >= need and said >= need):
+        return None
+    if online < need:
+        return (f"waiting for devices: {online} of the {need} a round needs are connected "
+                "(a device's own terminal says why it is not)")
+    return f"{online} devices connected: rounds go on"
 
 
 class RoundLines:
@@ -395,14 +442,15 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     try:
         ctl = control(agg)
         try:
-            register(ctl, public_keys)
+            need = least_clients(cfg.federation, cfg.secure_aggregation)
+            check_enough_nodes(registered(ctl, public_keys), need, cfg)
             if resume:
                 stop_previous(ctl, agg)
             # A resume keeps its rounds and timeout too, for the next resume to say.
             remember_config(agg.state, cfg)
             run_id = submit(ctl, agg, cfg, resume)
             (agg.state / "run-id").write_text(f"{run_id}\n")
-            return wait_run(ctl, agg, run_id, lines=lines)
+            return wait_run(ctl, agg, run_id, lines=lines, need=need)
         finally:
             ctl.close()
     finally:

@@ -187,14 +187,22 @@ def test_server_and_clients_survive_kill_9(work: Path) -> None:
 
 def test_unregistered_untrusted_and_plaintext_clients_are_refused(work: Path) -> None:
     (work / "cfg.toml").write_text(CONFIG)
-    subprocess.run([sys.executable, "-m", "fedstream.cli.main", "certs", "creds", "--node", "n0"],
+    subprocess.run([sys.executable, "-m", "fedstream.cli.main", "certs", "creds", "--node", "n0",
+                    "--node", "n1", "--node", "n2"],
                    cwd=work, check=True, capture_output=True, timeout=60)
     subprocess.run([sys.executable, "-m", "fedstream.cli.main", "certs", "other", "--node", "x"],
                    cwd=work, check=True, capture_output=True, timeout=60)
     port = free_port()
+    # Fewer keys than a round waits for (min_clients = 3): refused, nothing left running.
+    few = subprocess.run(
+        [sys.executable, "-m", "fedstream.cli.main", "server", "--state", "few",
+         "--credentials", "creds", "--config", "cfg.toml", "--port", str(port),
+         "--node-key", "creds/n0.pub"], cwd=work, capture_output=True, text=True, timeout=120)
+    assert few.returncode == 2, few.stderr
+    assert "1 device key registered, but a round waits for 3 devices" in " ".join(
+        few.stderr.split())
     server = fedstream("server", "--state", "srv", "--credentials", "creds", "--config",
-                       "cfg.toml", "--port", str(port), "--node-key", "creds/n0.pub",
-                       log=work / "server.log", cwd=work)
+                       "cfg.toml", "--port", str(port), log=work / "server.log", cwd=work)
     try:
         wait_until(lambda: (work / "srv" / "run-id").exists(), "the server", 120)
         cases = {  # each refused, and the device's terminal says why

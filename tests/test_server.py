@@ -492,3 +492,28 @@ def test_the_progress_bar_does_not_redraw_after_a_stop(
                        on_round=stop_in_round_2)
     drawn = capsys.readouterr().err
     assert "1/3" in drawn and "2/3" not in drawn and "3/3" not in drawn
+
+
+def test_a_server_with_too_few_device_keys_for_a_round_says_so() -> None:
+    from fedstream.protocol.config import least_clients
+    from fedstream.server.aggregator import check_enough_nodes, waiting_line
+
+    cfg = load(None, ["federation.clients=3", "federation.min_clients=3"])
+    need = least_clients(cfg.federation, cfg.secure_aggregation)
+    assert need == 3
+    with pytest.raises(ValueError, match=r"2 device keys registered, but a round waits for 3 "
+                       r"devices \(federation.min_clients\): no round could start"):
+        check_enough_nodes(2, need, cfg)
+    check_enough_nodes(3, need, cfg)
+    # Secure aggregation: a sum needs two devices, whatever min_clients says.
+    secure = load(None, ["federation.clients=3", "secure_aggregation.enabled=true"])
+    with pytest.raises(ValueError, match="1 device key registered, but a round waits for 2"):
+        check_enough_nodes(1, least_clients(secure.federation, secure.secure_aggregation),
+                           secure)
+    # The terminal hears when too few are connected, and when enough are again; once each.
+    assert waiting_line(3, 3, 3) is None
+    assert waiting_line(1, 3, 3) == ("waiting for devices: 1 of the 3 a round needs are "
+                                     "connected (a device's own terminal says why it is not)")
+    assert waiting_line(1, 3, 1) is None
+    assert waiting_line(2, 3, 1).startswith("waiting for devices: 2 of the 3")
+    assert waiting_line(3, 3, 2) == "3 devices connected: rounds go on"
