@@ -26,14 +26,17 @@ import codecs
 import csv
 import gzip
 import io
+import json
 import os
 import queue
 import re
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -153,6 +156,31 @@ def still_reading() -> bool:
     """Whether a live input is still being read (its thread blocked on a pipe that the
     writer has not closed)."""
     return any(t.name == PUMP and t.is_alive() for t in threading.enumerate())
+
+
+_SCHEMA_RECORDS = 16  # a JSONL file's first records, whose commonest keys are its keys
+
+
+def _commonest_keys(records: Sequence[tuple[int, str] | None]) -> list[str] | None:
+    """The keys most of these JSONL records have (the earliest set on a tie), in the order
+    the first record with them gives; None when none is a JSON object."""
+    seen: dict[frozenset[str], list[str]] = {}
+    counts: Counter[frozenset[str]] = Counter()
+    for record in records:
+        if record is None or isinstance(record[1], _Undecodable):
+            continue
+        try:
+            obj = json.loads(record[1])
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            keys = frozenset(obj)
+            seen.setdefault(keys, list(obj))
+            counts[keys] += 1
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(seen[k] for k in seen if counts[k] == best)
 
 
 class Reader:
@@ -356,7 +384,19 @@ class Reader:
                 elif isinstance(text, _Undecodable) or text.strip():
                     yield self.line, text
 
-        for record in records():
+        source: Iterator[tuple[int, str] | None] = records()
+        basis = "the first record"
+        if names is None and not is_live(self.stream):
+            # A file: its keys are those most of its first records share, so that one odd
+            # first record costs its own row only, not every row after it.
+            peeked = list(islice(source, _SCHEMA_RECORDS))
+            schema = _commonest_keys(peeked)
+            if schema is not None and [k for k in schema if k != self.label]:
+                names = [k for k in schema if k != self.label]
+                exact, self.features = set(schema), names
+                basis = f"most of the first {len(peeked)} records"
+            source = chain(peeked, source)
+        for record in source:
             if record is TICK:
                 yield TICK
                 continue
@@ -390,7 +430,7 @@ class Reader:
                 continue
             if exact is not None and len(obj) != len(exact):
                 extra = next(k for k in obj if k not in exact)
-                yield line, f"unexpected key {extra!r} (not in the first record)"
+                yield line, f"unexpected key {extra!r} (not in {basis})"
                 continue
             try:
                 label = _json_text(obj[self.label], self.name, line, self.label)

@@ -132,6 +132,20 @@ def test_a_line_that_is_not_utf16_in_a_utf16_file_costs_its_own_row_only(tmp_pat
     assert y.tolist() == [0, 1]
 
 
+def test_an_odd_first_jsonl_record_costs_its_own_row_only(tmp_path: Path) -> None:
+    """A file's keys are those most of its first records share: a first record without
+    a key, or with one more, refused every good record after it."""
+    good = "".join(f'{{"a": {i}, "b": {i % 4}, "label": {i % 2}}}\n' for i in range(2, 22))
+    for odd, why in (('{"a": 1, "label": 0}', "missing key 'b'"),
+                     ('{"a": 1, "b": 1, "extra": 9, "label": 0}',
+                      "unexpected key 'extra' (not in most of the first 16 records)")):
+        path = tmp_path / "odd.jsonl"
+        path.write_text(odd + "\n" + good)
+        x, y, errors = read_all(path)
+        assert len(errors) == 1 and errors[0].startswith(f"{path}:1: {why}"), errors
+        assert x[:, 0].tolist() == list(range(2, 22)) and len(y) == 20
+
+
 def test_a_csv_file_read_as_jsonl_costs_its_rows_with_one_hint(tmp_path: Path) -> None:
     # `--format jsonl` on a CSV file ended the feed with "cannot reshape array of size 0".
     path = tmp_path / "rows.csv"
