@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedstream.client.feed import Reader, open_input
-from fedstream.client.sources import DataError, load_table
+from fedstream.client.sources import DataError, load_table, tabular
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -644,11 +644,12 @@ _LABELS = st.sampled_from(["0", "1", "007", "7", "7.0", "UP", "DOWN", " up ", "0
     end=st.sampled_from(["\n", "\r\n"]),
     final=st.booleans(),
     times=st.none() | st.lists(_CELLS, min_size=12, max_size=12),
+    block=st.sampled_from([1, 9, 40, 1 << 23]),  # characters a block of the fast reader takes
 )
 @settings(max_examples=150, deadline=None)
 def test_the_fast_and_the_careful_csv_reader_agree(
     tmp_path_factory: pytest.TempPathFactory, rows: list, delimiter: str, end: str,
-    final: bool, times: list[str] | None,
+    final: bool, times: list[str] | None, block: int,
 ) -> None:
     """A file without quotes is read by numpy's C parser, and falls back to the careful
     row-by-row reader for anything it cannot take: both must give the same table, or
@@ -667,6 +668,7 @@ def test_the_fast_and_the_careful_csv_reader_agree(
     quoted = write(folder, "quoted.csv", delimiter.join(['"a"', *header[1:]]) + end + body)
     outcomes = []
     for path in (plain, quoted):
+        tabular._PLAIN_BLOCK, default = block, tabular._PLAIN_BLOCK
         try:
             table = load_table(path, label="label", time=None if times is None else "t")
         except DataError as exc:
@@ -675,4 +677,6 @@ def test_the_fast_and_the_careful_csv_reader_agree(
             stamps = None if table.time is None else table.time.tolist()
             outcomes.append((table.x.tobytes(), table.x.shape, table.y.tolist(), table.classes,
                              table.features, stamps))
+        finally:
+            tabular._PLAIN_BLOCK = default
     assert outcomes[0] == outcomes[1]
