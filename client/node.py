@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedstream.client.ingest import serve as serve_ingestion
-from fedstream.client.spool import Policy, Spool
+from fedstream.client.spool import Policy, Spool, SpoolError
 from fedstream.protocol import runtime
 
 # The warm SuperExec forks tasks from a multiprocessing fork server (Linux, macOS).
@@ -228,6 +228,30 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+CLIENT_MARK = "client-id"  # in --state: the client whose samples and learner it holds
+
+
+def claim_state(state: Path, client_id: int) -> None:
+    """A state folder is one client's: its spool holds that client's samples, and its
+    learner that client's model. Started with another --client-id (two folders swapped),
+    the device would train them as the other client's, with nothing said."""
+    mark = state / CLIENT_MARK
+    try:
+        held = int(mark.read_text().strip())
+    except FileNotFoundError:
+        mark.write_text(f"{client_id}\n")
+        return
+    except ValueError:
+        raise SpoolError(f"{mark}: not a client id; delete it if this state is client "
+                         f"{client_id}'s") from None
+    if held != client_id:
+        raise SpoolError(
+            f"--state {state} holds client {held}'s samples and learner, not client "
+            f"{client_id}'s: give client {client_id} its own --state, or --client-id {held} "
+            f"(to hand this state to client {client_id}, delete {mark})"
+        )
+
+
 def run_device(dev: Device) -> int:
     """Run until the command is stopped (then 128 + the signal: 130, 143), or until no
     SuperNode has connected for `dev.max_wait` seconds (then the last one's exit code, at
@@ -236,6 +260,7 @@ def run_device(dev: Device) -> int:
         say("no fork server on this platform: running Flower's default SuperExec (--cold)")
         dev = replace(dev, cold=True)
     dev.state.mkdir(parents=True, exist_ok=True)
+    claim_state(dev.state, dev.client_id)
     Spool(dev.spool, dev.n_features).close()  # create it, or refuse a mismatched one, now
     ingestion = serve_ingestion(
         str(dev.spool), dev.n_features, dev.ingest_address, dev.capacity, dev.policy,

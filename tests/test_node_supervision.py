@@ -292,6 +292,25 @@ def test_client_refuses_a_key_that_is_not_a_node_key(work: Path) -> None:
     assert not (work / "c0").exists()
 
 
+def test_a_device_state_is_its_clients_own(work: Path) -> None:
+    # Two devices' --state folders swapped: each would train the other's samples and
+    # learner under its own id, with nothing said.
+    from fedstream.client.node import CLIENT_MARK, claim_state
+
+    (work / "c0").mkdir()
+    claim_state(work / "c0", 0)
+    assert (work / "c0" / CLIENT_MARK).read_text() == "0\n"
+    claim_state(work / "c0", 0)  # its own: fine, again and again
+    (work / "c1").mkdir()
+    (work / "c1" / CLIENT_MARK).write_text("1\n")
+    done = run("client", "--server", "127.0.0.1:19799", "--state", "c1", "--client-id", "0",
+               "--config", "cfg.toml", "--insecure", cwd=work)
+    assert done.returncode == 2, done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"--state {work / 'c1'} holds client 1's samples and learner, not client 0's" in said
+    assert "--client-id 1" in said and not (work / "c1" / "spool.db").exists()
+
+
 def test_resume_without_a_checkpoint_is_refused(work: Path) -> None:
     certs(work)
     (work / "empty").mkdir()
