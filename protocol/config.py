@@ -497,6 +497,28 @@ def ignored_settings(cfg: Config) -> list[str]:
             verb = "is" if len(changed) == 1 else "are"
             notes.append(f"{', '.join(changed)} {verb} set, but {name}.enabled is false: "
                          f"this run has no {what}")
+    fed, learner = cfg.federation, cfg.learner
+    for section, keys, unused, why in (
+        (fed, ("server_momentum",), fed.strategy != "fedavg",
+         f"for fedavg (FedAvgM); {fed.strategy} has beta1, beta2 and tau"),
+        (fed, ("beta1", "beta2", "tau"), fed.strategy == "fedavg",
+         "for fedadam and fedyogi"),
+        (learner, ("momentum",), learner.optimizer == "adam", 'for learner.optimizer = "sgd"'),
+        (learner, ("epochs", "window"), learner.mode == "online",
+         'for learner.mode = "batch"'),
+        (learner, ("step_size",), learner.schedule != "step", 'for learner.schedule = "step"'),
+        (learner, ("gamma",), learner.schedule not in ("step", "exponential"),
+         'for learner.schedule = "step" or "exponential"'),
+        (learner, ("t_max",), learner.schedule != "cosine", 'for learner.schedule = "cosine"'),
+    ):
+        fields = type(section).model_fields
+        changed = [k for k in keys if getattr(section, k) != fields[k].default]
+        if unused and changed:
+            name = "federation" if section is fed else "learner"
+            shown = ", ".join(f"{name}.{k} = {getattr(section, k):g}" for k in changed)
+            one = len(changed) == 1
+            notes.append(f"{shown} {'is' if one else 'are'} not used: "
+                         f"{'it is' if one else 'they are'} {why}")
     dp = cfg.privacy
     if dp.enabled and dp.target_epsilon > 0 and (
         dp.noise_multiplier != PrivacyConfig.model_fields["noise_multiplier"].default

@@ -683,6 +683,19 @@ def test_settings_a_run_will_not_use_are_named_before_it_starts():
     assert plan is not None and "(calibrated for epsilon 50 at delta 0.001 over 3 rounds" in plan
     # A config a run wrote out holds every key at its value: defaults say nothing.
     assert ignored_settings(load(None, ["privacy.noise_multiplier=1.0"])) == []
+    # A key of another strategy, optimizer, mode or schedule than the one chosen.
+    assert ignored_settings(load(None, [
+        'federation.strategy="fedadam"', "federation.server_momentum=0.9",
+        'learner.optimizer="adam"', "learner.momentum=0.5", "learner.epochs=3",
+        "learner.window=100", "learner.t_max=50"])) == [
+        "federation.server_momentum = 0.9 is not used: it is for fedavg (FedAvgM); fedadam "
+        "has beta1, beta2 and tau",
+        'learner.momentum = 0.5 is not used: it is for learner.optimizer = "sgd"',
+        'learner.epochs = 3, learner.window = 100 are not used: they are for learner.mode = '
+        '"batch"',
+        'learner.t_max = 50 is not used: it is for learner.schedule = "cosine"']
+    assert ignored_settings(load(None, ['learner.schedule="cosine"', "learner.t_max=50",
+                                        'learner.mode="batch"', "learner.epochs=3"])) == []
     # A simulated dropout is copied into secure_aggregation.dropout: not set by the user.
     assert ignored_settings(load(None, ["simulation.dropout=0.2"])) == []
     assert "secure_aggregation.dropout is set" in ignored_settings(
