@@ -6,6 +6,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -381,7 +383,8 @@ def feed(
 
     Malformed rows are reported with file:line and skipped; the good rows are stored.
     Exit code 0: all stored; 2: malformed rows or bad input; 3: the spool was full
-    (back-pressure: rows from the line named on were not stored); 1: service unreachable."""
+    (back-pressure: rows from the line named on were not stored), or its disk full; 1: service
+    unreachable."""
     from array import array
 
     from tqdm import tqdm
@@ -442,38 +445,59 @@ def feed(
             stopped = e
             if result is None:  # the device's reply did not come: say what was handed over
                 bar.close()
-                handed = len(lines)
-                sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
-                rest = (f"Rows after {name}:{lines[-1]} were not sent: feed again from "
-                        f"{_resume_from(reader, stream, lines[-1] + 1)} (up to a few thousand "
-                        "rows before them were still in flight and may not be stored)"
-                        ) if handed else f"Feed {name} again"
-                err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
-                          f"stop. {rest}", markup=False, highlight=False, soft_wrap=True)
-                raise typer.Exit(e.exit_code) from None
+                _stopped_mid_feed(e, lines, name, partial(_resume_from, reader, stream))
         except IngestError as e:
             bar.close()
-            if e.handled is not None:  # its spool could not store (a full disk): from where
-                if not lines:
-                    fail(f"{e}\nno row was stored: feed {name} again once the device has room",
-                         3)
-                first = lines[e.handled] if e.handled < len(lines) else lines[-1] + 1
-                fail(f"{e}\nrows before {name}:{first} were stored (or refused, as said); "
-                     f"{name}:{first} and the rows after it were not. Once the device has room, "
-                     f"feed again from {_resume_from(reader, stream, first)}", 3)
-            if e.sent:  # it went away mid-stream: say what was sent and where to go on
-                last = lines[e.sent - 1]
-                fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "
-                     f"{name}:{last}); it stored those it had received, and rows after "
-                     f"{name}:{last} were not sent. Once it is up, feed again from "
-                     f"{_resume_from(reader, stream, last + 1)}; the last rows sent before it went "
-                     "away may not be stored either", 1)
-            hint = "" if wait else " (is its device up? --wait S waits for it)"
-            fail(f"{e}{hint}", 1)
+            _failed_mid_feed(e, lines, name, partial(_resume_from, reader, stream), wait)
         finally:
             if not still_reading():  # else closing waits on the reader's lock (see main)
                 stream.close()
     bar.close()
+    _report_feed(result, lines, problems, malformed, fatal, name, to, stopped)
+
+
+def _stopped_mid_feed(e: Any, lines: Any, name: str, resume: Callable[[int], str]) -> NoReturn:
+    """A feed stopped (Ctrl-C, SIGTERM) before the device replied: what was handed over,
+    and the line to feed again from."""
+    handed = len(lines)
+    sent = f"{handed} rows were sent" + (f" (to {name}:{lines[-1]})" if handed else "")
+    rest = (f"Rows after {name}:{lines[-1]} were not sent: feed again from "
+            f"{resume(lines[-1] + 1)} (up to a few thousand rows before them were still in "
+            "flight and may not be stored)") if handed else f"Feed {name} again"
+    err.print(f"stopped ({e}): {sent}; the device stored those it received before the "
+              f"stop. {rest}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(e.exit_code) from None
+
+
+def _failed_mid_feed(
+    e: Any, lines: Any, name: str, resume: Callable[[int], str], wait: float
+) -> NoReturn:
+    """The device could not be reached, went away, or could not store (a full disk):
+    what it kept, and the line to feed again from."""
+    if e.handled is not None:  # its spool could not store: it said from which row on
+        if not lines:
+            fail(f"{e}\nno row was stored: feed {name} again once the device has room", 3)
+        first = lines[e.handled] if e.handled < len(lines) else lines[-1] + 1
+        fail(f"{e}\nrows before {name}:{first} were stored (or refused, as said); "
+             f"{name}:{first} and the rows after it were not. Once the device has room, "
+             f"feed again from {resume(first)}", 3)
+    if e.sent:  # it went away mid-stream: say what was sent and where to go on
+        last = lines[e.sent - 1]
+        fail(f"{e}\nthe device went away during the feed: {e.sent} rows were sent (to "
+             f"{name}:{last}); it stored those it had received, and rows after "
+             f"{name}:{last} were not sent. Once it is up, feed again from "
+             f"{resume(last + 1)}; the last rows sent before it went away may not be stored "
+             "either", 1)
+    hint = "" if wait else " (is its device up? --wait S waits for it)"
+    fail(f"{e}{hint}", 1)
+
+
+def _report_feed(
+    result: Any, lines: Any, problems: list[str], malformed: int, fatal: list[Exception],
+    name: str, to: str, stopped: Any,
+) -> None:
+    """The device's reply: counts on stdout, the first problems on stderr, and the exit
+    code the docstring of `feed` gives."""
     for error in result.errors:
         room = max(0, 1000 - len(problems))
         for index in range(error.index, error.index + min(error.count, room)):

@@ -252,6 +252,77 @@ def claim_state(state: Path, client_id: int) -> None:
         )
 
 
+@dataclass
+class _Watch:
+    """What the SuperNodes' log lines have said, and what the device told its terminal of
+    them: each reason once, not every retry or round."""
+
+    dev: Device
+    log: Path
+    since: float = field(default_factory=time.monotonic)  # last connected, for --max-wait
+    pause: float = RETRY_FIRST  # before the next SuperNode, after one exits
+    refused: int = 0  # attempts in a row the server refused to activate this device's key
+    said_waiting: bool = False
+    last_failure: str = ""  # why the last round failed here
+    connected: bool = False  # this SuperNode, now
+    ever: bool = False  # this SuperNode, at any time
+    gave_up: bool = False  # this SuperNode said it gave up reconnecting
+    last_reason: str = ""  # why the previous SuperNode exited
+
+    def exited(self, text: str, code: int) -> tuple[str, int | None]:
+        """What to say of a SuperNode that exited, having logged `text`; and the command's
+        exit code if it is to give up (--max-wait), else None: another is started."""
+        dev, log = self.dev, self.log
+        reason = exit_reason(text, code, ca_given=dev.ca is not None)
+        why = f":\n{reason}\n" if reason else "; "
+        self.refused = self.refused + 1 if NOT_REGISTERED in text else 0
+        if dev.max_wait and (self.gave_up or time.monotonic() - self.since > dev.max_wait):
+            exited = "" if self.gave_up else f" (exit {code})"
+            return (f"the SuperNode gave up{exited}{why}not connected for {dev.max_wait:g} s "
+                    f"(--max-wait); see {log}", code if code > 0 and not self.gave_up else 1)
+        # Refused (not registered yet, server down or replaced, TLS failure), or ended for
+        # any other reason: the server may register this key in a moment, and ingestion
+        # keeps serving meanwhile. The same reason again is not repeated.
+        if 0 < self.refused < NOT_YET:
+            why = (": the server has not activated this device's key yet (a new server "
+                   "registers keys a moment after it starts; a restarted device waits for "
+                   "its old session to lapse; a key the server never registered is named "
+                   f"as such after {NOT_YET - 1} refusals); ")
+        elif reason and reason == self.last_reason and not self.ever:
+            why = " again, for the same reason; "
+        # A reason shown only briefly has not been said: the third refusal says it whole.
+        self.last_reason = "" if 0 < self.refused < NOT_YET else reason
+        return f"the SuperNode exited ({code}){why}retrying in {self.pause:.0f} s; see {log}", None
+
+    def new_node(self) -> None:
+        self.connected = self.ever = self.gave_up = False
+
+    def hear(self, line: str) -> None:
+        dev = self.dev
+        if CONNECTED in line or (RECONNECTED in line and self.ever):
+            self.connected = self.ever = True
+            self.said_waiting, self.pause, self.refused = False, RETRY_FIRST, 0
+            say(f"connected to the server at {dev.server}")
+        elif GAVE_UP in line:
+            self.gave_up = True
+        elif runtime.ROUND_FAILED in line:
+            failure = line.split(runtime.ROUND_FAILED, 1)[1].strip()
+            if failure != self.last_failure:
+                self.last_failure = failure
+                say(f"a round failed on this device: {failure}")
+        elif RETRYING in line and self.connected:  # --max-wait counts from here
+            self.connected, self.since, self.said_waiting = False, time.monotonic(), True
+            say(f"lost the server at {dev.server}; the SuperNode keeps trying to reach it")
+        elif RETRYING in line and not self.said_waiting:  # not connected yet
+            self.said_waiting = True
+            if not _reachable(dev.server):
+                say(f"waiting for the server at {dev.server}: nothing answers there yet")
+            else:
+                tls = " (it may need TLS: drop --insecure)" if dev.insecure else ""
+                say(f"waiting for the server at {dev.server}: it accepts connections but "
+                    f"does not answer the SuperNode{tls}; see {self.log}")
+
+
 def run_device(dev: Device) -> int:
     """Run until the command is stopped (then 128 + the signal: 130, 143), or until no
     SuperNode has connected for `dev.max_wait` seconds (then the last one's exit code, at
@@ -302,11 +373,7 @@ def run_device(dev: Device) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     tail = runtime.LogTail(log)
-    # `since`: when a SuperNode was last connected (or the command started), for --max-wait.
-    since, pause, said_waiting = time.monotonic(), RETRY_FIRST, False
-    last_reason = ""  # why the previous SuperNode exited
-    last_failure = ""  # why the last round failed here (said when it changes)
-    refused = 0  # attempts in a row the server refused to activate this device's key
+    watch = _Watch(dev, log)
     try:
         while True:
             port = runtime.free_port()  # the Runtime API's, fixed for this SuperNode
@@ -314,39 +381,15 @@ def run_device(dev: Device) -> int:
             node = procs["node"] = runtime.spawn(supernode_command(dev, port), env, log,
                                                  dev.state)
             executor = None if dev.cold else start_exec(port, node)
-            connected = ever = gave_up = False  # now; ever, with this SuperNode
+            watch.new_node()
             while node.poll() is None and not stopping.wait(0.2):
                 for line in tail.new_lines():
-                    if CONNECTED in line or (RECONNECTED in line and ever):
-                        connected = ever = True
-                        said_waiting, pause, refused = False, RETRY_FIRST, 0
-                        say(f"connected to the server at {dev.server}")
-                    elif GAVE_UP in line:
-                        gave_up = True
-                    elif runtime.ROUND_FAILED in line:
-                        failure = line.split(runtime.ROUND_FAILED, 1)[1].strip()
-                        if failure != last_failure:  # each new reason once, not every round
-                            last_failure = failure
-                            say(f"a round failed on this device: {failure}")
-                    elif RETRYING in line and connected:  # --max-wait counts from here
-                        connected, since = False, time.monotonic()
-                        said_waiting = True
-                        say(f"lost the server at {dev.server}; the SuperNode keeps "
-                            "trying to reach it")
-                    elif RETRYING in line and not said_waiting:  # not connected yet
-                        said_waiting = True
-                        if not _reachable(dev.server):
-                            say(f"waiting for the server at {dev.server}: nothing answers "
-                                "there yet")
-                        else:
-                            tls = " (it may need TLS: drop --insecure)" if dev.insecure else ""
-                            say(f"waiting for the server at {dev.server}: it accepts "
-                                f"connections but does not answer the SuperNode{tls}; see "
-                                f"{log}")
-                if connected:
-                    since = time.monotonic()
-                elif dev.max_wait and (gave_up or time.monotonic() - since > dev.max_wait + 30):
-                    gave_up = True  # Flower's SuperNode said so (and lives on), or hangs
+                    watch.hear(line)
+                if watch.connected:
+                    watch.since = time.monotonic()
+                elif dev.max_wait and (watch.gave_up
+                                       or time.monotonic() - watch.since > dev.max_wait + 30):
+                    watch.gave_up = True  # Flower's SuperNode said so (and lives on), or hangs
                     break
                 if executor is None or executor.poll() is None:
                     continue
@@ -359,33 +402,14 @@ def run_device(dev: Device) -> int:
             stop_all()  # the SuperExec watches the SuperNode, but do not wait for that
             if stopping.is_set():
                 return stopped()
-            code = node.returncode
             tail.new_lines()
-            text = tail.since_mark()
-            reason = exit_reason(text, code, ca_given=dev.ca is not None)
-            why = f":\n{reason}\n" if reason else "; "
-            refused = refused + 1 if NOT_REGISTERED in text else 0
-            if dev.max_wait and (gave_up or time.monotonic() - since > dev.max_wait):
-                exited = "" if gave_up else f" (exit {code})"
-                say(f"the SuperNode gave up{exited}{why}"
-                    f"not connected for {dev.max_wait:g} s (--max-wait); see {log}")
-                return code if code > 0 and not gave_up else 1
-            # Refused (not registered yet, server down or replaced, TLS failure), or ended
-            # for any other reason: the server may register this key in a moment, and
-            # ingestion keeps serving meanwhile. The same reason again is not repeated.
-            if 0 < refused < NOT_YET:
-                why = (": the server has not activated this device's key yet (a new server "
-                       "registers keys a moment after it starts; a restarted device waits for "
-                       "its old session to lapse; a key the server never registered is named "
-                       f"as such after {NOT_YET - 1} refusals); ")
-            elif reason and reason == last_reason and not ever:
-                why = " again, for the same reason; "
-            # A reason shown only briefly has not been said: the third refusal says it whole.
-            last_reason = "" if 0 < refused < NOT_YET else reason
-            say(f"the SuperNode exited ({code}){why}retrying in {pause:.0f} s; see {log}")
-            if stopping.wait(pause):
+            message, give_up = watch.exited(tail.since_mark(), node.returncode)
+            say(message)
+            if give_up is not None:
+                return give_up
+            if stopping.wait(watch.pause):
                 return stopped()
-            pause = min(RETRY_MAX, pause * 2)
+            watch.pause = min(RETRY_MAX, watch.pause * 2)
     finally:
         stop_all()
         ingestion.stop(grace=2.0).wait()
