@@ -106,6 +106,13 @@ def _series(values: list[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else 100 * v for v in values], dtype=float)
 
 
+def nothing_scored(summary: dict[str, Any], evals: list[tuple[int, float]]) -> bool:
+    """No accuracy to draw at all: every client offline, say, and no baseline."""
+    curves = [summary["accuracy_per_round"]] + [
+        b["accuracy_per_round"] for b in summary.get("baselines", {}).values()]
+    return not evals and all(v is None for curve in curves for v in curve)
+
+
 def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     rounds = np.array([rec["round"] for rec in records])
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -126,6 +133,10 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
         ex, ey = zip(*evals, strict=True)
         ax.plot(ex, 100 * np.array(ey), "k.--", label="global model, held-back slice")
     _mark_drifts(ax, summary.get("drift_times", []))
+    if nothing_scored(summary, evals):  # else an empty frame around x = 0
+        ax.text(0.5, 0.5, "no prediction was scored in this run", transform=ax.transAxes,
+                ha="center", va="center", color="grey")
+        ax.set_xlim(0.5, max(len(rounds), 1) + 0.5)
     ax.set(xlabel="round", ylabel="prequential accuracy (%)", ylim=(0, 100),
            title="Prequential accuracy (thin: per round, thick: cumulative)")
     ax.grid(alpha=0.3)

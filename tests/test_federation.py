@@ -459,6 +459,24 @@ def test_the_clients_plot_names_each_site(tmp_path: Path, monkeypatch) -> None:
     assert ticks[-1] == ["0 berlin", "1 paris"]
 
 
+def test_an_accuracy_plot_with_nothing_scored_says_so(tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.axes import Axes
+
+    from fedstream.sim.plots import accuracy_plot
+
+    said: list[str] = []
+    real = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **kw: (
+        said.append(s), real(self, x, y, s, *a, **kw))[1])
+    records = [{"round": r, "drifts": [], "clients": {}} for r in (1, 2)]
+    empty = {"accuracy_per_round": [None, None], "cumulative_accuracy": [None, None]}
+    assert accuracy_plot(tmp_path, empty, records).exists()
+    assert said == ["no prediction was scored in this run"]
+    scored = {"accuracy_per_round": [None, 0.5], "cumulative_accuracy": [None, 0.5]}
+    accuracy_plot(tmp_path, scored, records)
+    assert said == ["no prediction was scored in this run"]  # nothing more said
+
+
 def test_a_ray_cluster_that_does_not_answer_is_refused_at_once() -> None:
     # Ray retries an unreachable GCS for minutes, printing only its own warnings.
     import socket
