@@ -628,7 +628,7 @@ _GOOD_CELLS = st.one_of(
     st.sampled_from([" 1.5", "2 ", "1e3", "+4", "-.5", "7.", "0"]),
 )
 _ODD_CELLS = st.sampled_from(["1_0", "true", "", "NA", "x", "1e99", "nan", "inf", "١٢",
-                              "\xa03"])
+                              "\xa03", "1\u3000", "2\x1c", "1\x85", "\x0b4"])
 # Mostly numbers, so that many files are clean and take the fast path whole.
 _CELLS = st.integers(0, 39).flatmap(lambda k: _ODD_CELLS if k == 0 else _GOOD_CELLS)
 _LABELS = st.sampled_from(["0", "1", "007", "7", "7.0", "UP", "DOWN", " up ", "0", "1", "",
@@ -637,7 +637,7 @@ _LABELS = st.sampled_from(["0", "1", "007", "7", "7.0", "UP", "DOWN", " up ", "0
 
 @given(
     rows=st.lists(st.tuples(st.lists(_CELLS, min_size=2, max_size=2), _LABELS,
-                            st.sampled_from(["", "   ", None, None]),
+                            st.sampled_from(["", "   ", None, None, "EMPTY CELLS"]),
                             st.sampled_from([0] * 12 + [-1, 1])),
                   min_size=1, max_size=12),
     delimiter=st.sampled_from([",", "\t", "|"]),
@@ -656,8 +656,8 @@ def test_the_fast_and_the_careful_csv_reader_agree(
     the same error at the same line. A quoted header name sends the careful reader."""
     lines = []
     for i, (cells, label, blank, ragged) in enumerate(rows):
-        if blank is not None:
-            lines.append(blank)  # a blank line, or one of spaces, between rows
+        if blank is not None:  # a blank line, one of spaces, or of empty cells, between rows
+            lines.append(delimiter * (2 + (times is not None)) if blank == "EMPTY CELLS" else blank)
         stamp = [] if times is None else [times[i]]
         fields = [*cells, *stamp, label] + (["9"] if ragged > 0 else [])
         lines.append(delimiter.join(fields[: len(fields) - (ragged < 0)]))
@@ -666,9 +666,17 @@ def test_the_fast_and_the_careful_csv_reader_agree(
     header = ["a", "b", *([] if times is None else ["t"]), "label"]
     plain = write(folder, "plain.csv", delimiter.join(header) + end + body)
     quoted = write(folder, "quoted.csv", delimiter.join(['"a"', *header[1:]]) + end + body)
-    outcomes = []
+    outcomes, fast = [], []
+    real = tabular._plain_rows
+
+    def spied(*args: object) -> object:
+        table = real(*args)  # type: ignore[arg-type]
+        fast.append(table is not None)
+        return table
+
     for path in (plain, quoted):
         tabular._PLAIN_BLOCK, default = block, tabular._PLAIN_BLOCK
+        tabular._plain_rows = spied  # type: ignore[assignment]
         try:
             table = load_table(path, label="label", time=None if times is None else "t")
         except DataError as exc:
@@ -678,5 +686,12 @@ def test_the_fast_and_the_careful_csv_reader_agree(
             outcomes.append((table.x.tobytes(), table.x.shape, table.y.tolist(), table.classes,
                              table.features, stamps))
         finally:
-            tabular._PLAIN_BLOCK = default
+            tabular._PLAIN_BLOCK, tabular._plain_rows = default, real  # type: ignore[assignment]
     assert outcomes[0] == outcomes[1]
+    # A clean file must have taken the fast reader (a broken one would fall back unseen):
+    # plain ASCII numbers, no true/false (which only the careful reader turns into 1/0).
+    cells = [c for cells, *_ in rows for c in cells] + (times or [])[: len(rows)]
+    plain_numbers = all(c.isascii() and c.isprintable() and c.strip().lower() not in
+                        ("true", "false") for c in cells)
+    if outcomes[0][0] != "error" and plain_numbers:
+        assert fast == [True], body

@@ -510,10 +510,12 @@ def _plain_rows(
     while pos < len(text):
         end = text.find("\n", pos + _PLAIN_BLOCK)
         end = len(text) if end < 0 else end + 1
-        rows = text[pos:end].split("\n")  # rows[i] is line `line + i`
+        chunk = text[pos:end]
+        rows = chunk.split("\n")  # rows[i] is line `line + i`
         if text[end - 1] == "\n":
             rows.pop()  # the '' after the block's last line break
-        block = _plain_block(rows, n_fields, delimiter, positions, offset)
+        odd = not chunk.isascii() or _CONTROL.search(chunk) is not None
+        block = _plain_block(rows, n_fields, delimiter, positions, offset, odd)
         if block is None:
             return None
         data, x, cells = block
@@ -530,35 +532,54 @@ def _plain_rows(
 
 
 _PLAIN_BLOCK = 1 << 23  # characters of text a block of `_plain_rows` takes (8 MB or so)
+_CONTROL = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f]")  # in no number numpy and Python share
 
 
 def _plain_block(
     rows: list[str], n_fields: int, delimiter: str, positions: list[int], offset: int,
+    odd: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """One block's (which rows hold data, float32 features, text cells), or None."""
+    """One block's (which rows hold data, float32 features, text cells), or None. `odd`:
+    the block has characters beyond printable ASCII, which numpy's C parser reads in
+    numbers more freely than the careful reader: a feature cell with one goes there."""
     widths = np.fromiter(map(methodcaller("count", delimiter), rows), np.int64, len(rows))
     data = widths > 0  # a line with no delimiter is blank, or ragged (n_fields >= 2)
     if (widths[data] != n_fields - 1).any():
         return None
-    if not data.all():
-        if any(rows[i].strip() for i in np.flatnonzero(~data)):
-            return None
-        rows = list(compress(rows, data))
-    if not rows:
-        return data, np.zeros((0, len(positions) - offset), np.float32), np.zeros(
-            (0, offset), np.str_)
-    try:
-        x = np.loadtxt(rows, delimiter=delimiter, comments=None, ndmin=2,
-                       usecols=positions[offset:], dtype=np.float64)
-        cells = np.loadtxt(rows, delimiter=delimiter, comments=None, ndmin=2,
-                           usecols=positions[:offset], dtype=np.str_)
-    except ValueError:  # a cell that is no number: the careful reader names it
+    if not data.all() and any(rows[i].strip() for i in np.flatnonzero(~data)):
         return None
+    kept = list(compress(rows, data)) if not data.all() else rows
+    try:
+        x = _loadtxt(kept, delimiter, positions[offset:], np.float64)
+    except ValueError:  # rows of empty cells (,,,: skipped), or a cell that is no number
+        empty = [i for i in np.flatnonzero(data) if not rows[i].replace(delimiter, "").strip()]
+        if not empty:
+            return None  # the careful reader names the cell
+        data[empty] = False
+        kept = list(compress(rows, data))
+        try:
+            x = _loadtxt(kept, delimiter, positions[offset:], np.float64)
+        except ValueError:
+            return None
+    if odd and kept:
+        codes = np.ascontiguousarray(_loadtxt(kept, delimiter, positions[offset:], np.str_))
+        codes = codes.view(np.uint32)
+        if ((codes > 126) | ((codes < 32) & (codes != 0))).any():  # 0: numpy's padding
+            return None
+    cells = _loadtxt(kept, delimiter, positions[:offset], np.str_)
     with np.errstate(over="ignore"):
         x = x.astype(np.float32)
     if not np.isfinite(x).all():
         return None
     return data, x, cells
+
+
+def _loadtxt(rows: list[str], delimiter: str, columns: list[int], dtype: type) -> np.ndarray:
+    """Columns of `rows` as a 2-D array (none when there are no rows)."""
+    if not rows:
+        return np.zeros((0, len(columns)), dtype=dtype)
+    return np.loadtxt(rows, delimiter=delimiter, comments=None, ndmin=2, usecols=columns,
+                      dtype=dtype)
 
 
 # -------------------------------------------------------------------------------- jsonl
@@ -1012,7 +1033,8 @@ def _text_to_float(cells: np.ndarray, decimal: str = ".") -> np.ndarray | None:
     return None if values is None or _python_only_numbers(cells) else values
 
 
-_SPACES = np.array([0xA0, 0x2007, 0x202F], dtype=np.uint32)  # no-break spaces: padding
+# Unicode's spaces beyond ASCII (no-break, ideographic, ...): padding, as numpy reads them.
+_SPACES = np.array([c for c in range(128, 0x3001) if chr(c).isspace()], dtype=np.uint32)
 
 
 def _python_only_numbers(cells: np.ndarray) -> bool:
@@ -1077,21 +1099,23 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
         except OverflowError:
             number = math.inf
     else:
-        cell = cell.strip()
+        raw, cell = cell, cell.strip()
         if cell.lower() in MISSING:
             return f"missing value {cell!r}; values are not imputed: drop or fill that row"
-        values = _text_to_float(np.asarray([cell]), decimal)  # the bulk parser, one cell
+        # The bulk parser, on the cell as it is: str.strip() takes more than numpy does
+        # ('2\x1c' is no number to numpy; stripped, it would look like one).
+        values = _text_to_float(np.asarray([raw]), decimal)
         if values is None:
             if "_" in cell and cell.replace("_", "").replace(".", "", 1).isdigit():
                 return f"{cell!r} is not a number: write it without the '_'"
             if any(ch.isdigit() and not ch.isascii() for ch in cell):
                 return f"{cell!r} is not a number: write its digits as 0-9"
             plain = cell.replace(",", "", 1).lstrip("+-")
-            if decimal == "." and plain.isascii() and plain.isdigit():
+            if decimal == "." and "," in cell and plain.isascii() and plain.isdigit():
                 return f"{cell!r} is not a number (a decimal comma is read in ';' files only)"
             if _THOUSANDS[decimal].fullmatch(cell):
                 return f"{cell!r} has thousands separators; write numbers without them"
-            return f"{cell!r} is not a number"
+            return f"{raw.strip(' ')!r} is not a number"  # a control character shown
         number = float(values[0])
     if math.isnan(number):
         return f"missing value ({cell!r}); values are not imputed: drop or fill that row"
