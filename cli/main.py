@@ -448,7 +448,8 @@ def feed(
                 _stopped_mid_feed(e, lines, name, partial(_resume_from, reader, stream))
         except IngestError as e:
             bar.close()
-            _failed_mid_feed(e, lines, name, partial(_resume_from, reader, stream), wait)
+            _failed_mid_feed(e, lines, name, partial(_resume_from, reader, stream), wait,
+                             problems)
         finally:
             if not still_reading():  # else closing waits on the reader's lock (see main)
                 stream.close()
@@ -470,15 +471,18 @@ def _stopped_mid_feed(e: Any, lines: Any, name: str, resume: Callable[[int], str
 
 
 def _failed_mid_feed(
-    e: Any, lines: Any, name: str, resume: Callable[[int], str], wait: float
+    e: Any, lines: Any, name: str, resume: Callable[[int], str], wait: float,
+    problems: list[str],
 ) -> NoReturn:
     """The device could not be reached, went away, or could not store (a full disk):
     what it kept, and the line to feed again from."""
     if e.handled is not None:  # its spool could not store: it said from which row on
+        for problem in sorted(problems, key=_line_of)[:20]:  # rows this feed refused
+            err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
         if not lines:
             fail(f"{e}\nno row was stored: feed {name} again once the device has room", 3)
         first = lines[e.handled] if e.handled < len(lines) else lines[-1] + 1
-        fail(f"{e}\nrows before {name}:{first} were stored (or refused, as said); "
+        fail(f"{e}\nthe rows before {name}:{first} were stored, but for malformed ones; "
              f"{name}:{first} and the rows after it were not. Once the device has room, "
              f"feed again from {resume(first)}", 3)
     if e.sent:  # it went away mid-stream: say what was sent and where to go on

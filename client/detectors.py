@@ -270,13 +270,17 @@ class ADWIN:
         change was reported. Exactly what calling `update` one value at a time gives (the
         same buckets, the same floats), about three times faster: a round's errors are
         taken a clock period at a time, and the histogram's merges run once a period."""
+        values = [float(v) for v in values]
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:  # as `update` would: the values before it count, then it fails
+            self.update_many(values[:bad])
+            _as_finite(values[bad])
         found: list[int] = []
         start = 0
         while start < len(values):
             if self._drift_detected:
                 self.reset()
-            chunk = [_as_finite(v) for v in values[start: start + self.clock - self._tick
-                                                    % self.clock]]
+            chunk = values[start : start + self.clock - self._tick % self.clock]
             width, total, m2 = self._width, self._total, self._m2
             for value in chunk:  # Welford, as _add_to_window_stats, inlined
                 mean = total / width if width else 0.0

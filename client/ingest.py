@@ -10,9 +10,12 @@ fits, refuses the rest of that batch and ends the call at once with status **OK*
 ``AppendReply`` with ``full = true``, ``refused`` (samples received and not stored) and
 ``first_refused`` (the stream position from which nothing was stored). It does not answer
 RESOURCE_EXHAUSTED for this, so the reply (accepted counts, malformed-sample errors) always
-reaches the producer; RESOURCE_EXHAUSTED only comes from gRPC itself for a message beyond
-the hard transport limit. ``Producer.append`` turns that into ``IngestResult.refused``,
-counting the samples it never got to send as refused too.
+reaches the producer. RESOURCE_EXHAUSTED comes from gRPC itself for a message beyond the
+hard transport limit, and from the service when its spool cannot store a batch (a full
+disk): then the trailing metadata ``fedstream-handled`` holds the stream position of that
+batch's first sample, from which the producer feeds again (``IngestError.handled``).
+``Producer.append`` turns back-pressure into ``IngestResult.refused``, counting the
+samples it never got to send as refused too.
 
 Run the service on its own with
 

@@ -434,6 +434,10 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
         check_resume(agg)
         check_same_run(agg, cfg)
         check_rounds_left(agg, cfg)
+    classes = cfg.stream.classes  # the names model.pt gives the model's outputs
+    if classes and len(classes) != cfg.stream.n_classes:
+        raise ValueError(f"stream.classes names {len(classes)} classes, but the devices' "
+                         f"samples have stream.n_classes = {cfg.stream.n_classes}")
     superlink_command(agg)  # missing credentials: said before the run's plan is printed
     for line in before_run(cfg):  # a target epsilon out of reach raises before anything starts
         print(line, file=sys.stderr)

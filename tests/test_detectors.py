@@ -321,5 +321,9 @@ def test_detections_feeds_any_detector_one_value_at_a_time() -> None:
     expected = one_by_one(PageHinkley(), stream)
     assert expected and detections(PageHinkley(), stream) == expected
     assert detections(NoDetector(), stream) == []
+    one, many = ADWIN(), ADWIN()
+    for value in (0.0, 1.0):
+        one.update(value)
     with pytest.raises(ValueError, match="must be finite"):
-        detections(ADWIN(), [0.0, math.nan])
+        detections(many, [0.0, 1.0, math.nan, 0.0])
+    assert many.state_dict() == one.state_dict()  # the values before it counted, as one by one

@@ -4,6 +4,7 @@ spool behind them, and `fedstream feed` end to end."""
 from __future__ import annotations
 
 import contextlib
+import resource
 import shutil
 import signal
 import subprocess
@@ -479,13 +480,16 @@ def test_a_feed_into_a_full_disk_says_the_line_to_go_on_from_and_loses_none(
     try:
         assert device.stdout is not None and device.stdout.readline() == "ready\n"
         path = short_dir / "rows.csv"
-        path.write_text("x,y,label\n" + "".join(f"{i},{i % 5},{i % 3}\n" for i in range(20_000)))
+        rows = [f"{i},{i % 5},{i % 3}\n" for i in range(20_000)]
+        rows[5] = "x,5,2\n"  # line 7: malformed, refused by the feed itself
+        path.write_text("x,y,label\n" + "".join(rows))
         full = feed(str(path), "--to", address, "--batch", "500")
         said = " ".join(full.stderr.split())
         assert full.returncode == 3, full.stderr
         assert "could not store the samples from stream position" in said
+        assert f"error: {path}:7: column 'x': 'x' is not a number" in said
         first = int(said.split("feed again from line ")[1].split(",")[0])
-        assert f"rows before {path}:{first} were stored" in said
+        assert f"the rows before {path}:{first} were stored, but for malformed ones" in said
     finally:
         device.kill()
         _, device_said = device.communicate(timeout=30)
@@ -493,4 +497,20 @@ def test_a_feed_into_a_full_disk_says_the_line_to_go_on_from_and_loses_none(
     assert "(is the disk full" in device_said
     with Spool(spool, 2) as kept:
         ids = kept.pending().x[:, 0].astype(int).tolist()
-    assert 0 < len(ids) < 20_000 and ids == list(range(first - 2))  # lines 2 .. first-1
+    assert 0 < len(ids) < 20_000 and ids == [i for i in range(first - 2) if i != 5]
+    # The disk has room again: fed from `first` on, as the feed said, every row is there once.
+    device = subprocess.Popen(
+        [sys.executable, "-c", DEVICE_WITH_A_SMALL_DISK, str(spool), address,
+         str(resource.RLIM_INFINITY)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert device.stdout is not None and device.stdout.readline() == "ready\n"
+        rest = short_dir / "rest.csv"
+        rest.write_text("x,y,label\n" + "".join(rows[first - 2 :]))
+        again = feed(str(rest), "--to", address)
+        assert again.returncode == 0, again.stderr
+    finally:
+        device.kill()
+        device.communicate(timeout=30)
+    with Spool(spool, 2) as kept:
+        assert kept.pending().x[:, 0].astype(int).tolist() == [i for i in range(20_000) if i != 5]

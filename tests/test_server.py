@@ -517,3 +517,20 @@ def test_a_server_with_too_few_device_keys_for_a_round_says_so() -> None:
     assert waiting_line(1, 3, 1) is None
     assert waiting_line(2, 3, 1).startswith("waiting for devices: 2 of the 3")
     assert waiting_line(3, 3, 2) == "3 devices connected: rounds go on"
+
+
+def test_a_deployment_whose_class_names_do_not_fit_its_classes_is_refused(
+    tmp_path: Path,
+) -> None:
+    from fedstream.server.aggregator import Aggregator, serve
+
+    # A file source's names are checked against the file in a simulation, not against
+    # n_classes; a server, whose devices' samples have n_classes, checks them before it
+    # starts anything (model.pt would name 3 of 10 outputs, and not load).
+    (tmp_path / "d.csv").write_text("a,label\n1,x\n2,y\n")
+    cfg = load(None, [f'stream.path="{tmp_path / "d.csv"}"', "stream.n_classes=10",
+                      'stream.classes=["x", "y", "z"]'])
+    with pytest.raises(ValueError, match=r"stream.classes names 3 classes, but the devices' "
+                       r"samples have stream.n_classes = 10"):
+        serve(Aggregator(tmp_path / "state", tmp_path / "creds", "127.0.0.1", 1), cfg, [], False)
+    assert not (tmp_path / "state").exists()
