@@ -24,7 +24,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, compress, islice
 from operator import methodcaller
@@ -108,6 +108,7 @@ class _Raw:
     features: list[str]
     what: str  # "column" (CSV) or "key" (JSONL)
     groups: list[str] | None = None
+    problems: list[_RowError] = field(default_factory=list)  # rows refused whole (JSONL)
 
 
 def load_table(
@@ -658,10 +659,15 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
     exact: set[str] | None = None  # with features=None every record must have these keys
     unseen = set(exclude)  # excluded keys no record has had yet: misspelt, if none ever has
     first_keys: list[str] = []
+    problems: list[_RowError] = []  # records refused whole: all said at once, in file order
     for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
-        obj = _json_object(raw, line, name)
+        try:
+            obj = _json_object(raw, line, name)
+        except DataError as exc:
+            problems.append(_RowError(str(exc), line))
+            continue
         if names is None:
             names = [k for k in obj if k not in (label, time, group, *exclude)]
             exact = set(obj) - set(exclude)  # an excluded key may come and go
@@ -674,28 +680,38 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
                 shown = ", ".join(repr(k) for k in obj) + _did_you_mean(key, list(obj))
                 had = exact is not None and key in exact
                 first = " (the first record has it: every record needs its keys)" if had else ""
-                raise DataError(
-                    f"{name}:{line}: missing key {key!r}{first}; available: {shown}"
-                )
-        if unseen:
-            unseen.difference_update(obj)
-        if exact is not None and len(obj) != len(exact):
-            extra = [k for k in obj if k not in exact and k not in exclude]
+                problems.append(_row_error(
+                    name, line, f"missing key {key!r}{first}; available: {shown}"))
+                break
+        else:
+            if unseen:
+                unseen.difference_update(obj)
+            extra = [] if exact is None or len(obj) == len(exact) else [
+                k for k in obj if k not in exact and k not in exclude]
             if extra:
                 leave = json.dumps([*exclude, *extra])
-                raise DataError(
-                    f"{name}:{line}: unexpected key {extra[0]!r} (not in the first record): "
+                problems.append(_row_error(
+                    name, line, f"unexpected key {extra[0]!r} (not in the first record): "
                     f"to leave it out, --set 'stream.exclude={leave}' (every record needs "
-                    "the keys it uses)"
-                )
-        lines.append(line)
-        labels.append(_json_text(obj[label], name, line, label))
-        cells.append([obj[k] for k in names])
-        if time is not None:
-            times.append(_time_text(obj[time], name, line, time))
-        if group is not None:
-            groups.append(_json_text(obj[group], name, line, group))
-    if names is None:
+                    "the keys it uses)"))
+                continue
+            try:
+                text_values = [_json_text(obj[label], name, line, label),
+                               _time_text(obj[time], name, line, time) if time else "",
+                               _json_text(obj[group], name, line, group) if group else ""]
+            except DataError as exc:
+                problems.append(_RowError(str(exc), line))
+                continue
+            lines.append(line)
+            labels.append(text_values[0])
+            cells.append([obj[k] for k in names])
+            if time is not None:
+                times.append(text_values[1])
+            if group is not None:
+                groups.append(text_values[2])
+    if names is None or not lines:
+        if problems:
+            raise _earliest(problems)
         raise DataError(f"{name}: no records (the file is empty or blank)")
     if unseen:
         key = next(k for k in exclude if k in unseen)
@@ -715,6 +731,7 @@ def _read_jsonl(text: str, name: str, cols: Columns) -> _Raw:
         features=names,
         what="key",
         groups=groups if group is not None else None,
+        problems=problems,
     )
 
 
@@ -759,6 +776,7 @@ def _build(raw: _Raw, name: str, cols: Columns, classes: Sequence[str] | None) -
             failures.append(exc)
             return None
 
+    failures.extend(raw.problems)
     if raw.x_error is not None:
         failures.append(raw.x_error)
     x = raw.x
@@ -773,7 +791,7 @@ def _build(raw: _Raw, name: str, cols: Columns, classes: Sequence[str] | None) -
         times = raw.times
         stamps = attempt(lambda: _parse_times(times, raw.lines, name, f"{raw.what} {time!r}"))
     if failures:
-        raise DataError(str(min(failures, key=lambda exc: exc.line))) from None
+        raise _earliest(failures) from None
     assert x is not None and labels is not None
     y, class_names = labels
     g, group_names = grouped if grouped is not None else (None, None)
@@ -791,6 +809,15 @@ class _RowError(DataError):
     def __init__(self, message: str, line: int) -> None:
         super().__init__(message)
         self.line = line
+
+
+def _earliest(problems: list[_RowError]) -> DataError:
+    """The problem nearest the top of the file, and how many more there are: a file is
+    fixed from the top, and knowing of the others saves a run per problem."""
+    ordered = sorted(problems, key=lambda exc: exc.line)
+    more = "" if len(ordered) == 1 else (
+        f"\n(and {len(ordered) - 1} more: the next at line {ordered[1].line})")
+    return DataError(f"{ordered[0]}{more}")
 
 
 def _row_error(name: str, line: int | np.integer, text: str) -> _RowError:
