@@ -152,9 +152,9 @@ def test_a_jsonl_key_can_be_excluded(tmp_path: Path) -> None:
     path = write(tmp_path, "opt.jsonl", text)
     table = load_table(path, label="label", exclude=["id", "note"])
     assert table.features == ["t"] and table.x[:, 0].tolist() == [1, 2, 3]
-    # Without the exclude: every problem is counted, the one nearest the top said first.
-    expect_error(path, 1, "key 'id': 'a' is not a number", "(and 2 more: the next at line 2)",
-                 label="label")
+    # Without the exclude: the problem nearest the top first, and where the next is.
+    expect_error(path, 1, "key 'id': 'a' is not a number",
+                 "(more problems below it: the next at line 2)", label="label")
     expect_error(path, 3, "unexpected key 'note' (not in the first record): to leave it out, "
                  """--set 'stream.exclude=["id", "note"]'""", label="label", exclude=["id"])
 
@@ -366,7 +366,7 @@ def test_numbers_only_python_reads_are_refused(tmp_path: Path) -> None:
     assert load_table(path, label="label").x[:, 0].tolist() == [0.5, 2.0]
 
 
-def test_a_jsonl_files_problems_come_in_file_order_and_are_counted(tmp_path: Path) -> None:
+def test_a_jsonl_files_problems_come_in_file_order(tmp_path: Path) -> None:
     # A trial's file: a null at line 5, a missing key at 7, an extra key at 9. They came
     # one a run, and not in file order (the missing key first).
     records = [{"a": i, "b": i % 3, "label": i % 2} for i in range(12)]
@@ -375,11 +375,11 @@ def test_a_jsonl_files_problems_come_in_file_order_and_are_counted(tmp_path: Pat
     records[8]["extra"] = 1
     path = write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in records) + "\n")
     message = expect_error(path, 5, "key 'b': missing value (null)", label="label")
-    assert message.endswith("(and 2 more: the next at line 7)")
+    assert message.endswith("(more problems below it: the next at line 7)")
     del records[4]["b"]  # now a missing key comes first, then the extra one
     path = write(tmp_path, "q.jsonl", "\n".join(json.dumps(r) for r in records) + "\n")
     message = expect_error(path, 5, "missing key 'b' (the first record has it", label="label")
-    assert message.endswith("(and 2 more: the next at line 7)")
+    assert message.endswith("(more problems below it: the next at line 7)")
 
 
 def test_jsonl_extra_key_when_features_inferred(tmp_path: Path) -> None:

@@ -812,11 +812,12 @@ class _RowError(DataError):
 
 
 def _earliest(problems: list[_RowError]) -> DataError:
-    """The problem nearest the top of the file, and how many more there are: a file is
-    fixed from the top, and knowing of the others saves a run per problem."""
+    """The problem nearest the top of the file, and where the next one is: a file is
+    fixed from the top, and knowing of the others saves a run per problem. (Not a count:
+    a column's cells are checked up to its first bad one.)"""
     ordered = sorted(problems, key=lambda exc: exc.line)
     more = "" if len(ordered) == 1 else (
-        f"\n(and {len(ordered) - 1} more: the next at line {ordered[1].line})")
+        f"\n(more problems below it: the next at line {ordered[1].line})")
     return DataError(f"{ordered[0]}{more}")
 
 
