@@ -836,8 +836,37 @@ def from_json(text: str) -> Config:
     return validate(json.loads(text), check_files=False)
 
 
+def scalar_defaults() -> dict[str, Any]:
+    """Every scalar key's default, as written in the code (a default a validator resolves,
+    server_lr 0 for the strategy's own, stays 0): what pyproject.toml declares for
+    `flwr run`, whose run config can only hold scalars."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for key, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(f"{prefix}{key}.", field.annotation)
+            elif not isinstance(field.default, list):
+                flat[f"{prefix}{key}"] = field.default
+
+    walk("", Config)
+    return flat
+
+
+def run_config_changes(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a Flower run config that differ from their declared defaults. Flower
+    hands over every declared key, given or not: taken all, the defaults would replace a
+    `config` file's values and count as set (a file's drift.kind "none", a path's source)."""
+    defaults = scalar_defaults()
+    return {k: v for k, v in run_config.items()
+            if k != "config" and not (k in defaults and v == defaults[k]
+                                      and type(v) is type(defaults[k]))}
+
+
 def from_run_config(run_config: dict[str, Any]) -> Config:
-    """Config from a Flower run config: `fedstream-config` JSON, a `config` file, dotted keys.
+    """Config from a Flower run config: `fedstream-config` JSON, a `config` file, and the
+    dotted keys whose values differ from their defaults (a key given at its default
+    leaves the file's value).
 
     This is how `flwr run .` (whose run-config values can only be scalars) reaches the same
     federation as `fedstream sim`.
@@ -845,9 +874,8 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     if "fedstream-config" in run_config:
         return from_json(str(run_config["fedstream-config"]))
     raw = read_config_file(str(run_config["config"])) if run_config.get("config") else {}
-    for key, value in run_config.items():
-        if key != "config":
-            set_dotted(raw, key, value)
+    for key, value in run_config_changes(run_config).items():
+        set_dotted(raw, key, value)
     return validate(raw)
 
 

@@ -14,21 +14,17 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedstream.protocol import messages as m
-from fedstream.protocol.config import Config, from_run_config
+from fedstream.protocol.config import Config
 
 
 class ClientUnavailable(RuntimeError):
     """The virtual client is offline this round."""
 
 
-def availability_mod(config: Config | None = None) -> Mod:
-    """Drop a train message with probability `simulation.dropout`, fixed per node and round.
-
-    Without a bound config the mod reads it from the Flower run config (`flwr run`).
-    """
+def availability_mod(cfg: Config) -> Mod:
+    """Drop a train message with probability `simulation.dropout`, fixed per node and round."""
 
     def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-        cfg = config or from_run_config(dict(ctx.run_config))
         dropout, seed = cfg.simulation.dropout, cfg.seed
         if dropout > 0 and msg.metadata.message_type == MessageType.TRAIN:
             server_round = int(msg.content[m.CONFIG][m.ROUND])
@@ -41,7 +37,7 @@ def availability_mod(config: Config | None = None) -> Mod:
     return mod
 
 
-def threads_mod(config: Config | None = None) -> Mod:
+def threads_mod(cfg: Config) -> Mod:
     """Give torch in a Ray worker only the CPUs the worker reserved.
 
     torch defaults to one thread per core; with several workers per machine that
@@ -49,7 +45,6 @@ def threads_mod(config: Config | None = None) -> Mod:
     """
 
     def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-        cfg = config or from_run_config(dict(ctx.run_config))
         threads = max(1, int(cfg.simulation.client_cpus))
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)

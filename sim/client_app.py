@@ -6,13 +6,14 @@ This module is what every Ray worker imports, so it imports only the client side
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedstream.client.app import make_client_app
 from fedstream.client.stream import ClientStream
-from fedstream.protocol.config import Config, from_json, to_json
+from fedstream.protocol.config import Config, from_json, from_run_config, to_json
 from fedstream.sim.availability import availability_mod, threads_mod
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
@@ -57,7 +58,21 @@ def _bound_client_app(cfg_json: str) -> ClientApp:
 
 
 def sim_client_app(cfg: Config | None = None) -> ClientApp:
-    """The simulation's ClientApp; without `cfg` it reads the config from the run config."""
-    if cfg is None:
-        return make_client_app(virtual_stream, None, mods=[threads_mod(), availability_mod()])
-    return _bound_client_app(to_json(cfg))
+    """The simulation's ClientApp; without `cfg` (`flwr run .`) it reads the config from
+    each message's run config and hands the message to that config's bound app, the very
+    app `fedstream sim` runs: seeded, so that noise and rounding repeat as they do there."""
+    if cfg is not None:
+        return _bound_client_app(to_json(cfg))
+    app = ClientApp()
+
+    def delegate(msg: Message, ctx: Context) -> Message:
+        return app_for_run_config(tuple(sorted(ctx.run_config.items())))(msg, ctx)
+
+    app.train()(delegate)
+    app.query()(delegate)
+    return app
+
+
+@lru_cache(maxsize=4)
+def app_for_run_config(items: tuple[tuple[str, Any], ...]) -> ClientApp:
+    return _bound_client_app(to_json(from_run_config(dict(items))))

@@ -12,38 +12,62 @@ from pathlib import Path
 
 import psutil
 import pytest
-from pydantic import BaseModel
 
-from fedstream.protocol.config import Config, from_run_config
+from fedstream.protocol.config import Config, from_run_config, scalar_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def _scalar_defaults() -> dict[str, object]:
-    """Every scalar key's declared default, as written in the code: a default that a
-    validator resolves (server_lr 0: the strategy's own) is declared as that 0, so that
-    `flwr run` resolves it the same way for whatever strategy its run config picks."""
-    flat: dict[str, object] = {}
-
-    def walk(prefix: str, model: type[BaseModel]) -> None:
-        for key, field in model.model_fields.items():
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                walk(f"{prefix}{key}.", field.annotation)
-            elif not isinstance(field.default, list):
-                flat[f"{prefix}{key}"] = field.default
-
-    walk("", Config)
-    return flat
-
-
 def test_pyproject_declares_every_scalar_key_with_its_default() -> None:
     declared = {k: v for k, v in APP_CONFIG.items() if k != "config"}
-    assert declared == _scalar_defaults()
+    defaults = scalar_defaults()
+    assert declared == defaults
+    # The same types too: a default is told from a value given by its type and value.
+    assert {k: type(v) for k, v in declared.items()} == {k: type(v) for k, v in defaults.items()}
 
 
 def test_flower_run_config_gives_the_default_federation() -> None:
     assert from_run_config(dict(APP_CONFIG)) == Config()
+
+
+def test_a_config_file_under_flwr_run_keeps_its_values(tmp_path: Path) -> None:
+    # Flower hands over every declared key at its default: those must not replace the
+    # file's values, nor count as set (a file source's drift.kind "none", a path's source).
+    data = tmp_path / "d.csv"
+    data.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    (tmp_path / "fed.toml").write_text(
+        f'seed = 5\n[federation]\nclients = 3\nrounds = 2\n[learner]\nlr = 0.05\n'
+        f'hidden = [16]\n[stream]\npath = "{data}"\n')
+    run_config = {**APP_CONFIG, "config": str(tmp_path / "fed.toml"), "federation.rounds": 4}
+    cfg = from_run_config(run_config)
+    assert (cfg.seed, cfg.federation.clients, cfg.learner.lr, cfg.learner.hidden) == (
+        5, 3, 0.05, [16])
+    assert cfg.federation.rounds == 4  # a key given on top of the file
+    assert cfg.stream.source == "csv" and cfg.drift.kind == "none"
+
+
+def test_the_flwr_run_client_app_is_the_seeded_one_fedstream_sim_runs(monkeypatch) -> None:
+    # Unbound (flwr run), the ClientApp read its config per message and drew privacy's
+    # noise from the OS: two identical runs differed. It now hands each message to the
+    # app `fedstream sim` builds for that config, seeded by it.
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedstream.protocol import messages as m
+    from fedstream.protocol.config import to_json
+    from fedstream.sim.client_app import _bound_client_app, app_for_run_config, sim_client_app
+
+    run_config = {**APP_CONFIG, "federation.clients": 3, "privacy.enabled": True}
+    cfg = from_run_config(run_config)
+    items = tuple(sorted(run_config.items()))
+    assert app_for_run_config(items) is _bound_client_app(to_json(cfg))
+    ctx = Context(1, 7, {"partition-id": 2}, RecordDict(), run_config)
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)  # a server's message
+    query = Message(m.roster_query(), dst_node_id=7, message_type=MessageType.QUERY)
+    reply = sim_client_app()(query, ctx)
+    assert reply.content[m.METRICS]["client-id"] == 2
 
 
 def _port_in_use(port: int) -> bool:
