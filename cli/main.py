@@ -98,7 +98,8 @@ def sim(
     ] = False,
     ray_address: Annotated[
         str | None,
-        typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join this Ray cluster."),
+        typer.Option("--ray-address", help="Join this Ray cluster (default: "
+                     "simulation.ray_address, else $RAY_ADDRESS)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:

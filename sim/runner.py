@@ -32,14 +32,22 @@ from fedstream.sim.results import check_config_file, check_free, claimed
 from fedstream.sim.server_app import sim_server_app
 from fedstream.sim.table_cache import content_digest
 
+CLUSTER_ENV = ("FEDSTREAM_CACHE_DIR", "XDG_CACHE_HOME")  # the parsed-table cache's folder
+
 
 def backend_config(cfg: Config) -> dict[str, Any]:
-    """Ray settings: one actor per `client_cpus`, and an existing cluster when given one."""
+    """Ray settings: one actor per `client_cpus`, and an existing cluster when given one
+    (`simulation.ray_address`, else $RAY_ADDRESS). A cluster's workers do not inherit this
+    process's environment: they are handed the variables that say where the parsed-table
+    cache is, so that they read the table the driver checked."""
     sim = cfg.simulation
     init_args: dict[str, Any] = {}
     address = sim.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         init_args["address"] = address
+        env = {name: os.environ[name] for name in CLUSTER_ENV if name in os.environ}
+        if env:
+            init_args["runtime_env"] = {"env_vars": env}
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
         "init_args": init_args,
@@ -86,7 +94,8 @@ def preflight(cfg: Config) -> None:
         planned_noise(cfg)  # a target epsilon out of reach is said now
     address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        _check_cluster(address)
+        _check_cluster(address, where="simulation.ray_address" if cfg.simulation.ray_address
+                       else "RAY_ADDRESS")
     else:
         # Local virtual clients see this machine's devices; on a cluster, its nodes' may differ.
         try:
@@ -129,10 +138,11 @@ def machine_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _check_cluster(address: str, wait: float = 5.0) -> None:
+def _check_cluster(address: str, wait: float = 5.0, where: str = "simulation.ray_address",
+                   ) -> None:
     """A cluster's HOST:PORT (or ray://HOST:PORT) must answer now: Ray itself retries an
-    unreachable one for minutes, saying only that it cannot reach its GCS."""
-    where = "simulation.ray_address" if not os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+    unreachable one for minutes, saying only that it cannot reach its GCS. `where`: the
+    setting that named it."""
     if address in ("auto", "local"):
         return  # Ray's own names, resolved by Ray
     host, colon, port = address.removeprefix("ray://").rpartition(":")

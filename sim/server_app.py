@@ -9,7 +9,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedstream.protocol.config import Config, from_run_config
+from fedstream.protocol.config import Config, from_run_config, run_config_changes
 from fedstream.server import stopping
 from fedstream.server.app import run_federation
 from fedstream.server.records import read_metrics, write_summary
@@ -53,6 +53,21 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
     return summary
 
 
+ENGINE_KEYS = ("simulation.ray_address", "simulation.client_cpus", "simulation.client_gpus",
+               "simulation.backend")
+
+
+def engine_settings_unused(run_config: dict) -> list[str]:
+    """Under `flwr run`, Flower's own simulation settings start the engine, before any
+    fedstream code runs: the keys that would have started it are said to be unused."""
+    given = [k for k in run_config_changes(run_config) if k in ENGINE_KEYS]
+    if not given:
+        return []
+    return [f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not used under `flwr "
+            "run`: Flower's federation settings start its simulation engine there (its "
+            "client resources, its Ray); `fedstream sim` uses them"]
+
+
 def _ids(first: int, last: int) -> str:
     return f"client {first}" if first == last else f"clients {first} to {last}"
 
@@ -75,6 +90,9 @@ def sim_server_app(cfg: Config | None = None) -> ServerApp:
     def _main(grid: Grid, context: Context) -> None:
         quiet_flower()
         config = cfg or from_run_config(dict(context.run_config))
+        if cfg is None:
+            for line in engine_settings_unused(dict(context.run_config)):
+                print(f"fedstream: {line}", file=sys.stderr, flush=True)
         # Under `flwr run`, the engine in this process starts its dispatcher once Ray is up,
         # seconds after this; `fedstream sim` has set it before starting the engine.
         set_dispatch_interval(config.simulation.dispatch_interval)

@@ -640,3 +640,22 @@ def test_a_file_sorted_by_its_label_gets_a_hint(tmp_path: Path) -> None:
     # Ordered by a time column, the blocks are the stream's own.
     timed = [o for o in write("timed.csv", np.arange(120)) if "exclude" not in o]
     assert order_hint(load(overrides=[*timed, 'stream.time="t"'])) is None
+
+
+def test_a_clusters_workers_are_told_where_the_table_cache_is(monkeypatch) -> None:
+    # Workers of a cluster fedstream joins do not inherit its environment: they parsed
+    # the file again, into another cache, and failed once it had moved.
+    from fedstream.sim.runner import backend_config
+
+    monkeypatch.setenv("FEDSTREAM_CACHE_DIR", "/tmp/shared-cache")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    joined = backend_config(load(overrides=['simulation.ray_address="10.0.0.5:6379"']))
+    assert joined["init_args"] == {"address": "10.0.0.5:6379", "runtime_env": {
+        "env_vars": {"FEDSTREAM_CACHE_DIR": "/tmp/shared-cache"}}}
+    assert backend_config(load(overrides=[]))["init_args"] == {}  # its own Ray inherits it
+    # The config's address comes before $RAY_ADDRESS ("local": a Ray of this machine's own).
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    assert backend_config(load(overrides=['simulation.ray_address="local"']))[
+        "init_args"]["address"] == "local"
+    assert backend_config(load(overrides=[]))["init_args"]["address"] == "10.0.0.9:6379"

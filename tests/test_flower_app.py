@@ -70,6 +70,17 @@ def test_the_flwr_run_client_app_is_the_seeded_one_fedstream_sim_runs(monkeypatc
     assert reply.content[m.METRICS]["client-id"] == 2
 
 
+def test_engine_settings_flwr_run_does_not_use_are_said() -> None:
+    from fedstream.sim.server_app import engine_settings_unused
+
+    assert engine_settings_unused(dict(APP_CONFIG)) == []
+    said = engine_settings_unused({**APP_CONFIG, "simulation.client_cpus": 2.0,
+                                   "simulation.ray_address": "10.0.0.5:6379"})
+    assert said == ["simulation.client_cpus, simulation.ray_address are not used under `flwr "
+                    "run`: Flower's federation settings start its simulation engine there (its "
+                    "client resources, its Ray); `fedstream sim` uses them"]
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
