@@ -5,6 +5,7 @@ This module is what every Ray worker imports, so it imports only the client side
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -17,6 +18,8 @@ from fedstream.protocol.config import Config, from_json, from_run_config, to_jso
 from fedstream.sim.availability import availability_mod, threads_mod
 from fedstream.sim.federation import federation
 from fedstream.sim.logs import quiet_flower
+from fedstream.sim.table_cache import ENV as CACHE_ENV
+from fedstream.sim.table_cache import cache_dir
 
 
 def virtual_stream(cfg: Config, ctx: Context) -> ClientStream:
@@ -32,21 +35,33 @@ def virtual_stream(cfg: Config, ctx: Context) -> ClientStream:
 
 
 class _PicklesAsConfig(ClientApp):
-    """A ClientApp that pickles as its config.
+    """A ClientApp that pickles as its config, and the driver's table-cache folder.
 
     Flower's Ray backend sends the ClientApp along with every message; pickled by value,
     its closures drag in kilobytes and cost milliseconds per message. By reference to a
-    cached factory it is a short string, and each worker builds the app once.
+    cached factory it is a short string, and each worker builds the app once. The cache
+    folder goes along because the workers of a cluster fedstream joins do not inherit the
+    driver's environment: they would parse the file again into a cache of their own,
+    and fail once it had moved.
     """
 
     cfg_json = ""
+    tables = ""
 
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (_bound_client_app, (self.cfg_json,))
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (_bound_client_app, (self.cfg_json, self.tables))
+
+
+def _tables_here() -> str:
+    """This process's table-cache folder, as `FEDSTREAM_CACHE_DIR` would name it."""
+    folder = cache_dir()
+    return "off" if folder is None else str(folder.resolve())
 
 
 @lru_cache(maxsize=4)
-def _bound_client_app(cfg_json: str) -> ClientApp:
+def _bound_client_app(cfg_json: str, tables: str = "") -> ClientApp:
+    if tables:  # in a worker: the driver's cache folder
+        os.environ[CACHE_ENV] = tables
     cfg = from_json(cfg_json)
     quiet_flower()  # in the Ray worker that unpickles it: the actor logs through flwr too
     mods = [threads_mod(cfg), availability_mod(cfg)]
@@ -54,6 +69,7 @@ def _bound_client_app(cfg_json: str) -> ClientApp:
         virtual_stream, cfg, mods=mods, app_class=_PicklesAsConfig, seed=cfg.seed
     )
     app.cfg_json = cfg_json  # type: ignore[attr-defined]
+    app.tables = tables or _tables_here()  # type: ignore[attr-defined]
     return app
 
 

@@ -32,22 +32,15 @@ from fedstream.sim.results import check_config_file, check_free, claimed
 from fedstream.sim.server_app import sim_server_app
 from fedstream.sim.table_cache import content_digest
 
-CLUSTER_ENV = ("FEDSTREAM_CACHE_DIR", "XDG_CACHE_HOME")  # the parsed-table cache's folder
-
 
 def backend_config(cfg: Config) -> dict[str, Any]:
     """Ray settings: one actor per `client_cpus`, and an existing cluster when given one
-    (`simulation.ray_address`, else $RAY_ADDRESS). A cluster's workers do not inherit this
-    process's environment: they are handed the variables that say where the parsed-table
-    cache is, so that they read the table the driver checked."""
+    (`simulation.ray_address`, else $RAY_ADDRESS)."""
     sim = cfg.simulation
     init_args: dict[str, Any] = {}
     address = sim.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         init_args["address"] = address
-        env = {name: os.environ[name] for name in CLUSTER_ENV if name in os.environ}
-        if env:
-            init_args["runtime_env"] = {"env_vars": env}
     return {
         "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": sim.client_gpus},
         "init_args": init_args,

@@ -642,20 +642,28 @@ def test_a_file_sorted_by_its_label_gets_a_hint(tmp_path: Path) -> None:
     assert order_hint(load(overrides=[*timed, 'stream.time="t"'])) is None
 
 
-def test_a_clusters_workers_are_told_where_the_table_cache_is(monkeypatch) -> None:
+def test_a_clusters_workers_are_told_where_the_table_cache_is(
+    monkeypatch, tmp_path: Path,
+) -> None:
     # Workers of a cluster fedstream joins do not inherit its environment: they parsed
-    # the file again, into another cache, and failed once it had moved.
-    from fedstream.sim.runner import backend_config
+    # the file again, into another cache, and failed once it had moved. The ClientApp
+    # carries the driver's cache folder, and a worker unpickling it takes it.
+    import os
 
-    monkeypatch.setenv("FEDSTREAM_CACHE_DIR", "/tmp/shared-cache")
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    joined = backend_config(load(overrides=['simulation.ray_address="10.0.0.5:6379"']))
-    assert joined["init_args"] == {"address": "10.0.0.5:6379", "runtime_env": {
-        "env_vars": {"FEDSTREAM_CACHE_DIR": "/tmp/shared-cache"}}}
-    assert backend_config(load(overrides=[]))["init_args"] == {}  # its own Ray inherits it
+    from fedstream.sim.client_app import sim_client_app
+    from fedstream.sim.runner import backend_config
+    from fedstream.sim.table_cache import ENV
+
+    monkeypatch.setenv(ENV, str(tmp_path / "driver-cache"))
+    factory, args = sim_client_app(load(overrides=["seed=11"])).__reduce__()
+    assert args[1] == str((tmp_path / "driver-cache").resolve())
+    monkeypatch.setenv(ENV, "/a/worker/elsewhere")  # a worker's own environment
+    assert factory(*args).tables == args[1]
+    assert os.environ[ENV] == args[1]
     # The config's address comes before $RAY_ADDRESS ("local": a Ray of this machine's own).
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
     assert backend_config(load(overrides=['simulation.ray_address="local"']))[
-        "init_args"]["address"] == "local"
+        "init_args"] == {"address": "local"}
     assert backend_config(load(overrides=[]))["init_args"]["address"] == "10.0.0.9:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert backend_config(load(overrides=[]))["init_args"] == {}

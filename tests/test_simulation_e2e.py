@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -173,7 +174,15 @@ def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_tmp = tempfile.mkdtemp(prefix="fsray")  # Unix socket paths must stay under 108 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    # The head's workers have another table cache than the driver: they must read the
+    # driver's (the ClientApp carries its folder), not parse the file again into theirs.
+    heads, drivers = tmp_path / "head-cache", tmp_path / "driver-cache"
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "FEDSTREAM_CACHE_DIR": str(heads)}
+    data = tmp_path / "d.csv"
+    rng = np.random.default_rng(0)
+    data.write_text("a,b,c,label\n" + "".join(
+        f"{x:.3f},{y:.3f},{z:.3f},{int(x + y > 0) + int(z > 1)}\n"
+        for x, y, z in rng.normal(size=(400, 3))))
     # --block keeps the head in the foreground, so this test owns (and stops) only its own
     # cluster; `ray stop` would stop every Ray on the machine.
     head = subprocess.Popen(
@@ -187,10 +196,12 @@ def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         out = tmp_path / "cluster"
         proc = fedstream("sim", *SMALL, "--set", 'federation.strategy="fedyogi"',
                          "--set", "federation.fraction=0.5", "--quiet", "--ray-address", address,
-                         "--out", str(out), env={"RAY_TMPDIR": ray_tmp})
+                         "--set", f'stream.path="{data}"', "--out", str(out),
+                         env={"RAY_TMPDIR": ray_tmp, "FEDSTREAM_CACHE_DIR": str(drivers)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["client_updates"] == 6  # half the clients sampled each round
+        assert any(drivers.iterdir()) and not (heads.exists() and any(heads.iterdir()))
         # the cluster we joined is still up afterwards: the simulation did not own it
         assert _ray_status(address, env) == 0
     finally:
