@@ -228,6 +228,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     table.add_row("federated", _pct(summary["prequential_accuracy"]), str(summary["samples_seen"]))
     for name, base in summary.get("baselines", {}).items():
         table.add_row(name, _pct(base["prequential_accuracy"]), str(base["samples_seen"]))
+    for name, key, _, _ in REFERENCES:
+        if summary.get(key) is not None:
+            table.add_row(name, _pct(summary[key]), str(summary["samples_seen"]), style="dim")
     Console().print(table)
     # A deployed run counts its time since the server (re)started: a resumed run's rounds
     # before the restart are not in it.
@@ -249,6 +252,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             "infinite; null in metrics.jsonl), so its predictions mean nothing: lower "
             "learner.lr (or federation.server_lr)", highlight=False
         )
+    for line in (_kappa_line(summary), _beaten_by(summary)):
+        if line:
+            Console().print(line, highlight=False, soft_wrap=True)
     if summary.get("shared_client_ids"):
         ids = ", ".join(map(str, summary["shared_client_ids"]))
         Console().print(
@@ -287,6 +293,44 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     if summary.get("privacy"):
         line = _privacy_line(summary["privacy"], bool(summary.get("secure_aggregation")))
         Console().print(line, highlight=False, soft_wrap=True)
+
+
+# The trivial predictors scored on the federation's own samples (client.metrics.References):
+# their row's name, their accuracy's key in summary.json, the kappa against them, and why
+# they can do well.
+REFERENCES = (
+    ("no-change (last label)", "no_change_accuracy", "kappa_temporal",
+     "the labels come in runs, which repeating the last one exploits"),
+    ("majority class so far", "majority_accuracy", "kappa_m", "one class dominates"),
+)
+
+
+def _kappa(value: float | None) -> str:
+    return "undefined (that predictor was always right)" if value is None else f"{value:.2f}"
+
+
+def _kappa_line(summary: dict[str, Any]) -> str | None:
+    """The kappas, when the run has them: accuracy alone hides what the data gives free."""
+    if summary.get("prequential_accuracy") is None or summary.get("no_change_accuracy") is None:
+        return None
+    return (f"kappa_temporal {_kappa(summary.get('kappa_temporal'))}, kappa_m "
+            f"{_kappa(summary.get('kappa_m'))} (against the no-change and majority "
+            "predictors: 1 is perfect, 0 no better)")
+
+
+def _beaten_by(summary: dict[str, Any]) -> str | None:
+    """A warning naming each trivial predictor that did at least as well as the federated
+    model: its accuracy alone would look like learning to anyone who did not compare."""
+    ours = summary.get("prequential_accuracy")
+    beaten = [(name, summary[key], kappa, why) for name, key, kappa, why in REFERENCES
+              if ours is not None and summary.get(key) is not None and summary[key] >= ours]
+    if not beaten:
+        return None
+    names = " and the ".join(f"{name} predictor ({_pct(acc)})" for name, acc, _, _ in beaten)
+    whys = "; ".join(f"{why} ({kappa} {_kappa(summary.get(kappa))})"
+                     for _, _, kappa, why in beaten)
+    return (f"[yellow]the federated model ({_pct(ours)}) did no better than the {names}"
+            f"[/yellow] on the same samples: {whys}")
 
 
 def _size(n: float) -> str:

@@ -89,6 +89,8 @@ def learn(
         fading_accuracy=learner.metric.fading_accuracy if learner.metric.seen else 0.0,
         offset=learner.offset,
         train_seconds=time.perf_counter() - started,
+        no_change_correct=outcome.no_change_correct,
+        majority_correct=outcome.majority_correct,
     )
     weights = updates.record(learner.get_weights())
     return RecordDict({m.ARRAYS: weights, m.METRICS: report.to_record()})

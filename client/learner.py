@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from fedstream.client.detectors import DriftDetector, detections, make_detector
 from fedstream.client.device import pick_device
-from fedstream.client.metrics import Prequential, RoundOutcome
+from fedstream.client.metrics import Prequential, References, RoundOutcome
 from fedstream.client.optim import make_optimizer, make_schedule
 from fedstream.client.scaling import RunningScaler
 from fedstream.protocol.config import DetectorConfig, LearnerConfig
@@ -51,6 +51,7 @@ class Learner:
         self.schedule = make_schedule(self.optimizer, cfg)
         self.detector = _detector(spec.detector)
         self.metric = Prequential(fading=spec.fading)
+        self.references = References.new(spec.n_classes)
         self.scaler = RunningScaler(spec.feature_shape) if cfg.standardize else None
         self.offset = 0  # stream position of the first sample not yet learned
         self.boost_left = 0  # mini-batches still trained at a raised LR after a drift
@@ -92,6 +93,7 @@ class Learner:
         correct = torch.cat([c for c, _ in self._scored]).cpu().numpy()
         losses = torch.cat([loss for _, loss in self._scored]).cpu().numpy()
         outcome.add(correct, losses)
+        outcome.no_change_correct, outcome.majority_correct = self.references.score(y)
         self.metric.update(correct, losses)
         self.offset += len(y)
         return outcome
@@ -222,6 +224,7 @@ class Learner:
                     "schedule": None if self.schedule is None else self.schedule.state_dict(),
                     "detector": self.detector.state_dict(),
                     "metric": self.metric.state_dict(),
+                    "references": self.references.state_dict(),
                     "offset": self.offset,
                     "boost_left": self.boost_left,
                     "window": (self.window_x, self.window_y),
@@ -238,6 +241,8 @@ class Learner:
             self.schedule.load_state_dict(state["schedule"])
         self.detector.load_state_dict(state["detector"])
         self.metric = Prequential.from_state(state["metric"])
+        if "references" in state:  # a state saved before they were kept starts them afresh
+            self.references = References.from_state(_to_numpy(state["references"]))
         self.offset = int(state["offset"])
         self.boost_left = int(state["boost_left"])
         self.window_x, self.window_y = state["window"]

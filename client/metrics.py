@@ -60,6 +60,55 @@ class Prequential:
 
 
 @dataclass
+class References:
+    """The two predictors a stream classifier must beat, scored on the same samples.
+
+    `no-change` predicts the label before (it wins on labels that come in runs, which a
+    shuffled test set never shows); `majority` predicts the class seen most often so far
+    (it wins on imbalanced classes). Their accuracies give the kappa statistics stream
+    mining reports (Bifet et al. 2015): a model with kappa_temporal <= 0 learned less than
+    the label's own autocorrelation tells. Before its first label, each predicts class 0.
+    """
+
+    counts: np.ndarray  # per class, labels seen so far
+    last: int = 0  # the label before the next one
+
+    @classmethod
+    def new(cls, n_classes: int) -> References:
+        return cls(np.zeros(n_classes, dtype=np.int64))
+
+    def score(self, y: np.ndarray) -> tuple[int, int]:
+        """How many of labels `y` (oldest first) each predicted right: (no-change, majority).
+
+        The majority's prediction before each label is the argmax of the counts until
+        then, taken for a block of labels at once (one-hot cumulative counts), in blocks
+        small enough that the block is a few megabytes whatever the number of classes.
+        """
+        y = np.asarray(y, dtype=np.int64)
+        if len(y) == 0:
+            return 0, 0
+        no_change = int(y[0] == self.last) + int((y[1:] == y[:-1]).sum())
+        majority, n_classes = 0, len(self.counts)
+        step = max(1, (1 << 19) // n_classes)
+        for lo in range(0, len(y), step):
+            block = y[lo : lo + step]
+            onehot = np.zeros((len(block), n_classes), dtype=np.int64)
+            onehot[np.arange(len(block)), block] = 1
+            before = np.cumsum(onehot, axis=0) - onehot + self.counts
+            majority += int((before.argmax(axis=1) == block).sum())
+            self.counts += onehot.sum(axis=0)
+        self.last = int(y[-1])
+        return no_change, majority
+
+    def state_dict(self) -> dict[str, object]:
+        return {"counts": self.counts.copy(), "last": self.last}
+
+    @classmethod
+    def from_state(cls, state: dict[str, object]) -> References:
+        return cls(np.array(state["counts"], dtype=np.int64), int(state["last"]))  # type: ignore[call-overload]
+
+
+@dataclass
 class RoundOutcome:
     """What one client did in one round: the numbers its update reports."""
 
@@ -67,6 +116,8 @@ class RoundOutcome:
     correct: int = 0
     loss_sum: float = 0.0
     drifts: list[int] = field(default_factory=list)  # stream positions where drift was detected
+    no_change_correct: int = 0  # of the same samples, right by References
+    majority_correct: int = 0
 
     def add(self, correct: np.ndarray, losses: np.ndarray) -> None:
         self.seen += len(correct)

@@ -141,6 +141,8 @@ def masked_update(
         "train-us": int(report.train_seconds * 1e6),
         "dropped": report.dropped,
         "privatised": int(report.privatised),
+        "no-change-correct": report.no_change_correct,
+        "majority-correct": report.majority_correct,
     }
     y_tail = secagg.tail_words([tail[name] for name in m.TAIL])
     masks.add_tail(y_tail)

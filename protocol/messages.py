@@ -44,6 +44,9 @@ class TrainReport:
     # as every other client, whatever its examples: a weight that grew with the client's
     # data would let it move the sum by more than the clip.
     privatised: bool = False
+    # Of the same samples, how many the trivial predictors got right (client.metrics.References)
+    no_change_correct: int = 0
+    majority_correct: int = 0
 
     def to_record(self) -> MetricRecord:
         record = MetricRecord(
@@ -59,6 +62,8 @@ class TrainReport:
                 "offset": self.offset,
                 "train-seconds": self.train_seconds,
                 "dropped": self.dropped,
+                "no-change-correct": self.no_change_correct,
+                "majority-correct": self.majority_correct,
             }
         )
         if self.privatised:  # only under differential privacy: other reports stay as they were
@@ -80,6 +85,8 @@ class TrainReport:
             train_seconds=float(rec.get("train-seconds", 0.0)),
             dropped=int(rec.get("dropped", 0)),
             privatised=bool(rec.get(PRIVATISED, 0)),
+            no_change_correct=int(rec.get("no-change-correct", 0)),
+            majority_correct=int(rec.get("majority-correct", 0)),
         )
 
 
@@ -111,6 +118,8 @@ TAIL = (
     "train-us",
     "dropped",
     "privatised",  # under differential privacy the server checks that every client did
+    "no-change-correct",
+    "majority-correct",
 )
 FIXED_POINT = 1 << 16  # loss sums travel as integers of 1/65536
 KEYS_LOST = "secure aggregation keys not held"  # in an error reason: fetch the keys again

@@ -27,11 +27,12 @@ from fedstream.protocol.secagg import (
     UnmaskRequest,
 )
 
-PROTOCOL = 5
+PROTOCOL = 6
 """Version of the secure-aggregation protocol: 1 read masks as AES-128-CTR from a zero
 counter block; 2 reads them segment by segment (keyschedule.Keystream); 3 counts privatised
 updates in the tail; 4 counts clients with samples too; 5 binds each share to its
-receiver's mask key (keyschedule.share_ad)."""
+receiver's mask key (keyschedule.share_ad); 6 counts the trivial predictors' right answers
+in the tail."""
 
 
 def _check_protocol(rec: ConfigRecord, sender: str) -> None:

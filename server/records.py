@@ -87,6 +87,8 @@ class History:
     round_trips: int = 0
     drift_count: int = 0
     dropped: int = 0
+    no_change_correct: int | None = 0  # of `seen`, right by repeating the label before
+    majority_correct: int | None = 0  # of `seen`, right by the class seen most so far
     clipped: int = 0  # secure rounds: coordinates clipped, of `coordinates` summed
     coordinates: int = 0
     secure: bool = False
@@ -114,6 +116,8 @@ class History:
         state.setdefault("privacy_void", None)
         state.setdefault("empty_updates", 0)
         state.setdefault("client_of", {})
+        state.setdefault("no_change_correct", None)  # unknown for the rounds before
+        state.setdefault("majority_correct", None)
         self.__dict__.update(state)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -128,6 +132,9 @@ class History:
         self.round_trips += record["round_trips"]
         self.drift_count += record["drift_count"]
         self.dropped += record["dropped"]
+        if self.no_change_correct is not None and self.majority_correct is not None:
+            self.no_change_correct += record.get("no_change_correct", 0)
+            self.majority_correct += record.get("majority_correct", 0)
         self.secure = self.secure or record.get("secure", False)
         self.clipped += record.get("clipped_coordinates", 0)
         self.coordinates += record.get("summed_coordinates", 0)
@@ -201,6 +208,8 @@ def round_record(
     examples = sum(r.examples for r in reports)
     correct = sum(r.correct for r in reports)
     loss_sum = sum(r.loss_sum for r in reports)
+    no_change = sum(r.no_change_correct for r in reports)
+    majority = sum(r.majority_correct for r in reports)
     return {
         "round": server_round,
         "clients_sampled": len(sent),
@@ -211,6 +220,8 @@ def round_record(
         "loss_sum": loss_sum,
         "accuracy": _ratio(correct, examples),
         "loss": _ratio(loss_sum, examples),
+        "no_change_correct": no_change,
+        "majority_correct": majority,
         "bytes_down": sum(bytes_of(msg) for msg in sent),
         "bytes_up": sum(bytes_of(r) for r in replies if not r.has_error()),
         "seconds": seconds,
@@ -224,6 +235,8 @@ def round_record(
                 "correct": r.correct,
                 "accuracy": _ratio(r.correct, r.examples),
                 "loss": _ratio(r.loss_sum, r.examples),
+                "no_change_correct": r.no_change_correct,
+                "majority_correct": r.majority_correct,
                 "fading_accuracy": r.fading_accuracy,
                 "total_seen": r.total_seen,
                 "total_accuracy": _ratio(r.total_correct, r.total_seen),
@@ -259,6 +272,8 @@ def secure_round_record(
         "loss_sum": loss_sum,
         "accuracy": _ratio(t["correct"], t["examples"]),
         "loss": _ratio(loss_sum, t["examples"]),
+        "no_change_correct": t["no-change-correct"],
+        "majority_correct": t["majority-correct"],
         "bytes_down": outcome.bytes_down,
         "bytes_up": outcome.bytes_up,
         "seconds": seconds,
@@ -323,6 +338,22 @@ def federated_series(records: Iterable[dict[str, Any]]) -> AccuracySeries:
     return series
 
 
+def references(history: History) -> dict[str, float | None]:
+    """The trivial predictors' accuracies on the federation's own predictions, and the
+    kappa statistics against them: (accuracy - theirs) / (1 - theirs), 1 for a perfect
+    model, 0 or below for one no better than they are. None where unknown (a run resumed
+    from a checkpoint older than these counts) or undefined."""
+    keys = ("no_change_accuracy", "majority_accuracy", "kappa_temporal", "kappa_m")
+    if history.no_change_correct is None or history.majority_correct is None:
+        return dict.fromkeys(keys)
+    accuracy = history.accuracy
+    theirs = (_ratio(history.no_change_correct, history.seen),
+              _ratio(history.majority_correct, history.seen))
+    kappas = [None if accuracy is None or p is None or p == 1 else (accuracy - p) / (1 - p)
+              for p in theirs]
+    return dict(zip(keys, [*theirs, *kappas], strict=True))
+
+
 def run_summary(cfg: Config, history: History) -> dict[str, Any]:
     """The summary.json keys every run has, simulated or deployed (see the README)."""
     per_client = {
@@ -338,6 +369,7 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "seed": cfg.seed,
         "prequential_accuracy": history.accuracy,
         "prequential_loss": history.loss_sum / history.seen if history.seen else None,
+        **references(history),
         "client_updates": history.client_updates,
         "client_updates_empty": None if history.secure else history.empty_updates,
         "client_failures": history.failures,

@@ -403,6 +403,10 @@ def _odd_totals(totals: dict[str, int], max_weight: int) -> str | None:
         return f"{with_samples} of {n} clients with samples, {examples} examples"
     if totals["privatised"] > n:
         return f"privatised = {totals['privatised']} of {n} clients"
+    right = [f"{k} = {totals[k]}" for k in ("correct", "no-change-correct", "majority-correct")
+             if totals[k] > examples]
+    if right:
+        return f"{', '.join(right)} of {examples} examples"
     private, plain = totals["privatised"], n - totals["privatised"]
     low = private * max_weight + (min(examples, max_weight) if plain == n else 0)
     high = private * max_weight + min(examples, plain * max_weight)

@@ -124,6 +124,7 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
         x = np.arange(1, len(base["cumulative_accuracy"]) + 1)
         ax.plot(x, _series(base["accuracy_per_round"]), color=f"C{i + 1}", alpha=0.35)
         ax.plot(x, _series(base["cumulative_accuracy"]), color=f"C{i + 1}", lw=2, label=name)
+    _plot_references(ax, rounds, records)
     evals = [
         (r["round"], r["global_eval"]["accuracy"])
         for r in records
@@ -147,6 +148,22 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+REFERENCE_LINES = (("no_change_correct", "no-change (last label)", "--"),
+                   ("majority_correct", "majority class so far", ":"))
+
+
+def _plot_references(ax: Any, rounds: np.ndarray, records: list[dict[str, Any]]) -> None:
+    """The trivial predictors' cumulative accuracy, grey: the floor the model must clear
+    (absent from the records of a run older than these counts)."""
+    for key, label, style in REFERENCE_LINES:
+        if not records or not all(key in rec for rec in records):
+            continue
+        seen = np.cumsum([rec["examples"] for rec in records], dtype=float)
+        right = np.cumsum([rec[key] for rec in records], dtype=float)
+        accuracy = np.divide(right, seen, out=np.full(len(seen), np.nan), where=seen > 0)
+        ax.plot(rounds, 100 * accuracy, color="0.45", ls=style, lw=1.2, label=label)
 
 
 def clients_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> Path:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -166,6 +168,57 @@ def test_a_run_that_clipped_most_coordinates_is_told_so(
     out = capsys.readouterr().out
     assert ("99.6 % of the update coordinates were clipped" in out) is warned
     assert ("raise secure_aggregation.clip" in " ".join(out.split())) is warned
+
+
+@pytest.mark.parametrize(
+    ("no_change", "majority", "warned"),
+    [(0.7, 0.3, ["no-change (last label) predictor (70.00%)"]),
+     (0.2, 0.6, ["majority class so far predictor (60.00%)"]),
+     (0.7, 0.6, ["no-change (last label) predictor (70.00%) and the majority class so far "
+                 "predictor (60.00%)"]),
+     (0.5, 0.5, []), (None, None, [])],
+)
+def test_a_model_no_better_than_a_trivial_predictor_is_told_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, no_change: float | None,
+    majority: float | None, warned: list[str],
+) -> None:
+    from fedstream.cli.main import print_summary
+
+    kappas = {"kappa_temporal": -0.5, "kappa_m": None} if no_change is not None else {}
+    print_summary(_summary(no_change_accuracy=no_change, majority_accuracy=majority,
+                           prequential_accuracy=0.55, **kappas), tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("no-change (last label) │" in out) is (no_change is not None)  # table rows
+    assert ("kappa_temporal -0.50, kappa_m undefined (that" in out) is (no_change is not None)
+    if not warned:
+        assert "did no better" not in out
+    for names in warned:
+        assert f"the federated model (55.00%) did no better than the {names} on the" in out
+    if majority == 0.6:  # an undefined kappa is said to be one, not "0 or below"
+        assert "one class dominates (kappa_m undefined (that predictor was always right))" \
+            in out
+
+
+def test_a_file_whose_labels_come_in_runs_warns_that_repeating_them_does_better(
+    tmp_path: Path,
+) -> None:
+    """Noise features, labels in runs of 50: the model learns nothing, yet scores above
+    chance at times; only the no-change predictor on the same samples shows it."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(rng.integers(0, 3, 24), 50)
+    rows = [f"{a:.4f},{b:.4f},{c}" for (a, b), c in zip(rng.normal(size=(1200, 2)), labels,
+                                                           strict=True)]
+    path = tmp_path / "runs.csv"
+    path.write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = fedstream("sim", "--set", "stream.source=csv", "--set", f'stream.path="{path}"',
+                     "--set", "federation.clients=2", "--set", "federation.rounds=4",
+                     "--set", "drift.kind=none", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = " ".join(proc.stdout.split())
+    assert "did no better than the no-change (last label) predictor" in said
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["no_change_accuracy"] > 0.9 and summary["kappa_temporal"] < 0
 
 
 def test_a_secure_run_that_aggregated_nothing_does_not_claim_sums(

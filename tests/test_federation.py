@@ -477,6 +477,30 @@ def test_an_accuracy_plot_with_nothing_scored_says_so(tmp_path: Path, monkeypatc
     assert said == ["no prediction was scored in this run"]  # nothing more said
 
 
+def test_the_accuracy_plot_draws_the_trivial_predictors_cumulatively(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from matplotlib.axes import Axes
+
+    from fedstream.sim.plots import accuracy_plot
+
+    drawn: dict[str, list[float]] = {}
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: (
+        drawn.__setitem__(kw.get("label"), list(a[1])), real(self, *a, **kw))[1])
+    records = [{"round": r, "drifts": [], "clients": {}, "examples": n, "no_change_correct": k,
+                "majority_correct": 1} for r, n, k in ((1, 0, 0), (2, 10, 5), (3, 30, 5))]
+    summary = {"accuracy_per_round": [None, 0.5, 0.5], "cumulative_accuracy": [None, 0.5, 0.5]}
+    accuracy_plot(tmp_path, summary, records)
+    assert np.isnan(drawn["no-change (last label)"][0])  # nothing seen yet
+    assert drawn["no-change (last label)"][1:] == [50.0, 25.0]
+    assert drawn["majority class so far"][1:] == [20.0, 7.5]
+    drawn.clear()
+    accuracy_plot(tmp_path, summary, [{k: v for k, v in rec.items() if "_correct" not in k}
+                                      for rec in records])  # an older run's records
+    assert "no-change (last label)" not in drawn
+
+
 def test_a_ray_cluster_that_does_not_answer_is_refused_at_once() -> None:
     # Ray retries an unreachable GCS for minutes, printing only its own warnings.
     import socket

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 
 import numpy as np
@@ -72,12 +73,33 @@ def test_state_round_trip_continues_exactly(mode: str, standardize: bool) -> Non
     c = _learner(**kw)
     c.load_state_bytes(b.state_bytes())
     c.set_weights(b.get_weights())  # a round starts from the (global) weights it is sent
-    a.learn(*_data(seed=2))
-    c.learn(*_data(seed=2))
+    ours, theirs = a.learn(*_data(seed=2)), c.learn(*_data(seed=2))
     for k, v in a.get_weights().items():
         torch.testing.assert_close(v, c.get_weights()[k])
     assert c.offset == a.offset == 128
     assert c.metric == a.metric
+    assert (ours.no_change_correct, ours.majority_correct) == (
+        theirs.no_change_correct, theirs.majority_correct)
+    assert c.references.counts.tolist() == a.references.counts.tolist() == [
+        int((np.concatenate([_data(seed=1)[1], _data(seed=2)[1]]) == k).sum()) for k in (0, 1)]
+
+
+def test_a_round_reports_the_trivial_predictors_on_its_own_samples() -> None:
+    """The same samples the model was scored on; a state from before they were kept
+    starts them afresh instead of failing."""
+    learner = _learner()
+    y = np.array([1, 1, 1, 0, 0, 1], dtype=np.int64)
+    outcome = learner.learn(np.zeros((6, 5), dtype=np.float32), y)
+    assert outcome.seen == 6
+    # no-change predicts 0, 1, 1, 1, 0, 0 (0 before any label): right 3 times
+    assert outcome.no_change_correct == 3
+    # majority predicts 0, 1, 1, 1, 1, 1 (ties go to the first class): right 3 times
+    assert outcome.majority_correct == 3
+    old = pickle.loads(learner.state_bytes())
+    del old["references"]
+    fresh = _learner()
+    fresh.load_state_bytes(pickle.dumps(old))
+    assert fresh.references.counts.tolist() == [0, 0] and fresh.offset == 6
 
 
 @pytest.mark.parametrize("mode", ["online", "batch"])

@@ -57,6 +57,10 @@ def test_secure_rounds_match_plaintext_and_send_nothing_in_clear(tmp_path):
     _, plain, _ = _run(tmp_path / "p")
     _, secure, _ = _run(tmp_path / "s", ["secure_aggregation.enabled=true"], spy)
     assert [r["examples"] for r in secure] == [r["examples"] for r in plain]
+    # The trivial predictors see only labels: their counts sum, masked, to the same.
+    for key in ("no_change_correct", "majority_correct"):
+        assert [r[key] for r in secure] == [r[key] for r in plain]
+        assert 0 < sum(r[key] for r in plain) < sum(r["examples"] for r in plain)
     for s, p in zip(secure, plain, strict=True):
         assert abs(s["accuracy"] - p["accuracy"]) < 0.005
         assert s["secure"] and s["aggregated"] and s["clients"] == {} and not s["failures"]
@@ -662,6 +666,10 @@ def test_unmasked_totals_that_no_honest_clients_could_sum_to_fail_the_round():
     assert "6 of 5 clients with samples" in _odd_totals(_totals(**{"with-samples": 6}), 1000)
     assert "0 of 5 clients with samples" in _odd_totals(_totals(**{"with-samples": 0}), 1000)
     assert "3 of 5" in _odd_totals(_totals(weight=0, examples=0, **{"with-samples": 3}), 1000)
+    # No predictor is right more often than there were examples to predict.
+    for key in ("correct", "no-change-correct", "majority-correct"):
+        assert _odd_totals(_totals(**{key: 500}), 1000) is None
+        assert f"{key} = 501 of 500 examples" in _odd_totals(_totals(**{key: 501}), 1000)
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf"), 1e300, -1e300])

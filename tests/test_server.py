@@ -216,14 +216,37 @@ def test_a_secure_run_says_what_share_of_the_summed_coordinates_was_clipped() ->
     assert run_summary(load(), History())["clipped_fraction"] is None
 
 
+def test_summary_gives_kappa_against_the_trivial_predictors() -> None:
+    history = History()
+    for correct, no_change, majority in [(50, 30, 45), (10, 10, 5)]:  # 60, 40, 50 of 100
+        rec = round_record(1, [], [], {}, seconds=0.1)
+        rec.update(examples=50, correct=correct, no_change_correct=no_change,
+                   majority_correct=majority)
+        history.add(rec)
+    summary = run_summary(load(), history)
+    assert summary["no_change_accuracy"] == 0.4 and summary["majority_accuracy"] == 0.5
+    assert summary["kappa_temporal"] == pytest.approx(0.2 / 0.6)
+    assert summary["kappa_m"] == pytest.approx(0.1 / 0.5)
+    empty = run_summary(load(), History())
+    assert [empty[k] for k in ("no_change_accuracy", "kappa_temporal")] == [None, None]
+    history.no_change_correct = history.seen  # a predictor always right: kappa undefined
+    assert run_summary(load(), history)["kappa_temporal"] is None
+
+
 def test_a_history_from_an_older_checkpoint_loads_with_its_rounds_aggregated() -> None:
     history = History(rounds=5, seen=40)
     old = dict(history.__dict__)
-    del old["aggregated"], old["errors"], old["shared_ids"]  # fields added since
+    for since in ("aggregated", "errors", "shared_ids", "no_change_correct",
+                  "majority_correct"):  # fields added since
+        del old[since]
     restored = History.__new__(History)
     restored.__setstate__(old)
     assert restored.aggregated == 5 and restored.errors == {} and restored.seen == 40
     assert restored.shared_ids == set()
+    # Its rounds' trivial predictors were never counted: unknown, not zero.
+    assert restored.no_change_correct is None
+    restored.add(round_record(6, [], [], {}, seconds=0.1))
+    assert run_summary(load(), restored)["kappa_temporal"] is None
     assert pickle.loads(pickle.dumps(history)) == history  # today's checkpoints unchanged
 
 

@@ -76,6 +76,14 @@ def test_results_folder_has_the_contract(small_run: Path) -> None:
     assert len(summary["client_drift_times"]) == 4  # drift at 2, staggered per client
     assert summary["accuracy_per_round"] == [r["accuracy"] for r in records]
     assert summary["cumulative_accuracy"][-1] == pytest.approx(summary["prequential_accuracy"])
+    # The trivial predictors, on the same samples, as the records sum them.
+    for key in ("no_change", "majority"):
+        right = sum(r[f"{key}_correct"] for r in records)
+        assert summary[f"{key}_accuracy"] == right / summary["samples_seen"]
+        for r in records:  # and per client, in plaintext
+            assert r[f"{key}_correct"] == sum(c[f"{key}_correct"] for c in r["clients"].values())
+    ours, theirs = summary["prequential_accuracy"], summary["no_change_accuracy"]
+    assert summary["kappa_temporal"] == pytest.approx((ours - theirs) / (1 - theirs))
     found = summary["drift_detection"]
     assert found["detected"] + found["missed"] == found["client_drifts"] <= 4
     detections = sum(len(r["drifts"]) for r in records)
