@@ -28,7 +28,9 @@ committed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing
+import os
 import re
 import signal
 import socket
@@ -229,6 +231,31 @@ def say(message: str) -> None:
 
 
 CLIENT_MARK = "client-id"  # in --state: the client whose samples and learner it holds
+STATE_LOCK = ".fedstream.lock"  # in --state: held (flock) by the device running on it, its pid
+
+
+def hold_state(state: Path) -> int:
+    """Hold `state` for this process's life (the returned descriptor keeps the lock).
+
+    Two devices on one state folder would train from one spool and overwrite each other's
+    secure-aggregation secrets, failing both every round. The Unix ingestion socket
+    catches that only when both listen on it; a lock catches it whatever they listen on,
+    and goes with the process however it ends (kill -9 included).
+    """
+    fd = os.open(state / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SpoolError(
+            f"--state {state} is in use by another fedstream client (pid {pid}): one "
+            "device runs on a state folder at a time; stop that one, or give this one "
+            "its own --state"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def claim_state(state: Path, client_id: int) -> None:
@@ -331,6 +358,7 @@ def run_device(dev: Device) -> int:
         say("no fork server on this platform: running Flower's default SuperExec (--cold)")
         dev = replace(dev, cold=True)
     dev.state.mkdir(parents=True, exist_ok=True)
+    lock = hold_state(dev.state)  # noqa: F841 -- open until the process ends
     claim_state(dev.state, dev.client_id)
     Spool(dev.spool, dev.n_features).close()  # create it, or refuse a mismatched one, now
     ingestion = serve_ingestion(

@@ -311,6 +311,32 @@ def test_a_device_state_is_its_clients_own(work: Path) -> None:
     assert "--client-id 1" in said and not (work / "c1" / "spool.db").exists()
 
 
+def test_a_state_folder_runs_one_device_whatever_it_listens_on(work: Path) -> None:
+    # With --ingest on TCP, the Unix socket in --state no longer collides: two devices
+    # trained from one spool and overwrote each other's secure-aggregation secrets.
+    from fedstream.client.node import hold_state
+
+    (work / "c0").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from fedstream.client.node import "
+        "hold_state; hold_state(Path(sys.argv[1])); print('held', flush=True); "
+        "time.sleep(600)"), str(work / "c0")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        done = run("client", "--server", "127.0.0.1:9", "--state", "c0", "--client-id", "0",
+                   "--config", "cfg.toml", "--insecure", "--ingest",
+                   f"127.0.0.1:{runtime.free_port()}", cwd=work)
+        assert done.returncode == 2, done.stderr
+        said = " ".join(done.stderr.split())
+        assert f"--state {work / 'c0'} is in use by another fedstream client (pid " \
+            f"{holder.pid})" in said
+        assert not (work / "c0" / "spool.db").exists()  # refused before anything was opened
+    finally:
+        holder.kill()
+        holder.wait()
+    os.close(hold_state(work / "c0"))  # a killed device's lock went with it
+
+
 def test_resume_without_a_checkpoint_is_refused(work: Path) -> None:
     certs(work)
     (work / "empty").mkdir()
