@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -171,9 +172,6 @@ def _stop_on_interrupt(out: Path) -> threading.Event:
     workers go down with their driver. Before the run starts, the folder still holds an
     earlier run's files, which are not this run's rounds.
     """
-    import os
-    import signal
-
     from fedstream.server.records import stop_logs
 
     started = threading.Event()
@@ -437,13 +435,14 @@ def feed(
     from fedstream.client.feed import Reader, open_input, still_reading
     from fedstream.client.ingest import IngestError, Producer
     from fedstream.client.sources import DataError
-    from fedstream.protocol.runtime import Stopped, on_signals
+    from fedstream.protocol.runtime import Stopped, StopRequest, on_signals
 
     if fmt not in ("auto", "csv", "jsonl"):
         fail(f"--format must be auto, csv or jsonl, got {fmt!r}", 2)
     if problem := address_problem(to, "--to", unix=True):
         fail(problem, 2)
     wanted = [f.strip() for group in features or [] for f in group.split(",") if f.strip()]
+    request = StopRequest()  # a stop while rows flow ends the input there, the stream whole
     # From the first read to the device's last reply, a stop says what was sent.
     with on_signals():
         try:
@@ -451,6 +450,7 @@ def feed(
             reader = Reader(
                 stream, name, path=file, label=label, features=wanted or None, fmt=fmt,  # type: ignore[arg-type]
                 classes=[c.strip() for c in classes.split(",")] if classes else None, batch=batch,
+                stop=request,
             )
             chunks = reader.open()  # the header, before connecting
         except (DataError, ValueError) as e:
@@ -485,7 +485,8 @@ def feed(
                     producer.wait_ready(wait)
                 width = producer.stats()["n_features"]
                 _check_width(reader.features or wanted, width, name, to)
-                result = producer.append_batches(batches())
+                with on_signals(STOPPING_FEED, soft=request):
+                    result = producer.append_batches(batches())
         except Stopped as e:
             stopped = e
             if result is None:  # the device's reply did not come: say what was handed over
@@ -499,7 +500,25 @@ def feed(
             if not still_reading():  # else closing waits on the reader's lock (see main)
                 stream.close()
     bar.close()
-    _report_feed(result, lines, problems, malformed, fatal, name, to, stopped)
+    ended = None
+    if request.is_set():  # the stream ended at the stop: the reply counts every row sent
+        stopped = request
+        ended = _ended_at(request, lines, name, partial(_resume_from, reader, stream))
+    _report_feed(result, lines, problems, malformed, fatal, name, to, stopped, ended)
+
+
+STOPPING_FEED = ("stopping: sending the rows already read, then the device says what it "
+                 "stored (stop again to leave at once, not knowing which rows it stored)")
+
+
+def _ended_at(request: Any, lines: Any, name: str, resume: Callable[[int], str]) -> str:
+    """What a feed stopped between rows sent and stored: every row up to the last one
+    sent reached the device (its reply counts them), and none after it was read."""
+    said = f"stopped ({signal.Signals(request.signum).name}): "
+    if not lines:
+        return said + f"no row was sent: feed {name} again"
+    return (said + f"the rows up to {name}:{lines[-1]} were sent, and the device's counts "
+            f"above are for them; feed again from {resume(lines[-1] + 1)}")
 
 
 def _stopped_mid_feed(e: Any, lines: Any, name: str, resume: Callable[[int], str]) -> NoReturn:
@@ -543,7 +562,7 @@ def _failed_mid_feed(
 
 def _report_feed(
     result: Any, lines: Any, problems: list[str], malformed: int, fatal: list[Exception],
-    name: str, to: str, stopped: Any,
+    name: str, to: str, stopped: Any, ended: str | None = None,
 ) -> None:
     """The device's reply: counts on stdout, the first problems on stderr, and the exit
     code the docstring of `feed` gives."""
@@ -568,6 +587,8 @@ def _report_feed(
             "feed them again later",
             highlight=False, soft_wrap=True,
         )
+    if ended:
+        err.print(ended, markup=False, highlight=False, soft_wrap=True)
     if stopped is not None:  # it came once the device had replied: the report is whole
         raise typer.Exit(stopped.exit_code)
     if malformed or fatal:

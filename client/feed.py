@@ -198,6 +198,7 @@ class Reader:
         classes: Sequence[str] | None = None,
         batch: int = 4096,
         flush_seconds: float = 1.0,
+        stop: threading.Event | None = None,
     ) -> None:
         if features is not None and label in features:
             raise ValueError(f"label column {label!r} must not also be listed in features")
@@ -208,6 +209,9 @@ class Reader:
         if classes is not None:
             self.classes = {_canonical_label(str(c)): i for i, c in enumerate(classes)}
         self.batch, self.flush_seconds = max(1, batch), flush_seconds
+        # Once set, the rows end at the next row or quiet tick: what was read is sent whole
+        # (a stopped feed ends its stream, so the device says what it stored).
+        self.stop = stop
         self.features: list[str] = []  # resolved feature names
         self.kind: Literal["csv", "jsonl"] = "csv"
         self.decimal = "."  # the CSV's decimal mark, once its header is read
@@ -445,6 +449,8 @@ class Reader:
         pending: list[tuple[int, Any]] = []
         began = time.monotonic()
         for item in rows:
+            if self.stop is not None and self.stop.is_set():
+                break
             if item is TICK:  # a live input went quiet: send what it gave so far
                 if pending:
                     yield self._convert(pending)

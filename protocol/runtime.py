@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,20 +178,40 @@ def exit_code(signum: int) -> int:
     return 128 + signum
 
 
+class StopRequest(threading.Event):
+    """Set by the first SIGINT or SIGTERM under `on_signals(soft=...)`: the work in hand
+    is to end at its next safe point, rather than be cut off where it stands."""
+
+    signum = 0
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.signum)
+
+
 @contextlib.contextmanager
-def on_signals(notice: str = "") -> Iterator[None]:
+def on_signals(notice: str = "", soft: StopRequest | None = None) -> Iterator[None]:
     """Within: the first SIGINT or SIGTERM raises `Stopped`; later ones are ignored, so
     they cannot cut the clean-up short. `notice` is printed at once, so that a clean-up
-    of a few seconds does not look like a hang. The previous handlers come back on exit."""
+    of a few seconds does not look like a hang. With `soft`, the first signal only sets
+    it (printing `notice`) and the second raises. The previous handlers come back on exit."""
     fired = False
+
+    def say() -> None:
+        if notice:  # os.write: a print here could re-enter one the signal interrupted
+            with contextlib.suppress(OSError):
+                os.write(2, f"{notice}\n".encode())
 
     def handler(signum: int, _frame: object) -> None:
         nonlocal fired
-        if not fired:
+        if soft is not None and not soft.is_set():
+            soft.signum = signum
+            soft.set()
+            say()
+        elif not fired:
             fired = True
-            if notice:  # os.write: a print here could re-enter one the signal interrupted
-                with contextlib.suppress(OSError):
-                    os.write(2, f"{notice}\n".encode())
+            if soft is None:
+                say()
             raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

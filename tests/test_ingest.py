@@ -4,12 +4,14 @@ spool behind them, and `fedstream feed` end to end."""
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -370,19 +372,86 @@ def test_feed_says_what_was_sent_when_the_device_goes_away_mid_stream(
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_stopped_feed_says_what_was_sent_and_where_to_go_on(
+def test_a_stopped_feed_ends_its_stream_and_says_where_to_go_on(
     start, sig: signal.Signals, code: int
 ) -> None:
     server = start(n_features=2)
     proc = _feeding_two_rows(server)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     said = " ".join(err.split())
     assert proc.returncode == code, err
-    assert f"stopped ({sig.name}): 2 rows were sent (to <stdin>:3)" in said, said
-    assert "Rows after <stdin>:3 were not sent" in said and "Traceback" not in err
+    assert out.startswith("2 accepted, 0 dropped"), out  # the device's own reply
+    assert f"stopped ({sig.name}): the rows up to <stdin>:3 were sent, and the device's " \
+        "counts above are for them" in said, said
     assert ("feed again from line 4, after the header (line 1): e.g. `cat FILE | sed -n "
-            "'1p;4,$p'`") in said  # not "from there"
+            "'1p;4,$p'`") in said and "Traceback" not in err
+
+
+def test_a_second_stop_leaves_at_once_saying_what_was_sent(start, monkeypatch) -> None:
+    # A device that takes its time to store: the first stop waits for its reply, the
+    # second does not.
+    server = start(n_features=2)
+    proc = _feeding_two_rows(server)
+    release = threading.Event()
+    real = server.spool.append
+    monkeypatch.setattr(server.spool, "append", lambda *a: (release.wait(30), real(*a))[1])
+    assert proc.stdin is not None
+    proc.stdin.write("5,6,0\n")
+    proc.stdin.flush()
+    time.sleep(1.5)  # sent (after its second), and held by the device
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        release.set()
+    said = " ".join(err.split())
+    assert proc.returncode == 130, err
+    assert "stopping: sending the rows already read" in said  # the first stop, said at once
+    assert "stopped (SIGINT): 3 rows were sent (to <stdin>:4)" in said, said
+    assert "may not be stored" in said and "Traceback" not in err
+
+
+def test_a_feed_stopped_while_rows_flow_names_the_very_next_row(start) -> None:
+    """Rows written without pause: at the stop some are in flight. The line it names is
+    the first the device did not store: feeding again from it stores every row once."""
+    server = start(n_features=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
+         "--quiet", "--batch", "7"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None
+
+    def write() -> None:  # row i (0-based) is on line i + 2, and its first value is i
+        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+            proc.stdin.write("x,y,label\n")
+            for i in range(200_000):
+                proc.stdin.write(f"{i},0,{i % 3}\n")
+                if i % 50 == 0:
+                    proc.stdin.flush()
+                    time.sleep(0.001)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    deadline = time.monotonic() + 60
+    while len(stored(server)) < 500:
+        assert time.monotonic() < deadline and proc.poll() is None, "rows were not stored"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=60)
+        assert proc.stderr is not None
+        said = " ".join(proc.stderr.read().split())
+    finally:
+        proc.kill()
+    assert code == 130, said
+    named = re.search(r"feed again from line (\d+),", said)
+    assert named, said
+    # Every row before the line named was stored, once, in order; none after it.
+    assert stored(server) == list(range(int(named.group(1)) - 2))
 
 
 @pytest.mark.parametrize("how", ["sigterm", "width"])
@@ -411,7 +480,7 @@ def test_a_feed_from_a_pipe_left_open_exits_after_what_it_says(start, how: str) 
         proc.kill()
         proc.stdin.close()
     if how == "sigterm":
-        assert code == 143 and "stopped (SIGTERM): 2 rows were sent" in said, said
+        assert code == 143 and "stopped (SIGTERM): the rows up to <stdin>:3 were sent" in said, said
     else:
         assert code == 2 and "its rows have 2 features ('x', 'y')" in said, said
     assert "Fatal Python error" not in said
