@@ -158,6 +158,13 @@ CONNECTED = "SuperNode ID:"
 RECONNECTED = "Connection successful after"  # Flower's retry, once a server answers again
 RETRYING = "Connection attempt failed"
 GAVE_UP = "Giving up reconnection"  # Flower's retry at --max-wait-time; its process lives on
+# Traffic: a SuperNode that said it lost the server and logs these has it back, whether
+# or not Flower logged RECONNECTED (it often does not).
+TRAFFIC = ("Received successfully", "Sent successfully")
+# A message of a run the server no longer runs (it crashed and restarted): Flower 1.42's
+# SuperNode keeps the message and its task anyway, and from then on answers each message
+# of the new run one message late, failing every round. Only a new SuperNode forgets it.
+STALE_RUN = "status. Ignoring message"
 # Without --ca the SuperNode checks the server against this machine's CA store.
 NO_CA = ("the server's certificate is not signed by a CA this machine trusts, and no --ca "
          "was given: pass --ca with the federation's ca.crt (made by `fedstream certs`)")
@@ -294,6 +301,7 @@ class _Watch:
     connected: bool = False  # this SuperNode, now
     ever: bool = False  # this SuperNode, at any time
     gave_up: bool = False  # this SuperNode said it gave up reconnecting
+    stale: bool = False  # this SuperNode took a message of a run that is over: replace it
     last_reason: str = ""  # why the previous SuperNode exited
 
     def exited(self, text: str, code: int) -> tuple[str, int | None]:
@@ -322,16 +330,19 @@ class _Watch:
         return f"the SuperNode exited ({code}){why}retrying in {self.pause:.0f} s; see {log}", None
 
     def new_node(self) -> None:
-        self.connected = self.ever = self.gave_up = False
+        self.connected = self.ever = self.gave_up = self.stale = False
 
     def hear(self, line: str) -> None:
         dev = self.dev
-        if CONNECTED in line or (RECONNECTED in line and self.ever):
+        back = self.ever and not self.connected and any(t in line for t in TRAFFIC)
+        if CONNECTED in line or (RECONNECTED in line and self.ever) or back:
             self.connected = self.ever = True
             self.said_waiting, self.pause, self.refused = False, RETRY_FIRST, 0
             say(f"connected to the server at {dev.server}")
         elif GAVE_UP in line:
             self.gave_up = True
+        elif STALE_RUN in line:
+            self.stale = True
         elif runtime.ROUND_FAILED in line:
             failure = line.split(runtime.ROUND_FAILED, 1)[1].strip()
             if failure != self.last_failure:
@@ -413,6 +424,8 @@ def run_device(dev: Device) -> int:
             while node.poll() is None and not stopping.wait(0.2):
                 for line in tail.new_lines():
                     watch.hear(line)
+                if watch.stale:
+                    break
                 if watch.connected:
                     watch.since = time.monotonic()
                 elif dev.max_wait and (watch.gave_up
@@ -430,6 +443,13 @@ def run_device(dev: Device) -> int:
             stop_all()  # the SuperExec watches the SuperNode, but do not wait for that
             if stopping.is_set():
                 return stopped()
+            if watch.stale:
+                say("the SuperNode took a message of the server's previous run (the server "
+                    "restarted mid-round), which would leave it one message behind in every "
+                    f"round: starting a new SuperNode; see {log}")
+                if stopping.wait(RETRY_FIRST):
+                    return stopped()
+                continue
             tail.new_lines()
             message, give_up = watch.exited(tail.since_mark(), node.returncode)
             say(message)

@@ -626,3 +626,60 @@ def test_a_device_that_was_connected_gives_up_at_max_wait(tmp_path: Path) -> Non
     assert said.index("connected to the server") < said.index("lost the server")
     assert "the SuperNode gave up" in said and "not connected for 2 s (--max-wait)" in said
     assert float(done.stdout.split()[-2]) < 30  # not Flower's endless wait
+
+
+# A fake SuperNode (its log lines as Flower 1.42 writes them) that loses the server, has it
+# back without Flower's "Connection successful" line, then takes a message of the server's
+# previous run; each start is counted in STATE/starts.
+STALE = r"""
+import os, sys, time
+from pathlib import Path
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+from fedstream.client import node
+
+state = Path(sys.argv[1])
+first = [
+    "\x1b[92mINFO \x1b[0m:      SuperNode ID: 17",
+    "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.50 seconds",
+    "\x1b[92mINFO \x1b[0m:      Receiving: query message (ID: 67ee)",
+    "\x1b[92mINFO \x1b[0m:      Received successfully",
+    "\x1b[92mINFO \x1b[0m:      Run ID 92 is not in `RUNNING` status. Ignoring message 0ba0.",
+]
+later = ["\x1b[92mINFO \x1b[0m:      SuperNode ID: 17"]
+script = (
+    "import sys, time\nfrom pathlib import Path\n"
+    f"starts = Path({str(state / 'starts')!r})\n"
+    "n = len(starts.read_text()) if starts.exists() else 0\n"
+    "starts.write_text('x' * (n + 1))\n"
+    f"for line in ({first!r} if n == 0 else {later!r}):\n"
+    "    print(line, flush=True)\n    time.sleep(0.5)\ntime.sleep(600)\n"
+)
+node.supernode_command = lambda dev, port: [sys.executable, "-c", script]
+dev = node.Device(server="127.0.0.1:9", state=state, client_id=0, n_features=2, cold=True)
+sys.exit(node.run_device(dev))
+"""
+
+
+def test_a_device_says_it_is_back_and_replaces_a_supernode_left_a_message_behind(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "dev"
+    proc = subprocess.Popen([sys.executable, "-c", STALE, str(state)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (state / "starts").exists()
+                   and len((state / "starts").read_text()) == 2, "a second SuperNode", 60)
+        time.sleep(1.0)  # its first line heard
+        proc.send_signal(signal.SIGTERM)
+        _, said = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, said
+    lines = [line for line in said.splitlines() if line]
+    assert [line.split(" at ")[0].split(":")[0] for line in lines[:5]] == [
+        "connected to the server", "lost the server",
+        "connected to the server",  # back: traffic, though Flower did not say it reconnected
+        "the SuperNode took a message of the server's previous run (the server restarted "
+        "mid-round), which would leave it one message behind in every round",
+        "connected to the server",  # the new SuperNode
+    ], said
