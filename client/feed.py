@@ -44,6 +44,7 @@ import numpy as np
 from fedstream.client.sources.base import DataError
 from fedstream.client.sources.tabular import (
     _INT_RE,
+    BOM,
     GZIP_MAGIC,
     MISSING,
     UNTERMINATED,
@@ -305,6 +306,8 @@ class Reader:
         for line in lines:
             if isinstance(line, _Undecodable) and not undecodable_ok:
                 raise DataError(f"{self.name}:{self.line}: {self._undecodable(line, True)}")
+            if line is not TICK and line.startswith(BOM):  # one more than the codec drops
+                line = type(line)(line.lstrip(BOM))  # (an _Undecodable stays one)
             if line is not TICK and line.strip():
                 return line
         raise DataError(f"{self.name}: empty input, expected a header row or a record")

@@ -205,3 +205,14 @@ def test_a_few_odd_first_rows_are_their_own_problem(tmp_path: Path) -> None:
     assert len(errors) == 2 and len(y) == 10
     assert "label 'oops' is not an integer class index" in errors[0]
     assert "'warm' is not a number" in errors[1]
+
+
+def test_a_second_byte_order_mark_is_not_part_of_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "two.csv"
+    path.write_bytes("\ufeff".encode() * 2 + b'"a",label\n1,0\n2,1\n')
+    stream, name = open_input(str(path))
+    with stream:
+        reader = Reader(stream, name, path=str(path), features=["a"])
+        chunks = list(reader)
+    assert reader.features == ["a"] and not chunks[0].errors
+    assert chunks[0].x[:, 0].tolist() == [1, 2] and chunks[0].y.tolist() == [0, 1]

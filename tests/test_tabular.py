@@ -274,7 +274,18 @@ def test_empty_and_header_only(tmp_path: Path) -> None:
 
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "latin.csv", b"x,y\n1,a\n2,caf\xe9\n")
-    expect_error(path, 3, "UTF-8", label="y")
+    # The byte's value and where it is in its line, not an offset that reads like a value.
+    expect_error(path, 3, "not valid UTF-8 (byte 0xe9 at byte 6 of the line)", label="y")
+
+
+def test_a_file_with_two_byte_order_marks_reads_as_with_one(tmp_path: Path) -> None:
+    """Two tools that each added a BOM: the second was part of the first column's name
+    (quotes kept), so no stream.time or stream.label could name it."""
+    bom = "\ufeff".encode()
+    for name, data in (("two.csv", bom * 2 + b'"Date",x,label\n1,2,0\n3,4,1\n'),
+                       ("u16.csv", '\ufeff"Date",x,label\n1,2,0\n3,4,1\n'.encode("utf-16"))):
+        table = load_table(write(tmp_path, name, data), label="label", time="Date")
+        assert table.features == ["x"], name
 
 
 # ------------------------------------------------------------------------------ jsonl

@@ -169,6 +169,7 @@ def _check_arguments(
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+BOM = "\ufeff"  # the byte-order mark, as text
 
 
 def _read_text(path: Path, name: str) -> str:
@@ -188,10 +189,15 @@ def _read_text(path: Path, name: str) -> str:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)  # 1-based, in bytes
         raise DataError(
             f"{name}:{line}: not valid {encoding.removesuffix('-sig').upper()} "
-            f"(byte {exc.start}): {exc.reason}; {encoding_hint(data[:_SNIFF_CHARS])}"
+            f"(byte 0x{data[exc.start]:02x} at byte {column} of the line): {exc.reason}; "
+            f"{encoding_hint(data[:_SNIFF_CHARS])}"
         ) from exc
+    # A second BOM (a file that went through two tools that each added one) would be
+    # part of the first column's name, quotes and all.
+    text = text.lstrip(BOM)
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise DataError(f"{name}:{line}: {encoding_hint(data[:_SNIFF_CHARS])}")
