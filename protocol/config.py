@@ -13,6 +13,7 @@ import difflib
 import itertools
 import json
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -670,6 +671,11 @@ def _unknown_key(loc: list[str]) -> str:
     where = ".".join(loc[:-1])
     named = [f"{where}.{k}" if where else k for k in keys]
     meant = f"; did you mean '{named[keys.index(close[0])]}'?" if close else ""
+    if not where and not close:  # `strategy = ...` at the top: a section's key, unnamed
+        homes = [f"{name}.{loc[-1]}" for name, f in Config.model_fields.items()
+                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+                 and loc[-1] in f.annotation.model_fields]
+        meant = f"; did you mean {' or '.join(repr(h) for h in homes)}?" if homes else ""
     return f"unknown key{meant} ({where or 'the top level'} has: {', '.join(keys)})"
 
 
@@ -783,7 +789,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
             given = Path(table[key])
             if not given.expanduser().is_absolute():  # absolute: a saved copy moves freely
-                table[key] = str(Path(path).parent.absolute() / given)
+                # normpath: `../data` is said as the folder it names, not `cfg/../data`
+                table[key] = os.path.normpath(Path(path).parent.absolute() / given)
     return raw
 
 

@@ -36,6 +36,8 @@ def test_defaults_are_the_embedded_federation() -> None:
          "'federation.clients'? (federation has: clients, rounds, "),
         ({"privacy": {"enable": True}}, "did you mean 'privacy.enabled'?"),
         ({"federaton": {"rounds": 3}}, "federaton: unknown key; did you mean 'federation'?"),
+        ({"strategy": "fedadam"}, "strategy: unknown key; did you mean 'federation.strategy'?"),
+        ({"delta": 0.1}, "did you mean 'detector.delta' or 'privacy.delta'?"),
         ({"federation": {"clients": "ten"}}, "federation.clients"),
         ({"federation": {"fraction": 1.5}}, "federation.fraction"),
         ({"federation": {"clients": 0}}, "federation.clients"),
@@ -256,6 +258,8 @@ def test_an_output_folder_in_a_config_file_is_relative_to_that_file(
     assert Path(load(config).output.dir).resolve() == tmp_path / "runs" / "a"
     monkeypatch.chdir("/")
     assert Path(load(config).output.dir).resolve() == tmp_path / "runs" / "a"
+    # ... and said as the folder it is (a run prints it), not `cfgs/../runs/a`
+    assert ".." not in load(config).output.dir
     assert load(config, ["output.dir=here"]).output.dir == "here"  # --set: from the cwd
 
 
