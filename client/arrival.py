@@ -162,6 +162,49 @@ def round_end(server_round: int) -> float:
     return math.nextafter(float(server_round), -math.inf)
 
 
+class Scheduled:
+    """Arrivals at times given in advance (rounds, non-decreasing): a file's own clock.
+
+    A file with a time column replays its rows when they happened, on one clock for all
+    clients, so that sites sharing that clock stay in step (a drift in the file reaches
+    every site in the same round), rather than each at its own synthetic rate."""
+
+    def __init__(self, at: np.ndarray) -> None:
+        at = np.asarray(at, dtype=np.float64)
+        if not np.isfinite(at).all() or (np.diff(at) < 0).any():
+            raise ValueError("arrival times must be finite and non-decreasing")
+        self.at = at
+
+    def __repr__(self) -> str:
+        return f"Scheduled({len(self.at)} arrivals)"
+
+    def count(self, until: float) -> int:
+        """number of samples arrived in [0, until)"""
+        if math.isnan(until):
+            raise ValueError("until must not be NaN")
+        return int(np.searchsorted(self.at, until, side="left"))
+
+    def times(self, start: int, stop: int) -> np.ndarray:
+        """arrival times (float64, non-decreasing) of samples start..stop-1"""
+        _check_span(start, stop)
+        if stop > len(self.at):
+            raise ValueError(f"only {len(self.at)} samples arrive, asked for up to {stop}")
+        return self.at[start:stop]
+
+
+def on_the_clock(time: np.ndarray, rounds: int) -> np.ndarray:
+    """A file's times (any unit) as arrival times on the round clock: its first time at
+    the start of round 1, its last in the last round, linearly between."""
+    time = np.asarray(time, dtype=np.float64)
+    if not len(time):
+        return time
+    first, span = time.min(), time.max() - time.min()
+    if span == 0:
+        return np.zeros_like(time)
+    # the last row in the last round, not at its end (round r spans [r - 1, r))
+    return np.minimum((time - first) / span * rounds, np.nextafter(float(rounds), 0.0))
+
+
 def make_arrival(kind: Literal["fixed", "poisson"], rate: float, seed: int, client: int) -> Arrival:
     """Build the arrival process named in a config."""
     if kind == "fixed":

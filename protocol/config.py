@@ -103,7 +103,8 @@ class StreamConfig(_Section):
     spread: Annotated[float, Field(gt=0.0)] = 1.0
     noise: Probability = 0.05
     image: bool = False
-    arrival: Literal["fixed", "poisson"] = "poisson"
+    # "time": a file's rows arrive at their stream.time, on one clock for all clients
+    arrival: Literal["fixed", "poisson", "time"] = "poisson"
     rate: Annotated[float, Field(gt=0.0)] = 30.0
     rate_spread: Annotated[float, Field(ge=0.0)] = 0.5
     budget: Annotated[int, Field(ge=0)] = 0
@@ -115,6 +116,15 @@ class StreamConfig(_Section):
         if digest and (len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest)):
             raise ValueError("must be the file's SHA-256 as 64 hex digits, or empty")
         return digest
+
+    @model_validator(mode="after")
+    def _time_arrival_needs_a_time_column(self) -> StreamConfig:
+        if self.arrival == "time" and (self.source not in ("csv", "jsonl") or not self.time):
+            raise ValueError(
+                "stream.arrival = 'time' replays a file's rows at the times in its "
+                "stream.time column: it needs stream.source 'csv' or 'jsonl' and stream.time"
+            )
+        return self
 
     @model_validator(mode="after")
     def _file_sources_need_a_readable_path(self, info: ValidationInfo) -> StreamConfig:
@@ -520,6 +530,12 @@ def ignored_settings(cfg: Config) -> list[str]:
             one = len(changed) == 1
             notes.append(f"{shown} {'is' if one else 'are'} not used: "
                          f"{'it is' if one else 'they are'} {why}")
+    stream = cfg.stream
+    paced = [f"stream.{k} = {getattr(stream, k):g}" for k in ("rate", "rate_spread")
+             if getattr(stream, k) != StreamConfig.model_fields[k].default]
+    if stream.arrival == "time" and paced:
+        notes.append(f"{', '.join(paced)} {'is' if len(paced) == 1 else 'are'} not used: "
+                     "stream.arrival = 'time' replays the rows at their stream.time")
     dp = cfg.privacy
     if dp.enabled and dp.target_epsilon > 0 and (
         dp.noise_multiplier != PrivacyConfig.model_fields["noise_multiplier"].default

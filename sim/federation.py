@@ -8,13 +8,19 @@ sample for sample. Building is cached per process: it is derived data, not clien
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedstream.client.arrival import client_rates, make_arrival
+from fedstream.client.arrival import (
+    Arrival,
+    Scheduled,
+    client_rates,
+    make_arrival,
+    on_the_clock,
+)
 from fedstream.client.sources import (
     ArraySource,
     DataError,
@@ -49,6 +55,7 @@ class Dataset:
     features: tuple[str, ...] = ()  # column names, for a file source
     classes: tuple[str, ...] = ()  # label names, for a file source
     client_names: tuple[str, ...] = ()  # partition.column's value of each client
+    time: np.ndarray | None = None  # stream.time of each row (rows sorted by it)
 
     def unscaled(self, limit: float = 10.0) -> list[tuple[str, float]]:
         """File columns far from unit scale (root mean square above `limit`), largest
@@ -114,6 +121,7 @@ class Federation:
             features, classes = tuple(table.features), tuple(table.classes)
             if table.groups is not None:
                 return _split_by_column(table, cfg)
+            return replace(_split(x, y, n_classes, cfg, features, classes), time=table.time)
         else:
             return None
         return _split(x, y, n_classes, cfg, features, classes)
@@ -159,6 +167,14 @@ class Federation:
         )
 
     @cached_property
+    def clock(self) -> np.ndarray | None:
+        """Every row's arrival time under stream.arrival = 'time': its stream.time, with
+        the file's first time at the start of the run and its last in the last round."""
+        if self.dataset is None or self.dataset.time is None:
+            return None
+        return on_the_clock(self.dataset.time, self.cfg.federation.rounds)
+
+    @cached_property
     def priors(self) -> np.ndarray:
         p = self.cfg.partition
         return class_priors(
@@ -172,9 +188,14 @@ class Federation:
         if not 0 <= client < n:
             raise ValueError(f"client {client} is not in this federation (clients 0..{n - 1})")
         if client not in self._streams:
-            arrival = make_arrival(
-                self.cfg.stream.arrival, float(self.rates[client]), self.cfg.seed, client
-            )
+            arrival: Arrival
+            if self.cfg.stream.arrival == "time":  # the file's clock, the same for all
+                assert self.dataset is not None and self.clock is not None
+                arrival = Scheduled(self.clock[self.dataset.parts[client]])
+            else:
+                arrival = make_arrival(
+                    self.cfg.stream.arrival, float(self.rates[client]), self.cfg.seed, client
+                )
             self._streams[client] = ClientStream(client, self.source(client), arrival)
         return self._streams[client]
 
@@ -312,7 +333,7 @@ def _split_by_column(table: Table, cfg: Config) -> Dataset:
         )
     return Dataset(
         table.x, table.y, len(table.classes), tuple(parts), hold, tuple(table.features),
-        tuple(table.classes), client_names=tuple(names),
+        tuple(table.classes), client_names=tuple(names), time=table.time,
     )
 
 

@@ -245,7 +245,7 @@ def exhaustion_hint(cfg: Config) -> str | None:
     partition: a small site under partition.column), so each is looked at."""
     fed = federation(cfg)
     dataset = fed.dataset
-    if dataset is None:
+    if dataset is None or cfg.stream.arrival == "time":  # then the rows span the run
         return None
     rounds, n = cfg.federation.rounds, cfg.federation.clients
     lasts = np.array([len(p) / r for p, r in zip(dataset.parts, fed.rates, strict=True)])

@@ -71,8 +71,7 @@ def cached_table(
 
     `sha256` pins the file's content (`content_digest`): the table is then exactly that
     content's, from the cache without reading the file again, or parsed and refused if
-    the file no longer has that content. A cached table has no `time` array: its rows are
-    already in that column's order, which is all a replay needs of it."""
+    the file no longer has that content."""
     args = {"label": label, "features": features, "time": time, "fmt": fmt,
             "exclude": list(exclude), "group": group,
             "classes": None if classes is None else list(classes)}
@@ -136,6 +135,9 @@ def _read(entry: Path) -> Table | None:
             return None
         if len(y) and (y.min() < 0 or y.max() >= len(classes)):
             return None  # labels a model of len(classes) outputs cannot take: damaged
+        time = np.load(entry / "time.npy", mmap_mode="c") if meta.get("time") else None
+        if time is not None and time.shape != y.shape:
+            return None
         groups, group_names = None, meta.get("group_names")
         if group_names is not None:
             groups = np.load(entry / "groups.npy", mmap_mode="c")
@@ -145,7 +147,7 @@ def _read(entry: Path) -> Table | None:
                 return None
         with contextlib.suppress(OSError):  # a read-only cache serves all the same
             os.utime(entry)  # recently used: pruned last
-        return Table(x=x, y=y, classes=classes, features=features, groups=groups,
+        return Table(x=x, y=y, classes=classes, features=features, time=time, groups=groups,
                      group_names=group_names)
     except Exception:  # absent, or damaged in any way: parse again (and overwrite)
         return None
@@ -162,12 +164,15 @@ def _write(root: Path, entry: Path, table: Table, source: Path) -> None:
             np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(table, name)))
         if table.groups is not None:
             np.save(staging / "groups.npy", np.ascontiguousarray(table.groups))
+        if table.time is not None:  # stream.arrival = 'time' replays rows at these
+            np.save(staging / "time.npy", np.ascontiguousarray(table.time))
         meta = {
             "source": str(source),
             "rows": len(table),
             "classes": table.classes,
             "features": table.features,
             "group_names": table.group_names,
+            "time": table.time is not None,
         }
         (staging / "meta.json").write_text(json.dumps(meta))
         staging.chmod(0o755)  # mkdtemp's 0700 would shut other users out of a shared cache

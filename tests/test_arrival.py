@@ -9,8 +9,10 @@ from fedstream.client.arrival import (
     Arrival,
     FixedRate,
     PoissonArrival,
+    Scheduled,
     client_rates,
     make_arrival,
+    on_the_clock,
 )
 
 PROCESSES = [
@@ -109,3 +111,24 @@ def test_client_rates() -> None:
         client_rates(20.0, 0.3, 0, seed=1)
     with pytest.raises(ValueError, match="spread"):
         client_rates(20.0, -0.3, 4, seed=1)
+
+
+def test_scheduled_arrivals_count_what_came_before_each_time() -> None:
+    at = np.array([0.0, 0.0, 0.5, 1.0, 1.0, 2.9])
+    proc = Scheduled(at)
+    assert isinstance(proc, Arrival)
+    assert [proc.count(r) for r in (0, 1, 2, 3, 4)] == [0, 3, 5, 6, 6]  # [r-1, r)
+    assert proc.times(2, 5).tolist() == [0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="only 6 samples arrive"):
+        proc.times(0, 7)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        Scheduled(np.array([1.0, 0.5]))
+
+
+def test_a_files_times_span_the_run_on_one_clock() -> None:
+    # Any unit (epoch seconds here): first time at 0, the last inside the last round.
+    t = 1.7e9 + np.array([0.0, 3600.0, 7200.0, 36000.0])
+    clock = on_the_clock(t, rounds=10)
+    assert clock[0] == 0.0 and 9.0 <= clock[-1] < 10.0 and clock[1] == pytest.approx(1.0)
+    assert Scheduled(clock).count(10) == 4  # every row arrives within the run
+    assert on_the_clock(np.full(3, 5.0), 4).tolist() == [0.0, 0.0, 0.0]  # one instant

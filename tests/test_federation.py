@@ -11,7 +11,7 @@ import torch
 
 from fedstream.client.learner import Learner
 from fedstream.client.sources.replay import ArraySource
-from fedstream.protocol.config import ConfigError, load
+from fedstream.protocol.config import ConfigError, ignored_settings, load
 from fedstream.sim.baselines import _spec, run_centralized, run_local
 from fedstream.sim.federation import Federation, federation
 
@@ -691,3 +691,32 @@ def test_a_clusters_workers_are_told_where_the_table_cache_is(
     assert backend_config(load(overrides=[]))["init_args"]["address"] == "10.0.0.9:6379"
     monkeypatch.delenv("RAY_ADDRESS")
     assert backend_config(load(overrides=[]))["init_args"] == {}
+
+
+def test_time_arrival_keeps_sites_sharing_a_clock_in_step(tmp_path: Path) -> None:
+    """Two sites, one at ten rows an hour, the other at one: under stream.arrival = 'time'
+    a row reaches its client when it happened (the file's first hour is round 1), so the
+    same hour of the file is in the same round for both, whatever their volumes."""
+    from fedstream.sim.federation import federation
+
+    rows = ["hour,site,a,label"]
+    for hour in range(20):
+        rows += [f"{hour + k / 10},busy,{k},{k % 2}" for k in range(10)]
+        rows.append(f"{hour},quiet,0.5,{hour % 2}")
+    cfg = load(overrides=[
+        *_csv(tmp_path, rows), "stream.time=hour", "stream.arrival=time",
+        "partition.scheme=column", "partition.column=site", "federation.rounds=20",
+        "stream.features=[\"a\"]",
+    ])
+    fed = federation(cfg)
+    busy, quiet = (fed.stream(fed.dataset.client_names.index(s)) for s in ("busy", "quiet"))
+    for r in (1, 5, 20):
+        assert busy.arrived(r) == 10 * r and quiet.arrived(r) == r  # in step, by the hour
+    assert busy.take(40, 50).t.min() >= 4 and busy.take(40, 50).t.max() < 5  # hour 4: round 5
+    for wrong, said in ((["stream.arrival=time"], "needs stream.source 'csv' or 'jsonl'"),
+                        ([*_csv(tmp_path, rows), "stream.arrival=time"], "and stream.time")):
+        with pytest.raises(ConfigError, match=said):
+            load(overrides=wrong)
+    unused = ignored_settings(load(overrides=[*_csv(tmp_path, rows), "stream.time=hour",
+                                              "stream.arrival=time", "stream.rate=5"]))
+    assert any("stream.rate = 5 is not used" in note for note in unused)

@@ -54,6 +54,17 @@ def test_a_file_is_parsed_once_then_mapped(cache: Path, tmp_path: Path, monkeypa
     np.testing.assert_array_equal(cached_table(data, label="label").x, first.x)
 
 
+def test_a_cached_table_keeps_its_time_column(cache: Path, tmp_path: Path) -> None:
+    # stream.arrival = 'time' replays the rows at these times, in every Ray worker.
+    data = tmp_path / "t.csv"
+    data.write_text("t,a,label\n" + "".join(f"{9 - i},{i},{i % 2}\n" for i in range(10)))
+    first = cached_table(data, label="label", time="t")
+    second = cached_table(data, label="label", time="t")
+    assert isinstance(second.x, np.memmap) and second.time is not None
+    assert second.time.tolist() == first.time.tolist() == list(range(10))  # sorted by time
+    assert cached_table(data, label="label").time is None
+
+
 def test_a_changed_file_or_other_columns_are_parsed_again(
     cache: Path, tmp_path: Path, monkeypatch
 ) -> None:
