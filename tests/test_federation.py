@@ -643,6 +643,23 @@ def test_a_file_edited_in_the_same_process_is_read_again(tmp_path: Path) -> None
     assert federation(cfg).dataset.classes == ("hi", "lo")  # the same config object too
 
 
+def test_a_file_dealt_by_label_that_leaves_a_client_without_a_class_gets_a_hint(
+    tmp_path: Path,
+) -> None:
+    from fedstream.sim.runner import skew_hint
+
+    rows = ["a,label"] + [f"{i},{'UP' if i % 3 else 'DOWN'}" for i in range(300)]
+    skewed = load(overrides=[*_csv(tmp_path, rows), "federation.clients=4",
+                             "partition.alpha=0.05"])
+    hint = skew_hint(skewed)
+    assert hint is not None and ("holds no 'DOWN' rows" in hint or "holds no 'UP' rows" in hint)
+    assert "partition.scheme = 'iid'" in hint
+    for fine in (["partition.scheme=iid"], ["partition.alpha=1000"]):
+        assert skew_hint(load(overrides=[*_csv(tmp_path, rows), "federation.clients=4",
+                                         *fine])) is None
+    assert skew_hint(load(overrides=["federation.clients=4"])) is None  # synthetic: by design
+
+
 def test_a_file_sorted_by_its_label_gets_a_hint(tmp_path: Path) -> None:
     from fedstream.sim.runner import order_hint
 
