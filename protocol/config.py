@@ -555,6 +555,13 @@ def risky_settings(cfg: Config) -> list[str]:
             f"server step this large diverges (its own is {SERVER_LR[fed.strategy]:g}; "
             "server_lr = 0 picks the strategy's own)"
         )
+    learner = cfg.learner
+    if learner.mode == "batch" and learner.window < learner.batch_size:
+        notes.append(
+            f"learner.window = {learner.window} is below learner.batch_size = "
+            f"{learner.batch_size}: batch mode keeps only {learner.window} recent samples, so "
+            "each step trains on all of them; raise learner.window to keep more"
+        )
     dp = cfg.privacy
     if dp.enabled and cfg.secure_aggregation.enabled and dp.noise_at == "server":
         notes.append(

@@ -391,3 +391,14 @@ def test_a_config_passed_on_does_not_need_its_file_again(tmp_path: Path) -> None
     assert from_json(to_json(cfg)) == cfg
     with pytest.raises(ConfigError, match="file not found"):  # loading it anew still checks
         validate({"stream": {"path": str(path)}})
+
+
+def test_a_batch_window_smaller_than_a_batch_is_noted() -> None:
+    from fedstream.protocol.config import risky_settings
+
+    notes = risky_settings(load(None, ["learner.mode=batch", "learner.window=2",
+                                       "learner.batch_size=16"]))
+    assert notes == ["learner.window = 2 is below learner.batch_size = 16: batch mode keeps "
+                     "only 2 recent samples, so each step trains on all of them; raise "
+                     "learner.window to keep more"]
+    assert risky_settings(load(None, ["learner.window=2", "learner.batch_size=16"])) == []
