@@ -80,16 +80,17 @@ def preflight(cfg: Config) -> None:
     """
     _check_output(Path(cfg.output.dir))
     check_config_file(cfg)
+    # First the cluster, a socket's check, rather than after the data and model load.
+    address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        _check_cluster(address, where="simulation.ray_address (--ray-address)"
+                       if cfg.simulation.ray_address else "RAY_ADDRESS")
     fed = federation(cfg)
     _ = fed.dataset
     fed.initial_arrays(check=True)
     if cfg.privacy.enabled:
         planned_noise(cfg)  # a target epsilon out of reach is said now
-    address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        _check_cluster(address, where="simulation.ray_address" if cfg.simulation.ray_address
-                       else "RAY_ADDRESS")
-    else:
+    if not address:
         # Local virtual clients see this machine's devices; on a cluster, its nodes' may differ.
         try:
             pick_device(cfg.learner.device)

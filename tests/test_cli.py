@@ -389,5 +389,23 @@ def test_a_malformed_ray_address_is_refused_before_ray_starts(tmp_path: Path, ad
     proc = fedstream("sim", "--ray-address", address, "--out", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stderr
     said = " ".join(proc.stderr.split())
-    assert f"simulation.ray_address: '{address}' is not a Ray cluster address" in said
+    assert f"simulation.ray_address (--ray-address): '{address}' is not a Ray cluster " \
+        "address" in said
     assert "Traceback" not in proc.stderr
+
+
+def test_a_cluster_that_does_not_answer_is_named_before_the_data_is_read(
+    csv_file: Path, tmp_path: Path
+) -> None:
+    # A socket's check: it came after the file was parsed and the model built (46 s).
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing answers there
+    proc = fedstream("sim", "--set", "stream.source=csv", "--set", f'stream.path="{csv_file}"',
+                     "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert "simulation.ray_address (--ray-address): no Ray cluster answers at " in said
+    assert "oops" not in said  # the file's bad row (line 4) was not reached
