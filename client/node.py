@@ -242,7 +242,8 @@ STATE_LOCK = ".fedstream.lock"  # in --state: held (flock) by the device running
 
 
 def hold_state(state: Path) -> int:
-    """Hold `state` for this process's life (the returned descriptor keeps the lock).
+    """Hold `state` for this process's life: the returned descriptor keeps the lock, and
+    is never closed here.
 
     Two devices on one state folder would train from one spool and overwrite each other's
     secure-aggregation secrets, failing both every round. The Unix ingestion socket
@@ -369,7 +370,7 @@ def run_device(dev: Device) -> int:
         say("no fork server on this platform: running Flower's default SuperExec (--cold)")
         dev = replace(dev, cold=True)
     dev.state.mkdir(parents=True, exist_ok=True)
-    lock = hold_state(dev.state)  # noqa: F841 -- open until the process ends
+    hold_state(dev.state)
     claim_state(dev.state, dev.client_id)
     Spool(dev.spool, dev.n_features).close()  # create it, or refuse a mismatched one, now
     ingestion = serve_ingestion(
