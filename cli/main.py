@@ -501,9 +501,13 @@ def feed(
                 stream.close()
     bar.close()
     ended = None
-    if request.is_set():  # the stream ended at the stop: the reply counts every row sent
+    if request.is_set():
         stopped = request
-        ended = _ended_at(request, lines, name, partial(_resume_from, reader, stream))
+        # Only a stop that cut the input short has a line to go on from; a full spool
+        # names its own (the first row refused), which comes before it.
+        if reader.broke_off and result is not None and result.first_refused is None:
+            resume = partial(_resume_from, reader, stream)
+            ended = _ended_at(request, lines[: result.sent], name, resume)
     _report_feed(result, lines, problems, malformed, fatal, name, to, stopped, ended)
 
 
@@ -512,8 +516,8 @@ STOPPING_FEED = ("stopping: sending the rows already read, then the device says 
 
 
 def _ended_at(request: Any, lines: Any, name: str, resume: Callable[[int], str]) -> str:
-    """What a feed stopped between rows sent and stored: every row up to the last one
-    sent reached the device (its reply counts them), and none after it was read."""
+    """What a feed stopped mid-input tells: `lines` are the rows the device received (its
+    reply counts them), and the input was read no further than the row after them."""
     said = f"stopped ({signal.Signals(request.signum).name}): "
     if not lines:
         return said + f"no row was sent: feed {name} again"
@@ -589,6 +593,8 @@ def _report_feed(
         )
     if ended:
         err.print(ended, markup=False, highlight=False, soft_wrap=True)
+    if result.first_refused is not None:  # back-pressure: the line above is where to go on
+        raise typer.Exit(3)
     if stopped is not None:  # it came once the device had replied: the report is whole
         raise typer.Exit(stopped.exit_code)
     if malformed or fatal:

@@ -213,6 +213,7 @@ class Reader:
         # Once set, the rows end at the next row or quiet tick: what was read is sent whole
         # (a stopped feed ends its stream, so the device says what it stored).
         self.stop = stop
+        self.broke_off = False  # the stop came before the input's end
         self.features: list[str] = []  # resolved feature names
         self.kind: Literal["csv", "jsonl"] = "csv"
         self.decimal = "."  # the CSV's decimal mark, once its header is read
@@ -453,6 +454,7 @@ class Reader:
         began = time.monotonic()
         for item in rows:
             if self.stop is not None and self.stop.is_set():
+                self.broke_off = True
                 break
             if item is TICK:  # a live input went quiet: send what it gave so far
                 if pending:

@@ -241,8 +241,12 @@ class Learner:
             self.schedule.load_state_dict(state["schedule"])
         self.detector.load_state_dict(state["detector"])
         self.metric = Prequential.from_state(state["metric"])
-        if "references" in state:  # a state saved before they were kept starts them afresh
-            self.references = References.from_state(_to_numpy(state["references"]))
+        saved = _to_numpy(state.get("references"))
+        # Kept as saved when they count this model's classes; a state saved before they
+        # were kept, or under another stream.n_classes, starts them afresh (its labels
+        # could not index the counts, and every round would fail).
+        if saved is not None and len(saved["counts"]) == self.spec.n_classes:
+            self.references = References.from_state(saved)
         self.offset = int(state["offset"])
         self.boost_left = int(state["boost_left"])
         self.window_x, self.window_y = state["window"]

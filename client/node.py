@@ -28,7 +28,6 @@ committed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import multiprocessing
 import os
 import re
@@ -252,7 +251,11 @@ def hold_state(state: Path) -> int:
     """
     fd = os.open(state / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        import fcntl  # POSIX: elsewhere (Windows) the folder is not locked
+
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        return fd
     except BlockingIOError:
         pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
@@ -261,6 +264,10 @@ def hold_state(state: Path) -> int:
             "device runs on a state folder at a time; stop that one, or give this one "
             "its own --state"
         ) from None
+    except OSError as err:  # a file system without locks (some NFS or FUSE mounts)
+        say(f"note: --state {state} cannot be locked ({err.strerror or err}): a second "
+            "device started on it would not be refused")
+        return fd
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -448,8 +455,9 @@ def run_device(dev: Device) -> int:
                 say("the SuperNode took a message of the server's previous run (the server "
                     "restarted mid-round), which would leave it one message behind in every "
                     f"round: starting a new SuperNode; see {log}")
-                if stopping.wait(RETRY_FIRST):
+                if stopping.wait(watch.pause):
                     return stopped()
+                watch.pause = min(RETRY_MAX, watch.pause * 2)  # back to RETRY_FIRST on connect
                 continue
             tail.new_lines()
             message, give_up = watch.exited(tail.since_mark(), node.returncode)

@@ -13,7 +13,6 @@ import difflib
 import itertools
 import json
 import math
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -812,8 +811,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
             given = Path(table[key])
             if not given.expanduser().is_absolute():  # absolute: a saved copy moves freely
-                # normpath: `../data` is said as the folder it names, not `cfg/../data`
-                table[key] = os.path.normpath(Path(path).parent.absolute() / given)
+                # resolved: `../data` is the folder it names (through a symlinked config
+                # folder too, as the system reads `..`), said without `cfg/../`
+                table[key] = str((Path(path).parent.absolute() / given).resolve())
     return raw
 
 

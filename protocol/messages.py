@@ -44,9 +44,10 @@ class TrainReport:
     # as every other client, whatever its examples: a weight that grew with the client's
     # data would let it move the sum by more than the clip.
     privatised: bool = False
-    # Of the same samples, how many the trivial predictors got right (client.metrics.References)
-    no_change_correct: int = 0
-    majority_correct: int = 0
+    # Of the same samples, how many the trivial predictors got right (client.metrics.References);
+    # None from a client too old to count them, so that no total treats it as none right.
+    no_change_correct: int | None = 0
+    majority_correct: int | None = 0
 
     def to_record(self) -> MetricRecord:
         record = MetricRecord(
@@ -62,10 +63,12 @@ class TrainReport:
                 "offset": self.offset,
                 "train-seconds": self.train_seconds,
                 "dropped": self.dropped,
-                "no-change-correct": self.no_change_correct,
-                "majority-correct": self.majority_correct,
             }
         )
+        for key, count in (("no-change-correct", self.no_change_correct),
+                           ("majority-correct", self.majority_correct)):
+            if count is not None:
+                record[key] = count
         if self.privatised:  # only under differential privacy: other reports stay as they were
             record[PRIVATISED] = 1
         return record
@@ -85,9 +88,14 @@ class TrainReport:
             train_seconds=float(rec.get("train-seconds", 0.0)),
             dropped=int(rec.get("dropped", 0)),
             privatised=bool(rec.get(PRIVATISED, 0)),
-            no_change_correct=int(rec.get("no-change-correct", 0)),
-            majority_correct=int(rec.get("majority-correct", 0)),
+            no_change_correct=_count(rec, "no-change-correct"),
+            majority_correct=_count(rec, "majority-correct"),
         )
+
+
+def _count(rec: MetricRecord, key: str) -> int | None:
+    value = rec.get(key)
+    return None if value is None else int(value)  # type: ignore[arg-type]
 
 
 def roster_query() -> RecordDict:

@@ -59,6 +59,12 @@ def client_name(node: int, client_of: dict[int, int]) -> str:
     return f"client {client_of[node]}" if node in client_of else f"node {node}"
 
 
+def _known_sum(counts: list[int | None]) -> int | None:
+    """A round's total of a count some clients may not report (an older fedstream): None
+    then, rather than a total that counts their samples as none right."""
+    return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+
 def _failure(
     client_of: dict[int, int], node: int, reason: str, stage: str | None = None
 ) -> dict[str, Any]:
@@ -132,9 +138,12 @@ class History:
         self.round_trips += record["round_trips"]
         self.drift_count += record["drift_count"]
         self.dropped += record["dropped"]
-        if self.no_change_correct is not None and self.majority_correct is not None:
-            self.no_change_correct += record.get("no_change_correct", 0)
-            self.majority_correct += record.get("majority_correct", 0)
+        no_change, majority = record.get("no_change_correct"), record.get("majority_correct")
+        if no_change is None or majority is None:  # unknown for this round: for the run too
+            self.no_change_correct = self.majority_correct = None
+        elif self.no_change_correct is not None and self.majority_correct is not None:
+            self.no_change_correct += no_change
+            self.majority_correct += majority
         self.secure = self.secure or record.get("secure", False)
         self.clipped += record.get("clipped_coordinates", 0)
         self.coordinates += record.get("summed_coordinates", 0)
@@ -208,8 +217,8 @@ def round_record(
     examples = sum(r.examples for r in reports)
     correct = sum(r.correct for r in reports)
     loss_sum = sum(r.loss_sum for r in reports)
-    no_change = sum(r.no_change_correct for r in reports)
-    majority = sum(r.majority_correct for r in reports)
+    no_change = _known_sum([r.no_change_correct for r in reports])
+    majority = _known_sum([r.majority_correct for r in reports])
     return {
         "round": server_round,
         "clients_sampled": len(sent),

@@ -156,9 +156,9 @@ REFERENCE_LINES = (("no_change_correct", "no-change (last label)", "--"),
 
 def _plot_references(ax: Any, rounds: np.ndarray, records: list[dict[str, Any]]) -> None:
     """The trivial predictors' cumulative accuracy, grey: the floor the model must clear
-    (absent from the records of a run older than these counts)."""
+    (not drawn when a round lacks the counts: an older run, or an older client)."""
     for key, label, style in REFERENCE_LINES:
-        if not records or not all(key in rec for rec in records):
+        if not records or any(rec.get(key) is None for rec in records):
             continue
         seen = np.cumsum([rec["examples"] for rec in records], dtype=float)
         right = np.cumsum([rec[key] for rec in records], dtype=float)

@@ -83,7 +83,7 @@ def preflight(cfg: Config) -> None:
     # First the cluster, a socket's check, rather than after the data and model load.
     address = cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        _check_cluster(address, where="simulation.ray_address (--ray-address)"
+        _check_cluster(address, where="simulation.ray_address (or --ray-address)"
                        if cfg.simulation.ray_address else "RAY_ADDRESS")
     fed = federation(cfg)
     _ = fed.dataset
@@ -412,7 +412,12 @@ def precision_hint(cfg: Config) -> str | None:
     sa, dp = cfg.secure_aggregation, cfg.privacy
     if not sa.enabled:
         return None
-    examples = min(cfg.stream.rate, cfg.stream.budget or cfg.stream.rate)
+    per_round = cfg.stream.rate
+    if cfg.stream.arrival == "time":  # a file's rows spread over the run: rows a round
+        dataset = federation(cfg).dataset
+        if dataset is not None:
+            per_round = len(dataset.y) / (cfg.federation.clients * cfg.federation.rounds)
+    examples = min(per_round, cfg.stream.budget or per_round)
     parties = sampled_clients(cfg.federation, sa)
     if dp.enabled:  # every update weighs in full, and the range covers the clients' noise
         weight = 1.0
@@ -427,7 +432,7 @@ def precision_hint(cfg: Config) -> str | None:
         why = f"clip = {clip:g}, about {examples:g} examples each against max_weight = " \
               f"{sa.max_weight}"
         fix = ("secure_aggregation.bits, lower secure_aggregation.clip, or lower "
-               "secure_aggregation.max_weight towards stream.rate")
+               "secure_aggregation.max_weight towards a round's examples")
     step = 1.0 / (Quantizer(sa.bits, clip, parties).scale * weight)
     noise = step / 2 / parties**0.5  # at most, per coordinate of a round's mean change
     if noise <= NOISE_LIMIT:

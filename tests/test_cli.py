@@ -176,6 +176,7 @@ def test_a_run_that_clipped_most_coordinates_is_told_so(
      (0.2, 0.6, ["majority class so far predictor (60.00%)"]),
      (0.7, 0.6, ["no-change (last label) predictor (70.00%) and the majority class so far "
                  "predictor (60.00%)"]),
+     (0.2, 1.0, ["majority class so far predictor (100.00%)"]),
      (0.5, 0.5, []), (None, None, [])],
 )
 def test_a_model_no_better_than_a_trivial_predictor_is_told_so(
@@ -184,19 +185,25 @@ def test_a_model_no_better_than_a_trivial_predictor_is_told_so(
 ) -> None:
     from fedstream.cli.main import print_summary
 
-    kappas = {"kappa_temporal": -0.5, "kappa_m": None} if no_change is not None else {}
+    def kappa(theirs: float | None) -> float | None:  # as server.records.references has it
+        return None if theirs is None or theirs == 1 else (0.55 - theirs) / (1 - theirs)
+
     print_summary(_summary(no_change_accuracy=no_change, majority_accuracy=majority,
-                           prequential_accuracy=0.55, **kappas), tmp_path)
+                           prequential_accuracy=0.55, kappa_temporal=kappa(no_change),
+                           kappa_m=kappa(majority)), tmp_path)
     out = " ".join(capsys.readouterr().out.split())
     assert ("no-change (last label) │" in out) is (no_change is not None)  # table rows
-    assert ("kappa_temporal -0.50, kappa_m undefined (that" in out) is (no_change is not None)
+    if no_change is not None:
+        assert f"kappa_temporal {kappa(no_change):.2f}, kappa_m " in out
     if not warned:
         assert "did no better" not in out
     for names in warned:
         assert f"the federated model (55.00%) did no better than the {names} on the" in out
-    if majority == 0.6:  # an undefined kappa is said to be one, not "0 or below"
+    if majority == 1.0:  # an undefined kappa is said to be one, not "0 or below"
         assert "one class dominates (kappa_m undefined (that predictor was always right))" \
             in out
+    elif majority == 0.6:
+        assert "one class dominates (kappa_m -0.12)" in out
 
 
 def test_a_file_whose_labels_come_in_runs_warns_that_repeating_them_does_better(
@@ -389,7 +396,7 @@ def test_a_malformed_ray_address_is_refused_before_ray_starts(tmp_path: Path, ad
     proc = fedstream("sim", "--ray-address", address, "--out", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stderr
     said = " ".join(proc.stderr.split())
-    assert f"simulation.ray_address (--ray-address): '{address}' is not a Ray cluster " \
+    assert f"simulation.ray_address (or --ray-address): '{address}' is not a Ray cluster " \
         "address" in said
     assert "Traceback" not in proc.stderr
 
@@ -407,5 +414,5 @@ def test_a_cluster_that_does_not_answer_is_named_before_the_data_is_read(
                      "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stderr
     said = " ".join(proc.stderr.split())
-    assert "simulation.ray_address (--ray-address): no Ray cluster answers at " in said
+    assert "simulation.ray_address (or --ray-address): no Ray cluster answers at " in said
     assert "oops" not in said  # the file's bad row (line 4) was not reached

@@ -737,3 +737,14 @@ def test_time_arrival_keeps_sites_sharing_a_clock_in_step(tmp_path: Path) -> Non
     unused = ignored_settings(load(overrides=[*_csv(tmp_path, rows), "stream.time=hour",
                                               "stream.arrival=time", "stream.rate=5"]))
     assert any("stream.rate = 5 is not used" in note for note in unused)
+    # Secure aggregation's rounding is sized from the rows a round brings (11 here), not
+    # from the stream.rate it does not use: weighed against max_weight 1000 they are few.
+    from fedstream.sim.runner import precision_hint
+
+    secure = [*_csv(tmp_path, rows), "stream.time=hour", "partition.scheme=column",
+              "partition.column=site", "federation.rounds=20", 'stream.features=["a"]',
+              "secure_aggregation.enabled=true", "secure_aggregation.bits=8"]
+    by_rows = precision_hint(load(overrides=[*secure, "stream.arrival=time"]))
+    assert by_rows is not None and "about 5.5 examples each" in by_rows, by_rows
+    by_rate = precision_hint(load(overrides=secure))
+    assert by_rate is not None and "about 30 examples each" in by_rate, by_rate

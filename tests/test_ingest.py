@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -376,11 +377,16 @@ def test_a_stopped_feed_ends_its_stream_and_says_where_to_go_on(
     start, sig: signal.Signals, code: int
 ) -> None:
     server = start(n_features=2)
-    proc = _feeding_two_rows(server)
+    proc = _feeding_two_rows(server)  # and the pipe stays open: the input goes on
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    try:
+        assert proc.wait(timeout=60) == code
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.stdin.close()
     said = " ".join(err.split())
-    assert proc.returncode == code, err
     assert out.startswith("2 accepted, 0 dropped"), out  # the device's own reply
     assert f"stopped ({sig.name}): the rows up to <stdin>:3 were sent, and the device's " \
         "counts above are for them" in said, said
@@ -412,6 +418,53 @@ def test_a_second_stop_leaves_at_once_saying_what_was_sent(start, monkeypatch) -
     assert "stopping: sending the rows already read" in said  # the first stop, said at once
     assert "stopped (SIGINT): 3 rows were sent (to <stdin>:4)" in said, said
     assert "may not be stored" in said and "Traceback" not in err
+
+
+def _held_feed(server, monkeypatch, rows: str, close: bool) -> tuple[subprocess.Popen, Any]:
+    """`fedstream feed -` whose device holds every batch until released: a stop then
+    lands while the rows are with the device."""
+    release = threading.Event()
+    real = server.spool.append
+    monkeypatch.setattr(server.spool, "append", lambda *a: (release.wait(30), real(*a))[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedstream.cli.main", "feed", "-", "--to", server.address,
+         "--quiet", "--batch", "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("x,y,label\n" + rows)
+    proc.stdin.flush()
+    if close:
+        proc.stdin.close()
+        proc.stdin = None  # communicate() must not flush it again
+    time.sleep(2.0)  # read, sent, and held by the device
+    return proc, release
+
+
+def test_a_stop_after_the_input_ended_names_no_line_to_go_on_from(start, monkeypatch) -> None:
+    server = start(n_features=2)
+    proc, release = _held_feed(server, monkeypatch, "1,2,0\n3,4,1\n5,6,0\n", close=True)
+    proc.send_signal(signal.SIGINT)
+    threading.Timer(0.5, release.set).start()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert out.startswith("3 accepted") and "feed again" not in err, err  # all was sent
+
+
+def test_a_stop_behind_a_full_spool_names_the_first_row_refused(start, monkeypatch) -> None:
+    server = start(n_features=2, capacity=2)
+    rows = "".join(f"{i},0,{i % 2}\n" for i in range(6))  # lines 2 to 7
+    proc, release = _held_feed(server, monkeypatch, rows, close=False)
+    proc.send_signal(signal.SIGINT)
+    threading.Timer(0.5, release.set).start()
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        release.set()
+    said = " ".join(err.split())
+    assert proc.returncode == 3, err  # back-pressure's code, not the stop's
+    assert out.startswith("2 accepted") and "rows from <stdin>:4 on were not stored" in said
+    assert "feed again from" not in said, said  # no second, later line to go on from
 
 
 def test_a_feed_stopped_while_rows_flow_names_the_very_next_row(start) -> None:

@@ -100,6 +100,12 @@ def test_a_round_reports_the_trivial_predictors_on_its_own_samples() -> None:
     fresh = _learner()
     fresh.load_state_bytes(pickle.dumps(old))
     assert fresh.references.counts.tolist() == [0, 0] and fresh.offset == 6
+    # A device's state from a run with fewer classes: its counts start afresh too.
+    three = Learner(Spec(feature_shape=(5,), n_classes=3, learner=LearnerConfig(device="cpu"),
+                         detector=DetectorConfig(kind="none")))
+    three.load_state_bytes(learner.state_bytes())
+    assert three.learn(np.zeros((2, 5), np.float32), np.array([2, 2])).seen == 2
+    assert three.references.counts.tolist() == [0, 0, 2]
 
 
 @pytest.mark.parametrize("mode", ["online", "batch"])

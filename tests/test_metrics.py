@@ -50,7 +50,7 @@ def _one_at_a_time(labels: list[int], n_classes: int) -> tuple[int, int]:
 
 def test_references_by_hand() -> None:
     ref = References.new(3)
-    # no-change predicts 0, 2, 2, 1, 1; majority predicts 0, 0 (tie: first), 2, 2, 1 (tie)
+    # no-change predicts 0, 2, 2, 1, 1; majority predicts 0, 2, 2, 2, 1 (ties: the first)
     assert ref.score(np.array([2, 2, 1, 1, 0])) == (2, 1)
     assert ref.counts.tolist() == [1, 2, 2] and ref.last == 0
 

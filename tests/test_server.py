@@ -232,6 +232,17 @@ def test_summary_gives_kappa_against_the_trivial_predictors() -> None:
     history.no_change_correct = history.seen  # a predictor always right: kappa undefined
     assert run_summary(load(), history)["kappa_temporal"] is None
 
+    # A client too old to count them: the round's totals, and the run's, are unknown.
+    old = m.TrainReport(client=0, examples=10, correct=5, loss_sum=1.0).to_record()
+    del old["no-change-correct"], old["majority-correct"]
+    report = m.TrainReport.from_record(old)
+    assert report.no_change_correct is None and "no-change-correct" not in report.to_record()
+    from fedstream.server.records import _known_sum
+
+    assert _known_sum([3, None]) is None and _known_sum([3, 4]) == 7 and _known_sum([]) == 0
+    history.add({**round_record(2, [], [], {}, seconds=0.1), "no_change_correct": None})
+    assert run_summary(load(), history)["no_change_accuracy"] is None
+
 
 def test_a_history_from_an_older_checkpoint_loads_with_its_rounds_aggregated() -> None:
     history = History(rounds=5, seen=40)
