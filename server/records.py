@@ -316,14 +316,20 @@ class AccuracySeries:
     correct: int = 0
     per_round: list[float | None] = field(default_factory=list)  # accuracy in each round
     cumulative: list[float | None] = field(default_factory=list)
+    # The trivial predictors on this run's own samples: a baseline's stream is not the
+    # clients' (the centralized learner's interleaves them), so neither are its references.
+    no_change_correct: int = 0
+    majority_correct: int = 0
 
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.seen if self.seen else None
 
-    def add_round(self, seen: int, correct: int) -> None:
+    def add_round(self, seen: int, correct: int, no_change: int = 0, majority: int = 0) -> None:
         self.seen += seen
         self.correct += correct
+        self.no_change_correct += no_change
+        self.majority_correct += majority
         self.per_round.append(correct / seen if seen else None)
         self.cumulative.append(self.accuracy)
 
@@ -333,6 +339,7 @@ class AccuracySeries:
             "samples_seen": self.seen,
             "accuracy_per_round": self.per_round,
             "cumulative_accuracy": self.cumulative,
+            **kappas(self.accuracy, self.no_change_correct, self.majority_correct, self.seen),
         }
 
 
@@ -347,20 +354,20 @@ def federated_series(records: Iterable[dict[str, Any]]) -> AccuracySeries:
     return series
 
 
-def references(history: History) -> dict[str, float | None]:
-    """The trivial predictors' accuracies on the federation's own predictions, and the
-    kappa statistics against them: (accuracy - theirs) / (1 - theirs), 1 for a perfect
-    model, 0 or below for one no better than they are. None where unknown (a run resumed
-    from a checkpoint older than these counts) or undefined."""
+def kappas(
+    accuracy: float | None, no_change: int | None, majority: int | None, seen: int
+) -> dict[str, float | None]:
+    """The trivial predictors' accuracies on a run's own predictions, and the kappa
+    statistics against them: (accuracy - theirs) / (1 - theirs), 1 for a perfect model,
+    0 or below for one no better than they are. None where unknown (counts missing) or
+    undefined."""
     keys = ("no_change_accuracy", "majority_accuracy", "kappa_temporal", "kappa_m")
-    if history.no_change_correct is None or history.majority_correct is None:
+    if no_change is None or majority is None:
         return dict.fromkeys(keys)
-    accuracy = history.accuracy
-    theirs = (_ratio(history.no_change_correct, history.seen),
-              _ratio(history.majority_correct, history.seen))
-    kappas = [None if accuracy is None or p is None or p == 1 else (accuracy - p) / (1 - p)
-              for p in theirs]
-    return dict(zip(keys, [*theirs, *kappas], strict=True))
+    theirs = (_ratio(no_change, seen), _ratio(majority, seen))
+    against = [None if accuracy is None or p is None or p == 1 else (accuracy - p) / (1 - p)
+               for p in theirs]
+    return dict(zip(keys, [*theirs, *against], strict=True))
 
 
 def run_summary(cfg: Config, history: History) -> dict[str, Any]:
@@ -378,7 +385,8 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "seed": cfg.seed,
         "prequential_accuracy": history.accuracy,
         "prequential_loss": history.loss_sum / history.seen if history.seen else None,
-        **references(history),
+        **kappas(history.accuracy, history.no_change_correct, history.majority_correct,
+                 history.seen),
         "client_updates": history.client_updates,
         "client_updates_empty": None if history.secure else history.empty_updates,
         "client_failures": history.failures,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedstream.client.learner import Learner, Spec
+from fedstream.client.metrics import RoundOutcome
 from fedstream.protocol.config import Config
 from fedstream.server import stopping
 from fedstream.server.records import AccuracySeries
@@ -34,12 +35,15 @@ def run_local(cfg: Config) -> AccuracySeries:
     result = AccuracySeries("local")
     for r in range(1, cfg.federation.rounds + 1):
         stopping.check()  # a stopped run does not finish its baselines
-        seen = correct = 0
+        total = RoundOutcome()
         for stream, learner in zip(streams, learners, strict=True):
             batch = stream.take(*stream.pending(learner.offset, r, cfg.stream.budget))
             outcome = learner.learn(batch.x, batch.y)
-            seen, correct = seen + outcome.seen, correct + outcome.correct
-        result.add_round(seen, correct)
+            total.seen, total.correct = total.seen + outcome.seen, total.correct + outcome.correct
+            total.no_change_correct += outcome.no_change_correct
+            total.majority_correct += outcome.majority_correct
+        result.add_round(total.seen, total.correct, total.no_change_correct,
+                         total.majority_correct)
     return result
 
 
@@ -61,7 +65,8 @@ def run_centralized(cfg: Config) -> AccuracySeries:
         x = np.concatenate([b.x for b in batches])[order]
         y = np.concatenate([b.y for b in batches])[order]
         outcome = learner.learn(x, y)
-        result.add_round(outcome.seen, outcome.correct)
+        result.add_round(outcome.seen, outcome.correct, outcome.no_change_correct,
+                         outcome.majority_correct)
     return result
 
 

@@ -84,6 +84,12 @@ def test_results_folder_has_the_contract(small_run: Path) -> None:
             assert r[f"{key}_correct"] == sum(c[f"{key}_correct"] for c in r["clients"].values())
     ours, theirs = summary["prequential_accuracy"], summary["no_change_accuracy"]
     assert summary["kappa_temporal"] == pytest.approx((ours - theirs) / (1 - theirs))
+    # The local baseline learns the very same streams: the same trivial predictors. The
+    # centralized one interleaves them: its own.
+    local, central = summary["baselines"]["local"], summary["baselines"]["centralized"]
+    assert local["no_change_accuracy"] == summary["no_change_accuracy"]
+    assert local["majority_accuracy"] == summary["majority_accuracy"]
+    assert 0 <= central["no_change_accuracy"] <= 1 and central["kappa_temporal"] is not None
     found = summary["drift_detection"]
     assert found["detected"] + found["missed"] == found["client_drifts"] <= 4
     detections = sum(len(r["drifts"]) for r in records)
