@@ -192,13 +192,17 @@ class Scheduled:
         return self.at[start:stop]
 
 
-def on_the_clock(time: np.ndarray, rounds: int) -> np.ndarray:
+def on_the_clock(
+    time: np.ndarray, rounds: int, between: tuple[float, float] | None = None
+) -> np.ndarray:
     """A file's times (any unit) as arrival times on the round clock: its first time at
-    the start of round 1, its last in the last round, linearly between."""
+    the start of round 1, its last in the last round, linearly between. `between`: the
+    file's first and last time, for times that are not its rows' (a drift's)."""
     time = np.asarray(time, dtype=np.float64)
     if not len(time):
         return time
-    first, span = time.min(), time.max() - time.min()
+    low, high = between if between is not None else (time.min(), time.max())
+    first, span = low, high - low
     if span == 0:
         return np.zeros_like(time)
     # the last row in the last round, not at its end (round r spans [r - 1, r))

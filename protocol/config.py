@@ -201,6 +201,9 @@ class DriftConfig(_Section):
     at: list[Annotated[float, Field(ge=0.0)]] = [15.0]
     width: Annotated[float, Field(ge=0.0)] = 3.0
     stagger: Annotated[float, Field(ge=0.0)] = 1.0
+    # A file's own drifts, at times of its stream.time column (numbers, or ISO-8601 for a
+    # date-time column): scored as the drifts put in are, with nothing relabelled.
+    known_at: list[float | str] = []
 
     @field_validator("at")
     @classmethod
@@ -403,8 +406,12 @@ class Config(_Section):
             stream = {**stream, "source": _source_of(str(stream["path"]))}
             raw = {**raw, "stream": stream}
         source = stream.get("source") if isinstance(stream, dict) else getattr(stream, "source", "")
-        if source in ("csv", "jsonl") and not raw.get("drift"):  # no drift key: not asked for
-            return {**raw, "drift": {"kind": "none"}}
+        drift = raw.get("drift")
+        # no drift key (or only the file's own drift times): no drift asked for
+        if source in ("csv", "jsonl") and (
+            not drift or (isinstance(drift, dict) and set(drift) == {"known_at"})
+        ):
+            return {**raw, "drift": {"kind": "none", **(drift or {})}}
         return raw
 
     @model_validator(mode="after")
@@ -431,6 +438,8 @@ class Config(_Section):
             derived = self.privacy.model_copy(update={"noise_at": at})
             derived._derived_noise_at = True
             object.__setattr__(self, "privacy", derived)
+        if self.drift.known_at:
+            _check_known_drifts(self)
         if self.learner.model == "cnn" and self.stream.source != "digits":
             raise ValueError("learner.model 'cnn' needs image-shaped input: stream.source 'digits'")
         if self.stream.image and self.stream.source != "digits":
@@ -907,6 +916,35 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     for key, value in run_config_changes(run_config).items():
         set_dotted(raw, key, value)
     return validate(raw)
+
+
+def _check_known_drifts(cfg: Config) -> None:
+    """A file's own drift times are in its time column's units, and reach every client in
+    the same round only when the rows arrive at those times."""
+    if cfg.stream.arrival != "time" or cfg.drift.kind != "none":
+        raise ValueError(
+            "drift.known_at names a file's own drift times, in its stream.time column: it "
+            "needs stream.arrival = 'time' (the rows arriving at those times) and "
+            "drift.kind = 'none' (no drift put in besides)"
+        )
+    times = [known_time(value) for value in cfg.drift.known_at]  # bad text: said now
+    if any(b <= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"drift.known_at: times must increase, each once: {cfg.drift.known_at}")
+
+
+def known_time(value: float | str) -> float:
+    """A drift.known_at value in the units a table's time column has: a number as given,
+    an ISO-8601 text as seconds since the Unix epoch (a naive one taken as UTC)."""
+    if not isinstance(value, str):
+        return float(value)
+    try:
+        moment = datetime.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"drift.known_at: {value!r} is neither a number nor an ISO-8601 "
+                         "time (e.g. 2024-03-01T12:00:00)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
 
 
 def drift_times(cfg: Config) -> list[float]:

@@ -38,10 +38,19 @@ from fedstream.protocol.config import Config, drift_times
 from fedstream.sim.federation import federation
 
 
+def scored_times(cfg: Config) -> list[float]:
+    """The drift times detections are scored against: those put in, or a file's own
+    (`drift.known_at`, on the round clock its rows arrive on)."""
+    return federation(cfg).known_drifts if cfg.drift.known_at else drift_times(cfg)
+
+
 def client_drift_times(cfg: Config) -> list[list[float]]:
     """Each client's drift times (by client id), after its stagger, as its source applies
-    them; like `drift.at`, a gradual drift's time is the middle of its ramp."""
+    them; like `drift.at`, a gradual drift's time is the middle of its ramp. A file's own
+    drifts reach every client at once (its rows arrive on one clock)."""
     n = cfg.federation.clients
+    if cfg.drift.known_at:
+        return [scored_times(cfg) for _ in range(n)]
     return [list(staggered(drift_times(cfg), cfg.drift.stagger, c, n, cfg.seed))
             for c in range(n)]
 
@@ -54,7 +63,7 @@ def drifts_in_run(cfg: Config) -> list[float]:
     met = {j for times in client_drift_times(cfg)
            for j, (t, start) in enumerate(zip(times, _starts(times, cfg), strict=True))
            if t > 0 and start < last}
-    return [t for j, t in enumerate(drift_times(cfg)) if j in met]
+    return [t for j, t in enumerate(scored_times(cfg)) if j in met]
 
 
 def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -69,7 +78,7 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
             found.setdefault(int(d["client"]), []).append((int(d["position"]), rec["round"]))
         for c, rep in rec["clients"].items():
             reached[int(c)] = max(reached.get(int(c), 0), int(rep.get("offset", 0)))
-    rows = [_Tally(t) for t in drift_times(cfg)]
+    rows = [_Tally(t) for t in scored_times(cfg)]
     times = client_drift_times(cfg)
     false_alarms = sum(
         _score_client(cfg, c, times[c], sorted(found.get(c, [])), reached.get(c, 0), rows)
@@ -77,7 +86,7 @@ def detection_report(cfg: Config, records: list[dict[str, Any]]) -> dict[str, An
     )
     # A file's own drifts, if any, are unknown: with none put in, no alarm can be called
     # false (on a built-in source without drift, every one is).
-    unknown = not rows and cfg.stream.source in ("csv", "jsonl")
+    unknown = not rows and cfg.stream.source in ("csv", "jsonl") and not cfg.drift.known_at
     return {
         "client_drifts": sum(row.reached for row in rows),
         "detected": sum(len(row.samples) for row in rows),

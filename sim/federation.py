@@ -34,7 +34,7 @@ from fedstream.client.sources import (
 from fedstream.client.sources.relabel import Relabel
 from fedstream.client.sources.tabular import Table
 from fedstream.client.stream import ClientStream
-from fedstream.protocol.config import Config, drift_times, from_json, to_json
+from fedstream.protocol.config import Config, drift_times, from_json, known_time, to_json
 from fedstream.protocol.models import build_model, check_outputs
 from fedstream.sim.partition import class_priors, partition
 from fedstream.sim.table_cache import cached_table
@@ -173,6 +173,23 @@ class Federation:
         if self.dataset is None or self.dataset.time is None:
             return None
         return on_the_clock(self.dataset.time, self.cfg.federation.rounds)
+
+    @cached_property
+    def known_drifts(self) -> list[float]:
+        """drift.known_at on the round clock, as the rows arrive under stream.arrival =
+        'time'; a time outside the file's is an error naming it."""
+        if not self.cfg.drift.known_at or self.dataset is None or self.dataset.time is None:
+            return []
+        first, last = float(self.dataset.time.min()), float(self.dataset.time.max())
+        for value in self.cfg.drift.known_at:
+            if not first <= known_time(value) <= last:
+                raise DataError(
+                    f"drift.known_at: {value!r} is outside {self.cfg.stream.path}'s times "
+                    f"({first:g} to {last:g} in its stream.time column)"
+                )
+        at = [known_time(v) for v in self.cfg.drift.known_at]
+        rounds = self.cfg.federation.rounds
+        return [float(t) for t in on_the_clock(np.array(at), rounds, between=(first, last))]
 
     @cached_property
     def priors(self) -> np.ndarray:

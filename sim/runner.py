@@ -86,7 +86,7 @@ def preflight(cfg: Config) -> None:
         _check_cluster(address, where="simulation.ray_address (or --ray-address)"
                        if cfg.simulation.ray_address else "RAY_ADDRESS")
     fed = federation(cfg)
-    _ = fed.dataset
+    _ = fed.dataset, fed.known_drifts  # a drift.known_at outside the file's times: now
     fed.initial_arrays(check=True)
     if cfg.privacy.enabled:
         planned_noise(cfg)  # a target epsilon out of reach is said now

@@ -748,3 +748,41 @@ def test_time_arrival_keeps_sites_sharing_a_clock_in_step(tmp_path: Path) -> Non
     assert by_rows is not None and "about 5.5 examples each" in by_rows, by_rows
     by_rate = precision_hint(load(overrides=secure))
     assert by_rate is not None and "about 30 examples each" in by_rate, by_rate
+
+
+def test_a_files_own_drift_times_are_scored_without_relabelling(tmp_path: Path) -> None:
+    """drift.known_at: the file's own drift (its time column's units) on the round clock
+    the rows arrive on, scored as a drift put in would be; the labels stay the file's."""
+    from fedstream.client.sources import DataError
+    from fedstream.sim.detection import client_drift_times, detection_report, drifts_in_run
+    from fedstream.sim.federation import federation
+
+    rows = ["hour,site,a,label"]
+    for hour in range(20):
+        rows += [f"{hour + k / 10},busy,{k},{k % 2}" for k in range(10)]
+        rows.append(f"{hour},quiet,0.5,{hour % 2}")
+    base = [*_csv(tmp_path, rows), "stream.time=hour", "stream.arrival=time",
+            "partition.scheme=column", "partition.column=site", "federation.rounds=20",
+            'stream.features=["a"]', "detector.kind=adwin"]
+    cfg = load(overrides=[*base, "drift.known_at=[9.95]"])
+    assert cfg.drift.kind == "none"  # only known_at given: nothing is put in
+    fed = federation(cfg)
+    assert fed.known_drifts == [pytest.approx(9.95 / 19.9 * 20)] == drifts_in_run(cfg)
+    assert client_drift_times(cfg) == [fed.known_drifts] * 2  # one clock: no stagger
+    busy = fed.dataset.client_names.index("busy")
+    drift_at = fed.stream(busy).arrived(fed.known_drifts[0])  # its first row of hour 10
+    records = [{"round": 12, "drifts": [{"client": busy, "position": drift_at + 7}],
+                "clients": {str(busy): {"offset": 200}, str(1 - busy): {"offset": 20}}}]
+    report = detection_report(cfg, records)
+    assert report is not None and report["false_alarms"] == 0
+    assert (report["detected"], report["missed"]) == (1, 1)  # the quiet site missed it
+    assert report["delay_samples"]["median"] == 7
+    # Refused with the reason: out of the file's times, unordered, not a time, no clock.
+    with pytest.raises(DataError, match=r"drift.known_at: 25.0 is outside .* \(0 to 19.9"):
+        _ = federation(load(overrides=[*base, "drift.known_at=[25.0]"])).known_drifts
+    for wrong, said in ((["drift.known_at=[5, 3]"], "times must increase"),
+                        (['drift.known_at=["soon"]'], "neither a number nor an ISO-8601"),
+                        (["drift.known_at=[5]", "stream.arrival=poisson"],
+                         "needs stream.arrival = 'time'")):
+        with pytest.raises(ConfigError, match=said):
+            load(overrides=[*base, *wrong])
