@@ -226,7 +226,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     table.add_row("federated", _pct(summary["prequential_accuracy"]), str(summary["samples_seen"]))
     for name, base in summary.get("baselines", {}).items():
         table.add_row(name, _pct(base["prequential_accuracy"]), str(base["samples_seen"]))
-    for name, key, _, _ in REFERENCES:
+    for name, key, _, _ in _references():
         if summary.get(key) is not None:
             table.add_row(name, _pct(summary[key]), str(summary["samples_seen"]), style="dim")
     Console().print(table)
@@ -296,11 +296,14 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 # The trivial predictors scored on the federation's own samples (client.metrics.References):
 # their row's name, their accuracy's key in summary.json, the kappa against them, and why
 # they can do well.
-REFERENCES = (
-    ("no-change (last label)", "no_change_accuracy", "kappa_temporal",
-     "the labels come in runs, which repeating the last one exploits"),
-    ("majority class so far", "majority_accuracy", "kappa_m", "one class dominates"),
-)
+def _references() -> tuple[tuple[str, str, str, str], ...]:
+    from fedstream.client.metrics import MAJORITY, NO_CHANGE  # numpy: not at start-up
+
+    return (
+        (NO_CHANGE, "no_change_accuracy", "kappa_temporal",
+         "the labels come in runs, which repeating the last one exploits"),
+        (MAJORITY, "majority_accuracy", "kappa_m", "one class dominates"),
+    )
 
 
 def _kappa(value: float | None) -> str:
@@ -320,7 +323,7 @@ def _beaten_by(summary: dict[str, Any]) -> str | None:
     """A warning naming each trivial predictor that did at least as well as the federated
     model: its accuracy alone would look like learning to anyone who did not compare."""
     ours = summary.get("prequential_accuracy")
-    beaten = [(name, summary[key], kappa, why) for name, key, kappa, why in REFERENCES
+    beaten = [(name, summary[key], kappa, why) for name, key, kappa, why in _references()
               if ours is not None and summary.get(key) is not None and summary[key] >= ours]
     if not beaten:
         return None

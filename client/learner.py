@@ -235,13 +235,14 @@ class Learner:
         )
 
     def load_state_bytes(self, blob: bytes) -> None:
-        state = _to_torch(pickle.loads(blob), self.device)
+        state = pickle.loads(blob)
+        saved = state.pop("references", None)  # numpy counts: no round trip through torch
+        state = _to_torch(state, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
         self.detector.load_state_dict(state["detector"])
         self.metric = Prequential.from_state(state["metric"])
-        saved = _to_numpy(state.get("references"))
         # Kept as saved when they count this model's classes; a state saved before they
         # were kept, or under another stream.n_classes, starts them afresh (its labels
         # could not index the counts, and every round would fail).

@@ -59,6 +59,10 @@ class Prequential:
         return cls(**state)
 
 
+# How the trivial predictors are named wherever a person reads them (terminal, plots).
+NO_CHANGE, MAJORITY = "no-change (last label)", "majority class so far"
+
+
 @dataclass
 class References:
     """The two predictors a stream classifier must beat, scored on the same samples.

@@ -181,13 +181,13 @@ class Federation:
         if not self.cfg.drift.known_at or self.dataset is None or self.dataset.time is None:
             return []
         first, last = float(self.dataset.time.min()), float(self.dataset.time.max())
-        for value in self.cfg.drift.known_at:
-            if not first <= known_time(value) <= last:
+        at = [known_time(v) for v in self.cfg.drift.known_at]
+        for value, t in zip(self.cfg.drift.known_at, at, strict=True):
+            if not first <= t <= last:
                 raise DataError(
                     f"drift.known_at: {value!r} is outside {self.cfg.stream.path}'s times "
                     f"({first:g} to {last:g} in its stream.time column)"
                 )
-        at = [known_time(v) for v in self.cfg.drift.known_at]
         rounds = self.cfg.federation.rounds
         return [float(t) for t in on_the_clock(np.array(at), rounds, between=(first, last))]
 

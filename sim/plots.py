@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from fedstream.client.metrics import MAJORITY, NO_CHANGE
 from fedstream.server.privacy import holds_against_server
 
 
@@ -150,8 +151,7 @@ def accuracy_plot(plots: Path, summary: dict[str, Any], records: list[dict[str, 
     return path
 
 
-REFERENCE_LINES = (("no_change_correct", "no-change (last label)", "--"),
-                   ("majority_correct", "majority class so far", ":"))
+REFERENCE_LINES = (("no_change_correct", NO_CHANGE, "--"), ("majority_correct", MAJORITY, ":"))
 
 
 def _plot_references(ax: Any, rounds: np.ndarray, records: list[dict[str, Any]]) -> None:
