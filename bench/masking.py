@@ -63,7 +63,7 @@ def round_inputs(params: int, neighbours: int) -> dict[str, Any]:
     mask = {u: ks.new_private_key() for u in range(1, parties + 1)}
     peers = {u: secagg.Peer(ks.public_key(enc[u]), ks.public_key(mask[u])) for u in enc}
     graph = {u: [w for w in enc if w != u] for u in enc}
-    tail_len = len(m.TAIL)
+    tail_len = m.tail_len(2)
     agg = secagg.Aggregation(
         bytes(16), 1, Quantizer(32, 1.0, parties), parties // 2 + 1, graph, peers, params,
         tail_len, max_weight=1000,
@@ -77,7 +77,8 @@ def round_inputs(params: int, neighbours: int) -> dict[str, Any]:
         "mask_sk": mask[1],
         "old": updates.record({"w": old}),
         "new": updates.record({"w": new}),
-        "report": m.TrainReport(client=1, examples=128, correct=90, loss_sum=50.0),
+        "report": m.TrainReport(client=1, examples=128, correct=90, loss_sum=50.0,
+                                 classes=[64, 64, 70, 58, 45, 45]),
     }
 
 

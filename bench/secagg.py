@@ -261,6 +261,7 @@ def _ours_client() -> Any:
             correct=0,
             loss_sum=loss_sum,
             train_seconds=time.perf_counter() - started,
+            classes=[n, 0, n, 0, 0, 0],  # 2 classes (regression: every sample counts as 0)
         )
         content = RecordDict({m.ARRAYS: ArrayRecord(state), m.METRICS: report.to_record()})
         return Message(content, reply_to=msg)
@@ -378,7 +379,7 @@ def serve_ours(grid: Any, context: Any, s: Settings, on_round: RoundHook) -> Any
         timeout=cfg.federation.round_timeout,
         progress=False,
         sample_all=True,
-        secure=SecureAggregator(cfg.secure_aggregation),
+        secure=SecureAggregator(cfg.secure_aggregation, 2),
     )
     on_round(0, False)
     arrays, _ = run_rounds(

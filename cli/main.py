@@ -250,7 +250,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             "infinite; null in metrics.jsonl), so its predictions mean nothing: lower "
             "learner.lr (or federation.server_lr)", highlight=False
         )
-    for line in (_kappa_line(summary), _beaten_by(summary)):
+    for line in (_kappa_line(summary), _class_line(summary), _never_right(summary),
+                 _beaten_by(summary)):
         if line:
             Console().print(line, highlight=False, soft_wrap=True)
     if summary.get("shared_client_ids"):
@@ -317,6 +318,38 @@ def _kappa_line(summary: dict[str, Any]) -> str | None:
     return (f"kappa_temporal {_kappa(summary.get('kappa_temporal'))}, kappa_m "
             f"{_kappa(summary.get('kappa_m'))} (against the no-change and majority "
             "predictors: 1 is perfect, 0 no better)")
+
+
+def _class_line(summary: dict[str, Any]) -> str | None:
+    """The class-aware scores and the class the model serves worst: on an imbalanced stream
+    accuracy is mostly the common classes'."""
+    per_class = summary.get("per_class")
+    if not per_class or summary.get("balanced_accuracy") is None:
+        return None
+    line = (f"balanced accuracy {_pct(summary['balanced_accuracy'])}, Cohen's kappa "
+            f"{_kappa(summary.get('cohen_kappa'))}, macro F1 {summary['macro_f1']:.2f}")
+    occurred = {name: c for name, c in per_class.items() if c["recall"] is not None}
+    if len(occurred) > 1:
+        name, worst = min(occurred.items(), key=lambda kv: (kv[1]["recall"], -kv[1]["samples"]))
+        line += (f"; weakest class {name!r}: recall {_pct(worst['recall'])} of "
+                 f"{worst['samples']} samples")
+    return line
+
+
+RARE_NEVER_RIGHT = 0.01  # a class this share of the samples that is never right is named
+
+
+def _never_right(summary: dict[str, Any]) -> str | None:
+    """A warning naming the classes of at least 1 % of the samples the model never got
+    right: its accuracy can look fine while it ignores them (a rare fault, a minority)."""
+    per_class, seen = summary.get("per_class") or {}, summary.get("samples_seen") or 0
+    missed = [(name, c["samples"]) for name, c in per_class.items()
+              if c["samples"] >= RARE_NEVER_RIGHT * seen and c["samples"] and not c["right"]]
+    if not missed:
+        return None
+    names = ", ".join(f"{name!r} ({n} samples, {_pct(n / seen)})" for name, n in missed)
+    return (f"[yellow]the federated model never predicted class{'es' * (len(missed) > 1)} "
+            f"{names} right[/yellow] (per_class in summary.json)")
 
 
 def _beaten_by(summary: dict[str, Any]) -> str | None:

@@ -19,7 +19,7 @@ from flwr.clientapp.typing import Mod
 
 from fedstream.client.learner import Learner, Spec
 from fedstream.client.privacy import make_privacy_mod
-from fedstream.client.secure import make_secure_aggregation_mod
+from fedstream.client.secure import check_classes, make_secure_aggregation_mod
 from fedstream.client.stream import ClientStream
 from fedstream.protocol import messages as m
 from fedstream.protocol import updates
@@ -76,6 +76,7 @@ def learn(
     msg: Message, learner: Learner, x: np.ndarray, y: np.ndarray, client: int, started: float
 ) -> RecordDict:
     """Apply the global model, test-then-train on (x, y): the reply's model and report."""
+    check_classes(msg, learner.spec.n_classes)
     learner.set_weights(msg.content[m.ARRAYS].to_torch_state_dict())
     outcome = learner.learn(x, y)
     report = m.TrainReport(
@@ -91,6 +92,7 @@ def learn(
         train_seconds=time.perf_counter() - started,
         no_change_correct=outcome.no_change_correct,
         majority_correct=outcome.majority_correct,
+        classes=None if outcome.classes is None else outcome.classes.ravel().tolist(),
     )
     weights = updates.record(learner.get_weights())
     return RecordDict({m.ARRAYS: weights, m.METRICS: report.to_record()})

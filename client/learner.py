@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from fedstream.client.detectors import DriftDetector, detections, make_detector
 from fedstream.client.device import pick_device
-from fedstream.client.metrics import Prequential, References, RoundOutcome
+from fedstream.client.metrics import Prequential, References, RoundOutcome, class_tally
 from fedstream.client.optim import make_optimizer, make_schedule
 from fedstream.client.scaling import RunningScaler
 from fedstream.protocol.config import DetectorConfig, LearnerConfig
@@ -57,7 +57,7 @@ class Learner:
         self.boost_left = 0  # mini-batches still trained at a raised LR after a drift
         self.window_x: torch.Tensor | None = None  # batch mode: recent samples
         self.window_y: torch.Tensor | None = None
-        self._scored: list[tuple[torch.Tensor, torch.Tensor]] = []  # this round's outcomes
+        self._scored: list[tuple[torch.Tensor, torch.Tensor]] = []  # predictions, losses
         # BatchNorm cannot train on one sample (no variance): such a model never gets a
         # batch of one, and a lone sample is only scored.
         self._batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -77,7 +77,7 @@ class Learner:
     # ----------------------------------------------------------------- learning
     def learn(self, x: np.ndarray, y: np.ndarray) -> RoundOutcome:
         """Test-then-train over newly arrived samples, in arrival order."""
-        outcome = RoundOutcome()
+        outcome = RoundOutcome(classes=class_tally(y[:0], y[:0], self.spec.n_classes))
         if len(y) == 0:
             return outcome
         if self.scaler is not None:
@@ -90,9 +90,11 @@ class Learner:
         else:
             self._batch(xt, yt, outcome)
         # Bookkeeping once per round, vectorised, rather than once per mini-batch.
-        correct = torch.cat([c for c, _ in self._scored]).cpu().numpy()
+        predicted = torch.cat([p for p, _ in self._scored]).cpu().numpy()
         losses = torch.cat([loss for _, loss in self._scored]).cpu().numpy()
+        correct = predicted == y
         outcome.add(correct, losses)
+        outcome.classes = class_tally(y, predicted, self.spec.n_classes)
         outcome.no_change_correct, outcome.majority_correct = self.references.score(y)
         self.metric.update(correct, losses)
         self.offset += len(y)
@@ -109,10 +111,10 @@ class Learner:
             logits = self.model(self._scaled(xb))
             losses = F.cross_entropy(logits, yb, reduction="none")
             if scored is None:
-                self._record(logits.argmax(1) == yb, losses, outcome, self.offset + start)
+                self._record(logits.argmax(1), yb, losses, outcome, self.offset + start)
             else:
                 scored_losses = F.cross_entropy(scored, yb, reduction="none")
-                self._record(scored.argmax(1) == yb, scored_losses, outcome, self.offset + start)
+                self._record(scored.argmax(1), yb, scored_losses, outcome, self.offset + start)
             if not lone:
                 self._step(losses.mean())
 
@@ -138,8 +140,7 @@ class Learner:
                 xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
                 logits = self.model(self._scaled(xb))
                 losses = F.cross_entropy(logits, yb, reduction="none")
-                correct = logits.argmax(1) == yb
-                self._record(correct, losses, outcome, self.offset + start)
+                self._record(logits.argmax(1), yb, losses, outcome, self.offset + start)
         self._extend_window(x, y)
         assert self.window_x is not None and self.window_y is not None
         self.model.train()
@@ -178,11 +179,17 @@ class Learner:
                 self._scale_lr(1.0 / self.spec.detector.boost)
 
     def _record(
-        self, correct: torch.Tensor, losses: torch.Tensor, outcome: RoundOutcome, position: int
+        self,
+        predicted: torch.Tensor,
+        y: torch.Tensor,
+        losses: torch.Tensor,
+        outcome: RoundOutcome,
+        position: int,
     ) -> None:
-        self._scored.append((correct.detach(), losses.detach()))
+        self._scored.append((predicted.detach(), losses.detach()))
         if self.spec.detector.kind == "none":
             return
+        correct = predicted == y
         # Detectors are sequential by nature: one 0/1 error per prediction gives them the
         # statistical power that a per-batch mean would throw away.
         found = detections(self.detector, (~correct).float().tolist())

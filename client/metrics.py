@@ -112,6 +112,22 @@ class References:
         return cls(np.array(state["counts"], dtype=np.int64), int(state["last"]))  # type: ignore[call-overload]
 
 
+def class_tally(y: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per class: how many samples had it as label, how many were predicted as it, and how
+    many of those were right ((3, n_classes) counts, in that order).
+
+    These are what an imbalanced stream is judged by (recall per class, balanced accuracy,
+    Cohen's kappa, macro F1), and unlike a confusion matrix they grow with the classes,
+    not their square: under secure aggregation they travel in the masked tail.
+    """
+    y, predicted = np.asarray(y, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    return np.stack([
+        np.bincount(y, minlength=n_classes),
+        np.bincount(predicted, minlength=n_classes),
+        np.bincount(y[y == predicted], minlength=n_classes),
+    ])[:, :n_classes]
+
+
 @dataclass
 class RoundOutcome:
     """What one client did in one round: the numbers its update reports."""
@@ -122,6 +138,17 @@ class RoundOutcome:
     drifts: list[int] = field(default_factory=list)  # stream positions where drift was detected
     no_change_correct: int = 0  # of the same samples, right by References
     majority_correct: int = 0
+    classes: np.ndarray | None = None  # class_tally of the round's samples
+
+    def absorb(self, other: RoundOutcome) -> None:
+        """Count `other`'s samples as this one's too (several clients' round as one)."""
+        self.seen += other.seen
+        self.correct += other.correct
+        self.loss_sum += other.loss_sum
+        self.no_change_correct += other.no_change_correct
+        self.majority_correct += other.majority_correct
+        if other.classes is not None:
+            self.classes = other.classes if self.classes is None else self.classes + other.classes
 
     def add(self, correct: np.ndarray, losses: np.ndarray) -> None:
         self.seen += len(correct)

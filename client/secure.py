@@ -144,9 +144,37 @@ def masked_update(
         "no-change-correct": report.no_change_correct,
         "majority-correct": report.majority_correct,
     }
-    y_tail = secagg.tail_words([tail[name] for name in m.TAIL])
+    y_tail = secagg.tail_words([*(tail[name] for name in m.TAIL), *_classes(report, setup)])
     masks.add_tail(y_tail)
     return secagg.sealed(setup, enc_sk, seeds, y, y_tail)
+
+
+def check_classes(msg: Message, n_classes: int) -> None:
+    """Before a secure round trains: its tail must count the classes this client scores.
+
+    Checked before the round's samples are used (on a device, committed), since the
+    masked reply could not carry them and the round would fail anyway."""
+    rec = m.record(msg.content, m.SECAGG, ConfigRecord)
+    if rec is not None:
+        _check_classes(n_classes, int(rec.get("tail-len", 0)))  # type: ignore[arg-type]
+
+
+def _check_classes(n_classes: int, tail_len: int) -> None:
+    expected = (tail_len - len(m.TAIL)) // 3
+    if tail_len != m.tail_len(n_classes):
+        raise SecureAggregationError(
+            f"this client scores {n_classes} classes, the server's round counts {expected}: "
+            "set the same stream.n_classes on server and devices"
+        )
+
+
+def _classes(report: m.TrainReport, setup: secagg.RoundSetup) -> list[int]:
+    """The report's class tally, as long as the round's tail has room for."""
+    classes = report.classes
+    if classes is None or len(classes) % 3:
+        raise SecureAggregationError("the train report carries no class tally")
+    _check_classes(len(classes) // 3, setup.tail_len)
+    return classes
 
 
 def _bounded(loss_sum: float, parties: int) -> float:

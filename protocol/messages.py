@@ -23,6 +23,7 @@ ROSTER = "roster"  # query asking a node which client it is
 DP_CLIP = "dp-clip"  # train config: clip the model change to this L2 norm (privacy)
 DP_STD = "dp-noise-std"  # train config: add Gaussian noise of this deviation to it (0: none)
 PRIVATISED = "privatised"  # train report: the privacy mod clipped and noised the model
+CLASS_TALLY = "class-tally"  # train report: per class labels, predictions, right ones
 
 
 @dataclass
@@ -48,6 +49,9 @@ class TrainReport:
     # None from a client too old to count them, so that no total treats it as none right.
     no_change_correct: int | None = 0
     majority_correct: int | None = 0
+    # Per class, of the same samples: labels, predictions, right ones (client.metrics.
+    # class_tally, flattened row by row); None from a client too old to count them.
+    classes: list[int] | None = None
 
     def to_record(self) -> MetricRecord:
         record = MetricRecord(
@@ -69,6 +73,8 @@ class TrainReport:
                            ("majority-correct", self.majority_correct)):
             if count is not None:
                 record[key] = count
+        if self.classes is not None:
+            record[CLASS_TALLY] = list(self.classes)
         if self.privatised:  # only under differential privacy: other reports stay as they were
             record[PRIVATISED] = 1
         return record
@@ -90,12 +96,18 @@ class TrainReport:
             privatised=bool(rec.get(PRIVATISED, 0)),
             no_change_correct=_count(rec, "no-change-correct"),
             majority_correct=_count(rec, "majority-correct"),
+            classes=_counts(rec, CLASS_TALLY),
         )
 
 
 def _count(rec: MetricRecord, key: str) -> int | None:
     value = rec.get(key)
     return None if value is None else int(value)  # type: ignore[arg-type]
+
+
+def _counts(rec: MetricRecord, key: str) -> list[int] | None:
+    value = rec.get(key)
+    return None if value is None else [int(v) for v in value]  # type: ignore[union-attr]
 
 
 def roster_query() -> RecordDict:
@@ -128,7 +140,15 @@ TAIL = (
     "privatised",  # under differential privacy the server checks that every client did
     "no-change-correct",
     "majority-correct",
-)
+)  # then the class tally: 3 words per class (labels, predictions, right ones), as
+# `TrainReport.classes` orders them, so the tail is len(TAIL) + 3 * classes words long.
+
+
+def tail_len(n_classes: int) -> int:
+    """The masked tail's words for a model of `n_classes` outputs."""
+    return len(TAIL) + 3 * n_classes
+
+
 FIXED_POINT = 1 << 16  # loss sums travel as integers of 1/65536
 KEYS_LOST = "secure aggregation keys not held"  # in an error reason: fetch the keys again
 

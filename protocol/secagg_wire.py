@@ -27,12 +27,12 @@ from fedstream.protocol.secagg import (
     UnmaskRequest,
 )
 
-PROTOCOL = 6
+PROTOCOL = 7
 """Version of the secure-aggregation protocol: 1 read masks as AES-128-CTR from a zero
 counter block; 2 reads them segment by segment (keyschedule.Keystream); 3 counts privatised
 updates in the tail; 4 counts clients with samples too; 5 binds each share to its
 receiver's mask key (keyschedule.share_ad); 6 counts the trivial predictors' right answers
-in the tail."""
+in the tail; 7 tallies labels, predictions and right ones per class after it."""
 
 
 def _check_protocol(rec: ConfigRecord, sender: str) -> None:

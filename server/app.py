@@ -23,12 +23,14 @@ def run_federation(
     evaluate: EvaluateFn | None = None,
     on_round: RoundHook | None = None,
     simulated: bool = False,
+    n_classes: int | None = None,
 ) -> tuple[ArrayRecord, History]:
     """Run every round of `cfg` on `grid`, appending each round's record to metrics.jsonl.
 
     `simulated`: the clients are virtual, so secure aggregation's neighbour ring and the
     server's privacy noise are drawn from `cfg.seed` and a run repeats exactly; on real
-    devices they stay secret."""
+    devices they stay secret. `n_classes`: the model's outputs, when the data decides them
+    (a file's labels) rather than `stream.n_classes`."""
     log = MetricsLog(out_dir / "metrics.jsonl")
 
     def record(rec: dict, history: History) -> None:
@@ -44,19 +46,24 @@ def run_federation(
         progress=cfg.output.progress,
         sample_all=cfg.federation.fraction == 1.0,
     )
-    settings.privacy, settings.secure = stages(cfg, cfg.seed if simulated else None)
+    settings.privacy, settings.secure = stages(cfg, cfg.seed if simulated else None,
+                                                n_classes)
     return run_rounds(grid, make_strategy(cfg), initial, settings, record, evaluate)
 
 
-def stages(cfg: Config, seed: int | None) -> tuple[Privacy | None, SecureAggregator | None]:
+def stages(
+    cfg: Config, seed: int | None, n_classes: int | None = None
+) -> tuple[Privacy | None, SecureAggregator | None]:
     """The optional stages of the server's round, as `cfg` turns them on; `seed` draws what
     would otherwise be secret (simulation only)."""
     secure = cfg.secure_aggregation.enabled
     privacy = None
     if cfg.privacy.enabled:
         privacy = Privacy(cfg.privacy, secure, seed, planned_noise(cfg))
-    aggregator = SecureAggregator(cfg.secure_aggregation, seed, privacy) if secure else None
-    return privacy, aggregator
+    if not secure:
+        return privacy, None
+    classes = cfg.stream.n_classes if n_classes is None else n_classes
+    return privacy, SecureAggregator(cfg.secure_aggregation, classes, seed, privacy)
 
 
 def before_run(cfg: Config) -> list[str]:

@@ -13,11 +13,12 @@ import os
 import re
 import statistics
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message
 
 from fedstream.protocol import messages as m
@@ -65,6 +66,25 @@ def _known_sum(counts: list[int | None]) -> int | None:
     return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
 
+CLASS_ROWS = ("labels", "predicted", "right")  # a class tally's rows (client.metrics)
+
+
+def _class_sum(tallies: list[list[int] | None]) -> list[int] | None:
+    """A round's class tally, summed over its clients: None when a client did not count
+    one (an older fedstream) or counted another number of classes."""
+    if any(t is None for t in tallies) or len({len(t or ()) for t in tallies}) > 1:
+        return None
+    return np.sum(tallies, axis=0, dtype=np.int64).tolist() if tallies else []
+
+
+def _class_record(tally: list[int] | None) -> dict[str, list[int]] | None:
+    """A class tally as metrics.jsonl holds it: one list per row, a count per class."""
+    if tally is None:
+        return None
+    rows = np.asarray(tally, dtype=np.int64).reshape(len(CLASS_ROWS), -1).tolist()
+    return dict(zip(CLASS_ROWS, rows, strict=True))
+
+
 def _failure(
     client_of: dict[int, int], node: int, reason: str, stage: str | None = None
 ) -> dict[str, Any]:
@@ -95,6 +115,9 @@ class History:
     dropped: int = 0
     no_change_correct: int | None = 0  # of `seen`, right by repeating the label before
     majority_correct: int | None = 0  # of `seen`, right by the class seen most so far
+    # Of `seen`, per class: labels, predictions, right ones (flat, CLASS_ROWS); [] before
+    # any sample, None when some round's are unknown.
+    classes: list[int] | None = field(default_factory=list)
     clipped: int = 0  # secure rounds: coordinates clipped, of `coordinates` summed
     coordinates: int = 0
     secure: bool = False
@@ -124,6 +147,7 @@ class History:
         state.setdefault("client_of", {})
         state.setdefault("no_change_correct", None)  # unknown for the rounds before
         state.setdefault("majority_correct", None)
+        state.setdefault("classes", None)
         self.__dict__.update(state)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -144,6 +168,7 @@ class History:
         elif self.no_change_correct is not None and self.majority_correct is not None:
             self.no_change_correct += no_change
             self.majority_correct += majority
+        self.classes = _add_classes(self.classes, record)
         self.secure = self.secure or record.get("secure", False)
         self.clipped += record.get("clipped_coordinates", 0)
         self.coordinates += record.get("summed_coordinates", 0)
@@ -162,6 +187,19 @@ class History:
             acc["seen"] += rep["examples"]
             acc["correct"] += rep["correct"]
             self.empty_updates += rep["examples"] == 0
+
+
+def _add_classes(total: list[int] | None, record: dict[str, Any]) -> list[int] | None:
+    """The run's class tally after a round: unknown once a round with samples has none."""
+    rows = record.get("classes")
+    if not record["examples"] or total is None:
+        return total
+    if rows is None:
+        return None
+    tally = [n for name in CLASS_ROWS for n in rows[name]]
+    if not total:
+        return tally
+    return None if len(tally) != len(total) else (np.add(total, tally)).tolist()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -219,6 +257,7 @@ def round_record(
     loss_sum = sum(r.loss_sum for r in reports)
     no_change = _known_sum([r.no_change_correct for r in reports])
     majority = _known_sum([r.majority_correct for r in reports])
+    classes = _class_record(_class_sum([r.classes for r in reports]))
     return {
         "round": server_round,
         "clients_sampled": len(sent),
@@ -231,6 +270,7 @@ def round_record(
         "loss": _ratio(loss_sum, examples),
         "no_change_correct": no_change,
         "majority_correct": majority,
+        "classes": classes,
         "bytes_down": sum(bytes_of(msg) for msg in sent),
         "bytes_up": sum(bytes_of(r) for r in replies if not r.has_error()),
         "seconds": seconds,
@@ -283,6 +323,7 @@ def secure_round_record(
         "loss": _ratio(loss_sum, t["examples"]),
         "no_change_correct": t["no-change-correct"],
         "majority_correct": t["majority-correct"],
+        "classes": _class_record(outcome.classes),
         "bytes_down": outcome.bytes_down,
         "bytes_up": outcome.bytes_up,
         "seconds": seconds,
@@ -320,16 +361,26 @@ class AccuracySeries:
     # clients' (the centralized learner's interleaves them), so neither are its references.
     no_change_correct: int = 0
     majority_correct: int = 0
+    classes: np.ndarray | None = None  # the class tally (CLASS_ROWS, a column per class)
 
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.seen if self.seen else None
 
-    def add_round(self, seen: int, correct: int, no_change: int = 0, majority: int = 0) -> None:
+    def add_round(
+        self,
+        seen: int,
+        correct: int,
+        no_change: int = 0,
+        majority: int = 0,
+        classes: np.ndarray | None = None,
+    ) -> None:
         self.seen += seen
         self.correct += correct
         self.no_change_correct += no_change
         self.majority_correct += majority
+        if classes is not None:
+            self.classes = classes if self.classes is None else self.classes + classes
         self.per_round.append(correct / seen if seen else None)
         self.cumulative.append(self.accuracy)
 
@@ -340,7 +391,11 @@ class AccuracySeries:
             "accuracy_per_round": self.per_round,
             "cumulative_accuracy": self.cumulative,
             **kappas(self.accuracy, self.no_change_correct, self.majority_correct, self.seen),
+            **{k: v for k, v in class_scores(self._tally()).items() if k in CLASS_SCORES},
         }
+
+    def _tally(self) -> list[int] | None:
+        return None if self.classes is None else self.classes.ravel().tolist()
 
 
 def federated_series(records: Iterable[dict[str, Any]]) -> AccuracySeries:
@@ -370,8 +425,56 @@ def kappas(
     return dict(zip(keys, [*theirs, *against], strict=True))
 
 
-def run_summary(cfg: Config, history: History) -> dict[str, Any]:
-    """The summary.json keys every run has, simulated or deployed (see the README)."""
+CLASS_SCORES = ("balanced_accuracy", "cohen_kappa", "macro_f1")
+
+
+def class_scores(tally: list[int] | None, names: Sequence[str] = ()) -> dict[str, Any]:
+    """What an imbalanced stream is judged by, from a run's class tally (CLASS_ROWS): the
+    mean recall over the classes that occurred, Cohen's kappa (agreement beyond what the
+    label and prediction frequencies give by chance), the mean F1 over the classes that
+    occurred or were predicted, and each class's counts, recall and precision, keyed by
+    `names` (else the class index). None where unknown or undefined."""
+    unknown = {**dict.fromkeys(CLASS_SCORES), "per_class": None}
+    if not tally:
+        return unknown
+    labels, predicted, right = np.asarray(tally, dtype=np.int64).reshape(len(CLASS_ROWS), -1)
+    n = int(labels.sum())
+    if not n:
+        return unknown
+    recall = _rates(right, labels)
+    precision = _rates(right, predicted)
+    f1 = _rates(2 * right, labels + predicted)
+    chance = float(labels.astype(np.float64) @ predicted) / n**2  # no int64 overflow
+    names = list(names) if len(names) == len(labels) else [str(c) for c in range(len(labels))]
+    per_class = {
+        name: {"samples": int(labels[c]), "predicted": int(predicted[c]),
+               "right": int(right[c]), "recall": _nan_none(recall[c]),
+               "precision": _nan_none(precision[c])}
+        for c, name in enumerate(names)
+    }
+    return {
+        "balanced_accuracy": float(np.nanmean(recall)),
+        "cohen_kappa": (int(right.sum()) / n - chance) / (1 - chance) if chance < 1 else None,
+        "macro_f1": float(np.nanmean(f1)),
+        "per_class": per_class,
+    }
+
+
+def _rates(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den per class, NaN where den is 0 (the class never occurred or was never
+    predicted), so that means skip it."""
+    return np.divide(num, den, out=np.full(len(den), np.nan), where=den > 0)
+
+
+def _nan_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def run_summary(
+    cfg: Config, history: History, class_names: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The summary.json keys every run has, simulated or deployed (see the README);
+    `class_names` name the model's outputs in `per_class` (stream.classes by default)."""
     per_client = {
         str(c): (v["correct"] / v["seen"] if v["seen"] else None)
         for c, v in sorted(history.per_client.items())
@@ -387,6 +490,7 @@ def run_summary(cfg: Config, history: History) -> dict[str, Any]:
         "prequential_loss": history.loss_sum / history.seen if history.seen else None,
         **kappas(history.accuracy, history.no_change_correct, history.majority_correct,
                  history.seen),
+        **class_scores(history.classes, class_names or cfg.stream.classes),
         "client_updates": history.client_updates,
         "client_updates_empty": None if history.secure else history.empty_updates,
         "client_failures": history.failures,

@@ -51,6 +51,7 @@ class SecureOutcome:
     error: str | None = None
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(m.TAIL, 0))
     totals_checked: bool = False  # the unmasked tail passed its checks (else: zeros)
+    classes: list[int] | None = None  # the summed class tally, once checked
     failures: list[dict[str, Any]] = field(default_factory=list)  # node, stage, reason
     summed_nodes: list[int] = field(default_factory=list)  # whose inputs the sum holds
     clients_ok: int = 0
@@ -73,10 +74,12 @@ class SecureAggregator:
     def __init__(
         self,
         cfg: SecureAggregationConfig,
+        n_classes: int,
         graph_seed: int | None = None,
         privacy: Privacy | None = None,
     ) -> None:
         self.cfg = cfg
+        self.n_classes = n_classes  # the tail counts each class (messages.tail_len)
         self.privacy = privacy  # its server noise goes onto the unmasked mean
         # Seeds the neighbour ring in simulation only (see `secagg.neighbour_graph`).
         self.graph_seed = graph_seed
@@ -199,7 +202,7 @@ class SecureAggregator:
             graph=secagg.neighbour_graph(n, degree, rng),
             peers=peers,
             size=size,
-            tail_len=len(m.TAIL),
+            tail_len=m.tail_len(self.n_classes),
             max_weight=self.cfg.max_weight,
             name=lambda i: client_name(parties[i - 1], client_of),
         )
@@ -343,15 +346,18 @@ class SecureAggregator:
         tail: np.ndarray,
         out: SecureOutcome,
     ) -> None:
-        totals = {name: int(v) for name, v in zip(m.TAIL, tail.astype(np.int64), strict=True)}
+        words = tail.astype(np.int64)
+        totals = {name: int(v) for name, v in zip(m.TAIL, words, strict=False)}
+        classes = words[len(m.TAIL):].reshape(3, -1)
         if totals["contributors"] != len(agg.survivors):
             out.error = "secure aggregation failed: the unmasked sum did not pass its check"
             return
-        odd = _odd_totals(totals, self.cfg.max_weight)
+        odd = _odd_totals(totals, self.cfg.max_weight) or _odd_classes(classes, totals)
         if odd:
             out.error = f"secure aggregation failed: the unmasked totals are inconsistent ({odd})"
             return
         out.totals, out.totals_checked = totals, True
+        out.classes = classes.ravel().tolist()
         if totals["weight"] <= 0:
             out.error = "no client update to aggregate"
             return
@@ -412,6 +418,21 @@ def _odd_totals(totals: dict[str, int], max_weight: int) -> str | None:
     high = private * max_weight + min(examples, plain * max_weight)
     if not low <= weight <= high:
         return f"weight = {weight} for {n} clients and {examples} examples"
+    return None
+
+
+def _odd_classes(classes: np.ndarray, totals: dict[str, int]) -> str | None:
+    """What no honest clients' class tallies could sum to: each sample has one label and
+    one prediction, and is right for at most both."""
+    labels, predicted, right = classes
+    examples = totals["examples"]
+    if (classes < 0).any():
+        return "a negative class count"
+    if labels.sum() != examples or predicted.sum() != examples:
+        return (f"{labels.sum()} labels and {predicted.sum()} predictions counted by class, "
+                f"{examples} examples")
+    if right.sum() != totals["correct"] or (right > np.minimum(labels, predicted)).any():
+        return f"{right.sum()} right by class, {totals['correct']} correct"
     return None
 
 

@@ -38,12 +38,8 @@ def run_local(cfg: Config) -> AccuracySeries:
         total = RoundOutcome()
         for stream, learner in zip(streams, learners, strict=True):
             batch = stream.take(*stream.pending(learner.offset, r, cfg.stream.budget))
-            outcome = learner.learn(batch.x, batch.y)
-            total.seen, total.correct = total.seen + outcome.seen, total.correct + outcome.correct
-            total.no_change_correct += outcome.no_change_correct
-            total.majority_correct += outcome.majority_correct
-        result.add_round(total.seen, total.correct, total.no_change_correct,
-                         total.majority_correct)
+            total.absorb(learner.learn(batch.x, batch.y))
+        _add(result, total)
     return result
 
 
@@ -64,10 +60,13 @@ def run_centralized(cfg: Config) -> AccuracySeries:
         order = np.argsort(t, kind="stable")
         x = np.concatenate([b.x for b in batches])[order]
         y = np.concatenate([b.y for b in batches])[order]
-        outcome = learner.learn(x, y)
-        result.add_round(outcome.seen, outcome.correct, outcome.no_change_correct,
-                         outcome.majority_correct)
+        _add(result, learner.learn(x, y))
     return result
+
+
+def _add(series: AccuracySeries, outcome: RoundOutcome) -> None:
+    series.add_round(outcome.seen, outcome.correct, outcome.no_change_correct,
+                     outcome.majority_correct, outcome.classes)
 
 
 RUNNERS = {"local": run_local, "centralized": run_centralized}

@@ -143,7 +143,7 @@ def summarize(
     records = records or []
     federated = federated_series(records)  # per round, as the baselines have it
     summary: dict[str, Any] = {
-        **run_summary(cfg, history),
+        **run_summary(cfg, history, _class_names(cfg)),
         "wall_seconds": wall_seconds,
         "accuracy_per_round": federated.per_round,  # null: a round with no prediction
         "cumulative_accuracy": federated.cumulative,
@@ -172,8 +172,7 @@ def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
 
     fed = federation(cfg)
     data = fed.dataset
-    named = data.classes if data and data.classes else cfg.stream.classes
-    classes = model_file.class_labels(named, fed.n_classes)
+    classes = _class_names(cfg)
     source = fed.source(HOLDOUT_CLIENT)
     if isinstance(source, Relabel):  # a file's drift renames the classes: as they end
         classes = tuple(source.label_names(classes, round_end(history.rounds)))
@@ -181,6 +180,16 @@ def save_model(cfg: Config, arrays: ArrayRecord, history: History) -> Path:
         Path(cfg.output.dir), arrays, cfg, fed.feature_shape, classes,
         data.features if data else (), server_round=history.rounds,
     )
+
+
+def _class_names(cfg: Config) -> tuple[str, ...]:
+    """The model's outputs by name, as the data names them before any drift relabels."""
+    from fedstream.sim.federation import federation
+
+    fed = federation(cfg)
+    data = fed.dataset
+    named = data.classes if data and data.classes else cfg.stream.classes
+    return model_file.class_labels(named, fed.n_classes)
 
 
 def _client_names(cfg: Config) -> tuple[str, ...]:

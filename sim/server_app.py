@@ -38,7 +38,8 @@ def run_server(grid: Grid, cfg: Config, simulated: bool = True) -> dict:
     evaluate = make_evaluate(cfg) if cfg.evaluation.every else None
     started = time.perf_counter()
     arrays, history = run_federation(
-        grid, cfg, fed.initial_arrays(), out, evaluate, simulated=simulated
+        grid, cfg, fed.initial_arrays(), out, evaluate, simulated=simulated,
+        n_classes=fed.n_classes,
     )
     wall = time.perf_counter() - started
     baselines = run_baselines(cfg)

@@ -206,6 +206,33 @@ def test_a_model_no_better_than_a_trivial_predictor_is_told_so(
         assert "one class dominates (kappa_m -0.12)" in out
 
 
+def test_the_class_scores_and_a_class_never_right_are_told(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fedstream.cli.main import print_summary
+    from fedstream.server.records import class_scores
+
+    # 1,000 samples: 'ok' 960 (950 right), 'fault' 30 (never right), 'idle' 10 (never
+    # right, but only 1 %: still named), 'spare' never seen.
+    tally = [960, 30, 10, 0, 990, 10, 0, 0, 950, 0, 0, 0]
+    scores = class_scores(tally, ["ok", "fault", "idle", "spare"])
+    print_summary(_summary(prequential_accuracy=0.95, samples_seen=1000, **scores), tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"balanced accuracy {100 * 950 / 960 / 3:.2f}%, Cohen's kappa "
+            f"{scores['cohen_kappa']:.2f}, macro F1 {scores['macro_f1']:.2f}; weakest class "
+            "'fault': recall 0.00% of 30 samples") in out
+    assert ("the federated model never predicted classes 'fault' (30 samples, 3.00%), "
+            "'idle' (10 samples, 1.00%) right") in out
+    tally[8], tally[9] = 940, 10  # 'fault' right 10 times: only 'idle' is named
+    print_summary(_summary(prequential_accuracy=0.95, samples_seen=1000,
+                           **class_scores(tally, ["ok", "fault", "idle", "spare"])), tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "never predicted class 'idle' (10 samples, 1.00%) right" in out
+    print_summary(_summary(prequential_accuracy=0.95, samples_seen=1000,
+                           **class_scores(None)), tmp_path)  # an older run: no line
+    assert "balanced accuracy" not in capsys.readouterr().out
+
+
 def test_a_file_whose_labels_come_in_runs_warns_that_repeating_them_does_better(
     tmp_path: Path,
 ) -> None:
@@ -226,6 +253,9 @@ def test_a_file_whose_labels_come_in_runs_warns_that_repeating_them_does_better(
     assert "did no better than the no-change (last label) predictor" in said
     summary = json.loads((out / "summary.json").read_text())
     assert summary["no_change_accuracy"] > 0.9 and summary["kappa_temporal"] < 0
+    # The classes by the file's names, every sample predicted counted once.
+    assert list(summary["per_class"]) == ["0", "1", "2"]
+    assert sum(c["samples"] for c in summary["per_class"].values()) == summary["samples_seen"]
 
 
 def test_a_secure_run_that_aggregated_nothing_does_not_claim_sums(

@@ -108,6 +108,22 @@ def test_a_round_reports_the_trivial_predictors_on_its_own_samples() -> None:
     assert three.references.counts.tolist() == [0, 0, 2]
 
 
+@pytest.mark.parametrize("kw", [{"mode": "online"}, {"mode": "batch"},
+                                {"mode": "online", "model": "mlp"}])
+def test_a_round_tallies_its_predictions_class_by_class(kw: dict) -> None:
+    """The same predictions that were scored, whichever forward scored them."""
+    learner = _learner(**kw)
+    x, y = _data(n=50, seed=3)
+    outcome = learner.learn(x, y)
+    assert outcome.classes is not None
+    labels, predicted, right = outcome.classes
+    assert labels.tolist() == np.bincount(y, minlength=2).tolist()
+    assert predicted.sum() == outcome.seen == 50 and right.sum() == outcome.correct
+    assert (right <= np.minimum(labels, predicted)).all()
+    nothing = learner.learn(x[:0], y[:0]).classes
+    assert nothing is not None and nothing.tolist() == [[0, 0]] * 3
+
+
 @pytest.mark.parametrize("mode", ["online", "batch"])
 def test_standardising_rescues_features_on_their_own_scales(mode: str) -> None:
     # A pressure-like column (1013 +- 5) next to the informative one: raw, SGD follows the

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedstream.client.metrics import Prequential, References
+from fedstream.client.metrics import Prequential, References, RoundOutcome, class_tally
 
 
 def test_accuracy_and_fading_by_hand() -> None:
@@ -83,3 +83,90 @@ def test_references_take_many_classes_in_blocks() -> None:
     rng = np.random.default_rng(1)
     labels = rng.zipf(1.5, 400) % 5000
     assert References.new(5000).score(labels) == _one_at_a_time(labels.tolist(), 5000)
+
+
+def _scores_by_definition(pairs: list[tuple[int, int]], n_classes: int) -> dict[str, float]:
+    """Balanced accuracy, Cohen's kappa and macro F1 as textbooks define them, from the
+    (label, prediction) pairs' confusion matrix, a pair at a time."""
+    confusion = [[0] * n_classes for _ in range(n_classes)]
+    for y, p in pairs:
+        confusion[y][p] += 1
+    n = len(pairs)
+    row = [sum(confusion[c]) for c in range(n_classes)]
+    col = [sum(confusion[r][c] for r in range(n_classes)) for c in range(n_classes)]
+    recalls = [confusion[c][c] / row[c] for c in range(n_classes) if row[c]]
+    f1s = [2 * confusion[c][c] / (row[c] + col[c]) for c in range(n_classes) if row[c] + col[c]]
+    agree = sum(confusion[c][c] for c in range(n_classes)) / n
+    chance = sum(row[c] * col[c] for c in range(n_classes)) / n**2
+    return {
+        "balanced_accuracy": sum(recalls) / len(recalls),
+        "cohen_kappa": (agree - chance) / (1 - chance) if chance < 1 else None,
+        "macro_f1": sum(f1s) / len(f1s),
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(2, 6).flatmap(
+        lambda c: st.tuples(
+            st.just(c),
+            st.lists(st.tuples(st.integers(0, c - 1), st.integers(0, c - 1)), min_size=1,
+                     max_size=60),
+            st.integers(1, 20),
+        )
+    )
+)
+def test_class_scores_from_summed_tallies_are_the_confusion_matrix_definitions(
+    drawn: tuple[int, list[tuple[int, int]], int],
+) -> None:
+    """Tallies of any split of the samples (clients, rounds) summed give the scores of the
+    whole: what makes them summable under secure aggregation."""
+    from fedstream.server.records import CLASS_SCORES, class_scores
+
+    n_classes, pairs, cut = drawn
+    y, p = (np.array(v, dtype=np.int64) for v in zip(*pairs, strict=True))
+    parts = [class_tally(y[i : i + cut], p[i : i + cut], n_classes)
+             for i in range(0, len(y), cut)]
+    total = np.sum(parts, axis=0)
+    assert total.tolist() == [np.bincount(y, minlength=n_classes).tolist(),
+                              np.bincount(p, minlength=n_classes).tolist(),
+                              np.bincount(y[y == p], minlength=n_classes).tolist()]
+    got = class_scores(total.ravel().tolist(), [f"c{c}" for c in range(n_classes)])
+    want = _scores_by_definition(pairs, n_classes)
+    for key in CLASS_SCORES:
+        assert got[key] == (None if want[key] is None else pytest.approx(want[key]))
+    per = got["per_class"]
+    assert list(per) == [f"c{c}" for c in range(n_classes)]
+    assert sum(c["samples"] for c in per.values()) == len(pairs)
+    for c, counts in enumerate(per.values()):
+        right = ((y == c) & (p == c)).sum()
+        for key, of in (("recall", y == c), ("precision", p == c)):
+            assert counts[key] == (pytest.approx(right / of.sum()) if of.any() else None)
+
+
+def test_class_scores_by_hand_and_when_unknown() -> None:
+    from fedstream.server.records import class_scores
+
+    # 10 samples: 8 of class 0 (all predicted 0), 2 of class 1 (predicted 0): accuracy 80 %,
+    # but the model ignores class 1: balanced accuracy 50 %, Cohen's kappa 0.
+    scores = class_scores([8, 2, 10, 0, 8, 0], ["ok", "fault"])
+    assert scores["balanced_accuracy"] == 0.5 and scores["cohen_kappa"] == 0.0
+    assert scores["macro_f1"] == pytest.approx((2 * 8 / 18) / 2)  # class 1's F1 is 0
+    assert scores["per_class"]["fault"] == {"samples": 2, "predicted": 0, "right": 0,
+                                            "recall": 0.0, "precision": None}
+    # One class only, always predicted: agreement by chance is 1, so kappa is undefined.
+    assert class_scores([5, 0, 5, 0, 5, 0])["cohen_kappa"] is None
+    assert class_scores([5, 0, 5, 0, 5, 0])["per_class"]["1"]["recall"] is None  # by index
+    for unknown in (None, [], [0, 0, 0, 0, 0, 0]):
+        assert set(class_scores(unknown).values()) == {None}
+
+
+def test_outcomes_absorb_each_other_class_by_class() -> None:
+    a = RoundOutcome(seen=2, correct=1, no_change_correct=1, majority_correct=2,
+                     classes=class_tally(np.array([0, 1]), np.array([0, 0]), 2))
+    total = RoundOutcome()
+    total.absorb(a)
+    total.absorb(a)
+    assert (total.seen, total.correct, total.no_change_correct, total.majority_correct) == (
+        4, 2, 2, 4)
+    assert total.classes.tolist() == [[2, 2], [4, 0], [2, 0]]

@@ -1067,11 +1067,11 @@ def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole(
     new = {k: v + rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in old.items()}
     size = sum(v.size for v in old.values())
     assert size > sa.Masks(Quantizer(32, 1.0, 4), []).step  # more than one piece
-    agg = _aggregation(4, 3, size=size, tail_len=len(m.TAIL))
+    agg = _aggregation(4, 3, size=size, tail_len=m.tail_len(2))
     setup = agg.setup_for(3)
     report = m.TrainReport(
         client=11, examples=50, correct=7, loss_sum=12.5, drifts=[4], train_seconds=0.25,
-        dropped=2, no_change_correct=30, majority_correct=21,
+        dropped=2, no_change_correct=30, majority_correct=21, classes=[20, 30, 10, 40, 3, 4],
     )
     got = masked_update(
         updates.record(old), updates.record(new), report, setup, _sk("enc", 3),
@@ -1081,7 +1081,8 @@ def test_the_clients_pipeline_is_the_update_encoded_whole_and_masked_whole(
     change = np.concatenate([(new[k].astype(np.float64) - old[k]).ravel() for k in old])
     ring, clipped = _encode(agg.q, change, np.random.default_rng(5))
     assert clipped > 0  # the clipped count rides in the tail: it is checked too
-    tail = [1, 1, 50, 1, 7, round(12.5 * m.FIXED_POINT), 1, clipped, 250_000, 2, 0, 30, 21]
+    tail = [1, 1, 50, 1, 7, round(12.5 * m.FIXED_POINT), 1, clipped, 250_000, 2, 0, 30, 21,
+            20, 30, 10, 40, 3, 4]
     seeds = sa.mask_seeds(setup, _sk("mask", 3))  # the same self seed: token_bytes is fixed
     want = _mask_whole(setup, _sk("enc", 3), _sk("mask", 3), ring, tail)
     np.testing.assert_array_equal(got.model, want.model)
@@ -1384,7 +1385,7 @@ def test_malformed_record_is_rejected_naming_the_key(
 
 
 @pytest.mark.parametrize("kind", ["setup", "masked"])
-@pytest.mark.parametrize("version", [MISSING, 1, 2, 3, 4, 5, 7, "6"])
+@pytest.mark.parametrize("version", [MISSING, 1, 2, 3, 4, 5, 6, 8, "7"])
 def test_a_record_of_another_protocol_version_is_rejected(kind: str, version: object) -> None:
     # Version 1 clients and servers sent no version; they expand masks differently, so
     # mixing them would sum to noise. Each side names the other's version instead.

@@ -61,6 +61,11 @@ def test_secure_rounds_match_plaintext_and_send_nothing_in_clear(tmp_path):
     for key in ("no_change_correct", "majority_correct"):
         assert [r[key] for r in secure] == [r[key] for r in plain]
         assert 0 < sum(r[key] for r in plain) < sum(r["examples"] for r in plain)
+    # Labels per class sum to the same; predictions may differ where the rounded model does.
+    assert [r["classes"]["labels"] for r in secure] == [r["classes"]["labels"] for r in plain]
+    for r in secure:
+        assert sum(r["classes"]["predicted"]) == r["examples"] > 0
+        assert sum(r["classes"]["right"]) == r["correct"]
     for s, p in zip(secure, plain, strict=True):
         assert abs(s["accuracy"] - p["accuracy"]) < 0.005
         assert s["secure"] and s["aggregated"] and s["clients"] == {} and not s["failures"]
@@ -670,6 +675,37 @@ def test_unmasked_totals_that_no_honest_clients_could_sum_to_fail_the_round():
     for key in ("correct", "no-change-correct", "majority-correct"):
         assert _odd_totals(_totals(**{key: 500}), 1000) is None
         assert f"{key} = 501 of 500 examples" in _odd_totals(_totals(**{key: 501}), 1000)
+
+
+def test_unmasked_class_tallies_that_no_honest_clients_could_sum_to_fail_the_round():
+    from fedstream.server.secure import _odd_classes
+
+    totals = _totals(correct=300)
+    honest = np.array([[200, 300], [250, 250], [100, 200]])  # labels, predicted, right
+    assert _odd_classes(honest, totals) is None
+    for forged, said in (
+        ([[200, 301], [250, 250], [100, 200]], "501 labels and 500 predictions"),
+        ([[200, 300], [250, 251], [100, 200]], "500 labels and 501 predictions"),
+        ([[200, 300], [250, 250], [100, 199]], "299 right by class, 300 correct"),
+        ([[200, 300], [100, 400], [150, 150]], "300 right by class"),  # right > predicted
+        ([[-1, 501], [250, 250], [100, 200]], "a negative class count"),
+    ):
+        assert said in _odd_classes(np.array(forged), totals)
+
+
+def test_devices_scoring_other_classes_than_the_server_fail_the_round_with_a_reason(tmp_path):
+    """A server whose stream.n_classes is not the devices': their tallies would not fit the
+    round's tail, and each says so instead of summing to nonsense."""
+    cfg = load(None, [*BASE, "federation.rounds=1", "secure_aggregation.enabled=true"])
+    records: list[dict] = []
+    run_federation(LoopbackGrid(sim_client_app(cfg), 6), cfg, federation(cfg).initial_arrays(),
+                   tmp_path, on_round=lambda rec, _h: records.append(rec), n_classes=3)
+    (rec,) = records
+    assert not rec["aggregated"] and len(rec["failures"]) == 6
+    scores = federation(cfg).n_classes
+    assert {f["reason"] for f in rec["failures"]} == {
+        f"SecureAggregationError: this client scores {scores} classes, the server's round "
+        "counts 3: set the same stream.n_classes on server and devices"}
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf"), 1e300, -1e300])

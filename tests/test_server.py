@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import pickle
@@ -244,11 +245,48 @@ def test_summary_gives_kappa_against_the_trivial_predictors() -> None:
     assert run_summary(load(), history)["no_change_accuracy"] is None
 
 
+def test_rounds_sum_the_clients_class_tallies_and_the_summary_names_the_classes() -> None:
+    sent = [_sent(n) for n in (1, 2)]
+    replies = []
+    for node, (client, tally) in enumerate([(0, [3, 1, 2, 2, 2, 1]), (1, [0, 4, 1, 3, 0, 3])]):
+        report = m.TrainReport(client=client, examples=4, correct=3, loss_sum=1.0, classes=tally)
+        replies.append(Message(RecordDict({m.ARRAYS: _weights(0.0),
+                                           m.METRICS: report.to_record()}), reply_to=sent[node]))
+    rec = round_record(1, sent, replies, {}, seconds=0.1)
+    assert rec["classes"] == {"labels": [3, 5], "predicted": [3, 5], "right": [2, 4]}
+    history = History()
+    history.add(rec)
+    history.add(rec)
+    summary = run_summary(load(None, ['stream.n_classes=2', 'stream.classes=["ok", "fault"]']),
+                          history)
+    assert summary["per_class"]["fault"] == {"samples": 10, "predicted": 10, "right": 8,
+                                             "recall": 0.8, "precision": 0.8}
+    assert summary["balanced_accuracy"] == pytest.approx((4 / 6 + 0.8) / 2)
+    assert list(run_summary(load(), history)["per_class"]) == ["0", "1"]  # unnamed: by index
+
+    # A client too old to count them, or counting other classes: unknown for the run.
+    old = m.TrainReport(client=2, examples=4, correct=3, loss_sum=1.0).to_record()
+    assert "class-tally" not in old and m.TrainReport.from_record(old).classes is None
+    unknown = round_record(2, sent, [replies[0], Message(RecordDict(
+        {m.ARRAYS: _weights(0.0), m.METRICS: old}), reply_to=sent[1])], {}, seconds=0.1)
+    assert unknown["classes"] is None
+    other = copy.deepcopy(history)
+    other.add({**rec, "classes": {"labels": [8], "predicted": [8], "right": [6]}})
+    history.add(unknown)
+    for h in (history, other):
+        assert h.classes is None and run_summary(load(), h)["balanced_accuracy"] is None
+    # A round with no samples (all failed) leaves the tally as it was.
+    empty = History()
+    empty.add(round_record(3, sent, [], {}, seconds=0.1))
+    empty.add(rec)
+    assert empty.classes == [3, 5, 3, 5, 2, 4]
+
+
 def test_a_history_from_an_older_checkpoint_loads_with_its_rounds_aggregated() -> None:
     history = History(rounds=5, seen=40)
     old = dict(history.__dict__)
     for since in ("aggregated", "errors", "shared_ids", "no_change_correct",
-                  "majority_correct"):  # fields added since
+                  "majority_correct", "classes"):  # fields added since
         del old[since]
     restored = History.__new__(History)
     restored.__setstate__(old)
@@ -258,6 +296,7 @@ def test_a_history_from_an_older_checkpoint_loads_with_its_rounds_aggregated() -
     assert restored.no_change_correct is None
     restored.add(round_record(6, [], [], {}, seconds=0.1))
     assert run_summary(load(), restored)["kappa_temporal"] is None
+    assert restored.classes is None and run_summary(load(), restored)["per_class"] is None
     assert pickle.loads(pickle.dumps(history)) == history  # today's checkpoints unchanged
 
 

@@ -90,6 +90,15 @@ def test_results_folder_has_the_contract(small_run: Path) -> None:
     assert local["no_change_accuracy"] == summary["no_change_accuracy"]
     assert local["majority_accuracy"] == summary["majority_accuracy"]
     assert 0 <= central["no_change_accuracy"] <= 1 and central["kappa_temporal"] is not None
+    # Per class, as the records sum them: every sample once, every right one once.
+    per_class = summary["per_class"]
+    for row, key in (("labels", "samples"), ("predicted", "predicted"), ("right", "right")):
+        by_round = np.sum([r["classes"][row] for r in records], axis=0)
+        assert by_round.tolist() == [c[key] for c in per_class.values()]
+    assert sum(c["right"] for c in per_class.values()) == sum(r["correct"] for r in records)
+    recalls = [c["recall"] for c in per_class.values() if c["recall"] is not None]
+    assert summary["balanced_accuracy"] == pytest.approx(sum(recalls) / len(recalls))
+    assert all(0 <= b["balanced_accuracy"] <= 1 for b in (local, central))
     found = summary["drift_detection"]
     assert found["detected"] + found["missed"] == found["client_drifts"] <= 4
     detections = sum(len(r["drifts"]) for r in records)
