@@ -28,7 +28,7 @@ from fedstream.protocol import dp, updates
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import PrivacyConfig
 
-_NOISE_STREAM = 0xD9  # keeps the noise apart from every other seeded stream of the client
+_NOISE_STREAM = 0xD9  # apart from the rounding of the same round (sources/base.py: key layouts)
 PRIVATE_ONLY = "private-only"  # node config: what a device's own config has it do ("clip", "noise")
 PRIVATE_CLIP = "private-clip"  # node config: the largest clip it accepts (its clip_norm)
 PRIVATE_NOISE = "private-noise"  # node config: the least noise std it accepts, per unit of clip

@@ -33,7 +33,7 @@ from fedstream.protocol.fixedpoint import Encoder
 STATE_KEY = "fedstream-secagg"
 SECURE_ONLY = "secure-only"  # node config: a device whose config enables secure aggregation
 PENDING_KEYS = 4  # mask keys kept; the server only ever assigns one of the latest
-_ROUNDING_STREAM = 0x5EC  # keeps a simulation's rounding apart from its other seeded streams
+_ROUNDING_STREAM = 0x5EC  # apart from the noise of the same round (sources/base.py: key layouts)
 ROUNDS_KEPT = 16  # rounds masked in whose unmask request may still come (older: refused)
 
 

@@ -13,6 +13,7 @@ import difflib
 import itertools
 import json
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -77,6 +78,11 @@ class FederationConfig(_Section):
 SERVER_LR = {"fedavg": 3.0, "fedadam": 0.1, "fedyogi": 0.1}
 
 
+def _path_text(value: Any) -> Any:
+    """A `pathlib.Path` (what Python code holds) as the text a config file would give."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 class StreamConfig(_Section):
     """What each client's stream carries and how fast it arrives."""
 
@@ -107,6 +113,8 @@ class StreamConfig(_Section):
     rate: Annotated[float, Field(gt=0.0)] = 30.0
     rate_spread: Annotated[float, Field(ge=0.0)] = 0.5
     budget: Annotated[int, Field(ge=0)] = 0
+
+    _path = field_validator("path", mode="before")(lambda v: _path_text(v))
 
     @field_validator("sha256")
     @classmethod
@@ -367,6 +375,8 @@ class OutputConfig(_Section):
     plots: bool = True
     progress: bool = True
 
+    _path = field_validator("dir", mode="before")(lambda v: _path_text(v))
+
     @field_validator("dir")
     @classmethod
     def _a_folder(cls, value: str) -> str:
@@ -401,14 +411,15 @@ class Config(_Section):
         if not isinstance(raw, dict):
             return raw
         stream = raw.get("stream")
-        if isinstance(stream, dict) and stream.get("path") and "source" not in stream:
+        path = _path_text(stream.get("path")) if isinstance(stream, dict) else None
+        if isinstance(path, str) and path and "source" not in stream:  # type: ignore[operator]
             # A file named and no source: that file, not the default synthetic stream.
-            stream = {**stream, "source": _source_of(str(stream["path"]))}
+            stream = {**stream, "source": _source_of(path)}  # type: ignore[dict-item]
             raw = {**raw, "stream": stream}
         source = stream.get("source") if isinstance(stream, dict) else getattr(stream, "source", "")
         drift = raw.get("drift")
         # no drift key (or only the file's own drift times): no drift asked for
-        if source in ("csv", "jsonl") and (
+        if isinstance(source, str) and source in ("csv", "jsonl") and (
             not drift or (isinstance(drift, dict) and set(drift) == {"known_at"})
         ):
             return {**raw, "drift": {"kind": "none", **(drift or {})}}
@@ -653,6 +664,15 @@ def _bound(item: Any) -> str | None:
     return None
 
 
+def _short(value: Any) -> str:
+    """A value as an error shows it: one line, and a numpy array by its kind and shape."""
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and not isinstance(value, str | bytes):
+        return f"{type(value).__name__} of shape {shape}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     unions: set[str] = set()  # a count-or-fraction key: one line, for the input's kind
@@ -680,7 +700,8 @@ def _format_errors(err: ValidationError) -> str:
                    f"in a file, --set {path}.KEY=VALUE on the command line)")
         elif "input" in item and item["type"] not in ("missing",):
             got = item["input"]  # a TOML date as the file wrote it, not as Python's repr
-            shown = got.isoformat() if isinstance(got, datetime.date | datetime.time) else repr(got)
+            dated = isinstance(got, datetime.date | datetime.time)
+            shown = got.isoformat() if dated else _short(got)
             msg = f"{_bound(item) or msg} (got {shown}){_quoting_hint(item)}"
         lines.append(f"  {path}: {msg}")
     for path, value in skipped.items():

@@ -99,6 +99,31 @@ def _user_model(spec: str, feature_shape: Sequence[int], n_classes: int) -> nn.M
         ) from err
     if not isinstance(model, nn.Module):
         raise ValueError(f"learner.model '{spec}' returned {type(model).__name__}, not nn.Module")
+    return _materialized(model, spec, feature_shape)
+
+
+def _materialized(model: nn.Module, spec: str, feature_shape: Sequence[int]) -> nn.Module:
+    """A model with lazy layers (`nn.LazyLinear`...) shaped by one forward of zeros.
+
+    Lazy weights exist only after a first batch, but the global model's are sent before
+    any client has seen one. Shaped here, under the caller's seeded generator, every party
+    builds the same weights.
+    """
+    lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+    if not any(isinstance(t, lazy) for t in (*model.parameters(), *model.buffers())):
+        return model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *feature_shape)))
+    except Exception as err:
+        raise ValueError(
+            f"learner.model '{spec}' has lazy layers, and a batch of shape "
+            f"{(2, *feature_shape)} that would shape them raised {type(err).__name__}: {err}"
+        ) from None
+    finally:
+        model.train(was_training)
     return model
 
 

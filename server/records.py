@@ -85,6 +85,9 @@ def _class_record(tally: list[int] | None) -> dict[str, list[int]] | None:
     return dict(zip(CLASS_ROWS, rows, strict=True))
 
 
+SILENT = "no reply before timeout"  # a failure's reason when nothing came back
+
+
 def _failure(
     client_of: dict[int, int], node: int, reason: str, stage: str | None = None
 ) -> dict[str, Any]:
@@ -251,7 +254,7 @@ def round_record(
     for msg in sent:
         if msg.metadata.dst_node_id not in answered:
             node = msg.metadata.dst_node_id
-            failures.append(_failure(client_of, node, "no reply before timeout"))
+            failures.append(_failure(client_of, node, SILENT))
     examples = sum(r.examples for r in reports)
     correct = sum(r.correct for r in reports)
     loss_sum = sum(r.loss_sum for r in reports)

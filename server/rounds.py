@@ -22,9 +22,15 @@ from tqdm import tqdm
 from fedstream.server import stopping
 from fedstream.server.grid import OrderedGrid, Stragglers, send_and_collect
 from fedstream.server.privacy import Privacy
-from fedstream.server.records import History, client_name, round_record, secure_round_record
+from fedstream.server.records import (
+    SILENT,
+    History,
+    client_name,
+    round_record,
+    secure_round_record,
+)
 from fedstream.server.roster import Roster
-from fedstream.server.secure import SILENT, SecureAggregator
+from fedstream.server.secure import SecureAggregator
 
 ROSTER_TIMEOUT = 30.0  # a node that cannot say who it is within this is asked next round
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float] | None]

@@ -38,9 +38,7 @@ from fedstream.protocol.config import SecureAggregationConfig
 from fedstream.protocol.fixedpoint import Quantizer
 from fedstream.server.grid import Stragglers, send_and_collect
 from fedstream.server.privacy import Privacy, aggregate_message, secure_clip
-from fedstream.server.records import bytes_of, client_name, error_reason
-
-SILENT = "no reply before timeout"
+from fedstream.server.records import SILENT, bytes_of, client_name, error_reason
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 `fedavg` with a server learning rate other than 1 (or server momentum) is Flower's FedAvgM:
 on streams each round brings few local steps, and a larger server step makes up for it.
-Aggregation stays Flower's (weighted by `num-examples`); fedstream only replaces the metric
-aggregation, since its per-client reports are summed into round records instead of
-averaged, and drops replies that carry no examples (a client with an empty stream that
-round), which would otherwise divide by zero.
+The arithmetic stays Flower's (weighted by `num-examples`). Around it, small mixins: the
+metric aggregation is dropped (per-client reports are summed into round records
+instead), replies that carry no examples (a client with an empty stream that round) are
+left out rather than divided by, the new model keeps the dtypes the clients trained in,
+and FedAvg of the one message a secure round hands over is that message.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ class _KeepDtypes:
 
 
 def _as(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return (np.rint(values) if dtype.kind in "iu" else values).astype(dtype)
+    """`values` in `dtype`, an array even when 0-d (BatchNorm's `num_batches_tracked`),
+    where numpy's rounding hands back a scalar."""
+    return np.asarray((np.rint(values) if dtype.kind in "iu" else values).astype(dtype))
 
 
 class StreamFedAvg(_SkipEmpty, _KeepDtypes, _MeanOfOne, FedAvg):

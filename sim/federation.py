@@ -302,10 +302,7 @@ def _split(
         )
     except ValueError as err:  # Dirichlet draws that leave a client empty, every time
         raise DataError(
-            f"{what}: partition.scheme = 'dirichlet' with partition.alpha = {p.alpha} left "
-            f"a client without rows ({len(rest)} rows, federation.clients = "
-            f"{cfg.federation.clients}): raise partition.alpha, use fewer clients or "
-            f"partition.scheme = 'iid' ({err})"
+            f"{what} ({len(rest)} rows, federation.clients = {cfg.federation.clients}): {err}"
         ) from None
     parts_rows = tuple(rest[idx] for idx in parts)
     return Dataset(x, y, n_classes, parts_rows, hold, features, classes)

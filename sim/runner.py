@@ -477,8 +477,25 @@ NOISE_LIMIT = 0.01  # rounding noise per coordinate and round above which precis
 
 
 def simulate(cfg: Config) -> dict[str, Any]:
-    """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json)."""
-    return run(prepare(cfg))
+    """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json).
+
+    A run that aggregated no round returns its summary too (its reasons are data), but
+    says so on stderr, as `fedstream sim` does with its exit status: its accuracy is the
+    clients' training alone, and would pass for the federation's."""
+    summary = run(prepare(cfg))
+    warning = unaggregated(summary)
+    if warning:
+        print(warning, file=sys.stderr)
+    return summary
+
+
+def unaggregated(summary: dict[str, Any]) -> str | None:
+    """The warning for a run that aggregated no round, naming the first reason."""
+    if not summary["rounds"] or summary.get("rounds_aggregated", summary["rounds"]):
+        return None
+    errors = summary.get("aggregation_errors") or [{"reason": "see metrics.jsonl"}]
+    return (f"fedstream: warning: no round was aggregated ({errors[0]['reason']}): the "
+            "global model is the initial one (summary['aggregation_errors'])")
 
 
 def prepare(cfg: Config) -> Config:

@@ -402,3 +402,22 @@ def test_a_batch_window_smaller_than_a_batch_is_noted() -> None:
                      "only 2 recent samples, so each step trains on all of them; raise "
                      "learner.window to keep more"]
     assert risky_settings(load(None, ["learner.window=2", "learner.batch_size=16"])) == []
+
+
+def test_python_paths_are_taken_and_arrays_are_named_by_key(tmp_path: Path) -> None:
+    """What a Python user holds: a `pathlib.Path` is a path; a numpy array (data passed
+    where a file is named) is refused at its key, shown by kind and shape."""
+    import numpy as np
+
+    data = tmp_path / "d.csv"
+    data.write_text("a,label\n1,0\n2,1\n")
+    cfg = validate({"stream": {"path": data}, "output": {"dir": tmp_path / "out"}})
+    assert (cfg.stream.path, cfg.stream.source) == (str(data), "csv")
+    assert cfg.output.dir == str(tmp_path / "out") and cfg.drift.kind == "none"
+    for section, key in (("stream", "path"), ("stream", "source")):
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}: .* \(got ndarray of shape "
+                           r"\(10, 3\)\)"):
+            validate({section: {key: np.zeros((10, 3))}})
+    with pytest.raises(ConfigError) as err:
+        validate({"federation": {"rounds": "9" * 500}})
+    assert len(str(err.value)) < 250 and "...)" in str(err.value)

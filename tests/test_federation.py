@@ -388,6 +388,22 @@ def test_a_ring_too_coarse_for_the_updates_gets_a_hint(
     assert precision_hint(load(overrides=overrides)) is None  # secure aggregation off
 
 
+def test_a_dirichlet_split_that_leaves_a_client_empty_names_the_file_once(
+    tmp_path: Path,
+) -> None:
+    from fedstream.client.sources.base import DataError
+
+    path = tmp_path / "tiny.csv"
+    path.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    cfg = load(None, [f'stream.path="{path}"', "federation.clients=8", "partition.alpha=0.001"])
+    with pytest.raises(DataError) as err:
+        _ = federation(cfg).dataset
+    said = str(err.value)
+    assert said.startswith(f"{path} (40 rows, federation.clients = 8): partition.alpha = "
+                           "0.001: no dirichlet split gave every one of 8 clients")
+    assert said.count("raise partition.alpha") == 1
+
+
 def test_partition_by_column_gives_each_site_its_own_client(tmp_path: Path) -> None:
     # A file's own split: client i streams the rows of the i-th site, in file order.
     from fedstream.client.sources import DataError

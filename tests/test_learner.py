@@ -219,6 +219,31 @@ def test_user_model_factory(tmp_path, monkeypatch) -> None:
         _learner(model="my_models:missing")
 
 
+def test_a_model_with_lazy_layers_is_shaped_alike_on_every_party(tmp_path, monkeypatch) -> None:
+    """Its weights exist only after a batch: the server sends them before any."""
+    from fedstream.protocol.models import build_model
+
+    (tmp_path / "lazy_models.py").write_text(
+        "from torch import nn\n"
+        "def lazy(shape, n_classes):\n"
+        "    return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(n_classes))\n"
+        "def wrong(shape, n_classes):\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(n_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    one, two = (build_model("lazy_models:lazy", (5,), 2, seed=4) for _ in range(2))
+    for (key, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=key)
+    assert one[0].weight.shape == (16, 5) and one.training  # left in training mode
+    learner = _learner(model="lazy_models:lazy")
+    learner.set_weights(one.state_dict())  # a global model loads into a client's
+    assert learner.learn(*_data()).seen == 64
+    with pytest.raises(ValueError, match=re.escape(
+            "learner.model 'lazy_models:wrong' has lazy layers, and a batch of shape (2, 5) "
+            "that would shape them raised RuntimeError")):
+        build_model("lazy_models:wrong", (5,), 3)
+
+
 def test_a_factory_whose_outputs_are_no_class_scores_is_named_before_any_client_runs(
     tmp_path, monkeypatch
 ) -> None:

@@ -101,6 +101,28 @@ def test_a_single_update_is_its_own_mean_byte_for_byte_as_flower_computes_it() -
         StreamFedAvg().aggregate_train(1, [two])
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavg-m", "fedadam", "fedyogi"])
+def test_a_0d_integer_buffer_keeps_its_dtype_and_shape(strategy: str) -> None:
+    """BatchNorm's `num_batches_tracked` is a 0-d int64: numpy's rounding of a 0-d array
+    is a scalar, which failed every round of every BatchNorm model."""
+    name, lr = ("fedavg", 3.0) if strategy == "fedavg-m" else (strategy, 1.0)
+    strat = make_strategy(load(None, [f"federation.strategy={name}",
+                                      f"federation.server_lr={lr}"]))
+    start = {"w": Array(np.zeros(3, np.float32)), "n": Array(np.array(4, dtype=np.int64))}
+    # What FedAvgM (an ArrayRecord) and FedAdam, FedYogi (numpy) step from.
+    strat.current_arrays = (ArrayRecord(start) if name == "fedavg"
+                            else {k: a.numpy() for k, a in start.items()})
+    sent = [_sent(1), _sent(2)]
+    replies = [Message(RecordDict({m.ARRAYS: ArrayRecord({"w": Array(np.full(3, v, np.float32)),
+                                                          "n": Array(np.array(n, np.int64))}),
+                                   m.METRICS: m.TrainReport(c, 4, 2, 1.0).to_record()}),
+                       reply_to=sent[c]) for c, (v, n) in enumerate([(1.0, 6), (2.0, 8)])]
+    arrays, _ = strat.aggregate_train(1, replies)
+    counter = arrays["n"].numpy()
+    assert counter.dtype == np.int64 and counter.shape == ()
+    assert arrays["w"].numpy().dtype == np.float32
+
+
 def test_default_strategy_is_fedavg_with_server_step() -> None:
     strategy = make_strategy(load())
     assert isinstance(strategy, FedAvgM) and strategy.server_learning_rate == 3.0

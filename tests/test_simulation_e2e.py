@@ -186,6 +186,14 @@ def test_a_run_that_aggregates_no_round_says_why_and_fails(tmp_path: Path) -> No
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_aggregated"] == 0
     assert sum(e["rounds"] for e in summary["aggregation_errors"]) == 2
+    # In Python, `simulate` returns this summary and warns on stderr with its first reason.
+    from fedstream.sim.runner import unaggregated
+
+    said = unaggregated(summary)
+    assert said is not None and said.startswith("fedstream: warning: no round was aggregated")
+    assert summary["aggregation_errors"][0]["reason"] in said
+    assert unaggregated({**summary, "rounds_aggregated": 1}) is None
+    assert unaggregated({**summary, "rounds": 0}) is None
 
 
 RAY = Path(sys.executable).parent / "ray"

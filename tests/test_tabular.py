@@ -439,6 +439,15 @@ def test_integer_labels_written_as_floats_are_one_class(tmp_path: Path) -> None:
     table = load_table(path, label="label")
     assert table.classes == ["0", "1", "2"]
     np.testing.assert_array_equal(table.y, [0, 1, 1, 0, 2])
+    # numpy's savetxt writes every value in exponent form: the same classes. A code in
+    # exponent form without a signed exponent ("1E3", a part number) stays a name.
+    rows = np.array([[1.5, 0], [2.5, 1], [3.5, 1], [4.5, 2]])
+    np.savetxt(tmp_path / "saved.csv", rows, delimiter=",", header="a,label", comments="")
+    saved = load_table(tmp_path / "saved.csv", label="label", classes=["0", "1", "2"])
+    assert saved.classes == ["0", "1", "2"] and saved.y.tolist() == [0, 1, 1, 2]
+    codes = load_table(write(tmp_path, "codes.csv", "a,label\n1,1E3\n2,1000\n3,2.5e+01\n"),
+                       label="label")
+    assert codes.classes == ["25", "1000", "1E3"]
 
 
 def test_excel_sep_line_names_the_delimiter(tmp_path: Path) -> None:

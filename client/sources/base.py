@@ -6,14 +6,25 @@ restart, draw a round's batch in one call or in many, and compare strategies on 
 the same data. We get it by seeding one generator per block of ``BLOCK`` positions
 (counter-based seeding) instead of advancing one long-lived generator.
 
-Seed keys in use (``np.random.default_rng(key)``), kept distinct so streams never alias:
+Seed keys of the streams (``np.random.default_rng(key)``):
 
 * ``[seed, client, SAMPLE_TAG, block]``  per-client sample randomness (this module)
 * ``[seed, CONCEPT_TAG, k]``             concept ``k`` parameters, shared by all clients
 * ``[seed, client, STAGGER_TAG]``        a client's drift-time offset (``drift.staggered``)
 * ``[seed, client, 0xA7, r]``            arrivals of round ``r >= 1`` (``client.arrival``)
 
-``client`` in these keys is ``client_key(client)``, so negative ids work too.
+``client`` in these keys is ``client_key(client)``, so negative ids work too. Others:
+``[seed, 0x5E, client]`` and ``[seed, 0x9E, k]`` (relabelling, ``relabel.py``),
+``[seed, 0x40]`` (a file's hold-out rows), ``[seed, 0xB0]`` (clients' rates),
+``[seed, 0xD0, client, round]`` (simulated dropouts), ``[seed, round, client, stream]``
+(privacy noise and secure rounding, ``client/privacy.py``), ``[seed, round, stream]``
+(the server's noise).
+
+The layouts differ, and numpy pads a short key with zeros, so keys can coincide: client
+192 (0xC0) has concept 87's key as its drift offset and concept 218's as its first
+sample block, and client 218 (0xDA) draws its privacy noise in round r from client r's
+sample block ``stream``. Federations below 192 clients never meet it; one layout for all
+would change every simulated stream (and every figure measured on them).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import decimal
 import difflib
 import gzip
 import io
@@ -44,6 +45,7 @@ _CSV_SUFFIXES = frozenset({".csv", ".tsv", ".tab", ".psv", ".txt"})
 _JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})
 _INT_RE = re.compile(r"[+-]?\d+")
 _WHOLE_RE = re.compile(r"([+-]?\d+)\.0*")  # "1.0", "2.": an integer written as a float
+_EXP_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]\d{1,2}")  # "1.0e+00" (savetxt); not "1E3"
 _SEP_RE = re.compile(r"sep=(.)")  # Excel's first line naming the delimiter
 _THOUSANDS = {
     ",": re.compile(r"[+-]?\d{1,3}(\.\d{3})+(,\d*)?"),  # 1.234,5 in a ';' file
@@ -1159,12 +1161,19 @@ def _cell_problem(cell: Any, what: str, decimal: str = ".") -> str | None:
 
 
 def _canonical_label(text: str) -> str:
-    """Integers are compared by value, so '007', '7' and '7.0' are one class (files that
-    were concatenated from two exports, or passed through a float column, mix them)."""
+    """Integers are compared by value, so '007', '7', '7.0' and '7.000e+00' are one class
+    (files that were concatenated from two exports, passed through a float column, or
+    written by numpy's `savetxt` mix them)."""
     if _INT_RE.fullmatch(text):
         return str(int(text))
     whole = _WHOLE_RE.fullmatch(text)
-    return str(int(whole.group(1))) if whole else text
+    if whole:
+        return str(int(whole.group(1)))
+    if _EXP_RE.fullmatch(text):
+        value = decimal.Decimal(text)  # exact: no float rounding of 9007199254740993e0
+        if value == value.to_integral_value():
+            return str(int(value))
+    return text
 
 
 def _sort_classes(found: list[str]) -> list[str]:
