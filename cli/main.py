@@ -302,7 +302,8 @@ def _references() -> tuple[tuple[str, str, str, str], ...]:
 
     return (
         (NO_CHANGE, "no_change_accuracy", "kappa_temporal",
-         "the labels come in runs, which repeating the last one exploits"),
+         "a label often repeats the one before (labels in runs, or one class most of "
+         "the time), which repeating it exploits"),
         (MAJORITY, "majority_accuracy", "kappa_m", "one class dominates"),
     )
 

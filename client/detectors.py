@@ -268,8 +268,10 @@ class ADWIN:
     def update_many(self, values: Sequence[float]) -> list[int]:
         """`update` for each value, in order: the offsets of the values after which a
         change was reported. Exactly what calling `update` one value at a time gives (the
-        same buckets, the same floats), about three times faster: a round's errors are
-        taken a clock period at a time, and the histogram's merges run once a period."""
+        same buckets, the same floats), faster the more values it is given: the values are
+        taken a clock period at a time, and the histogram's merges run once a period
+        (measured: 6.8 against 11.5 µs a value for 32 at once; for a learner's mini-batch of
+        4, 11.6 against 13.1)."""
         values = [float(v) for v in values]
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:  # as `update` would: the values before it count, then it fails

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,8 +286,8 @@ def label_hint(cfg: Config) -> str | None:
     twins = alike(dataset.classes)
     if twins:
         return (
-            f"fedstream: hint: labels in {cfg.stream.label!r} that differ only in case or "
-            f"spaces are classes of their own ({_shown(twins)}): if each group is one class, "
+            f"fedstream: hint: labels in {cfg.stream.label!r} that differ only in case "
+            f"are classes of their own ({_shown(twins)}): if each group is one class, "
             "write its labels alike in the file"
         )
     try:
@@ -327,27 +328,89 @@ def skew_hint(cfg: Config) -> str | None:
     default): some client then has none of a class the file is full of. That is the
     non-IID study the default is for, but replaying a file as it was it reads as the
     data's own, and it makes each client's labels more alike (the trivial predictors
-    score higher than on the file). Said when a client lacks a class of 5 % or more."""
+    score higher than on the file). Said when a client lacks a class of 5 % or more,
+    naming every such client of the (at most three) most common such classes."""
     dataset = federation(cfg).dataset
     if dataset is None or not dataset.features or cfg.partition.scheme != "dirichlet":
         return None
     share = np.bincount(dataset.y, minlength=dataset.n_classes) / max(len(dataset.y), 1)
-    common = np.flatnonzero(share >= 0.05)
-    for client, rows in enumerate(dataset.parts):
-        counts = np.bincount(dataset.y[rows], minlength=dataset.n_classes)
-        missing = [c for c in common if counts[c] == 0]
-        if missing:
-            names = dataset.classes or tuple(map(str, range(dataset.n_classes)))
-            label = names[missing[0]]
-            return (
-                f"fedstream: hint: {cfg.stream.path}: the rows are dealt to clients by label "
-                f"(partition.scheme = 'dirichlet', alpha {cfg.partition.alpha:g}), so client "
-                f"{client} holds no {label!r} rows ({100 * share[missing[0]]:.0f} % of the "
-                "file): a non-IID split made here, not the data's own. To replay the file "
-                "as it is, use partition.scheme = 'iid', or 'column' with the column that "
-                "names each row's site"
-            )
-    return None
+    held = np.stack([np.bincount(dataset.y[rows], minlength=dataset.n_classes)
+                     for rows in dataset.parts]) > 0  # (clients, classes)
+    lacking = [c for c in np.argsort(-share, kind="stable")
+               if share[c] >= 0.05 and not held[:, c].all()]
+    if not lacking:
+        return None
+    names = dataset.classes or tuple(map(str, range(dataset.n_classes)))
+    said = "; ".join(f"{_clients(np.flatnonzero(~held[:, c]))} no {names[c]!r} rows "
+                     f"({100 * share[c]:.0f} % of the file)" for c in lacking[:3])
+    more = f"; and {len(lacking) - 3} more classes" if len(lacking) > 3 else ""
+    return (
+        f"fedstream: hint: {cfg.stream.path}: the rows are dealt to clients by label "
+        f"(partition.scheme = 'dirichlet', alpha {cfg.partition.alpha:g}), so {said}{more}: "
+        "a non-IID split made here, not the data's own. To replay the file as it is, use "
+        "partition.scheme = 'iid', or 'column' with the column that names each row's site"
+    )
+
+
+def _clients(ids: np.ndarray) -> str:
+    """'client 3 holds', 'clients 1, 2 and 4 hold' (the first five, then how many more)."""
+    shown = [str(i) for i in ids[:5]]
+    if len(ids) == 1:
+        return f"client {shown[0]} holds"
+    listed = ", ".join(shown[:-1]) + f" and {shown[-1]}" if len(ids) <= 5 else \
+        ", ".join(shown) + f" and {len(ids) - 5} more"
+    return f"clients {listed} hold"
+
+
+UNITS_APART = 100  # clients' median times this many times apart: another unit, likely
+
+
+def time_units_hint(cfg: Config) -> str | None:
+    """Clients whose times are orders of magnitude apart: one site logged seconds, another
+    milliseconds (or a clock from its own start). Each client's rows stay in order, but
+    on one clock (`stream.arrival = 'time'`) they arrive rounds apart, and the centralized
+    baseline interleaves them wrongly."""
+    dataset = federation(cfg).dataset
+    if dataset is None or dataset.time is None or len(dataset.parts) < 2:
+        return None
+    medians = np.array([np.median(np.abs(dataset.time[rows])) if len(rows) else np.nan
+                        for rows in dataset.parts])
+    usable = np.flatnonzero(np.isfinite(medians) & (medians > 0))
+    if len(usable) < 2:
+        return None
+    hi, lo = usable[np.argmax(medians[usable])], usable[np.argmin(medians[usable])]
+    ratio = medians[hi] / medians[lo]
+    if ratio < UNITS_APART:
+        return None
+    return (
+        f"fedstream: hint: {cfg.stream.path}: client {hi}'s times in {cfg.stream.time!r} "
+        f"(median {medians[hi]:.6g}) are about {ratio:.3g} times client {lo}'s "
+        f"({medians[lo]:.6g}): one clock in two units (milliseconds and seconds)? Rows "
+        "ordered or replayed by time would be rounds apart; write the times in one unit"
+    )
+
+
+RARE_CLASS = 0.05  # a class below this share of a file's rows gets a note before the run
+
+
+def rare_class_hint(cfg: Config) -> str | None:
+    """A file with a rare class: accuracy will mostly measure the others. Said before the
+    run, pointing at the per-class scores the summary gives."""
+    dataset = federation(cfg).dataset
+    if dataset is None or not dataset.features or len(dataset.y) == 0:
+        return None
+    share = np.bincount(dataset.y, minlength=dataset.n_classes) / len(dataset.y)
+    rare = [c for c in np.argsort(share, kind="stable") if 0 < share[c] < RARE_CLASS]
+    if not rare:
+        return None
+    names = dataset.classes or tuple(map(str, range(dataset.n_classes)))
+    listed = ", ".join(f"{names[c]!r} {100 * share[c]:.1f} %" for c in rare[:3])
+    more = f" and {len(rare) - 3} more" if len(rare) > 3 else ""
+    return (
+        f"fedstream: note: {cfg.stream.path}: rare class{'es' * (len(rare) > 1)} ({listed}"
+        f"{more} of the rows): accuracy mostly measures the others; the summary gives "
+        "balanced accuracy, Cohen's kappa and each class's recall (per_class)"
+    )
 
 
 def alike(names: Sequence[str]) -> list[list[str]]:
@@ -506,7 +569,7 @@ def prepare(cfg: Config) -> Config:
     preflight(cfg)
     for hint in (
         identifier_hint(cfg), scale_hint(cfg), label_hint(cfg), order_hint(cfg), group_hint(cfg),
-        skew_hint(cfg), drift_hint(cfg),
+        skew_hint(cfg), rare_class_hint(cfg), time_units_hint(cfg), drift_hint(cfg),
         exhaustion_hint(cfg), precision_hint(cfg), dropout_hint(cfg), *before_run(cfg),
     ):
         if hint:
@@ -517,8 +580,26 @@ def prepare(cfg: Config) -> Config:
 def run(cfg: Config) -> dict[str, Any]:
     """Run a config `prepare` returned, on Flower's simulation engine; its summary. The
     results folder is held for the run (`results.claimed`): another run into it fails."""
-    with claimed(Path(cfg.output.dir)):
+    with claimed(Path(cfg.output.dir)), _environment_kept(RAY_SETS):
         return _run(cfg)
+
+
+RAY_SETS = ("PYTHONBREAKPOINT",)  # Ray's driver points it at its remote debugger
+
+
+@contextlib.contextmanager
+def _environment_kept(names: tuple[str, ...]) -> Iterator[None]:
+    """The caller's environment variables `names` as they were, once the run's Ray is gone:
+    a script's `breakpoint()` after a run would otherwise wait for Ray's debugger."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run(cfg: Config) -> dict[str, Any]:

@@ -668,12 +668,55 @@ def test_a_file_dealt_by_label_that_leaves_a_client_without_a_class_gets_a_hint(
     skewed = load(overrides=[*_csv(tmp_path, rows), "federation.clients=4",
                              "partition.alpha=0.05"])
     hint = skew_hint(skewed)
-    assert hint is not None and ("holds no 'DOWN' rows" in hint or "holds no 'UP' rows" in hint)
-    assert "partition.scheme = 'iid'" in hint
+    assert hint is not None and "partition.scheme = 'iid'" in hint
+    # Every client without a class is named, for each class some client lacks.
+    data = federation(skewed).dataset
+    for c, name in enumerate(data.classes):
+        lacking = [k for k, rows in enumerate(data.parts) if not (data.y[rows] == c).any()]
+        if len(lacking) == 1:
+            assert f"client {lacking[0]} holds no {name!r} rows" in hint
+        elif lacking:
+            listed = ", ".join(map(str, lacking[:-1])) + f" and {lacking[-1]}"
+            assert f"clients {listed} hold no {name!r} rows" in hint
+        else:
+            assert f"no {name!r} rows" not in hint
+    assert "no 'DOWN' rows" in hint or "no 'UP' rows" in hint
     for fine in (["partition.scheme=iid"], ["partition.alpha=1000"]):
         assert skew_hint(load(overrides=[*_csv(tmp_path, rows), "federation.clients=4",
                                          *fine])) is None
     assert skew_hint(load(overrides=["federation.clients=4"])) is None  # synthetic: by design
+
+
+def test_a_file_with_a_rare_class_gets_a_note_before_the_run(tmp_path: Path) -> None:
+    from fedstream.sim.runner import _clients, rare_class_hint
+
+    rows = ["a,label"] + [f"{i},{'fault' if i % 50 == 0 else 'ok'}" for i in range(500)]
+    hint = rare_class_hint(load(overrides=[*_csv(tmp_path, rows), "federation.clients=2"]))
+    assert hint is not None and "rare class ('fault' 2.0 % of the rows)" in hint
+    assert "balanced accuracy, Cohen's kappa and each class's recall" in hint
+    even = ["a,label"] + [f"{i},{'fault' if i % 3 == 0 else 'ok'}" for i in range(500)]
+    assert rare_class_hint(load(overrides=[*_csv(tmp_path, even), "federation.clients=2"])) \
+        is None
+    assert rare_class_hint(load(overrides=["federation.clients=2"])) is None  # synthetic
+    assert _clients(np.array([3])) == "client 3 holds"
+    assert _clients(np.arange(1, 4)) == "clients 1, 2 and 3 hold"
+    assert _clients(np.arange(8)) == "clients 0, 1, 2, 3, 4 and 3 more hold"
+
+
+def test_sites_logging_time_in_other_units_get_a_hint(tmp_path: Path) -> None:
+    from fedstream.sim.runner import time_units_hint
+
+    start = 1_764_770_710
+    rows = ["t,site,a,label"] + [f"{start + i},a,{i % 5},{i % 2}" for i in range(100)]
+    millis = [f"{(start + i) * 1000},b,{i % 5},{i % 2}" for i in range(100)]
+    split = ["partition.scheme=column", 'partition.column="site"', 'stream.time="t"']
+    hint = time_units_hint(load(overrides=[*_csv(tmp_path, rows + millis), *split]))
+    assert hint is not None and "client 1's times in 't' (median 1.76477e+12) are about " \
+        "1e+03 times client 0's (1.76477e+09): one clock in two units" in hint
+    seconds = [f"{start + i},b,{i % 5},{i % 2}" for i in range(100)]
+    assert time_units_hint(load(overrides=[*_csv(tmp_path, rows + seconds), *split])) is None
+    assert time_units_hint(load(overrides=[*_csv(tmp_path, rows + seconds), *split[2:],
+                                           'stream.exclude=["site"]'])) is None
 
 
 def test_a_file_sorted_by_its_label_gets_a_hint(tmp_path: Path) -> None:

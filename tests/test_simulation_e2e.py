@@ -339,6 +339,7 @@ except KeyboardInterrupt:
 summary = simulate(load(None, [*base, "federation.rounds=3"]))
 print("second run", summary["rounds"], flush=True)
 print("left", [t.name for t in threading.enumerate() if not t.daemon], flush=True)
+print("breakpoint", os.environ.get("PYTHONBREAKPOINT"), flush=True)
 """
 
 
@@ -355,6 +356,7 @@ def test_a_python_script_can_stop_a_run_and_start_another(tmp_path: Path, how: s
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "interrupted" in proc.stdout and "second run 3" in proc.stdout, proc.stdout
     assert "left ['MainThread']" in proc.stdout  # no engine thread outlives its run
+    assert "breakpoint None" in proc.stdout  # Ray's debugger hook left with Ray
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").open()]
     assert rounds == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3

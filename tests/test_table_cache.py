@@ -54,6 +54,23 @@ def test_a_file_is_parsed_once_then_mapped(cache: Path, tmp_path: Path, monkeypa
     np.testing.assert_array_equal(cached_table(data, label="label").x, first.x)
 
 
+def test_a_large_file_is_said_to_be_read_once(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = _csv(tmp_path / "d.csv")
+    monkeypatch.setattr(table_cache, "SAY_READING", data.stat().st_size)  # "large" here
+    cached_table(data, label="label")
+    said = capsys.readouterr().err
+    assert said == (f"fedstream: reading {data} ({data.stat().st_size / 1e6:.0f} MB); later "
+                    "runs take it from the cache\n")
+    cached_table(data, label="label")  # from the cache: nothing to say
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(table_cache, "SAY_READING", data.stat().st_size + 1)
+    cached_table(data, label="label", exclude=["b"])  # a parse, of a file below the size
+    assert capsys.readouterr().err == ""
+
+
 def test_a_cached_table_keeps_its_time_column(cache: Path, tmp_path: Path) -> None:
     # stream.arrival = 'time' replays the rows at these times, in every Ray worker.
     data = tmp_path / "t.csv"

@@ -450,6 +450,25 @@ def test_integer_labels_written_as_floats_are_one_class(tmp_path: Path) -> None:
     assert codes.classes == ["25", "1000", "1E3"]
 
 
+def test_numbers_with_fractions_among_label_names_are_refused_as_misaligned_rows(
+    tmp_path: Path,
+) -> None:
+    """Two exports with different column orders joined whole: another column's
+    measurements under the label, each a class of its own, silently."""
+    rows = [f"x,{i},normal" for i in range(20)] + [f"y,{i},{i * 0.37 + 0.01:.3f}"
+                                                   for i in range(20)]
+    path = write(tmp_path, "joined.csv", "site,a,status\n" + "\n".join(rows) + "\n")
+    message = expect_error(path, 22, "column 'status': '0.010' is a number with a fraction",
+                           label="status", exclude=["site"])
+    assert "('normal'); 20 rows' labels are such numbers" in message
+    assert "may not line up with the header" in message
+    # Names with a couple of such numbers, integers with names, or numbers alone pass.
+    for labels in (["ok", "2.5", "3.5"] * 3, ["ok", "1", "2"] * 3, ["0.5", "1.5", "2.5"] * 3):
+        ok = write(tmp_path, "ok.csv", "a,label\n" + "".join(f"{i},{v}\n"
+                                                              for i, v in enumerate(labels)))
+        assert len(load_table(ok, label="label").classes) == 3
+
+
 def test_excel_sep_line_names_the_delimiter(tmp_path: Path) -> None:
     path = write(tmp_path, "excel.csv", "sep=;\r\nTemp;Status\r\n19,5;ok\r\nx;bad\r\n")
     message = expect_error(path, 4, "column 'Temp'", label="Status")
@@ -477,6 +496,13 @@ def test_text_in_a_feature_column_says_what_to_do(tmp_path: Path) -> None:
     joined = write(tmp_path, "joined.csv", "x,y\n1,a\n2,b\nx,y\n3,a\n")  # cat a.csv b.csv
     expect_error(joined, 4, "column 'x': 'x' is not a number; this row repeats the header",
                  label="y")
+    # With many columns, one line says it: not one per column that the header row fills.
+    wide = ",".join(f"c{j}" for j in range(20))
+    body = "".join(",".join(str(j) for j in range(20)) + f",{k % 2}\n" for k in range(4))
+    cat = write(tmp_path, "wide.csv", f"{wide},y\n{body}{wide},y\n{body}")
+    message = expect_error(cat, 6, "column 'c0': 'c0' is not a number; this row repeats the "
+                           "header (files joined whole?): keep one header row", label="y")
+    assert "\n" not in message
     timed = write(tmp_path, "t.csv", "when,x,y\n2024-03-01T00:00:00,1,a\n2024-03-01 01:00,2,b\n")
     expect_error(timed, 2, "a time column? name it: stream.time = \"when\"", label="y")
     missing = write(tmp_path, "na.csv", "x,y\n1,a\nNA,b\n")

@@ -893,9 +893,12 @@ class _Cells:
                 problem = _cell_problem(cell, self.what, self.decimal)
                 if problem:
                     where = f"{self.what} {self.features[j]!r}"
+                    hint = ""
                     if problem.endswith("is not a number"):
-                        problem += _column_hint(cell, self.features[j], first and i == 0)
-                    report = self._columns_report(rows, lines)
+                        hint = _column_hint(cell, self.features[j], first and i == 0)
+                    problem += hint
+                    # A header row again: every column's cell is its name, one fix for all.
+                    report = "" if hint == REPEATED_HEADER else self._columns_report(rows, lines)
                     self.error = _row_error(self.name, lines[i], f"{where}: {problem}{report}")
                     return
         raise AssertionError("unreachable: conversion failed but every cell is fine")
@@ -962,12 +965,15 @@ def _column_advice(column: list[Any], bad: list[tuple[int, str]], rows: int, nam
     return "drop or fix those rows (values are not imputed)"
 
 
+REPEATED_HEADER = "; this row repeats the header (files joined whole?): keep one header row"
+
+
 def _column_hint(cell: Any, column: str, first_row: bool) -> str:
     """What to do about a text cell in a feature column: a repeated header (files joined
     with `cat`), a time column not named as one, or a text column to leave out."""
     text = str(cell).strip()
     if text == column:
-        return "; this row repeats the header (files joined whole?): keep one header row"
+        return REPEATED_HEADER
     if "-" in text[1:] and _iso_time(text):  # a bare year, or a number, is not one
         return f'; a time column? name it: stream.time = "{column}"'
     if first_row:  # an ID, a name
@@ -1206,6 +1212,8 @@ def _encode_labels(
             "are not imputed: drop that row, or give it its value"
         )
     found, inverse = np.unique(canon, return_inverse=True)
+    if given is None and role == "label":
+        _check_label_kinds(found.tolist(), inverse, texts, raw, name, label)
     if given is None:
         names = _sort_classes([str(c) for c in found])
         lookup = {c: i for i, c in enumerate(names)}
@@ -1225,6 +1233,38 @@ def _encode_labels(
                 )
     remap = np.asarray([lookup[c] for c in found.tolist()], dtype=np.int64)
     return remap[inverse.reshape(-1)], names
+
+
+MISALIGNED_AT_LEAST = 3  # distinct numbers with fractions among names, to refuse them
+
+
+def _fraction(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value != round(value)
+
+
+def _check_label_kinds(
+    found: list[str], inverse: np.ndarray, texts: list[str], raw: _Raw, name: str, label: str
+) -> None:
+    """Names and numbers with fractions in one label column: the numbers are some other
+    column's values, in rows whose columns do not line up with the header (two exports
+    with different column orders joined whole). Each would become a class of its own."""
+    fractions = [k for k, value in enumerate(found) if _fraction(value)]
+    named = [value for value in found if not _fraction(value) and not _INT_RE.fullmatch(value)]
+    if len(fractions) < MISALIGNED_AT_LEAST or not named:
+        return
+    odd = np.isin(inverse.reshape(-1), fractions)
+    i = int(np.argmax(odd))
+    raise _row_error(
+        name, raw.lines[i],
+        f"{raw.what} {label!r}: {texts[i]!r} is a number with a fraction where other rows' "
+        f"labels are names ({', '.join(map(repr, named[:3]))}); {int(odd.sum())} rows' "
+        "labels are such numbers: their columns may not line up with the header (files "
+        "with different column orders joined whole? join them by column name)",
+    )
 
 
 def _iso_seconds(text: str) -> float:
