@@ -261,7 +261,7 @@ def _ours_client() -> Any:
             correct=0,
             loss_sum=loss_sum,
             train_seconds=time.perf_counter() - started,
-            classes=[n, 0, n, 0, 0, 0],  # 2 classes (regression: every sample counts as 0)
+            classes=[n, 0, 0, n, 0, 0],  # 2 classes: labelled 0, predicted 1 (correct 0)
         )
         content = RecordDict({m.ARRAYS: ArrayRecord(state), m.METRICS: report.to_record()})
         return Message(content, reply_to=msg)

@@ -122,6 +122,12 @@ def train_from_spool(msg: Message, ctx: Context, cfg: Config) -> Message:
         )
         batch = spool.pending(limit=min(cfg.stream.budget or MAX_ROUND_SAMPLES, MAX_ROUND_SAMPLES))
         x, y, unusable = usable(batch.x, batch.y, cfg.stream.n_classes)
+        if unusable:
+            print(f"{runtime.ROUND_NOTE} {unusable} samples skipped (counted as dropped): "
+                  f"their labels are beyond the run's stream.n_classes = "
+                  f"{cfg.stream.n_classes}; start the device with the server's config "
+                  "(fedstream client --config) and feed it the server's --classes",
+                  file=sys.stderr, flush=True)
         content = learn(msg, learner, x, y, client_of(ctx), started)
         dropped = spool.stats()["dropped"]
         reported = int.from_bytes(spool.state(REPORTED_DROPS) or b"", "big")

@@ -121,11 +121,17 @@ def class_tally(y: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndar
     not their square: under secure aggregation they travel in the masked tail.
     """
     y, predicted = np.asarray(y, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    for what, values in (("label", y), ("prediction", predicted)):
+        if len(values) and not 0 <= values.min() <= values.max() < n_classes:
+            raise ValueError(
+                f"a {what} outside the {n_classes} classes (got {values.min()} to "
+                f"{values.max()}): a model must give one score per class (stream.n_classes)"
+            )
     return np.stack([
         np.bincount(y, minlength=n_classes),
         np.bincount(predicted, minlength=n_classes),
         np.bincount(y[y == predicted], minlength=n_classes),
-    ])[:, :n_classes]
+    ])
 
 
 @dataclass

@@ -306,6 +306,7 @@ class _Watch:
     refused: int = 0  # attempts in a row the server refused to activate this device's key
     said_waiting: bool = False
     last_failure: str = ""  # why the last round failed here
+    noted: set[str] = field(default_factory=set)  # round notes said (their kinds, once each)
     connected: bool = False  # this SuperNode, now
     ever: bool = False  # this SuperNode, at any time
     gave_up: bool = False  # this SuperNode said it gave up reconnecting
@@ -356,6 +357,12 @@ class _Watch:
             if failure != self.last_failure:
                 self.last_failure = failure
                 say(f"a round failed on this device: {failure}")
+        elif runtime.ROUND_NOTE in line:
+            note = line.split(runtime.ROUND_NOTE, 1)[1].strip()
+            kind = re.sub(r"\d+", "N", note)  # said once, whatever the round's count
+            if kind not in self.noted:
+                self.noted.add(kind)
+                say(f"a round on this device: {note}")
         elif RETRYING in line and self.connected:  # --max-wait counts from here
             self.connected, self.since, self.said_waiting = False, time.monotonic(), True
             say(f"lost the server at {dev.server}; the SuperNode keeps trying to reach it")

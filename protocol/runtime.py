@@ -34,6 +34,7 @@ import psutil
 
 PR_SET_PDEATHSIG = 1
 ROUND_FAILED = "fedstream: a round failed on this device:"  # device app -> its log -> client
+ROUND_NOTE = "fedstream: a round on this device:"  # something the operator should know
 TASK_POLL = "0.05"  # seconds: how often a SuperExec looks for new app processes to start
 
 

@@ -425,6 +425,17 @@ def check_rounds_left(agg: Aggregator, cfg: Config) -> None:
     )
 
 
+def check_model(cfg: Config) -> None:
+    """The run's model, built once before anything starts: a factory that does not load,
+    or gives other than one score per class, would otherwise fail every device's round."""
+    from fedstream.protocol.models import build_model, check_outputs  # torch: only here
+
+    shape = (cfg.stream.n_features,)
+    model = build_model(cfg.learner.model, shape, cfg.stream.n_classes,
+                        hidden=cfg.learner.hidden, seed=cfg.seed)
+    check_outputs(model, cfg.learner.model, shape, cfg.stream.n_classes)
+
+
 def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -> str:
     """The whole aggregator: SuperLink up, keys registered, run submitted and awaited.
 
@@ -438,6 +449,7 @@ def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -
     if classes and len(classes) != cfg.stream.n_classes:
         raise ValueError(f"stream.classes names {len(classes)} classes, but the devices' "
                          f"samples have stream.n_classes = {cfg.stream.n_classes}")
+    check_model(cfg)
     superlink_command(agg)  # missing credentials: said before the run's plan is printed
     for line in before_run(cfg):  # a target epsilon out of reach raises before anything starts
         print(line, file=sys.stderr)

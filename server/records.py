@@ -70,11 +70,11 @@ CLASS_ROWS = ("labels", "predicted", "right")  # a class tally's rows (client.me
 
 
 def _class_sum(tallies: list[list[int] | None]) -> list[int] | None:
-    """A round's class tally, summed over its clients: None when a client did not count
-    one (an older fedstream) or counted another number of classes."""
-    if any(t is None for t in tallies) or len({len(t or ()) for t in tallies}) > 1:
+    """A round's class tally, summed over its clients: None when no client reported, a
+    client did not count one (an older fedstream) or counted another number of classes."""
+    if not tallies or any(t is None for t in tallies) or len({len(t or ()) for t in tallies}) > 1:
         return None
-    return np.sum(tallies, axis=0, dtype=np.int64).tolist() if tallies else []
+    return np.sum(tallies, axis=0, dtype=np.int64).tolist()
 
 
 def _class_record(tally: list[int] | None) -> dict[str, list[int]] | None:

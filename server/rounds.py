@@ -72,47 +72,13 @@ def run_rounds(
     for server_round in range(settings.first_round, settings.rounds + 1):
         started = time.perf_counter()
         if settings.secure is None:
-            late.discard(grid)
-            sent, replies = _exchange(
-                grid, roster, strategy, server_round, arrays, settings, late.trip()
-            )
-            arrays, error = _aggregate(strategy, server_round, replies, arrays, settings.privacy)
-            record = round_record(
-                server_round, sent, replies, roster.client_of, time.perf_counter() - started
-            )
-            contributed = [r.metadata.src_node_id for r in replies if not r.has_error()]
-            summed, in_sum, unchecked = len(contributed), contributed, False
+            done = _plain_round(grid, roster, strategy, server_round, arrays, settings, late,
+                                started)
         else:
-            sent = _sample(grid, roster, strategy, server_round, arrays, settings)
-            outcome = settings.secure.round(
-                grid, strategy, server_round, arrays, sent, roster.client_of, settings.timeout
-            )
-            arrays, error = outcome.arrays, outcome.error
-            answered = [f["node"] for f in outcome.failures if f["reason"] != SILENT]
-            _name_failed(grid, roster, answered, settings)
-            record = secure_round_record(
-                server_round, len(sent), outcome, roster.client_of, time.perf_counter() - started
-            )
-            failed = {f["node"] for f in outcome.failures}
-            contributed = [n for n in (msg.metadata.dst_node_id for msg in sent)
-                           if n not in failed]
-            # Also those that failed after their input; under client noise, only inputs that
-            # carry their noise count towards it.
-            summed = outcome.totals["contributors"]
-            if settings.privacy is not None and settings.privacy.client_noise:
-                summed = outcome.totals["privatised"]
-            in_sum = outcome.summed_nodes
-            unchecked = bool(in_sum) and not outcome.totals_checked  # zeros: counts unknown
-        record["shared_client_ids"] = roster.twins(contributed)
-        record["aggregated"] = error is None
-        # A secure round that failed after its sum was unmasked still showed the server the
-        # clients' noisy sum: accounted as if released.
-        seen = settings.secure is not None and bool(in_sum)
-        if settings.privacy is not None and (error is None or seen):
-            names = [client_name(n, roster.client_of) for n in in_sum]
-            record["privacy"] = settings.privacy.release(summed, names, unchecked)
-        if error:
-            record["aggregation_error"] = _explained(error, record, settings.timeout)
+            done = _secure_round(grid, roster, strategy, server_round, arrays, settings,
+                                 settings.secure, started)
+        arrays, record = done.arrays, done.record
+        _complete(record, done, roster, settings)
         if evaluate and settings.evaluate_every and server_round % settings.evaluate_every == 0:
             record["global_eval"] = evaluate(server_round, arrays)
         history.add(record)
@@ -125,6 +91,83 @@ def run_rounds(
         bar.update(1)
     bar.close()
     return arrays, history
+
+
+@dataclass
+class _Round:
+    """A round's outcome, plaintext or secure, in the terms the rest of the loop needs."""
+
+    arrays: ArrayRecord  # the new global model (the old one if the round failed)
+    error: str | None
+    record: dict[str, Any]
+    contributed: list[int]  # nodes that gave an update (their ids may be shared: twins)
+    summed: int  # updates in the sum, as differential privacy counts them
+    in_sum: list[int]  # nodes whose updates the sum holds
+    unchecked: bool = False  # a secure sum whose totals failed their checks (counts unknown)
+
+
+def _plain_round(
+    grid: Grid,
+    roster: Roster,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    settings: RoundSettings,
+    late: Stragglers,
+    started: float,
+) -> _Round:
+    late.discard(grid)
+    sent, replies = _exchange(grid, roster, strategy, server_round, arrays, settings, late.trip())
+    new, error = _aggregate(strategy, server_round, replies, arrays, settings.privacy)
+    record = round_record(server_round, sent, replies, roster.client_of,
+                          time.perf_counter() - started)
+    contributed = [r.metadata.src_node_id for r in replies if not r.has_error()]
+    return _Round(new, error, record, contributed, len(contributed), contributed)
+
+
+def _secure_round(
+    grid: Grid,
+    roster: Roster,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    settings: RoundSettings,
+    secure: SecureAggregator,
+    started: float,
+) -> _Round:
+    sent = _sample(grid, roster, strategy, server_round, arrays, settings)
+    outcome = secure.round(grid, strategy, server_round, arrays, sent, roster.client_of,
+                           settings.timeout)
+    answered = [f["node"] for f in outcome.failures if f["reason"] != SILENT]
+    _name_failed(grid, roster, answered, settings)
+    record = secure_round_record(server_round, len(sent), outcome, roster.client_of,
+                                 time.perf_counter() - started)
+    failed = {f["node"] for f in outcome.failures}
+    contributed = [n for n in (msg.metadata.dst_node_id for msg in sent) if n not in failed]
+    # Also those that failed after their input; under client noise, only inputs that carry
+    # their noise count towards it.
+    summed = outcome.totals["contributors"]
+    if settings.privacy is not None and settings.privacy.client_noise:
+        summed = outcome.totals["privatised"]
+    in_sum = outcome.summed_nodes
+    unchecked = bool(in_sum) and not outcome.totals_checked  # zeros: counts unknown
+    return _Round(outcome.arrays, outcome.error, record, contributed, summed, in_sum, unchecked)
+
+
+def _complete(record: dict[str, Any], done: _Round, roster: Roster,
+              settings: RoundSettings) -> None:
+    """What every round's record says besides its replies: shared ids, whether it was
+    aggregated and why not, and what it cost in privacy."""
+    record["shared_client_ids"] = roster.twins(done.contributed)
+    record["aggregated"] = done.error is None
+    # A secure round that failed after its sum was unmasked still showed the server the
+    # clients' noisy sum: accounted as if released.
+    seen = settings.secure is not None and bool(done.in_sum)
+    if settings.privacy is not None and (done.error is None or seen):
+        names = [client_name(n, roster.client_of) for n in done.in_sum]
+        record["privacy"] = settings.privacy.release(done.summed, names, done.unchecked)
+    if done.error:
+        record["aggregation_error"] = _explained(done.error, record, settings.timeout)
 
 
 def _exchange(

@@ -424,12 +424,15 @@ def _odd_classes(classes: np.ndarray, totals: dict[str, int]) -> str | None:
     one prediction, and is right for at most both."""
     labels, predicted, right = classes
     examples = totals["examples"]
-    if (classes < 0).any():
-        return "a negative class count"
+    if (classes < 0).any() or (classes > examples).any():  # and the sums below cannot wrap
+        return f"a class count below 0 or above the {examples} examples"
     if labels.sum() != examples or predicted.sum() != examples:
         return (f"{labels.sum()} labels and {predicted.sum()} predictions counted by class, "
                 f"{examples} examples")
-    if right.sum() != totals["correct"] or (right > np.minimum(labels, predicted)).any():
+    # Right at most as often as the class occurred or was predicted, and at least as often
+    # as both happened beyond the samples of other labels (a sum of clients keeps both).
+    low, high = labels + predicted - examples, np.minimum(labels, predicted)
+    if right.sum() != totals["correct"] or (right > high).any() or (right < low).any():
         return f"{right.sum()} right by class, {totals['correct']} correct"
     return None
 

@@ -3,7 +3,7 @@
 Flower's simulation engine runs the ServerApp in a thread of its own. On Ctrl-C it stops
 its Ray workers but not that thread, which would go on polling for replies that never
 come (for up to `round_timeout`) and write rounds into a results folder that a later run
-in the same process owns. A stop request makes the thread's next poll raise `Stopped`,
+in the same process owns. A stop request makes the thread's next poll raise `RunStopped`,
 and no round record is written after it.
 """
 
@@ -15,7 +15,7 @@ _stop = threading.Event()
 _servers: list[threading.Thread] = []
 
 
-class Stopped(Exception):
+class RunStopped(Exception):
     """The run was asked to stop (Ctrl-C, or its caller failed)."""
 
 
@@ -28,9 +28,9 @@ def requested() -> bool:
 
 
 def check() -> None:
-    """Raise `Stopped` once a stop was requested: called where the ServerApp waits."""
+    """Raise `RunStopped` once a stop was requested: called where the ServerApp waits."""
     if _stop.is_set():
-        raise Stopped("the run was stopped")
+        raise RunStopped("the run was stopped")
 
 
 def serving() -> None:

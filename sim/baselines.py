@@ -9,29 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedstream.client.learner import Learner, Spec
+from fedstream.client.app import new_learner
 from fedstream.client.metrics import RoundOutcome
 from fedstream.protocol.config import Config
 from fedstream.server import stopping
 from fedstream.server.records import AccuracySeries
-from fedstream.sim.federation import Federation, federation
-
-
-def _spec(cfg: Config, fed: Federation) -> Spec:
-    return Spec(
-        feature_shape=fed.feature_shape,
-        n_classes=fed.n_classes,
-        learner=cfg.learner,
-        detector=cfg.detector,
-        fading=cfg.evaluation.fading,
-        seed=cfg.seed,
-    )
+from fedstream.sim.federation import federation
 
 
 def run_local(cfg: Config) -> AccuracySeries:
     fed = federation(cfg)
     streams = [fed.stream(c) for c in range(cfg.federation.clients)]
-    learners = [Learner(_spec(cfg, fed)) for _ in streams]
+    learners = [new_learner(cfg, fed.feature_shape, fed.n_classes) for _ in streams]
     result = AccuracySeries("local")
     for r in range(1, cfg.federation.rounds + 1):
         stopping.check()  # a stopped run does not finish its baselines
@@ -47,7 +36,7 @@ def run_centralized(cfg: Config) -> AccuracySeries:
     fed = federation(cfg)
     streams = [fed.stream(c) for c in range(cfg.federation.clients)]
     offsets = [0] * len(streams)
-    learner = Learner(_spec(cfg, fed))
+    learner = new_learner(cfg, fed.feature_shape, fed.n_classes)
     result = AccuracySeries("centralized")
     for r in range(1, cfg.federation.rounds + 1):
         stopping.check()  # a stopped run does not finish its baselines

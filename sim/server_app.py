@@ -98,7 +98,7 @@ def sim_server_app(cfg: Config | None = None) -> ServerApp:
         # seconds after this; `fedstream sim` has set it before starting the engine.
         set_dispatch_interval(config.simulation.dispatch_interval)
         stopping.serving()
-        with contextlib.suppress(stopping.Stopped):  # its caller stopped the run
+        with contextlib.suppress(stopping.RunStopped):  # its caller stopped the run
             run_server(grid, config, simulated=cfg is not None)
 
     return app

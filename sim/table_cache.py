@@ -43,7 +43,7 @@ ENV = "FEDSTREAM_CACHE_DIR"
 KEEP = 8  # entries kept; older ones are removed when a new one is written
 STAGING = ".staging-"  # folders being written, renamed into place when whole
 STALE_STAGING = 3600.0  # seconds after which a staging folder is a killed writer's leftover
-SAY_READING = 64 << 20  # a file this large is said to be read: it takes a while
+SAY_READING = 64_000_000  # bytes: a file this large is said to be read (it takes a while)
 _ARRAYS = ("x", "y")
 
 

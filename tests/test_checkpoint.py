@@ -139,3 +139,22 @@ def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "stream.n_features: 8 in the run, 5 given" in " ".join(done.stderr.split())
     assert not (state / "logs").exists()
+
+
+def test_the_server_checks_the_run_model_before_it_starts(tmp_path, monkeypatch) -> None:
+    """A factory that gives more scores than classes would fail every device's round (a
+    prediction beyond the classes cannot be tallied): `fedstream server` refuses it first."""
+    from fedstream.protocol.config import load
+    from fedstream.server.aggregator import check_model
+
+    (tmp_path / "wide_models.py").write_text(
+        "from torch import nn\n"
+        "def wide(shape, n_classes):\n"
+        "    return nn.Linear(shape[0], n_classes + 2)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["stream.n_features=4", "stream.n_classes=2"]
+    check_model(load(None, base))
+    with pytest.raises(ValueError, match=r"learner.model 'wide_models:wide' gives outputs of "
+                       r"shape \(2, 4\) for a batch of 2: it must give one score per class"):
+        check_model(load(None, [*base, "learner.model=wide_models:wide"]))

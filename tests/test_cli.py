@@ -231,6 +231,22 @@ def test_the_class_scores_and_a_class_never_right_are_told(
     print_summary(_summary(prequential_accuracy=0.95, samples_seen=1000,
                            **class_scores(None)), tmp_path)  # an older run: no line
     assert "balanced accuracy" not in capsys.readouterr().out
+    print_summary(_summary(prequential_accuracy=1.0, samples_seen=10,
+                           **class_scores([10, 0, 10, 0, 10, 0], ["ok", "fault"])), tmp_path)
+    assert ("Cohen's kappa undefined (one class only, always predicted)"
+            in " ".join(capsys.readouterr().out.split()))
+
+
+def test_samples_dropped_on_devices_are_counted_in_the_closing_lines(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fedstream.cli.main import print_summary
+
+    print_summary(_summary(samples_dropped=33), tmp_path)
+    assert ("33 samples dropped on the devices (full spools, or labels beyond the run's "
+            "stream.n_classes" in " ".join(capsys.readouterr().out.split()))
+    print_summary(_summary(samples_dropped=0), tmp_path)
+    assert "samples dropped on the devices" not in capsys.readouterr().out
 
 
 def test_a_file_whose_labels_come_in_runs_warns_that_repeating_them_does_better(

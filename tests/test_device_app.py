@@ -12,6 +12,7 @@ from fedstream.client.spool import Spool
 from fedstream.protocol import messages as m
 from fedstream.protocol.config import load
 from fedstream.protocol.models import build_model
+from fedstream.protocol.runtime import ROUND_NOTE
 from fedstream.server.app import run_federation
 
 CLIENTS, FEATURES, CLASSES = 3, 8, 3
@@ -28,7 +29,7 @@ def _cfg(*extra: str):
 def _initial(cfg):
     from flwr.app import ArrayRecord
 
-    model = build_model("logreg", (FEATURES,), CLASSES, seed=cfg.seed)
+    model = build_model("logreg", (FEATURES,), cfg.stream.n_classes, seed=cfg.seed)
     return ArrayRecord(model.state_dict())
 
 
@@ -59,6 +60,28 @@ def _grid(cfg, paths, tamper=None):
         device_client_app(cfg), CLIENTS, tamper,
         node_config=lambda p: {"spool": str(paths[p]), "client-id": p, **own},
     )
+
+
+def test_samples_beyond_the_runs_classes_are_said_once_and_counted_as_dropped(tmp_path, capfd):
+    """A device that ingested under more classes than the server's run (its own config
+    differs): those samples cannot be learned; it says so, on its log and terminal."""
+    from fedstream.client.node import Device, _Watch
+
+    cfg = _cfg("stream.n_classes=2", "federation.rounds=2")
+    paths = _spools(tmp_path)  # labels 0, 1 and 2
+    expected = sum(int((Spool(p, FEATURES).pending(limit=1000).y == 2).sum()) for p in paths)
+    records: list[dict] = []
+    run_federation(_grid(cfg, paths), cfg, _initial(cfg), tmp_path / "out",
+                   on_round=lambda r, _h: records.append(r))
+    assert sum(r["dropped"] for r in records) == expected > 0
+    notes = [line for line in capfd.readouterr().err.splitlines() if ROUND_NOTE in line]
+    assert notes and all("samples skipped (counted as dropped): their labels are beyond the "
+                         "run's stream.n_classes = 2" in line for line in notes)
+    watch = _Watch(Device("127.0.0.1:1", tmp_path, 0, FEATURES), tmp_path / "log")
+    for line in notes:  # each device's round: one line on the terminal, not one a round
+        watch.hear(line)
+    said = [line for line in capfd.readouterr().err.splitlines() if "a round on this" in line]
+    assert len(said) == 1 and "samples skipped" in said[0]
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])

@@ -109,17 +109,28 @@ def test_a_round_reports_the_trivial_predictors_on_its_own_samples() -> None:
 
 
 @pytest.mark.parametrize("kw", [{"mode": "online"}, {"mode": "batch"},
-                                {"mode": "online", "model": "mlp"}])
-def test_a_round_tallies_its_predictions_class_by_class(kw: dict) -> None:
-    """The same predictions that were scored, whichever forward scored them."""
-    learner = _learner(**kw)
+                                {"mode": "online", "model": "tally_models:dropped"}])
+def test_a_round_tallies_its_predictions_class_by_class(kw: dict, tmp_path, monkeypatch) -> None:
+    """The predictions that were scored, whichever forward scored them: in batch mode (and
+    for a dropout model, in eval mode) they are the model's before the round's training."""
+    (tmp_path / "tally_models.py").write_text(
+        "from torch import nn\n"
+        "def dropped(shape, n_classes):\n"
+        "    return nn.Sequential(nn.Linear(shape[0], 16), nn.Dropout(0.5), nn.ReLU(),"
+        " nn.Linear(16, n_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    learner = _learner(batch_size=50, **kw)
     x, y = _data(n=50, seed=3)
-    outcome = learner.learn(x, y)
+    learner.model.eval()
+    with torch.no_grad():
+        before = learner.model(torch.from_numpy(x)).argmax(1).numpy()
+    outcome = learner.learn(x, y)  # one mini-batch: scored before any step
     assert outcome.classes is not None
     labels, predicted, right = outcome.classes
     assert labels.tolist() == np.bincount(y, minlength=2).tolist()
-    assert predicted.sum() == outcome.seen == 50 and right.sum() == outcome.correct
-    assert (right <= np.minimum(labels, predicted)).all()
+    assert predicted.tolist() == np.bincount(before, minlength=2).tolist()
+    assert right.tolist() == np.bincount(y[before == y], minlength=2).tolist()
     nothing = learner.learn(x[:0], y[:0]).classes
     assert nothing is not None and nothing.tolist() == [[0, 0]] * 3
 

@@ -170,3 +170,12 @@ def test_outcomes_absorb_each_other_class_by_class() -> None:
     assert (total.seen, total.correct, total.no_change_correct, total.majority_correct) == (
         4, 2, 2, 4)
     assert total.classes.tolist() == [[2, 2], [4, 0], [2, 0]]
+
+
+def test_a_prediction_outside_the_classes_is_named() -> None:
+    """A model with more outputs than classes (a user's factory, deployed unchecked)."""
+    with pytest.raises(ValueError, match=r"a prediction outside the 2 classes \(got 0 to 3\)"):
+        class_tally(np.array([0, 1]), np.array([0, 3]), 2)
+    with pytest.raises(ValueError, match="a label outside the 2 classes"):
+        class_tally(np.array([0, 2]), np.array([0, 1]), 2)
+    assert class_tally(np.array([], np.int64), np.array([], np.int64), 2).tolist() == [[0, 0]] * 3

@@ -424,7 +424,7 @@ def test_a_stopped_run_stops_waiting_for_replies(fresh_run: None) -> None:
     query = Message(m.roster_query(), dst_node_id=1000, message_type=MessageType.QUERY)
     threading.Timer(0.2, stopping.request).start()
     started = time.monotonic()
-    with pytest.raises(stopping.Stopped):
+    with pytest.raises(stopping.RunStopped):
         send_and_collect(grid, [query], timeout=600)
     assert time.monotonic() - started < 60
 
@@ -582,7 +582,7 @@ def test_the_progress_bar_does_not_redraw_after_a_stop(
         if rec["round"] == 2:
             records.stop_logs()  # as the Ctrl-C handler does, while round 2 ends
 
-    with contextlib.suppress(stopping.Stopped):
+    with contextlib.suppress(stopping.RunStopped):
         run_federation(grid, cfg, federation(cfg).initial_arrays(), tmp_path / "out",
                        on_round=stop_in_round_2)
     drawn = capsys.readouterr().err

@@ -1235,7 +1235,7 @@ def _encode_labels(
     return remap[inverse.reshape(-1)], names
 
 
-MISALIGNED_AT_LEAST = 3  # distinct numbers with fractions among names, to refuse them
+MISALIGNED_AT_LEAST = 20  # distinct numbers with fractions among names, to refuse them
 
 
 def _fraction(text: str) -> bool:
@@ -1249,12 +1249,13 @@ def _fraction(text: str) -> bool:
 def _check_label_kinds(
     found: list[str], inverse: np.ndarray, texts: list[str], raw: _Raw, name: str, label: str
 ) -> None:
-    """Names and numbers with fractions in one label column: the numbers are some other
-    column's values, in rows whose columns do not line up with the header (two exports
-    with different column orders joined whole). Each would become a class of its own."""
+    """Names, and many more numbers with fractions, in one label column: the numbers are
+    some other column's values, in rows whose columns do not line up with the header
+    (two exports with different column orders joined whole). Each would become a class
+    of its own. A few such labels (versions: '1.2', 'legacy') are classes, and pass."""
     fractions = [k for k, value in enumerate(found) if _fraction(value)]
     named = [value for value in found if not _fraction(value) and not _INT_RE.fullmatch(value)]
-    if len(fractions) < MISALIGNED_AT_LEAST or not named:
+    if len(fractions) < MISALIGNED_AT_LEAST or not named or 2 * len(fractions) <= len(found):
         return
     odd = np.isin(inverse.reshape(-1), fractions)
     i = int(np.argmax(odd))
@@ -1263,7 +1264,8 @@ def _check_label_kinds(
         f"{raw.what} {label!r}: {texts[i]!r} is a number with a fraction where other rows' "
         f"labels are names ({', '.join(map(repr, named[:3]))}); {int(odd.sum())} rows' "
         "labels are such numbers: their columns may not line up with the header (files "
-        "with different column orders joined whole? join them by column name)",
+        "with different column orders joined whole? join them by column name); if they "
+        "are classes, name them all in stream.classes",
     )
 
 
