@@ -3,6 +3,7 @@ with the line to go on from when it stops (see the README's deployment section).
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -128,7 +129,8 @@ def feed(
         if reader.broke_off and result is not None and result.first_refused is None:
             resume = partial(_resume_from, reader, stream)
             ended = _ended_at(request, lines[: result.sent], name, resume)
-    _report_feed(result, lines, problems, malformed, fatal, name, to, stopped, ended)
+    named = [c.strip() for c in classes.split(",")] if classes else []
+    _report_feed(result, lines, problems, malformed, fatal, name, to, stopped, ended, named)
 
 
 STOPPING_FEED = ("stopping: sending the rows already read, then the device says what it "
@@ -186,14 +188,15 @@ def _failed_mid_feed(
 
 def _report_feed(
     result: Any, lines: Any, problems: list[str], malformed: int, fatal: list[Exception],
-    name: str, to: str, stopped: Any, ended: str | None = None,
+    name: str, to: str, stopped: Any, ended: str | None = None, classes: list[str] | None = None,
 ) -> None:
     """The device's reply: counts on stdout, the first problems on stderr, and the exit
     code the docstring of `feed` gives."""
     for error in result.errors:
         room = max(0, 1000 - len(problems))
+        reason = _class_named(error.reason, classes or [])
         for index in range(error.index, error.index + min(error.count, room)):
-            problems.append(f"{name}:{lines[index]}: {error.reason}")
+            problems.append(f"{name}:{lines[index]}: {reason}")
     malformed += result.rejected
     problems.sort(key=_line_of)
     typer.echo(
@@ -221,6 +224,19 @@ def _report_feed(
         raise typer.Exit(2)
     if result.refused:
         raise typer.Exit(3)
+
+
+_OUT_OF_RANGE = re.compile(r"label out of range: (\d+) is not in \[0, (\d+)\)")
+
+
+def _class_named(reason: str, classes: list[str]) -> str:
+    """A label the device refused, by its name in --classes too: the device knows only
+    indices, and a class it lacks is the operator's to see ('warn', not 2)."""
+    found = _OUT_OF_RANGE.fullmatch(reason)
+    if not found or int(found[1]) >= len(classes):
+        return reason
+    return (f"{reason}: {classes[int(found[1])]!r} is class {found[1]} of --classes "
+            f"({len(classes)} names), and the device takes {found[2]} (its stream.n_classes)")
 
 
 def _resume_from(reader: Any, stream: Any, line: int) -> str:

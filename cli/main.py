@@ -216,15 +216,24 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     clients, rounds = summary["clients"], summary["rounds"]
     table = Table(title=f"fedstream: {clients} client{'s' * (clients != 1)}, "
                   f"{rounds} round{'s' * (rounds != 1)}")
+    balanced = summary.get("balanced_accuracy") is not None  # older runs have none
     table.add_column("run")
     table.add_column("prequential accuracy", justify="right")
+    if balanced:
+        table.add_column("balanced accuracy", justify="right")
     table.add_column("samples", justify="right")
-    table.add_row("federated", _pct(summary["prequential_accuracy"]), str(summary["samples_seen"]))
+
+    def row(name: str, run: dict[str, Any], accuracy: Any, style: str | None = None) -> None:
+        cells = [_pct(accuracy), *([_pct(run.get("balanced_accuracy"))] if balanced else []),
+                 str(run.get("samples_seen", summary["samples_seen"]))]
+        table.add_row(name, *cells, style=style)
+
+    row("federated", summary, summary["prequential_accuracy"])
     for name, base in summary.get("baselines", {}).items():
-        table.add_row(name, _pct(base["prequential_accuracy"]), str(base["samples_seen"]))
+        row(name, base, base["prequential_accuracy"])
     for name, key, _, _ in _references():
-        if summary.get(key) is not None:
-            table.add_row(name, _pct(summary[key]), str(summary["samples_seen"]), style="dim")
+        if summary.get(key) is not None:  # the federation's samples; no per-class counts
+            row(name, {}, summary[key], style="dim")
     Console().print(table)
     # A deployed run counts its time since the server (re)started: a resumed run's rounds
     # before the restart are not in it.
@@ -324,15 +333,15 @@ def _kappa_line(summary: dict[str, Any]) -> str | None:
 
 
 def _class_line(summary: dict[str, Any]) -> str | None:
-    """The class-aware scores and the class the model serves worst: on an imbalanced stream
-    accuracy is mostly the common classes'."""
+    """The class-aware scores besides balanced accuracy (a column of the table), and the
+    class the model serves worst: on an imbalanced stream accuracy is mostly the common
+    classes'."""
     per_class = summary.get("per_class")
     if not per_class or summary.get("balanced_accuracy") is None:
         return None
     kappa = summary.get("cohen_kappa")
     agreed = "undefined (one class only, always predicted)" if kappa is None else f"{kappa:.2f}"
-    line = (f"balanced accuracy {_pct(summary['balanced_accuracy'])}, Cohen's kappa {agreed}, "
-            f"macro F1 {summary['macro_f1']:.2f}")
+    line = f"Cohen's kappa {agreed}, macro F1 {summary['macro_f1']:.2f}"
     occurred = {name: c for name, c in per_class.items() if c["recall"] is not None}
     if len(occurred) > 1:
         name, worst = min(occurred.items(), key=lambda kv: (kv[1]["recall"], -kv[1]["samples"]))

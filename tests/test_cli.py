@@ -218,9 +218,9 @@ def test_the_class_scores_and_a_class_never_right_are_told(
     scores = class_scores(tally, ["ok", "fault", "idle", "spare"])
     print_summary(_summary(prequential_accuracy=0.95, samples_seen=1000, **scores), tmp_path)
     out = " ".join(capsys.readouterr().out.split())
-    assert (f"balanced accuracy {100 * 950 / 960 / 3:.2f}%, Cohen's kappa "
-            f"{scores['cohen_kappa']:.2f}, macro F1 {scores['macro_f1']:.2f}; weakest class "
-            "'fault': recall 0.00% of 30 samples") in out
+    assert f"│ federated │ 95.00% │ {100 * 950 / 960 / 3:.2f}% │ 1000 │" in out  # the column
+    assert (f"Cohen's kappa {scores['cohen_kappa']:.2f}, macro F1 {scores['macro_f1']:.2f}; "
+            "weakest class 'fault': recall 0.00% of 30 samples") in out
     assert ("the federated model never predicted classes 'fault' (30 samples, 3.00%), "
             "'idle' (10 samples, 1.00%) right") in out
     tally[8], tally[9] = 940, 10  # 'fault' right 10 times: only 'idle' is named
@@ -230,7 +230,8 @@ def test_the_class_scores_and_a_class_never_right_are_told(
     assert "never predicted class 'idle' (10 samples, 1.00%) right" in out
     print_summary(_summary(prequential_accuracy=0.95, samples_seen=1000,
                            **class_scores(None)), tmp_path)  # an older run: no line
-    assert "balanced accuracy" not in capsys.readouterr().out
+    older = capsys.readouterr().out
+    assert "balanced accuracy" not in older and "Cohen's kappa" not in older
     print_summary(_summary(prequential_accuracy=1.0, samples_seen=10,
                            **class_scores([10, 0, 10, 0, 10, 0], ["ok", "fault"])), tmp_path)
     assert ("Cohen's kappa undefined (one class only, always predicted)"

@@ -292,6 +292,15 @@ def test_feed_jsonl_from_stdin(start) -> None:
     assert "3 accepted" in proc.stdout
     np.testing.assert_array_equal(server.spool.pending().y, [0, 2, 1])
 
+    # With --classes naming more classes than the device takes, the refused row's class is
+    # named, not only its index.
+    named = feed("-", "--to", server.address, "--format", "jsonl", "--classes", "ok,fault,warn,x",
+                 stdin='{"a": 1, "b": 2, "label": "x"}\n')
+    assert named.returncode == 2, named.stderr
+    assert ("<stdin>:1: label out of range: 3 is not in [0, 3): 'x' is class 3 of --classes "
+            "(4 names), and the device takes 3 (its stream.n_classes)"
+            in " ".join(named.stderr.split()))
+
     clean = feed("-", "--to", server.address, "--features", "b,a", stdin=lines[0] + "\n")
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout.startswith("1 accepted, 0 dropped, 0 refused (spool full), 0 malformed")
