@@ -229,6 +229,17 @@ class LearnerConfig(_Section):
     model: str = "mlp"
     hidden: list[PositiveInt] = [64]
     mode: Literal["online", "batch"] = "online"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _named_not_passed(cls, value: Any) -> Any:
+        """A factory passed itself (Python's habit) is named as a worker imports it."""
+        if callable(value) and hasattr(value, "__module__") and hasattr(value, "__qualname__"):
+            raise ValueError(
+                f"give the factory by name, as each Ray worker imports it: "
+                f"'{value.__module__}:{value.__qualname__}'"
+            )
+        return value
     batch_size: PositiveInt = 4
     epochs: PositiveInt = 1
     window: PositiveInt = 512

@@ -17,7 +17,7 @@ import grpc
 from flwr.simulation import run_simulation
 
 from fedstream.client.device import pick_device
-from fedstream.protocol.config import Config
+from fedstream.protocol.config import Config, load, validate
 from fedstream.server import stopping
 from fedstream.server.app import before_run, planned_noise
 from fedstream.server.records import stop_logs
@@ -204,17 +204,32 @@ def _check_output_path(out: Path) -> None:
 ENGINE_STOP_SECONDS = 60.0  # for a stopped run's engine to end (its workers finish a round)
 
 
-def simulate(cfg: Config) -> dict[str, Any]:
+def simulate(cfg: Config | dict[str, Any] | str | Path) -> dict[str, Any]:
     """Run `cfg` to completion and return its summary (also in `output.dir`/summary.json).
+
+    `cfg` is a `Config`, or what makes one: a dict of sections (`validate`) or a TOML
+    file's path (`load`).
 
     A run that aggregated no round returns its summary too (its reasons are data), but
     says so on stderr, as `fedstream sim` does with its exit status: its accuracy is the
     clients' training alone, and would pass for the federation's."""
-    summary = run(prepare(cfg))
+    summary = run(prepare(as_config(cfg)))
     warning = unaggregated(summary)
     if warning:
         print(warning, file=sys.stderr)
     return summary
+
+
+def as_config(cfg: Config | dict[str, Any] | str | Path) -> Config:
+    """A `Config`, from itself, a dict of config sections or a TOML file's path."""
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, dict):
+        return validate(cfg)
+    if isinstance(cfg, str | Path):
+        return load(cfg)
+    raise TypeError(f"simulate takes a Config, a dict of config sections or a TOML file's "
+                    f"path, not {type(cfg).__name__}")
 
 
 def unaggregated(summary: dict[str, Any]) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -421,3 +422,25 @@ def test_python_paths_are_taken_and_arrays_are_named_by_key(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as err:
         validate({"federation": {"rounds": "9" * 500}})
     assert len(str(err.value)) < 250 and "...)" in str(err.value)
+
+
+
+def test_python_users_get_a_config_from_what_they_hold(tmp_path: Path) -> None:
+    """`simulate` takes a Config, a dict of sections or a TOML path; a factory passed as a
+    function is named as the workers import it."""
+    from fedstream.protocol import models
+    from fedstream.sim.runner import as_config
+
+    toml = tmp_path / "fed.toml"
+    toml.write_text("[federation]\nrounds = 7\n")
+    made = load(None, ["federation.rounds=7"])
+    for given in (toml, str(toml), {"federation": {"rounds": 7}}, made):
+        assert as_config(given).federation.rounds == 7
+    assert as_config(made) is made
+    with pytest.raises(TypeError, match="simulate takes a Config, a dict of config sections or "
+                       "a TOML file's path, not list"):
+        as_config(["federation.rounds=7"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=re.escape(
+            "learner.model: give the factory by name, as each Ray worker imports it: "
+            "'fedstream.protocol.models:mlp'")):
+        validate({"learner": {"model": models.mlp}})
