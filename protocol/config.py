@@ -114,7 +114,7 @@ class StreamConfig(_Section):
     rate_spread: Annotated[float, Field(ge=0.0)] = 0.5
     budget: Annotated[int, Field(ge=0)] = 0
 
-    _path = field_validator("path", mode="before")(lambda v: _path_text(v))
+    _path = field_validator("path", mode="before")(_path_text)
 
     @field_validator("sha256")
     @classmethod
@@ -229,17 +229,6 @@ class LearnerConfig(_Section):
     model: str = "mlp"
     hidden: list[PositiveInt] = [64]
     mode: Literal["online", "batch"] = "online"
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _named_not_passed(cls, value: Any) -> Any:
-        """A factory passed itself (Python's habit) is named as a worker imports it."""
-        if callable(value) and hasattr(value, "__module__") and hasattr(value, "__qualname__"):
-            raise ValueError(
-                f"give the factory by name, as each Ray worker imports it: "
-                f"'{value.__module__}:{value.__qualname__}'"
-            )
-        return value
     batch_size: PositiveInt = 4
     epochs: PositiveInt = 1
     window: PositiveInt = 512
@@ -255,6 +244,17 @@ class LearnerConfig(_Section):
     # Scale each feature by the client's running mean and standard deviation (tables
     # whose columns come on their own scales; see client/scaling.py).
     standardize: bool = False
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _named_not_passed(cls, value: Any) -> Any:
+        """A factory passed itself (Python's habit) is named as a worker imports it."""
+        if callable(value) and hasattr(value, "__module__") and hasattr(value, "__qualname__"):
+            raise ValueError(
+                f"give the factory by name, as each Ray worker imports it: "
+                f"'{value.__module__}:{value.__qualname__}'"
+            )
+        return value
 
     @field_validator("model")
     @classmethod
@@ -386,7 +386,7 @@ class OutputConfig(_Section):
     plots: bool = True
     progress: bool = True
 
-    _path = field_validator("dir", mode="before")(lambda v: _path_text(v))
+    _path = field_validator("dir", mode="before")(_path_text)
 
     @field_validator("dir")
     @classmethod

@@ -428,12 +428,9 @@ def check_rounds_left(agg: Aggregator, cfg: Config) -> None:
 def check_model(cfg: Config) -> None:
     """The run's model, built once before anything starts: a factory that does not load,
     or gives other than one score per class, would otherwise fail every device's round."""
-    from fedstream.protocol.models import build_model, check_outputs  # torch: only here
+    from fedstream.server.deploy_app import initial_arrays  # torch and the ServerApp: here
 
-    shape = (cfg.stream.n_features,)
-    model = build_model(cfg.learner.model, shape, cfg.stream.n_classes,
-                        hidden=cfg.learner.hidden, seed=cfg.seed)
-    check_outputs(model, cfg.learner.model, shape, cfg.stream.n_classes)
+    initial_arrays(cfg, check=True)
 
 
 def serve(agg: Aggregator, cfg: Config, public_keys: list[Path], resume: bool) -> str:

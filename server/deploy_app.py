@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedstream.protocol import model_file, updates
 from fedstream.protocol.config import Config, from_run_config
-from fedstream.protocol.models import build_model
+from fedstream.protocol.models import build_model, check_outputs
 from fedstream.server import checkpoint
 from fedstream.server.app import stages
 from fedstream.server.grid import bounded_pulls
@@ -106,11 +106,14 @@ def run_aggregator(grid: Grid, cfg: Config, state_dir: Path, resume: bool) -> di
     return summary
 
 
-def initial_arrays(cfg: Config) -> ArrayRecord:
-    model = build_model(
-        cfg.learner.model, (cfg.stream.n_features,), cfg.stream.n_classes,
-        hidden=cfg.learner.hidden, seed=cfg.seed,
-    )
+def initial_arrays(cfg: Config, check: bool = False) -> ArrayRecord:
+    """The run's first global model; `check`: also that it gives one score per class
+    (`fedstream server` does, once, before anything starts)."""
+    shape = (cfg.stream.n_features,)
+    model = build_model(cfg.learner.model, shape, cfg.stream.n_classes,
+                        hidden=cfg.learner.hidden, seed=cfg.seed)
+    if check:
+        check_outputs(model, cfg.learner.model, shape, cfg.stream.n_classes)
     return ArrayRecord(model.state_dict())
 
 

@@ -202,7 +202,7 @@ def _add_classes(total: list[int] | None, record: dict[str, Any]) -> list[int] |
     tally = [n for name in CLASS_ROWS for n in rows[name]]
     if not total:
         return tally
-    return None if len(tally) != len(total) else (np.add(total, tally)).tolist()
+    return None if len(tally) != len(total) else np.add(total, tally).tolist()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -394,11 +394,8 @@ class AccuracySeries:
             "accuracy_per_round": self.per_round,
             "cumulative_accuracy": self.cumulative,
             **kappas(self.accuracy, self.no_change_correct, self.majority_correct, self.seen),
-            **{k: v for k, v in class_scores(self._tally()).items() if k in CLASS_SCORES},
+            **{k: v for k, v in class_scores(self.classes).items() if k in CLASS_SCORES},
         }
-
-    def _tally(self) -> list[int] | None:
-        return None if self.classes is None else self.classes.ravel().tolist()
 
 
 def federated_series(records: Iterable[dict[str, Any]]) -> AccuracySeries:
@@ -431,14 +428,16 @@ def kappas(
 CLASS_SCORES = ("balanced_accuracy", "cohen_kappa", "macro_f1")
 
 
-def class_scores(tally: list[int] | None, names: Sequence[str] = ()) -> dict[str, Any]:
+def class_scores(
+    tally: list[int] | np.ndarray | None, names: Sequence[str] = ()
+) -> dict[str, Any]:
     """What an imbalanced stream is judged by, from a run's class tally (CLASS_ROWS): the
     mean recall over the classes that occurred, Cohen's kappa (agreement beyond what the
     label and prediction frequencies give by chance), the mean F1 over the classes that
     occurred or were predicted, and each class's counts, recall and precision, keyed by
     `names` (else the class index). None where unknown or undefined."""
     unknown = {**dict.fromkeys(CLASS_SCORES), "per_class": None}
-    if not tally:
+    if tally is None or not len(tally):
         return unknown
     labels, predicted, right = np.asarray(tally, dtype=np.int64).reshape(len(CLASS_ROWS), -1)
     n = int(labels.sum())

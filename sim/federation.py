@@ -34,6 +34,7 @@ from fedstream.client.sources import (
 from fedstream.client.sources.relabel import Relabel
 from fedstream.client.sources.tabular import Table
 from fedstream.client.stream import ClientStream
+from fedstream.protocol import model_file
 from fedstream.protocol.config import Config, drift_times, from_json, known_time, to_json
 from fedstream.protocol.models import build_model, check_outputs
 from fedstream.sim.partition import class_priors, partition
@@ -56,6 +57,14 @@ class Dataset:
     classes: tuple[str, ...] = ()  # label names, for a file source
     client_names: tuple[str, ...] = ()  # partition.column's value of each client
     time: np.ndarray | None = None  # stream.time of each row (rows sorted by it)
+
+    def class_shares(self) -> np.ndarray:
+        """Each class's share of the rows, by class index."""
+        return np.bincount(self.y, minlength=self.n_classes) / max(len(self.y), 1)
+
+    def class_names(self) -> tuple[str, ...]:
+        """The classes by name: the file's labels, else their indices."""
+        return model_file.class_labels(self.classes, self.n_classes)
 
     def unscaled(self, limit: float = 10.0) -> list[tuple[str, float]]:
         """File columns far from unit scale (root mean square above `limit`), largest

@@ -152,6 +152,9 @@ def order_hint(cfg: Config) -> str | None:
     )
 
 
+RARE_CLASS = 0.05  # below this share of a file's rows a class is rare: a note, not a skew
+
+
 def skew_hint(cfg: Config) -> str | None:
     """Your own file dealt to clients by label (partition.scheme = 'dirichlet', the
     default): some client then has none of a class the file is full of. That is the
@@ -162,14 +165,14 @@ def skew_hint(cfg: Config) -> str | None:
     dataset = federation(cfg).dataset
     if dataset is None or not dataset.features or cfg.partition.scheme != "dirichlet":
         return None
-    share = np.bincount(dataset.y, minlength=dataset.n_classes) / max(len(dataset.y), 1)
+    share = dataset.class_shares()
     held = np.stack([np.bincount(dataset.y[rows], minlength=dataset.n_classes)
                      for rows in dataset.parts]) > 0  # (clients, classes)
     lacking = [c for c in np.argsort(-share, kind="stable")
-               if share[c] >= 0.05 and not held[:, c].all()]
+               if share[c] >= RARE_CLASS and not held[:, c].all()]
     if not lacking:
         return None
-    names = dataset.classes or tuple(map(str, range(dataset.n_classes)))
+    names = dataset.class_names()
     said = "; ".join(f"{_clients(np.flatnonzero(~held[:, c]))} no {names[c]!r} rows "
                      f"({100 * share[c]:.0f} % of the file)" for c in lacking[:3])
     more = f"; and {len(lacking) - 3} more classes" if len(lacking) > 3 else ""
@@ -219,20 +222,17 @@ def time_units_hint(cfg: Config) -> str | None:
     )
 
 
-RARE_CLASS = 0.05  # a class below this share of a file's rows gets a note before the run
-
-
 def rare_class_hint(cfg: Config) -> str | None:
     """A file with a rare class: accuracy will mostly measure the others. Said before the
     run, pointing at the per-class scores the summary gives."""
     dataset = federation(cfg).dataset
     if dataset is None or not dataset.features or len(dataset.y) == 0:
         return None
-    share = np.bincount(dataset.y, minlength=dataset.n_classes) / len(dataset.y)
+    share = dataset.class_shares()
     rare = [c for c in np.argsort(share, kind="stable") if 0 < share[c] < RARE_CLASS]
     if not rare:
         return None
-    names = dataset.classes or tuple(map(str, range(dataset.n_classes)))
+    names = dataset.class_names()
     listed = ", ".join(f"{names[c]!r} {100 * share[c]:.1f} %" for c in rare[:3])
     more = f" and {len(rare) - 3} more" if len(rare) > 3 else ""
     return (
